@@ -18,11 +18,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Chromium for the JupyterLab browser test (Debian's package; never a browser download).
+# Chromium for the JupyterLab browser test: Debian's package at /usr/bin/chromium (driven by the
+# venv's Playwright through executable_path); never a Playwright browser download.
 browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@test -x /usr/bin/chromium || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium missing: install Debian's 'chromium' package for the browser test"; fi; }
+	  else echo "chromium missing: install Debian's 'chromium' package (sudo apt-get install chromium) for tests/test_browser.py"; fi; }
 
 test: venv browser-deps
 	$(PY) -m pytest -q
@@ -33,11 +34,13 @@ test-all: venv browser-deps
 zoo: venv
 	$(PY) -m workbench zoo --preset $(PRESET)
 
+# make reproduce [PRESET=tiny] [ONLY=02,03]
 reproduce: venv
-	$(PY) -m workbench reproduce --preset $(PRESET)
+	$(PY) -m workbench reproduce --preset $(PRESET) $(if $(ONLY),--only $(ONLY))
 
+# JupyterLab on localhost; the ipywidgets lab extension comes with jupyterlab_widgets (no build step).
 lab: venv
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 notebooks/
 
 bench: venv
 	$(PY) benchmarks/merge_speed.py

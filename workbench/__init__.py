@@ -1,2 +1,12 @@
 """mllm-workbench: model composition and merging of multimodal LLMs, tensor by tensor."""
 __version__ = "0.1.0"
+
+
+def merge(config, **kwargs):
+    """Merge experts as described by ``config`` (see :func:`workbench.engine.merge`)."""
+    from .engine import merge as _merge
+
+    return _merge(config, **kwargs)
+
+
+__all__ = ["__version__", "merge"]

@@ -4,14 +4,44 @@ Contract used by :mod:`workbench.mllm`: ``with token_routes(llm, route_ids): llm
 route of every prompt token (0 = text, k >= 1 = the k-th modality route) on every routed
 module of ``llm`` for the duration of the call. On an LLM without routed modules it is a
 no-op, so the same forward code serves plain and routed models.
+
+:class:`RoutedLinear` replaces an ``nn.Linear``: it keeps the base weight ``W0`` (the *same*
+``Parameter`` object, under the same state-dict name ``<module>.weight``) and, per route ``k``, a
+delta ``Δk`` given as a sum of components:
+
+- :class:`LowRank` ``(A [r, in], B [out, r], scale)``: ``Δ = scale · B @ A`` (LoRA), computed as
+  ``scale · (x Aᵀ) Bᵀ`` - the product is never formed;
+- :class:`Dense` ``(delta [out, in], scale)``: a full delta;
+- :class:`Masked` ``(shared [out, in], mask, alpha)``: ``Δ = alpha · mask ⊙ shared`` - the mask is
+  stored bit-packed (1 bit per entry) and the shared tensor (MMER's τ*) is stored once per module
+  however many routes use it (tensors are de-duplicated by identity of storage).
+
+Forward: ``y = x W0ᵀ + b`` is computed once for all tokens; then for every route that has tokens in
+the batch, the delta output of *those tokens only* is added (``index_add``). A route with no
+tokens is skipped (it cannot touch the others' outputs). Tokens of a route without a delta use the
+base weight. When the current input's token shape differs from the stored ``route_ids`` (KV-cache
+decode steps) or no routes are set, every token uses route 0 (text).
+
+Training: :func:`add_lora_routes` adds trainable LoRA factors per route (peft initialisation: A
+Kaiming-uniform, B zero), :func:`add_dense_routes` trainable zero-initialised full deltas;
+:func:`route_parameters` gives one route's trainable parameters; :func:`save_route_adapter` /
+:func:`load_route_adapter` write/read one route's LoRA as a peft adapter folder.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from .errors import CheckpointError, ConfigError
 
 
 class RoutedModule(nn.Module):
@@ -32,3 +62,601 @@ def token_routes(model: nn.Module, route_ids: torch.Tensor | None) -> Iterator[N
     finally:
         for m, prev in zip(routed, previous):
             m.route_ids = prev
+
+
+# ------------------------------------------------------------------------------------------------
+# bit packing (same format as workbench.engine.pack_bits: MSB first, zero padded to a byte)
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def pack_bool(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into uint8 (8 entries per byte, most significant bit first)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    w = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * w).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bool(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_bool`."""
+    n = math.prod(shape)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:n].to(torch.bool).reshape(tuple(shape))
+
+
+# ------------------------------------------------------------------------------------------------
+# delta specifications (inputs of apply_routes)
+@dataclass
+class LowRank:
+    """``Δ = scale · B @ A`` with ``A`` [r, in] and ``B`` [out, r] (peft's LoRA layout)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
+    tag: int | str | None = None
+
+    def dense(self) -> torch.Tensor:
+        return self.scale * (self.B.float() @ self.A.float())
+
+
+@dataclass
+class Dense:
+    """``Δ = scale · delta`` with ``delta`` [out, in]."""
+
+    delta: torch.Tensor
+    scale: float = 1.0
+    tag: int | str | None = None
+
+    def dense(self) -> torch.Tensor:
+        return self.scale * self.delta.float()
+
+
+@dataclass
+class Masked:
+    """``Δ = alpha · mask ⊙ shared``: ``shared`` (MMER's τ*) is stored once per module for all the
+    routes that pass the same tensor object; ``mask`` is a bool tensor shaped like ``shared`` or a
+    packed uint8 tensor (:func:`pack_bool` / ``workbench.engine.pack_bits`` format)."""
+
+    shared: torch.Tensor
+    mask: torch.Tensor
+    alpha: float = 1.0
+    tag: int | str | None = None
+
+    def bool_mask(self) -> torch.Tensor:
+        if self.mask.dtype == torch.bool:
+            if tuple(self.mask.shape) != tuple(self.shared.shape):
+                raise ConfigError(f"mask shape {list(self.mask.shape)} differs from the shared delta's "
+                                  f"{list(self.shared.shape)}")
+            return self.mask
+        if self.mask.dtype != torch.uint8 or self.mask.numel() != (self.shared.numel() + 7) // 8:
+            raise ConfigError(f"packed mask must be uint8 with {(self.shared.numel() + 7) // 8} bytes, got "
+                              f"{self.mask.dtype} with {self.mask.numel()}")
+        return unpack_bool(self.mask, self.shared.shape)
+
+    def packed(self) -> torch.Tensor:
+        """The mask packed (validated against the shared tensor's size)."""
+        if self.mask.dtype == torch.bool:
+            return pack_bool(self.bool_mask())
+        if self.mask.dtype != torch.uint8 or self.mask.numel() != (self.shared.numel() + 7) // 8:
+            raise ConfigError(f"packed mask must be uint8 with {(self.shared.numel() + 7) // 8} bytes, got "
+                              f"{self.mask.dtype} with {self.mask.numel()}")
+        return self.mask
+
+    def dense(self) -> torch.Tensor:
+        return self.alpha * self.bool_mask() * self.shared.float()
+
+
+DeltaSpec = Union[LowRank, Dense, Masked]
+RouteSpec = Union[DeltaSpec, Sequence[DeltaSpec]]
+
+
+# ------------------------------------------------------------------------------------------------
+# components held inside a RoutedLinear. Each has ``unit`` (the spec's scale / alpha), ``coef`` (a
+# coefficient set later by set_route_coefficients, 1 by default) and ``tag`` (to address it).
+class _Component(nn.Module):
+    unit: float = 1.0
+    coef: float = 1.0
+    tag = None
+
+    @property
+    def scale(self) -> float:
+        return self.unit * self.coef
+
+
+class _LowRankC(_Component):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, scale: float, trainable: bool) -> None:
+        super().__init__()
+        self.A = nn.Parameter(A, requires_grad=trainable)
+        self.B = nn.Parameter(B, requires_grad=trainable)
+        self.unit = float(scale)
+
+    def forward(self, x: torch.Tensor, owner: "RoutedLinear") -> torch.Tensor:
+        x = x.to(self.A.dtype)
+        return self.scale * F.linear(F.linear(x, self.A), self.B)
+
+    def dense(self, owner: "RoutedLinear") -> torch.Tensor:
+        return self.scale * (self.B.detach().float() @ self.A.detach().float())
+
+
+class _DenseOwnC(_Component):
+    """A delta owned by this route (trainable full-weight routes)."""
+
+    def __init__(self, delta: torch.Tensor, scale: float, trainable: bool) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(delta, requires_grad=trainable)
+        self.unit = float(scale)
+
+    def forward(self, x: torch.Tensor, owner: "RoutedLinear") -> torch.Tensor:
+        return self.scale * F.linear(x.to(self.delta.dtype), self.delta)
+
+    def dense(self, owner: "RoutedLinear") -> torch.Tensor:
+        return self.scale * self.delta.detach().float()
+
+
+class _DenseSharedC(_Component):
+    """``scale ·`` one of the owner's de-duplicated shared tensors."""
+
+    def __init__(self, index: int, scale: float) -> None:
+        super().__init__()
+        self.index, self.unit = int(index), float(scale)
+
+    def forward(self, x: torch.Tensor, owner: "RoutedLinear") -> torch.Tensor:
+        d = owner.shared_tensor(self.index)
+        return self.scale * F.linear(x.to(d.dtype), d)
+
+    def dense(self, owner: "RoutedLinear") -> torch.Tensor:
+        return self.scale * owner.shared_tensor(self.index).float()
+
+
+class _MaskedC(_Component):
+    """``alpha · unpack(mask) ⊙ shared``; the mask is a packed uint8 buffer (1 bit per entry). The
+    masked matrix exists only transiently during the forward call."""
+
+    def __init__(self, index: int, packed: torch.Tensor, shape: Sequence[int], alpha: float) -> None:
+        super().__init__()
+        self.index, self.unit, self.shape = int(index), float(alpha), tuple(shape)
+        self.register_buffer("mask_packed", packed.contiguous())
+
+    @property
+    def alpha(self) -> float:
+        return self.scale
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (bool tensor of ``shape`` or packed uint8) in place."""
+        if mask.dtype == torch.bool:
+            if tuple(mask.shape) != self.shape:
+                raise ConfigError(f"mask shape {list(mask.shape)} differs from {list(self.shape)}")
+            mask = pack_bool(mask)
+        if mask.dtype != torch.uint8 or mask.numel() != self.mask_packed.numel():
+            raise ConfigError(f"packed mask must be uint8 with {self.mask_packed.numel()} bytes")
+        self.mask_packed = mask.to(self.mask_packed.device).contiguous()
+
+    def matrix(self, owner: "RoutedLinear") -> torch.Tensor:
+        d = owner.shared_tensor(self.index)
+        m = unpack_bool(self.mask_packed, self.shape)
+        return torch.where(m, d, torch.zeros((), dtype=d.dtype, device=d.device)) * self.alpha
+
+    def forward(self, x: torch.Tensor, owner: "RoutedLinear") -> torch.Tensor:
+        w = self.matrix(owner)
+        return F.linear(x.to(w.dtype), w)
+
+    def dense(self, owner: "RoutedLinear") -> torch.Tensor:
+        return self.matrix(owner).float()
+
+
+class _Route(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList()
+
+    def forward(self, x: torch.Tensor, owner: "RoutedLinear") -> torch.Tensor:
+        out = None
+        for p in self.parts:
+            o = p(x, owner)
+            out = o if out is None else out + o
+        return out
+
+
+class RoutedLinear(RoutedModule):
+    """A linear layer whose output, per token, is that of ``W0 + Δ_route``.
+
+    Args:
+        linear: the ``nn.Linear`` replaced; its ``weight`` and ``bias`` Parameters are reused (not
+            copied), so the state-dict names of the base stay ``<module>.weight`` / ``.bias``.
+
+    Routes are added with :meth:`set_route`. ``self.route_ids`` ([batch, seq] long) is set by
+    :func:`token_routes`.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"RoutedLinear wraps an nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.routes = nn.ModuleDict()
+        self._n_shared = 0
+        self._shared_ids: dict[tuple, int] = {}
+
+    # ---- shared (de-duplicated) tensors
+    def shared_tensor(self, index: int) -> torch.Tensor:
+        return getattr(self, f"shared_{index}")
+
+    def _add_shared(self, t: torch.Tensor) -> int:
+        key = (t.data_ptr(), tuple(t.shape), t.dtype, t.device.type)
+        if key in self._shared_ids:
+            return self._shared_ids[key]
+        idx = self._n_shared
+        self.register_buffer(f"shared_{idx}", t.detach().to(self.weight.device))
+        self._shared_ids[key] = idx
+        self._n_shared += 1
+        return idx
+
+    def _check_shape(self, t: torch.Tensor, what: str) -> None:
+        if tuple(t.shape) != (self.out_features, self.in_features):
+            raise ConfigError(f"{what} of shape {list(t.shape)} does not fit a linear layer "
+                              f"[{self.out_features}, {self.in_features}]")
+
+    # ---- routes
+    def set_route(self, route: int, spec: RouteSpec, *, trainable: bool = False,
+                  dtype: torch.dtype | None = None) -> None:
+        """Give ``route`` the delta ``spec`` (one spec or a list summed); replaces an existing one.
+
+        Low-rank factors and owned dense deltas are stored in ``dtype`` (default: the base
+        weight's dtype for frozen routes, float32 for trainable ones).
+        """
+        specs = [spec] if isinstance(spec, (LowRank, Dense, Masked)) else list(spec)
+        dev = self.weight.device
+        dt = dtype or (torch.float32 if trainable else self.weight.dtype)
+        r = _Route()
+        for s in specs:
+            if isinstance(s, LowRank):
+                A, B = s.A.detach(), s.B.detach()
+                if A.dim() != 2 or B.dim() != 2 or A.shape[1] != self.in_features or B.shape[0] != self.out_features \
+                        or A.shape[0] != B.shape[1]:
+                    raise ConfigError(f"LoRA factors A{list(A.shape)} B{list(B.shape)} do not fit a linear layer "
+                                      f"[{self.out_features}, {self.in_features}]")
+                r.parts.append(_LowRankC(A.to(dev, dt).clone(), B.to(dev, dt).clone(), s.scale, trainable))
+                r.parts[-1].tag = s.tag
+            elif isinstance(s, Dense):
+                self._check_shape(s.delta, "dense delta")
+                if trainable:
+                    r.parts.append(_DenseOwnC(s.delta.detach().to(dev, dt).clone(), s.scale, True))
+                else:
+                    r.parts.append(_DenseSharedC(self._add_shared(s.delta), s.scale))
+                r.parts[-1].tag = s.tag
+            elif isinstance(s, Masked):
+                self._check_shape(s.shared, "masked shared delta")
+                if trainable:
+                    raise ConfigError("masked routes are not trainable")
+                m = s.packed()
+                r.parts.append(_MaskedC(self._add_shared(s.shared), m.to(dev), s.shared.shape, s.alpha))
+                r.parts[-1].tag = s.tag
+            else:
+                raise ConfigError(f"unknown delta spec {type(s).__name__} for route {route}")
+        self.routes[str(int(route))] = r
+
+    def route_keys(self) -> list[int]:
+        return sorted(int(k) for k in self.routes)
+
+    def route_delta(self, route: int) -> torch.Tensor:
+        """The materialised ``Δ_route`` (float32, zeros for a route without delta) - for checks."""
+        r = self.routes[str(route)] if str(route) in self.routes else None
+        out = torch.zeros(self.out_features, self.in_features, device=self.weight.device)
+        if r is not None:
+            for p in r.parts:
+                out = out + p.dense(self)
+        return out
+
+    def route_weight(self, route: int) -> torch.Tensor:
+        """``W0 + Δ_route`` (float32)."""
+        return self.weight.detach().float() + self.route_delta(route)
+
+    # ---- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not len(self.routes):
+            return y
+        lead = x.shape[:-1]
+        n_tok = math.prod(lead)
+        rid = self.route_ids
+        if rid is None or rid.numel() != n_tok or (rid.dim() == len(lead) and tuple(rid.shape) != tuple(lead)):
+            # no routes set, or a decode step whose length differs from the prompt's: text route.
+            r0 = self.routes["0"] if "0" in self.routes else None
+            return y if r0 is None else y + r0(x, self).to(y.dtype)
+        rid = rid.reshape(-1).to(x.device)
+        xf = x.reshape(n_tok, x.shape[-1])
+        yf = y.reshape(n_tok, y.shape[-1])
+        for key, route in self.routes.items():
+            sel = rid == int(key)
+            cnt = int(sel.sum())
+            if cnt == 0:
+                continue  # the empty-route trap: never touch the other routes' outputs
+            if cnt == n_tok:
+                yf = yf + route(xf, self).to(yf.dtype)
+                continue
+            idx = sel.nonzero().squeeze(1)
+            yf = yf.index_add(0, idx, route(xf.index_select(0, idx), self).to(yf.dtype))
+        return yf.reshape(y.shape)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"routes={self.route_keys()}, shared={self._n_shared}")
+
+
+# ------------------------------------------------------------------------------------------------
+# model-level helpers
+def _module_name(key: str) -> str:
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def _matches(name: str, target_modules: Sequence[str] | str | None) -> bool:
+    """peft-like matching: ``None`` = every linear; a string = a full-match regex; a list = names
+    that equal the module name or its last component(s)."""
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parts = name.split(".")
+    parent = model
+    for p in parts[:-1]:
+        parent = getattr(parent, p)
+    return parent, parts[-1]
+
+
+def routed_linear(model: nn.Module, name: str) -> RoutedLinear:
+    """The :class:`RoutedLinear` at ``name``, replacing an ``nn.Linear`` there first if needed."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"the model has no module {name!r}") from None
+    if isinstance(mod, RoutedLinear):
+        return mod
+    if not isinstance(mod, nn.Linear):
+        raise ConfigError(f"module {name!r} is a {type(mod).__name__}, not an nn.Linear; it cannot be routed")
+    routed = RoutedLinear(mod)
+    parent, attr = _get_parent(model, name)
+    setattr(parent, attr, routed)
+    return routed
+
+
+def routed_modules(model: nn.Module) -> dict[str, RoutedLinear]:
+    """Every :class:`RoutedLinear` of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, RoutedLinear)}
+
+
+def apply_routes(llm: nn.Module, route_deltas: Mapping[int, Mapping[str, RouteSpec]], *,
+                 target_modules: Sequence[str] | str | None = None, strict: bool = True) -> dict[str, RoutedLinear]:
+    """Swap ``nn.Linear`` modules of ``llm`` for :class:`RoutedLinear` in place and set their routes.
+
+    Args:
+        llm: any module (a Hugging Face causal LM); names are relative to it.
+        route_deltas: ``{route: {module or weight name: spec or [specs]}}``; names may end in
+            ``.weight`` (checkpoint names). Route 0 is text.
+        target_modules: restrict to these modules (peft-style suffixes, or one regex); with
+            ``strict`` a delta on any other module is a :class:`ConfigError`, otherwise skipped.
+    Returns:
+        the routed modules by name.
+    """
+    done: dict[str, RoutedLinear] = {}
+    for route, per_module in route_deltas.items():
+        if int(route) < 0:
+            raise ConfigError(f"route ids are >= 0, got {route}")
+        for key, spec in per_module.items():
+            name = _module_name(key)
+            if not _matches(name, target_modules):
+                if strict:
+                    raise ConfigError(f"route {route} has a delta on {key!r}, outside target_modules {target_modules}")
+                continue
+            rl = routed_linear(llm, name)
+            rl.set_route(int(route), spec)
+            done[name] = rl
+    return done
+
+
+def linear_names(llm: nn.Module, target_modules: Sequence[str] | str | None = None) -> list[str]:
+    """Names of the ``nn.Linear`` / :class:`RoutedLinear` modules matching ``target_modules``
+    (``lm_head`` is never included unless named exactly)."""
+    out = []
+    for n, m in llm.named_modules():
+        if isinstance(m, (nn.Linear, RoutedLinear)) and _matches(n, target_modules):
+            if n.split(".")[-1] == "lm_head" and not (isinstance(target_modules, (list, tuple))
+                                                      and "lm_head" in target_modules):
+                continue
+            out.append(n)
+    return out
+
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora_routes(llm: nn.Module, n_routes: int, r: int, alpha: float,
+                    target_modules: Sequence[str] | str | None = DEFAULT_LORA_TARGETS, *,
+                    routes: Sequence[int] | None = None, freeze_base: bool = True, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> list[str]:
+    """Add trainable per-route LoRA factors (scale ``alpha / r``) to every target linear.
+
+    Routes ``0 .. n_routes-1`` (or ``routes``) each get ``A`` [r, in] (Kaiming-uniform, a=√5, as
+    peft) and ``B`` [out, r] = 0, so the model's output is unchanged at initialisation. With
+    ``freeze_base`` every other parameter of ``llm`` is frozen. Returns the routed module names.
+    """
+    if r < 1:
+        raise ConfigError(f"LoRA rank must be >= 1, got {r}")
+    ids = list(routes) if routes is not None else list(range(n_routes))
+    names = linear_names(llm, target_modules)
+    if not names:
+        raise ConfigError(f"no linear module of the model matches target_modules {target_modules}")
+    if freeze_base:
+        for p in llm.parameters():
+            p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for name in names:
+        rl = routed_linear(llm, name)
+        for k in ids:
+            A = torch.empty(r, rl.in_features, dtype=dtype)
+            bound = 1.0 / math.sqrt(rl.in_features)  # kaiming_uniform_(a=sqrt(5)) bound = 1/sqrt(fan_in)
+            A.uniform_(-bound, bound, generator=g)
+            B = torch.zeros(rl.out_features, r, dtype=dtype)
+            rl.set_route(k, LowRank(A, B, alpha / r), trainable=True, dtype=dtype)
+    return names
+
+
+def add_dense_routes(llm: nn.Module, n_routes: int, target_modules: Sequence[str] | str | None = DEFAULT_LORA_TARGETS,
+                     *, routes: Sequence[int] | None = None, freeze_base: bool = True) -> list[str]:
+    """Trainable full-weight deltas per route (zero-initialised) - DAMC's full-weight option."""
+    ids = list(routes) if routes is not None else list(range(n_routes))
+    names = linear_names(llm, target_modules)
+    if not names:
+        raise ConfigError(f"no linear module of the model matches target_modules {target_modules}")
+    if freeze_base:
+        for p in llm.parameters():
+            p.requires_grad_(False)
+    for name in names:
+        rl = routed_linear(llm, name)
+        for k in ids:
+            rl.set_route(k, Dense(torch.zeros(rl.out_features, rl.in_features)), trainable=True)
+    return names
+
+
+def route_parameters(llm: nn.Module, route: int, *, trainable_only: bool = True) -> list[nn.Parameter]:
+    """The parameters of ``route`` in every routed module (trainable ones only by default)."""
+    out = []
+    for m in routed_modules(llm).values():
+        r = m.routes[str(route)] if str(route) in m.routes else None
+        if r is None:
+            continue
+        out.extend(p for p in r.parameters() if p.requires_grad or not trainable_only)
+    return out
+
+
+def set_route_coefficients(llm: nn.Module, route: int, coefs: Mapping[int | str | None, float]) -> int:
+    """Rescale, in place, the components of ``route`` by tag: a component added with scale ``s``
+    (or alpha) and tag ``t`` now uses ``s * coefs[t]``. Components whose tag is not in ``coefs`` are
+    left as they are. Returns how many components were changed (cheap: no weights are rebuilt -
+    used by DAMC's λ search and MMER's α search)."""
+    n = 0
+    for m in routed_modules(llm).values():
+        r = m.routes[str(route)] if str(route) in m.routes else None
+        if r is None:
+            continue
+        for p in r.parts:
+            if p.tag in coefs:
+                p.coef = float(coefs[p.tag])
+                n += 1
+    return n
+
+
+def route_components(llm: nn.Module, route: int) -> dict[str, list[nn.Module]]:
+    """``{module name: [component, ...]}`` of ``route`` (internal objects; for in-place updates)."""
+    out = {}
+    for name, m in routed_modules(llm).items():
+        if str(route) in m.routes:
+            out[name] = list(m.routes[str(route)].parts)
+    return out
+
+
+def remove_routes(llm: nn.Module) -> nn.Module:
+    """Replace every :class:`RoutedLinear` by a plain ``nn.Linear`` holding the base weight."""
+    for name, rl in list(routed_modules(llm).items()):
+        lin = nn.Linear(rl.in_features, rl.out_features, bias=rl.bias is not None, device="meta")
+        lin.weight = rl.weight
+        if rl.bias is not None:
+            lin.bias = rl.bias
+        parent, attr = _get_parent(llm, name)
+        setattr(parent, attr, lin)
+    return llm
+
+
+@torch.no_grad()
+def materialize_route(llm: nn.Module, route: int) -> dict[str, torch.Tensor]:
+    """``{"<module>.weight": W0 + Δ_route}`` for every routed module (float32) - for checks and
+    to export one route as a plain model."""
+    return {f"{n}.weight": m.route_weight(route) for n, m in routed_modules(llm).items()}
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``module``, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device.type)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += st.nbytes()
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# peft-format export / import of one route's LoRA factors
+@torch.no_grad()
+def save_route_adapter(llm: nn.Module, route: int, folder: str | Path, *, extra_config: Mapping | None = None) -> Path:
+    """Write ``route``'s single LoRA component per module as a peft adapter folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``, keys
+    ``base_model.model.<module>.lora_A.weight``). Readable by :class:`workbench.io.LoraAdapter` and
+    by ``peft.PeftModel.from_pretrained``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, scales, targets = set(), set(), set()
+    for name, m in routed_modules(llm).items():
+        if str(route) not in m.routes:
+            continue
+        parts = list(m.routes[str(route)].parts)
+        if len(parts) != 1 or not isinstance(parts[0], _LowRankC):
+            raise ConfigError(f"route {route} of {name!r} is not a single LoRA component; cannot save as peft")
+        p = parts[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = p.A.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = p.B.detach().float().cpu().contiguous()
+        ranks.add(p.A.shape[0])
+        scales.add(round(p.scale, 9))
+        targets.add(name.split(".")[-1])
+    if not tensors:
+        raise ConfigError(f"no routed module has route {route}")
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ConfigError(f"route {route}: ranks {sorted(ranks)} / scales {sorted(scales)} differ between modules")
+    r, s = ranks.pop(), scales.pop()
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r), "lora_alpha": float(s * r),
+           "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+           "use_rslora": False, "use_dora": False, "init_lora_weights": True, "base_model_name_or_path": None,
+           "modules_to_save": None, "inference_mode": True, **dict(extra_config or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors.tmp"), metadata={"format": "pt"})
+    (folder / "adapter_model.safetensors.tmp").replace(folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def load_route_adapter(folder: str | Path, *, coefficient: float = 1.0) -> dict[str, LowRank]:
+    """``{module name: LowRank(A, B, coefficient · s)}`` of a peft adapter folder (linear targets)."""
+    from .io import LoraAdapter
+
+    a = LoraAdapter(folder)
+    if a.replaced():
+        raise CheckpointError("adapter replaces whole modules (modules_to_save); only LoRA factors can be routed",
+                              file=a.file, tensor=a.replaced()[0])
+    out = {}
+    for name in a.targets():
+        if a._factors[name]["kind"] != "linear" or a.fan_in_fan_out:
+            raise CheckpointError("only linear (non fan_in_fan_out) LoRA factors can be routed", file=a.file,
+                                  tensor=name)
+        A, B, s = a.factors(name)
+        out[_module_name(name)] = LowRank(A, B, coefficient * s)
+    return out
+
+
+__all__ = [
+    "Dense", "LowRank", "Masked", "RoutedLinear", "RoutedModule", "add_dense_routes", "add_lora_routes",
+    "apply_routes", "linear_names", "load_route_adapter", "materialize_route", "pack_bool", "remove_routes",
+    "route_components", "route_parameters", "routed_linear", "routed_modules", "save_route_adapter",
+    "set_route_coefficients", "storage_bytes", "token_routes", "unpack_bool",
+]

@@ -1,0 +1,503 @@
+"""Composition: NaiveMC, DAMC, MMER and the LLaVA loader, checked against direct computations on the
+tiny random Llama / LLaVA fixtures (conftest) and separately materialised models."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import standin_methods, state_dict_of
+from safetensors.torch import load_file
+from torch import nn
+
+from workbench.compose import (MMERParts, compose_damc, compose_expert, compose_frozen, compose_mmer,
+                               compose_naive_mc, damc_lambda_search, disk_bytes, hf_expert, lambda_grid, llava_expert,
+                               load_causal_lm, load_mmer_parts, merge_llm, mmer_llm, mmer_mask, mmer_parts,
+                               mmer_parts_from_merge, save_mmer_parts, set_damc_coefficients, set_mmer_alpha,
+                               storage_comparison, ExpertSource)
+from workbench.errors import CheckpointError, ConfigError
+from workbench.llava import LlavaCheckpoint
+from workbench.routing import (add_lora_routes, materialize_route, pack_bool, route_parameters, routed_modules,
+                               save_route_adapter, token_routes)
+
+torch.set_num_threads(1)
+PH = {"image": "w61", "audio": "w62"}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ToyTower(nn.Module):
+    """raw [3, 6] -> [3, hidden] (a frozen linear map)."""
+
+    supports_batch = True
+
+    def __init__(self, seed: int, hidden: int = 32):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.lin = nn.Linear(6, hidden)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(hidden, 6, generator=g))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def tokenizer_of(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def raw(seed):
+    return torch.randn(3, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def two_modal_prompt():
+    return "image: w61 w9 audio: w62 w10 w11", {"image": [raw(1)], "audio": [raw(2)]}
+
+
+def logits_all_route(model, prompt, inputs, route):
+    emb, mask, rid = model.embed(prompt, inputs)
+    with torch.no_grad(), token_routes(model.llm, torch.full_like(rid, route)):
+        return model.llm(inputs_embeds=emb, attention_mask=mask).logits
+
+
+def plain_logits(llm, model, prompt, inputs):
+    emb, mask, _ = model.embed(prompt, inputs)
+    with torch.no_grad():
+        return llm(inputs_embeds=emb, attention_mask=mask).logits
+
+
+def llm_with(base_folder, weights: dict):
+    llm = load_causal_lm(base_folder)
+    sd = llm.state_dict()
+    for k, v in weights.items():
+        sd[k] = v.to(sd[k].dtype)
+    llm.load_state_dict(sd)
+    return llm
+
+
+# ============================================================================================ NaiveMC
+def test_naive_mc_full_equals_direct_mean(tiny_llama, tiny_llama_experts):
+    exps = [hf_expert(f"e{i}", m, ToyTower(i), llm=p, placeholder=PH[m])
+            for i, (m, p) in enumerate(zip(["image", "audio"], tiny_llama_experts[:2]))]
+    model = compose_naive_mc(tiny_llama, exps, tokenizer_of(tiny_llama))
+    a, b = state_dict_of(tiny_llama_experts[0]), state_dict_of(tiny_llama_experts[1])
+    got = model.llm.state_dict()
+    for k in a:
+        torch.testing.assert_close(got[k], (a[k] + b[k]) / 2, rtol=0, atol=1e-6)
+    out = model.generate(*two_modal_prompt(), max_new_tokens=4)
+    assert isinstance(out, str)
+    assert model.route_order == ["image", "audio"]
+
+
+def test_naive_mc_matches_registry_weight_average_when_available(tiny_llama, tiny_llama_experts):
+    methods = pytest.importorskip("workbench.methods")
+    try:
+        methods.get_method("weight_average")
+    except Exception:
+        pytest.skip("workbench.methods has no weight_average yet")
+    ours = merge_llm(tiny_llama, tiny_llama_experts)
+    theirs = merge_llm(tiny_llama, tiny_llama_experts, method=lambda b, e, **kw: methods.get_method("weight_average").fn(b, e, **kw))
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, theirs.state_dict()[k], rtol=0, atol=1e-6)
+
+
+def _peft_factors(folder):
+    sd = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / cfg["r"]
+    out = {}
+    for k, v in sd.items():
+        if ".lora_A." in k:
+            mod = k.replace("base_model.model.", "").split(".lora_A.")[0]
+            out[mod + ".weight"] = (v, sd[k.replace("lora_A", "lora_B")], s)
+    return out
+
+
+def test_naive_mc_lora_is_product_average_not_factor_average(tiny_llama, tiny_lora_adapters):
+    exps = [hf_expert(f"l{i}", m, ToyTower(i), adapter=p, placeholder=PH[m])
+            for i, (m, p) in enumerate(zip(["image", "audio"], tiny_lora_adapters))]
+    model = compose_naive_mc(tiny_llama, exps, tokenizer_of(tiny_llama))
+    base = state_dict_of(tiny_llama)
+    f0, f1 = _peft_factors(tiny_lora_adapters[0]), _peft_factors(tiny_lora_adapters[1])
+    got = model.llm.state_dict()
+    assert set(f0) == set(f1) and len(f0) == 6
+    differs = 0
+    for k, v in base.items():
+        if k in f0:
+            (A0, B0, s), (A1, B1, _) = f0[k], f1[k]
+            want = v + 0.5 * s * B0 @ A0 + 0.5 * s * B1 @ A1
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+            factor_avg = v + s * ((B0 + B1) / 2) @ ((A0 + A1) / 2)
+            differs += int((factor_avg - want).abs().max() > 1e-4)
+        else:
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    assert differs == 6  # averaging A and B separately is a different model on every target
+
+
+def test_frozen_and_single_expert(tiny_llama, tiny_llama_experts, tiny_lora_adapters):
+    tok = tokenizer_of(tiny_llama)
+    exps = [hf_expert("p0", "image", ToyTower(0), placeholder=PH["image"]),
+            hf_expert("p1", "audio", ToyTower(1), placeholder=PH["audio"])]
+    frozen = compose_frozen(tiny_llama, exps, tok)
+    for k, v in state_dict_of(tiny_llama).items():
+        assert torch.equal(frozen.llm.state_dict()[k], v)
+    single = compose_expert(tiny_llama, hf_expert("l", "image", ToyTower(0), adapter=tiny_lora_adapters[0],
+                                                  placeholder=PH["image"]), tok)
+    k = "model.layers.0.self_attn.q_proj.weight"
+    A, B, s = _peft_factors(tiny_lora_adapters[0])[k]
+    torch.testing.assert_close(single.llm.state_dict()[k], state_dict_of(tiny_llama)[k] + s * B @ A, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="two experts for modality"):
+        compose_frozen(tiny_llama, [exps[0], exps[0]], tok)
+
+
+def test_expert_with_missing_tensor_names_file_and_tensor(tiny_llama, tiny_llama_experts, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = load_file(str(tiny_llama_experts[0] / "model.safetensors"))
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(sd, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((tiny_llama_experts[0] / "config.json").read_text())
+    with pytest.raises(CheckpointError) as ei:
+        merge_llm(tiny_llama, [bad, tiny_llama_experts[1]])
+    assert "model.layers.1.mlp.up_proj.weight" in str(ei.value) and "bad" in str(ei.value)
+
+
+# ============================================================================================ MMER
+def _mmer_experts(tiny_llama_experts):
+    return [hf_expert(f"e{i}", m, ToyTower(i), llm=p, placeholder=PH[m])
+            for i, (m, p) in enumerate(zip(["image", "audio"], tiny_llama_experts[:2]))]
+
+
+def test_mmer_alpha1_all_ones_masks_equals_merged_for_every_route(tiny_llama, tiny_llama_experts):
+    exps = _mmer_experts(tiny_llama_experts)
+    parts = mmer_parts(tiny_llama, exps, merge_method="weight_average")
+    ones = MMERParts(parts.tau_star, {n: [pack_bool(torch.ones_like(t, dtype=torch.bool))] * 2
+                                      for n, t in parts.tau_star.items()}, 2)
+    tok = tokenizer_of(tiny_llama)
+    model = compose_mmer(tiny_llama, exps, tok, parts=ones, alpha=1.0)
+    base = state_dict_of(tiny_llama)
+    merged = llm_with(tiny_llama, {k: base[k] + t for k, t in parts.tau_star.items()})
+    prompt, inputs = two_modal_prompt()
+    want = plain_logits(merged, model, prompt, inputs)
+    for route in (0, 1, 2):
+        torch.testing.assert_close(logits_all_route(model, prompt, inputs, route), want, rtol=1e-4, atol=1e-5)
+    # mixed routes (the real per-token routing) too: every route is the same model here
+    emb, mask, rid = model.embed(prompt, inputs)
+    assert set(rid.unique().tolist()) == {0, 1, 2}
+    with torch.no_grad(), token_routes(model.llm, rid):
+        torch.testing.assert_close(model.llm(inputs_embeds=emb, attention_mask=mask).logits, want,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_mmer_single_route_reproduces_theta0_plus_alpha_mask_tau(tiny_llama, tiny_llama_experts):
+    exps = _mmer_experts(tiny_llama_experts)
+    tok = tokenizer_of(tiny_llama)
+    model = compose_mmer(tiny_llama, exps, tok, merge_method="weight_average", lam=1.0, alpha=0.7)
+    parts = model.mmer_parts
+    base, e1 = state_dict_of(tiny_llama), state_dict_of(tiny_llama_experts[1])
+    # independent reference for route 2 (audio = expert 1): linear targets θ0 + α m ⊙ τ*, others θ0 + τ*
+    ref_w = {}
+    for k, b in base.items():
+        tau1 = e1[k] - b
+        ts = (state_dict_of(tiny_llama_experts[0])[k] - b + tau1) / 2
+        torch.testing.assert_close(parts.tau_star[k], ts, rtol=0, atol=1e-6)
+        if any(t in k for t in TARGETS):
+            m = tau1.abs() > (tau1 - ts).abs()
+            assert torch.equal(parts.mask(k, 1), m)
+            ref_w[k] = b + 0.7 * m * ts
+        else:
+            ref_w[k] = b + ts
+    w = materialize_route(model.llm, 2)
+    for k, v in w.items():
+        torch.testing.assert_close(v, ref_w[k], rtol=0, atol=1e-6)
+    ref = llm_with(tiny_llama, ref_w)
+    prompt, inputs = two_modal_prompt()
+    torch.testing.assert_close(logits_all_route(model, prompt, inputs, 2), plain_logits(ref, model, prompt, inputs),
+                               rtol=1e-4, atol=1e-5)
+    # alpha is changed in place
+    set_mmer_alpha(model, 1.3)
+    k = "model.layers.0.mlp.gate_proj.weight"
+    torch.testing.assert_close(materialize_route(model.llm, 2)[k], base[k] + 1.3 * parts.mask(k, 1) * parts.tau_star[k],
+                               rtol=0, atol=1e-6)
+    # text route is θ0 + τ*, and generation with both modalities returns text
+    torch.testing.assert_close(materialize_route(model.llm, 0)[k], base[k] + parts.tau_star[k], rtol=0, atol=1e-6)
+    assert isinstance(model.generate(prompt, inputs, max_new_tokens=4), str)
+
+
+def test_mmer_mask_rule_minimises_l1():
+    g = torch.Generator().manual_seed(0)
+    tau, ts = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    m = mmer_mask(tau, ts, 1.0)
+    # element-wise: keeping τ* is better exactly where |τ − τ*| < |τ − 0|
+    assert torch.equal(m, (tau - ts).abs() < tau.abs())
+    assert (mmer_mask(tau, ts, 2.0).sum() <= m.sum()) and (mmer_mask(tau, ts, 0.5).sum() >= m.sum())
+
+
+def test_mmer_parts_from_engine_output(tiny_llama, tiny_llama_experts, tmp_path):
+    from workbench.engine import load_masks, merge
+
+    out = merge({"method": "masked", "base": str(tiny_llama), "experts": [str(p) for p in tiny_llama_experts[:2]],
+                 "output": str(tmp_path / "m"), "device": "cpu", "params": {"lam": 1.0}},
+                methods=standin_methods(), progress=False)
+    parts = mmer_parts_from_merge(out, tiny_llama)
+    assert parts.n_experts == 2
+    merged, base, masks = state_dict_of(out), state_dict_of(tiny_llama), load_masks(out)
+    for k, t in parts.tau_star.items():
+        torch.testing.assert_close(t, merged[k] - base[k], rtol=0, atol=0)
+        for i in range(2):
+            assert torch.equal(parts.mask(k, i), masks[f"{k}::mask_{i}"])
+    model = compose_mmer(tiny_llama, _mmer_experts(tiny_llama_experts), tokenizer_of(tiny_llama), parts=parts)
+    k = "model.layers.1.self_attn.v_proj.weight"
+    torch.testing.assert_close(materialize_route(model.llm, 1)[k], base[k] + masks[f"{k}::mask_0"] * parts.tau_star[k])
+
+
+def test_storage_measures_files(tiny_llama, tiny_llama_experts, tmp_path):
+    parts = mmer_parts(tiny_llama, tiny_llama_experts, merge_method="weight_average")
+    folder = save_mmer_parts(parts, tmp_path / "mmer")
+    files = list(folder.iterdir())
+    assert disk_bytes(folder) == sum(os.path.getsize(f) for f in files)
+    n = sum(t.numel() for t in parts.tau_star.values())
+    # τ* in float32 plus one bit per entry per expert (+ headers)
+    assert 4 * n <= disk_bytes(folder / "tau_star.safetensors") < 4 * n + 20_000
+    assert 3 * n / 8 <= disk_bytes(folder / "masks.safetensors") < 3 * n / 8 + 3 * len(parts.tau_star) + 40_000
+    rep = storage_comparison([folder], tiny_llama_experts)
+    assert rep["experts_bytes"] == sum(disk_bytes(p) for p in tiny_llama_experts)
+    assert 0.33 < rep["ratio"] < 0.50  # ~ (1 + 3/32) / 3
+    back = load_mmer_parts(folder)
+    for k in parts.tau_star:
+        assert torch.equal(back.tau_star[k], parts.tau_star[k])
+        assert torch.equal(back.mask(k, 2), parts.mask(k, 2))
+
+
+# ============================================================================================ DAMC
+def make_damc_adapters(base_folder, root: Path, seed: int, r=4, alpha=8):
+    """A DAMC expert's two peft adapters (random non-zero factors) written via save_route_adapter."""
+    llm = load_causal_lm(base_folder)
+    add_lora_routes(llm, 2, r, alpha, list(TARGETS), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for route in (0, 1):
+            for p in route_parameters(llm, route):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return save_route_adapter(llm, 0, root / "adapter_text"), save_route_adapter(llm, 1, root / "adapter_modality")
+
+
+@pytest.fixture(scope="module")
+def damc_pair(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damc")
+    exps = []
+    for i, m in enumerate(["image", "audio"]):
+        t, mo = make_damc_adapters(tiny_llama, root / m, seed=20 + i)
+        exps.append(ExpertSource(f"damc-{m}", m, "damc", ToyTower(i), PH[m], adapter_text=t, adapter_modality=mo))
+    return exps
+
+
+def test_damc_routes_equal_direct_formulas(tiny_llama, damc_pair):
+    model = compose_damc(tiny_llama, damc_pair, tokenizer_of(tiny_llama), coefficients=[0.3, 0.9])
+    base = state_dict_of(tiny_llama)
+    ft = [_peft_factors(e.adapter_text) for e in damc_pair]
+    fm = [_peft_factors(e.adapter_modality) for e in damc_pair]
+    w0, w1, w2 = (materialize_route(model.llm, k) for k in (0, 1, 2))
+    assert len(w0) == 14
+    for k in w0:
+        (At0, Bt0, s), (At1, Bt1, _) = ft[0][k], ft[1][k]
+        torch.testing.assert_close(w0[k], base[k] + 0.3 * s * Bt0 @ At0 + 0.9 * s * Bt1 @ At1, rtol=0, atol=1e-6)
+        Am, Bm, _ = fm[0][k]
+        torch.testing.assert_close(w1[k], base[k] + s * Bm @ Am, rtol=0, atol=1e-6)
+        Am, Bm, _ = fm[1][k]
+        torch.testing.assert_close(w2[k], base[k] + s * Bm @ Am, rtol=0, atol=1e-6)
+    set_damc_coefficients(model, [0.5, 0.5])
+    k = "model.layers.1.mlp.down_proj.weight"
+    (At0, Bt0, s), (At1, Bt1, _) = ft[0][k], ft[1][k]
+    torch.testing.assert_close(materialize_route(model.llm, 0)[k], base[k] + 0.5 * s * (Bt0 @ At0 + Bt1 @ At1),
+                               rtol=0, atol=1e-6)
+    # per-token: each route's tokens see their own materialised model (whole sequence on one route)
+    prompt, inputs = two_modal_prompt()
+    ref = llm_with(tiny_llama, materialize_route(model.llm, 2))
+    torch.testing.assert_close(logits_all_route(model, prompt, inputs, 2), plain_logits(ref, model, prompt, inputs),
+                               rtol=1e-4, atol=1e-5)
+    out = model.generate(prompt, inputs, max_new_tokens=5)
+    assert isinstance(out, str)
+    # memory: only factors are added - no dense weight per route
+    extra = sum(b.numel() for m in routed_modules(model.llm).values() for b in m.buffers())
+    assert extra == 0
+
+
+def test_damc_lambda_search_grid_and_csv(tiny_llama, damc_pair, tmp_path):
+    model = compose_damc(tiny_llama, damc_pair, tokenizer_of(tiny_llama))
+    recs = []
+    for i in range(4):
+        recs.append({"id": str(i), "conversations": [{"from": "human", "value": f"image: w61 audio: w62 w{12 + i}"},
+                                                     {"from": "gpt", "value": "A"}],
+                     "_in": {"image": [raw(10 + i)], "audio": [raw(20 + i)]}})
+    grid = lambda_grid(2, (0.5, 1.0), mode="product")
+    assert len(grid) == 4 and (0.5, 1.0) in grid
+    best, df = damc_lambda_search(model, recs, lambda r: r["_in"], grid=grid, csv=tmp_path / "grid.csv", progress=False)
+    import pandas as pd
+
+    back = pd.read_csv(tmp_path / "grid.csv")
+    assert len(back) == 4 and {"lambda_1", "lambda_2", "accuracy"} <= set(back.columns)
+    assert df["accuracy"].max() == df.loc[[tuple(r) == best for r in grid], "accuracy"].iloc[0]
+    # the model is left at the best λ
+    k = "model.layers.0.self_attn.q_proj.weight"
+    ref = compose_damc(tiny_llama, damc_pair, tokenizer_of(tiny_llama), coefficients=list(best))
+    torch.testing.assert_close(materialize_route(model.llm, 0)[k], materialize_route(ref.llm, 0)[k])
+
+
+def test_damc_rejects_plain_experts(tiny_llama, tiny_llama_experts):
+    with pytest.raises(ConfigError, match="DAMC composes DAMC experts"):
+        compose_damc(tiny_llama, _mmer_experts(tiny_llama_experts), tokenizer_of(tiny_llama))
+
+
+# ============================================================================================ LLaVA
+def test_llava_tower_and_language_model_equal_hf_llava(tiny_llava):
+    from transformers import LlavaForConditionalGeneration
+
+    from workbench.mllm import MultimodalLM
+
+    ck = LlavaCheckpoint(tiny_llava)
+    tower, lm = ck.tower(), ck.language_model()
+    hf = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava)).eval()
+    cfg = hf.config
+    pix = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    n_img = tower(pix).shape[0]
+    assert n_img == (16 // 8) ** 2 + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+    model = MultimodalLM(lm, tokenizer_of(tiny_llava), {"image": tower}, {"image": "w61"})
+    emb, mask, rid = model.embed("w4 w5 w61 w6 w7", {"image": [pix]})
+    assert int((rid == 1).sum()) == n_img
+    with torch.no_grad():
+        got = lm(inputs_embeds=emb, attention_mask=mask).logits
+        ids = torch.tensor([[4, 5] + [cfg.image_token_index] * n_img + [6, 7]])
+        want = hf(input_ids=ids, pixel_values=pix.unsqueeze(0)).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_llava_feature_layer_and_default_strategy(tiny_llava):
+    from transformers import LlavaForConditionalGeneration
+
+    ck = LlavaCheckpoint(tiny_llava)
+    tower = ck.tower()
+    tower.feature_layer, tower.select_strategy = -2, "default"
+    hf = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava)).eval()
+    pix = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf.model.get_image_features(pixel_values=pix, vision_feature_layer=-2,
+                                           vision_feature_select_strategy="default")
+        want = torch.stack(list(getattr(want, "pooler_output", want)))
+        got = tower(pix)
+    assert got.shape == (2, 4, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_llava_experts_naive_mmer_damc_generate_two_modalities(tiny_llava, tiny_llava_experts, tmp_path):
+    tok = tokenizer_of(tiny_llava)
+    e_img = llava_expert(tiny_llava_experts[0], modality="image", placeholder="w61")
+    e_aud = llava_expert(tiny_llava_experts[1], modality="audio", placeholder="w62")
+    prompt = "image: w61 audio: w62 w9 w10"
+    inputs = {"image": [torch.randn(3, 16, 16)], "audio": [torch.randn(3, 16, 16)]}
+    # NaiveMC over LLaVA language models == mean of the checkpoints' LM tensors (legacy key names)
+    naive = compose_naive_mc(tiny_llava, [e_img, e_aud], tok)
+    a = load_file(str(tiny_llava_experts[0] / "model.safetensors"))
+    b = load_file(str(tiny_llava_experts[1] / "model.safetensors"))
+    got = naive.llm.state_dict()
+    for k in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight", "model.embed_tokens.weight"):
+        ck = "language_model." + k if not k.startswith("lm_head") else "language_model.lm_head.weight"
+        torch.testing.assert_close(got[k], (a[ck] + b[ck]) / 2, rtol=0, atol=1e-6)
+    assert isinstance(naive.generate(prompt, inputs, max_new_tokens=4), str)
+    # towers are the experts' own, unchanged
+    torch.testing.assert_close(naive.towers["image"].projector.linear_1.weight,
+                               a["multi_modal_projector.linear_1.weight"])
+    mm = compose_mmer(tiny_llava, [e_img, e_aud], tok, merge_method="weight_average")
+    assert isinstance(mm.generate(prompt, inputs, max_new_tokens=4), str)
+    dm = []
+    for i, (p, m) in enumerate(zip(tiny_llava_experts[:2], ["image", "audio"])):
+        t, mo = make_damc_adapters(tiny_llava, tmp_path / m, seed=40 + i)
+        dm.append(llava_expert(p, modality=m, placeholder=PH[m], adapter_text=t, adapter_modality=mo))
+    damc = compose_damc(tiny_llava, dm, tok)
+    out = damc.generate(prompt, inputs, max_new_tokens=4)
+    assert isinstance(out, str)
+    _, _, rid = damc.embed(prompt, inputs)
+    assert set(rid.unique().tolist()) == {0, 1, 2}
+
+
+def test_mmer_default_parts_equal_registry_mmer_method(tiny_llama, tiny_llama_experts):
+    """The in-memory path (TIES τ*, masks) and the engine's `mmer` method agree tensor by tensor."""
+    from workbench.methods import get_method
+
+    parts = mmer_parts(tiny_llama, tiny_llama_experts, lam=1.5)  # default: registry TIES, density 0.2
+    base, exps = state_dict_of(tiny_llama), [state_dict_of(p) for p in tiny_llama_experts]
+    fn = get_method("mmer").fn
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        out = fn(base[k], [e[k] for e in exps], name=k, density=0.2, lam=1.5)
+        torch.testing.assert_close(parts.tau_star[k], out.merged - base[k], rtol=0, atol=1e-6)
+        for i in range(3):
+            assert torch.equal(parts.mask(k, i), out.extras[f"mask_{i}"])
+    dens = parts.density()
+    assert len(dens) == 3 and all(0 < d < 1 for d in dens)
+
+
+def test_engine_mmer_output_equals_in_memory_parts(tiny_llama, tiny_llama_experts, tmp_path):
+    """The engine's real `mmer` method (τ* on disk + packed masks) and the streaming in-memory path
+    give the same routed model inputs."""
+    from workbench.engine import merge
+
+    out = merge({"method": "mmer", "base": str(tiny_llama), "experts": [str(p) for p in tiny_llama_experts[:2]],
+                 "output": str(tmp_path / "m"), "device": "cpu", "params": {"lam": 1.0, "density": 0.2}},
+                progress=False)
+    disk = mmer_parts_from_merge(out, tiny_llama)
+    mem = mmer_parts(tiny_llama, tiny_llama_experts[:2], lam=1.0, merge_params={"density": 0.2})
+    assert set(disk.tau_star) <= set(mem.tau_star) and len(disk.tau_star) > 0
+    for k, t in disk.tau_star.items():
+        torch.testing.assert_close(t, mem.tau_star[k], rtol=0, atol=1e-6)
+        for i in range(2):
+            assert torch.equal(disk.mask(k, i), mem.mask(k, i))
+
+
+def _synthetic_records(n, prompt_fn, inputs_fn, gold="A"):
+    return [{"id": str(i), "conversations": [{"from": "human", "value": prompt_fn(i)}, {"from": "gpt", "value": gold}],
+             "_in": inputs_fn(i)} for i in range(n)]
+
+
+def test_damc_lambda_from_own_tasks_rule_and_csv(tiny_llama, damc_pair, tmp_path):
+    import pandas as pd
+
+    from workbench.compose import damc_lambda_from_own_tasks
+
+    model = compose_damc(tiny_llama, damc_pair, tokenizer_of(tiny_llama))
+    own = {"image": _synthetic_records(3, lambda i: f"image: w61 w{20 + i}", lambda i: {"image": [raw(30 + i)]}),
+           "audio": _synthetic_records(3, lambda i: f"audio: w62 w{25 + i}", lambda i: {"audio": [raw(40 + i)]}, "B")}
+    best, df = damc_lambda_from_own_tasks(model, own, lambda r: r["_in"], values=(1.0, 0.5), csv=tmp_path / "own.csv",
+                                          expert_scores={"image": 50.0, "audio": 100.0}, progress=False)
+    back = pd.read_csv(tmp_path / "own.csv")
+    assert list(back["lambda"]) == [0.5, 1.0]  # sorted: ties go to the smaller λ
+    score = (back["acc_image"] / 50 * 100 + back["acc_audio"] / 100 * 100) / 2
+    assert back["score"].tolist() == pytest.approx(score.tolist())
+    assert best == (float(back["lambda"][int(score.to_numpy().argmax())]),) * 2
+
+
+def test_mmer_search_grid_leaves_model_at_best(tiny_llama, tiny_llama_experts, tmp_path):
+    from workbench.compose import mmer_search
+
+    exps = _mmer_experts(tiny_llama_experts)
+    tok = tokenizer_of(tiny_llama)
+    model = compose_mmer(tiny_llama, exps, tok, merge_method="weight_average", lam=1.0)
+    recs = _synthetic_records(4, lambda i: f"image: w61 audio: w62 w{12 + i}",
+                              lambda i: {"image": [raw(50 + i)], "audio": [raw(60 + i)]}, "C")
+    (lam, alpha), df = mmer_search(model, tiny_llama, exps, recs, lambda r: r["_in"], lams=(0.5, 2.0),
+                                   alphas=(0.5, 1.0), csv=tmp_path / "mmer.csv", progress=False)
+    assert len(df) == 4 and (tmp_path / "mmer.csv").is_file()
+    assert {"density_image", "density_audio"} <= set(df.columns)
+    d = df.set_index("lam")
+    assert (d.loc[2.0, "density_image"] <= d.loc[0.5, "density_image"]).all()  # a higher threshold keeps less
+    i = int(df["accuracy"].to_numpy().argmax())
+    assert (lam, alpha) == (df["lam"][i], df["alpha"][i])
+    ref = compose_mmer(tiny_llama, exps, tok, merge_method="weight_average", lam=lam, alpha=alpha)
+    k = "model.layers.0.mlp.up_proj.weight"
+    for route in (1, 2):
+        torch.testing.assert_close(materialize_route(model.llm, route)[k], materialize_route(ref.llm, route)[k])

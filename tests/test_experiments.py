@@ -1,0 +1,251 @@
+"""Tests of workbench.experiments on the tiny zoo (built with the world's API if missing)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from workbench import experiments as E  # noqa: E402
+
+METHODS = ["weight_average", "task_arithmetic"]
+LAMBDAS = (0.0, 1.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo():
+    """The tiny zoo: reused when its manifest lists the capability experts, else built."""
+    from workbench.world import Zoo, build_zoo, zoo_root
+
+    root = zoo_root("tiny")
+    try:
+        z = Zoo(root)
+        if z.experts(family="capability", kind="full"):
+            return z
+    except FileNotFoundError:
+        pass
+    return build_zoo("tiny", jobs=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("exp_cache")
+
+
+@pytest.fixture(scope="session")
+def cap_run(tiny_zoo, cache_dir):
+    return E.capability_merging(tiny_zoo, "full", METHODS, LAMBDAS, device="cpu", cache=cache_dir, progress=False)
+
+
+def _tasks(z):
+    return list(z.manifest["config"]["capability"]["tasks"])
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+def test_split_records_disjoint_covering_order_free():
+    recs = [{"id": f"r{i:03d}", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "A"}]}
+            for i in range(41)]
+    val, test = E.split_records(recs, 0.5, seed=0)
+    ids_v, ids_t = {r["id"] for r in val}, {r["id"] for r in test}
+    assert not ids_v & ids_t
+    assert ids_v | ids_t == {r["id"] for r in recs}
+    assert len(val) == round(0.5 * 41)
+    val2, _ = E.split_records(list(reversed(recs)), 0.5, seed=0)
+    assert [r["id"] for r in val2] == [r["id"] for r in val]
+    val3, _ = E.split_records(recs, 0.5, seed=1)
+    assert [r["id"] for r in val3] != [r["id"] for r in val]
+
+
+def test_choose_lambda_mean_over_tasks_ties_smaller():
+    rows = pd.DataFrame({"lambda": [0.1, 0.1, 0.5, 0.5, 1.0, 1.0],
+                         "task": ["a", "b"] * 3,
+                         # per-task best differs (a: 1.0, b: 0.1), mean best: 0.5 and 1.0 tie at 60
+                         "accuracy": [40.0, 70.0, 50.0, 70.0, 80.0, 40.0]})
+    assert E.choose_lambda(rows) == 0.5
+    with pytest.raises(ValueError):
+        E.choose_lambda(pd.DataFrame({"lambda": [0.1], "task": ["a"], "accuracy": [math.nan]}))
+
+
+def test_ablation_entries_are_valid_registry_params():
+    from workbench.methods import OPTMERGE_PRESETS, get_method
+
+    for fam in ("full", "lora", "modality"):
+        entries = E.ablation_entries(fam)
+        assert [e.label for e in entries] == ["WUDI", "+SGD", "+Initialization", "+Low-rank"]
+        for e in entries:
+            get_method(e.method).check_params(e.params)
+    last = E.ablation_entries("lora")[-1]
+    p = OPTMERGE_PRESETS["lora"]
+    assert (last.params["optimizer"], last.params["lr"], last.params["momentum"], last.params["init"]) == \
+        (p["optimizer"], p["lr"], p["momentum"], p["init"])
+    assert E.ablation_entries("lora")[1].params["init"] == "sum"
+    assert E.ablation_entries("lora")[2].params["init"] == "mean"
+
+
+def test_full_rank_optmerge_objective_is_wudi():
+    """The +SGD/+Initialization steps use optmerge with k_ratio=1 as 'the WUDI objective': check
+    that its exact minimiser equals WUDI's on random tensors."""
+    from workbench.methods import optmerge, wudi
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(12, 8, generator=g)
+    experts = [base + 0.1 * torch.randn(12, 8, generator=g) for _ in range(3)]
+    a = wudi(base, experts, solver="exact")
+    b = optmerge(base, experts, solver="exact", k_ratio=1.0)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ capability merging
+def test_rows_shape(cap_run, tiny_zoo):
+    df = cap_run
+    tasks = _tasks(tiny_zoo)
+    assert list(df.columns) == E.ROW_COLUMNS
+    assert (df["status"] == "ok").all(), df[df["status"] != "ok"]["error"].unique()
+    merge = df[df["kind"] == "merge"]
+    # weight average: once; task arithmetic: every lambda on val, one on test
+    wa = merge[merge["method_id"] == "weight_average"]
+    assert len(wa[wa["split"] == "val"]) == len(tasks) and len(wa[wa["split"] == "test"]) == len(tasks)
+    ta = merge[merge["method_id"] == "task_arithmetic"]
+    assert len(ta[ta["split"] == "val"]) == len(tasks) * len(LAMBDAS)
+    assert len(ta[ta["split"] == "test"]) == len(tasks)
+    assert ta.loc[ta["split"] == "test", "lambda"].nunique() == 1
+    labels = set(df["method"])
+    assert {"Base", "Weight Average", "Task Arithmetic"} <= labels
+    assert {f"Indiv. {E.TASK_LABELS[t]}" for t in tasks} <= labels
+    ok = df[df["n"] > 0]
+    assert np.allclose(ok["accuracy"], 100 * ok["n_correct"] / ok["n"])
+    assert (ok["ci_low"] <= ok["accuracy"]).all() and (ok["accuracy"] <= ok["ci_high"]).all()
+    # validation and test items are disjoint splits of each task's file
+    for t in tasks:
+        n_all = len(tiny_zoo.capability_eval(t))
+        b = df[(df["method"] == "Base") & (df["task"] == t)]
+        assert b["n"].sum() == n_all
+
+
+def test_lambda_chosen_on_validation_only(cap_run):
+    ta = cap_run[cap_run["method_id"] == "task_arithmetic"]
+    val = ta[ta["split"] == "val"]
+    means = {}
+    for lam in sorted(set(val["lambda"])):
+        accs = [100.0 * r.n_correct / r.n for r in val[val["lambda"] == lam].itertuples()]
+        means[lam] = sum(accs) / len(accs)
+    best = max(means.values())
+    expected = min(lam for lam, v in means.items() if v == best)
+    chosen = ta.loc[ta["split"] == "test", "lambda"].unique()
+    assert list(chosen) == [expected]
+    assert set(val.loc[val["selected"], "lambda"]) == {expected}
+    # no test row exists for a lambda that was not chosen
+    assert set(ta.loc[ta["split"] == "test", "lambda"]) == {expected}
+
+
+def test_task_arithmetic_lambda0_reproduces_base(cap_run):
+    df = cap_run
+    ta0 = df[(df["method_id"] == "task_arithmetic") & (df["lambda"] == 0.0) & (df["split"] == "val")]
+    base = df[(df["method"] == "Base") & (df["split"] == "val")]
+    a = ta0.set_index("task")["n_correct"].sort_index()
+    b = base.set_index("task")["n_correct"].sort_index()
+    assert a.to_dict() == b.to_dict()
+
+
+def test_lambda0_weights_equal_base_exactly(tiny_zoo, tmp_path):
+    setting = E.capability_setting(tiny_zoo, "full")
+    seed = next(iter(setting.experts))
+    mm = E._MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
+                      "interpolate", True, False)
+    base = tiny_zoo.load_base_llm().state_dict()
+    m0 = mm.llm(0.0).state_dict()
+    assert all(torch.equal(m0[k], base[k]) for k in base)
+    m1 = mm.llm(1.0).state_dict()
+    assert any(not torch.equal(m1[k], base[k]) for k in base)
+    # the interpolated lambda = 0.5 matches the engine run with scale = 0.5
+    mr = E._MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
+                      "remerge", True, False)
+    half_i, half_r = mm.llm(0.5).state_dict(), mr.llm(0.5).state_dict()
+    assert max(float((half_i[k] - half_r[k]).abs().max()) for k in base) < 1e-6
+    assert not list(tmp_path.iterdir())  # temporary merges deleted
+
+
+def test_weight_average_of_one_expert_reproduces_it(tiny_zoo, cache_dir):
+    task = _tasks(tiny_zoo)[0]
+    df = E.capability_merging(tiny_zoo, "full", ["weight_average"], (1.0,), device="cpu", tasks=[task],
+                              keep_defaults=False, cache=cache_dir, progress=False)
+    wa = df[df["method_id"] == "weight_average"].set_index(["task", "split"])["n_correct"].sort_index()
+    ind = df[df["method"] == f"Indiv. {E.TASK_LABELS[task]}"].set_index(["task", "split"])["n_correct"].sort_index()
+    assert wa.to_dict() == ind.to_dict()
+    assert len(wa) == 2
+
+
+def test_cache_hit_on_second_call(cap_run, tiny_zoo, cache_dir):
+    again = E.capability_merging(tiny_zoo, "full", METHODS, LAMBDAS, device="cpu", cache=cache_dir, progress=False)
+    assert again.attrs["cache_misses"] == 0
+    assert again.attrs["cache_hits"] > 0
+    cols = ["method", "task", "split", "lambda", "n_correct", "selected"]
+    pd.testing.assert_frame_equal(again[cols].reset_index(drop=True), cap_run[cols].reset_index(drop=True))
+
+
+def test_failing_method_is_reported(tiny_zoo, tmp_path):
+    df = E.capability_merging(tiny_zoo, "full", ["ties", "task_arithmetic"], (1.0,), device="cpu",
+                              method_params={"ties": {"density": 2.0}}, references=False, cache=tmp_path,
+                              progress=False)
+    ties = df[df["method_id"] == "ties"]
+    assert len(ties) > 0 and (ties["status"] == "failed").all()
+    assert ties["error"].str.contains("density").all()
+    assert (df.loc[df["method_id"] == "task_arithmetic", "status"] == "ok").all()
+    table = E.summarise(df)
+    assert (table.loc["TIES"].drop("lambda") == "failed").all()
+
+
+def test_summarise_and_published(cap_run, tiny_zoo):
+    from workbench.published import VERDICTS, judge
+
+    wide = E.summarise(cap_run)
+    labels = [E.TASK_LABELS[t] for t in _tasks(tiny_zoo)]
+    assert list(wide.columns) == labels + ["Avg", "lambda"]
+    assert {"Base", "Weight Average", "Task Arithmetic", E.INDIV_MEAN, E.INDIV_OWN} <= set(wide.index)
+    for m in ("Base", "Weight Average", "Task Arithmetic"):
+        assert math.isclose(float(wide.loc[m, "Avg"]), float(np.mean([float(wide.loc[m, c]) for c in labels])))
+    # own-task row = each task's expert on its own task
+    test = cap_run[cap_run["split"] == "test"]
+    for t in _tasks(tiny_zoo):
+        own = test[(test["method"] == f"Indiv. {E.TASK_LABELS[t]}") & (test["task"] == t)]["accuracy"].iloc[0]
+        assert math.isclose(float(wide.loc[E.INDIV_OWN, E.TASK_LABELS[t]]), own)
+    assert isinstance(E.summarise(cap_run, fmt=True).loc["Base", "Avg"], str)
+    cells, verdicts = E.compare_published(cap_run, "optmerge_table2")
+    assert set(verdicts["verdict"]) <= set(VERDICTS)
+    row = verdicts[verdicts["claim"] == "Task Arithmetic > Weight Average on Avg"].iloc[0]
+    long = E.summary_long(cap_run)
+    avg = long[long["benchmark"] == "Avg"].set_index("method")
+    expect = judge((avg.loc["Task Arithmetic", "ci_low"], avg.loc["Task Arithmetic", "ci_high"]),
+                   (avg.loc["Weight Average", "ci_low"], avg.loc["Weight Average", "ci_high"]))
+    assert row["verdict"] == expect
+    assert bool(row["published_holds"]) is True  # 56.18 > 49.12 in the paper's Table 2
+    base = cells[cells["method"] == "Base"].iloc[0]
+    assert math.isclose(base["published"], 53.66) and not math.isnan(base["ours_mean"])
+
+
+def test_write_csv(tiny_zoo, cache_dir, tmp_path):
+    df = E.capability_merging(tiny_zoo, "full", ["task_arithmetic"], (1.0,), device="cpu", cache=cache_dir,
+                              references=False, out=tmp_path, write=True, progress=False)
+    back = pd.read_csv(tmp_path / "capability_full.csv")
+    assert len(back) == len(df) and list(back.columns) == E.ROW_COLUMNS
+    paths = E.write_tables(df, "capability_full", tmp_path, table="optmerge_table2")
+    assert all(p.is_file() for p in paths.values())
+
+
+@pytest.mark.slow
+def test_modality_and_solver_smoke(tiny_zoo, cache_dir):
+    df = E.modality_merging(tiny_zoo, ["task_arithmetic"], (1.0,), device="cpu", cache=cache_dir, progress=False)
+    assert (df["status"] == "ok").all()
+    assert {"Task Arithmetic", "NaiveMC", "Base"} <= set(df["method"])
+    assert "Avg" in E.summarise(df).columns and not E.summarise(df)["Avg"].isna().any()
+    rows, costs = E.solver_comparison(tiny_zoo, "full", lambdas=(1.0,), device="cpu", cache=cache_dir,
+                                      progress=False)
+    assert (costs["status"] == "ok").all()
+    obj = costs.set_index("method")["objective"]
+    # the exact minimiser's objective is never above the 300-step iterate's
+    assert obj["WUDI (exact)"] <= obj["WUDI (iterative)"] + 1e-9
+    assert obj["OptMerge (exact)"] <= obj["OptMerge (iterative)"] + 1e-9

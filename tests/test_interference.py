@@ -1,0 +1,384 @@
+"""Interference profile: metrics against hand computations and independent reference code."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from workbench.analysis.interference import (METRICS, InterferenceProfile, profile_interference, summarize,
+                                             tensor_stats, topk_threshold)
+from workbench.errors import CheckpointError, ConfigError
+
+torch.set_num_threads(1)
+
+SHAPES = {
+    "model.embed_tokens.weight": (24, 8),
+    "model.layers.0.self_attn.q_proj.weight": (8, 8),
+    "model.layers.0.self_attn.v_proj.weight": (8, 8),
+    "model.layers.0.mlp.down_proj.weight": (8, 12),
+    "model.layers.0.input_layernorm.weight": (8,),
+    "model.layers.1.self_attn.q_proj.weight": (8, 8),
+    "model.layers.1.self_attn.v_proj.weight": (8, 8),
+    "model.layers.1.mlp.down_proj.weight": (8, 12),
+    "model.layers.1.input_layernorm.weight": (8,),
+}
+
+
+def _save(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture()
+def world(tmp_path):
+    """A base and three full experts with known task vectors (float32 on disk, so tau is exact)."""
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    taus = [{k: 0.1 * torch.randn(s, generator=g) for k, s in SHAPES.items()} for _ in range(3)]
+    _save(tmp_path / "base", base)
+    paths = {}
+    for i, t in enumerate(taus):
+        paths[f"e{i}"] = _save(tmp_path / f"e{i}", {k: base[k] + t[k] for k in SHAPES})
+    # recompute the task vectors as stored (float32 rounding of base + tau)
+    taus = [{k: (base[k] + t[k]) - base[k] for k in SHAPES} for t in taus]
+    return tmp_path, base, taus, paths
+
+
+# ----------------------------------------------------------------------------------- hand values
+def test_identical_experts_cosine_one_conflict_zero():
+    t = torch.tensor([1.0, -2.0, 0.0, 3.0, 0.5])
+    st = tensor_stats(torch.stack([t, t]), topk=0.4, dare_p=None)
+    cos = st["gram"][0, 1] / math.sqrt(st["gram"][0, 0] * st["gram"][1, 1])
+    assert cos == pytest.approx(1.0)
+    assert st["conflicts"][0, 1] == 0
+    assert st["both_nonzero"][0, 1] == 4  # one zero entry
+    assert st["set_conflicts"] == 0
+
+
+def test_negated_expert_cosine_minus_one_conflict_one():
+    t = torch.tensor([1.0, -2.0, 0.0, 3.0, 0.5, -0.25])
+    st = tensor_stats(torch.stack([t, -t]), topk=0.5, dare_p=None)
+    cos = st["gram"][0, 1] / math.sqrt(st["gram"][0, 0] * st["gram"][1, 1])
+    assert cos == pytest.approx(-1.0)
+    # conflict rate 1 on the non-zero entries
+    assert st["conflicts"][0, 1] == st["both_nonzero"][0, 1] == 5
+    # top-50% of 6 = 3 entries each: {3, -2, 1} and their negations: all opposed
+    assert st["topk_kept"].tolist() == [3, 3]
+    assert st["conflicts_kept"][0, 1] == 3
+    assert st["topk_opposed"].tolist() == [3, 3]
+
+
+def test_hand_example_all_counts():
+    # tau1 = [ 4, -1,  2,  0, 3], tau2 = [ 1,  2, -5,  1, 0]
+    t1 = torch.tensor([4.0, -1.0, 2.0, 0.0, 3.0])
+    t2 = torch.tensor([1.0, 2.0, -5.0, 1.0, 0.0])
+    st = tensor_stats(torch.stack([t1, t2]), topk=0.4, dare_p=None)  # k = round(0.4 * 5) = 2
+    assert st["gram"][0, 1] == pytest.approx(4 - 2 - 10)  # dot = -8
+    assert st["gram"][0, 0] == pytest.approx(16 + 1 + 4 + 9)
+    assert st["gram"][1, 1] == pytest.approx(1 + 4 + 25 + 1)
+    # both non-zero at idx 0,1,2; opposite at 1 and 2
+    assert st["both_nonzero"][0, 1] == 3 and st["conflicts"][0, 1] == 2
+    # top-2: tau1 -> idx {0 (4), 4 (3)}; tau2 -> idx {2 (-5), 1 (2)}; no common entry
+    assert st["both_kept"][0, 1] == 0 and st["conflicts_kept"][0, 1] == 0
+    # trimmed: [4,0,0,0,3] and [0,2,-5,0,0]; sum [4,2,-5,0,3]: gamma = [+,+,-,0,+]
+    # every kept entry agrees with gamma -> survival 2 each, nobody opposed
+    assert st["ties_survived"].tolist() == [2, 2]
+    assert st["elect_opposed"].tolist() == [0, 0]
+    assert st["elected"] == 4 and st["elect_disagree_any"] == 0
+    assert st["ties_survived_sq"].tolist() == pytest.approx([16 + 9, 4 + 25])
+    # disjoint mean: tau_m = [4, 2, -5, 0, 3]
+    assert st["ties_merged_sq"] == pytest.approx(16 + 4 + 25 + 9)
+    assert st["ta_sq"] == pytest.approx(25 + 1 + 9 + 1 + 9)
+    # set conflict: entries with >= 2 non-zero: 0, 1, 2; mixed signs at 1 and 2
+    assert st["multi_nonzero"] == 3 and st["set_conflicts"] == 2
+
+
+def test_elected_sign_disagreement_hand():
+    # three experts, one entry where two positive small values outvote ... by magnitude
+    taus = torch.tensor([[3.0, 1.0], [-1.0, 1.0], [-1.0, -5.0]])
+    st = tensor_stats(taus, topk=1.0, dare_p=None)
+    # entry 0: sum 1 -> gamma +; experts 1, 2 opposed. entry 1: sum -3 -> gamma -; experts 0, 1 opposed
+    assert st["elect_opposed"].tolist() == [1, 2, 1]
+    assert st["elect_disagree_any"] == 2 and st["elected"] == 2
+    assert st["ties_survived"].tolist() == [1, 0, 1]
+    # disjoint mean = [3, -5]; shares: expert0 [3,0], expert2 [0,-5]
+    assert st["ties_share_sq"].tolist() == pytest.approx([9, 0, 25])
+
+
+def _reference_ties(taus: torch.Tensor, topk: float):
+    """Entry-by-entry Python reference of trim / elect / disjoint mean."""
+    N, n = taus.shape
+    k = max(1, round(topk * n))
+    kept = []
+    for i in range(N):
+        mags = sorted((abs(float(x)) for x in taus[i]), reverse=True)
+        thr = mags[k - 1]
+        kept.append([abs(float(x)) >= thr and float(x) != 0 for x in taus[i]])
+    surv = [[False] * n for _ in range(N)]
+    merged = [0.0] * n
+    for j in range(n):
+        s = sum(float(taus[i, j]) for i in range(N) if kept[i][j])
+        g = (s > 0) - (s < 0)
+        members = [i for i in range(N) if kept[i][j] and g != 0 and (float(taus[i, j]) > 0) == (g > 0)]
+        for i in members:
+            surv[i][j] = True
+        if members:
+            merged[j] = sum(float(taus[i, j]) for i in members) / len(members)
+    return kept, surv, merged
+
+
+def test_ties_statistics_match_entrywise_reference():
+    g = torch.Generator().manual_seed(3)
+    taus = torch.randn(4, 97, generator=g)
+    taus[:, ::7] = 0.0
+    st = tensor_stats(taus, topk=0.3, dare_p=None, chunk_size=16)
+    kept, surv, merged = _reference_ties(taus, 0.3)
+    assert st["topk_kept"].tolist() == [sum(r) for r in kept]
+    assert st["ties_survived"].tolist() == [sum(r) for r in surv]
+    assert st["ties_merged_sq"].item() == pytest.approx(sum(m * m for m in merged), rel=1e-5)
+    for i, j in itertools.combinations(range(4), 2):
+        both = [a and b for a, b in zip(kept[i], kept[j])]
+        opp = [b and float(taus[i, c]) * float(taus[j, c]) < 0 for c, b in enumerate(both)]
+        assert st["both_kept"][i, j] == sum(both)
+        assert st["conflicts_kept"][i, j] == sum(opp)
+
+
+def test_chunking_does_not_change_results():
+    g = torch.Generator().manual_seed(1)
+    taus = torch.randn(3, 1000, generator=g)
+    a = tensor_stats(taus, topk=0.2, dare_p=None, chunk_size=64)
+    b = tensor_stats(taus, topk=0.2, dare_p=None, chunk_size=1 << 20)
+    sums_of_floats = {"gram", "ties_survived_sq", "ties_share_sq", "ties_merged_sq", "ta_sq", "dare_kept_sq"}
+    for k in a:
+        if k in sums_of_floats:  # float32 partial sums in a different order
+            assert torch.allclose(a[k], b[k], rtol=1e-5, equal_nan=True), k
+        else:  # counts: exactly equal
+            assert torch.equal(a[k], b[k]) or (torch.isnan(a[k]).all() and torch.isnan(b[k]).all()), k
+
+
+def test_dare_kept_fraction_near_one_minus_p():
+    g = torch.Generator().manual_seed(0)
+    taus = torch.randn(2, 20000)
+    st = tensor_stats(taus, topk=0.2, dare_p=0.3, generator=g)
+    frac = st["dare_kept_n"] / st["nonzero"]
+    sd = math.sqrt(0.3 * 0.7 / 20000)
+    assert torch.all((frac - 0.7).abs() < 5 * sd)
+    st2 = tensor_stats(taus, topk=0.2, dare_p=None)
+    assert torch.isnan(st2["dare_kept_n"]).all()
+
+
+def test_topk_threshold_keeps_k_entries():
+    x = torch.tensor([[5.0, 1.0, 3.0, 2.0, 4.0]])
+    assert topk_threshold(x, 0.4).item() == 4.0  # top 2: {5, 4}
+    assert topk_threshold(x, 1.0).item() == 0.0
+
+
+def test_bad_parameters_raise():
+    with pytest.raises(ConfigError):
+        tensor_stats(torch.zeros(2, 3), topk=0.0)
+    with pytest.raises(ConfigError):
+        tensor_stats(torch.zeros(2, 3), dare_p=1.0)
+
+
+# ----------------------------------------------------------------------------------- streaming profile
+def test_profile_matches_direct_computation(world):
+    tmp, base, taus, paths = world
+    prof = profile_interference(tmp / "base", paths, device="cpu", topk=0.25, progress=False)
+    assert len(prof.pairs) == len(SHAPES) * 3 and len(prof.per_expert) == len(SHAPES) * 3
+    name = "model.layers.1.mlp.down_proj.weight"
+    row = prof.pairs[(prof.pairs.tensor == name) & (prof.pairs.expert_a == "e0") & (prof.pairs.expert_b == "e2")].iloc[0]
+    a, b = taus[0][name].double().flatten(), taus[2][name].double().flatten()
+    assert row["cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-5)
+    assert row["conflicts"] == int((a * b < 0).sum())
+    assert row["layer"] == 1 and row["module"] == "down"
+    pe = prof.per_expert[(prof.per_expert.tensor == name) & (prof.per_expert.expert == "e1")].iloc[0]
+    assert pe["rel_norm"] == pytest.approx(float(taus[1][name].norm() / base[name].norm()), rel=1e-5)
+    # non-layer tensor
+    emb = prof.pairs[prof.pairs.tensor == "model.embed_tokens.weight"]
+    assert emb["layer"].isna().all() and (emb["module"] == "embed").all()
+
+
+def test_group_cosine_is_exact_concatenation(world):
+    tmp, base, taus, paths = world
+    prof = profile_interference(tmp / "base", paths, device="cpu", progress=False)
+    s = prof.summary("cosine", by=("module",))
+    r = s[(s.module == "q") & (s.expert_a == "e0") & (s.expert_b == "e1")].iloc[0]
+    names = [n for n in SHAPES if "q_proj" in n]
+    a = torch.cat([taus[0][n].double().flatten() for n in names])
+    b = torch.cat([taus[1][n].double().flatten() for n in names])
+    assert r["cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-6)
+    assert r["n_tensors"] == 2
+    # the mean-of-cosines variant is a different number (and labelled as such)
+    m = prof.summary("cosine", by=("module",), exact=False)
+    rm = m[(m.module == "q") & (m.expert_a == "e0") & (m.expert_b == "e1")].iloc[0]
+    per = [float(taus[0][n].flatten().double() @ taus[1][n].flatten().double()
+                 / (taus[0][n].norm() * taus[1][n].norm())) for n in names]
+    assert rm["cosine"] == pytest.approx(np.mean(per), rel=1e-5)
+    # overall (by=()) conflict = summed counts
+    o = prof.summary("conflict", by=())
+    r = o[(o.expert_a == "e1") & (o.expert_b == "e2")].iloc[0]
+    tot = sum(int((taus[1][n] * taus[2][n] < 0).sum()) for n in SHAPES)
+    nz = sum(int(((taus[1][n] != 0) & (taus[2][n] != 0)).sum()) for n in SHAPES)
+    assert r["conflict"] == pytest.approx(tot / nz)
+
+
+def test_identical_and_negated_experts_through_files(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    tau = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    _save(tmp_path / "base", base)
+    _save(tmp_path / "a", {k: base[k] + tau[k] for k in SHAPES})
+    _save(tmp_path / "b", {k: base[k] + tau[k] for k in SHAPES})
+    # negation exactly: base - (stored tau) so that tau_c = -tau_a in float32
+    stored = {k: (base[k] + tau[k]) - base[k] for k in SHAPES}
+    _save(tmp_path / "c", {k: base[k] - stored[k] for k in SHAPES})
+    prof = profile_interference(tmp_path / "base", {"a": tmp_path / "a", "b": tmp_path / "b", "c": tmp_path / "c"},
+                                device="cpu", progress=False)
+    s = prof.summary("cosine", by=())
+    cos = {(r.expert_a, r.expert_b): r.cosine for r in s.itertuples()}
+    assert cos[("a", "b")] == pytest.approx(1.0, abs=1e-6)
+    assert cos[("a", "c")] == pytest.approx(-1.0, abs=1e-4)
+    c = prof.summary("conflict", by=())
+    conf = {(r.expert_a, r.expert_b): r.conflict for r in c.itertuples()}
+    assert conf[("a", "b")] == 0.0
+    assert conf[("a", "c")] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_dare_seed_is_per_tensor_and_reproducible(world):
+    tmp, _, _, paths = world
+    p1 = profile_interference(tmp / "base", paths, device="cpu", progress=False, seed=7)
+    names = ["model.layers.0.self_attn.q_proj.weight"]
+    p2 = profile_interference(tmp / "base", paths, device="cpu", progress=False, seed=7, names=names)
+    a = p1.per_expert.set_index(["tensor", "expert"]).loc[names[0], "dare_kept_n"]
+    b = p2.per_expert.set_index(["tensor", "expert"]).loc[names[0], "dare_kept_n"]
+    assert a.tolist() == b.tolist()
+
+
+def test_save_and_load_roundtrip(world):
+    tmp, _, _, paths = world
+    prof = profile_interference(tmp / "base", paths, device="cpu", progress=False, out_dir=tmp / "out")
+    for f in ("pairs.csv", "pairs.parquet", "per_expert.parquet", "tensors.csv", "summary_layer_module.csv", "meta.json"):
+        assert (tmp / "out" / f).is_file(), f
+    back = InterferenceProfile.load(tmp / "out")
+    pd.testing.assert_frame_equal(back.summary("cosine"), prof.summary("cosine"))
+    summ = pd.read_csv(tmp / "out" / "summary_layer_module.csv")
+    assert {"cosine", "ties_survival", "set_conflict"} <= set(summ["metric"])
+    meta = json.loads((tmp / "out" / "meta.json").read_text())
+    assert meta["experts"] == ["e0", "e1", "e2"] and meta["kinds"]["e0"] == "full"
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    _save(tmp_path / "base", {"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4)})
+    _save(tmp_path / "a", {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4)})
+    _save(tmp_path / "b", {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 5)})
+    with pytest.raises(CheckpointError, match="q_proj"):
+        profile_interference(tmp_path / "base", {"a": tmp_path / "a", "b": tmp_path / "b"}, device="cpu", progress=False)
+
+
+def test_missing_tensor_strict_and_lenient(tmp_path):
+    _save(tmp_path / "base", {"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4),
+                              "model.layers.0.self_attn.k_proj.weight": torch.zeros(4, 4)})
+    _save(tmp_path / "a", {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4),
+                           "model.layers.0.self_attn.k_proj.weight": torch.ones(4, 4)})
+    _save(tmp_path / "b", {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4)})
+    experts = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    with pytest.raises(CheckpointError, match="k_proj"):
+        profile_interference(tmp_path / "base", experts, device="cpu", progress=False)
+    prof = profile_interference(tmp_path / "base", experts, device="cpu", progress=False, strict=False)
+    k = prof.per_expert[prof.per_expert.tensor.str.contains("k_proj")].set_index("expert")
+    assert k.loc["b", "tau_sq"] == 0 and k.loc["a", "tau_sq"] == 16
+
+
+def test_needs_two_experts(world):
+    tmp, _, _, paths = world
+    with pytest.raises(ConfigError):
+        profile_interference(tmp / "base", {"e0": paths["e0"]}, device="cpu", progress=False)
+
+
+# ----------------------------------------------------------------------------------- LoRA and DAMC
+def _write_adapter(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int, alpha: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {}
+    for name, (A, B) in factors.items():
+        mod = name[: -len(".weight")]
+        sd[f"base_model.model.{mod}.lora_A.weight"] = A.contiguous()
+        sd[f"base_model.model.{mod}.lora_B.weight"] = B.contiguous()
+    save_file(sd, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha}))
+
+
+def test_lora_experts_use_products(tmp_path):
+    pytest.importorskip("workbench.io.lora")
+    g = torch.Generator().manual_seed(2)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    _save(tmp_path / "base", base)
+    targets = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    facs = []
+    for e in range(2):
+        f = {n: (torch.randn(2, SHAPES[n][1], generator=g), torch.randn(SHAPES[n][0], 2, generator=g)) for n in targets}
+        _write_adapter(tmp_path / f"l{e}", f, r=2, alpha=4.0)
+        facs.append(f)
+    prof = profile_interference(tmp_path / "base", {"l0": tmp_path / "l0", "l1": tmp_path / "l1"},
+                                device="cpu", progress=False)
+    assert sorted(prof.pairs.tensor) == sorted(targets)  # only the adapters' targets are profiled
+    n = targets[1]
+    d0 = 2.0 * facs[0][n][1] @ facs[0][n][0]
+    d1 = 2.0 * facs[1][n][1] @ facs[1][n][0]
+    row = prof.pairs[prof.pairs.tensor == n].iloc[0]
+    expected = float((d0 * d1).sum() / (d0.norm() * d1.norm()))
+    assert row["cosine"] == pytest.approx(expected, rel=1e-5)
+    assert set(prof.meta["kinds"].values()) == {"lora"}
+
+
+def test_damc_text_vs_modality(tmp_path):
+    pytest.importorskip("workbench.io.lora")
+    g = torch.Generator().manual_seed(4)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    _save(tmp_path / "base", base)
+    n = "model.layers.0.mlp.down_proj.weight"
+    deltas = {}
+    for e in range(2):
+        for which in ("text", "modality"):
+            A, B = torch.randn(3, 12, generator=g), torch.randn(8, 3, generator=g)
+            _write_adapter(tmp_path / f"d{e}" / f"adapter_{which}", {n: (A, B)}, r=3, alpha=3.0)
+            deltas[(e, which)] = B @ A
+    prof = profile_interference(tmp_path / "base", {"d0": tmp_path / "d0", "d1": tmp_path / "d1"},
+                                device="cpu", progress=False)
+    assert len(prof.damc) == 2
+    r = prof.damc.set_index("expert").loc["d1"]
+    t, m = deltas[(1, "text")].double(), deltas[(1, "modality")].double()
+    assert r["damc_cosine"] == pytest.approx(float((t * m).sum() / (t.norm() * m.norm())), rel=1e-5)
+    assert r["conflicts"] == int((t * m < 0).sum())
+    # the pair metrics use the text sets (the merged ones)
+    t0 = deltas[(0, "text")].double()
+    row = prof.pairs.iloc[0]
+    assert row["cosine"] == pytest.approx(float((t0 * t).sum() / (t0.norm() * t.norm())), rel=1e-5)
+    s = prof.summary("damc_cosine", by=("module",))
+    assert list(s.expert) == ["d0", "d1"]
+
+
+def test_metric_registry_consistency():
+    for m, spec in METRICS.items():
+        assert spec.frame in ("pairs", "per_expert", "tensors", "damc"), m
+    with pytest.raises(ConfigError):
+        summarize(pd.DataFrame({"a": [1]}), "nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; none visible on this machine")
+def test_cuda_matches_cpu(world):
+    tmp, _, _, paths = world
+    a = profile_interference(tmp / "base", paths, device="cpu", progress=False, dare_p=None)
+    b = profile_interference(tmp / "base", paths, device="cuda", progress=False, dare_p=None)
+    for m in ("cosine", "conflict", "conflict_topk"):
+        pd.testing.assert_frame_equal(a.summary(m), b.summary(m), rtol=1e-5)
+    for m in ("ties_survival", "rel_norm", "ties_share"):
+        pd.testing.assert_frame_equal(a.summary(m), b.summary(m), rtol=1e-5)

@@ -1,0 +1,116 @@
+"""Mask packing, MMER / TALL / TIES / DARE masks, each against a direct computation or peft."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workbench.masks import (dare_keep_mask, mask_density, mmer_masks, pack_mask, tall_masks, ties_keep_masks,
+                             topk_keep_mask, unpack_mask)
+
+SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=SHAPES, seed=st.integers(0, 2**31 - 1), p=st.floats(0.0, 1.0))
+def test_pack_unpack_roundtrip_and_numpy_layout(shape, seed, p):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(tuple(shape), generator=g) < p
+    packed = pack_mask(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == (m.numel() + 7) // 8
+    assert np.array_equal(packed.numpy(), np.packbits(m.reshape(-1).numpy()))
+    back = unpack_mask(packed, m.shape)
+    assert back.dtype == torch.bool and back.shape == m.shape
+    assert torch.equal(back, m)
+
+
+def test_unpack_checks_size():
+    with pytest.raises(ValueError, match="bytes"):
+        unpack_mask(torch.zeros(2, dtype=torch.uint8), (3, 7))
+
+
+def test_mask_density():
+    assert mask_density(torch.tensor([True, False, False, True])) == 0.5
+    assert mask_density(torch.zeros(0, dtype=torch.bool)) == 0.0
+
+
+def _taus(seed, n=3, shape=(7, 11)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 2.0])
+def test_mmer_masks_match_elementwise(lam):
+    taus = _taus(1)
+    taus[0, 0, :3] = 0.0
+    star = _taus(2, n=1)[0]
+    masks = mmer_masks(taus, star, lam)
+    for i, m in enumerate(masks):
+        for idx in np.ndindex(*taus.shape[1:]):
+            t, s = float(taus[i][idx]), float(star[idx])
+            assert bool(m[idx]) == (abs(t) > lam * abs(t - s))
+    if lam == 0.0:
+        for i, m in enumerate(masks):
+            assert torch.equal(m, taus[i] != 0)
+
+
+def test_tall_masks_match_elementwise():
+    taus = _taus(3)
+    mt = taus.sum(0)
+    for lam in (0.3, 1.0):
+        for i, m in enumerate(tall_masks(taus, mt, lam)):
+            assert torch.equal(m, torch.tensor([[abs(float(taus[i, a, b])) >= lam * abs(float(mt[a, b] - taus[i, a, b]))
+                                                 for b in range(taus.shape[2])] for a in range(taus.shape[1])]))
+    z = torch.zeros(2, 3)
+    assert tall_masks([z, z], z, 1.0)[0].all()  # 0 >= 0, as written
+    assert not tall_masks([z, z], z, 1.0, nonzero_only=True)[0].any()
+
+
+def test_topk_keep_mask_count_and_values():
+    tau = _taus(4, n=1, shape=(10, 10))[0]
+    m = topk_keep_mask(tau, 0.2)
+    assert int(m.sum()) == 20
+    assert tau.abs()[m].min() > tau.abs()[~m].max()
+
+
+def test_ties_keep_masks_direct():
+    taus = _taus(5)
+    keeps = ties_keep_masks(taus, 0.5)
+    trimmed = torch.stack([torch.where(topk_keep_mask(t, 0.5), t, torch.zeros(())) for t in taus])
+    gamma = torch.sign(trimmed.sum(0))
+    for i, k in enumerate(keeps):
+        want = (trimmed[i] != 0) & (torch.sign(trimmed[i]) == gamma)
+        assert torch.equal(k, want)
+
+
+def test_dare_keep_mask_seeded_and_statistics():
+    g1, g2, g3 = (torch.Generator().manual_seed(s) for s in (7, 7, 8))
+    a, b, c = (dare_keep_mask((200, 300), 0.3, g) for g in (g1, g2, g3))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    n = a.numel()
+    # binomial(n, 0.7): 6 standard deviations
+    assert abs(int(a.sum()) - 0.7 * n) < 6 * (n * 0.7 * 0.3) ** 0.5
+    assert dare_keep_mask((5, 5), 0.0, torch.Generator().manual_seed(0)).all()
+    with pytest.raises(ValueError):
+        dare_keep_mask((2,), 1.0)
+
+
+def test_dare_keep_mask_is_peft_random_pruning_mask():
+    """peft's ``random_pruning`` draws ``torch.bernoulli(full_like(t, density))`` from the global RNG;
+    our mask with a generator seeded alike is the same draw (density = 1 - p)."""
+    from peft.utils.merge_utils import random_pruning
+
+    torch.manual_seed(11)
+    ref = random_pruning(torch.ones(40, 50), density=0.75, rescale=False) != 0
+    got = dare_keep_mask((40, 50), 0.25, torch.Generator().manual_seed(11))
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pack_roundtrip_cuda():
+    m = torch.rand(33, 17, device="cuda") > 0.5
+    assert torch.equal(unpack_mask(pack_mask(m), m.shape), m)
+    assert torch.equal(pack_mask(m).cpu(), pack_mask(m.cpu()))

@@ -1,0 +1,497 @@
+"""Merge methods against peft's merge_utils, closed forms, autograd and properties.
+
+Where the identity "identical experts -> that expert" holds (and is tested): weight_average,
+ties / mmer with density 1, wudi and optmerge with the exact solver (and optmerge at full rank),
+tsv with one expert. It does NOT hold for task_arithmetic (N * tau), DARE (random drop), iso_c /
+iso_cts (isotropic spectrum), nor for the iterative wudi / optmerge (300 small steps from
+sum / mean init).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workbench.errors import ConfigError
+from workbench.methods import (METHODS, MergeOutput, OPTMERGE_PRESETS, dare_drop, get_method, global_trim_thresholds,
+                               iso_c_merge_tau, iso_cts_merge_tau, optmerge, optmerge_batched, quadratic_merge_loss,
+                               ties, ties_merge_tau, trim_topk, tsv_merge_tau, wudi, wudi_batched)
+from workbench.masks import mmer_masks, unpack_mask
+
+torch.set_num_threads(1)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def setup(seed=0, n=3, shape=(6, 10), std=0.1):
+    g = gen(seed)
+    base = torch.randn(*shape, generator=g)
+    experts = [base + std * torch.randn(*shape, generator=g) for _ in range(n)]
+    return base, experts
+
+
+def merged_of(out):
+    return out.merged if isinstance(out, MergeOutput) else out
+
+
+def run(name, base, experts, seed=0, **params):
+    spec = get_method(name)
+    return merged_of(spec.fn(base, experts, name="t", generator=gen(seed), **spec.check_params(params)))
+
+
+# ----------------------------------------------------------------------------------------- registry
+def test_registry_names_and_unknown_method():
+    want = {"weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv", "iso_c", "iso_cts",
+            "wudi", "optmerge", "mmer"}
+    assert want <= set(METHODS)
+    with pytest.raises(ConfigError, match="known: .*ties"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_check_params_unknown_and_defaults(name):
+    spec = METHODS[name]
+    assert spec.check_params({}) == spec.defaults
+    assert "scale" in spec.defaults
+    with pytest.raises(ConfigError, match=r"'bogus'.*valid: .*scale"):
+        spec.check_params({"bogus": 1})
+
+
+def test_check_params_choices():
+    with pytest.raises(ConfigError, match="solver"):
+        METHODS["wudi"].check_params({"solver": "magic"})
+    with pytest.raises(ConfigError, match="preset"):
+        METHODS["optmerge"].check_params({"preset": "x"})
+    assert METHODS["ties"].check_params({"trim": "global"})["trim"] == "global"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_scale_zero_gives_base_and_inputs_untouched(name):
+    base, experts = setup(1)
+    copies = [base.clone(), *[e.clone() for e in experts]]
+    out = run(name, base, experts, scale=0.0)
+    assert out.dtype == torch.float32 and out.shape == base.shape
+    torch.testing.assert_close(out, base, rtol=0, atol=0)
+    for a, b in zip(copies, [base, *experts]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_non_2d_tensors_finite_and_shaped(name):
+    base, experts = setup(2, shape=(12,))
+    out = run(name, base, experts)
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    if name in ("tsv", "iso_c", "iso_cts", "wudi", "optmerge"):  # averaged, as the papers
+        torch.testing.assert_close(out, base + torch.stack([e - base for e in experts]).mean(0))
+
+
+# ----------------------------------------------------------------------------------------- peft
+def test_task_arithmetic_matches_peft():
+    """peft's ``task_arithmetic(taus, weights)`` = sum w_i tau_i; ours adds theta_0 and ``scale``."""
+    from peft.utils.merge_utils import task_arithmetic as peft_ta
+
+    base, experts = setup(3)
+    taus = [e - base for e in experts]
+    w = [0.5, 1.0, 2.0]
+    want = base + peft_ta(taus, torch.tensor(w))
+    torch.testing.assert_close(run("task_arithmetic", base, experts, weights=w), want)
+
+
+def test_magnitude_prune_matches_peft():
+    """peft's ``prune(..., "magnitude")`` keeps ``int(density * numel)`` entries by ``topk``; ours
+    ``round(density * numel)`` with ties at the threshold kept: the same for 60 * 0.25 = 15 and
+    distinct magnitudes."""
+    from peft.utils.merge_utils import prune
+
+    tau = torch.randn(6, 10, generator=gen(4))
+    torch.testing.assert_close(trim_topk(tau, 0.25), prune(tau, 0.25, "magnitude"), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:The density")
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_matches_peft(density):
+    """Same semantics once aligned: weights = 1 (ours has no per-expert weights, only ``scale``
+    outside the disjoint mean), ``majority_sign_method="total"`` (ours: sign of the sum of the
+    trimmed vectors). Differences, not exercised here: peft elects +1 where the sum is exactly 0
+    (ours elects 0 and keeps nothing there) and peft's trim keeps ``int(density*numel)`` by topk.
+    peft warns and skips pruning at density 1, as ours keeps every non-zero entry."""
+    from peft.utils.merge_utils import ties as peft_ties
+
+    base, experts = setup(5, n=4, shape=(5, 8))
+    taus = [e - base for e in experts]
+    want = peft_ties(taus, torch.ones(4), density, majority_sign_method="total")
+    got = run("ties", base, experts, density=density, scale=1.0)
+    torch.testing.assert_close(got - base, want, rtol=1e-6, atol=1e-7)
+    # and the scale multiplies the disjoint mean (peft's weights would act inside the mean)
+    torch.testing.assert_close(run("ties", base, experts, density=density, scale=0.5) - base, 0.5 * want,
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_dare_linear_matches_peft_same_mask():
+    """Same mask: peft draws ``bernoulli(density)`` per task vector, in order, from the global RNG;
+    ours draws the same from the generator (``density = 1 - drop_rate``). Both rescale by
+    ``1/(1-p)`` (peft >= 0.19; earlier versions did not). With the same seed the outputs are the
+    same bit for bit."""
+    from peft.utils.merge_utils import dare_linear as peft_dare
+
+    base, experts = setup(6, shape=(20, 30))
+    taus = [e - base for e in experts]
+    torch.manual_seed(123)
+    want = peft_dare(taus, torch.ones(3), density=0.7)
+    got = run("dare_linear", base, experts, seed=123, drop_rate=0.3)
+    torch.testing.assert_close(got - base, want, rtol=1e-6, atol=1e-7)
+
+
+def test_dare_ties_matches_peft_without_trim():
+    """peft's ``dare_ties`` = DARE drop + rescale, then sign election and disjoint mean with no
+    magnitude trim: ours with ``density = 1`` (our default 0.2 also trims, as methods.md reads TIES)."""
+    from peft.utils.merge_utils import dare_ties as peft_dare_ties
+
+    base, experts = setup(7, shape=(20, 30))
+    taus = [e - base for e in experts]
+    torch.manual_seed(5)
+    want = peft_dare_ties(taus, torch.ones(3), density=0.8, majority_sign_method="total")
+    got = run("dare_ties", base, experts, seed=5, drop_rate=0.2, density=1.0)
+    torch.testing.assert_close(got - base, want, rtol=1e-6, atol=1e-7)
+
+
+def test_dare_statistics():
+    """Deterministic part and statistics of the drop: kept entries are exactly tau / (1-p); the
+    kept fraction is 1 - p within 6 sigma; the mean over many seeds approaches tau."""
+    tau = torch.randn(100, 100, generator=gen(8))
+    d = dare_drop(tau, 0.4, gen(1))
+    kept = d != 0
+    torch.testing.assert_close(d[kept], tau[kept] / 0.6)
+    n = tau.numel()
+    assert abs(int(kept.sum()) - 0.6 * n) < 6 * (n * 0.24) ** 0.5
+    mean = torch.stack([dare_drop(tau, 0.4, gen(s)) for s in range(200)]).mean(0)
+    # per-entry std of the mean: |tau| sqrt(p/(1-p)/200) ~ 0.058 |tau|; check the average error
+    assert ((mean - tau).abs().mean() / tau.abs().mean()) < 0.1
+
+
+# ----------------------------------------------------------------------------------------- closed forms
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 4), m=st.integers(1, 6), k=st.integers(1, 6))
+def test_identical_experts_give_that_expert(seed, n, m, k):
+    base, experts = setup(seed, n=1, shape=(m, k))
+    same = [experts[0].clone() for _ in range(n)]
+    for name, params in [("weight_average", {}), ("ties", {"density": 1.0}), ("mmer", {"density": 1.0})]:
+        torch.testing.assert_close(run(name, base, same, **params), experts[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (4, 10)])
+def test_identical_experts_exact_solvers(shape):
+    base, experts = setup(9, n=1, shape=shape)
+    same = [experts[0].clone() for _ in range(3)]
+    torch.testing.assert_close(run("wudi", base, same, solver="exact"), experts[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run("optmerge", base, same, solver="exact", k_ratio=1.0), experts[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_ties_density_one_without_conflicts_is_mean():
+    g = gen(10)
+    base = torch.randn(7, 9, generator=g)
+    sign = torch.sign(torch.randn(7, 9, generator=g))
+    taus = [sign * torch.rand(7, 9, generator=g) for _ in range(3)]
+    out = run("ties", base, [base + t for t in taus], density=1.0)
+    torch.testing.assert_close(out - base, torch.stack(taus).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_dare_drop_zero_is_task_arithmetic():
+    base, experts = setup(11)
+    ta = run("task_arithmetic", base, experts)
+    assert torch.equal(run("dare_linear", base, experts, drop_rate=0.0), ta)
+    torch.testing.assert_close(run("dare_ties", base, experts, drop_rate=0.0, density=0.3),
+                               run("ties", base, experts, density=0.3))
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_seeding(name):
+    base, experts = setup(12, shape=(16, 16))
+    a, b, c = (run(name, base, experts, seed=s) for s in (1, 1, 2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert METHODS[name].needs_generator
+
+
+def test_iso_c_singular_values_equal():
+    base, experts = setup(13, shape=(9, 14))
+    taus = torch.stack([e - base for e in experts])
+    s = torch.linalg.svdvals(run("iso_c", base, experts) - base)
+    s_sum = torch.linalg.svdvals(taus.sum(0))
+    torch.testing.assert_close(s, torch.full_like(s, float(s_sum.mean())), rtol=1e-4, atol=1e-6)
+
+
+def test_iso_cts_isotropic_and_reduces_to_iso_c():
+    base, experts = setup(14, n=3, shape=(12, 20))
+    taus = torch.stack([e - base for e in experts])
+    out = iso_cts_merge_tau(taus, 0.8)
+    s = torch.linalg.svdvals(out)
+    torch.testing.assert_close(s, torch.full_like(s, float(s.mean())), rtol=1e-4, atol=1e-6)
+    # all of the budget common -> Iso-C
+    torch.testing.assert_close(iso_cts_merge_tau(taus, 1.0), iso_c_merge_tau(taus), rtol=1e-4, atol=1e-5)
+    # the task-specific part adds directions outside the common subspace: differs from Iso-C
+    assert not torch.allclose(out, iso_c_merge_tau(taus), atol=1e-3)
+
+
+def test_tsv_one_expert_full_rank_is_tau():
+    base, experts = setup(15, n=1, shape=(7, 11))
+    torch.testing.assert_close(run("tsv", base, experts), experts[0], rtol=1e-4, atol=1e-5)
+
+
+def test_tsv_orthogonal_tasks_sum():
+    """Task vectors on disjoint row and column blocks: U_cat and V_cat are already orthonormal,
+    so TSV-M is the plain sum (each tau_i of rank <= r = 8 / 2)."""
+    g = gen(16)
+    t1, t2 = torch.zeros(8, 8), torch.zeros(8, 8)
+    t1[:4, :4] = torch.randn(4, 4, generator=g)
+    t2[4:, 4:] = torch.randn(4, 4, generator=g)
+    torch.testing.assert_close(tsv_merge_tau(torch.stack([t1, t2])), t1 + t2, rtol=1e-4, atol=1e-5)
+
+
+def test_tsv_spectrum_is_concatenated_singular_values():
+    """U_perp and V_perp have orthonormal columns, so the singular values of TSV-M's tau_m are exactly
+    the concatenated top-r singular values of the tasks (N r <= min(m, n)); without the whitening
+    they would not be."""
+    base, experts = setup(29, n=3, shape=(9, 13))
+    taus = torch.stack([e - base for e in experts])
+    r = 9 // 3
+    want = torch.cat([torch.linalg.svdvals(t)[:r] for t in taus]).sort(descending=True).values
+    got = torch.linalg.svdvals(run("tsv", base, experts) - base)[: 3 * r]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _iso_cts_numpy(taus, frac):
+    """Iso-CTS written out step by step in numpy (the paper's Algorithm: common subspace of the sum,
+    task-specific directions of each tau_t projected out of it, orthogonalise, isotropic)."""
+    import numpy as np
+
+    T = [t.double().numpy() for t in taus]
+    N, (m, n) = len(T), T[0].shape
+    q = min(m, n)
+    k = int(q * frac)
+    k = q - N * int(round((q - k) / N))
+    s = (q - k) // N
+    U, S, Vt = np.linalg.svd(sum(T), full_matrices=False)
+    Uc, Sc, Vc = U[:, :k], S[:k], Vt[:k].T
+    cols_u, vals, cols_v = [Uc], [Sc], [Vc]
+    for t in T:
+        resid = (np.eye(m) - Uc @ Uc.T) @ t
+        u, sv, vt = np.linalg.svd(resid, full_matrices=False)
+        cols_u.append(u[:, :s]); vals.append(sv[:s]); cols_v.append(vt[:s].T)
+
+    def polar(M):
+        p, _, qt = np.linalg.svd(M, full_matrices=False)
+        return p @ qt
+
+    return torch.from_numpy(polar(np.hstack(cols_u)) * np.concatenate(vals).mean() @ polar(np.hstack(cols_v)).T)
+
+
+@pytest.mark.parametrize("shape", [(10, 24), (24, 10)])
+def test_iso_cts_matches_step_by_step_reference(shape):
+    base, experts = setup(30, n=3, shape=shape)
+    taus = torch.stack([e - base for e in experts])
+    want = _iso_cts_numpy(taus, 0.8)
+    torch.testing.assert_close(run("iso_cts", base, experts) - base, want.float(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- WUDI / OptMerge
+def ref_loss(tau_m: torch.Tensor, taus: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """The objective written out term by term (independent of the library's block form)."""
+    total = tau_m.new_zeros(())
+    for t in taus:
+        w = 1.0 / t.pow(2).sum()
+        if k is None:
+            T, P = t, t
+        else:
+            U, S, Vh = torch.linalg.svd(t, full_matrices=False)
+            T = U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
+            P = torch.diag(S[:k]) @ Vh[:k]
+        total = total + w * ((tau_m - T) @ P.T).pow(2).sum()
+    return total
+
+
+def grad_at(tau_m, taus, k=None):
+    x = tau_m.detach().clone().double().requires_grad_(True)
+    ref_loss(x, taus.double(), k).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("shape, n", [((6, 10), 3), ((10, 6), 2), ((2, 10), 3)])  # last: singular -> ridge
+def test_wudi_exact_gradient_zero(shape, n):
+    base, experts = setup(17, n=n, shape=shape)
+    taus = torch.stack([e - base for e in experts])
+    tau_m = run("wudi", base, experts, solver="exact") - base
+    g_sol, g_init = grad_at(tau_m, taus), grad_at(taus.sum(0), taus)
+    assert g_sol.norm() < 1e-4 * g_init.norm()
+
+
+def test_optmerge_exact_gradient_zero():
+    base, experts = setup(18, n=3, shape=(9, 12))
+    taus = torch.stack([e - base for e in experts])
+    k = 9 // 3
+    tau_m = run("optmerge", base, experts, solver="exact") - base
+    g_sol, g_init = grad_at(tau_m, taus, k), grad_at(taus.sum(0), taus, k)
+    assert g_sol.norm() < 1e-4 * g_init.norm()
+    torch.testing.assert_close(quadratic_merge_loss(tau_m, taus, k).double(), ref_loss(tau_m, taus, k).double(),
+                               rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["wudi", "optmerge"])
+@pytest.mark.parametrize("solver", ["iterative", "exact"])
+def test_zero_task_vector_gets_zero_weight(name, solver):
+    """An expert equal to the base has ||tau|| = 0: weight 0 (not inf); all-zero -> the base."""
+    base, experts = setup(31, n=2, shape=(6, 9))
+    out = run(name, base, [base.clone(), *experts], solver=solver)
+    assert torch.isfinite(out).all()
+    if solver == "exact":  # the zero expert drops out of the objective entirely
+        torch.testing.assert_close(out, run(name, base, experts, solver="exact", **(
+            {"k_ratio": 6 // 3 / 6} if name == "optmerge" else {})), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(name, base, [base.clone(), base.clone()], solver=solver), base)
+
+
+def test_optmerge_full_rank_exact_equals_wudi_exact():
+    base, experts = setup(19, n=3, shape=(8, 12))
+    a = run("optmerge", base, experts, solver="exact", k_ratio=1.0)
+    b = run("wudi", base, experts, solver="exact")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_iterative_loss_decreases_from_init():
+    base, experts = setup(20, n=3, shape=(16, 24), std=0.01)
+    taus = torch.stack([e - base for e in experts])
+    tau_w = run("wudi", base, experts) - base
+    assert ref_loss(tau_w, taus) < 0.99 * ref_loss(taus.sum(0), taus)
+    k = 16 // 3
+    tau_o = run("optmerge", base, experts) - base
+    assert ref_loss(tau_o, taus, k) < 0.99 * ref_loss(taus.sum(0), taus, k)
+    tau_l = run("optmerge", base, experts, preset="lora") - base
+    assert ref_loss(tau_l, taus, k) < ref_loss(taus.mean(0), taus, k)
+
+
+def test_wudi_adam_matches_torch_optim():
+    """Our closed-form-gradient Adam against torch.optim.Adam on the autograd loss (lr raised so the
+    steps matter)."""
+    base, experts = setup(21, n=3, shape=(5, 7))
+    taus = torch.stack([e - base for e in experts])
+    x = taus.sum(0).clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=1e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        ref_loss(x, taus).backward()
+        opt.step()
+    got = run("wudi", base, experts, lr=1e-2, steps=40) - base
+    torch.testing.assert_close(got, x.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_optmerge_sgd_matches_torch_optim():
+    base, experts = setup(22, n=2, shape=(6, 8))
+    taus = torch.stack([e - base for e in experts])
+    k = 3
+    x = taus.mean(0).clone().requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=1e-2, momentum=0.9)
+    for _ in range(30):
+        opt.zero_grad()
+        ref_loss(x, taus, k).backward()
+        opt.step()
+    got = run("optmerge", base, experts, preset="lora", lr=1e-2, steps=30) - base
+    torch.testing.assert_close(got, x.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_optmerge_presets():
+    assert OPTMERGE_PRESETS["full_ft"]["optimizer"] == "adam" and OPTMERGE_PRESETS["full_ft"]["init"] == "sum"
+    assert OPTMERGE_PRESETS["modality"]["k_ratio"] == 0.2 and OPTMERGE_PRESETS["modality"]["lr"] == 5e-2
+    base, experts = setup(23)
+    a = run("optmerge", base, experts, preset="lora")
+    b = run("optmerge", base, experts, preset="full_ft", init="mean", optimizer="sgd", lr=1e-4, momentum=0.9)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fn, bfn, params", [
+    (wudi, wudi_batched, {}), (wudi, wudi_batched, {"solver": "exact"}),
+    (optmerge, optmerge_batched, {}), (optmerge, optmerge_batched, {"solver": "exact"}),
+    (optmerge, optmerge_batched, {"preset": "modality", "steps": 50}),
+    (wudi, wudi_batched, {"lr": 1e-3, "steps": 50}),
+])
+@pytest.mark.parametrize("shape", [(6, 10), (12, 40)])  # Gram form / factored form of the gradient
+def test_batched_equals_per_tensor(fn, bfn, params, shape):
+    B, N = 3, 3
+    g = gen(24)
+    base = torch.randn(B, *shape, generator=g)
+    experts = base[None] + 0.05 * torch.randn(N, B, *shape, generator=g)
+    batched = bfn(base, experts, names=["a", "b", "c"], generators=None, **params)
+    as_list = bfn(base, list(experts.unbind(0)), **params)
+    assert torch.equal(batched, as_list)
+    for b in range(B):
+        single = fn(base[b], list(experts[:, b].unbind(0)), **params)
+        torch.testing.assert_close(batched[b], single, rtol=1e-5, atol=1e-6)
+
+
+def test_per_tensor_optimisation_speed():
+    base, experts = setup(25, n=3, shape=(128, 384), std=0.01)
+    wudi(base, experts, steps=5)  # warm-up
+    t0 = time.perf_counter()
+    wudi(base, experts)
+    t_wudi = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    optmerge(base, experts)
+    t_opt = time.perf_counter() - t0
+    assert t_wudi < 1.5 and t_opt < 1.5, (t_wudi, t_opt)
+
+
+# ----------------------------------------------------------------------------------------- global trim, MMER
+def test_global_trim_equals_ties_over_concatenation():
+    """Global trim over two tensors = per-tensor TIES on their concatenation (k = 0.25 * 120 = 30,
+    integral, so ceil and round agree)."""
+    g = gen(26)
+    t_a = torch.randn(3, 6, 10, generator=g)
+    t_b = torch.randn(3, 4, 15, generator=g) * 0.5
+    thr = global_trim_thresholds([t_a, list(t_b.unbind(0))], 0.25)
+    flat = torch.cat([t_a.reshape(3, -1), t_b.reshape(3, -1)], 1)
+    want = ties_merge_tau(flat, 0.25)
+    base_a, base_b = torch.zeros(6, 10), torch.zeros(4, 15)
+    got_a = ties(base_a, list(t_a.unbind(0)), trim="global", thresholds=thr)
+    got_b = ties(base_b, list(t_b.unbind(0)), trim="global", thresholds=thr)
+    torch.testing.assert_close(torch.cat([got_a.reshape(-1), got_b.reshape(-1)]), want)
+    with pytest.raises(ConfigError, match="global"):
+        ties(base_a, list(t_a.unbind(0)), trim="global")
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_mmer_output(lam):
+    base, experts = setup(27, shape=(8, 9))
+    taus = torch.stack([e - base for e in experts])
+    out = METHODS["mmer"].fn(base, experts, density=0.3, lam=lam)
+    assert isinstance(out, MergeOutput)
+    star = ties_merge_tau(taus, 0.3)
+    torch.testing.assert_close(out.merged, base + star)
+    assert sorted(out.extras) == ["mask_0", "mask_1", "mask_2"]
+    for i in range(3):
+        m = out.extras[f"mask_{i}"]
+        assert m.dtype == torch.bool
+        assert torch.equal(m, taus[i].abs() > lam * (taus[i] - star).abs())
+        if lam == 0.0:
+            assert torch.equal(m, taus[i] != 0)
+    packed = METHODS["mmer"].fn(base, experts, density=0.3, lam=lam, pack_masks=True)
+    for i, m in enumerate(mmer_masks(taus, star, lam)):
+        assert torch.equal(unpack_mask(packed.extras[f"mask_{i}"], m.shape), m)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bfn", [wudi_batched, optmerge_batched])
+@pytest.mark.parametrize("solver", ["iterative", "exact"])
+def test_batched_cuda_matches_cpu(bfn, solver):
+    g = gen(28)
+    base = torch.randn(4, 64, 96, generator=g)
+    experts = base[None] + 0.02 * torch.randn(3, 4, 64, 96, generator=g)
+    cpu = bfn(base, experts, solver=solver)
+    gpu = bfn(base.cuda(), experts.cuda(), solver=solver)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,251 @@
+"""The notebooks: stored clean and well named, and each one runs end to end with the tiny preset.
+
+- ``test_notebook_runs_tiny[NN_name]`` (marked ``notebooks``): executes the notebook with
+  papermill, ``preset="tiny"``, into a temporary folder. It runs from a mirror of the repository
+  (``notebooks/`` copied, ``figures/`` an empty temporary folder, everything else symlinked), so
+  ``../data`` and ``../zoo`` resolve as usual but the real figures are never overwritten by a
+  tiny run. The tiny zoo is built first (``workbench.world.build_zoo("tiny")``, cached). The kernel
+  gets ``WORKBENCH_PRESET=tiny`` and ``WORKBENCH_FIGURES_DIR=<mirror>/figures``.
+  With no notebook at all the parametrisation is one failing case, not an empty pass.
+- static checks: stored without outputs or execution counts, a cell tagged ``parameters`` that
+  assigns ``preset``, names ``NN_name.ipynb`` with unique, consecutive numbers;
+- :mod:`workbench.reproduce` itself on throw-away notebooks (parameter injection, order, a failing
+  notebook does not stop the rest, exit status, the list of new files).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from workbench import reproduce
+from workbench.reproduce import discover_notebooks, execute_notebook, run_notebooks, select_notebooks
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = REPO / "notebooks"
+NOTEBOOKS = discover_notebooks(NOTEBOOKS_DIR)
+#: Per-notebook limit for the tiny run (seconds).
+NOTEBOOK_TIMEOUT_S = int(os.environ.get("WORKBENCH_NOTEBOOK_TIMEOUT", "900"))
+
+
+def _params():
+    if NOTEBOOKS:
+        return [pytest.param(p, id=p.stem) for p in NOTEBOOKS]
+    return [pytest.param(None, id="no-notebooks")]
+
+
+def _parameters_cell(nb) -> tuple[int, str] | None:
+    for i, cell in enumerate(nb.cells):
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            return i, cell.source
+    return None
+
+
+def _assigned_names(source: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AnnAssign, ast.AugAssign)) else []
+        for t in targets:
+            for n in ast.walk(t):
+                if isinstance(n, ast.Name):
+                    names.add(n.id)
+    return names
+
+
+# ------------------------------------------------------------------------------------ run each notebook
+@pytest.fixture(scope="session")
+def mirror(tmp_path_factory) -> Path:
+    """A stand-in repository root: ``notebooks/`` copied, ``figures/`` empty, the rest symlinked.
+
+    The notebooks run from ``<mirror>/notebooks``, so their relative paths work (``../data``,
+    ``../zoo``) while the figures of a tiny-preset run never overwrite the real ``figures/``.
+    """
+    root = tmp_path_factory.mktemp("repo")
+    for entry in REPO.iterdir():
+        if entry.name not in {"notebooks", "figures", ".git", ".venv", "screenshots", ".pytest_cache"}:
+            (root / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    (root / "figures").mkdir()
+    shutil.copytree(NOTEBOOKS_DIR, root / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo():
+    """Build (or reuse) the tiny zoo once, before the first notebook."""
+    ok, msg = reproduce.ensure_zoo("tiny", log=lambda m: None)
+    assert ok, msg
+    return msg
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT_S + 600)
+@pytest.mark.parametrize("notebook", _params())
+def test_notebook_runs_tiny(notebook, tmp_path, monkeypatch, request):
+    if notebook is None:
+        pytest.fail(f"no notebooks NN_*.ipynb in {NOTEBOOKS_DIR}: nothing to execute")
+    request.getfixturevalue("tiny_zoo")
+    root = request.getfixturevalue("mirror")
+    monkeypatch.setenv("WORKBENCH_PRESET", "tiny")
+    monkeypatch.setenv("WORKBENCH_FIGURES_DIR", str(root / "figures"))
+    out = tmp_path / notebook.name
+    row = execute_notebook(root / "notebooks" / notebook.name, out, {"preset": "tiny"}, cwd=root / "notebooks",
+                           timeout=NOTEBOOK_TIMEOUT_S)
+    assert row["status"] == "ok", f"{notebook.name} failed after {row['seconds']:.0f} s: {row['error']}\n" \
+                                  f"(executed copy: {out})"
+    executed = nbformat.read(out, as_version=4)
+    code = [c for c in executed.cells if c.cell_type == "code"]
+    assert code and all(c.get("execution_count") for c in code if c.source.strip()), "a code cell did not run"
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells), \
+        "papermill did not inject the parameters"
+
+
+# ------------------------------------------------------------------------------------ static checks
+def test_notebook_names_ordered_and_unique():
+    assert NOTEBOOKS, f"no notebooks NN_*.ipynb in {NOTEBOOKS_DIR}"
+    stray = [p.name for p in NOTEBOOKS_DIR.glob("*.ipynb") if p not in NOTEBOOKS]
+    assert not stray, f"notebooks not named NN_name.ipynb (not run by `make reproduce`): {stray}"
+    numbers = [int(p.name[:2]) for p in NOTEBOOKS]
+    assert len(set(numbers)) == len(numbers), f"duplicate notebook numbers: {[p.name for p in NOTEBOOKS]}"
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) and numbers[0] in (0, 1), \
+        f"notebook numbers must be consecutive from 00 or 01: {numbers}"
+
+
+@pytest.mark.parametrize("notebook", _params())
+def test_notebook_stored_clean_with_parameters(notebook):
+    if notebook is None:
+        pytest.fail(f"no notebooks NN_*.ipynb in {NOTEBOOKS_DIR}")
+    nb = nbformat.read(notebook, as_version=4)
+    nbformat.validate(nb)
+    dirty = [i for i, c in enumerate(nb.cells)
+             if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{notebook.name}: cells {dirty} are stored with outputs or execution counts " \
+                      f"(clear them: jupyter nbconvert --clear-output --inplace {notebook.name})"
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{notebook.name}: kernel must be python3"
+    found = _parameters_cell(nb)
+    assert found is not None, f"{notebook.name}: no cell tagged 'parameters'"
+    index, source = found
+    assert nb.cells[index].cell_type == "code"
+    assert "preset" in _assigned_names(source), f"{notebook.name}: the parameters cell does not assign `preset`"
+
+
+# ------------------------------------------------------------------------------------ the runner itself
+def _write_nb(path: Path, *sources: str, params: str = 'preset = "default"\nlabel = "none"') -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]})]
+    cells += [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.cells = cells
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture()
+def toy_project(tmp_path, monkeypatch):
+    """A project folder with notebooks 01 (writes a figure and its parameters), 02 (fails), 03 (ok)."""
+    nbd = tmp_path / "notebooks"
+    nbd.mkdir()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "old.png").write_bytes(b"old")
+    _write_nb(nbd / "01_first.ipynb",
+              "import json, os, pathlib\n"
+              "pathlib.Path('../figures/first.txt').write_text(json.dumps("
+              "{'preset': preset, 'label': label, 'env': os.environ.get('WORKBENCH_PRESET'), 'cwd': os.getcwd()}))")
+    _write_nb(nbd / "02_broken.ipynb", "raise ValueError('deliberate failure in 02')")
+    _write_nb(nbd / "03_last.ipynb",
+              "import pathlib\npathlib.Path('../data/results').mkdir(parents=True, exist_ok=True)\n"
+              "pathlib.Path('../data/results/last.csv').write_text('a\\n1\\n')\n"
+              "pathlib.Path('../figures/old.png').write_bytes(b'new picture')")
+    (nbd / "notes.ipynb").write_text("{}")  # not NN_*: never run
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_discover_and_select(toy_project):
+    paths = discover_notebooks("notebooks")
+    assert [p.name for p in paths] == ["01_first.ipynb", "02_broken.ipynb", "03_last.ipynb"]
+    assert [p.name for p in select_notebooks(paths, "03,1")] == ["01_first.ipynb", "03_last.ipynb"]
+    assert [p.name for p in select_notebooks(paths, ["02_broken"])] == ["02_broken.ipynb"]
+    assert select_notebooks(paths, None) == paths
+    with pytest.raises(ValueError, match="07"):
+        select_notebooks(paths, "07")
+    assert discover_notebooks(toy_project / "missing") == []
+
+
+def test_run_notebooks_runs_all_in_order_and_reports(toy_project, capsys):
+    lines: list[str] = []
+    df = run_notebooks(preset="tiny", parameters={"label": "x1"}, build_zoo=False, timeout=120, log=lines.append)
+    assert df.notebook.tolist() == ["01_first.ipynb", "02_broken.ipynb", "03_last.ipynb"]
+    assert df.status.tolist() == ["ok", "failed", "ok"]  # 03 still ran after 02 failed
+    assert "ValueError: deliberate failure in 02" in df.error[1]
+    assert (df.seconds > 0).all()
+    # parameters injected, kernel env set, working directory = notebooks/
+    info = json.loads((toy_project / "figures" / "first.txt").read_text())
+    assert info == {"preset": "tiny", "label": "x1", "env": "tiny", "cwd": str(toy_project / "notebooks")}
+    # executed copies with outputs, under figures/executed/
+    executed = toy_project / "figures" / "executed"
+    assert sorted(p.name for p in executed.iterdir()) == df.notebook.tolist()
+    nb = nbformat.read(executed / "01_first.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    # one progress line per notebook, then the summary with the new and updated files
+    progress = [l for l in lines if l.startswith("[")]
+    assert len(progress) == 3 and progress[1].startswith("[2/3] 02_broken.ipynb") and "failed" in progress[1]
+    assert sorted(Path(p).name for p in df.attrs["new_files"]) == ["first.txt", "last.csv"]
+    assert [Path(p).name for p in df.attrs["updated_files"]] == ["old.png"]
+    assert not any("executed" in p for p in df.attrs["new_files"])
+    text = "\n".join(lines)
+    assert "summary: 2/3 notebook(s) ok" in text and "failed: 02_broken.ipynb" in text
+    assert "figures/first.txt" in text and "data/results/last.csv" in text and "figures/old.png" in text
+
+
+def test_cli_run_exit_status(toy_project, capsys):
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    assert reproduce.run(parser.parse_args(["--preset", "tiny", "--only", "02", "--no-zoo"])) == 1
+    out = capsys.readouterr().out
+    assert "[1/1] 02_broken.ipynb" in out and "01_first" not in out
+    assert reproduce.run(parser.parse_args(["--only", "09", "--no-zoo"])) == 2
+    args = parser.parse_args(["-p", "label=3", "-p", "flag=true"])
+    assert dict(args.parameter) == {"label": 3, "flag": True}
+
+
+def test_cli_is_registered():
+    from workbench import cli
+
+    assert cli.LAZY_COMMANDS["reproduce"][0] == "workbench.reproduce"
+    parser = cli.build_parser("reproduce")
+    args = parser.parse_args(["reproduce", "--preset", "tiny", "--only", "02,03"])
+    assert args.preset == "tiny" and args.only == "02,03" and args._run is reproduce.run
+
+
+def test_no_notebooks_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no notebooks"):
+        run_notebooks(notebooks_dir=tmp_path, build_zoo=False, log=lambda m: None)
+
+
+def test_ensure_zoo_tolerates_absence_and_reports_failure(monkeypatch):
+    fake = types.ModuleType("workbench.world")  # a world package without build_zoo
+    monkeypatch.setitem(sys.modules, "workbench.world", fake)
+    msgs: list[str] = []
+    ok, msg = reproduce.ensure_zoo("tiny", log=msgs.append)
+    assert ok and "not available" in msg and msgs
+
+    def broken(preset):
+        raise RuntimeError(f"cannot build {preset}")
+
+    fake.build_zoo = broken
+    ok, msg = reproduce.ensure_zoo("tiny", log=lambda m: None)
+    assert not ok and "cannot build tiny" in msg
+
+    calls = []
+    fake.build_zoo = lambda preset: calls.append(preset) or types.SimpleNamespace(path=Path("/z") / preset)
+    ok, msg = reproduce.ensure_zoo("small", log=lambda m: None)
+    assert ok and calls == ["small"] and "/z/small" in msg

@@ -1,0 +1,139 @@
+"""Pictures: pure table functions against the summaries, figures rendered headless to PNG + SVG."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from workbench import plots
+from workbench.analysis import analyze_masks, profile_interference
+from workbench.errors import ConfigError
+
+torch.set_num_threads(1)
+SHAPES = {"model.embed_tokens.weight": (12, 6), "model.layers.0.self_attn.q_proj.weight": (6, 6),
+          "model.layers.0.mlp.up_proj.weight": (8, 6), "model.layers.1.self_attn.q_proj.weight": (6, 6),
+          "model.layers.1.mlp.up_proj.weight": (8, 6)}
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plots")
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    (tmp / "base").mkdir()
+    save_file(base, str(tmp / "base" / "model.safetensors"))
+    paths = {}
+    for e in ("a", "b", "c"):
+        (tmp / e).mkdir()
+        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp / e / "model.safetensors"))
+        paths[e] = tmp / e
+    return profile_interference(tmp / "base", paths, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def overlap():
+    g = torch.Generator().manual_seed(1)
+    data = {n: torch.rand(3, int(np.prod(s)), generator=g) < 0.4 for n, s in SHAPES.items()}
+    return analyze_masks(data, ["a", "b", "c"])
+
+
+def test_layer_module_table_matches_summary(profile):
+    t = plots.layer_module_table(profile, "cosine", pair=("a", "c"))
+    assert list(t.index) == ["-", "0", "1"]
+    assert list(t.columns) == ["embed", "q", "up"]  # canonical module order
+    s = profile.summary("cosine")
+    want = s[(s.layer == 1) & (s.module == "up") & (s.expert_a == "a") & (s.expert_b == "c")]["cosine"].item()
+    assert t.loc["1", "up"] == pytest.approx(want)
+    assert np.isnan(t.loc["-", "q"]) and not np.isnan(t.loc["-", "embed"])
+    # pair given in the other order selects the same pair
+    t2 = plots.layer_module_table(profile, "cosine", pair=("c", "a"))
+    pd.testing.assert_frame_equal(t, t2)
+    # no pair: mean over pairs of the exact group values
+    tm = plots.layer_module_table(profile, "cosine")
+    vals = s[(s.layer == 0) & (s.module == "q")]["cosine"]
+    assert tm.loc["0", "q"] == pytest.approx(vals.mean())
+    with pytest.raises(ConfigError):
+        plots.layer_module_table(profile, "cosine", pair=("a", "zzz"))
+
+
+def test_pair_matrix_symmetric_and_matches(profile, overlap):
+    m = plots.pair_matrix_data(profile, "cosine")
+    assert m.shape == (3, 3) and np.allclose(m.values, m.values.T) and np.allclose(np.diag(m.values), 1)
+    s = profile.summary("cosine", by=())
+    assert m.loc["b", "a"] == pytest.approx(s[(s.expert_a == "a") & (s.expert_b == "b")]["cosine"].item())
+    mo = plots.pair_matrix_data(overlap, "iou", module="q")
+    so = overlap.summary("iou", by=("module",))
+    assert mo.loc["a", "c"] == pytest.approx(so[(so.module == "q") & (so.expert_a == "a") & (so.expert_b == "c")]["iou"].item())
+    with pytest.raises(ConfigError):
+        plots.pair_matrix_data(profile, "rel_norm")
+
+
+def _check_files(paths):
+    png, svg = paths
+    assert png.suffix == ".png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+    assert svg.suffix == ".svg" and "<svg" in svg.read_text()[:2000]
+
+
+def test_all_figures_render_headless(tmp_path, profile, overlap):
+    figs = {
+        "cos": plots.metric_heatmap(profile, "cosine", pair=("a", "b")),
+        "surv": plots.metric_heatmap(profile, "ties_survival", expert="b"),
+        "setc": plots.metric_heatmap(profile, "set_conflict"),
+        "pm": plots.pair_matrix_figure(plots.pair_matrix_data(profile, "conflict"), "conflict"),
+        "bars": plots.expert_bars(profile, "rel_norm"),
+        "iou": plots.metric_heatmap(overlap, "iou"),
+        "upset": plots.upset_figure(overlap.pattern_table(), overlap.experts),
+    }
+    for name, fig in figs.items():
+        _check_files(plots.save_figure(fig, name, dir=tmp_path / "figures"))
+    assert not list((tmp_path / "figures").glob(".*tmp*"))  # no temp files left
+
+
+def test_save_figure_is_reproducible(tmp_path, profile):
+    a = plots.save_figure(plots.metric_heatmap(profile, "cosine"), "x", dir=tmp_path / "1")
+    b = plots.save_figure(plots.metric_heatmap(profile, "cosine"), "x", dir=tmp_path / "2")
+    assert a[0].read_bytes() == b[0].read_bytes()
+    assert a[1].read_bytes() == b[1].read_bytes()
+    with pytest.raises(ConfigError):
+        plots.save_figure(plots.metric_heatmap(profile, "cosine"), "../evil", dir=tmp_path)
+
+
+def test_upset_bars_follow_counts(overlap):
+    pt = overlap.pattern_table()
+    fig = plots.upset_figure(pt, overlap.experts, max_patterns=4)
+    ax_bar = fig.axes[0]
+    heights = [p.get_height() for p in ax_bar.patches]
+    assert heights == list(pt["count"].head(4))
+    # dots: member cells are dark
+    fig2 = plots.upset_figure(pt, overlap.experts, min_degree=1)
+    assert len(fig2.axes[0].patches) == int((pt["degree"] >= 1).sum())
+
+
+def test_heatmap_colour_range_and_empty():
+    t = pd.DataFrame([[0.5, -0.5]], index=pd.Index(["0"], name="layer"), columns=pd.Index(["q", "k"], name="module"))
+    fig = plots.heatmap(t, cmap=plots.DIVERGING, vmin=-1, vmax=1, center=0)
+    mesh = fig.axes[0].collections[0]
+    assert mesh.get_clim() == (-1, 1)
+    fig = plots.heatmap(pd.DataFrame())
+    assert any(t.get_text() == "no data" for t in fig.axes[0].texts)
+
+
+def test_sweep_figure(tmp_path):
+    tab = pd.DataFrame({"lam": [0.5, 1.0, 2.0], "iou": [0.5, 0.3, 0.1], "share_none": [0, 0.1, 0.2],
+                        "share_one": [0.3, 0.5, 0.6], "share_all": [0.2, 0.1, 0.0]})
+    fig = plots.sweep_figure(tab)
+    ys = fig.axes[0].lines[0].get_ydata()
+    assert list(ys) == [0.5, 0.3, 0.1]
+    _check_files(plots.save_figure(fig, "sweep", dir=tmp_path))
+    with pytest.raises(ConfigError):
+        plots.sweep_figure(tab, x="n_experts")
+
+
+def test_save_all_figures(tmp_path, profile, overlap):
+    paths = plots.save_all_figures(profile, overlap, dir=tmp_path, prefix="t_", metrics=["cosine", "rel_norm", "set_conflict"])
+    names = {p.name for p in paths}
+    assert {"t_heatmap_cosine.png", "t_pairs_cosine.svg", "t_experts_rel_norm.png", "t_heatmap_set_conflict.svg",
+            "t_mask_upset.png", "t_mask_pairs_iou.svg"} <= names
+    assert all(p.is_file() for p in paths)

@@ -1,0 +1,130 @@
+"""Results tables on a synthetic evaluation (known correctness), the cache, and - slow - a run on
+the tiny zoo (NaiveMC / DAMC / MMER compose and score MCUB-2)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from workbench.results import (cached, combo_tag, paired_table, record_modalities, retention_table, run_results,
+                               summary_table)
+
+SEEDS = (0, 1, 2)
+P = {"expert": 0.8, "naive_mc": 0.5, "mmer": 0.75, "damc_expert": 0.7, "damc": 0.6}
+
+
+def synthetic() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in SEEDS:
+        for bench, n, methods in (("mcub-2", 40, ("naive_mc", "mmer", "damc")), ("own:image", 30, tuple(P))):
+            for method in methods:
+                for i in range(n):
+                    rows.append({"id": f"{bench}-{i}", "subset": bench, "gold": "A", "pred": "A",
+                                 "correct": bool(rng.uniform() < P[method]), "method": method, "seed": seed,
+                                 "scoring": "loglik", "task": "", "benchmark": bench, "combo": "I+A"})
+    return pd.DataFrame(rows)
+
+
+def test_summary_shapes_and_intervals():
+    df = synthetic()
+    s = summary_table(df)
+    assert len(s) == 3 + 5
+    assert {"acc", "t_low", "t_high", "wilson_low", "wilson_high", "n_seeds", "n_items"} <= set(s.columns)
+    for _, r in s.iterrows():
+        g = df[(df["method"] == r["method"]) & (df["benchmark"] == r["benchmark"])]
+        per_seed = [100 * g[g["seed"] == k]["correct"].mean() for k in SEEDS]
+        assert r["acc"] == pytest.approx(np.mean(per_seed))
+        lo, hi = stats.t.interval(0.95, 2, loc=np.mean(per_seed), scale=stats.sem(per_seed))
+        assert (r["t_low"], r["t_high"]) == (pytest.approx(lo), pytest.approx(hi))
+        assert r["t_low"] <= r["acc"] <= r["t_high"]
+        assert r["wilson_low"] <= 100 * g["correct"].mean() <= r["wilson_high"]
+        assert r["n_seeds"] == 3 and r["n_items"] == len(g)
+
+
+def test_retention_is_ratio_to_the_right_reference():
+    df = synthetic()
+    r = retention_table(df)
+    assert set(r["method"]) == {"naive_mc", "mmer", "damc"} and len(r) == 3 * len(SEEDS)
+    assert set(r[r["method"] == "damc"]["reference"]) == {"damc_expert"}
+    assert set(r[r["method"] == "mmer"]["reference"]) == {"expert"}
+    for _, row in r.iterrows():
+        own = df[(df["benchmark"] == "own:image") & (df["seed"] == row["seed"])]
+        a = 100 * own[own["method"] == row["method"]]["correct"].mean()
+        b = 100 * own[own["method"] == row["reference"]]["correct"].mean()
+        assert row["retention"] == pytest.approx(100 * a / b)
+        assert row["modality"] == "image"
+
+
+def test_paired_mcnemar_counts():
+    df = synthetic()
+    p = paired_table(df, pairs=[("mmer", "naive_mc")])
+    assert len(p) == 2  # mcub-2 and own:image
+    row = p[p["benchmark"] == "mcub-2"].iloc[0]
+    a = df[(df["method"] == "mmer") & (df["benchmark"] == "mcub-2")].set_index(["id", "seed"])["correct"]
+    b = df[(df["method"] == "naive_mc") & (df["benchmark"] == "mcub-2")].set_index(["id", "seed"])["correct"]
+    b = b.loc[a.index]
+    nb, nc = int((a & ~b).sum()), int((~a & b).sum())
+    assert (row["b"], row["c"], row["n"]) == (nb, nc, 120)
+    assert row["pvalue"] == pytest.approx(stats.binomtest(nb, nb + nc, 0.5).pvalue)
+
+
+def test_cache_by_inputs(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"id": ["1", "2"], "gold": ["A", "B"], "pred": ["A", ""], "correct": [True, False]})
+
+    parts = {"zoo": {"x": "h1"}, "scoring": "loglik"}
+    a, hit_a = cached(tmp_path, parts, compute)
+    b, hit_b = cached(tmp_path, parts, compute)
+    assert (hit_a, hit_b) == (False, True) and len(calls) == 1
+    assert list(b["pred"]) == ["A", ""] and list(b["id"]) == ["1", "2"]
+    _, hit_c = cached(tmp_path, {**parts, "zoo": {"x": "h2"}}, compute)
+    assert not hit_c and len(calls) == 2
+
+
+def test_record_modalities_and_tags():
+    rec = {"modal_inputs": {"audio": ["a"], "vision": ["b"]}}
+    assert record_modalities(rec) == ("image", "audio")
+    assert combo_tag(("image", "audio", "point")) == "I+A+P"
+
+
+# -------------------------------------------------------------------------------------------- tiny zoo
+TINY = Path(__file__).resolve().parents[1] / "zoo" / "tiny"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TINY / "zoo.json").is_file(), reason="the tiny zoo is not built (python -m workbench zoo)")
+def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
+    """NaiveMC / MMER (and DAMC when the zoo has DAMC experts) compose on the tiny zoo and score MCUB-2;
+    a second run is served from the cache."""
+    res = run_results("tiny", out=tmp_path / "res", methods=("expert", "damc_expert", "frozen", "naive_mc", "damc",
+                                                               "mmer"),
+                      benchmarks=("mcub-2",), max_items=8, scorings=("loglik", "generate"), search=True,
+                      progress=False, mmer_lams=(1.0, 2.0), mmer_alphas=(1.0,), damc_grid=(0.5, 1.0))
+    pred, summ = res["predictions"], res["summary"]
+    assert {"naive_mc", "mmer", "frozen"} <= set(pred["method"])
+    mc = summ[summ["benchmark"] == "mcub-2"]
+    assert {"naive_mc", "mmer", "frozen"} <= set(mc["method"])
+    assert ((mc["acc"] >= 0) & (mc["acc"] <= 100)).all()
+    assert set(pred[pred["benchmark"] == "mcub-2"]["scoring"]) == {"loglik", "generate"}
+    for f in ("predictions.csv", "summary.csv", "retention.csv", "paired.csv", "storage.csv", "run.json"):
+        assert (tmp_path / "res" / f).is_file()
+    st = res["storage"]
+    assert len(st) == 1 and st["ratio"].iloc[0] < 1.0
+    ret = res["retention"]
+    assert {"naive_mc", "mmer"} <= set(ret["method"])
+    again = run_results("tiny", out=tmp_path / "res", methods=("expert", "damc_expert", "frozen", "naive_mc", "damc",
+                                                                 "mmer"),
+                        benchmarks=("mcub-2",), max_items=8, scorings=("loglik", "generate"), search=True,
+                        progress=False, mmer_lams=(1.0, 2.0), mmer_alphas=(1.0,), damc_grid=(0.5, 1.0))
+    assert again["run"]["evaluated"] == 0 and again["run"]["cached"] > 0
+    pd.testing.assert_frame_equal(again["summary"], res["summary"])

@@ -1,0 +1,166 @@
+"""The miniature world: generators, tasks, tokenizer, encoders, MCUB records."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.world.concepts import CONCEPTS, LETTERS, MODALITIES, PLACEHOLDERS
+from workbench.world.generators import RAW_SHAPES, render, render_capability
+from workbench.world.mcub import MCUBRecord, build_datasets, read_records, record_inputs, validate_record
+from workbench.world.tasks import (OWN_TASKS, capability_question, common_scenes, modality_question,
+                                   multimodal_common, sample_scene, scene_concepts, text_question)
+from workbench.world.tokenizer import build_tokenizer
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_generators_deterministic_and_shaped(modality):
+    scene = (3, -1, 7, 0)
+    a, b = render(modality, scene, 5), render(modality, scene, 5)
+    c = render(modality, scene, 6)
+    assert a.shape == RAW_SHAPES[modality] and a.dtype == np.float32
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)  # noise depends on the seed
+    d = render(modality, (4, -1, 7, 0), 5)
+    assert not np.allclose(a, d)  # content depends on the concept
+
+
+def test_render_rejects_empty_and_unknown():
+    with pytest.raises(ValueError):
+        render("image", (-1, -1, -1, -1), 0)
+    with pytest.raises(ValueError):
+        render("smell", (1, -1, -1, -1), 0)
+
+
+@pytest.mark.parametrize("task", ["vqa", "geometry", "chart", "ocr", "grounding"])
+def test_capability_images_deterministic(task):
+    a, ta = render_capability(task, np.random.default_rng(3))
+    b, tb = render_capability(task, np.random.default_rng(3))
+    assert a.shape == (3, 32, 32) and np.array_equal(a, b) and ta == tb
+    ex = capability_question(task, np.random.default_rng(4))
+    assert ex.answer in ex.options and len(set(ex.options)) == 4
+
+
+def test_common_scenes_hard_distractors():
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 4):
+        for _ in range(50):
+            scenes, c, distractors = common_scenes(k, rng)
+            sets = [set(scene_concepts(s)) for s in scenes]
+            assert all(c in s for s in sets)
+            assert set.intersection(*sets) == {c}  # exactly one common concept
+            for d in distractors:
+                n_in = sum(d in s for s in sets)
+                assert 0 < n_in < k  # present in some inputs but not all
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_own_task_answers_are_right(modality):
+    rng = np.random.default_rng(1)
+    for task in OWN_TASKS[modality]:
+        for _ in range(20):
+            ex = modality_question(modality, task, rng, render_inputs=False)
+            present = [CONCEPTS[k] for k in scene_concepts(ex.scenes[0])]
+            opts = _options(ex.prompt)
+            gold = opts[LETTERS.index(ex.answer)]
+            if task == "present":
+                assert gold in present and sum(o in present for o in opts) == 1
+            elif task == "absent":
+                assert gold not in present and sum(o in present for o in opts) == 3
+            elif task == "count":
+                assert gold == ["one", "two", "three", "four"][len(present) - 1]
+            elif task == "first":
+                assert gold == present[0]
+            elif task == "last":
+                assert gold == present[-1]
+
+
+def _options(prompt: str) -> list[str]:
+    tail = prompt.split("?")[-2 if prompt.rstrip().endswith("answer:") else -1]
+    tail = prompt[prompt.rindex("A. "):].split("\n")[0]
+    parts = tail.replace("A. ", "|").replace(" B. ", "|").replace(" C. ", "|").replace(" D. ", "|").split("|")[1:]
+    return [p.strip() for p in parts]
+
+
+def test_text_questions_valid():
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        ex = text_question(rng)
+        if ex.task in ("text_common", "text_common_easy"):
+            lists = [line.split(": ", 1)[1].split() for line in ex.prompt.split("\n")[:-2]]
+            opts = _options(ex.prompt)
+            gold = opts[LETTERS.index(ex.answer)]
+            assert all(gold in l for l in lists)
+            for o in opts:
+                if o != gold:
+                    n_in = sum(o in l for l in lists)
+                    assert n_in < len(lists)
+                    if ex.task == "text_common":
+                        assert n_in > 0
+
+
+def test_tokenizer_placeholders_are_single_tokens():
+    tok = build_tokenizer()
+    for ph in PLACEHOLDERS.values():
+        ids = tok(f"image: {ph}\nwhat is in the input?", add_special_tokens=False)["input_ids"]
+        assert tok.convert_tokens_to_ids(ph) in ids
+        assert tok.unk_token_id not in ids
+    for w in CONCEPTS:
+        assert tok.convert_tokens_to_ids(w) != tok.unk_token_id
+
+
+def test_mcub_records_validate(tmp_path):
+    counts = build_datasets(tmp_path, n_per_subset=3, n_own=6, n_val=4, n_capability=2, seed=1)
+    assert counts["mcub/mcub-2.json"] == 6 * 3 and counts["mcub/mcub-3.json"] == 4 * 3
+    assert counts["mcub/mcub-4.json"] == 6
+    for name in ("mcub-2", "mcub-3", "mcub-4", "val"):
+        for rec in read_records(tmp_path / "mcub" / f"{name}.json"):
+            validate_record(rec)
+            inputs = record_inputs(rec, tmp_path)
+            n_inputs = sum(len(v) for v in inputs.values())
+            assert n_inputs == {"mcub-2": 2, "mcub-3": 3, "mcub-4": 4}.get(name, n_inputs)
+            sets = [set(w for w in s if w) for s in rec["scenes"]]
+            opts = _options(rec["conversations"][0]["value"])
+            gold = opts[LETTERS.index(rec["conversations"][1]["value"])]
+            common = [o for o in opts if all(o in s for s in sets)]
+            assert common == [gold]  # exactly one option common to all inputs
+            for o in opts:
+                if o != gold:
+                    assert 0 < sum(o in s for s in sets) < len(sets)
+    # determinism: same seed -> same records
+    other = tmp_path / "again"
+    build_datasets(other, n_per_subset=3, n_own=6, n_val=4, n_capability=2, seed=1)
+    a = read_records(tmp_path / "mcub" / "mcub-3.json")
+    b = read_records(other / "mcub" / "mcub-3.json")
+    assert [r["conversations"] for r in a] == [r["conversations"] for r in b]
+    ra, rb = record_inputs(a[0], tmp_path), record_inputs(b[0], other)
+    assert all(torch.equal(x, y) for k in ra for x, y in zip(ra[k], rb[k]))
+
+
+def test_schema_rejects_bad_records():
+    good = {"id": "x", "conversations": [{"from": "human", "value": "image: <image>\nq? A. a B. b C. c D. d"},
+                                         {"from": "gpt", "value": "B"}],
+            "modal_inputs": {"vision": ["inputs/image/x.npy"]}}
+    MCUBRecord.model_validate(good)
+    bad = dict(good, modal_inputs={"vision": ["a.npy", "b.npy"]})
+    with pytest.raises(ValueError):
+        validate_record(bad)
+    bad2 = dict(good, conversations=[good["conversations"][0], {"from": "gpt", "value": "E"}])
+    with pytest.raises(ValueError):
+        validate_record(bad2)
+    bad3 = dict(good, modal_inputs={"smell": ["a.npy"]})
+    with pytest.raises(ValueError):
+        validate_record(bad3)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_encoders_map_raw_to_tokens(modality):
+    from workbench.world.encoders import MODALITY_ENCODERS, Projector, Tower
+    torch.manual_seed(0)
+    enc = MODALITY_ENCODERS[modality]()
+    x = torch.from_numpy(render(modality, sample_scene(np.random.default_rng(0)), 0))
+    t = Tower(enc, Projector(64, 32))
+    one = t(x)
+    assert one.shape == (enc.n_tokens, 32)
+    two = t(torch.stack([x, x]))
+    assert torch.allclose(two[0], one, atol=1e-5)

@@ -1,0 +1,844 @@
+"""Parameter-interference profiles of a set of experts that share one base LLM.
+
+The profile streams over tensor names: for one name at a time it reads the base tensor and
+each expert's task vector ``tau_i = theta_i - theta_0`` (or ``s * B @ A`` for a LoRA expert,
+the text adapter's product for a DAMC expert), stacks them into an ``[N, numel]`` float32
+matrix on the compute device, and accumulates *sums* (dot products, squared norms, counts).
+Nothing else stays in memory, so peak memory is a few times the largest tensor, whatever the
+model size.
+
+Every metric is a ratio of sums, so the aggregation per layer x module type is exact: the
+cosine of a group is ``sum(dot) / sqrt(sum(|a|^2) * sum(|b|^2))`` over the group's tensors
+(the cosine of the concatenated task vectors), not a mean of per-tensor cosines.
+:meth:`InterferenceProfile.summary` gives the exact form by default and the mean of per-tensor
+values with ``exact=False``.
+
+Definitions (per tensor; ``k = round(topk * numel)``, at least 1):
+
+- ``cosine(i, j) = <tau_i, tau_j> / (|tau_i| |tau_j|)``; ``rel_norm(i) = |tau_i| / |theta_0|``.
+- ``conflict(i, j)``: among entries where both tau_i and tau_j are non-zero, the fraction with
+  opposite signs. ``conflict_topk(i, j)``: the same among entries in both experts' top-k
+  magnitudes (the entries TIES keeps after trimming).
+- ``topk_conflict(i)``: among expert i's top-k entries, the fraction where some other
+  expert's *trimmed* value has the opposite sign.
+- elected sign ``gamma = sign(sum_i trim_k(tau_i))`` (TIES). ``elect_disagree(i)``: fraction
+  of expert i's top-k entries whose sign is opposite to gamma. ``set_elect_disagree``: among
+  entries with gamma != 0, the fraction where any expert's trimmed value opposes gamma.
+  ``set_conflict``: among entries where at least two experts are non-zero, the fraction where
+  the non-zero signs are not all equal (untrimmed).
+- TIES: expert i survives at an entry when it is in its top-k and agrees with gamma.
+  ``ties_survival(i)`` = survived entries / non-zero entries of tau_i; ``ties_energy(i)`` =
+  ``|tau_i * survive_i|^2 / |tau_i|^2``. The TIES merged vector is the disjoint mean
+  ``tau_m = sum_i survive_i tau_i / count``; expert i's share is ``survive_i tau_i / count``
+  (the shares sum to ``tau_m``) and ``ties_share(i) = |share_i| / |tau_m|``.
+- DARE (drop probability ``dare_p``, seeded per tensor name): ``dare_kept(i)`` = kept non-zero
+  entries / non-zero entries; ``dare_energy(i)`` = ``|keep_i * tau_i|^2 / |tau_i|^2``; the
+  share of a DARE-then-task-arithmetic merge is ``keep_i tau_i / (1 - p)``, so
+  ``dare_share(i) = |share_i| / |tau_i|``.
+- DAMC experts (``adapter_text/`` + ``adapter_modality/``): ``damc_cosine`` and
+  ``damc_conflict`` compare the text and modality parameter sets of the same expert (on the
+  LoRA products ``s * B @ A``). LoRA experts enter every metric through their products
+  ``s * B @ A`` (never through A and B separately).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..device import resolve_device
+from ..errors import CheckpointError, ConfigError
+
+__all__ = [
+    "ExpertSource",
+    "InterferenceProfile",
+    "METRICS",
+    "MetricSpec",
+    "open_expert",
+    "parse_name",
+    "profile_interference",
+    "tensor_stats",
+    "topk_threshold",
+    "zoo_experts",
+]
+
+
+# ----------------------------------------------------------------------------------- names
+def parse_name(name: str) -> tuple[int | None, str]:
+    """``(layer | None, module type)`` of a tensor name (:func:`workbench.task_vectors.parse_tensor_name`)."""
+    from ..task_vectors import parse_tensor_name
+
+    return parse_tensor_name(name)
+
+
+# ----------------------------------------------------------------------------------- expert sources
+def _io():
+    from ..io import CheckpointReader, LoraAdapter
+
+    return CheckpointReader, LoraAdapter
+
+
+@dataclass
+class ExpertSource:
+    """Where one expert's task vectors come from.
+
+    ``kind`` is ``"full"`` (a checkpoint: ``tau = theta_i - theta_0``), ``"lora"`` (a peft
+    adapter: ``tau = s * B @ A``), ``"damc"`` (text and modality adapters; ``tau`` is the set
+    chosen by ``damc_set``; the other set is compared in :attr:`InterferenceProfile.damc`) or
+    ``"frozen"`` (a projector-only expert whose LLM is the base: ``tau = 0``).
+    """
+
+    name: str
+    path: Path
+    kind: str
+    reader: Any = None
+    adapter: Any = None
+    modality: Any = None
+
+    def targets(self) -> set[str] | None:
+        """Names this expert changes (``None``: every tensor of the checkpoint)."""
+        if self.kind == "full":
+            return None
+        if self.kind == "frozen":
+            return set()
+        t = set(self.adapter.targets()) | set(self.adapter.replaced())
+        if self.modality is not None:
+            t |= set(self.modality.targets())
+        return t
+
+    def raw(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """CPU tensors for ``name``: ``(weight or delta, modality delta or None, first_is_weight)``.
+
+        ``first_is_weight`` is ``True`` for a full weight (checkpoint tensor or a peft
+        ``modules_to_save`` replacement): the caller subtracts the base. ``(None, None, False)``
+        when the expert does not touch ``name``.
+        """
+        if self.kind == "full":
+            if name not in self.reader:
+                return None, None, False
+            return self.reader.get(name), None, True
+        if self.kind == "frozen":
+            return None, None, False
+        if not hasattr(self, "_tsets"):
+            self._tsets = (set(self.adapter.targets()),
+                           set(self.modality.targets()) if self.modality is not None else set())
+        mod = None
+        if self.modality is not None and name in self._tsets[1]:
+            mod = self.modality.delta(name)
+        if name in self._tsets[0]:
+            return self.adapter.delta(name), mod, False
+        if name in set(self.adapter.replaced()):
+            return self.adapter.get_replaced(name), mod, True
+        return None, mod, False
+
+
+def _is_adapter_dir(p: Path) -> bool:
+    return (p / "adapter_config.json").is_file()
+
+
+def open_expert(name: str, path: str | Path, *, damc_set: str = "text") -> ExpertSource:
+    """Open an expert given as a checkpoint, a LoRA adapter, a DAMC expert or a zoo expert folder.
+
+    Recognised layouts: a weight file or HF folder (full); a folder with ``adapter_config.json``
+    (LoRA); a folder with ``adapter_text/`` and ``adapter_modality/`` (DAMC, also under
+    ``llm/``); a zoo expert folder with ``llm/`` (full) or ``adapter/`` (LoRA).
+    """
+    if damc_set not in ("text", "modality"):
+        raise ConfigError(f"damc_set must be 'text' or 'modality', got {damc_set!r}")
+    CheckpointReader, LoraAdapter = _io()
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"expert {name!r}: path does not exist", file=p)
+
+    def need_lora() -> Any:
+        return LoraAdapter
+
+    if p.is_dir():
+        kind = None
+        if (p / "expert.json").is_file():
+            try:
+                kind = json.loads((p / "expert.json").read_text()).get("kind")
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"expert {name!r}: unreadable expert.json: {e}", file=p / "expert.json") from e
+        has_llm = any((p / d).is_dir() for d in ("llm", "adapter", "adapter_text")) or _is_adapter_dir(p)
+        if kind == "projector" or (kind is not None and not has_llm):
+            # projector-only training: the LLM is the base, tau = 0 everywhere
+            return ExpertSource(name, p, "frozen")
+        for root in (p, p / "llm"):
+            if (root / "adapter_text").is_dir() and (root / "adapter_modality").is_dir():
+                La = need_lora()
+                text, mod = La(root / "adapter_text"), La(root / "adapter_modality")
+                main, other = (text, mod) if damc_set == "text" else (mod, text)
+                return ExpertSource(name, p, "damc", adapter=main, modality=other)
+        if _is_adapter_dir(p):
+            return ExpertSource(name, p, "lora", adapter=need_lora()(p))
+        if (p / "adapter").is_dir() and _is_adapter_dir(p / "adapter"):
+            return ExpertSource(name, p, "lora", adapter=need_lora()(p / "adapter"))
+        if (p / "llm").is_dir():
+            if _is_adapter_dir(p / "llm"):
+                return ExpertSource(name, p, "lora", adapter=need_lora()(p / "llm"))
+            return ExpertSource(name, p, "full", reader=CheckpointReader(p / "llm"))
+    return ExpertSource(name, p, "full", reader=CheckpointReader(p))
+
+
+def zoo_experts(zoo_dir: str | Path, *, kinds: Sequence[str] = ("full", "lora", "damc"),
+                seed: int | None = None, modalities: Sequence[str] | None = None) -> dict[str, Path]:
+    """``{name: folder}`` of a zoo's experts (``zoo/<preset>/experts/*/expert.json``) of the given kinds.
+
+    Pass the result to :func:`profile_interference` with ``base=<zoo>/base``.
+    """
+    root = Path(zoo_dir) / "experts"
+    if not root.is_dir():
+        raise CheckpointError("zoo has no experts/ folder", file=root)
+    out: dict[str, Path] = {}
+    for d in sorted(root.iterdir()):
+        f = d / "expert.json"
+        if not f.is_file():
+            continue
+        try:
+            info = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"unreadable expert.json: {e}", file=f) from e
+        if info.get("kind") not in kinds:
+            continue
+        if seed is not None and info.get("seed") != seed:
+            continue
+        if modalities is not None and info.get("modality") not in modalities:
+            continue
+        out[info.get("name", d.name)] = d
+    return out
+
+
+def _open_base(path: str | Path):
+    CheckpointReader, _ = _io()
+    p = Path(path)
+    if p.is_dir() and (p / "llm").is_dir() and not any(p.glob("*.safetensors")):
+        p = p / "llm"
+    return CheckpointReader(p)
+
+
+# ----------------------------------------------------------------------------------- per-tensor kernel
+def topk_threshold(abs_tau: torch.Tensor, topk: float) -> torch.Tensor:
+    """Per-row magnitude threshold of the top ``topk`` fraction: the k-th largest ``|tau|`` of each row.
+
+    ``abs_tau`` is ``[N, n]`` (magnitudes; signed values work too, the absolute value is taken row by row); ``k = max(1, round(topk * n))``. An entry is in the top-k when
+    ``|tau| >= threshold`` and ``tau != 0`` (ties at the threshold are all kept). On CPU the
+    selection uses ``numpy.partition`` one row at a time (about 20x faster than
+    ``torch.kthvalue`` there, and one row of extra memory); on other devices ``torch.kthvalue``.
+    """
+    n = abs_tau.shape[1]
+    k = max(1, min(n, int(round(topk * n))))
+    if k == n:
+        return torch.zeros(abs_tau.shape[0], dtype=abs_tau.dtype, device=abs_tau.device)
+    out = torch.empty(abs_tau.shape[0], dtype=abs_tau.dtype, device=abs_tau.device)
+    for i in range(abs_tau.shape[0]):  # one row at a time: one row of extra memory
+        row = abs_tau[i].abs()
+        if row.device.type == "cpu":
+            out[i] = float(np.partition(row.numpy(), n - k)[n - k])
+        else:
+            out[i] = torch.kthvalue(row, n - k + 1).values
+    return out
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul():
+    """Disable TF32 for the duration (a Gram matrix of task vectors needs full fp32)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def tensor_stats(
+    taus: torch.Tensor,
+    *,
+    topk: float = 0.2,
+    dare_p: float | None = 0.2,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1 << 19,
+) -> dict[str, torch.Tensor]:
+    """Sums for every interference metric of one tensor.
+
+    Args:
+        taus: ``[N, n]`` float32 task vectors (one flattened tensor per expert), any device.
+        topk: fraction of entries kept by the TIES trim (per expert, by magnitude).
+        dare_p: DARE drop probability, or ``None`` to skip the DARE statistics (they are NaN).
+        generator: random generator for DARE on ``taus.device`` (seeded by the caller).
+        chunk_size: entries per column chunk (bounds the temporaries to about ``10 * N * chunk``
+            floats); at most ``2**24`` so that float32 partial counts stay exact integers.
+
+    Returns:
+        float64 tensors (on ``taus.device``): ``gram`` ``[N, N]`` (dots; the diagonal holds
+        ``|tau_i|^2``), ``both_nonzero``/``conflicts``/``both_kept``/``conflicts_kept`` ``[N, N]``,
+        per expert ``[N]``: ``nonzero, topk_kept, topk_opposed, elect_opposed, ties_survived,
+        ties_survived_sq, ties_share_sq, dare_kept_n, dare_kept_sq``; set scalars:
+        ``multi_nonzero, set_conflicts, elected, elect_disagree_any, ties_merged_sq, ta_sq``.
+
+    Every count is formed with float32 arithmetic on 0/1/-1 values (sign Gram matrices,
+    matrix-vector products with indicator vectors) inside a chunk, then summed in float64.
+    """
+    if taus.dim() != 2 or not taus.is_floating_point():
+        raise ValueError(f"taus must be a float [N, n] matrix, got {tuple(taus.shape)} {taus.dtype}")
+    if not 0.0 < topk <= 1.0:
+        raise ConfigError(f"topk must be in (0, 1], got {topk}")
+    if dare_p is not None and not 0.0 <= dare_p < 1.0:
+        raise ConfigError(f"dare_p must be in [0, 1), got {dare_p}")
+    taus = taus.float()
+    chunk_size = int(max(1, min(chunk_size, 1 << 24)))
+    N, n = taus.shape
+    dev = taus.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    thr = topk_threshold(taus, topk)
+    # an entry is kept when |tau| >= thr and tau != 0: raise a zero threshold to the smallest positive float
+    tiny = torch.nextafter(torch.zeros((), device=dev), torch.ones((), device=dev))
+    thr = torch.maximum(thr.to(dev), tiny)[:, None]
+    mats = {k: torch.zeros(N, N, **f64) for k in ("gram", "ss", "nn", "sst", "nnt")}
+    vecs = {k: torch.zeros(N, **f64) for k in ("topk_opposed", "elect_opposed", "ties_survived", "ties_survived_sq",
+                                                "ties_share_sq", "dare_kept_n", "dare_kept_sq")}
+    scal = {k: torch.zeros((), **f64) for k in ("multi_nonzero", "set_conflicts", "elected", "elect_disagree_any",
+                                                 "ties_merged_sq", "ta_sq")}
+    ones_n = torch.ones(1, N, device=dev)
+    with _exact_fp32_matmul():
+        for start in range(0, n, chunk_size):
+            t = taus[:, start:start + chunk_size]
+            s = torch.sign(t)
+            nzf = s.abs()
+            mats["gram"] += (t @ t.T).double()
+            mats["ss"] += (s @ s.T).double()
+            mats["nn"] += (nzf @ nzf.T).double()
+            # untrimmed set conflict: some non-zero positive and some non-zero negative entry
+            pos = s.clamp_min(0)
+            npos_all = (ones_n @ pos)[0]
+            nnz_all = (ones_n @ nzf)[0]
+            nneg_all = nnz_all - npos_all
+            scal["multi_nonzero"] += (nnz_all >= 2).sum().double()
+            scal["set_conflicts"] += ((npos_all > 0) & (nneg_all > 0)).sum().double()
+            colsum = (ones_n @ t)[0]
+            scal["ta_sq"] += torch.dot(colsum, colsum).double()
+            # TIES trim + elect
+            kf = (t.abs() >= thr).to(t.dtype)
+            st = s * kf
+            mats["sst"] += (st @ st.T).double()
+            mats["nnt"] += (kf @ kf.T).double()
+            pos_t = st.clamp_min(0)
+            npos = (ones_n @ pos_t)[0]
+            nneg = (ones_n @ kf)[0] - npos
+            neg_t = kf - pos_t
+            vecs["topk_opposed"] += (pos_t @ (nneg > 0).to(t.dtype) + neg_t @ (npos > 0).to(t.dtype)).double()
+            gamma = torch.sign((ones_n @ (t * kf))[0])
+            agree = st * gamma
+            survive = agree.clamp_min(0)
+            disagree = survive - agree  # 1 where the kept sign opposes gamma
+            vecs["elect_opposed"] += disagree.sum(1).double()
+            scal["elected"] += gamma.abs().sum().double()
+            scal["elect_disagree_any"] += ((ones_n @ disagree)[0] > 0).sum().double()
+            count = (ones_n @ survive)[0]
+            inv = 1.0 / count.clamp_min(1)
+            surv_vals = t * survive
+            sq = surv_vals * t
+            w = torch.stack([survive.new_ones(t.shape[1]), inv * inv], 1)  # [c, 2]
+            sums = (sq @ w).double()
+            vecs["ties_survived"] += survive.sum(1).double()
+            vecs["ties_survived_sq"] += sums[:, 0]
+            vecs["ties_share_sq"] += sums[:, 1]
+            merged = (ones_n @ surv_vals)[0] * inv
+            scal["ties_merged_sq"] += torch.dot(merged, merged).double()
+            if dare_p is not None:
+                dk = (torch.rand(t.shape, generator=generator, device=dev) >= dare_p).to(t.dtype)
+                vecs["dare_kept_n"] += (dk * nzf).sum(1).double()
+                vecs["dare_kept_sq"] += (dk * t * t).sum(1).double()
+    out: dict[str, torch.Tensor] = {"gram": mats["gram"], **vecs, **scal}
+    out["nonzero"] = torch.diagonal(mats["nn"]).clone()
+    out["topk_kept"] = torch.diagonal(mats["nnt"]).clone()
+    out["both_nonzero"] = mats["nn"]
+    out["conflicts"] = (mats["nn"] - mats["ss"]) / 2
+    out["both_kept"] = mats["nnt"]
+    out["conflicts_kept"] = (mats["nnt"] - mats["sst"]) / 2
+    if dare_p is None:
+        out["dare_kept_n"].fill_(float("nan"))
+        out["dare_kept_sq"].fill_(float("nan"))
+    return out
+
+
+def _sq_norm(x: torch.Tensor, chunk_size: int = 1 << 19) -> float:
+    """``sum(x ** 2)`` accumulated in float64, chunk by chunk (no full-size float64 copy)."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for s in range(0, flat.numel(), chunk_size):
+        c = flat[s:s + chunk_size].double()
+        total += float(torch.dot(c, c))
+    return total
+
+
+def _pair_sums(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """dot, squared norms, both-non-zero and opposite-sign counts of two flat float tensors."""
+    with _exact_fp32_matmul():
+        out = {"dot": float(torch.dot(a.double(), b.double())), "sq_text": float(a.double().square().sum()),
+               "sq_mod": float(b.double().square().sum())}
+    prod = torch.sign(a) * torch.sign(b)
+    out["both_nonzero"] = float((prod != 0).sum())
+    out["conflicts"] = float((prod < 0).sum())
+    return out
+
+
+# ----------------------------------------------------------------------------------- metrics
+def _ratio(num: str, den: str) -> Callable[[pd.DataFrame], pd.Series]:
+    def f(d: pd.DataFrame) -> pd.Series:
+        den_v = d[den].astype(float)
+        return d[num].astype(float) / den_v.where(den_v != 0)
+    return f
+
+
+def _sqrt_ratio(num: str, den: str) -> Callable[[pd.DataFrame], pd.Series]:
+    def f(d: pd.DataFrame) -> pd.Series:
+        den_v = d[den].astype(float)
+        return np.sqrt(d[num].astype(float) / den_v.where(den_v != 0))
+    return f
+
+
+def _cos(dot: str, a: str, b: str) -> Callable[[pd.DataFrame], pd.Series]:
+    def f(d: pd.DataFrame) -> pd.Series:
+        den = np.sqrt(d[a].astype(float) * d[b].astype(float))
+        return d[dot].astype(float) / den.where(den != 0)
+    return f
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric: the frame it lives in, the summed columns it needs, and how to form it from sums."""
+
+    frame: str  # "pairs" | "per_expert" | "tensors" | "damc"
+    columns: tuple[str, ...]
+    fn: Callable[[pd.DataFrame], pd.Series]
+    doc: str
+    bounds: tuple[float, float] | None = None  # natural colour range
+
+
+#: Every metric :meth:`InterferenceProfile.summary` knows. ``frame`` says its grain: per pair,
+#: per expert, per tensor (the whole set) or per DAMC expert (text vs modality sets).
+METRICS: dict[str, MetricSpec] = {
+    "cosine": MetricSpec("pairs", ("dot", "sq_a", "sq_b"), _cos("dot", "sq_a", "sq_b"),
+                         "cosine similarity of the task vectors", (-1, 1)),
+    "conflict": MetricSpec("pairs", ("conflicts", "both_nonzero"), _ratio("conflicts", "both_nonzero"),
+                           "sign-conflict rate over entries where both are non-zero", (0, 1)),
+    "conflict_topk": MetricSpec("pairs", ("conflicts_kept", "both_kept"), _ratio("conflicts_kept", "both_kept"),
+                                "sign-conflict rate over entries in both experts' top-k", (0, 1)),
+    "rel_norm": MetricSpec("per_expert", ("tau_sq", "base_sq"), _sqrt_ratio("tau_sq", "base_sq"),
+                           "|tau_i| / |theta_0|", None),
+    "topk_conflict": MetricSpec("per_expert", ("topk_opposed", "topk_kept"), _ratio("topk_opposed", "topk_kept"),
+                                "share of the expert's top-k entries opposed by another expert's top-k", (0, 1)),
+    "elect_disagree": MetricSpec("per_expert", ("elect_opposed", "topk_kept"), _ratio("elect_opposed", "topk_kept"),
+                                 "share of the expert's top-k entries opposite to the elected sign", (0, 1)),
+    "ties_survival": MetricSpec("per_expert", ("ties_survived", "nonzero"), _ratio("ties_survived", "nonzero"),
+                                "share of the expert's non-zero entries TIES keeps", (0, 1)),
+    "ties_energy": MetricSpec("per_expert", ("ties_survived_sq", "tau_sq"), _ratio("ties_survived_sq", "tau_sq"),
+                              "share of |tau_i|^2 TIES keeps", (0, 1)),
+    "ties_share": MetricSpec("per_expert", ("ties_share_sq", "ties_merged_sq"), _sqrt_ratio("ties_share_sq", "ties_merged_sq"),
+                             "|expert's share of the TIES merged vector| / |TIES merged vector|", None),
+    "dare_kept": MetricSpec("per_expert", ("dare_kept_n", "nonzero"), _ratio("dare_kept_n", "nonzero"),
+                            "share of the expert's non-zero entries DARE keeps", (0, 1)),
+    "dare_energy": MetricSpec("per_expert", ("dare_kept_sq", "tau_sq"), _ratio("dare_kept_sq", "tau_sq"),
+                              "share of |tau_i|^2 DARE keeps (before the 1/(1-p) rescale)", (0, 1)),
+    "set_conflict": MetricSpec("tensors", ("set_conflicts", "multi_nonzero"), _ratio("set_conflicts", "multi_nonzero"),
+                               "entries (>= 2 experts non-zero) whose signs are not all equal", (0, 1)),
+    "set_elect_disagree": MetricSpec("tensors", ("elect_disagree_any", "elected"), _ratio("elect_disagree_any", "elected"),
+                                     "entries where any expert's top-k value opposes the elected sign", (0, 1)),
+    "ties_vs_ta": MetricSpec("tensors", ("ties_merged_sq", "ta_sq"), _sqrt_ratio("ties_merged_sq", "ta_sq"),
+                             "|TIES merged tau| / |sum of tau_i|", None),
+    "damc_cosine": MetricSpec("damc", ("dot", "sq_text", "sq_mod"), _cos("dot", "sq_text", "sq_mod"),
+                              "cosine of a DAMC expert's text and modality deltas", (-1, 1)),
+    "damc_conflict": MetricSpec("damc", ("conflicts", "both_nonzero"), _ratio("conflicts", "both_nonzero"),
+                                "sign conflicts between a DAMC expert's text and modality deltas", (0, 1)),
+}
+
+_ENTITY = {"pairs": ["expert_a", "expert_b"], "per_expert": ["expert"], "tensors": [], "damc": ["expert"]}
+_KEYS = ["tensor", "layer", "module", "numel"]
+
+
+def _add_derived(frame: str, df: pd.DataFrame) -> pd.DataFrame:
+    for m, spec in METRICS.items():
+        if spec.frame == frame and len(df) and all(c in df.columns for c in spec.columns):
+            df[m] = spec.fn(df)
+    return df
+
+
+def summarize(df: pd.DataFrame, metric: str, by: Sequence[str] = ("layer", "module"), *, exact: bool = True) -> pd.DataFrame:
+    """Aggregate ``metric`` of a profile frame over groups ``by`` (plus the frame's entity columns).
+
+    ``exact=True`` sums the metric's numerator/denominator columns in each group and forms the
+    metric from the sums (the value of the concatenated group); ``exact=False`` averages the
+    per-tensor metric values (NaN ignored). Rows with no layer keep ``layer`` = NA.
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
+    spec = METRICS[metric]
+    keys = [*by, *[c for c in _ENTITY[spec.frame] if c not in by]]
+    for k in keys:
+        if k not in df.columns:
+            raise ConfigError(f"cannot group {metric!r} by {k!r}: columns are {list(df.columns)}")
+    if not len(df):
+        return pd.DataFrame(columns=[*keys, metric, "n_tensors"])
+    if exact:
+        cols = list(dict.fromkeys(spec.columns))
+        if keys:
+            g = df.groupby(keys, dropna=False, sort=True)
+            sums = g[cols].sum(min_count=1).reset_index()
+            sums["n_tensors"] = g.size().values
+        else:
+            sums = df[cols].sum(min_count=1).to_frame().T
+            sums["n_tensors"] = len(df)
+        sums[metric] = spec.fn(sums).astype(float)
+        return sums[[*keys, metric, "n_tensors"]]
+    vals = df[keys].copy()
+    vals[metric] = spec.fn(df).astype(float)
+    if keys:
+        g = vals.groupby(keys, dropna=False, sort=True)
+        out = g[metric].mean().reset_index()
+        out["n_tensors"] = g.size().values
+    else:
+        out = pd.DataFrame({metric: [vals[metric].mean()], "n_tensors": [len(vals)]})
+    return out
+
+
+# ----------------------------------------------------------------------------------- the profile
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@dataclass
+class InterferenceProfile:
+    """Result of :func:`profile_interference`: tidy frames with raw sums and per-tensor metrics.
+
+    - ``pairs``: one row per tensor and expert pair (``expert_a < expert_b`` in input order);
+    - ``per_expert``: one row per tensor and expert;
+    - ``tensors``: one row per tensor, whole-set statistics;
+    - ``damc``: one row per tensor and DAMC expert (text vs modality sets); empty otherwise;
+    - ``meta``: experts, kinds, parameters, device, timings.
+    """
+
+    pairs: pd.DataFrame
+    per_expert: pd.DataFrame
+    tensors: pd.DataFrame
+    damc: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+
+    FRAMES = ("pairs", "per_expert", "tensors", "damc")
+
+    @property
+    def experts(self) -> list[str]:
+        """Expert names in input order."""
+        return list(self.meta.get("experts", []))
+
+    def frame(self, metric: str) -> pd.DataFrame:
+        """The frame that holds ``metric``."""
+        if metric not in METRICS:
+            raise ConfigError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
+        return getattr(self, METRICS[metric].frame)
+
+    def metrics(self) -> list[str]:
+        """Metrics that have data in this profile."""
+        return [m for m, s in METRICS.items() if len(getattr(self, s.frame))
+                and all(c in getattr(self, s.frame).columns for c in s.columns)]
+
+    def summary(self, metric: str, by: Sequence[str] = ("layer", "module"), *, exact: bool = True) -> pd.DataFrame:
+        """``metric`` aggregated per group ``by`` (and per pair/expert for pair/expert metrics). See :func:`summarize`."""
+        return summarize(self.frame(metric), metric, tuple(by), exact=exact)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write every frame as CSV and Parquet, the layer x module summaries of every metric, and ``meta.json``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in self.FRAMES:
+            df = getattr(self, name)
+            _atomic_write(out / f"{name}.csv", lambda p, df=df: df.to_csv(p, index=False))
+            _atomic_write(out / f"{name}.parquet", lambda p, df=df: df.to_parquet(p, index=False))
+        parts = []
+        for m in self.metrics():
+            s = self.summary(m).rename(columns={m: "value"})
+            s.insert(0, "metric", m)
+            parts.append(s)
+        summ = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        _atomic_write(out / "summary_layer_module.csv", lambda p: summ.to_csv(p, index=False))
+        _atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(self.meta, indent=2, default=str)))
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "InterferenceProfile":
+        """Read a profile written by :meth:`save` (Parquet frames + ``meta.json``)."""
+        d = Path(out_dir)
+        frames = {}
+        for name in cls.FRAMES:
+            p = d / f"{name}.parquet"
+            if not p.is_file():
+                raise CheckpointError(f"profile frame {name!r} missing", file=p)
+            frames[name] = pd.read_parquet(p)
+        meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").is_file() else {}
+        return cls(meta=meta, **frames)
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def _select_names(base_reader: Any, sources: Sequence[ExpertSource], names: Any) -> list[str]:
+    keys = base_reader.keys()
+    if names is None:
+        out = keys
+    elif callable(names):
+        out = [k for k in keys if names(k)]
+    elif hasattr(names, "merged"):
+        out = [k for k in keys if names.merged(k)]
+    else:
+        wanted = list(names)
+        missing = [k for k in wanted if k not in base_reader]
+        if missing:
+            raise CheckpointError(f"{len(missing)} requested tensor(s) not in the base", file=base_reader.path, tensor=missing[0])
+        out = wanted
+    out = [k for k in out if base_reader.info(k).dtype.is_floating_point]
+    target_sets = [s.targets() for s in sources]
+    if all(t is not None for t in target_sets):  # only adapters: skip tensors nobody changes
+        union = set().union(*target_sets)
+        out = [k for k in out if k in union]
+    return out
+
+
+def _materialize(t: torch.Tensor | None, pin: bool) -> torch.Tensor | None:
+    """Force a memory-mapped tensor's bytes into memory (in the prefetch thread, so the disk read
+    overlaps the previous tensor's arithmetic); into pinned memory when the target is a GPU."""
+    if t is None:
+        return None
+    if pin:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t)
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+@dataclass
+class TensorBatch:
+    """One tensor name's data on the compute device: the flat float32 base and the ``[N, n]`` task vectors."""
+
+    name: str
+    shape: tuple[int, ...]
+    base: torch.Tensor
+    taus: torch.Tensor
+    raws: list  # per expert: (None - already in taus -, DAMC other-set CPU delta or None, main_is_weight)
+
+
+def iter_task_vectors(
+    base: str | Path,
+    experts: Mapping[str, str | Path],
+    device: str | torch.device = "auto",
+    *,
+    names: Iterable[str] | Callable[[str], bool] | Any = None,
+    damc_set: str = "text",
+    strict: bool = True,
+    prefetch: bool = True,
+    progress: bool = True,
+    desc: str = "task vectors",
+    meta: dict | None = None,
+):
+    """Yield a :class:`TensorBatch` per tensor name: base + every expert's task vector, one name at a time.
+
+    Only one name (two with ``prefetch``: the next one is read in a background thread) is in
+    memory at a time. Tensors travel to ``device`` in their stored dtype and are cast there.
+    If ``meta`` is a dict it receives ``experts``, ``kinds``, ``paths``, ``device``, ``n_tensors``,
+    ``base_path`` and, at the end, ``seconds_waiting_for_io``.
+    """
+    dev = resolve_device(device)
+    base_reader = _open_base(base)
+    sources = [open_expert(n, p, damc_set=damc_set) for n, p in experts.items()]
+    todo = _select_names(base_reader, sources, names)
+    N = len(sources)
+    enames = [s.name for s in sources]
+    if meta is not None:
+        meta.update({"experts": enames, "kinds": {s.name: s.kind for s in sources},
+                     "paths": {s.name: str(s.path) for s in sources}, "device": str(dev),
+                     "n_tensors": len(todo), "base_path": str(base_reader.path), "sources": sources})
+
+    pin = dev.type == "cuda"
+
+    def load(name: str):
+        info = base_reader.info(name)
+        raws = []
+        for s in sources:
+            main, mod, is_weight = s.raw(name)
+            if main is None and s.kind == "full" and strict:
+                raise CheckpointError(f"expert {s.name!r} lacks a tensor of the base", file=s.path, tensor=name)
+            for t in (main, mod):
+                if t is not None and tuple(t.shape) != tuple(info.shape):
+                    raise CheckpointError(f"expert {s.name!r}: shape {tuple(t.shape)} != base {tuple(info.shape)}",
+                                          file=s.path, tensor=name)
+            raws.append((_materialize(main, pin), _materialize(mod, pin), is_weight))
+        return _materialize(base_reader.get(name), pin), raws
+
+    from tqdm.auto import tqdm
+
+    t_wait = 0.0
+    bar = tqdm(total=len(todo), desc=desc, unit="tensor", disable=not progress)
+    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+    try:
+        pending = pool.submit(load, todo[0]) if (pool and todo) else None
+        for idx, name in enumerate(todo):
+            tw = time.perf_counter()
+            if pool is not None:
+                base_t, raws = pending.result()
+                pending = pool.submit(load, todo[idx + 1]) if idx + 1 < len(todo) else None
+            else:
+                base_t, raws = load(name)
+            t_wait += time.perf_counter() - tw
+            numel = base_t.numel()
+            b = base_t.to(dev, non_blocking=True).reshape(-1).to(torch.float32)
+            taus = torch.zeros(N, numel, dtype=torch.float32, device=dev)
+            for i, (main, _, is_weight) in enumerate(raws):
+                if main is None:
+                    continue
+                taus[i].copy_(main.to(dev, non_blocking=True).reshape(-1))
+                if is_weight:
+                    taus[i].sub_(b)
+            bad = [enames[i] for i in range(N) if not bool(torch.isfinite(taus[i]).all())]
+            if bad:
+                raise CheckpointError(f"non-finite task vector for expert(s) {bad}", file=base_reader.path, tensor=name)
+            shape = tuple(base_t.shape)
+            raws = [(None, mod, w) for (_, mod, w) in raws]  # the task vectors hold the data now
+            del base_t
+            yield TensorBatch(name, shape, b, taus, raws)
+            del taus, b, raws
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if meta is not None:
+            meta["seconds_waiting_for_io"] = round(t_wait, 3)
+
+
+def profile_interference(
+    base: str | Path,
+    experts: Mapping[str, str | Path],
+    device: str | torch.device = "auto",
+    topk: float = 0.2,
+    out_dir: str | Path | None = None,
+    *,
+    dare_p: float | None = 0.2,
+    seed: int = 0,
+    names: Iterable[str] | Callable[[str], bool] | Any = None,
+    damc_set: str = "text",
+    strict: bool = True,
+    chunk_size: int = 1 << 19,
+    prefetch: bool = True,
+    progress: bool = True,
+) -> InterferenceProfile:
+    """Stream over the experts' task vectors, one tensor name at a time, and profile their interference.
+
+    Args:
+        base: the shared base LLM (HF folder, weight file, or a zoo ``base/`` folder).
+        experts: ``{name: path}``, at least two; see :func:`open_expert` for the layouts.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``; tensors are moved there in their stored dtype
+            and cast to float32 on the device.
+        topk: fraction kept by the TIES trim (per expert and tensor).
+        out_dir: if given, :meth:`InterferenceProfile.save` writes the result there.
+        dare_p: DARE drop probability for the kept-fraction metrics (``None``: skip them).
+        seed: DARE seed; each tensor uses ``seed`` combined with a CRC of its name, so results do
+            not depend on the order or subset of tensors.
+        names: restrict to these tensor names (list, predicate or ``NameFilter``); default every
+            floating-point base tensor (only the adapters' targets when every expert is an adapter).
+        damc_set: which DAMC parameter set is the expert's task vector (``"text"``, the merged set).
+        strict: a full-checkpoint expert lacking a base tensor raises; ``False`` treats it as ``tau = 0``.
+        chunk_size: entries per column chunk inside a tensor (bounds the temporaries).
+        prefetch: read the next tensor in a background thread while the current one is computed.
+        progress: show a tqdm bar.
+    """
+    if len(experts) < 2:
+        raise ConfigError(f"profile_interference needs at least two experts, got {list(experts)}")
+    if not 0.0 < topk <= 1.0:
+        raise ConfigError(f"topk must be in (0, 1], got {topk}")
+    info: dict = {}
+    stream = iter_task_vectors(base, experts, device, names=names, damc_set=damc_set, strict=strict,
+                               prefetch=prefetch, progress=progress, desc="interference", meta=info)
+    pair_rows: list[dict] = []
+    exp_rows: list[dict] = []
+    set_rows: list[dict] = []
+    damc_rows: list[dict] = []
+    t0 = time.perf_counter()
+    for batch in stream:
+        name, b, taus, raws = batch.name, batch.base, batch.taus, batch.raws
+        sources = info["sources"]
+        enames = info["experts"]
+        N = len(enames)
+        dev = taus.device
+        layer, module = parse_name(name)
+        numel = taus.shape[1]
+        gen = None
+        if dare_p is not None:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(_seed_for(seed, name))
+        st = {k: v.cpu().numpy() for k, v in
+              tensor_stats(taus, topk=topk, dare_p=dare_p, generator=gen, chunk_size=chunk_size).items()}
+        base_sq = _sq_norm(b, chunk_size)
+        key = {"tensor": name, "layer": layer, "module": module, "numel": numel}
+        g = st["gram"]
+        for i, j in itertools.combinations(range(N), 2):
+            pair_rows.append({**key, "expert_a": enames[i], "expert_b": enames[j], "dot": g[i, j],
+                              "sq_a": g[i, i], "sq_b": g[j, j], "both_nonzero": st["both_nonzero"][i, j],
+                              "conflicts": st["conflicts"][i, j], "both_kept": st["both_kept"][i, j],
+                              "conflicts_kept": st["conflicts_kept"][i, j]})
+        for i in range(N):
+            row = {**key, "expert": enames[i], "kind": sources[i].kind, "base_sq": base_sq, "tau_sq": g[i, i],
+                   "ties_merged_sq": float(st["ties_merged_sq"])}
+            for k in ("nonzero", "topk_kept", "topk_opposed", "elect_opposed", "ties_survived",
+                      "ties_survived_sq", "ties_share_sq", "dare_kept_n", "dare_kept_sq"):
+                row[k] = float(st[k][i])
+            exp_rows.append(row)
+        set_rows.append({**key, "n_experts": N, "base_sq": base_sq,
+                         **{k: float(st[k]) for k in ("multi_nonzero", "set_conflicts", "elected",
+                                                      "elect_disagree_any", "ties_merged_sq", "ta_sq")}})
+        for i, (s, (main, mod, _)) in enumerate(zip(sources, raws)):
+            if s.kind == "damc" and (main is not None or mod is not None):
+                a = taus[i]
+                m = (mod.to(dev).reshape(-1).to(torch.float32) if mod is not None
+                     else torch.zeros_like(a))
+                ps = _pair_sums(a, m)
+                if damc_set == "modality":  # a is the modality set here: keep the column names true
+                    ps["sq_text"], ps["sq_mod"] = ps["sq_mod"], ps["sq_text"]
+                damc_rows.append({**key, "expert": s.name, **ps})
+    elapsed = time.perf_counter() - t0
+
+    def frame(rows: list[dict], kind: str, extra: Sequence[str]) -> pd.DataFrame:
+        df = pd.DataFrame(rows, columns=None if rows else [*_KEYS, *_ENTITY[kind], *extra])
+        if len(df):
+            df["layer"] = df["layer"].astype("Int64")
+        return _add_derived(kind, df)
+
+    prof = InterferenceProfile(
+        pairs=frame(pair_rows, "pairs", ("dot", "sq_a", "sq_b")),
+        per_expert=frame(exp_rows, "per_expert", ("tau_sq", "base_sq")),
+        tensors=frame(set_rows, "tensors", ("set_conflicts", "multi_nonzero")),
+        damc=frame(damc_rows, "damc", ("dot", "sq_text", "sq_mod")),
+        meta={"base": str(base), **{k: v for k, v in info.items() if k != "sources"}, "topk": topk,
+              "dare_p": dare_p, "seed": seed, "damc_set": damc_set, "seconds": round(elapsed, 3)},
+    )
+    if out_dir is not None:
+        prof.save(out_dir)
+    return prof

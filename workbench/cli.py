@@ -1,0 +1,180 @@
+"""Command line: ``python -m workbench <command>`` (or the ``workbench`` console script).
+
+Adding a command is one call, from any module::
+
+    from workbench.cli import register_command
+    register_command("zoo", "build the miniature world's zoo", add_arguments, run)
+
+where ``add_arguments(parser: argparse.ArgumentParser) -> None`` declares its options and
+``run(args: argparse.Namespace) -> int | None`` does the work (``None`` means exit status 0).
+
+Commands whose module may not be imported at start-up (it is heavy, or optional) are listed in
+:data:`LAZY_COMMANDS` as ``name -> (module, help)``; the module must define ``add_arguments`` and
+``run`` and is imported only when that command is used.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from .errors import WorkbenchError
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, how to declare its arguments, and what it runs."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Optional[int]]
+
+
+#: Commands available without imports beyond this module.
+COMMANDS: dict[str, Command] = {}
+
+#: Commands defined in other modules, imported on use: ``name -> (module, help)``.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "zoo": ("workbench.world.cli", "build or inspect the miniature world's model zoo"),
+    "reproduce": ("workbench.reproduce", "run the notebooks in order (papermill)"),
+    "profile": ("workbench.profile", "profile merge methods (time, memory)"),
+}
+
+
+def register_command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                     run: Callable[[argparse.Namespace], Optional[int]]) -> None:
+    """Register (or replace) the subcommand ``name``."""
+    COMMANDS[name] = Command(help, add_arguments, run)
+
+
+def _load_lazy(name: str) -> Command:
+    module, help_ = LAZY_COMMANDS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise SystemExit(f"workbench {name}: not available yet (module {module} is missing)") from e
+        raise
+    return Command(getattr(mod, "HELP", help_), mod.add_arguments, mod.run)
+
+
+# ------------------------------------------------------------------------------------ merge
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="merge config YAML (see workbench.config.MergeConfig)")
+    p.add_argument("--output", "-o", help="override the config's output folder")
+    p.add_argument("--device", help="override the config's device (auto, cpu, cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a method parameter (YAML value), e.g. --set density=0.3; repeatable")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _merge_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import MergeConfig
+    from .engine import merge_with_report
+
+    cfg = MergeConfig.from_yaml(args.config)
+    updates: dict = {}
+    if args.output:
+        from pathlib import Path
+
+        updates["output"] = Path(args.output).resolve()
+    if args.device:
+        updates["device"] = args.device
+    if args.overwrite:
+        updates["overwrite"] = True
+    if args.set:
+        params = dict(cfg.params)
+        for kv in args.set:
+            key, sep, value = kv.partition("=")
+            if not sep:
+                from .errors import ConfigError
+
+                raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
+            params[key.strip()] = yaml.safe_load(value)
+        updates["params"] = params
+    if updates:
+        cfg = MergeConfig.from_dict({**cfg.model_dump(), **updates})
+    report = merge_with_report(cfg, progress=not args.quiet)
+    print(f"merged {len(report.merged)} tensors, kept {len(report.kept)} from the base, "
+          f"with {report.method} on {report.device} in {report.seconds:.1f} s -> {report.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ methods
+def _methods_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="show one method's documentation")
+
+
+def _methods_run(args: argparse.Namespace) -> int:
+    from .methods import METHODS, get_method
+
+    if args.name:
+        spec = get_method(args.name)
+        print(f"{spec.name}: defaults {dict(spec.defaults)}")
+        print((spec.doc or "").strip())
+        return 0
+    width = max(len(n) for n in METHODS) if METHODS else 4
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        doc = (spec.doc or "").strip().splitlines()
+        flags = []
+        if getattr(spec, "batched_fn", None) is not None:
+            flags.append("batched")
+        if getattr(spec, "needs_generator", False):
+            flags.append("seeded")
+        extra = f" [{', '.join(flags)}]" if flags else ""
+        print(f"{name:<{width}}  {dict(spec.defaults)}{extra}  {doc[0] if doc else ''}")
+    return 0
+
+
+register_command("merge", "merge experts into one model from a YAML config", _merge_args, _merge_run)
+register_command("methods", "list the merge methods and their default parameters", _methods_args, _methods_run)
+
+
+# ------------------------------------------------------------------------------------ main
+def build_parser(selected: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser; the lazy command ``selected`` (if any) gets its real arguments."""
+    parser = argparse.ArgumentParser(prog="workbench", description="mllm-workbench: merge and compose multimodal LLMs")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    for name, (_, help_) in LAZY_COMMANDS.items():
+        if name in COMMANDS:
+            continue
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == selected:
+            cmd = _load_lazy(name)
+            cmd.add_arguments(p)
+            p.set_defaults(_run=cmd.run)
+        else:
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit status (0 success, 2 usage or a workbench error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected if selected in LAZY_COMMANDS else None)
+    args = parser.parse_args(argv)
+    try:
+        status = args._run(args)
+    except WorkbenchError as e:
+        if args.traceback:
+            raise
+        print(f"workbench {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if status is None else int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

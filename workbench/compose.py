@@ -1,0 +1,913 @@
+"""Composed multimodal LLMs over one shared base LLM: single experts, frozen-LLM, NaiveMC, DAMC, MMER.
+
+Every composition returns a :class:`workbench.mllm.MultimodalLM`: one causal LM plus, per modality,
+the expert's frozen tower (encoder + projector) reused unchanged. Route ``k`` of the routed layers
+is the ``k``-th expert given (= ``MultimodalLM.route_order``), route 0 is text.
+
+Experts are described by :class:`ExpertSource` (what the LLM of the expert is, and its tower):
+
+- :func:`zoo_expert` - an expert of the miniature zoo (kinds ``projector``, ``full``, ``lora``, ``damc``);
+- :func:`llava_expert` - a Hugging Face ``LlavaForConditionalGeneration`` folder (vision tower +
+  projector + language model), optionally with DAMC adapters;
+- :func:`hf_expert` - any causal LM folder / peft adapter plus a tower you built.
+
+Compositions (methods.md sections 1-3):
+
+- :func:`compose_frozen`: θ0 and the experts' towers (projector-only MLLMs).
+- :func:`compose_naive_mc`: NaiveMC. θ = θ0 + Σ λi τi with λi = 1/N (the weight average); LoRA experts
+  contribute their product delta ``s · Bi Ai`` (never A and B averaged separately); projector-only
+  experts contribute τ = 0. Streamed tensor by tensor (:func:`merge_llm`): memory holds the base
+  model and one tensor of each expert. Any method of :mod:`workbench.methods` can replace the average.
+- :func:`compose_damc`: text tokens use W0 + Σ λi si Bi^t Ai^t, tokens of modality m use
+  W0 + μ_m sm Bm^mod Am^mod (μ = 1); λ is searched with :func:`damc_lambda_search` (grid on a
+  multi-modality validation split, CSV) or :func:`damc_lambda_from_own_tasks` (the fallback; rule
+  stated there - the paper's exact rule is unverified).
+- :func:`compose_mmer`: τ* from a merge of the τi (default TIES, keep 20% - **unverified**), one
+  mask per expert ``m_i = 1[|τi| > λ |τi − τ*|]`` (**unverified** reading, λ a parameter); modality
+  i's tokens use θ0 + α m_i ⊙ τ*, text tokens θ0 + τ* (``text_route="merged"``, **unverified**;
+  ``"base"`` uses θ0). Tensors that are not routed linear weights (embeddings, norms, ``lm_head``)
+  take the text route's value. The parts can also come from the engine's output folder
+  (:func:`mmer_parts_from_merge`: merged θ0+τ* and ``mmer/masks.safetensors``).
+
+Storage (:func:`disk_bytes`, :func:`save_mmer_parts`, :func:`storage_comparison`) and forgetting
+(:func:`forgetting_experiment`) are here too; tables are in :mod:`workbench.results`.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .mllm import MultimodalLM
+from .routing import (DEFAULT_LORA_TARGETS, Dense, LowRank, Masked, apply_routes, load_route_adapter, pack_bool,
+                      route_components, set_route_coefficients, unpack_bool)
+
+TEXT_ROUTE = 0
+KINDS = ("projector", "full", "lora", "damc", "damc-full")
+
+
+# ================================================================================================ sources
+@dataclass
+class ExpertSource:
+    """One expert MLLM as a composition input.
+
+    Attributes:
+        name: a label.
+        modality: its modality (one tower, one route).
+        kind: ``"projector"`` (LLM frozen = θ0), ``"full"`` (``llm`` is a full causal-LM or LLaVA
+            folder), ``"lora"`` (``adapter`` is a peft LoRA folder on θ0), ``"damc"`` (``adapter_text``
+            and ``adapter_modality`` peft folders) or ``"damc-full"`` (``llm_text`` / ``llm_modality``
+            full folders: DAMC's full-weight option).
+        tower: the frozen encoder + projector (one raw input -> ``[n_tokens, hidden]``).
+        placeholder: the prompt token replaced by the tower's tokens.
+    """
+
+    name: str
+    modality: str
+    kind: str
+    tower: nn.Module
+    placeholder: str
+    llm: Path | None = None
+    adapter: Path | None = None
+    adapter_text: Path | None = None
+    adapter_modality: Path | None = None
+    llm_text: Path | None = None
+    llm_modality: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"expert {self.name!r}: unknown kind {self.kind!r}; expected one of {KINDS}")
+        need = {"full": ["llm"], "lora": ["adapter"], "damc": ["adapter_text", "adapter_modality"],
+                "damc-full": ["llm_text", "llm_modality"]}.get(self.kind, [])
+        for attr in need:
+            p = getattr(self, attr)
+            if p is None or not Path(p).exists():
+                raise ConfigError(f"expert {self.name!r} of kind {self.kind!r} needs an existing {attr} (got {p})")
+        self.tower.eval().requires_grad_(False)
+
+
+def hf_expert(name: str, modality: str, tower: nn.Module, *, llm: str | Path | None = None,
+              adapter: str | Path | None = None, placeholder: str | None = None) -> ExpertSource:
+    """An expert from a causal-LM folder (full fine-tuning), a peft adapter, or neither (frozen LLM)."""
+    kind = "full" if llm is not None else "lora" if adapter is not None else "projector"
+    return ExpertSource(name, modality, kind, tower, placeholder or f"<{modality}>",
+                        llm=Path(llm) if llm else None, adapter=Path(adapter) if adapter else None)
+
+
+def llava_expert(folder: str | Path, *, modality: str = "image", name: str | None = None,
+                 placeholder: str | None = None, adapter_text: str | Path | None = None,
+                 adapter_modality: str | Path | None = None, llm_frozen: bool = False) -> ExpertSource:
+    """A Hugging Face LLaVA-style expert: its tower (vision tower + projector, see
+    :class:`workbench.llava.LlavaTower`) and its language model (read tensor by tensor from the
+    LLaVA checkpoint). With ``adapter_text``/``adapter_modality`` it is a DAMC expert on θ0; with
+    ``llm_frozen`` a projector-only one."""
+    from .llava import LlavaCheckpoint
+
+    ck = LlavaCheckpoint(folder)
+    tower = ck.tower()
+    ph = placeholder or f"<{modality}>"
+    nm = name or Path(folder).name
+    if adapter_text is not None or adapter_modality is not None:
+        return ExpertSource(nm, modality, "damc", tower, ph, llm=Path(folder), adapter_text=Path(adapter_text),
+                            adapter_modality=Path(adapter_modality), info={"llava": str(folder)})
+    if llm_frozen:
+        return ExpertSource(nm, modality, "projector", tower, ph, info={"llava": str(folder)})
+    return ExpertSource(nm, modality, "full", tower, ph, llm=Path(folder), info={"llava": str(folder)})
+
+
+def zoo_expert(zoo, name: str) -> ExpertSource:
+    """An expert of the miniature zoo (:class:`workbench.world.Zoo` or its path) by name."""
+    from .world import PLACEHOLDERS, Zoo
+
+    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+    info = z.info(name)
+    kind = info.get("kind")
+    path = z.expert_path(name)
+    if info.get("family") == "capability":
+        modality = "image"
+    else:
+        modality = info["modality"]
+    ph = PLACEHOLDERS.get(modality, f"<{modality}>")
+    if kind == "damc":
+        from .world.damc import load_damc_tower
+
+        tower = load_damc_tower(z, name)
+        if (path / "adapter_text").exists():
+            return ExpertSource(name, modality, "damc", tower, ph, adapter_text=path / "adapter_text",
+                                adapter_modality=path / "adapter_modality", info=info)
+        return ExpertSource(name, modality, "damc-full", tower, ph, llm_text=path / "llm_text",
+                            llm_modality=path / "llm_modality", info=info)
+    tower = z.load_tower(name)
+    if kind == "projector":
+        return ExpertSource(name, modality, "projector", tower, ph, info=info)
+    if (path / "adapter").exists():
+        return ExpertSource(name, modality, "lora", tower, ph, adapter=path / "adapter", info=info)
+    if (path / "llm").exists():
+        return ExpertSource(name, modality, "full", tower, ph, llm=path / "llm", info=info)
+    raise CheckpointError(f"zoo expert {name!r} of kind {kind!r} has neither llm/ nor adapter/", file=path)
+
+
+# ================================================================================================ loading
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM from a Hugging Face folder; for a LLaVA folder, its language model."""
+    from .llava import LlavaCheckpoint, is_llava_folder
+
+    p = Path(path)
+    if is_llava_folder(p):
+        return LlavaCheckpoint(p).language_model(dtype)
+    from transformers import AutoModelForCausalLM
+
+    if not (p / "config.json").exists():
+        raise CheckpointError("no config.json: not a Hugging Face model folder", file=p)
+    return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).eval()
+
+
+def _as_llm(base: str | Path | nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    if isinstance(base, nn.Module):
+        return copy.deepcopy(base).eval()
+    return load_causal_lm(base, dtype)
+
+
+class _TauReader:
+    """Task vectors τ = θi − θ0 of one expert's LLM, one tensor at a time (float32)."""
+
+    def __init__(self, src: ExpertSource | str | Path | None, kind: str | None = None) -> None:
+        from .io import CheckpointReader, LoraAdapter, is_lora_adapter
+        from .llava import LlavaCheckpoint, is_llava_folder
+
+        self.kind, self.reader, self.llava, self.adapter = "zero", None, None, None
+        self._targets: set[str] = set()
+        self._replaced: set[str] = set()
+        path = None
+        if isinstance(src, ExpertSource):
+            if src.kind == "full":
+                path = src.llm
+            elif src.kind == "lora":
+                path = src.adapter
+            elif src.kind == "projector":
+                path = None
+            else:
+                raise ConfigError(f"expert {src.name!r} is a {src.kind} expert: its LLM is decoupled into text and "
+                                  "modality parameters and has no single task vector (use compose_damc)")
+        elif src is not None:
+            path = Path(src)
+        if path is None:
+            return
+        self.path = Path(path)
+        if is_lora_adapter(path):
+            self.kind, self.adapter = "lora", LoraAdapter(path)
+            self._targets, self._replaced = set(self.adapter.targets()), set(self.adapter.replaced())
+        elif is_llava_folder(path):
+            self.kind, self.llava = "llava", LlavaCheckpoint(path)
+        else:
+            self.kind, self.reader = "full", CheckpointReader(path)
+
+    def tau(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """τ for tensor ``name`` (``None``: equal to the base)."""
+        if self.kind == "zero":
+            return None
+        if self.kind == "lora":
+            if name in self._targets:
+                d = self.adapter.delta(name)
+            elif name in self._replaced:
+                d = self.adapter.get_replaced(name).float() - base.float()
+            else:
+                return None
+        else:
+            if self.kind == "llava":
+                if not self.llava.has_lm_tensor(name):
+                    raise CheckpointError("expert lacks a tensor of the base LLM", file=self.path, tensor=name)
+                t = self.llava.lm_tensor(name)
+            else:
+                if name not in self.reader:
+                    raise CheckpointError("expert lacks a tensor of the base LLM", file=self.path, tensor=name)
+                t = self.reader.get(name)
+            if tuple(t.shape) != tuple(base.shape):
+                raise CheckpointError(f"shape {list(t.shape)} differs from the base's {list(base.shape)}",
+                                      file=self.path, tensor=name)
+            d = t.float() - base.float()
+        if tuple(d.shape) != tuple(base.shape):
+            raise CheckpointError(f"delta shape {list(d.shape)} differs from the base's {list(base.shape)}",
+                                  file=getattr(self, "path", None), tensor=name)
+        return d
+
+
+def _llm_tensors(llm: nn.Module, keep: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
+    """Floating parameters of ``llm`` (tied ones once), minus the ``keep`` regexes."""
+    pats = [re.compile(k) for k in keep]
+    return [(n, p) for n, p in llm.named_parameters()
+            if p.dtype.is_floating_point and not any(pt.search(n) for pt in pats)]
+
+
+def _resolve_method(method: str | Callable):
+    if callable(method):
+        return method, {}
+    from .engine import resolve_method
+
+    spec = resolve_method(method)
+    return spec.fn, dict(getattr(spec, "defaults", {}) or {})
+
+
+def _gen(seed: int, name: str):
+    from .engine import tensor_generator
+
+    return tensor_generator(seed, name)
+
+
+# ================================================================================================ merging
+@torch.no_grad()
+def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
+              method: str | Callable = "weight_average", params: Mapping[str, Any] | None = None,
+              coefficients: Sequence[float] | None = None, keep: Sequence[str] = (), seed: int = 0,
+              progress: bool = False) -> nn.Module:
+    """Merge the experts' LLMs into a copy of the base, streaming tensor by tensor.
+
+    ``method="weight_average"``: θ = θ0 + Σ λi τi, λ = ``coefficients`` (default 1/N: the plain
+    average of the θi). Any other name is looked up in :mod:`workbench.methods` (or pass a callable
+    ``fn(base, experts, name=, generator=, **params)``) and gets the experts' θi = θ0 + τi of each
+    tensor (LoRA experts: θ0 + s·B@A; projector-only experts: θ0). ``keep``: regexes of tensors left
+    at θ0. Memory: the base model plus one tensor per expert.
+    """
+    from tqdm.auto import tqdm
+
+    llm = _as_llm(base)
+    readers = [_TauReader(e) for e in experts]
+    n = len(readers)
+    if n == 0:
+        raise ConfigError("merge_llm needs at least one expert")
+    if method == "weight_average":
+        lam = list(coefficients) if coefficients is not None else [1.0 / n] * n
+        if len(lam) != n:
+            raise ConfigError(f"{len(lam)} coefficients for {n} experts")
+        fn = None
+    else:
+        if coefficients is not None:
+            raise ConfigError("coefficients apply to method 'weight_average' only")
+        fn, defaults = _resolve_method(method)
+        params = {**defaults, **dict(params or {})}
+    for name, p in tqdm(_llm_tensors(llm, keep), desc=f"merge {method if isinstance(method, str) else 'fn'}",
+                        disable=not progress):
+        b = p.detach().float()
+        taus = [r.tau(name, b) for r in readers]
+        if all(t is None for t in taus):
+            continue
+        if fn is None:
+            out = b.clone()
+            for lam_i, t in zip(lam, taus):
+                if t is not None:
+                    out += lam_i * t
+        else:
+            thetas = [b + t if t is not None else b.clone() for t in taus]
+            out = fn(b, thetas, name=name, generator=_gen(seed, name), **params)
+            out = getattr(out, "merged", out)
+        p.data.copy_(out.to(p.dtype))
+    return llm
+
+
+def _towers(experts: Sequence[ExpertSource]) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    towers, phs = {}, {}
+    for e in experts:
+        if e.modality in towers:
+            raise ConfigError(f"two experts for modality {e.modality!r}: each modality has one tower and one route")
+        towers[e.modality] = e.tower
+        phs[e.modality] = e.placeholder
+    return towers, phs
+
+
+def _mllm(llm: nn.Module, tokenizer, experts: Sequence[ExpertSource]) -> MultimodalLM:
+    towers, phs = _towers(experts)
+    llm.eval().requires_grad_(False)
+    return MultimodalLM(llm, tokenizer, towers, phs)
+
+
+def compose_expert(base: str | Path | nn.Module, expert: ExpertSource, tokenizer) -> MultimodalLM:
+    """One expert alone (its LLM and its tower); DAMC experts get their two routes (text, modality)."""
+    if expert.kind in ("damc", "damc-full"):
+        return compose_damc(base, [expert], tokenizer, coefficients=[1.0])
+    if expert.kind == "full":
+        llm = load_causal_lm(expert.llm)
+    else:
+        llm = merge_llm(base, [expert], coefficients=[1.0]) if expert.kind == "lora" else _as_llm(base)
+    return _mllm(llm, tokenizer, [expert])
+
+
+def compose_frozen(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer) -> MultimodalLM:
+    """The frozen-LLM composition: θ0 with every expert's tower."""
+    return _mllm(_as_llm(base), tokenizer, experts)
+
+
+def compose_naive_mc(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer, *,
+                     coefficients: Sequence[float] | None = None, method: str | Callable = "weight_average",
+                     params: Mapping[str, Any] | None = None, keep: Sequence[str] = (),
+                     progress: bool = False) -> MultimodalLM:
+    """NaiveMC: the (λ-weighted) average of the experts' LLMs + every tower (see :func:`merge_llm`)."""
+    llm = merge_llm(base, experts, method=method, params=params, coefficients=coefficients, keep=keep,
+                    progress=progress)
+    return _mllm(llm, tokenizer, experts)
+
+
+# ================================================================================================ DAMC
+def _dense_deltas(base_llm: nn.Module, folder: Path, targets: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """θ − θ0 on the linear weights of ``base_llm`` that differ in the full folder ``folder``."""
+    from .io import CheckpointReader
+
+    r = CheckpointReader(folder)
+    out = {}
+    for n, m in base_llm.named_modules():
+        if isinstance(m, nn.Linear) and n.split(".")[-1] in (targets or DEFAULT_LORA_TARGETS):
+            key = n + ".weight"
+            if key not in r:
+                raise CheckpointError("DAMC full-weight folder lacks a weight of the base", file=folder, tensor=key)
+            d = r.get(key).float() - m.weight.detach().float()
+            if bool((d != 0).any()):
+                out[n] = d
+    return out
+
+
+@torch.no_grad()
+def damc_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource], *,
+             coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0) -> nn.Module:
+    """The routed LLM of DAMC: route 0 (text) = W0 + Σ λi si Bi^t Ai^t (component tag ``i``),
+    route i+1 = W0 + μi si Bi^m Ai^m (tag ``"mu"``). λ default 1/N."""
+    n = len(experts)
+    lam = list(coefficients) if coefficients is not None else [1.0 / n] * n
+    mus = [float(mu)] * n if isinstance(mu, (int, float)) else list(mu)
+    if len(lam) != n or len(mus) != n:
+        raise ConfigError(f"{len(lam)} coefficients / {len(mus)} mu values for {n} experts")
+    llm = _as_llm(base)
+    routes: dict[int, dict[str, list]] = {TEXT_ROUTE: {}}
+    for i, e in enumerate(experts):
+        if e.kind == "damc":
+            text = load_route_adapter(e.adapter_text)
+            mod = load_route_adapter(e.adapter_modality)
+            for name, lr in text.items():
+                routes[TEXT_ROUTE].setdefault(name, []).append(LowRank(lr.A, lr.B, lr.scale, tag=i))
+            routes[i + 1] = {name: [LowRank(lr.A, lr.B, lr.scale, tag="mu")] for name, lr in mod.items()}
+        elif e.kind == "damc-full":
+            for name, d in _dense_deltas(llm, e.llm_text).items():
+                routes[TEXT_ROUTE].setdefault(name, []).append(Dense(d, 1.0, tag=i))
+            routes[i + 1] = {name: [Dense(d, 1.0, tag="mu")] for name, d in _dense_deltas(llm, e.llm_modality).items()}
+        else:
+            raise ConfigError(f"expert {e.name!r} is a {e.kind} expert; DAMC composes DAMC experts "
+                              "(decoupled text and modality parameters)")
+    apply_routes(llm, routes)
+    set_route_coefficients(llm, TEXT_ROUTE, dict(enumerate(lam)))
+    for i in range(n):
+        set_route_coefficients(llm, i + 1, {"mu": mus[i]})
+    llm.eval().requires_grad_(False)
+    return llm
+
+
+def compose_damc(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer, *,
+                 coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0) -> MultimodalLM:
+    """DAMC: merged text parameters (coefficients λi), each modality's own parameters on its tokens."""
+    return _mllm(damc_llm(base, experts, coefficients=coefficients, mu=mu), tokenizer, experts)
+
+
+def set_damc_coefficients(model: MultimodalLM | nn.Module, coefficients: Sequence[float]) -> None:
+    """Change the λi of a DAMC composition in place (no weights rebuilt)."""
+    llm = model.llm if isinstance(model, MultimodalLM) else model
+    set_route_coefficients(llm, TEXT_ROUTE, dict(enumerate(coefficients)))
+
+
+def _accuracy(model: MultimodalLM, records: Sequence[Mapping], load_inputs: Callable, scoring: str) -> float:
+    from .evaluate import accuracy, predict
+
+    return accuracy(predict(model, records, load_inputs, scoring=scoring))
+
+
+def lambda_grid(n: int, values: Sequence[float] = (0.25, 0.5, 0.75, 1.0), mode: str = "uniform") -> list[tuple]:
+    """Candidate λ vectors: ``"uniform"`` (the same λ for every expert), ``"product"`` (every
+    combination; len(values)^n candidates) or ``"simplex"`` (combinations summing to 1, from
+    ``values``; falls back to uniform 1/N if none)."""
+    if mode == "uniform":
+        return [tuple([float(v)] * n) for v in values]
+    if mode == "product":
+        return [tuple(float(x) for x in c) for c in itertools.product(values, repeat=n)]
+    if mode == "simplex":
+        out = [tuple(float(x) for x in c) for c in itertools.product(values, repeat=n) if abs(sum(c) - 1) < 1e-9]
+        return out or [tuple([1.0 / n] * n)]
+    raise ConfigError(f"unknown lambda grid mode {mode!r} (uniform, product, simplex)")
+
+
+def damc_lambda_search(model: MultimodalLM, records: Sequence[Mapping], load_inputs: Callable, *,
+                       grid: Sequence[Sequence[float]] | None = None, scoring: str = "loglik",
+                       csv: str | Path | None = None, progress: bool = True):
+    """DAMC's adaptive parameter adjustment: evaluate every λ vector of ``grid`` (default
+    :func:`lambda_grid` uniform 0.25..1) on ``records`` (a validation split of multi-modality
+    questions), keep the best (ties: the first). Writes the grid with accuracies to ``csv``.
+    Returns ``(best λ tuple, DataFrame)``; the model is left at the best λ."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    n = len(model.route_order)
+    grid = list(grid) if grid is not None else lambda_grid(n)
+    rows = []
+    for lam in tqdm(grid, desc="DAMC lambda search", disable=not progress):
+        if len(lam) != n:
+            raise ConfigError(f"lambda {lam} has {len(lam)} values for {n} experts")
+        set_damc_coefficients(model, lam)
+        acc = _accuracy(model, records, load_inputs, scoring)
+        rows.append({**{f"lambda_{i + 1}": float(v) for i, v in enumerate(lam)},
+                     **{f"modality_{i + 1}": m for i, m in enumerate(model.route_order)},
+                     "accuracy": acc, "n_items": len(records), "scoring": scoring})
+    df = pd.DataFrame(rows)
+    best = tuple(grid[int(df["accuracy"].to_numpy().argmax())])
+    set_damc_coefficients(model, best)
+    if csv is not None:
+        Path(csv).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(csv, index=False)
+    return best, df
+
+
+def damc_lambda_from_own_tasks(model: MultimodalLM, own_records: Mapping[str, Sequence[Mapping]],
+                               load_inputs: Callable, *, values: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+                               expert_scores: Mapping[str, float] | None = None, scoring: str = "loglik",
+                               csv: str | Path | None = None, progress: bool = True):
+    """The fallback without a multi-modality validation set (rule chosen here; the paper's exact
+    rule is **unverified**): for every uniform λ in ``values``, score the composed model on each
+    modality's own-task records; the score of λ is the mean over modalities of the accuracy
+    (divided by the expert's own accuracy when ``expert_scores`` is given, i.e. the mean
+    retention); pick the best λ (ties: the smaller λ, listed first). Returns ``(λ tuple, DataFrame)``."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    n = len(model.route_order)
+    rows = []
+    for v in tqdm(sorted(values), desc="DAMC lambda (own tasks)", disable=not progress):
+        set_damc_coefficients(model, [v] * n)
+        row = {"lambda": float(v)}
+        scores = []
+        for m in model.route_order:
+            acc = _accuracy(model, own_records[m], load_inputs, scoring)
+            row[f"acc_{m}"] = acc
+            scores.append(acc / expert_scores[m] * 100 if expert_scores else acc)
+        row["score"] = float(sum(scores) / len(scores))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    best_v = float(df["lambda"].iloc[int(df["score"].to_numpy().argmax())])
+    best = tuple([best_v] * n)
+    set_damc_coefficients(model, best)
+    if csv is not None:
+        Path(csv).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(csv, index=False)
+    return best, df
+
+
+# ================================================================================================ MMER
+def mmer_mask(tau: torch.Tensor, tau_star: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """MMER's mask for one expert (methods.md section 3, **unverified** reading, λ a parameter):
+    ``m = 1[|τi| > λ · |τi − τ*|]``; λ = 1 is the element-wise minimiser of ‖θi − (θ0 + m ⊙ τ*)‖₁.
+    Delegates to :func:`workbench.masks.mmer_masks` (the rule the engine's ``mmer`` method uses)."""
+    from .masks import mmer_masks
+
+    return mmer_masks([tau], tau_star, lam)[0]
+
+
+@dataclass
+class MMERParts:
+    """τ* per tensor and one packed mask per expert per tensor (what MMER stores).
+
+    ``tau_star[name]``: τ* (``dtype``); ``masks[name][i]``: packed uint8 mask of expert ``i``
+    (:func:`workbench.routing.pack_bool`, MSB first); ``shapes[name]``.
+    """
+
+    tau_star: dict[str, torch.Tensor]
+    masks: dict[str, list[torch.Tensor]]
+    n_experts: int
+    params: dict = field(default_factory=dict)
+
+    def mask(self, name: str, i: int) -> torch.Tensor:
+        return unpack_bool(self.masks[name][i], self.tau_star[name].shape)
+
+    def density(self) -> list[float]:
+        """Per expert, the fraction of τ*'s non-zero entries its mask keeps (over all masked tensors;
+        entries where τ* = 0 do not count - the mask is irrelevant there)."""
+        nz = {n: self.tau_star[n] != 0 for n in self.masks}
+        tot = sum(int(v.sum()) for v in nz.values())
+        return [sum(int((self.mask(n, i) & nz[n]).sum()) for n in self.masks) / max(tot, 1)
+                for i in range(self.n_experts)]
+
+
+@torch.no_grad()
+def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
+               merge_method: str | Callable = "ties", merge_params: Mapping[str, Any] | None = None,
+               lam: float = 1.0, mask_fn: Callable | None = None, keep: Sequence[str] = (), seed: int = 0,
+               dtype: torch.dtype = torch.float32, progress: bool = False) -> MMERParts:
+    """Stream over the base's tensors: τ* = merge(θ0, θi) − θ0 (``merge_method``, default TIES with
+    its registry defaults - **unverified** choice), then ``mask_fn(τi, τ*, lam)`` (default
+    :func:`mmer_mask`) per expert. Masks are kept for every tensor (packed, 1 bit per entry)."""
+    from tqdm.auto import tqdm
+
+    llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
+    readers = [_TauReader(e) for e in experts]
+    if merge_method == "weight_average":
+        fn, params = None, {}
+    else:
+        fn, defaults = _resolve_method(merge_method)
+        params = {**defaults, **dict(merge_params or {})}
+    mask_fn = mask_fn or mmer_mask
+    tau_star, masks = {}, {}
+    for name, p in tqdm(_llm_tensors(llm, keep), desc="MMER merge", disable=not progress):
+        b = p.detach().float()
+        taus = [r.tau(name, b) for r in readers]
+        if all(t is None for t in taus):
+            continue
+        taus = [t if t is not None else torch.zeros_like(b) for t in taus]
+        if fn is None:
+            ts = sum(taus) / len(taus)
+        else:
+            out = fn(b, [b + t for t in taus], name=name, generator=_gen(seed, name), **params)
+            ts = getattr(out, "merged", out).float() - b
+        tau_star[name] = ts.to(dtype)
+        masks[name] = [pack_bool(mask_fn(t, ts, lam)) for t in taus]
+    return MMERParts(tau_star, masks, len(readers), {"merge_method": str(merge_method), "lam": lam,
+                                                     **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}})
+
+
+@torch.no_grad()
+def mmer_parts_from_merge(output: str | Path, base: str | Path | nn.Module, n_experts: int | None = None,
+                          dtype: torch.dtype = torch.float32) -> MMERParts:
+    """MMERParts from the engine's output folder: τ* = merged − θ0 per merged tensor, masks from
+    ``<output>/mmer/masks.safetensors`` (keys ``<tensor>::mask_<i>``, packed)."""
+    from safetensors import safe_open
+
+    from .io import CheckpointReader
+
+    out = Path(output)
+    mfile = out / "mmer" / "masks.safetensors"
+    if not mfile.is_file():
+        raise CheckpointError("no MMER masks in the merge output (run the engine with an MMER method)", file=mfile)
+    llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
+    merged = CheckpointReader(out)
+    params = {n: p for n, p in llm.named_parameters()}
+    raw: dict[str, dict[int, torch.Tensor]] = {}
+    with safe_open(str(mfile), framework="pt") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            name, _, extra = k.partition("::")
+            m = re.fullmatch(r"mask_(\d+)", extra)
+            if m is None:
+                continue
+            info = json.loads(meta.get(k, "{}"))
+            if name not in params:
+                raise CheckpointError("mask for a tensor the base does not have", file=mfile, tensor=k)
+            t = f.get_tensor(k)
+            if not info.get("packed", t.dtype == torch.uint8):
+                t = pack_bool(t.bool())
+            raw.setdefault(name, {})[int(m.group(1))] = t
+    n = n_experts if n_experts is not None else 1 + max(i for d in raw.values() for i in d)
+    tau_star, masks = {}, {}
+    for name, d in raw.items():
+        if sorted(d) != list(range(n)):
+            raise CheckpointError(f"expected masks 0..{n - 1}, found {sorted(d)}", file=mfile, tensor=name)
+        b = params[name].detach().float()
+        tau_star[name] = (merged.get(name).float() - b).to(dtype)
+        masks[name] = [d[i] for i in range(n)]
+    js = out / "mmer" / "mmer.json"
+    prm = json.loads(js.read_text()).get("params", {}) if js.is_file() else {}
+    return MMERParts(tau_star, masks, n, {"from": str(out), **prm})
+
+
+def _is_routable(llm: nn.Module, name: str, target_modules: Sequence[str] | None) -> bool:
+    if not name.endswith(".weight"):
+        return False
+    mod = name[: -len(".weight")]
+    try:
+        m = llm.get_submodule(mod)
+    except AttributeError:
+        return False
+    if not isinstance(m, nn.Linear):
+        return False
+    last = mod.split(".")[-1]
+    return last != "lm_head" and (target_modules is None or last in target_modules)
+
+
+@torch.no_grad()
+def mmer_llm(base: str | Path | nn.Module, parts: MMERParts, *, alpha: float = 1.0, text_route: str = "merged",
+             routes: Sequence[int] | None = None, target_modules: Sequence[str] | None = DEFAULT_LORA_TARGETS,
+             unrouted: str = "text", copy_base: bool = True) -> nn.Module:
+    """The routed LLM of MMER: route ``routes[i]`` (default i+1) = θ0 + α m_i ⊙ τ* (tag ``"alpha"``),
+    route 0 = θ0 + τ* (``text_route="merged"``) or θ0 (``"base"``) - **unverified** reading.
+    Tensors that are not routed linear weights get θ0 + τ* (``unrouted="text"`` with a merged text
+    route) or stay θ0 (``"base"``). τ* is stored once per module (shared by all routes). With
+    ``copy_base=False`` a base module is modified in place."""
+    if text_route not in ("merged", "base"):
+        raise ConfigError(f"text_route must be 'merged' or 'base', got {text_route!r}")
+    if unrouted not in ("text", "base"):
+        raise ConfigError(f"unrouted must be 'text' or 'base', got {unrouted!r}")
+    llm = base if (isinstance(base, nn.Module) and not copy_base) else _as_llm(base)
+    rids = list(routes) if routes is not None else [i + 1 for i in range(parts.n_experts)]
+    if len(rids) != parts.n_experts:
+        raise ConfigError(f"{len(rids)} routes for {parts.n_experts} experts")
+    params = dict(llm.named_parameters())
+    spec: dict[int, dict[str, Any]] = {k: {} for k in [TEXT_ROUTE] + rids}
+    for name, ts in parts.tau_star.items():
+        if name not in params:
+            raise CheckpointError("τ* has a tensor the base LLM does not have", tensor=name)
+        if _is_routable(llm, name, target_modules):
+            ts = ts.to(params[name].dtype)
+            if text_route == "merged":
+                spec[TEXT_ROUTE][name] = Dense(ts, 1.0)
+            for i, k in enumerate(rids):
+                spec[k][name] = Masked(ts, parts.masks[name][i], 1.0, tag="alpha")
+        elif unrouted == "text" and text_route == "merged":
+            params[name].data.add_(ts.to(params[name].dtype))
+    apply_routes(llm, {k: v for k, v in spec.items() if v})
+    for k in rids:
+        set_route_coefficients(llm, k, {"alpha": alpha})
+    llm.eval().requires_grad_(False)
+    return llm
+
+
+def compose_mmer(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer, *,
+                 parts: MMERParts | None = None, alpha: float = 1.0, lam: float = 1.0,
+                 merge_method: str | Callable = "ties", merge_params: Mapping[str, Any] | None = None,
+                 text_route: str = "merged", target_modules: Sequence[str] | None = DEFAULT_LORA_TARGETS,
+                 progress: bool = False) -> MultimodalLM:
+    """MMER composition (see :func:`mmer_parts` and :func:`mmer_llm`); ``parts`` may come from
+    :func:`mmer_parts_from_merge` (the engine's output)."""
+    base_llm = _as_llm(base)
+    if parts is None:
+        parts = mmer_parts(base_llm, experts, merge_method=merge_method, merge_params=merge_params, lam=lam,
+                           progress=progress)
+    if parts.n_experts != len(experts):
+        raise ConfigError(f"MMER parts hold {parts.n_experts} masks per tensor for {len(experts)} experts")
+    llm = mmer_llm(base_llm, parts, alpha=alpha, text_route=text_route, target_modules=target_modules,
+                   copy_base=False)
+    model = _mllm(llm, tokenizer, experts)
+    model.mmer_parts = parts  # type: ignore[attr-defined]
+    return model
+
+
+def set_mmer_alpha(model: MultimodalLM | nn.Module, alpha: float) -> None:
+    """Change MMER's α in place."""
+    from .routing import routed_modules
+
+    llm = model.llm if isinstance(model, MultimodalLM) else model
+    routes = {int(k) for m in routed_modules(llm).values() for k in m.routes if int(k) != TEXT_ROUTE}
+    for k in sorted(routes):
+        set_route_coefficients(llm, k, {"alpha": alpha})
+
+
+@torch.no_grad()
+def set_mmer_masks(model: MultimodalLM | nn.Module, parts: MMERParts, routes: Sequence[int] | None = None) -> None:
+    """Replace the masks of an MMER composition in place (e.g. recomputed with another λ)."""
+    llm = model.llm if isinstance(model, MultimodalLM) else model
+    rids = list(routes) if routes is not None else [i + 1 for i in range(parts.n_experts)]
+    for i, k in enumerate(rids):
+        for mod, comps in route_components(llm, k).items():
+            name = mod + ".weight"
+            for c in comps:
+                if hasattr(c, "set_mask"):
+                    c.set_mask(parts.masks[name][i])
+
+
+@torch.no_grad()
+def remask(parts: MMERParts, base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None],
+           lam: float, mask_fn: Callable | None = None) -> MMERParts:
+    """The same τ* with masks recomputed for threshold ``lam`` (streams the experts again)."""
+    llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
+    readers = [_TauReader(e) for e in experts]
+    params = dict(llm.named_parameters())
+    mask_fn = mask_fn or mmer_mask
+    masks = {}
+    for name, ts in parts.tau_star.items():
+        b = params[name].detach().float()
+        taus = [r.tau(name, b) for r in readers]
+        masks[name] = [pack_bool(mask_fn(t if t is not None else torch.zeros_like(b), ts.float(), lam)) for t in taus]
+    return MMERParts(parts.tau_star, masks, parts.n_experts, {**parts.params, "lam": lam})
+
+
+def mmer_search(model: MultimodalLM, base, experts: Sequence[ExpertSource], records: Sequence[Mapping],
+                load_inputs: Callable, *, lams: Sequence[float] = (0.5, 1.0, 2.0),
+                alphas: Sequence[float] = (0.5, 1.0, 1.5), scoring: str = "loglik", csv: str | Path | None = None,
+                progress: bool = True):
+    """Choose MMER's λ (mask threshold) and α on validation ``records`` (a grid; ties: first).
+    Returns ``((λ, α), DataFrame)``; the model is left at the best pair."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    parts0: MMERParts = model.mmer_parts  # type: ignore[attr-defined]
+    rows, cache = [], {}
+    for lam in tqdm(lams, desc="MMER lambda/alpha", disable=not progress):
+        parts = remask(parts0, base, experts, lam)
+        cache[lam] = parts
+        set_mmer_masks(model, parts)
+        dens = parts.density()
+        for a in alphas:
+            set_mmer_alpha(model, a)
+            rows.append({"lam": float(lam), "alpha": float(a), "accuracy": _accuracy(model, records, load_inputs, scoring),
+                         "n_items": len(records), "scoring": scoring,
+                         **{f"density_{m}": d for m, d in zip(model.route_order, dens)}})
+    df = pd.DataFrame(rows)
+    i = int(df["accuracy"].to_numpy().argmax())
+    best = (float(df["lam"].iloc[i]), float(df["alpha"].iloc[i]))
+    set_mmer_masks(model, cache[best[0]])
+    set_mmer_alpha(model, best[1])
+    model.mmer_parts = cache[best[0]]  # type: ignore[attr-defined]
+    if csv is not None:
+        Path(csv).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(csv, index=False)
+    return best, df
+
+
+# ================================================================================================ storage
+def disk_bytes(path: str | Path) -> int:
+    """Bytes on disk of a file, or of every file under a folder (apparent sizes, symlinks not followed)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def save_mmer_parts(parts: MMERParts, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``tau_star.safetensors`` (τ*, in ``dtype`` or as held), ``masks.safetensors`` (packed
+    uint8, keys ``<tensor>::mask_<i>``, shapes in the metadata) and ``mmer.json``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ts = {n: (t.to(dtype) if dtype else t).contiguous() for n, t in parts.tau_star.items()}
+    save_file(ts, str(folder / "tau_star.safetensors"), metadata={"format": "pt"})
+    masks, meta = {}, {}
+    for n, ms in parts.masks.items():
+        for i, m in enumerate(ms):
+            k = f"{n}::mask_{i}"
+            masks[k] = m.contiguous()
+            meta[k] = json.dumps({"shape": list(parts.tau_star[n].shape), "dtype": "bool", "packed": True})
+    save_file(masks, str(folder / "masks.safetensors"), metadata=meta)
+    (folder / "mmer.json").write_text(json.dumps({"n_experts": parts.n_experts, "params": parts.params,
+                                                  "density": parts.density()}, indent=2, default=str))
+    return folder
+
+
+def load_mmer_parts(folder: str | Path) -> MMERParts:
+    """Inverse of :func:`save_mmer_parts`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    ts = load_file(str(folder / "tau_star.safetensors"))
+    info = json.loads((folder / "mmer.json").read_text())
+    masks: dict[str, list] = {}
+    with safe_open(str(folder / "masks.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            n, _, extra = k.partition("::")
+            i = int(extra.split("_")[1])
+            lst = masks.setdefault(n, [None] * info["n_experts"])
+            lst[i] = f.get_tensor(k)
+    return MMERParts(ts, masks, info["n_experts"], info.get("params", {}))
+
+
+def storage_comparison(mmer_paths: Sequence[str | Path], expert_paths: Sequence[str | Path]) -> dict:
+    """Bytes on disk: MMER's stored parts (τ* + packed masks: the files/folders in ``mmer_paths``)
+    vs. the N experts' LLMs (``expert_paths``). Returns the sizes and their ratio."""
+    mm = sum(disk_bytes(p) for p in mmer_paths)
+    ex = sum(disk_bytes(p) for p in expert_paths)
+    return {"mmer_bytes": mm, "experts_bytes": ex, "n_experts": len(expert_paths),
+            "ratio": mm / ex if ex else float("nan"), "saving": 1 - mm / ex if ex else float("nan")}
+
+
+# ================================================================================================ forgetting
+def forgetting_experiment(zoo, expert: str, new_task: str | Sequence[str] = ("first", "last"), *,
+                          old_tasks: Sequence[str] | None = None, steps: int = 120, batch_size: int = 32,
+                          lr: float = 1e-3, n_eval: int = 96, lam: float = 1.0, alpha: float = 1.0,
+                          merge_method: str | Callable = "ties", seed: int = 0, scoring: str = "loglik",
+                          workdir: str | Path | None = None, progress: bool = False) -> dict:
+    """Forgetting, then decoupling (MMER's retention claim on a new task; methods.md section 3).
+
+    1. the zoo expert (full fine-tuning) is scored on its old tasks and on the new task(s);
+    2. its LLM is fine-tuned on the new task(s) only (the world's :func:`train_mllm`, projector
+       frozen) -> θ_new; old and new tasks are scored again (the drop on old tasks = forgetting);
+    3. decoupled: τ_old = θ_old − θ0 and τ_new = θ_new − θ0 are merged into τ* with one mask each
+       (:func:`mmer_parts`); old-task inputs use the old route (their modality tokens on
+       θ0 + α m_old ⊙ τ*), new-task inputs the new route; text tokens θ0 + τ* (as MMER).
+
+    Returns a dict of accuracies (percent): ``before_old``, ``before_new``, ``after_old``,
+    ``after_new``, ``decoupled_old``, ``decoupled_new`` and the settings.
+    """
+    import tempfile
+
+    import numpy as np
+
+    from .evaluate import accuracy, predict
+    from .world import Zoo
+    from .world.tasks import batches, example_modal_inputs, modality_question, OWN_TASKS
+    from .world.training import seed_everything, train_mllm
+
+    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+    src = zoo_expert(z, expert)
+    if src.kind != "full":
+        raise ConfigError(f"forgetting_experiment needs a full fine-tuned expert, {expert!r} is {src.kind}")
+    m = src.modality
+    new = [new_task] if isinstance(new_task, str) else list(new_task)
+    old = list(old_tasks or [t for t in OWN_TASKS[m] if t not in new])
+    tok = z.tokenizer()
+
+    def examples(tasks, n, s):
+        rng = np.random.default_rng(s)
+        return [modality_question(m, tasks[i % len(tasks)], rng) for i in range(n)]
+
+    def as_records(exs, tag):
+        return [{"id": f"{tag}-{i}", "conversations": [{"from": "human", "value": e.prompt},
+                                                       {"from": "gpt", "value": e.answer}],
+                 "options": None, "task": e.task, "_inputs": example_modal_inputs(e)} for i, e in enumerate(exs)]
+
+    old_recs = as_records(examples(old, n_eval, 90_000 + seed), "old")
+    new_recs = as_records(examples(new, n_eval, 91_000 + seed), "new")
+    load = lambda r: r["_inputs"]  # noqa: E731
+
+    def score(model, recs):
+        return accuracy(predict(model, recs, load, scoring=scoring))
+
+    old_model = _mllm(load_causal_lm(src.llm), tok, [src])
+    res = {"expert": expert, "modality": m, "old_tasks": old, "new_tasks": new, "steps": steps, "lam": lam,
+           "alpha": alpha, "scoring": scoring, "seed": seed,
+           "before_old": score(old_model, old_recs), "before_new": score(old_model, new_recs)}
+    # fine-tune on the new task(s) only
+    seed_everything(7000 + seed)
+    llm_new = load_causal_lm(src.llm)
+    llm_new.requires_grad_(True)
+    ft = MultimodalLM(llm_new, tok, {m: src.tower}, {m: src.placeholder})
+    sampler = lambda r: modality_question(m, new[int(r.integers(len(new)))], r)  # noqa: E731
+    log = train_mllm(ft, batches(sampler, batch_size, 7000 + seed), [{"params": list(llm_new.parameters()), "lr": lr}],
+                     steps, desc=f"forgetting {expert}", progress=progress)
+    llm_new.eval().requires_grad_(False)
+    res["after_old"], res["after_new"] = score(ft, old_recs), score(ft, new_recs)
+    res["finetune_seconds"] = round(log["seconds"], 1)
+    # decouple with masks: save θ_new, then MMER over (θ_old, θ_new)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        new_dir = Path(tmp) / "new"
+        llm_new.save_pretrained(str(new_dir))
+        base_llm = z.load_base_llm()
+        parts = mmer_parts(base_llm, [src.llm, new_dir], merge_method=merge_method, lam=lam)
+        res["mask_density_old"], res["mask_density_new"] = parts.density()
+        for label, route_i, recs in (("decoupled_old", 0, old_recs), ("decoupled_new", 1, new_recs)):
+            sub = MMERParts(parts.tau_star, {n: [ms[route_i]] for n, ms in parts.masks.items()}, 1, parts.params)
+            llm = mmer_llm(base_llm, sub, alpha=alpha)
+            res[label] = score(_mllm(llm, tok, [src]), recs)
+    res["forgetting"] = res["before_old"] - res["after_old"]
+    res["recovered"] = res["decoupled_old"] - res["after_old"]
+    return res
+
+
+__all__ = [
+    "ExpertSource", "MMERParts", "compose_damc", "compose_expert", "compose_frozen", "compose_mmer",
+    "compose_naive_mc", "damc_lambda_from_own_tasks", "damc_lambda_search", "damc_llm", "disk_bytes",
+    "forgetting_experiment", "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm", "load_mmer_parts",
+    "merge_llm", "mmer_llm", "mmer_mask", "mmer_parts", "mmer_parts_from_merge", "mmer_search", "remask",
+    "save_mmer_parts", "set_damc_coefficients", "set_mmer_alpha", "set_mmer_masks", "storage_comparison",
+    "zoo_expert",
+]

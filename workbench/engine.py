@@ -1,0 +1,614 @@
+"""The streaming merge engine: any registered method, tensor by tensor, on a chosen device.
+
+``merge(config)`` does, in order:
+
+1. **validation, before anything is written**: the method and its parameters, the paths (the
+   output is not an input, inside one, or around one), every checkpoint's header (corrupt or
+   truncated files), every expert's tensor names and shapes against the base (LoRA adapters:
+   their targets and delta shapes);
+2. optional **global TIES trimming** (``params: {trim: global}``): streaming passes over the
+   merged tensors find, per expert, the exact magnitude threshold that keeps the top
+   ``density`` fraction of all its task-vector entries (a log2 histogram locates the threshold's
+   bin, a second pass sorts only that bin's values);
+3. the **merge pass**: a background thread reads the next tensors (queue depth 2) while the
+   current ones are computed in float32 on the device; each result is cast to the stored dtype
+   and written at once by a planned :class:`~workbench.io.CheckpointWriter`, so memory holds a
+   few tensors, never the model. Tensors the name filter keeps are copied from the base
+   bit-identically. Method extras (MMER masks) are bit-packed and saved under ``<output>/mmer/``.
+
+Every random draw uses a generator seeded from ``(seed, tensor name)``, so results do not depend
+on the order tensors are processed in, nor on batching.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from .config import MergeConfig
+from .device import resolve_device
+from .errors import CheckpointError, ConfigError, WorkbenchError
+from .io.filters import NameFilter
+from .io.lora import LoraAdapter, is_lora_adapter
+from .io.reader import CheckpointReader, check_finite
+from .io.writer import CheckpointWriter
+
+#: tensors read ahead of the one being computed.
+PREFETCH_DEPTH = 2
+#: log2 histogram used to locate the global trim threshold.
+_HIST_LO, _HIST_HI, _HIST_BINS = -80.0, 20.0, 1 << 15
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from ``(seed, name)`` only (sha256), independent of processing order."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A :class:`torch.Generator` on ``device`` seeded with :func:`tensor_seed`."""
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(tensor_seed(seed, name))
+    return g
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into uint8, 8 entries per byte, most significant bit first (as
+    ``numpy.packbits``); the flattened mask is zero-padded to a multiple of 8."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
+    n = math.prod(shape)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:n].to(torch.bool).reshape(tuple(shape))
+
+
+def _is_inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
+    """Raise :class:`ConfigError` if ``output`` is an input, lies inside one, or contains one."""
+    out = output.expanduser().resolve()
+    for p in inputs:
+        p = Path(p).expanduser().resolve()
+        if out == p or _is_inside(out, p) or _is_inside(p, out):
+            raise ConfigError(f"output {output} must not be, be inside, or contain the input {p}")
+
+
+def resolve_method(name: str, registry: Mapping[str, Any] | None = None):
+    """The :class:`MethodSpec` of ``name`` from ``registry`` or :mod:`workbench.methods`.
+
+    Raises:
+        ConfigError: for an unknown method (listing the known ones).
+    """
+    if registry is None:
+        from .methods import get_method
+
+        return get_method(name)
+    if name not in registry:
+        raise ConfigError(f"unknown merge method {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+# ---------------------------------------------------------------------------------------- experts
+class _FullExpert:
+    """An expert stored as a complete checkpoint."""
+
+    kind = "full"
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+        self.path = reader.path
+
+    def validate(self, base: CheckpointReader) -> None:
+        mine, theirs = set(self.reader.keys()), set(base.keys())
+        missing, extra = sorted(theirs - mine), sorted(mine - theirs)
+        if missing:
+            raise CheckpointError(f"expert lacks {len(missing)} tensor(s) of the base {base.path}",
+                                  file=self.path, tensor=missing[0])
+        if extra:
+            raise CheckpointError(f"expert has {len(extra)} tensor(s) not in the base {base.path}",
+                                  file=self.reader.file_of(extra[0]), tensor=extra[0])
+        for name in base.keys():
+            a, b = self.reader.info(name), base.info(name)
+            if a.shape != b.shape:
+                raise CheckpointError(f"shape {list(a.shape)} differs from the base's {list(b.shape)} "
+                                      f"({b.file})", file=a.file, tensor=name)
+
+    def file_of(self, name: str) -> Path:
+        return self.reader.file_of(name)
+
+    def read(self, name: str):
+        return self.reader.get(name)
+
+
+@dataclass
+class _LoraPiece:
+    """LoRA factors of one expert on one tensor, applied on the compute device."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    transpose: bool
+    on: torch.Tensor | None = None  # replacement of the base weight the delta applies to, if any
+
+    def delta(self, device: torch.device) -> torch.Tensor:
+        d = self.scale * (self.b.to(device, torch.float32) @ self.a.to(device, torch.float32))
+        return d.T if self.transpose else d
+
+
+class _LoraExpert:
+    """An expert given as a peft LoRA adapter on the base: θi = θ0 + s·B@A on its targets."""
+
+    kind = "lora"
+
+    def __init__(self, adapter: LoraAdapter):
+        self.adapter = adapter
+        self.path = adapter.path
+
+    def validate(self, base: CheckpointReader) -> None:
+        for name in self.adapter.targets() + self.adapter.replaced():
+            if name not in base:
+                raise CheckpointError(f"adapter targets a weight that is not in the base {base.path}",
+                                      file=self.adapter.file, tensor=name)
+        for name in self.adapter.targets():
+            shape, want = self.adapter.delta_shape(name), base.info(name).shape
+            if tuple(shape) != tuple(want):
+                raise CheckpointError(f"LoRA delta shape {list(shape)} differs from the base's {list(want)}",
+                                      file=self.adapter.file, tensor=name)
+        for name in self.adapter.replaced():
+            shape, want = self.adapter.reader.info(self.adapter._replaced[name]).shape, base.info(name).shape
+            if tuple(shape) != tuple(want):
+                raise CheckpointError(f"replacement shape {list(shape)} differs from the base's {list(want)}",
+                                      file=self.adapter.file, tensor=name)
+
+    def file_of(self, name: str) -> Path:
+        return self.adapter.file
+
+    def read(self, name: str):
+        on = self.adapter.get_replaced(name) if name in self.adapter._replaced else None
+        if name in self.adapter._factors:
+            a, b, s = self.adapter.factors(name)
+            kind = self.adapter._factors[name]["kind"]
+            return _LoraPiece(a, b, s, kind == "embedding" or self.adapter.fan_in_fan_out, on)
+        return on  # a replacement, or None: unchanged, equal to the base
+
+
+def open_expert(path: str | Path):
+    """A full checkpoint or a LoRA adapter folder, whichever ``path`` is (read without mmap)."""
+    if is_lora_adapter(path):
+        return _LoraExpert(LoraAdapter(path, mmap=False))
+    return _FullExpert(CheckpointReader(path, mmap=False))
+
+
+# ---------------------------------------------------------------------------------------- reading
+@dataclass
+class _Item:
+    name: str
+    merged: bool
+    base: torch.Tensor
+    experts: list = field(default_factory=list)  # Tensor | _LoraPiece | None (= base)
+
+
+def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any]) -> _Item:
+    """Read one tensor of the base (and of the experts when it is merged), checking finiteness."""
+    b = base.get(name)
+    check_finite(b, file=base.file_of(name), tensor=name)
+    item = _Item(name, merged, b)
+    if merged:
+        for e in experts:
+            x = e.read(name)
+            if isinstance(x, torch.Tensor):
+                check_finite(x, file=e.file_of(name), tensor=name)
+            elif isinstance(x, _LoraPiece):
+                for t in (x.a, x.b) if x.on is None else (x.a, x.b, x.on):
+                    check_finite(t, file=e.file_of(name), tensor=name)
+            item.experts.append(x)
+    return item
+
+
+def prefetch(units: Sequence[Sequence[tuple[str, bool]]], read: Callable[[str, bool], _Item],
+             depth: int = PREFETCH_DEPTH) -> Iterator[list[_Item]]:
+    """Yield ``[read(name, merged) for ...]`` per unit while a background thread reads up to
+    ``depth`` units ahead. An exception in the reader is re-raised in the caller; stopping the
+    iteration early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for unit in units:
+                items = [read(n, m) for n, m in unit]
+                if not put(items):
+                    return
+                del items
+            put(done)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    t = threading.Thread(target=work, name="workbench-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            x = q.get()
+            if x is done:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+            del x
+    finally:
+        stop.set()
+        while True:  # unblock a waiting producer
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+        t.join(timeout=30)
+
+
+def _to_device(x, base_dev: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Expert value -> float32 tensor on ``device`` (``None`` is the base, LoRA adds its delta)."""
+    if x is None:
+        return base_dev.clone()
+    if isinstance(x, _LoraPiece):
+        on = base_dev if x.on is None else x.on.to(device=device, dtype=torch.float32)
+        return on + x.delta(device)
+    return x.to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------- global trim
+def _hist_index(a: torch.Tensor) -> torch.Tensor:
+    """Bin of each positive magnitude in the fixed log2 histogram."""
+    l = torch.log2(a).clamp_(_HIST_LO, _HIST_HI)
+    return ((l - _HIST_LO) * (_HIST_BINS / (_HIST_HI - _HIST_LO))).long().clamp_(0, _HIST_BINS - 1)
+
+
+def _taus(items: list[_Item], device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    for item in items:
+        b = item.base.to(device=device, dtype=torch.float32)
+        for i, x in enumerate(item.experts):
+            yield i, (_to_device(x, b, device) - b).reshape(-1)
+
+
+def global_trim_thresholds(units, read, n_experts: int, density: float, device: torch.device,
+                           progress: bool = True) -> list[float]:
+    """Per expert, the magnitude ``t_i`` such that ``|τ_i| >= t_i`` keeps the top ``density``
+    fraction of all entries of τ_i over the merged tensors (k = ceil(density · total), exact).
+
+    Two streaming passes: a log2 histogram of |τ_i| finds the bin holding the k-th largest value;
+    the second pass collects only that bin's values and takes the exact order statistic.
+    """
+    from tqdm.auto import tqdm
+
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"density must be in (0, 1], got {density}")
+    hists = [torch.zeros(_HIST_BINS, dtype=torch.long, device=device) for _ in range(n_experts)]
+    total = 0
+    with contextlib.closing(prefetch(units, read)) as stream:
+        for items in tqdm(stream, total=len(units), desc="global trim 1/2", disable=not progress, leave=False):
+            total += sum(it.base.numel() for it in items)
+            for i, tau in _taus(items, device):
+                a = tau.abs()
+                a = a[a > 0]
+                hists[i] += torch.bincount(_hist_index(a), minlength=_HIST_BINS)
+    k = max(1, math.ceil(density * total))
+    targets = []  # (bin, rank within the bin) per expert, or None = keep everything
+    for h in hists:
+        from_top = torch.flip(h, [0]).cumsum(0)
+        if int(from_top[-1]) < k:  # fewer non-zeros than k: keep every entry
+            targets.append(None)
+            continue
+        j = int(torch.searchsorted(from_top, torch.tensor(k, device=device)))
+        b = _HIST_BINS - 1 - j
+        above = int(from_top[j - 1]) if j > 0 else 0
+        targets.append((b, k - above))
+    pools: list[list[torch.Tensor]] = [[] for _ in range(n_experts)]
+    if any(t is not None for t in targets):
+        with contextlib.closing(prefetch(units, read)) as stream:
+            for items in tqdm(stream, total=len(units), desc="global trim 2/2", disable=not progress, leave=False):
+                for i, tau in _taus(items, device):
+                    if targets[i] is None:
+                        continue
+                    a = tau.abs()
+                    a = a[a > 0]
+                    pools[i].append(a[_hist_index(a) == targets[i][0]].cpu())
+    out = []
+    for i, t in enumerate(targets):
+        if t is None:
+            out.append(0.0)
+            continue
+        vals = torch.cat(pools[i]).sort(descending=True).values
+        out.append(float(vals[t[1] - 1]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the engine
+@dataclass
+class MergeReport:
+    """What a merge did (also saved as ``workbench_merge.json`` in the output)."""
+
+    output: Path
+    method: str
+    params: dict
+    merged: list[str]
+    kept: list[str]
+    seconds: float
+    device: str
+    thresholds: list[float] | None = None
+
+
+def _call_method(spec, base: torch.Tensor, experts: list[torch.Tensor], name: str, device: torch.device,
+                 seed: int, params: dict):
+    gen = tensor_generator(seed, name, device)
+    out = spec.fn(base, experts, name=name, generator=gen, **params)
+    if hasattr(out, "merged") and hasattr(out, "extras"):
+        return out.merged, dict(out.extras or {})
+    return out, {}
+
+
+def use_batched(spec, device: torch.device) -> bool:
+    """Batch same-shape tensors through ``spec.batched_fn``: only on CUDA (on CPU one tensor at a
+    time is as fast and keeps memory lowest)."""
+    return getattr(spec, "batched_fn", None) is not None and device.type == "cuda"
+
+
+def _batch_units(names: list[str], infos: Mapping[str, Any], device: torch.device, n_experts: int,
+                 batch_size: int | None) -> list[list[str]]:
+    """Group same-shape 2-D tensors into batches bounded by ``batch_size`` or by free GPU memory."""
+    groups: dict[tuple, list[str]] = {}
+    singles = []
+    for n in names:
+        shape = tuple(infos[n].shape)
+        (groups.setdefault(shape, []) if len(shape) == 2 else singles).append(n)
+    if batch_size is None:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2**30
+        budget = free // 4
+    units = [[n] for n in singles]
+    for shape, members in groups.items():
+        bs = batch_size
+        if bs is None:
+            per = math.prod(shape) * 4 * (2 * n_experts + 6)  # inputs, stacks, workspace (float32)
+            bs = max(1, int(budget // max(per, 1)))
+        for i in range(0, len(members), bs):
+            units.append(members[i:i + bs])
+    return units
+
+
+def merge(config: MergeConfig | dict | str | Path, *, methods: Mapping[str, Any] | None = None,
+          progress: bool = True) -> Path:
+    """Merge the experts of ``config`` into a new Hugging Face folder and return its path.
+
+    Args:
+        config: a :class:`MergeConfig`, a dict, or a YAML path.
+        methods: a registry to use instead of :data:`workbench.methods.METHODS` (tests).
+        progress: show tqdm bars.
+
+    Raises:
+        ConfigError: unknown method / parameter, bad paths - before anything is written.
+        CheckpointError: unreadable, inconsistent or non-finite inputs (file and tensor named);
+            the temporary output is removed.
+    """
+    return merge_with_report(config, methods=methods, progress=progress).output
+
+
+def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mapping[str, Any] | None = None,
+                      progress: bool = True) -> MergeReport:
+    """:func:`merge`, returning a :class:`MergeReport`."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    cfg = MergeConfig.coerce(config)
+    spec = resolve_method(cfg.method, methods)
+    spec.check_params(cfg.params)
+    params = {**dict(getattr(spec, "defaults", {}) or {}), **cfg.params}
+
+    # ---- paths
+    inputs = [cfg.base, *cfg.experts]
+    for p in inputs:
+        if not Path(p).exists():
+            raise ConfigError(f"input path does not exist: {p}")
+    check_output_path(cfg.output, inputs)
+    if cfg.output.exists() and not cfg.overwrite:
+        raise ConfigError(f"output {cfg.output} already exists (set overwrite: true to replace it)")
+    try:
+        device = resolve_device(cfg.device)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from e
+
+    # ---- checkpoints: headers, names, shapes
+    if is_lora_adapter(cfg.base):
+        raise ConfigError(f"the base {cfg.base} is a LoRA adapter; give the full base model")
+    base = CheckpointReader(cfg.base, mmap=False)
+    experts = [open_expert(p) for p in cfg.experts]
+    for e in experts:
+        e.validate(base)
+    names = base.keys()
+    infos = {n: base.info(n) for n in names}
+    flt = NameFilter(cfg.include, cfg.exclude, cfg.keep_defaults).with_overrides(
+        tuple(getattr(spec, "include", ()) or ()), tuple(getattr(spec, "exclude", ()) or ()))
+    merged_names = [n for n in names if infos[n].dtype.is_floating_point and flt.merged(n)]
+    merged_set = set(merged_names)
+    out_dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
+
+    def dtype_of(n: str) -> torch.dtype:
+        d = infos[n].dtype
+        return out_dtype if (out_dtype is not None and d.is_floating_point) else d
+
+    def read(n: str, m: bool) -> _Item:
+        return _read_item(n, m, base, experts)
+
+    # ---- global trim (TIES over all parameters)
+    params_asked = dict(params)
+    thresholds = None
+    if str(params.get("trim", "tensor")) == "global":
+        # the experts are trimmed here (before the method runs: before DARE's drop in dare_ties),
+        # then the method runs without a trim of its own
+        density = float(params.get("density", params.get("k", 0.2)))
+        thresholds = global_trim_thresholds([[(n, True)] for n in merged_names], read, len(experts), density,
+                                            device, progress)
+        params = {**params, "trim": "tensor", "density": 1.0}
+
+    # ---- schedule: units of names read together
+    batched = use_batched(spec, device)
+    if batched:
+        merged_units = _batch_units(merged_names, infos, device, len(experts), cfg.batch_size)
+    else:
+        merged_units = [[n] for n in merged_names]
+    units = [[(n, True) for n in u] for u in merged_units] + [[(n, False)] for n in names if n not in merged_set]
+
+    config_updates = {}
+    if out_dtype is not None:
+        config_updates["torch_dtype"] = cfg.dtype
+        if base.config and "dtype" in base.config:
+            config_updates["dtype"] = cfg.dtype
+    masks: dict[str, torch.Tensor] = {}
+    mask_meta: dict[str, str] = {}
+    densities: dict[str, dict[str, float]] = {}
+    kept_totals: dict[str, list[int]] = {}
+
+    plan = [(n, infos[n].shape, dtype_of(n)) for n in names]
+    with CheckpointWriter(cfg.output, copy_from=base.folder, max_shard_bytes=cfg.max_shard_bytes, plan=plan,
+                          copy_tokenizer=cfg.copy_tokenizer, config_updates=config_updates,
+                          overwrite=cfg.overwrite) as w:
+        def write_unit(items: list[_Item]) -> None:
+            # a function of its own, so that no local outlives the unit (memory stays bounded)
+            if not items[0].merged:
+                it = items[0]
+                w.add(it.name, it.base if out_dtype is None else it.base.to(dtype_of(it.name)))
+                return
+            results = _compute(spec, items, device, cfg.seed, params, thresholds, batched)
+            for it, (merged, extras) in zip(items, results):
+                if tuple(merged.shape) != tuple(infos[it.name].shape):
+                    raise WorkbenchError(f"method {cfg.method!r} returned shape {list(merged.shape)} for tensor "
+                                         f"{it.name!r}, expected {list(infos[it.name].shape)}")
+                if not bool(torch.isfinite(merged).all()):
+                    raise CheckpointError(f"method {cfg.method!r} produced non-finite values",
+                                          file=cfg.output, tensor=it.name)
+                w.add(it.name, merged.to(dtype_of(it.name)).cpu())
+                for key, value in extras.items():
+                    _store_extra(it.name, key, value, masks, mask_meta, densities, kept_totals)
+
+        with tqdm(total=len(names), desc=f"merge {cfg.method}", unit="tensor", disable=not progress) as bar:
+            with contextlib.closing(prefetch(units, read)) as stream:  # stops the reader thread on errors
+                for items in stream:
+                    write_unit(items)
+                    bar.update(len(items))
+                    del items
+        if masks:
+            overall = {k: v[0] / max(v[1], 1) for k, v in sorted(kept_totals.items())}
+            w.save_extra("mmer/masks.safetensors", masks, metadata=mask_meta)
+            w.save_json("mmer/mmer.json", {"method": cfg.method, "params": params_asked, "density": overall,
+                                           "density_per_tensor": densities,
+                                           "format": "keys '<tensor>::<extra>'; bool masks packed with "
+                                                     "workbench.engine.pack_bits (MSB first), shape in metadata"})
+        report = MergeReport(cfg.output, cfg.method, params_asked, merged_names,
+                             [n for n in names if n not in merged_set], 0.0, str(device), thresholds)
+        w.save_json("workbench_merge.json", {
+            "config": cfg.model_dump(mode="json"), "params_used": params_asked, "device": str(device),
+            "n_merged": len(merged_names), "n_kept": len(names) - len(merged_names), "kept": report.kept,
+            "global_trim_thresholds": thresholds, "workbench_version": _version()})
+    report.seconds = time.perf_counter() - t0
+    base.close()
+    for e in experts:
+        (e.reader if isinstance(e, _FullExpert) else e.adapter.reader).close()
+    return report
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: dict,
+             thresholds: list[float] | None, batched: bool) -> list[tuple[torch.Tensor, dict]]:
+    """Run the method on a unit of merged tensors; returns ``(merged float32, extras)`` per item."""
+    bases, expert_lists = [], []
+    for it in items:
+        b = it.base.to(device=device, dtype=torch.float32, non_blocking=True)
+        ex = [_to_device(x, b, device) for x in it.experts]
+        if thresholds is not None:  # global trim: zero the task-vector entries below each expert's threshold
+            ex = [b + torch.where((e - b).abs() >= t, e - b, torch.zeros((), device=device))
+                  for e, t in zip(ex, thresholds)]
+        bases.append(b)
+        expert_lists.append(ex)
+    if batched and len(items) > 1:
+        names = [it.name for it in items]
+        gens = [tensor_generator(seed, n, device) for n in names]
+        base_stack = torch.stack(bases)
+        expert_stacks = [torch.stack([ex[i] for ex in expert_lists]) for i in range(len(expert_lists[0]))]
+        del bases, expert_lists
+        out = spec.batched_fn(base_stack, expert_stacks, names=names, generators=gens, **params)
+        extras: list[dict] = [{} for _ in items]
+        if hasattr(out, "merged") and hasattr(out, "extras"):
+            out = out.merged
+        return [(out[i], extras[i]) for i in range(len(items))]
+    return [_call_method(spec, b, ex, it.name, device, seed, params)
+            for it, b, ex in zip(items, bases, expert_lists)]
+
+
+def _store_extra(name: str, key: str, value: torch.Tensor, masks: dict, meta: dict, densities: dict,
+                 totals: dict) -> None:
+    """Pack a boolean extra (mask) or keep a numeric one, recording shapes and densities."""
+    full = f"{name}::{key}"
+    if value.dtype == torch.bool:
+        masks[full] = pack_bits(value).cpu()
+        kept = int(value.sum())
+        densities.setdefault(key, {})[name] = kept / max(value.numel(), 1)
+        t = totals.setdefault(key, [0, 0])
+        t[0] += kept
+        t[1] += value.numel()
+    else:
+        masks[full] = value.detach().cpu().contiguous()
+    meta[full] = json.dumps({"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
+                             "packed": value.dtype == torch.bool})
+
+
+def load_masks(output: str | Path) -> dict[str, torch.Tensor]:
+    """Read ``<output>/mmer/masks.safetensors`` back as unpacked tensors keyed ``<tensor>::<extra>``."""
+    from safetensors import safe_open
+
+    file = Path(output) / "mmer" / "masks.safetensors"
+    out = {}
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            info = json.loads(meta[k])
+            t = f.get_tensor(k)
+            out[k] = unpack_bits(t, info["shape"]) if info["packed"] else t
+    return out

@@ -1,0 +1,1167 @@
+"""The merging benchmark's experiments on the miniature zoo (Wei et al., "Unifying MLLM
+Capabilities and Modalities via Model Merging", OptMerge), as tidy DataFrames.
+
+- :func:`capability_merging` - Tables 2 (full fine-tuning) and 3 (LoRA): the capability experts'
+  LLMs merged by every algorithm, λ searched on a **validation** split, reported on a held-out
+  **test** split, beside the base VLM, every individual expert on every task ("Indiv." rows) and
+  the mixture-training model where the zoo has one;
+- :func:`modality_merging` - Table 5: the modality experts' LLMs merged by every algorithm and
+  composed with every expert's tower, beside NaiveMC and DAMC, on MCUB-mini and each modality's
+  own tasks;
+- :func:`optmerge_ablation` - Table 4 (WUDI -> +SGD -> +initialisation -> +low-rank),
+  :func:`rank_ratio_sweep` - Table 8 (OptMerge's ``k_ratio``), :func:`solver_comparison` -
+  iterative vs exact solve of WUDI / OptMerge (accuracy, merge seconds, objective value);
+- :func:`summarise` - the Table-2-shaped wide table (methods x tasks + Avg, with intervals);
+  :func:`compare_published` - our table beside the paper's, with verdicts for its claims.
+
+How a merged model is made (the benchmark's protocol, methods.md section 4):
+
+* only the LLM's linear weights are merged, by :func:`workbench.engine.merge` with its default
+  keep list (embeddings, ``lm_head``, norms, biases, towers and projectors stay the base's);
+* the merged VLM is the merged LLM + the **base** VLM's tower (capability encoder + the base's
+  projector). In the zoo's presets the capability experts do not train their projector
+  (``train_projector: False``), so their projectors *are* the base's; where a preset trains them,
+  the merged model still uses the base's (as the benchmark keeps the base's vision side) and
+  ``df.attrs["notes"]`` says so;
+* every method returns ``θ = θ0 + λ τ_m`` with ``τ_m`` independent of λ. The engine merges once
+  with ``scale = 1`` into a temporary folder; the model for λ is ``θ0 + λ (θ_1 − θ0)`` on the
+  merged tensors (``rescale="interpolate"``, the default: float32 rounding of order 1e-7 relative
+  to the engine's own ``scale=λ``; ``rescale="remerge"`` runs the engine once per λ instead).
+  Weight Average ignores λ and runs once (``lambda = 1``, ``searched = False``);
+* temporary merged models live in a temporary folder that is deleted after evaluation; only the
+  per-item predictions are kept, in a cache keyed by a hash of the inputs (the zoo's model hashes,
+  method, parameters, λ, seed, records, scoring) under ``data/results/<preset>/cache/experiments/``.
+
+Selection is honest: for each method and seed the λ with the highest *mean over tasks* of the
+validation accuracies is chosen (ties: the smaller λ), and only that λ is evaluated on the test
+split. The capability tasks have one record file each; :func:`split_records` splits it into
+validation and test halves by a seeded permutation (disjoint, deterministic). A method that fails
+(an exception in the merge or evaluation) gets rows with ``status="failed"``, NaN accuracy and the
+error message - never silently dropped.
+
+Row schema of every experiment (one row per model x task x split x seed)::
+
+    method (display name), method_id (registry name or label), kind (merge | base | indiv |
+    oracle | composition), task, split (val | test), lambda, searched, selected, seed, n,
+    n_correct, accuracy (%), ci_low, ci_high (95% Wilson, %), status, error, params (JSON)
+
+Intervals: per task, the Wilson interval of the item counts; for the average over tasks
+(:func:`summarise`), with one seed the normal approximation ``Avg ± 1.96 sqrt(Σ_t p_t(1−p_t)/n_t)/T``
+(tasks independent), with two or more seeds a Student-t interval over the seeds' averages.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+EXPERIMENTS_VERSION = "1"
+
+#: The merge methods of the benchmark tables, in the paper's row order (Iso-CTS is extra).
+CAP_METHODS: tuple[str, ...] = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv",
+                                "iso_c", "iso_cts", "wudi", "optmerge")
+#: Table 5's merge methods (the paper's columns; Iso-CTS and the DARE variants are extra, opt-in).
+MODALITY_METHODS: tuple[str, ...] = ("weight_average", "task_arithmetic", "ties", "tsv", "iso_c", "wudi",
+                                     "optmerge")
+LAMBDAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
+#: Methods whose result does not depend on λ (run once).
+NO_LAMBDA: frozenset = frozenset({"weight_average"})
+#: Registry name -> the paper's row label.
+DISPLAY: dict[str, str] = {
+    "weight_average": "Weight Average", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
+    "dare_linear": "TA w/ DARE", "dare_ties": "TIES w/ DARE", "tsv": "TSV", "iso_c": "Iso-C", "iso_cts": "Iso-CTS",
+    "wudi": "WUDI", "optmerge": "OptMerge", "naive_mc": "NaiveMC", "damc": "DAMC",
+}
+TASK_LABELS: dict[str, str] = {"vqa": "VQA", "geometry": "Geometry", "chart": "Chart", "ocr": "OCR",
+                               "grounding": "Grounding"}
+#: OptMerge's preset for each setting.
+OPTMERGE_PRESET_OF: dict[str, str] = {"full": "full_ft", "lora": "lora", "modality": "modality"}
+BASE_LABEL = "Base"
+INDIV_MEAN = "Indiv. (mean)"
+INDIV_OWN = "Indiv. (own task)"
+ORACLE_LABEL = "Mixture Training"
+ROW_COLUMNS = ["method", "method_id", "kind", "task", "split", "lambda", "searched", "selected", "seed", "n",
+               "n_correct", "accuracy", "ci_low", "ci_high", "status", "error", "params"]
+
+
+# ============================================================================================ small helpers
+def _zoo(zoo):
+    from .world import Zoo
+
+    if hasattr(zoo, "manifest"):
+        return zoo
+    if isinstance(zoo, (str, Path)) and Path(zoo).is_dir():
+        return Zoo(zoo)
+    return Zoo.for_preset(str(zoo))
+
+
+def _preset(z) -> str:
+    return str(z.manifest.get("preset", z.path.name))
+
+
+def default_out(z) -> Path:
+    """``data/results/<preset>/`` of the repository."""
+    return Path(__file__).resolve().parents[1] / "data" / "results" / _preset(z)
+
+
+def method_label(method_id: str) -> str:
+    return DISPLAY.get(method_id, method_id)
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(_json({"v": EXPERIMENTS_VERSION, **obj}).encode()).hexdigest()[:20]
+
+
+def records_digest(records: Sequence[Mapping]) -> str:
+    """sha256 over the records' ids and gold answers (what a cached evaluation depends on)."""
+    return hashlib.sha256(json.dumps([(r["id"], r["conversations"][1]["value"]) for r in records])
+                          .encode()).hexdigest()[:16]
+
+
+def wilson(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
+    """Wilson interval of ``k / n`` in percent (NaN, NaN for ``n = 0``)."""
+    from .evaluate import wilson_interval
+
+    if n <= 0:
+        return math.nan, math.nan
+    lo, hi = wilson_interval(int(k), int(n), conf)
+    return 100.0 * lo, 100.0 * hi
+
+
+def _wilson_p(p: float, n: int, conf: float = 0.95) -> tuple[float, float]:
+    """Wilson interval (percent) of a proportion ``p`` observed on ``n`` items (``p n`` need not be whole)."""
+    from scipy import stats
+
+    zz = float(stats.norm.ppf(0.5 + conf / 2))
+    den = 1 + zz * zz / n
+    centre = (p + zz * zz / (2 * n)) / den
+    half = zz * math.sqrt(p * (1 - p) / n + zz * zz / (4 * n * n)) / den
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence transformers' per-load progress bars for the many small loads (restored after)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except Exception:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def split_records(records: Sequence[Mapping], val_fraction: float = 0.5, seed: int = 0
+                  ) -> tuple[list[dict], list[dict]]:
+    """Split one task's records into ``(val, test)``: a permutation seeded by ``seed`` of the
+    records sorted by id; the first ``round(val_fraction * n)`` are validation. Disjoint, covering,
+    independent of the input order."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    recs = sorted((dict(r) for r in records), key=lambda r: r["id"])
+    perm = np.random.default_rng([int(seed), 4242]).permutation(len(recs))
+    n_val = int(round(val_fraction * len(recs)))
+    val = [recs[i] for i in sorted(perm[:n_val])]
+    test = [recs[i] for i in sorted(perm[n_val:])]
+    return val, test
+
+
+def choose_lambda(val_rows: pd.DataFrame) -> float:
+    """The λ with the highest mean validation accuracy over tasks (ties: the smallest λ).
+
+    ``val_rows``: rows of one method and seed on the validation split (``lambda``, ``task``,
+    ``accuracy``). Raises ``ValueError`` if no λ has a finite mean.
+    """
+    means = val_rows.groupby("lambda")["accuracy"].mean().dropna()
+    if means.empty:
+        raise ValueError("no validation accuracy to choose lambda from")
+    best = means.max()
+    return float(min(l for l, v in means.items() if v == best))
+
+
+# ============================================================================================ evaluation
+class _Evaluator:
+    """Evaluates models on record sets, with a prediction cache and an in-memory input cache."""
+
+    def __init__(self, z, cache_dir: Path | None, scoring: str, device: torch.device, batch_size: int = 32,
+                 progress: bool = False) -> None:
+        self.z, self.cache_dir, self.scoring, self.device = z, cache_dir, scoring, device
+        self.batch_size = batch_size
+        self._inputs: dict[str, dict] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def load(self, rec: Mapping) -> dict:
+        rid = rec["id"]
+        if rid not in self._inputs:
+            self._inputs[rid] = self.z.load_inputs(rec)
+        return self._inputs[rid]
+
+    def _file(self, model_key: str, records: Sequence[Mapping]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = _hash({"model": model_key, "records": records_digest(records), "scoring": self.scoring})
+        return self.cache_dir / f"{key}.csv"
+
+    def cached(self, model_key: str, records: Sequence[Mapping]) -> pd.DataFrame | None:
+        f = self._file(model_key, records)
+        if f is not None and f.is_file():
+            df = pd.read_csv(f, dtype={"id": str, "gold": str, "pred": str}, keep_default_na=False, na_values=[])
+            df["correct"] = df["correct"].astype(str).str.lower().isin(["true", "1"])
+            return df
+        return None
+
+    def evaluate(self, model_key: str, records: Sequence[Mapping], model_fn: Callable[[], Any]) -> pd.DataFrame:
+        """Per-item predictions of the model ``model_fn()`` (called only on a cache miss)."""
+        from .evaluate import predict
+
+        hit = self.cached(model_key, records)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        model = model_fn()
+        with torch.no_grad():
+            df = predict(model, list(records), self.load, scoring=self.scoring, batch_size=self.batch_size)
+        f = self._file(model_key, records)
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(f".tmp{id(df)}")
+            df.to_csv(tmp, index=False)
+            tmp.replace(f)
+        return df
+
+
+def _row(method: str, method_id: str, kind: str, task: str, split: str, lam: float, seed: int,
+         pred: pd.DataFrame | None, *, searched: bool = False, selected: bool = False, status: str = "ok",
+         error: str = "", params: Mapping | None = None) -> dict:
+    if pred is not None and len(pred):
+        n, k = len(pred), int(pred["correct"].sum())
+        acc = 100.0 * k / n
+        lo, hi = wilson(k, n)
+    else:
+        n, k, acc, lo, hi = 0, 0, math.nan, math.nan, math.nan
+    return {"method": method, "method_id": method_id, "kind": kind, "task": task, "split": split,
+            "lambda": float(lam) if lam is not None else math.nan, "searched": bool(searched),
+            "selected": bool(selected), "seed": int(seed), "n": n, "n_correct": k, "accuracy": acc,
+            "ci_low": lo, "ci_high": hi, "status": status, "error": error, "params": _json(dict(params or {}))}
+
+
+# ============================================================================================ settings
+@dataclass
+class _Setting:
+    """One family of experts to merge: what is merged, how the VLM is built, on what it is scored."""
+
+    z: Any
+    name: str                              # "capability-full" | "capability-lora" | "modality"
+    experts: dict[int, list[str]]          # seed -> zoo model names (merge order)
+    expert_paths: dict[int, list[Path]]    # seed -> engine inputs (llm folder or adapter folder)
+    val_sets: dict[str, list[dict]]        # task -> validation records
+    test_sets: dict[str, list[dict]]       # task -> test records
+    build: Callable[[Any, int], Any]       # (llm module, seed) -> MultimodalLM
+    base_hash: dict                        # hashes of everything beside the experts
+    notes: dict = field(default_factory=dict)
+
+    def expert_hashes(self, seed: int) -> dict:
+        models = self.z.manifest["models"]
+        return {n: models[n].get("hash") for n in self.experts[seed]}
+
+
+def _base_hash(z) -> str | None:
+    return z.manifest.get("jobs", {}).get("base", {}).get("hash")
+
+
+def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None = None,
+                       tasks: Sequence[str] | None = None, val_fraction: float = 0.5, split_seed: int = 0
+                       ) -> _Setting:
+    """The capability family of ``zoo`` as a merge setting (experts ``capability-<task>-<variant>-s<seed>``)."""
+    from .mllm import MultimodalLM
+    from .world import PLACEHOLDERS
+
+    z = _zoo(zoo)
+    if variant not in ("full", "lora"):
+        raise ValueError(f"variant must be 'full' or 'lora', got {variant!r}")
+    cap = z.manifest["config"].get("capability", {})
+    all_tasks = list(cap.get("tasks", []))
+    tasks = list(tasks) if tasks is not None else all_tasks
+    unknown = [t for t in tasks if t not in all_tasks]
+    if unknown:
+        raise ValueError(f"tasks {unknown} are not capability tasks of this zoo ({all_tasks})")
+    seeds = list(seeds) if seeds is not None else list(cap.get("seeds", [0]))
+    experts, paths = {}, {}
+    for s in seeds:
+        names = [f"capability-{t}-{variant}-s{s}" for t in tasks]
+        missing = [n for n in names if n not in z.manifest["models"]]
+        if missing:
+            raise FileNotFoundError(f"zoo {z.path} lacks {missing} (variant {variant!r}; LoRA experts need "
+                                    f"capability.lora = true in the preset)")
+        experts[s] = names
+        paths[s] = [z.adapter_path(n) if variant == "lora" else z.llm_path(n) for n in names]
+    val, test = {}, {}
+    for t in tasks:
+        val[t], test[t] = split_records(z.capability_eval(t), val_fraction, split_seed)
+    tok = z.tokenizer()
+    notes = {}
+    trained_proj = [n for s in seeds for n in experts[s] if z.info(n).get("train_projector")]
+    notes["projector"] = ("base VLM's projector (the benchmark keeps the base's vision side)"
+                          + (f"; experts {trained_proj} trained their own projector, not used by merges"
+                             if trained_proj else "; the experts did not train theirs, so it equals theirs"))
+
+    def build(llm, seed):
+        tower = z.load_tower("capability-base")
+        return MultimodalLM(llm, tok, {"image": tower}, {"image": PLACEHOLDERS["image"]})
+
+    bh = {"base": _base_hash(z), "capability-base": z.info("capability-base").get("hash"),
+          "split": [val_fraction, split_seed]}
+    return _Setting(z, f"capability-{variant}", experts, paths, val, test, build, bh, notes)
+
+
+def modality_setting(zoo, seeds: Sequence[int] | None = None, modalities: Sequence[str] | None = None,
+                     kind: str = "full", benchmarks: Sequence[str] = ("mcub-2", "mcub-3", "mcub-4"),
+                     own_tasks: bool = True, max_items: int | None = None) -> _Setting:
+    """The modality family as a merge setting: experts ``<m>-<kind>-s<seed>``; every merged LLM gets
+    every expert's tower. Validation: ``mcub/val.json``; test: MCUB-mini 2/3/4 and ``own:<m>``."""
+    from . import compose as C
+
+    z = _zoo(zoo)
+    mods = list(modalities) if modalities is not None else list(z.modalities)
+    seeds = list(seeds) if seeds is not None else list(z.manifest["config"]["seeds"])
+    experts, paths = {}, {}
+    for s in seeds:
+        names = [f"{m}-{kind}-s{s}" for m in mods]
+        missing = [n for n in names if n not in z.manifest["models"]]
+        if missing:
+            raise FileNotFoundError(f"zoo {z.path} lacks {missing}")
+        experts[s] = names
+        paths[s] = [z.adapter_path(n) if kind == "lora" else z.llm_path(n) for n in names]
+    head = (lambda rs: rs[:max_items]) if max_items else (lambda rs: rs)
+    try:
+        val = {"mcub-val": head(z.mcub("val"))}
+    except FileNotFoundError:
+        val = {}
+    test = {}
+    for b in benchmarks:
+        try:
+            recs = z.mcub(b)
+        except FileNotFoundError:
+            continue
+        recs = [r for r in recs if set(_record_mods(r)) <= set(mods)]
+        if recs:
+            test[b] = head(recs)
+    if own_tasks:
+        for m in mods:
+            test[f"own:{m}"] = head(z.own_eval(m))
+    val = {k: [r for r in v if set(_record_mods(r)) <= set(mods)] for k, v in val.items()}
+    if not val or not any(val.values()):
+        raise FileNotFoundError(f"zoo {z.path}: no MCUB-mini validation split (mcub/val.json) to choose lambda on")
+    tok = z.tokenizer()
+    srcs_cache: dict[int, list] = {}
+
+    def sources(seed):
+        if seed not in srcs_cache:
+            srcs_cache[seed] = [C.zoo_expert(z, n) for n in experts[seed]]
+        return srcs_cache[seed]
+
+    def build(llm, seed):
+        return C.compose_frozen(llm, sources(seed), tok)
+
+    setting = _Setting(z, "modality", experts, paths, val, test, build,
+                       {"base": _base_hash(z), "mods": mods, "max_items": max_items},
+                       {"towers": "every modality expert's own tower (encoder + its projector)"})
+    setting.sources = sources  # type: ignore[attr-defined]
+    return setting
+
+
+def _record_mods(rec: Mapping) -> list[str]:
+    key = {"vision": "image"}
+    return [key.get(k, k) for k in rec.get("modal_inputs", {})]
+
+
+# ============================================================================================ merging
+@dataclass
+class MergeEntry:
+    """One merged model family to evaluate: ``label`` (row name), registry ``method``, ``params``
+    (λ is added as ``scale``), and whether λ is searched."""
+
+    label: str
+    method: str
+    params: dict = field(default_factory=dict)
+    searched: bool = True
+
+    @property
+    def key(self) -> dict:
+        return {"method": self.method, "params": self.params}
+
+
+def default_entries(methods: Sequence[str], setting: str, method_params: Mapping[str, Mapping] | None = None
+                    ) -> list[MergeEntry]:
+    """:class:`MergeEntry` per registry method: OptMerge gets the preset of ``setting``
+    (``full``/``lora``/``modality``), Weight Average is not searched."""
+    from .methods import get_method
+
+    out = []
+    for m in methods:
+        spec = get_method(m)
+        params = dict((method_params or {}).get(m, {}))
+        if m == "optmerge":
+            params.setdefault("preset", OPTMERGE_PRESET_OF[setting])
+        spec.check_params(params)
+        out.append(MergeEntry(method_label(m), m, params, searched=m not in NO_LAMBDA))
+    return out
+
+
+class _MergedLLM:
+    """A merge of one entry and seed, made lazily (only when an evaluation misses the cache)."""
+
+    def __init__(self, setting: _Setting, entry: MergeEntry, seed: int, device: torch.device, workdir: Path,
+                 rescale: str, keep_defaults: bool, progress: bool) -> None:
+        self.setting, self.entry, self.seed, self.device = setting, entry, seed, device
+        self.workdir, self.rescale, self.keep_defaults, self.progress = workdir, rescale, keep_defaults, progress
+        self._theta1: dict[str, torch.Tensor] | None = None
+        self._merged_names: list[str] = []
+        self.seconds: float | None = None
+        self.folder: Path | None = None
+
+    def _merge(self, scale: float) -> Path:
+        from .engine import merge_with_report
+
+        z = self.setting.z
+        out = self.workdir / f"merge-{_hash({'e': self.entry.key, 's': self.seed, 'scale': scale})}"
+        shutil.rmtree(out, ignore_errors=True)
+        params = {**self.entry.params, "scale": float(scale)}
+        cfg = {"method": self.entry.method, "base": z.base_path, "experts": self.setting.expert_paths[self.seed],
+               "output": out, "params": params, "device": str(self.device), "seed": int(self.seed),
+               "keep_defaults": self.keep_defaults, "copy_tokenizer": False}
+        t0 = time.perf_counter()
+        rep = merge_with_report(cfg, progress=self.progress)
+        self.seconds = time.perf_counter() - t0
+        self._merged_names = list(rep.merged)
+        return out
+
+    def llm(self, lam: float):
+        """The merged LLM at λ (a fresh module). λ = 1 (and every λ of an unsearched method) is the
+        engine's output itself, bit for bit; other λ interpolate (``rescale="interpolate"``) or
+        re-run the engine with ``scale = λ`` (``"remerge"``)."""
+        from .compose import load_causal_lm
+
+        lam = float(lam) if self.entry.searched else 1.0
+        if self.rescale == "remerge" and lam != 1.0:
+            folder = self._merge(lam)
+            try:
+                return load_causal_lm(folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        if self._theta1 is None:
+            folder = self._merge(1.0)
+            try:
+                llm1 = load_causal_lm(folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            sd = llm1.state_dict()
+            missing = [n for n in self._merged_names if n not in sd]
+            if missing:
+                raise KeyError(f"merged tensors {missing[:3]} are not parameters of the loaded LLM")
+            self._theta1 = {n: sd[n].detach().clone() for n in self._merged_names}
+        llm = self.setting.z.load_base_llm()
+        with torch.no_grad():
+            sd = llm.state_dict()
+            for n, t1 in self._theta1.items():
+                target = sd[n]
+                if lam == 1.0:
+                    target.copy_(t1)
+                else:
+                    t0 = target.detach().float()
+                    target.copy_((t0 + lam * (t1.float() - t0)).to(target.dtype))
+        return llm
+
+
+def _model_key(setting: _Setting, seed: int, what: Mapping) -> str:
+    return _hash({"setting": setting.name, "base": setting.base_hash, "experts": setting.expert_hashes(seed),
+                  "seed": seed, **what})
+
+
+def _eval_sets(ev: _Evaluator, setting: _Setting, key: str, sets: Mapping[str, list], model_fn) -> dict[str, pd.DataFrame]:
+    holder: dict = {}
+
+    def get():
+        if "m" not in holder:
+            holder["m"] = model_fn().to(ev.device).eval()
+        return holder["m"]
+
+    return {t: ev.evaluate(key, recs, get) for t, recs in sets.items()}
+
+
+def _run_entry(ev: _Evaluator, setting: _Setting, entry: MergeEntry, seed: int, lambdas: Sequence[float],
+               workdir: Path, rescale: str, keep_defaults: bool, progress: bool, timings: list) -> list[dict]:
+    """Validation over λ, choice, test at the chosen λ; rows (failed rows on an exception)."""
+    rows: list[dict] = []
+    lams = list(lambdas) if entry.searched else [1.0]
+    mm = _MergedLLM(setting, entry, seed, ev.device, workdir, rescale, keep_defaults, progress)
+    merge_key = {"entry": entry.key, "keep_defaults": keep_defaults, "rescale": rescale}
+    try:
+        val_rows = []
+        for lam in lams:
+            key = _model_key(setting, seed, {**merge_key, "lambda": float(lam)})
+            preds = _eval_sets(ev, setting, key, setting.val_sets,
+                               lambda lam=lam: setting.build(mm.llm(lam), seed))
+            for t, p in preds.items():
+                val_rows.append(_row(entry.label, entry.method, "merge", t, "val", lam, seed, p,
+                                     searched=entry.searched, params=entry.params))
+        chosen = choose_lambda(pd.DataFrame(val_rows))
+        for r in val_rows:
+            r["selected"] = r["lambda"] == chosen
+        rows.extend(val_rows)
+        key = _model_key(setting, seed, {**merge_key, "lambda": float(chosen)})
+        preds = _eval_sets(ev, setting, key, setting.test_sets, lambda: setting.build(mm.llm(chosen), seed))
+        for t, p in preds.items():
+            rows.append(_row(entry.label, entry.method, "merge", t, "test", chosen, seed, p,
+                             searched=entry.searched, selected=True, params=entry.params))
+        if mm.seconds is not None:
+            timings.append({"method": entry.label, "seed": seed, "merge_seconds": mm.seconds})
+    except Exception as err:  # a failing method is reported, not hidden
+        msg = f"{type(err).__name__}: {err}"
+        done = {(r["task"], r["split"]) for r in rows}
+        for split, sets in (("val", setting.val_sets), ("test", setting.test_sets)):
+            for t in sets:
+                if (t, split) not in done:
+                    rows.append(_row(entry.label, entry.method, "merge", t, split, math.nan, seed, None,
+                                     searched=entry.searched, selected=split == "test", status="failed",
+                                     error=msg[:500], params=entry.params))
+        for r in rows:
+            r["status"], r["error"] = "failed", msg[:500]
+    return rows
+
+
+def _reference_rows(ev: _Evaluator, setting: _Setting, label: str, method_id: str, kind: str, seed: int,
+                    key_parts: Mapping, model_fn) -> list[dict]:
+    """Rows of a fixed model (no λ) on validation and test."""
+    rows = []
+    key = _hash({"setting": setting.name, "ref": dict(key_parts)})
+    for split, sets in (("val", setting.val_sets), ("test", setting.test_sets)):
+        try:
+            preds = _eval_sets(ev, setting, key, sets, model_fn)
+            rows += [_row(label, method_id, kind, t, split, math.nan, seed, p, selected=True)
+                     for t, p in preds.items()]
+        except Exception as err:
+            msg = f"{type(err).__name__}: {err}"[:500]
+            rows += [_row(label, method_id, kind, t, split, math.nan, seed, None, selected=True, status="failed",
+                          error=msg)
+                     for t in sets]
+    return rows
+
+
+def _quiet(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        with _quiet_loading():
+            return fn(*a, **kw)
+    return wrapper
+
+
+def _finish(rows: list[dict], attrs: Mapping, out: Path | None, filename: str) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=ROW_COLUMNS)
+    df.attrs.update(attrs)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (filename + ".tmp")
+        df.to_csv(tmp, index=False)
+        tmp.replace(out / filename)
+        (out / (Path(filename).stem + ".json")).write_text(json.dumps(dict(attrs), indent=2, default=str))
+    return df
+
+
+def _context(z, device: str, cache: bool | str | Path, out, write: bool, scoring: str, progress: bool):
+    from .device import resolve_device
+
+    dev = resolve_device(device)
+    base_out = Path(out) if out is not None else default_out(z)
+    if cache is True:
+        cache_dir = base_out / "cache" / "experiments"
+    elif cache:
+        cache_dir = Path(cache)
+    else:
+        cache_dir = None
+    ev = _Evaluator(z, cache_dir, scoring, dev, progress=progress)
+    return ev, (base_out if write else None)
+
+
+def _merge_grid(setting: _Setting, entries: Sequence[MergeEntry], lambdas: Sequence[float], ev: _Evaluator,
+                rescale: str, keep_defaults: bool, progress: bool, desc: str) -> tuple[list[dict], list[dict]]:
+    from tqdm.auto import tqdm
+
+    if rescale not in ("interpolate", "remerge"):
+        raise ValueError(f"rescale must be 'interpolate' or 'remerge', got {rescale!r}")
+    rows, timings = [], []
+    jobs = [(s, e) for s in setting.experts for e in entries]
+    with tempfile.TemporaryDirectory(prefix="wb-merge-") as tmp:
+        bar = tqdm(jobs, desc=desc, disable=not progress)
+        for seed, entry in bar:
+            bar.set_postfix_str(f"s{seed} {entry.label}")
+            torch.manual_seed(seed)
+            rows += _run_entry(ev, setting, entry, seed, lambdas, Path(tmp), rescale, keep_defaults, False, timings)
+    return rows, timings
+
+
+# ============================================================================================ Tables 2 and 3
+@_quiet
+def capability_merging(zoo, variant: str = "full", methods: Sequence[str] = CAP_METHODS,
+                       lambdas: Sequence[float] = LAMBDAS, seeds: Sequence[int] | None = None, device: str = "auto",
+                       *, tasks: Sequence[str] | None = None, method_params: Mapping[str, Mapping] | None = None,
+                       references: bool = True, scoring: str = "loglik", val_fraction: float = 0.5,
+                       split_seed: int = 0, rescale: str = "interpolate", keep_defaults: bool = True,
+                       cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
+                       progress: bool = True) -> pd.DataFrame:
+    """Tables 2 (``variant="full"``) and 3 (``"lora"``) on the zoo's capability family.
+
+    For each seed and method: the experts ``capability-<task>-<variant>-s<seed>`` merged by the
+    engine (LLM linear weights only; ``keep_defaults=False`` merges every tensor), the merged LLM
+    with the base VLM's tower, accuracy on each task's validation split for every λ in
+    ``lambdas``, the λ with the best validation mean over tasks, and that λ on the test split.
+    ``references`` adds the base VLM (``"Base"``), every expert on every task (``"Indiv. <Task>"``)
+    and the mixture-training model if the zoo has one (``capability-oracle-s<seed>``; the presets
+    have none - ``attrs["skipped"]`` says so). ``tasks`` restricts both the merged experts and the
+    tasks. Returns the tidy rows (module docstring); ``write=True`` also writes
+    ``<out>/capability_<variant>.csv`` (``out`` default ``data/results/<preset>/``). ``attrs``:
+    ``cache_hits``, ``cache_misses``, ``timings`` (merge seconds), ``notes``, ``skipped``.
+    """
+    z = _zoo(zoo)
+    t0 = time.time()
+    setting = capability_setting(z, variant, seeds, tasks, val_fraction, split_seed)
+    ev, out_dir = _context(z, device, cache, out, write, scoring, progress)
+    entries = default_entries(methods, variant, method_params)
+    rows, timings = _merge_grid(setting, entries, lambdas, ev, rescale, keep_defaults, progress,
+                                f"capability merging ({variant})")
+    skipped = []
+    if references:
+        rows += _capability_references(ev, setting, variant, skipped)
+    attrs = {"experiment": "capability_merging", "variant": variant, "preset": _preset(z), "zoo": str(z.path),
+             "lambdas": list(lambdas), "scoring": scoring, "rescale": rescale, "keep_defaults": keep_defaults,
+             "cache_hits": ev.hits, "cache_misses": ev.misses, "timings": timings, "notes": setting.notes,
+             "skipped": skipped, "seconds": round(time.time() - t0, 1),
+             "selection": "lambda = argmax over lambdas of the mean validation accuracy over tasks (ties: smaller)"}
+    return _finish(rows, attrs, out_dir, f"capability_{variant}.csv")
+
+
+def _capability_references(ev: _Evaluator, setting: _Setting, variant: str, skipped: list) -> list[dict]:
+    z = setting.z
+    rows = []
+    for seed in setting.experts:
+        rows += _reference_rows(ev, setting, BASE_LABEL, "base", "base", seed,
+                                {"model": "capability-base", "hash": setting.base_hash},
+                                lambda seed=seed: setting.build(z.load_base_llm(), seed))
+        for name in setting.experts[seed]:
+            task = z.info(name).get("task", name)
+            rows += _reference_rows(ev, setting, f"Indiv. {TASK_LABELS.get(task, task)}", name, "indiv", seed,
+                                    {"model": name, "hash": z.info(name).get("hash"), "base": setting.base_hash},
+                                    lambda name=name: z.load_expert(name))
+        oracle = f"capability-oracle-s{seed}"
+        if oracle in z.manifest["models"]:
+            rows += _reference_rows(ev, setting, ORACLE_LABEL, oracle, "oracle", seed,
+                                    {"model": oracle, "hash": z.info(oracle).get("hash")},
+                                    lambda oracle=oracle: z.load_expert(oracle))
+        else:
+            skipped.append({"seed": seed, "row": ORACLE_LABEL,
+                            "why": f"the zoo has no capability mixture-training model ({oracle})"})
+    return rows
+
+
+# ============================================================================================ Table 5
+@_quiet
+def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Sequence[float] = LAMBDAS,
+                     seeds: Sequence[int] | None = None, device: str = "auto", *,
+                     compositions: Sequence[str] = ("naive_mc", "damc"), method_params: Mapping[str, Mapping] | None = None,
+                     modalities: Sequence[str] | None = None, references: bool = True, scoring: str = "loglik",
+                     max_items: int | None = None, rescale: str = "interpolate", keep_defaults: bool = True,
+                     cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
+                     progress: bool = True) -> pd.DataFrame:
+    """Table 5 on the modality family: the full-FT modality experts' LLMs merged by every method
+    (OptMerge preset ``modality``), each merged LLM composed with every expert's tower; λ chosen on
+    MCUB-mini's validation split; tested on MCUB-mini 2/3/4 and each modality's own tasks.
+
+    Beside them (``compositions``): NaiveMC (:func:`workbench.compose.compose_naive_mc`: the average
+    of the *whole* LLMs, embeddings and norms included, as the original) and DAMC (λ searched by
+    :class:`workbench.results.ZooComposer` on the same validation split), skipped with a note where
+    the zoo lacks DAMC experts. ``references``: the frozen base LLM with every tower (``"Base"``),
+    each expert's LLM with every tower (``"Indiv. <modality>"``: the paper's Vision/Audio/Video
+    columns) and the jointly trained oracle (``"Mixture Training"``) where the zoo has one.
+    """
+    from .results import ZooComposer
+
+    z = _zoo(zoo)
+    t0 = time.time()
+    setting = modality_setting(z, seeds, modalities, "full", max_items=max_items)
+    ev, out_dir = _context(z, device, cache, out, write, scoring, progress)
+    entries = default_entries(methods, "modality", method_params)
+    rows, timings = _merge_grid(setting, entries, lambdas, ev, rescale, keep_defaults, progress, "modality merging")
+    skipped = []
+    mods = setting.base_hash["mods"]
+    for seed in setting.experts:
+        comp = ZooComposer(z, seed, expert_kind="full", search=True, val_records=setting.val_sets["mcub-val"])
+        for c in compositions:
+            if comp.members(c, mods) is None:
+                skipped.append({"seed": seed, "row": method_label(c), "why": "a member is missing from the zoo"})
+                continue
+            rows += _reference_rows(ev, setting, method_label(c), c, "composition", seed,
+                                    {"composition": comp.settings(c), "hashes": comp.model_hashes(c, mods),
+                                     "mods": mods, "max_items": max_items},
+                                    lambda c=c, comp=comp: comp.build(c, mods))
+        if references:
+            rows += _reference_rows(ev, setting, BASE_LABEL, "frozen", "base", seed,
+                                    {"model": "frozen", "hash": setting.base_hash, "experts": setting.expert_hashes(seed)},
+                                    lambda seed=seed: setting.build(z.load_base_llm(), seed))
+            for name, m in zip(setting.experts[seed], mods):
+                rows += _reference_rows(ev, setting, f"Indiv. {m}", name, "indiv", seed,
+                                        {"model": name, "towers": setting.expert_hashes(seed), "base": setting.base_hash},
+                                        lambda name=name, seed=seed: setting.build(z.load_llm(name), seed))
+            oracle = f"oracle-s{seed}"
+            if oracle in z.manifest["models"] and set(mods) <= set(z.info(oracle).get("modalities", [])):
+                rows += _reference_rows(ev, setting, ORACLE_LABEL, oracle, "oracle", seed,
+                                        {"model": oracle, "hash": z.info(oracle).get("hash"), "mods": mods,
+                                         "max_items": max_items},
+                                        lambda oracle=oracle: z.load_expert(oracle))
+            else:
+                skipped.append({"seed": seed, "row": ORACLE_LABEL, "why": f"no oracle {oracle} with {mods}"})
+    attrs = {"experiment": "modality_merging", "preset": _preset(z), "zoo": str(z.path), "lambdas": list(lambdas),
+             "scoring": scoring, "rescale": rescale, "keep_defaults": keep_defaults, "cache_hits": ev.hits,
+             "cache_misses": ev.misses, "timings": timings, "notes": setting.notes, "skipped": skipped,
+             "seconds": round(time.time() - t0, 1), "modalities": mods,
+             "selection": "lambda = argmax of MCUB-mini validation accuracy (ties: smaller)"}
+    return _finish(rows, attrs, out_dir, "modality_merging.csv")
+
+
+# ============================================================================================ Tables 4 and 8, solvers
+def ablation_entries(setting: str = "lora") -> list[MergeEntry]:
+    """Table 4's steps as registry parameters, for the OptMerge preset of ``setting``
+    (``full`` -> ``full_ft``, ``lora``, ``modality``); P = that preset's SGD settings.
+
+    1. ``WUDI``: ``wudi`` (Adam, lr 1e-5, 300 steps, init Σ τi);
+    2. ``+SGD``: the WUDI objective (``optmerge`` with ``k_ratio = 1``: full rank, which is exactly
+       WUDI's objective) with SGD (P's lr and momentum; for ``full``, whose preset uses Adam, the
+       ``lora`` preset's SGD lr 1e-4, momentum 0.9), init Σ τi;
+    3. ``+Initialization``: the same with init = mean of τi;
+    4. ``+Low-rank``: OptMerge's rank-k truncation (P's k; k = floor(min(m,n)/N) unless P sets
+       ``k_ratio``) - for ``lora``/``modality`` this is exactly the OptMerge preset.
+    """
+    from .methods import OPTMERGE_PRESETS
+
+    preset = OPTMERGE_PRESET_OF[setting]
+    P = OPTMERGE_PRESETS[preset]
+    sgd = P if P["optimizer"] == "sgd" else OPTMERGE_PRESETS["lora"]
+    common = {"preset": preset, "steps": int(P["steps"])}
+    sgd_params = {**common, "optimizer": "sgd", "lr": float(sgd["lr"]), "momentum": float(sgd["momentum"])}
+    low_rank = {**sgd_params, "init": "mean"}
+    if P["k_ratio"] is not None:
+        low_rank["k_ratio"] = float(P["k_ratio"])
+    return [
+        MergeEntry("WUDI", "wudi", {"init": "sum", "lr": 1e-5, "steps": int(P["steps"])}),
+        MergeEntry("+SGD", "optmerge", {**sgd_params, "k_ratio": 1.0, "init": "sum"}),
+        MergeEntry("+Initialization", "optmerge", {**sgd_params, "k_ratio": 1.0, "init": "mean"}),
+        MergeEntry("+Low-rank", "optmerge", low_rank),
+    ]
+
+
+def _family(zoo, family: str, seeds, tasks, max_items):
+    if family in ("full", "lora"):
+        return capability_setting(zoo, family, seeds, tasks), family
+    if family == "modality":
+        return modality_setting(zoo, seeds, max_items=max_items), "modality"
+    raise ValueError(f"family must be 'full', 'lora' or 'modality', got {family!r}")
+
+
+def _run_entries(zoo, family, entries, lambdas, seeds, device, tasks, max_items, scoring, rescale, cache, out,
+                 write, progress, experiment, filename, extra_attrs=None) -> pd.DataFrame:
+    z = _zoo(zoo)
+    t0 = time.time()
+    setting, _ = _family(z, family, seeds, tasks, max_items)
+    ev, out_dir = _context(z, device, cache, out, write, scoring, progress)
+    rows, timings = _merge_grid(setting, entries, lambdas, ev, rescale, True, progress, experiment)
+    attrs = {"experiment": experiment, "family": family, "preset": _preset(z), "lambdas": list(lambdas),
+             "scoring": scoring, "cache_hits": ev.hits, "cache_misses": ev.misses, "timings": timings,
+             "entries": [e.__dict__ for e in entries], "seconds": round(time.time() - t0, 1), **(extra_attrs or {})}
+    return _finish(rows, attrs, out_dir, filename)
+
+
+@_quiet
+def optmerge_ablation(zoo, family: str = "lora", lambdas: Sequence[float] = LAMBDAS,
+                      seeds: Sequence[int] | None = None, device: str = "auto", *, tasks: Sequence[str] | None = None,
+                      max_items: int | None = None, scoring: str = "loglik", rescale: str = "interpolate",
+                      cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
+                      progress: bool = True) -> pd.DataFrame:
+    """Table 4: WUDI -> +SGD -> +Initialization -> +Low-rank (:func:`ablation_entries`) on the
+    capability experts (``family="full"`` or ``"lora"``; the paper's column is Qwen2-VL LoRA) or
+    the modality experts (``"modality"``; the paper's Vicuna-7B column). Same protocol and rows as
+    :func:`capability_merging` (``method`` = the step)."""
+    return _run_entries(zoo, family, ablation_entries(family), lambdas, seeds, device, tasks, max_items, scoring,
+                        rescale, cache, out, write, progress, "optmerge_ablation", f"optmerge_ablation_{family}.csv")
+
+
+@_quiet
+def rank_ratio_sweep(zoo, family: str = "full", k_ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5),
+                     lambdas: Sequence[float] = LAMBDAS, seeds: Sequence[int] | None = None, device: str = "auto", *,
+                     tasks: Sequence[str] | None = None, max_items: int | None = None, scoring: str = "loglik",
+                     rescale: str = "interpolate", cache: bool | str | Path = True, out: str | Path | None = None,
+                     write: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Table 8: OptMerge (preset of ``family``) with ``k = floor(k_ratio * min(m, n))``; rows'
+    ``method`` is ``"k=<ratio>"``."""
+    preset = OPTMERGE_PRESET_OF[family]
+    entries = [MergeEntry(f"k={r:g}", "optmerge", {"preset": preset, "k_ratio": float(r)}) for r in k_ratios]
+    return _run_entries(zoo, family, entries, lambdas, seeds, device, tasks, max_items, scoring, rescale, cache, out,
+                        write, progress, "rank_ratio_sweep", f"rank_ratio_{family}.csv")
+
+
+def merge_objective(base_dir: str | Path, expert_dirs: Sequence[str | Path], merged: Mapping[str, torch.Tensor],
+                    method: str, params: Mapping[str, Any]) -> float:
+    """Σ over merged 2-D tensors of the method's objective ``Σ_i w_i ||(τ_m − T_i) P_i^T||²_F``
+    (:func:`workbench.methods.quadratic_merge_loss`; WUDI: ``k = None``, OptMerge: its rank k),
+    evaluated at ``τ_m = (θ_merged − θ0) / scale``."""
+    from .engine import open_expert
+    from .io import CheckpointReader
+    from .methods import OPTMERGE_PRESETS, _rank_k, quadratic_merge_loss
+
+    base = CheckpointReader(base_dir)
+    experts = [open_expert(p) for p in expert_dirs]
+    scale = float(params.get("scale", 1.0))
+    total = 0.0
+    for name, theta in merged.items():
+        if theta.dim() != 2:
+            continue
+        b = base.get(name).float()
+        taus = []
+        for e in experts:
+            x = e.read(name)
+            if x is None:
+                taus.append(torch.zeros_like(b))
+            elif isinstance(x, torch.Tensor):
+                taus.append(x.float() - b)
+            else:  # LoRA piece
+                taus.append(x.delta(torch.device("cpu")) + ((x.on.float() - b) if x.on is not None else 0.0))
+        taus = torch.stack(taus)
+        k = None
+        if method == "optmerge":
+            kr = params.get("k_ratio")
+            if kr is None:
+                kr = OPTMERGE_PRESETS[params.get("preset", "full_ft")]["k_ratio"]
+            k = _rank_k(b.shape[0], b.shape[1], taus.shape[0], kr)
+        tau_m = (theta.float() - b) / scale
+        total += float(quadratic_merge_loss(tau_m, taus, k))
+    return total
+
+
+@_quiet
+def solver_comparison(zoo, family: str = "full", methods: Sequence[str] = ("wudi", "optmerge"),
+                      lambdas: Sequence[float] = LAMBDAS, seeds: Sequence[int] | None = None, device: str = "auto", *,
+                      tasks: Sequence[str] | None = None, max_items: int | None = None, scoring: str = "loglik",
+                      cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
+                      progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Iterative (the paper's 300 steps) vs exact (closed-form) solve of WUDI / OptMerge.
+
+    Returns ``(rows, costs)``: the usual rows (``method`` = ``"<Label> (iterative|exact)"``) and one
+    row per method x solver x seed with ``merge_seconds`` (an engine merge at scale 1, timed here,
+    not cached) and ``objective`` (:func:`merge_objective` of that merge)."""
+    from .engine import merge_with_report
+    from .io import CheckpointReader
+
+    preset = OPTMERGE_PRESET_OF[family]
+    entries = []
+    for m in methods:
+        for solver in ("iterative", "exact"):
+            p = {"solver": solver}
+            if m == "optmerge":
+                p["preset"] = preset
+            entries.append(MergeEntry(f"{method_label(m)} ({solver})", m, p))
+    rows = _run_entries(zoo, family, entries, lambdas, seeds, device, tasks, max_items, scoring, "interpolate",
+                        cache, out, write, progress, "solver_comparison", f"solver_comparison_{family}.csv")
+    z = _zoo(zoo)
+    setting, _ = _family(z, family, seeds, tasks, max_items)
+    costs = []
+    with tempfile.TemporaryDirectory(prefix="wb-solver-") as tmp:
+        for seed in setting.experts:
+            for e in entries:
+                outp = Path(tmp) / f"{e.method}-{e.params['solver']}-s{seed}"
+                cfg = {"method": e.method, "base": z.base_path, "experts": setting.expert_paths[seed],
+                       "output": outp, "params": {**e.params, "scale": 1.0}, "device": device, "seed": seed,
+                       "copy_tokenizer": False}
+                try:
+                    t0 = time.perf_counter()
+                    rep = merge_with_report(cfg, progress=False)
+                    secs = time.perf_counter() - t0
+                    r = CheckpointReader(outp)
+                    merged = {n: r.get(n) for n in rep.merged}
+                    obj = merge_objective(z.base_path, setting.expert_paths[seed], merged, e.method,
+                                          {**e.params, "scale": 1.0})
+                    costs.append({"method": e.label, "method_id": e.method, "solver": e.params["solver"],
+                                  "seed": seed, "merge_seconds": secs, "objective": obj, "status": "ok", "error": ""})
+                except Exception as err:
+                    costs.append({"method": e.label, "method_id": e.method, "solver": e.params["solver"],
+                                  "seed": seed, "merge_seconds": math.nan, "objective": math.nan,
+                                  "status": "failed", "error": f"{type(err).__name__}: {err}"[:500]})
+                finally:
+                    shutil.rmtree(outp, ignore_errors=True)
+    costs_df = pd.DataFrame(costs)
+    if write:
+        d = Path(out) if out is not None else default_out(z)
+        costs_df.to_csv(d / f"solver_costs_{family}.csv", index=False)
+    return rows, costs_df
+
+
+# ============================================================================================ tables
+def _avg_interval(accs: Sequence[float], ns: Sequence[int], z: float = 1.959963984540054) -> tuple[float, float, float]:
+    a = np.asarray(accs, float) / 100.0
+    n = np.asarray(ns, float)
+    if len(a) == 0 or np.any(n <= 0) or np.any(np.isnan(a)):
+        return math.nan, math.nan, math.nan
+    mean = float(a.mean())
+    half = z * math.sqrt(float(np.sum(a * (1 - a) / n))) / len(a)
+    return 100 * mean, 100 * max(0.0, mean - half), 100 * min(1.0, mean + half)
+
+
+def summary_long(df: pd.DataFrame, split: str = "test", add_indiv: bool = True) -> pd.DataFrame:
+    """One row per method x benchmark (each task and ``"Avg"``) on ``split``, at the selected λ:
+    ``method, kind, benchmark, mean, ci_low, ci_high, n_seeds, lambda, status``.
+
+    Per task: one seed -> the Wilson interval; several -> a Student-t interval over seeds. ``Avg``
+    (mean over tasks): one seed -> normal approximation of the per-task binomial variances;
+    several -> Student-t over the seeds' averages. ``add_indiv`` adds ``"Indiv. (mean)"`` (per
+    task, the mean over the Indiv. rows) and ``"Indiv. (own task)"`` (per task, that task's own
+    expert; capability rows only) with intervals formed the same way from their counts.
+    """
+    from .published import summarise as t_summary
+
+    d = df[(df["split"] == split) & (df["selected"].astype(bool))].copy()
+    tasks = list(dict.fromkeys(df.loc[df["split"] == split, "task"]))
+    out = []
+    for (method, kind), g in d.groupby(["method", "kind"], sort=False):
+        failed = (g["status"] != "ok").any()
+        seeds = sorted(g["seed"].unique())
+        lam = g["lambda"].dropna().unique()
+        lam_s = ",".join(f"{x:g}" for x in sorted(lam)) if len(lam) else ""
+        for t in tasks:
+            gt = g[g["task"] == t]
+            if gt.empty:
+                continue
+            if len(seeds) >= 2:
+                s = t_summary(gt, ["task"], value="accuracy").iloc[0]
+                mean, lo, hi = s["mean"], s["ci_low"], s["ci_high"]
+            else:
+                k, n = int(gt["n_correct"].sum()), int(gt["n"].sum())
+                mean = 100.0 * k / n if n and not failed else math.nan
+                lo, hi = wilson(k, n) if n and not failed else (math.nan, math.nan)
+            out.append({"method": method, "kind": kind, "benchmark": t, "mean": mean, "ci_low": lo, "ci_high": hi,
+                        "n_seeds": len(seeds), "lambda": lam_s, "status": "failed" if failed else "ok"})
+        per_seed = []
+        for s, gs in g.groupby("seed"):
+            gs = gs.set_index("task").reindex(tasks)
+            per_seed.append(_avg_interval(gs["accuracy"].tolist(), gs["n"].fillna(0).astype(int).tolist()))
+        if len(per_seed) >= 2:
+            vals = pd.DataFrame({"accuracy": [p[0] for p in per_seed], "k": 0})
+            s = t_summary(vals, ["k"], value="accuracy").iloc[0]
+            avg = (s["mean"], s["ci_low"], s["ci_high"])
+        else:
+            avg = per_seed[0] if per_seed else (math.nan,) * 3
+        out.append({"method": method, "kind": kind, "benchmark": "Avg", "mean": avg[0], "ci_low": avg[1],
+                    "ci_high": avg[2], "n_seeds": len(seeds), "lambda": lam_s, "status": "failed" if failed else "ok"})
+    res = pd.DataFrame(out, columns=["method", "kind", "benchmark", "mean", "ci_low", "ci_high", "n_seeds", "lambda",
+                                     "status"])
+    if add_indiv:
+        res = pd.concat([res, _indiv_rows(d, tasks)], ignore_index=True)
+    return res
+
+
+def _indiv_rows(d: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    ind = d[(d["kind"] == "indiv") & (d["status"] == "ok")]
+    if ind.empty:
+        return pd.DataFrame()
+    rows = []
+    own_label = {f"Indiv. {TASK_LABELS.get(t, t)}": t for t in tasks}
+    for label, pick in ((INDIV_MEAN, None), (INDIV_OWN, "own")):
+        accs, ns = [], []
+        for t in tasks:
+            gt = ind[ind["task"] == t]
+            if pick == "own":
+                gt = gt[gt["method"].map(own_label) == t]
+                if gt.empty:
+                    break
+            k, n = int(gt["n_correct"].sum()), int(gt["n"].sum())
+            if n == 0:
+                continue
+            p = k / n
+            # mean over experts of the same items: its variance is bounded by that of one expert's
+            n_eff = int(gt["n"].iloc[0]) * gt["seed"].nunique()
+            lo, hi = _wilson_p(p, n_eff)
+            rows.append({"method": label, "kind": "indiv", "benchmark": t, "mean": 100 * p, "ci_low": lo,
+                         "ci_high": hi, "n_seeds": gt["seed"].nunique(), "lambda": "", "status": "ok"})
+            accs.append(100 * p)
+            ns.append(n_eff)
+        else:
+            if accs:
+                m, lo, hi = _avg_interval(accs, ns)
+                rows.append({"method": label, "kind": "indiv", "benchmark": "Avg", "mean": m, "ci_low": lo,
+                             "ci_high": hi, "n_seeds": int(ind["seed"].nunique()), "lambda": "", "status": "ok"})
+            continue
+        rows = [r for r in rows if r["method"] != label]  # own-task row incomplete: drop it
+    return pd.DataFrame(rows)
+
+
+def summarise(df: pd.DataFrame, split: str = "test", fmt: bool = False, digits: int = 1) -> pd.DataFrame:
+    """The Table-2-shaped wide table: one row per model (references first, then merge methods in
+    the order run), one column per task and ``Avg`` (mean accuracy, %), plus ``lambda`` (the
+    selected λ). ``fmt=True`` gives strings ``"57.4 [52.1, 62.3]"`` (95% intervals, see
+    :func:`summary_long`); a failed method shows ``"failed"``."""
+    long = summary_long(df, split)
+    if long.empty:
+        return pd.DataFrame()
+    order = list(dict.fromkeys(long["method"]))
+    kinds = dict(zip(long["method"], long["kind"]))
+    rank = {"base": 0, "indiv": 1, "oracle": 2, "composition": 3, "merge": 4}
+    order.sort(key=lambda m: rank.get(kinds[m], 5))
+    bench = [b for b in dict.fromkeys(long["benchmark"]) if b != "Avg"] + ["Avg"]
+
+    def cell(r):
+        if r["status"] != "ok":
+            return "failed"
+        if not fmt:
+            return r["mean"]
+        if pd.isna(r["mean"]):
+            return ""
+        if pd.isna(r["ci_low"]):
+            return f"{r['mean']:.{digits}f}"
+        return f"{r['mean']:.{digits}f} [{r['ci_low']:.{digits}f}, {r['ci_high']:.{digits}f}]"
+
+    long = long.assign(cell=long.apply(cell, axis=1))
+    wide = long.pivot(index="method", columns="benchmark", values="cell").reindex(index=order, columns=bench)
+    lam = long.drop_duplicates("method").set_index("method")["lambda"].reindex(order)
+    wide["lambda"] = lam
+    wide.columns = [TASK_LABELS.get(c, c) for c in wide.columns]
+    wide.index.name = "method"
+    return wide
+
+
+# ============================================================================================ published
+#: The paper's base-model row name per published table.
+PUBLISHED_BASE = {"optmerge_table2": "InternVL2.5-Instruct", "optmerge_table3": "Qwen2-VL-Base"}
+MERGE_LABELS = tuple(DISPLAY[m] for m in CAP_METHODS)
+
+
+def paper_claims(table: str = "optmerge_table2"):
+    """Claims checked by :func:`compare_published` for Table 2/3 (``published.Claim`` objects)."""
+    from .published import PAPER_CLAIMS, Claim
+
+    claims = [c for c in PAPER_CLAIMS if c.source == "optmerge_table2"]
+    claims = [Claim(c.text, c.lhs, c.rhs, c.relation, c.testable, c.reason, c.margin, table) for c in claims]
+    claims.append(Claim("merging (OptMerge) beats the individual experts' average", {"method": "OptMerge",
+                        "benchmark": "Avg"}, {"method": INDIV_MEAN, "benchmark": "Avg"}, ">", source=table))
+    claims.append(Claim.better_than("OptMerge", BASE_LABEL, text="OptMerge beats the base model", source=table))
+    return claims
+
+
+def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: str = "test"
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Our Avg beside the paper's, and verdicts for its claims (decided on our intervals only;
+    :func:`workbench.published.side_by_side`).
+
+    Returns ``(cells, verdicts)``. ``cells``: method, published Avg, our mean and interval (our base
+    row is matched to the paper's base row; tasks differ between the paper and the miniature world,
+    so only ``Avg`` is joined). ``verdicts``: one row per claim of :func:`paper_claims` plus
+    ``"OptMerge has the best average among merging methods"`` (reproduced: OptMerge's interval lies
+    above every other merging method's; not reproduced: some method's interval lies above
+    OptMerge's; inconclusive otherwise). The published ``"Indiv. (mean)"`` is the mean of the
+    paper's Indiv. rows' Avg (computed here from the published numbers).
+    """
+    from .published import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, load_table, side_by_side
+
+    pub = load_table(table, long=True)
+    base_name = PUBLISHED_BASE.get(pub.attrs.get("name", table), BASE_LABEL)
+    pub = pub.copy()
+    pub["method"] = pub["method"].replace({base_name: BASE_LABEL})
+    indiv = pub[(pub["method"].str.startswith("Indiv.")) & (pub["benchmark"] == "Avg")]
+    if len(indiv):
+        extra = pd.DataFrame([{"method": INDIV_MEAN, "benchmark": "Avg", "score": float(indiv["score"].mean())}])
+        attrs = dict(pub.attrs)
+        pub = pd.concat([pub, extra], ignore_index=True)
+        pub.attrs = attrs
+    ours = summary_long(df, split)
+    ours_avg = ours[ours["benchmark"] == "Avg"][["method", "benchmark", "mean", "ci_low", "ci_high"]]
+    cells = side_by_side(pub[pub["benchmark"] == "Avg"], ours_avg)
+    verdicts = side_by_side(pub, ours_avg, claim_rules=paper_claims(pub.attrs.get("name", table)))
+    # composite claim: OptMerge best among merging methods
+    avg = ours_avg.set_index("method")
+    others = [m for m in MERGE_LABELS if m != "OptMerge" and m in avg.index]
+    pavg = pub[pub["benchmark"] == "Avg"].set_index("method")["score"]
+    pub_holds = None
+    if "OptMerge" in pavg.index:
+        pub_holds = bool(all(pavg["OptMerge"] > pavg[m] for m in others if m in pavg.index))
+    if "OptMerge" not in avg.index or not others:
+        verdict, reason = NOT_TESTABLE, "no OptMerge row or no other merging method"
+    else:
+        o = avg.loc["OptMerge"]
+        lows = [avg.loc[m, "ci_low"] for m in others]
+        highs = [avg.loc[m, "ci_high"] for m in others]
+        if any(pd.isna(x) for x in [o["ci_low"], o["ci_high"], *lows, *highs]):
+            verdict, reason = INCONCLUSIVE, "an interval is missing (failed method?)"
+        elif all(o["ci_low"] > h for h in highs):
+            verdict, reason = REPRODUCED, "OptMerge's interval lies above every other merging method's"
+        elif any(l > o["ci_high"] for l in lows):
+            beat = [m for m, l in zip(others, lows) if l > o["ci_high"]]
+            verdict, reason = NOT_REPRODUCED, f"interval above OptMerge's: {', '.join(beat)}"
+        else:
+            best = max(others, key=lambda m: avg.loc[m, "mean"])
+            verdict, reason = INCONCLUSIVE, (f"intervals overlap (OptMerge {o['mean']:.1f}, best other {best} "
+                                             f"{avg.loc[best, 'mean']:.1f})")
+    comp = {"claim": "OptMerge has the best average among merging methods", "lhs": "OptMerge @ Avg",
+            "rhs": "every other merging method @ Avg", "relation": ">",
+            "published_lhs": float(pavg.get("OptMerge", math.nan)),
+            "published_rhs": float(max((pavg[m] for m in others if m in pavg.index), default=math.nan)),
+            "published_holds": pub_holds, "ours_lhs_mean": float(avg["mean"].get("OptMerge", math.nan)),
+            "ours_lhs_ci_low": float(avg["ci_low"].get("OptMerge", math.nan)),
+            "ours_lhs_ci_high": float(avg["ci_high"].get("OptMerge", math.nan)),
+            "ours_rhs_mean": float(max((avg.loc[m, "mean"] for m in others), default=math.nan)),
+            "ours_rhs_ci_low": math.nan, "ours_rhs_ci_high": math.nan, "verdict": verdict, "reason": reason,
+            "source": pub.attrs.get("name", table)}
+    verdicts = pd.concat([pd.DataFrame([comp]), verdicts], ignore_index=True)
+    return cells, verdicts
+
+
+def write_tables(df: pd.DataFrame, name: str, out: str | Path, table: str | None = None) -> dict[str, Path]:
+    """Write ``<name>_summary.csv`` (the wide table, formatted) and, with ``table``,
+    ``<name>_vs_published.csv`` and ``<name>_verdicts.csv`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"summary": out / f"{name}_summary.csv"}
+    summarise(df, fmt=True).to_csv(paths["summary"])
+    if table is not None:
+        cells, verdicts = compare_published(df, table)
+        paths["cells"] = out / f"{name}_vs_published.csv"
+        paths["verdicts"] = out / f"{name}_verdicts.csv"
+        cells.to_csv(paths["cells"], index=False)
+        verdicts.to_csv(paths["verdicts"], index=False)
+    return paths
+
+
+__all__ = ["CAP_METHODS", "MODALITY_METHODS", "LAMBDAS", "DISPLAY", "MergeEntry", "ablation_entries",
+           "capability_merging", "capability_setting", "choose_lambda", "compare_published", "default_entries",
+           "merge_objective", "modality_merging", "modality_setting", "optmerge_ablation", "paper_claims",
+           "rank_ratio_sweep", "solver_comparison", "split_records", "summarise", "summary_long", "wilson",
+           "write_tables"]

@@ -1,0 +1,173 @@
+"""Binary masks over task-vector entries: bit packing, MMER masks, TIES / DARE keep-masks, TALL masks.
+
+Every function works on any device and never writes its inputs. ``taus`` is either a sequence of
+same-shape task vectors or a tensor stacked on dim 0 (``[N, *shape]``); masks come back as a list
+of boolean tensors of the task vectors' shape, one per expert, in expert order.
+
+Bit packing follows :func:`numpy.packbits` (most significant bit first; the flattened mask is
+zero-padded to a multiple of 8), the same layout as :func:`workbench.engine.pack_bits`, so masks
+written by the engine unpack here and vice versa.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "pack_mask", "unpack_mask", "mask_density", "topk_keep_mask", "threshold_keep_mask", "ties_keep_masks",
+    "dare_keep_mask", "mmer_masks", "tall_masks",
+]
+
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def _stack(taus: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    if isinstance(taus, torch.Tensor):
+        return taus
+    if len(taus) == 0:
+        raise ValueError("need at least one task vector")
+    return torch.stack([t.to(taus[0].device) for t in taus])
+
+
+# ------------------------------------------------------------------------------------------ packing
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor of any shape into a 1-D uint8 tensor, 8 entries per byte, MSB first.
+
+    ``ceil(numel / 8)`` bytes on ``mask``'s device; the shape is not stored (give it to
+    :func:`unpack_mask`).
+    """
+    flat = mask.reshape(-1).to(torch.bool).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int] | torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: a boolean tensor of ``shape`` on ``packed``'s device.
+
+    Raises:
+        ValueError: ``packed`` is not uint8 or does not hold ``ceil(prod(shape) / 8)`` bytes.
+    """
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed mask must be uint8, got {packed.dtype}")
+    if packed.numel() != (n + 7) // 8:
+        raise ValueError(f"packed mask holds {packed.numel()} bytes; shape {list(shape)} needs {(n + 7) // 8}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:n].to(torch.bool).reshape(shape)
+
+
+def mask_density(mask: torch.Tensor) -> float:
+    """Fraction of ``True`` entries (0.0 for an empty mask)."""
+    n = mask.numel()
+    return float(mask.sum().item()) / n if n else 0.0
+
+
+# ------------------------------------------------------------------------------------------ TIES / DARE
+def topk_keep_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Entries of ``tau`` among its top ``density`` fraction by magnitude (one tensor).
+
+    ``k = max(1, round(density * numel))``; an entry is kept when ``|tau| >= t`` with ``t`` the
+    k-th largest magnitude (ties at ``t`` are all kept, so a few more than ``k`` may survive when
+    magnitudes repeat) and ``tau != 0``. The same definition as
+    :func:`workbench.analysis.interference.topk_threshold`. peft's ``magnitude_based_pruning``
+    uses ``k = int(density * numel)`` and breaks ties arbitrarily: identical when
+    ``density * numel`` is an integer and magnitudes are distinct.
+
+    Raises:
+        ValueError: ``density`` outside ``(0, 1]``.
+    """
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    flat = tau.reshape(-1).abs()
+    n = flat.numel()
+    if n == 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    k = max(1, min(n, int(round(float(density) * n))))
+    if k == n:
+        return tau != 0
+    t = torch.kthvalue(flat, n - k + 1).values
+    return (tau.abs() >= t) & (tau != 0)
+
+
+def threshold_keep_mask(tau: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Entries with ``|tau| >= threshold`` and ``tau != 0`` (global trimming with a precomputed threshold)."""
+    return (tau.abs() >= float(threshold)) & (tau != 0)
+
+
+def ties_keep_masks(taus: torch.Tensor | Sequence[torch.Tensor], density: float = 0.2, *,
+                    thresholds: Sequence[float] | None = None) -> list[torch.Tensor]:
+    """Which entries of each task vector survive TIES' trim and sign election.
+
+    Trim: :func:`topk_keep_mask` per expert (or :func:`threshold_keep_mask` with
+    ``thresholds[i]`` for global trimming). Elect: ``gamma = sign(sum_i trimmed tau_i)``. Kept:
+    trimmed entries whose sign equals ``gamma`` (none where ``gamma == 0``). The TIES merge is the
+    mean of the kept entries (:func:`workbench.methods.ties_merge_tau`).
+    """
+    t = _stack(taus)
+    if thresholds is not None:
+        if len(thresholds) != t.shape[0]:
+            raise ValueError(f"{len(thresholds)} thresholds for {t.shape[0]} experts")
+        keep = torch.stack([threshold_keep_mask(t[i], thresholds[i]) for i in range(t.shape[0])])
+    else:
+        keep = torch.stack([topk_keep_mask(t[i], density) for i in range(t.shape[0])])
+    trimmed = torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    gamma = torch.sign(trimmed.sum(0))
+    keep = keep & (torch.sign(t) == gamma) & (gamma != 0)
+    return list(keep.unbind(0))
+
+
+def dare_keep_mask(shape: Sequence[int] | torch.Size, p: float, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """DARE's keep-mask: each entry kept independently with probability ``1 - p``.
+
+    Drawn as ``torch.bernoulli(full(shape, 1 - p), generator=generator)``, the same draw as peft's
+    ``random_pruning`` (so the same seed gives the same mask). ``device`` defaults to the
+    generator's device.
+
+    Raises:
+        ValueError: ``p`` outside ``[0, 1)``.
+    """
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"drop rate p must be in [0, 1), got {p}")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    probs = torch.full(tuple(shape), 1.0 - float(p), dtype=torch.float32, device=device)
+    return torch.bernoulli(probs, generator=generator).to(torch.bool)
+
+
+# ------------------------------------------------------------------------------------------ MMER / TALL
+def mmer_masks(taus: torch.Tensor | Sequence[torch.Tensor], tau_star: torch.Tensor,
+               lam: float = 1.0) -> list[torch.Tensor]:
+    """MMER's per-modality masks ``m_i = 1[|tau_i| > lam * |tau_i - tau*|]`` (methods.md 3).
+
+    With ``lam = 1`` this is the element-wise minimiser of ``||theta_i - (theta_0 + m * tau*)||_1``
+    (keep ``tau*`` where it is closer to ``tau_i`` than 0 is). The threshold form with ``lam`` is
+    the TALL-style generalisation - **unverified** reading of the paper. With ``lam = 0`` the mask is
+    every entry where ``tau_i != 0``.
+    """
+    t = _stack(taus)
+    star = tau_star.to(device=t.device, dtype=t.dtype)
+    return list((t.abs() > float(lam) * (t - star).abs()).unbind(0))
+
+
+def tall_masks(taus: torch.Tensor | Sequence[torch.Tensor], tau_mt: torch.Tensor, lam: float = 1.0, *,
+               nonzero_only: bool = False) -> list[torch.Tensor]:
+    """TALL masks (Wang et al. 2024): ``m_t = 1[|tau_t| >= lam * |tau_MT - tau_t|]``.
+
+    ``tau_MT`` is the multi-task vector (usually ``sum_t tau_t``). As written, an entry where both
+    ``tau_t`` and ``tau_MT - tau_t`` are 0 is kept (``0 >= 0``); ``nonzero_only=True`` also
+    requires ``tau_t != 0`` (what :mod:`workbench.analysis.overlap` uses).
+    """
+    t = _stack(taus)
+    mt = tau_mt.to(device=t.device, dtype=t.dtype)
+    m = t.abs() >= float(lam) * (mt - t).abs()
+    if nonzero_only:
+        m = m & (t != 0)
+    return list(m.unbind(0))

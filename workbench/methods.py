@@ -1,0 +1,747 @@
+"""Merge methods: pure functions over ONE tensor, and their registry.
+
+Every method has the signature::
+
+    fn(base, experts, *, name="", generator=None, **params) -> Tensor | MergeOutput
+
+``base`` is ``theta_0`` and ``experts`` the ``theta_i`` of one tensor, float32 on the compute
+device; the result is the merged weight ``theta = theta_0 + scale * tau_m`` (float32, same device),
+``tau_i = theta_i - theta_0``. Inputs are never modified. The formulas follow
+``shared/reference/methods.md`` sections 3 and 4; where the public record is silent the choice is
+a named parameter and the docstring says **unverified**.
+
+``METHODS`` maps a name to a :class:`MethodSpec`; :func:`get_method` looks one up. The two
+optimisation methods (``wudi``, ``optmerge``) also have a ``batched_fn`` that optimises ``B``
+same-shape 2-D tensors at once (``bmm``) for the GPU path of :mod:`workbench.engine`; it runs
+the same code as the per-tensor function (which calls it with ``B = 1``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from .errors import ConfigError
+from .masks import dare_keep_mask, mmer_masks, pack_mask, threshold_keep_mask, topk_keep_mask
+
+__all__ = [
+    "METHODS", "MergeOutput", "MethodSpec", "get_method", "global_trim_thresholds",
+    # building blocks
+    "stack_task_vectors", "trim_topk", "elect_sign", "disjoint_mean", "ties_merge_tau", "dare_drop",
+    "tsv_merge_tau", "iso_c_merge_tau", "iso_cts_merge_tau", "quadratic_merge_loss", "wudi_exact",
+    "optmerge_exact", "OPTMERGE_PRESETS",
+    # methods
+    "weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv", "iso_c", "iso_cts",
+    "wudi", "wudi_batched", "optmerge", "optmerge_batched", "mmer",
+]
+
+Tensor = torch.Tensor
+
+
+# ========================================================================================= registry
+@dataclass
+class MergeOutput:
+    """A merged weight with side outputs (e.g. MMER's masks, keyed ``mask_<i>``)."""
+
+    merged: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method.
+
+    Attributes:
+        name: registry key.
+        fn: the per-tensor function.
+        defaults: every parameter the method accepts, with its default.
+        doc: one paragraph: the formula and its source.
+        batched_fn: ``fn(base[B, m, n], experts[N, B, m, n] | list of N [B, m, n], *, names=None,
+            generators=None, **params) -> Tensor[B, m, n]`` or ``None``.
+        needs_generator: the method draws random numbers (seeded per tensor by the engine).
+        choices: allowed values of string parameters (checked by :meth:`check_params`).
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    defaults: dict
+    doc: str
+    batched_fn: Callable[..., Any] | None = None
+    needs_generator: bool = False
+    choices: dict = field(default_factory=dict)
+
+    def check_params(self, params: Mapping[str, Any] | None) -> dict:
+        """``defaults`` updated with ``params``.
+
+        Raises:
+            ConfigError: an unknown parameter (the valid ones are listed) or a value outside
+                :attr:`choices`.
+        """
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise ConfigError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for method {self.name!r}; "
+                              f"valid: {', '.join(sorted(self.defaults)) or '(none)'}")
+        out = {**self.defaults, **params}
+        for key, allowed in self.choices.items():
+            if out.get(key) not in allowed:
+                raise ConfigError(f"parameter {key!r} of method {self.name!r} must be one of "
+                                  f"{', '.join(map(repr, allowed))}, got {out.get(key)!r}")
+        return out
+
+
+# ========================================================================================= helpers
+def stack_task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
+    """``[N, *shape]`` float32 task vectors ``theta_i - theta_0`` (on ``base``'s device).
+
+    Raises:
+        ConfigError: no experts, or an expert whose shape differs from the base's.
+    """
+    if len(experts) == 0:
+        raise ConfigError("a merge needs at least one expert")
+    base = base.to(torch.float32)
+    for i, e in enumerate(experts):
+        if tuple(e.shape) != tuple(base.shape):
+            raise ConfigError(f"expert {i} has shape {list(e.shape)}, the base {list(base.shape)}")
+    return torch.stack([e.to(device=base.device, dtype=torch.float32) - base for e in experts])
+
+
+def _finish(base: Tensor, tau_m: Tensor, scale: float) -> Tensor:
+    return base.to(torch.float32) + float(scale) * tau_m
+
+
+def _check_density(density: float, what: str = "density") -> float:
+    d = float(density)
+    if not 0.0 < d <= 1.0:
+        raise ConfigError(f"{what} must be in (0, 1], got {density}")
+    return d
+
+
+def _check_drop(p: float) -> float:
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"drop_rate must be in [0, 1), got {p}")
+    return p
+
+
+def _weights(weights: Sequence[float] | None, n: int, default: float, device) -> Tensor:
+    if weights is None:
+        return torch.full((n,), float(default), dtype=torch.float32, device=device)
+    if len(weights) != n:
+        raise ConfigError(f"{len(weights)} weights given for {n} experts")
+    return torch.tensor([float(w) for w in weights], dtype=torch.float32, device=device)
+
+
+def _weighted_sum(taus: Tensor, w: Tensor) -> Tensor:
+    return (taus * w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
+
+
+# ========================================================================================= TIES / DARE blocks
+def trim_topk(tau: Tensor, density: float) -> Tensor:
+    """``tau`` with all but its top ``density`` fraction of magnitudes set to 0 (see
+    :func:`workbench.masks.topk_keep_mask` for k and ties)."""
+    keep = topk_keep_mask(tau, _check_density(density))
+    return torch.where(keep, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+
+
+def elect_sign(taus: Tensor) -> Tensor:
+    """TIES' elected sign ``gamma = sign(sum_i tau_i)`` of stacked (already trimmed) task vectors
+    (peft's ``majority_sign_method="total"``; where the sum is 0, ``gamma = 0`` and no entry is kept)."""
+    return torch.sign(taus.sum(0))
+
+
+def disjoint_mean(taus: Tensor, gamma: Tensor) -> Tensor:
+    """Mean, per entry, of the non-zero ``tau_i`` whose sign equals ``gamma`` (0 where none does)."""
+    agree = (torch.sign(taus) == gamma) & (taus != 0) & (gamma != 0)
+    total = torch.where(agree, taus, torch.zeros((), dtype=taus.dtype, device=taus.device)).sum(0)
+    return total / agree.sum(0).clamp_min(1).to(taus.dtype)
+
+
+def ties_merge_tau(taus: Tensor, density: float = 0.2, *, thresholds: Sequence[float] | None = None) -> Tensor:
+    """TIES (Yadav et al. 2023) on stacked task vectors ``[N, *shape]``: trim, elect, disjoint mean.
+
+    Trim keeps each ``tau_i``'s top ``density`` magnitudes within this tensor, or, when
+    ``thresholds`` is given (global trimming), its entries with ``|tau_i| >= thresholds[i]``.
+    """
+    if thresholds is not None:
+        if len(thresholds) != taus.shape[0]:
+            raise ConfigError(f"{len(thresholds)} trim thresholds for {taus.shape[0]} experts")
+        keep = torch.stack([threshold_keep_mask(taus[i], thresholds[i]) for i in range(taus.shape[0])])
+        trimmed = torch.where(keep, taus, torch.zeros((), dtype=taus.dtype, device=taus.device))
+    else:
+        trimmed = torch.stack([trim_topk(t, density) for t in taus.unbind(0)])
+    return disjoint_mean(trimmed, elect_sign(trimmed))
+
+
+def dare_drop(tau: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """DARE (Yu et al. 2024): drop each entry with probability ``p``, rescale the rest by ``1/(1-p)``.
+
+    The mask is :func:`workbench.masks.dare_keep_mask` (peft's ``random_pruning`` draw), computed
+    as ``tau * keep / (1 - p)`` in that order, as peft does.
+    """
+    p = _check_drop(p)
+    keep = dare_keep_mask(tau.shape, p, generator, device=tau.device)
+    return tau * keep.to(tau.dtype) / (1.0 - p)
+
+
+def global_trim_thresholds(taus_by_tensor: Iterable[Tensor | Sequence[Tensor]], density: float) -> list[float]:
+    """Per expert, the magnitude threshold of TIES' *global* trim over many tensors (exact).
+
+    ``taus_by_tensor`` yields, per tensor, the experts' task vectors (a ``[N, ...]`` stack or a
+    sequence of N tensors). For expert i, ``k = ceil(density * total entries)`` and the threshold
+    is the k-th largest non-zero ``|tau_i|`` over all tensors (``0.0`` when fewer than ``k``
+    entries are non-zero: keep everything); :func:`ties` keeps ``|tau_i| >= threshold``.
+
+    This one is exact by ``torch.kthvalue`` over the concatenated magnitudes, so it holds all of
+    one expert's ``|tau|`` in CPU memory: for tests and small models. The streaming version for
+    real checkpoints, with the same definition (a log2 histogram locates the threshold's bin, a
+    second pass sorts that bin only: also exact) is :func:`workbench.engine.global_trim_thresholds`.
+    """
+    d = _check_density(density)
+    pools: list[list[Tensor]] = []
+    total = 0
+    for taus in taus_by_tensor:
+        seq = list(taus.unbind(0)) if isinstance(taus, Tensor) else list(taus)
+        if not pools:
+            pools = [[] for _ in seq]
+        if len(seq) != len(pools):
+            raise ConfigError(f"{len(seq)} task vectors for a tensor, {len(pools)} before")
+        total += seq[0].numel()
+        for i, t in enumerate(seq):
+            a = t.detach().reshape(-1).abs().to(device="cpu", dtype=torch.float32)
+            pools[i].append(a[a > 0])
+    k = max(1, math.ceil(d * total))
+    out = []
+    for pool in pools:
+        vals = torch.cat(pool) if pool else torch.zeros(0)
+        if vals.numel() < k:
+            out.append(0.0)
+        else:
+            out.append(float(torch.kthvalue(vals, vals.numel() - k + 1).values))
+    return out
+
+
+# ========================================================================================= SVD blocks
+def _whiten(M: Tensor) -> Tensor:
+    """The orthogonal factor ``P Q^T`` of ``M = P S Q^T`` (nearest matrix with orthonormal columns)."""
+    P, _, Qh = torch.linalg.svd(M, full_matrices=False)
+    return P @ Qh
+
+
+def tsv_merge_tau(taus: Tensor, rank: int | None = None) -> Tensor:
+    """TSV-M (Gargiulo et al. 2025) on stacked 2-D task vectors ``[N, m, n]``.
+
+    Each ``tau_i = U_i S_i V_i^T`` keeps its top ``r`` triplets (``r = max(1, floor(min(m,n)/N))``
+    unless ``rank`` is given); the ``U``s, singular values and ``V``s are concatenated; ``U_cat``
+    and ``V_cat`` are replaced by their orthogonal factors (``P Q^T`` from their SVDs); the result
+    is ``U_perp diag(s_cat) V_perp^T``.
+    """
+    N, m, n = taus.shape
+    r = int(rank) if rank is not None else max(1, min(m, n) // N)
+    r = max(1, min(r, min(m, n)))
+    U, S, Vh = torch.linalg.svd(taus, full_matrices=False)  # [N,m,q], [N,q], [N,q,n]
+    U_cat = U[:, :, :r].permute(1, 0, 2).reshape(m, N * r)
+    S_cat = S[:, :r].reshape(N * r)
+    V_cat = Vh[:, :r, :].reshape(N * r, n).T
+    return _whiten(U_cat) @ torch.diag(S_cat) @ _whiten(V_cat).T
+
+
+def iso_c_merge_tau(taus: Tensor) -> Tensor:
+    """Iso-C (Marczak et al. 2025): SVD of ``sum_i tau_i`` with every singular value replaced by
+    their mean (over all ``min(m, n)`` of them)."""
+    U, S, Vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+    return (U * S.mean()) @ Vh
+
+
+def iso_cts_merge_tau(taus: Tensor, common_space_fraction: float = 0.8) -> Tensor:
+    """Iso-CTS (Marczak et al. 2025, "No task left behind: isotropic model merging with common and
+    task-specific subspaces") on stacked 2-D task vectors ``[N, m, n]``.
+
+    With ``q = min(m, n)``: the common subspace is the top ``k`` singular triplets of
+    ``sum_i tau_i``, ``k = q - N * round((q - floor(fraction * q)) / N)`` (the task-specific
+    budget is rounded to a multiple of N, as in the authors' code); each task gets
+    ``s = (q - k) / N`` directions: the top ``s`` singular triplets of ``tau_i`` projected out
+    of the common left subspace (``tau_i - U_c U_c^T tau_i``). The ``U``s and ``V``s are
+    concatenated and orthogonalised (``P Q^T``), and every singular value is replaced by the mean
+    of the concatenated ones. ``common_space_fraction = 0.8`` is the paper's default.
+    """
+    N, m, n = taus.shape
+    frac = float(common_space_fraction)
+    if not 0.0 <= frac <= 1.0:
+        raise ConfigError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
+    q = min(m, n)
+    k = int(q * frac)
+    ts_total = int(round((q - k) / N)) * N
+    k = q - ts_total
+    s = ts_total // N
+    U, S, Vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+    us, ss, vs = [U[:, :k]], [S[:k]], [Vh[:k, :].T]
+    if s > 0:
+        Uc = U[:, :k]
+        proj = taus - Uc @ (Uc.T @ taus)  # [N, m, n]
+        Ut, St, Vht = torch.linalg.svd(proj, full_matrices=False)
+        for i in range(N):
+            us.append(Ut[i, :, :s])
+            ss.append(St[i, :s])
+            vs.append(Vht[i, :s, :].T)
+    U_all, S_all, V_all = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
+    return (_whiten(U_all) * S_all.mean()) @ _whiten(V_all).T
+
+
+# ========================================================================================= WUDI / OptMerge blocks
+#: OptMerge settings by setting (methods.md section 4 table). ``k_ratio=None``: k = floor(min(m,n)/N).
+OPTMERGE_PRESETS: dict[str, dict[str, Any]] = {
+    "full_ft": {"init": "sum", "optimizer": "adam", "lr": 1e-5, "momentum": 0.0, "steps": 300, "k_ratio": None},
+    "lora": {"init": "mean", "optimizer": "sgd", "lr": 1e-4, "momentum": 0.9, "steps": 300, "k_ratio": None},
+    "modality": {"init": "mean", "optimizer": "sgd", "lr": 5e-2, "momentum": 0.9, "steps": 300, "k_ratio": 0.2},
+}
+
+
+def _as_expert_stack(experts: Tensor | Sequence[Tensor]) -> Tensor:
+    if isinstance(experts, Tensor):
+        return experts
+    return torch.stack(list(experts))
+
+
+def _rank_k(m: int, n: int, N: int, k_ratio: float | None) -> int:
+    q = min(m, n)
+    if k_ratio is None:
+        return max(1, q // N)
+    r = float(k_ratio)
+    if not 0.0 < r <= 1.0:
+        raise ConfigError(f"k_ratio must be in (0, 1], got {k_ratio}")
+    return max(1, min(q, int(math.floor(r * q + 1e-9))))
+
+
+@dataclass
+class _System:
+    """The objective ``sum_i w_i ||(X - T_i) P_i^T||_F^2`` of a batch, in one of two forms.
+
+    Gram form: ``A = sum_i w_i P_i^T P_i [B, n, n]`` and ``C = sum_i w_i T_i P_i^T P_i [B, m, n]``;
+    gradient ``2 (X A - C)`` (cost ``m n^2`` per step). Factored form: ``Pp [B, K, n]`` and
+    ``Rp [B, m, K]``, the blocks ``sqrt(w_i) P_i`` and ``sqrt(w_i) T_i P_i^T`` stacked, so the
+    objective is ``||X Pp^T - Rp||_F^2`` and the gradient ``2 (X Pp^T - Rp) Pp`` (cost ``2 m n K``).
+    ``K_eff [B]``: summed rank bound of the experts with non-zero weight.
+    """
+
+    K_eff: Tensor
+    A: Tensor | None = None
+    C: Tensor | None = None
+    Pp: Tensor | None = None
+    Rp: Tensor | None = None
+
+
+def _factors(tau: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
+    """``(P_i, T_i P_i^T)`` of one expert's ``[B, m, n]`` task vectors.
+
+    WUDI (``k=None``): ``T_i = P_i = tau_i``. OptMerge: ``T_i = U_k S_k V_k^T``, ``P_i = S_k V_k^T``,
+    so ``T_i P_i^T = U_k S_k^2`` (sign choices of the SVD cancel).
+    """
+    if k is None:
+        return tau, tau @ tau.transpose(-1, -2)
+    U, S, Vh = torch.linalg.svd(tau, full_matrices=False)
+    U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
+    return S[..., :, None] * Vh, U * S.pow(2)[..., None, :]
+
+
+def _system(taus: Tensor, k: int | None, *, form: str | None = None, dtype: torch.dtype = torch.float32) -> _System:
+    """Build :class:`_System` for ``taus [N, B, m, n]`` with ``w_i = 1 / ||tau_i||_F^2`` (0 for an
+    all-zero ``tau_i``). ``form=None`` picks the cheaper per-step gradient: Gram unless
+    ``n > 2 K``. One expert at a time, so the workspace stays near one ``[B, m, n]`` per expert."""
+    N, B, m, n = taus.shape
+    rank = min(m, n) if k is None else int(k)
+    K = N * (m if k is None else rank)
+    if form is None:
+        form = "gram" if n <= 2 * K else "factored"
+    sq = taus.to(dtype).pow(2).sum((-2, -1))  # [N, B]
+    w = torch.where(sq > 0, 1.0 / sq.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(sq))
+    K_eff = (sq > 0).sum(0) * rank
+    if form == "gram":
+        A = torch.zeros(B, n, n, dtype=dtype, device=taus.device)
+        C = torch.zeros(B, m, n, dtype=dtype, device=taus.device)
+        for i in range(N):
+            tau = taus[i].to(dtype)
+            wi = w[i][:, None, None]
+            if k is None:
+                G = tau.transpose(-1, -2) @ tau
+                A.add_(wi * G)
+                C.add_(wi * (tau @ G))
+            else:
+                P, R = _factors(tau, k)
+                A.add_(wi * (P.transpose(-1, -2) @ P))
+                C.add_(wi * (R @ P))
+        return _System(K_eff=K_eff, A=A, C=C)
+    Ps, Rs = [], []
+    for i in range(N):
+        P, R = _factors(taus[i].to(dtype), k)
+        ws = w[i].sqrt()[:, None, None]
+        Ps.append(ws * P)
+        Rs.append(ws * R)
+    return _System(K_eff=K_eff, Pp=torch.cat(Ps, dim=1), Rp=torch.cat(Rs, dim=2))
+
+
+def quadratic_merge_loss(tau_m: Tensor, taus: Tensor | Sequence[Tensor], k: int | None = None) -> Tensor:
+    """WUDI's (``k=None``) or OptMerge's (rank ``k``) objective ``sum_i w_i ||(tau_m - T_i) P_i^T||_F^2``
+    for one 2-D tensor (``taus`` ``[N, m, n]``) or a batch (``tau_m [B, m, n]``, ``taus [N, B, m, n]``)."""
+    taus = _as_expert_stack(taus)
+    single = tau_m.dim() == 2
+    if single:
+        tau_m, taus = tau_m[None], taus[:, None]
+    s = _system(taus, k, form="factored")
+    loss = (tau_m @ s.Pp.transpose(-1, -2) - s.Rp).pow(2).sum((-2, -1))
+    return loss[0] if single else loss
+
+
+def _exact_solve(taus: Tensor, k: int | None, eps: float) -> Tensor:
+    """Minimiser of the objective: ``X A = C`` (Gram form, built and solved by Cholesky in float64).
+    Where ``A`` is singular (fewer stacked directions than columns, or the Cholesky factorisation
+    fails) a ridge ``eps * mean(diag A) * I`` is added (``1.0 * I`` if ``A = 0``, where ``C = 0``)."""
+    s = _system(taus, k, form="gram", dtype=torch.float64)
+    A, C = s.A, s.C
+    n = A.shape[-1]
+    L, info = torch.linalg.cholesky_ex(A)
+    singular = (s.K_eff.to(info.device) < n) | (info != 0)
+    if bool(singular.any()):
+        mean_diag = A.diagonal(dim1=-2, dim2=-1).mean(-1)
+        ridge = torch.where(mean_diag > 0, float(eps) * mean_diag, torch.ones_like(mean_diag))
+        ridge = torch.where(singular, ridge, torch.zeros_like(ridge))
+        A = A + ridge[:, None, None] * torch.eye(n, dtype=A.dtype, device=A.device)
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            raise ConfigError(f"exact solve failed even with ridge eps={eps}; increase eps")
+    X = torch.cholesky_solve(C.transpose(-1, -2), L).transpose(-1, -2)
+    return X.to(taus.dtype)
+
+
+def _iterate(X0: Tensor, s: _System, *, optimizer: str, lr: float, steps: int, momentum: float = 0.0,
+             betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8) -> Tensor:
+    """``steps`` steps of Adam or SGD from ``X0`` on the objective of ``s`` (gradient in closed
+    form), with torch.optim's update rules (Adam: bias-corrected, no weight decay, ``eps`` added
+    to ``sqrt(v_hat)``; SGD: ``buf = momentum * buf + g``, first ``buf = g``, no dampening)."""
+    X = X0.clone()
+    if steps <= 0:
+        return X
+    if s.A is not None:
+        A, C = s.A, s.C
+
+        def grad(X: Tensor) -> Tensor:
+            return 2.0 * (torch.bmm(X, A) - C)
+    else:
+        Pp, Rp = s.Pp, s.Rp
+        Pt = Pp.transpose(-1, -2).contiguous()
+
+        def grad(X: Tensor) -> Tensor:
+            return 2.0 * torch.bmm(torch.bmm(X, Pt) - Rp, Pp)
+
+    if optimizer == "adam":
+        b1, b2 = betas
+        m1 = torch.zeros_like(X)
+        v = torch.zeros_like(X)
+        for t in range(1, int(steps) + 1):
+            g = grad(X)
+            m1.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(adam_eps)
+            X.addcdiv_(m1, denom, value=-lr / bc1)
+    elif optimizer == "sgd":
+        buf = None
+        for _ in range(int(steps)):
+            g = grad(X)
+            if momentum:
+                buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
+                g = buf
+            X.add_(g, alpha=-lr)
+    else:
+        raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    return X
+
+
+def _init(taus: Tensor, init: str) -> Tensor:
+    if init == "sum":
+        return taus.sum(0)
+    if init == "mean":
+        return taus.mean(0)
+    raise ConfigError(f"init must be 'sum' or 'mean', got {init!r}")
+
+
+def wudi_exact(taus: Tensor, eps: float = 1e-8) -> Tensor:
+    """Closed-form WUDI ``tau_m`` of stacked 2-D task vectors ``[N, m, n]`` (or ``[N, B, m, n]``):
+    ``tau_m (sum_i w_i G_i) = sum_i w_i tau_i G_i``, ``G_i = tau_i^T tau_i`` (ridge: see ``eps``)."""
+    single = taus.dim() == 3
+    t = taus[:, None] if single else taus
+    X = _exact_solve(t, None, eps)
+    return X[0] if single else X
+
+
+def optmerge_exact(taus: Tensor, k: int, eps: float = 1e-8) -> Tensor:
+    """Closed-form OptMerge ``tau_m`` (``G_i = P_i^T P_i``, right side ``sum_i w_i T_i G_i``), rank ``k``."""
+    single = taus.dim() == 3
+    t = taus[:, None] if single else taus
+    X = _exact_solve(t, int(k), eps)
+    return X[0] if single else X
+
+
+# ========================================================================================= methods
+def weight_average(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None,
+                   scale: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
+    """NaiveMC / Weight Average: ``theta = theta_0 + scale * sum_i w_i tau_i``, ``w_i = 1/N`` by default.
+
+    With the defaults this is the mean of the ``theta_i`` (computed directly as their mean). With
+    ``weights`` summing to 1 it is ``sum_i w_i theta_i``; DAMC's searched lambdas need not sum to 1
+    (methods.md 2), hence the task-vector form.
+    """
+    if weights is None and float(scale) == 1.0:
+        stack_task_vectors(base, experts)  # shape checks
+        return torch.stack([e.to(device=base.device, dtype=torch.float32) for e in experts]).mean(0)
+    taus = stack_task_vectors(base, experts)
+    return _finish(base, _weighted_sum(taus, _weights(weights, len(experts), 1.0 / len(experts), base.device)),
+                   scale)
+
+
+def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None,
+                    scale: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
+    """Task Arithmetic (Ilharco et al. 2023): ``tau_m = sum_i w_i tau_i`` (``w_i = 1``), ``theta = theta_0 + scale tau_m``."""
+    taus = stack_task_vectors(base, experts)
+    return _finish(base, _weighted_sum(taus, _weights(weights, len(experts), 1.0, base.device)), scale)
+
+
+def _ties_thresholds(trim: str, thresholds):
+    if trim == "global" and thresholds is None:
+        raise ConfigError("trim: global needs per-expert thresholds over all tensors (the engine computes "
+                          "them; or pass thresholds from methods.global_trim_thresholds)")
+    if trim not in ("per_tensor", "tensor", "global"):
+        raise ConfigError(f"trim must be 'per_tensor' or 'global', got {trim!r}")
+    return thresholds
+
+
+def ties(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
+         density: float = 0.2, trim: str = "per_tensor", thresholds: Sequence[float] | None = None) -> Tensor:
+    """TIES: trim each ``tau_i`` to its top ``density`` magnitudes, elect ``gamma = sign(sum trimmed)``,
+    mean of the entries agreeing with ``gamma``; ``theta = theta_0 + scale * tau_m``.
+
+    ``trim="per_tensor"`` (alias ``"tensor"``) ranks magnitudes within this tensor;
+    ``trim="global"`` uses ``thresholds[i]`` (keep ``|tau_i| >= thresholds[i]``), the per-expert
+    thresholds over all merged tensors from :func:`global_trim_thresholds` (or the engine's
+    streaming equivalent). Given ``thresholds`` are used whatever ``trim`` says.
+    """
+    thresholds = _ties_thresholds(trim, thresholds)
+    taus = stack_task_vectors(base, experts)
+    return _finish(base, ties_merge_tau(taus, _check_density(density), thresholds=thresholds), scale)
+
+
+def dare_linear(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
+                drop_rate: float = 0.2) -> Tensor:
+    """TA w/ DARE: ``tau_m = sum_i dare_drop(tau_i, p)`` (drop with prob. ``p``, rescale ``1/(1-p)``),
+    one mask per expert drawn in expert order from ``generator``."""
+    taus = stack_task_vectors(base, experts)
+    p = _check_drop(drop_rate)
+    return _finish(base, torch.stack([dare_drop(t, p, generator) for t in taus.unbind(0)]).sum(0), scale)
+
+
+def dare_ties(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
+              drop_rate: float = 0.2, density: float = 0.2, trim: str = "per_tensor",
+              thresholds: Sequence[float] | None = None) -> Tensor:
+    """TIES w/ DARE: DARE drop + rescale of each ``tau_i``, then TIES (trim to ``density``, elect, mean).
+
+    methods.md reads "then TIES" with TIES' 20% trim; peft's and mergekit's ``dare_ties`` skip the
+    magnitude trim (here ``density=1``) - **unverified** which the benchmark used. With global trim
+    the engine trims before this function runs (so the trim precedes the drop there).
+    """
+    thresholds = _ties_thresholds(trim, thresholds)
+    taus = stack_task_vectors(base, experts)
+    p = _check_drop(drop_rate)
+    dropped = torch.stack([dare_drop(t, p, generator) for t in taus.unbind(0)])
+    return _finish(base, ties_merge_tau(dropped, _check_density(density), thresholds=thresholds), scale)
+
+
+def tsv(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
+        rank: int | None = None) -> Tensor:
+    """TSV-M, the correct version (methods.md 4): :func:`tsv_merge_tau` on 2-D tensors; other
+    tensors get the mean of the ``tau_i``. ``rank`` overrides ``floor(min(m, n) / N)``."""
+    taus = stack_task_vectors(base, experts)
+    tau_m = tsv_merge_tau(taus, rank) if base.dim() == 2 else taus.mean(0)
+    return _finish(base, tau_m, scale)
+
+
+def iso_c(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0) -> Tensor:
+    """Iso-C: :func:`iso_c_merge_tau` on 2-D tensors; other tensors get the mean of the ``tau_i``."""
+    taus = stack_task_vectors(base, experts)
+    return _finish(base, iso_c_merge_tau(taus) if base.dim() == 2 else taus.mean(0), scale)
+
+
+def iso_cts(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
+            common_space_fraction: float = 0.8) -> Tensor:
+    """Iso-CTS: :func:`iso_cts_merge_tau` on 2-D tensors (``common_space_fraction = 0.8``, the
+    paper's default); other tensors get the mean of the ``tau_i``."""
+    taus = stack_task_vectors(base, experts)
+    tau_m = iso_cts_merge_tau(taus, common_space_fraction) if base.dim() == 2 else taus.mean(0)
+    return _finish(base, tau_m, scale)
+
+
+def _batched_inputs(base: Tensor, experts) -> tuple[Tensor, Tensor]:
+    ex = _as_expert_stack(experts)
+    if base.dim() != 3 or ex.dim() != 4 or tuple(ex.shape[1:]) != tuple(base.shape):
+        raise ConfigError(f"batched merge needs base [B, m, n] and experts [N, B, m, n]; got {list(base.shape)} "
+                          f"and {list(ex.shape)}")
+    return base.to(torch.float32), ex.to(device=base.device, dtype=torch.float32) - base.to(torch.float32)
+
+
+def _expert_batch(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
+    """``[N, 1, m, n]`` float32 stack of the experts (a batch of one tensor)."""
+    return torch.stack([e.to(device=base.device, dtype=torch.float32) for e in experts])[:, None]
+
+
+def _check_solver(solver: str) -> None:
+    if solver not in ("iterative", "exact"):
+        raise ConfigError(f"solver must be 'iterative' or 'exact', got {solver!r}")
+
+
+def wudi_batched(base: Tensor, experts, *, names=None, generators=None, scale: float = 1.0,
+                 solver: str = "iterative", lr: float = 1e-5, steps: int = 300, init: str = "sum",
+                 eps: float = 1e-8) -> Tensor:
+    """:func:`wudi` on ``B`` same-shape 2-D tensors at once (``base [B, m, n]``, ``experts [N, B, m, n]``)."""
+    _check_solver(solver)
+    b, taus = _batched_inputs(base, experts)
+    if solver == "exact":
+        X = _exact_solve(taus, None, eps)
+    else:
+        X = _iterate(_init(taus, init), _system(taus, None), optimizer="adam", lr=float(lr), steps=int(steps))
+    return _finish(b, X, scale)
+
+
+def wudi(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
+         solver: str = "iterative", lr: float = 1e-5, steps: int = 300, init: str = "sum",
+         eps: float = 1e-8) -> Tensor:
+    """WUDI (Cheng et al. 2025): ``min_tau_m sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2``.
+
+    ``solver="iterative"`` (the paper's): Adam, ``lr = 1e-5``, ``steps = 300``, from
+    ``init = sum_i tau_i``; the loss is the sum over experts; the gradient is computed in closed
+    form (``2 (tau_m A - C)``, same update rule as ``torch.optim.Adam``). ``solver="exact"``: the
+    minimiser ``tau_m (sum_i w_i G_i) = sum_i w_i tau_i G_i`` (methods.md note) in float64, with
+    a ridge ``eps * mean(diag)`` only where the n x n system is singular (fewer stacked rows than
+    columns or Cholesky fails). Non-2-D tensors: mean of the ``tau_i`` (as the paper).
+    """
+    taus = stack_task_vectors(base, experts)
+    if base.dim() != 2:
+        return _finish(base, taus.mean(0), scale)
+    return wudi_batched(base[None], _expert_batch(base, experts), scale=scale, solver=solver,
+                        lr=lr, steps=steps, init=init, eps=eps)[0]
+
+
+def _optmerge_settings(N: int, m: int, n: int, preset: str, k_ratio, init, optimizer, lr, momentum, steps):
+    if preset not in OPTMERGE_PRESETS:
+        raise ConfigError(f"preset must be one of {', '.join(OPTMERGE_PRESETS)}, got {preset!r}")
+    p = OPTMERGE_PRESETS[preset]
+    pick = lambda v, key: p[key] if v is None else v  # noqa: E731
+    return (_rank_k(m, n, N, pick(k_ratio, "k_ratio")),
+            pick(init, "init"), pick(optimizer, "optimizer"), float(pick(lr, "lr")), float(pick(momentum, "momentum")),
+            int(pick(steps, "steps")))
+
+
+def optmerge_batched(base: Tensor, experts, *, names=None, generators=None, scale: float = 1.0,
+                     preset: str = "full_ft", solver: str = "iterative", k_ratio: float | None = None,
+                     init: str | None = None, optimizer: str | None = None, lr: float | None = None,
+                     momentum: float | None = None, steps: int | None = None, eps: float = 1e-8) -> Tensor:
+    """:func:`optmerge` on ``B`` same-shape 2-D tensors at once (``base [B, m, n]``, ``experts [N, B, m, n]``)."""
+    _check_solver(solver)
+    b, taus = _batched_inputs(base, experts)
+    N, _, m, n = taus.shape
+    k, init, optimizer, lr, momentum, steps = _optmerge_settings(N, m, n, preset, k_ratio, init, optimizer, lr,
+                                                                momentum, steps)
+    if solver == "exact":
+        X = _exact_solve(taus, k, eps)
+    else:
+        X = _iterate(_init(taus, init), _system(taus, k), optimizer=optimizer, lr=lr, steps=steps,
+                     momentum=momentum)
+    return _finish(b, X, scale)
+
+
+def optmerge(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
+             preset: str = "full_ft", solver: str = "iterative", k_ratio: float | None = None,
+             init: str | None = None, optimizer: str | None = None, lr: float | None = None,
+             momentum: float | None = None, steps: int | None = None, eps: float = 1e-8) -> Tensor:
+    """OptMerge (Wei et al., ICLR 2026): ``min_tau_m sum_i ||(tau_m - T_i) P_i^T||_F^2 / ||tau_i||_F^2``,
+    ``T_i = U_k S_k V_k^T`` (rank-k truncation of ``tau_i``), ``P_i = S_k V_k^T``.
+
+    ``preset`` fills the parameters left ``None`` (methods.md 4 table, :data:`OPTMERGE_PRESETS`):
+    ``full_ft``: init ``sum``, Adam lr 1e-5, 300 steps, ``k = floor(min(m,n)/N)``; ``lora``: init
+    ``mean``, SGD lr 1e-4 momentum 0.9, 300 steps, same k (the table gives no k for LoRA:
+    **unverified**); ``modality``: init ``mean``, SGD lr 5e-2 momentum 0.9, 300 steps,
+    ``k = floor(min(m,n)/5)`` (``k_ratio = 0.2``). ``k_ratio`` gives ``k = floor(k_ratio * min(m,n))``.
+    The loss is the *sum* over experts (SGD, unlike Adam, depends on that normalisation:
+    **unverified**). ``solver="exact"``: see :func:`wudi` (``G_i = P_i^T P_i``, right side
+    ``sum_i w_i T_i G_i``). With ``k`` the full rank, OptMerge is WUDI. Non-2-D tensors: mean of the ``tau_i``.
+    """
+    taus = stack_task_vectors(base, experts)
+    if base.dim() != 2:
+        return _finish(base, taus.mean(0), scale)
+    return optmerge_batched(base[None], _expert_batch(base, experts), scale=scale,
+                            preset=preset, solver=solver, k_ratio=k_ratio, init=init, optimizer=optimizer, lr=lr,
+                            momentum=momentum, steps=steps, eps=eps)[0]
+
+
+def mmer(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
+         density: float = 0.2, lam: float = 1.0, pack_masks: bool = False) -> MergeOutput:
+    """MMER (Li et al., ACL 2025), reconstructed (methods.md 3; the paper's text was not read).
+
+    ``tau* = `` TIES merge of the ``tau_i`` (trim to ``density = 0.2``, elect, disjoint mean) -
+    **unverified** which merge the paper uses and its trim ratio. Per expert i the mask
+    ``m_i = 1[|tau_i| > lam * |tau_i - tau*|]`` (``lam = 1``: the L1-distance minimiser; the
+    ``lam`` generalisation and its default are an **unverified** reading). Returns
+    ``MergeOutput(merged = theta_0 + scale * tau*, extras = {"mask_<i>": m_i})`` with boolean masks
+    (the engine bit-packs boolean extras itself); ``pack_masks=True`` returns them packed with
+    :func:`workbench.masks.pack_mask` (uint8, shape = the tensor's) instead. Modality i's model is
+    then ``theta_0 + alpha * m_i * tau*`` (see :mod:`workbench.compose`).
+    """
+    taus = stack_task_vectors(base, experts)
+    tau_star = ties_merge_tau(taus, _check_density(density))
+    masks = mmer_masks(taus, tau_star, lam)
+    extras = {f"mask_{i}": (pack_mask(m) if pack_masks else m) for i, m in enumerate(masks)}
+    return MergeOutput(merged=_finish(base, tau_star, scale), extras=extras)
+
+
+# ========================================================================================= the registry
+def _spec(name: str, fn, doc: str, *, batched_fn=None, needs_generator: bool = False,
+          choices: dict | None = None) -> MethodSpec:
+    import inspect
+
+    sig = inspect.signature(fn)
+    defaults = {p.name: p.default for p in sig.parameters.values()
+                if p.kind == p.KEYWORD_ONLY and p.name not in ("name", "generator")}
+    return MethodSpec(name=name, fn=fn, defaults=defaults, doc=doc, batched_fn=batched_fn,
+                      needs_generator=needs_generator, choices=choices or {})
+
+
+_TRIM = {"trim": ("per_tensor", "tensor", "global")}
+METHODS: dict[str, MethodSpec] = {s.name: s for s in (
+    _spec("weight_average", weight_average, "mean of the theta_i (NaiveMC); theta_0 + scale * sum w_i tau_i"),
+    _spec("task_arithmetic", task_arithmetic, "theta_0 + scale * sum_i tau_i"),
+    _spec("ties", ties, "TIES: trim to top density, elect sign, disjoint mean (per tensor or global trim)",
+          choices=_TRIM),
+    _spec("dare_linear", dare_linear, "DARE drop p, rescale 1/(1-p), then task arithmetic", needs_generator=True),
+    _spec("dare_ties", dare_ties, "DARE drop p, rescale 1/(1-p), then TIES", needs_generator=True, choices=_TRIM),
+    _spec("tsv", tsv, "TSV-M: per-task top-r SVD, concatenated and whitened; non-2-D averaged"),
+    _spec("iso_c", iso_c, "Iso-C: SVD of sum tau_i, singular values replaced by their mean"),
+    _spec("iso_cts", iso_cts, "Iso-CTS: common subspace (80%) + task-specific directions, isotropic"),
+    _spec("wudi", wudi, "WUDI: min sum ||(tau_m - tau_i) tau_i^T||^2/||tau_i||^2 (Adam 1e-5 x300 or exact)",
+          batched_fn=wudi_batched, choices={"solver": ("iterative", "exact"), "init": ("sum", "mean")}),
+    _spec("optmerge", optmerge, "OptMerge: WUDI objective on rank-k truncations; presets full_ft/lora/modality",
+          batched_fn=optmerge_batched, choices={"solver": ("iterative", "exact"), "preset": tuple(OPTMERGE_PRESETS),
+                                                "init": (None, "sum", "mean"), "optimizer": (None, "adam", "sgd")}),
+    _spec("mmer", mmer, "MMER: tau* = TIES merge; masks m_i = |tau_i| > lam |tau_i - tau*| (unverified reading)"),
+)}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` registered as ``name``.
+
+    Raises:
+        ConfigError: unknown name (the known ones are listed).
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None

@@ -1,0 +1,257 @@
+"""``MultimodalLM``: any Hugging Face causal LM plus per-modality towers spliced in at placeholders.
+
+A *tower* maps ONE raw input tensor to ``[n_tokens, hidden]`` (if it has ``supports_batch = True``
+it also maps a stacked batch ``[N, ...] -> [N, n_tokens, hidden]``, which is used when all inputs of
+that modality have one shape). In a prompt, each placeholder (``<image>``, ``<audio>``, ...) is
+replaced, in prompt order, by the tower tokens of the next input of that modality.
+
+``route_ids`` ([batch, seq], long) are 0 for text tokens and ``k`` for the tokens of the k-th
+modality of ``self.route_order`` (1-based); they are set with
+:func:`workbench.routing.token_routes` around every LLM call, so routed (DAMC/MMER) layers see them.
+Generated tokens after the prompt are text (route 0).
+
+``modal_inputs`` is, per prompt, a dict ``{modality: [tensor, ...]}`` (MCUB's ``"vision"`` key is
+accepted for ``"image"``).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .routing import token_routes
+
+ModalInputs = Mapping[str, Sequence[torch.Tensor]]
+_ALIASES = {"vision": "image"}
+
+
+def _norm_inputs(mi: ModalInputs | None) -> dict[str, list[torch.Tensor]]:
+    out: dict[str, list[torch.Tensor]] = {}
+    for k, v in (mi or {}).items():
+        if isinstance(v, torch.Tensor):
+            v = [v]
+        out[_ALIASES.get(k, k)] = list(v)
+    return out
+
+
+class MultimodalLM(nn.Module):
+    """A causal LM with modality towers (LLaVA-style token splicing)."""
+
+    def __init__(self, llm: nn.Module, tokenizer, towers: Mapping[str, nn.Module],
+                 placeholders: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.towers = nn.ModuleDict(dict(towers))
+        self.placeholders = dict(placeholders or {m: f"<{m}>" for m in towers})
+        missing = [m for m in self.towers if m not in self.placeholders]
+        if missing:
+            raise ValueError(f"no placeholder given for towers {missing}")
+        self.route_order: list[str] = list(self.towers.keys())
+        self._ph_ids: dict[int, str] = {}
+        for m, ph in self.placeholders.items():
+            tid = tokenizer.convert_tokens_to_ids(ph)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ValueError(f"placeholder {ph!r} of modality {m!r} is not a token of the tokenizer")
+            self._ph_ids[int(tid)] = m
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.get_input_embeddings().weight.shape[1]
+
+    def _encode_towers(self, jobs: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Run the towers on ``jobs`` [(modality, raw)], batching per modality where possible."""
+        out: list[torch.Tensor | None] = [None] * len(jobs)
+        by_mod: dict[str, list[int]] = {}
+        for i, (m, _) in enumerate(jobs):
+            by_mod.setdefault(m, []).append(i)
+        dev = self.device
+        for m, idx in by_mod.items():
+            if m not in self.towers:
+                raise KeyError(f"prompt uses modality {m!r} but the model has towers {list(self.towers)}")
+            tower = self.towers[m]
+            raws = [jobs[i][1].to(dev) for i in idx]
+            if getattr(tower, "supports_batch", False) and len({tuple(r.shape) for r in raws}) == 1:
+                toks = tower(torch.stack(raws))
+                for j, i in enumerate(idx):
+                    out[i] = toks[j]
+            else:
+                for j, i in enumerate(idx):
+                    out[i] = tower(raws[j])
+        return out  # type: ignore[return-value]
+
+    def _pieces(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
+                answers: Sequence[str] | None = None, answer_eos: bool = True):
+        """Per prompt: (embeds [T, H], route_ids [T], labels [T])."""
+        if len(modal_inputs) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(modal_inputs)} modal_inputs")
+        tok = self.tokenizer
+        emb_layer = self.llm.get_input_embeddings()
+        dev = self.device
+        ids_list = [tok(p)["input_ids"] for p in prompts]
+        jobs: list[tuple[str, torch.Tensor]] = []
+        plan: list[list[tuple[int, int]]] = []  # per prompt: (position, job index)
+        for b, (ids, mi) in enumerate(zip(ids_list, modal_inputs)):
+            mi = _norm_inputs(mi)
+            used = {m: 0 for m in mi}
+            pl = []
+            for pos, t in enumerate(ids):
+                m = self._ph_ids.get(int(t))
+                if m is None:
+                    continue
+                if used.get(m, 0) >= len(mi.get(m, [])):
+                    raise ValueError(f"prompt {b} has more {self.placeholders[m]} placeholders than "
+                                     f"{m} inputs ({len(mi.get(m, []))})")
+                pl.append((pos, len(jobs)))
+                jobs.append((m, mi[m][used[m]]))
+                used[m] += 1
+            for m, n in used.items():
+                if n != len(mi[m]):
+                    raise ValueError(f"prompt {b}: {len(mi[m])} {m} inputs but {n} placeholders")
+            plan.append(pl)
+        tower_out = self._encode_towers(jobs)
+        result = []
+        for b, ids in enumerate(ids_list):
+            ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+            text_emb = emb_layer(ids_t)
+            parts, routes = [], []
+            start = 0
+            for pos, j in plan[b]:
+                parts.append(text_emb[start:pos])
+                routes.append(torch.zeros(pos - start, dtype=torch.long, device=dev))
+                toks = tower_out[j].to(text_emb.dtype)
+                parts.append(toks)
+                routes.append(torch.full((toks.shape[0],), self.route_order.index(jobs[j][0]) + 1
+                                         if jobs[j][0] in self.route_order else 0, dtype=torch.long, device=dev))
+                start = pos + 1
+            parts.append(text_emb[start:])
+            routes.append(torch.zeros(len(ids) - start, dtype=torch.long, device=dev))
+            emb, route = torch.cat(parts), torch.cat(routes)
+            labels = torch.full((emb.shape[0],), -100, dtype=torch.long, device=dev)
+            if answers is not None:
+                a_ids = tok(" " + answers[b], add_special_tokens=False)["input_ids"]
+                if answer_eos:
+                    a_ids = a_ids + [tok.eos_token_id]
+                a_t = torch.tensor(a_ids, dtype=torch.long, device=dev)
+                emb = torch.cat([emb, emb_layer(a_t)])
+                route = torch.cat([route, torch.zeros(len(a_ids), dtype=torch.long, device=dev)])
+                labels = torch.cat([labels, a_t])
+            result.append((emb, route, labels))
+        return result
+
+    @staticmethod
+    def _pad(pieces, left: bool = False):
+        T = max(p[0].shape[0] for p in pieces)
+        B, H = len(pieces), pieces[0][0].shape[1]
+        dev, dt = pieces[0][0].device, pieces[0][0].dtype
+        emb = torch.zeros(B, T, H, dtype=dt, device=dev)
+        mask = torch.zeros(B, T, dtype=torch.long, device=dev)
+        routes = torch.zeros(B, T, dtype=torch.long, device=dev)
+        labels = torch.full((B, T), -100, dtype=torch.long, device=dev)
+        for b, (e, r, l) in enumerate(pieces):
+            n = e.shape[0]
+            sl = slice(T - n, T) if left else slice(0, n)
+            emb[b, sl], mask[b, sl], routes[b, sl], labels[b, sl] = e, 1, r, l
+        return emb, mask, routes, labels
+
+    # ------------------------------------------------------------------ public API
+    def embed(self, prompts: Sequence[str] | str, modal_inputs: Sequence[ModalInputs | None] | ModalInputs | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inputs_embeds [B, T, H], attention_mask [B, T], route_ids [B, T])``, right-padded."""
+        if isinstance(prompts, str):
+            prompts, modal_inputs = [prompts], [modal_inputs]  # type: ignore[list-item]
+        emb, mask, routes, _ = self._pad(self._pieces(prompts, modal_inputs))  # type: ignore[arg-type]
+        return emb, mask, routes
+
+    def forward(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
+                answers: Sequence[str], answer_eos: bool = True):
+        """Training forward: the LM loss on the answer tokens only (prompt and modality tokens are
+        masked with -100). Returns the HF output (``.loss``, ``.logits``)."""
+        emb, mask, routes, labels = self._pad(self._pieces(prompts, modal_inputs, answers, answer_eos))
+        with token_routes(self.llm, routes):
+            return self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels, use_cache=False)
+
+    @torch.no_grad()
+    def score_options_batch(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
+                            options: Sequence[Sequence[str]], batch_size: int = 64) -> list[torch.Tensor]:
+        """Per prompt, the summed log-likelihood of each option continuation (``" " + option``)."""
+        pieces = self._pieces(prompts, modal_inputs)
+        tok, emb_layer, dev = self.tokenizer, self.llm.get_input_embeddings(), self.device
+        seqs, owners = [], []
+        for b, (e, r, _) in enumerate(pieces):
+            for o in options[b]:
+                o_ids = tok(" " + o, add_special_tokens=False)["input_ids"]
+                if not o_ids:
+                    raise ValueError(f"option {o!r} tokenizes to nothing")
+                o_t = torch.tensor(o_ids, dtype=torch.long, device=dev)
+                lab = torch.full((e.shape[0] + len(o_ids),), -100, dtype=torch.long, device=dev)
+                lab[e.shape[0]:] = o_t
+                seqs.append((torch.cat([e, emb_layer(o_t)]), torch.cat([r, torch.zeros_like(o_t)]), lab))
+                owners.append(b)
+        scores = torch.empty(len(seqs))
+        for s in range(0, len(seqs), batch_size):
+            emb, mask, routes, labels = self._pad(seqs[s:s + batch_size])
+            with token_routes(self.llm, routes):
+                logits = self.llm(inputs_embeds=emb, attention_mask=mask, use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], -1)
+            tgt = labels[:, 1:]
+            ok = tgt != -100
+            lp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * ok
+            scores[s:s + len(emb)] = lp.sum(1).cpu()
+        out, i = [], 0
+        for b in range(len(prompts)):
+            n = len(options[b])
+            out.append(scores[i:i + n])
+            i += n
+        return out
+
+    def score_options(self, prompt: str, modal_inputs: ModalInputs | None, options: Sequence[str]) -> torch.Tensor:
+        """Log-likelihood of each option as the continuation of ``prompt`` ([n_options])."""
+        return self.score_options_batch([prompt], [modal_inputs], [options])[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
+                       max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
+        """Greedy decoding with the HF KV cache (left padding, explicit position ids)."""
+        outs: list[str] = []
+        eos = self.tokenizer.eos_token_id
+        for s in range(0, len(prompts), batch_size):
+            pieces = self._pieces(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
+            emb, mask, routes, _ = self._pad(pieces, left=True)
+            B = emb.shape[0]
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            with token_routes(self.llm, routes):
+                out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1)
+            gen = [[] for _ in range(B)]
+            done = torch.zeros(B, dtype=torch.bool)
+            last_pos = pos[:, -1]
+            for step in range(max_new_tokens):
+                for b in range(B):
+                    if not done[b]:
+                        if int(nxt[b]) == eos:
+                            done[b] = True
+                        else:
+                            gen[b].append(int(nxt[b]))
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
+                last_pos = last_pos + 1
+                with token_routes(self.llm, torch.zeros(B, 1, dtype=torch.long, device=mask.device)):
+                    out = self.llm(input_ids=nxt.view(B, 1).to(mask.device), attention_mask=mask,
+                                   position_ids=last_pos.view(B, 1), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1)
+            outs.extend(self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen)
+        return outs
+
+    def generate(self, prompt: str, modal_inputs: ModalInputs | None = None, max_new_tokens: int = 8) -> str:
+        """Greedy generation for one prompt; returns the decoded continuation (special tokens dropped)."""
+        return self.generate_batch([prompt], [modal_inputs], max_new_tokens)[0]

@@ -1,0 +1,282 @@
+"""Run the notebooks in order, headless: what ``make reproduce`` does.
+
+``python -m workbench reproduce --preset default [--only 02,03]`` (registered lazily in
+:data:`workbench.cli.LAZY_COMMANDS`) builds the zoo of the preset if needed, then executes every
+``notebooks/NN_*.ipynb`` in order with papermill (kernel ``python3``, working directory
+``notebooks/`` so relative paths work), injecting ``preset`` (and any ``-p KEY=VALUE``) into the
+cell tagged ``parameters``. Executed copies go to ``figures/executed/``. It prints one line per
+notebook and a summary (what ran, how long, which files under ``figures/`` and ``data/results/``
+are new or updated). A failing notebook does not stop the others; the exit status is 1 if any
+notebook (or the zoo build) failed.
+
+From Python::
+
+    from workbench.reproduce import run_notebooks
+    df = run_notebooks(preset="tiny", only=["02", "03"])   # one row per notebook
+
+The kernel also gets the environment variable ``WORKBENCH_PRESET`` set to the preset.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import pandas as pd
+
+HELP = "run the notebooks in order (papermill), after building the zoo if needed"
+
+#: ``NN_name.ipynb``: two digits, an underscore, a name.
+NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[^/]+\.ipynb$")
+#: Folders whose new or updated files the summary lists (relative to the working directory).
+WATCHED = ("figures", "data/results")
+#: Default per-cell timeout (seconds) for papermill.
+CELL_TIMEOUT_S = 3 * 3600
+
+PathLike = Union[str, Path]
+
+
+def discover_notebooks(notebooks_dir: PathLike = "notebooks") -> list[Path]:
+    """``notebooks_dir/NN_*.ipynb``, sorted by name (so by number)."""
+    folder = Path(notebooks_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and NOTEBOOK_PATTERN.match(p.name))
+
+
+def select_notebooks(paths: Sequence[Path], only: Union[None, str, Iterable[str]]) -> list[Path]:
+    """The notebooks named by ``only``: numbers (``"02"``, ``"2"``), stems or file names.
+
+    ``only`` may be a comma-separated string or an iterable; ``None`` keeps all. An entry that
+    matches no notebook raises ``ValueError`` (a typo should not silently run nothing).
+    """
+    if only is None:
+        return list(paths)
+    wanted = [w.strip() for w in (only.split(",") if isinstance(only, str) else only) if str(w).strip()]
+    chosen: list[Path] = []
+    for w in wanted:
+        hits = [p for p in paths
+                if (w.isdigit() and int(p.name[:2]) == int(w)) or p.stem == w or p.name == w]
+        if not hits:
+            raise ValueError(f"--only {w!r}: no notebook matches (have: {', '.join(p.name for p in paths)})")
+        chosen.extend(h for h in hits if h not in chosen)
+    return sorted(chosen)
+
+
+def _snapshot(folders: Iterable[Path], exclude: Optional[Path]) -> dict[Path, tuple[int, int]]:
+    """``path -> (mtime_ns, size)`` of every file under ``folders`` (``exclude`` left out)."""
+    out = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in folder.rglob("*"):
+            if not p.is_file() or ".ipynb_checkpoints" in p.parts:
+                continue
+            if exclude is not None and exclude in p.resolve().parents:
+                continue
+            st = p.stat()
+            out[p] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+@contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ensure_zoo(preset: str, log: Callable[[str], None] = print) -> tuple[bool, str]:
+    """Build the zoo of ``preset`` with ``workbench.world.build_zoo`` (which skips what is built).
+
+    Returns ``(ok, message)``. If ``workbench.world.build_zoo`` does not exist (yet), says so and
+    returns ``ok=True``: the notebooks that need the zoo will then fail on their own, clearly.
+    """
+    t0 = time.perf_counter()
+    try:
+        from workbench.world import build_zoo  # imported lazily: heavy, and written by another module
+    except ImportError as e:
+        msg = (f"zoo: workbench.world.build_zoo is not available ({e}); not building a zoo - "
+               f"notebooks that need zoo/{preset} will fail")
+        log(msg)
+        return True, msg
+    log(f"zoo: building (or checking) the '{preset}' zoo ...")
+    try:
+        result = build_zoo(preset)
+    except Exception as e:  # noqa: BLE001 - reported, then the notebooks still run
+        msg = f"zoo: build_zoo({preset!r}) failed after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {e}"
+        log(msg)
+        log("".join(traceback.format_exception(type(e), e, e.__traceback__)[-3:]).rstrip())
+        return False, msg
+    where = getattr(result, "path", result)
+    where = f" -> {where}" if isinstance(where, (str, Path)) else ""
+    msg = f"zoo: ready in {time.perf_counter() - t0:.1f} s{where}"
+    log(msg)
+    return True, msg
+
+
+def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapping[str, Any]] = None,
+                     cwd: Optional[PathLike] = None, timeout: Optional[float] = CELL_TIMEOUT_S,
+                     kernel_name: str = "python3") -> dict:
+    """Execute one notebook with papermill; never raises for a failing notebook.
+
+    Returns ``{"notebook", "status" ("ok" | "failed"), "seconds", "output", "error"}``; ``error``
+    is ``"ExcName: message (cell N)"`` for a cell that raised, or the exception papermill raised
+    (timeout, dead kernel). ``cwd`` defaults to the notebook's folder.
+    """
+    import papermill as pm
+
+    path, output = Path(path), Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    error = ""
+    try:
+        pm.execute_notebook(str(path), str(output), parameters=dict(parameters or {}), kernel_name=kernel_name,
+                            cwd=str(cwd if cwd is not None else path.parent), execution_timeout=timeout,
+                            progress_bar=False, log_output=False, report_mode=False)
+    except pm.PapermillExecutionError as e:
+        error = f"{e.ename}: {e.evalue} (cell {e.exec_count})"
+    except Exception as e:  # noqa: BLE001 - timeouts, dead kernels, bad notebooks: reported per notebook
+        error = f"{type(e).__name__}: {e}"
+    seconds = time.perf_counter() - t0
+    return {"notebook": path.name, "status": "failed" if error else "ok", "seconds": round(seconds, 2),
+            "output": str(output), "error": error}
+
+
+def run_notebooks(preset: str = "default", notebooks_dir: PathLike = "notebooks",
+                  out_dir: PathLike = "figures/executed", only: Union[None, str, Iterable[str]] = None,
+                  parameters: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = CELL_TIMEOUT_S,
+                  build_zoo: bool = True, kernel_name: str = "python3",
+                  watch: Sequence[PathLike] = WATCHED, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Execute ``notebooks_dir/NN_*.ipynb`` in order; one row per notebook.
+
+    Columns: ``notebook, status ("ok" | "failed"), seconds, output, error``. ``parameters`` are
+    injected after ``preset`` (so they may override it). ``timeout`` is papermill's per-cell limit
+    in seconds (None: no limit). ``build_zoo`` first calls :func:`ensure_zoo`. ``watch`` are the
+    folders whose new or updated files are listed in the summary.
+
+    ``df.attrs``: ``preset``, ``seconds`` (total), ``zoo`` (message), ``zoo_ok``, ``new_files``,
+    ``updated_files`` (lists of paths), ``failed`` (notebook names), ``out_dir``.
+    Raises ``FileNotFoundError`` if there is no notebook to run.
+    """
+    t_start = time.perf_counter()
+    nb_dir = Path(notebooks_dir).resolve()
+    out = Path(out_dir).resolve()
+    notebooks = select_notebooks(discover_notebooks(nb_dir), only)
+    if not notebooks:
+        raise FileNotFoundError(f"no notebooks NN_*.ipynb in {nb_dir}")
+    params = {"preset": preset, **dict(parameters or {})}
+    watched = [Path(w).resolve() for w in watch]
+    before = _snapshot(watched, exclude=out)
+
+    zoo_ok, zoo_msg = (ensure_zoo(preset, log) if build_zoo else (True, "zoo: not built (build_zoo=False)"))
+
+    rows = []
+    width = max(len(p.name) for p in notebooks)
+    log(f"running {len(notebooks)} notebook(s) from {nb_dir} with preset={preset!r} -> {out}")
+    with _env(WORKBENCH_PRESET=str(params["preset"])):
+        for i, nb in enumerate(notebooks, 1):
+            log(f"-> {nb.name} ...")
+            row = execute_notebook(nb, out / nb.name, params, cwd=nb_dir, timeout=timeout, kernel_name=kernel_name)
+            rows.append(row)
+            line = f"[{i}/{len(notebooks)}] {nb.name:<{width}}  {row['seconds']:8.1f} s  {row['status']}"
+            if row["error"]:
+                line += f"  ({row['error'][:300]})"
+            log(line)
+
+    after = _snapshot(watched, exclude=out)
+    new = sorted(p for p in after if p not in before)
+    updated = sorted(p for p in after if p in before and after[p] != before[p])
+    df = pd.DataFrame(rows, columns=["notebook", "status", "seconds", "output", "error"])
+    total = time.perf_counter() - t_start
+    failed = df.loc[df.status != "ok", "notebook"].tolist()
+    df.attrs.update(preset=preset, seconds=round(total, 2), zoo=zoo_msg, zoo_ok=zoo_ok,
+                    new_files=[str(p) for p in new], updated_files=[str(p) for p in updated],
+                    failed=failed, out_dir=str(out))
+    _summary(df, new, updated, log)
+    return df
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _summary(df: pd.DataFrame, new: list[Path], updated: list[Path], log: Callable[[str], None],
+             max_files: int = 40) -> None:
+    a = df.attrs
+    n_ok = int((df.status == "ok").sum())
+    log("")
+    log(f"summary: {n_ok}/{len(df)} notebook(s) ok with preset={a['preset']!r} in {a['seconds']:.1f} s "
+        f"(notebooks {df.seconds.sum():.1f} s)")
+    log(f"  {a['zoo']}")
+    if a["failed"]:
+        log(f"  failed: {', '.join(a['failed'])}")
+    log(f"  executed notebooks: {_rel(Path(a['out_dir']))}/")
+    for label, files in (("new", new), ("updated", updated)):
+        if not files:
+            continue
+        log(f"  {label} files ({len(files)}):")
+        for p in files[:max_files]:
+            log(f"    {_rel(p)}")
+        if len(files) > max_files:
+            log(f"    ... and {len(files) - max_files} more")
+    if not new and not updated:
+        log(f"  no file under {', '.join(WATCHED)} was created or changed")
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _parse_parameter(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m workbench reproduce``."""
+    parser.add_argument("--preset", default="default",
+                        help="zoo/notebook preset injected as `preset` (default: default; e.g. tiny)")
+    parser.add_argument("--only", help="comma-separated notebook numbers or names, e.g. 02,03")
+    parser.add_argument("--notebooks-dir", default="notebooks", help="folder of NN_*.ipynb (default: notebooks)")
+    parser.add_argument("--out-dir", default="figures/executed", help="where executed copies go")
+    parser.add_argument("-p", "--parameter", action="append", default=[], type=_parse_parameter,
+                        metavar="KEY=VALUE", help="extra notebook parameter (YAML value); repeatable")
+    parser.add_argument("--timeout", type=float, default=CELL_TIMEOUT_S, help="per-cell timeout in seconds")
+    parser.add_argument("--no-zoo", action="store_true", help="do not build the zoo first")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the notebooks; exit status 1 if any notebook or the zoo build failed, 2 if none found."""
+    try:
+        df = run_notebooks(preset=args.preset, notebooks_dir=args.notebooks_dir, out_dir=args.out_dir,
+                           only=args.only, parameters=dict(args.parameter), timeout=args.timeout,
+                           build_zoo=not args.no_zoo)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"workbench reproduce: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    return 0 if (df.status == "ok").all() and df.attrs["zoo_ok"] else 1
+
+
+if __name__ == "__main__":  # python -m workbench.reproduce
+    _p = argparse.ArgumentParser(prog="workbench reproduce", description=HELP)
+    add_arguments(_p)
+    sys.exit(run(_p.parse_args()))

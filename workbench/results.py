@@ -1,0 +1,470 @@
+"""Every composition x benchmark x seed of a zoo, as tidy CSV tables (what the notebooks read).
+
+:func:`run_results` evaluates, for every seed of the zoo,
+
+- ``expert`` (each modality's own expert, kind ``expert_kind``), ``damc_expert`` (each DAMC expert
+  alone) - own tasks only (they have one tower);
+- ``frozen`` (base LLM + the projector-stage experts' towers), ``naive_mc``, ``damc`` (λ searched on
+  the MCUB-mini validation split when ``search``), ``mmer`` (λ, α searched likewise), ``oracle``
+  (the jointly trained model, where the zoo has one) - on MCUB-mini 2/3/4 (one composition per
+  modality combination: the experts of exactly the record's modalities) and on every expert's own
+  tasks (one composition over all the zoo's modalities);
+
+with both scorings (option log-likelihood, greedy first letter). Compositions whose experts are
+missing from the zoo (no DAMC experts, no oracle) are skipped and listed in ``run.json``.
+
+Tables written to ``out`` (default ``data/results/<preset>/``):
+
+- ``predictions.csv`` - one row per item x method x seed x scoring (``benchmark``, ``combo``);
+- ``summary.csv`` - accuracy per method x benchmark x scoring: mean over seeds with a Student-t
+  interval, and the Wilson interval of the pooled counts (:func:`workbench.evaluate.summarize`);
+- ``retention.csv`` - each composition's own-task accuracy as a percentage of the expert's
+  (``damc`` against ``damc_expert``, the others against ``expert``), per modality and seed;
+- ``paired.csv`` - exact McNemar tests between compositions on the same items (pooled over seeds);
+- ``storage.csv`` - MMER's τ* + packed masks on disk vs the N experts' LLMs;
+- ``search/*.csv`` - the DAMC λ grid and the MMER (λ, α) grid of every composition;
+- ``run.json`` - settings, what was skipped, seconds.
+
+Predictions are cached under ``out/cache/`` by a hash of their inputs (the zoo's model hashes, the
+composition settings, the records, the scoring), so a re-run only evaluates what changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from .evaluate import mcnemar_exact, predict, summarize
+
+RESULTS_VERSION = "1"
+COMPOSITIONS = ("expert", "damc_expert", "frozen", "naive_mc", "damc", "mmer", "oracle")
+OWN_ONLY = ("expert", "damc_expert")
+BENCHMARKS = ("mcub-2", "mcub-3", "mcub-4")
+SCORINGS = ("loglik", "generate")
+DEFAULT_PAIRS = (("mmer", "naive_mc"), ("damc", "naive_mc"), ("mmer", "damc"), ("naive_mc", "frozen"),
+                 ("oracle", "mmer"), ("oracle", "damc"))
+_ORDER = ("image", "audio", "video", "point")
+_SHORT = {"image": "I", "audio": "A", "video": "V", "point": "P"}
+_KEY_TO_MOD = {"vision": "image", "image": "image", "audio": "audio", "video": "video", "point": "point"}
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def default_out(preset: str) -> Path:
+    return repo_root() / "data" / "results" / preset
+
+
+def record_modalities(rec: Mapping) -> tuple[str, ...]:
+    """The modalities of a record's inputs, in the world's prompt order."""
+    mods = {_KEY_TO_MOD[k] for k in rec.get("modal_inputs", {})}
+    return tuple(m for m in _ORDER if m in mods) + tuple(sorted(m for m in mods if m not in _ORDER))
+
+
+def combo_tag(mods: Iterable[str]) -> str:
+    return "+".join(_SHORT.get(m, m) for m in mods)
+
+
+# ============================================================================================ tables
+def summary_table(pred: pd.DataFrame, by: Sequence[str] = ("method", "benchmark", "scoring"),
+                  conf: float = 0.95) -> pd.DataFrame:
+    """Accuracy per group: mean over seeds with a t-interval, Wilson interval of pooled counts."""
+    if len(pred) == 0:
+        return pd.DataFrame(columns=list(by) + ["n_seeds", "n_items", "acc", "t_low", "t_high", "wilson_low",
+                                                "wilson_high"])
+    return summarize(pred, by=by, conf=conf).sort_values(list(by)).reset_index(drop=True)
+
+
+def retention_table(pred: pd.DataFrame, reference: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Own-task retention: per method x modality x seed x scoring, the composed accuracy as a
+    percentage of the reference's (``reference[method]``, default ``damc -> damc_expert``, every
+    other method -> ``expert``) on the same records. Rows without a reference are dropped."""
+    cols = ["method", "reference", "modality", "seed", "scoring", "n_items", "acc", "reference_acc", "retention"]
+    own = pred[pred["benchmark"].astype(str).str.startswith("own:")]
+    if len(own) == 0:
+        return pd.DataFrame(columns=cols)
+    ref_of = dict(reference or {})
+    acc = (own.groupby(["method", "benchmark", "seed", "scoring"], dropna=False)["correct"]
+           .agg(["mean", "size"]).reset_index())
+    rows = []
+    for _, r in acc.iterrows():
+        if r["method"] in OWN_ONLY:
+            continue
+        ref = ref_of.get(r["method"], "damc_expert" if r["method"] == "damc" else "expert")
+        hit = acc[(acc["method"] == ref) & (acc["benchmark"] == r["benchmark"]) & (acc["seed"] == r["seed"])
+                  & (acc["scoring"] == r["scoring"])]
+        if len(hit) == 0:
+            continue
+        ra = 100 * float(hit["mean"].iloc[0])
+        a = 100 * float(r["mean"])
+        rows.append({"method": r["method"], "reference": ref, "modality": r["benchmark"].split(":", 1)[1],
+                     "seed": r["seed"], "scoring": r["scoring"], "n_items": int(r["size"]), "acc": a,
+                     "reference_acc": ra, "retention": 100 * a / ra if ra > 0 else float("nan")})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def paired_table(pred: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS,
+                 by: Sequence[str] = ("benchmark", "scoring")) -> pd.DataFrame:
+    """Exact McNemar between two methods on the same items (joined on id and seed), per group."""
+    cols = list(by) + ["method_a", "method_b", "n", "b", "c", "acc_a", "acc_b", "pvalue"]
+    rows = []
+    for key, g in pred.groupby(list(by), dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for a, b in pairs:
+            da, db = g[g["method"] == a], g[g["method"] == b]
+            if len(da) == 0 or len(db) == 0:
+                continue
+            j = da.merge(db, on=["id", "seed"], suffixes=("_a", "_b"))
+            if len(j) == 0:
+                continue
+            t = mcnemar_exact(j["correct_a"].astype(bool).tolist(), j["correct_b"].astype(bool).tolist())
+            rows.append({**dict(zip(by, key)), "method_a": a, "method_b": b, "n": t["n"], "b": t["b"], "c": t["c"],
+                         "acc_a": 100 * float(j["correct_a"].mean()), "acc_b": 100 * float(j["correct_b"].mean()),
+                         "pvalue": t["pvalue"]})
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ============================================================================================ caching
+def cache_key(parts: Mapping) -> str:
+    """A short sha256 of a JSON-serialisable mapping (sorted keys)."""
+    blob = json.dumps({"v": RESULTS_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cached(cache_dir: Path | None, parts: Mapping, compute: Callable[[], pd.DataFrame]) -> tuple[pd.DataFrame, bool]:
+    """``compute()`` unless ``cache_dir/<key>.csv`` exists; returns (frame, was_cached)."""
+    if cache_dir is None:
+        return compute(), False
+    f = Path(cache_dir) / f"{cache_key(parts)}.csv"
+    if f.is_file():
+        return pd.read_csv(f, dtype={"id": str, "gold": str, "pred": str}, keep_default_na=False,
+                           na_values=[]), True
+    df = compute()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(f)
+    return df, False
+
+
+def records_digest(records: Sequence[Mapping]) -> str:
+    return hashlib.sha256(json.dumps([(r["id"], r["conversations"][1]["value"]) for r in records]).encode()).hexdigest()[:16]
+
+
+# ============================================================================================ compositions
+class ZooComposer:
+    """Builds the compositions of one zoo and seed (see the module docstring)."""
+
+    def __init__(self, zoo, seed: int, *, expert_kind: str = "full", search: bool = True,
+                 search_dir: Path | None = None, val_records: Sequence[Mapping] | None = None,
+                 damc_grid: Sequence[float] = (0.25, 0.5, 0.75, 1.0), mmer_lams: Sequence[float] = (0.5, 1.0, 2.0),
+                 mmer_alphas: Sequence[float] = (0.5, 1.0, 1.5), mmer_merge: str = "ties",
+                 progress: bool = False) -> None:
+        from .world import Zoo
+
+        self.zoo = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+        self.seed, self.expert_kind, self.search = seed, expert_kind, search
+        self.search_dir = search_dir
+        self.val = list(val_records) if val_records is not None else self._val()
+        self.damc_grid, self.mmer_lams, self.mmer_alphas = tuple(damc_grid), tuple(mmer_lams), tuple(mmer_alphas)
+        self.mmer_merge = mmer_merge
+        self.progress = progress
+        self.tok = self.zoo.tokenizer()
+        self.notes: dict = {}
+
+    def _val(self) -> list[dict]:
+        try:
+            return self.zoo.mcub("val")
+        except FileNotFoundError:
+            return []
+
+    # ---- names
+    def expert_name(self, m: str, kind: str) -> str | None:
+        n = f"{m}-{kind}-s{self.seed}"
+        return n if n in self.zoo.manifest["models"] else None
+
+    def model_hashes(self, method: str, mods: Sequence[str]) -> dict:
+        names = self.members(method, mods) or []
+        models = self.zoo.manifest["models"]
+        base_hash = self.zoo.manifest.get("jobs", {}).get("base", {}).get("hash")
+        return {"base": base_hash, **{n: models[n].get("hash") for n in names}}
+
+    def members(self, method: str, mods: Sequence[str]) -> list[str] | None:
+        """The zoo models a composition uses (``None`` if one is missing)."""
+        kind = {"expert": self.expert_kind, "naive_mc": self.expert_kind, "mmer": self.expert_kind,
+                "frozen": "projector", "damc": "damc", "damc_expert": "damc"}.get(method)
+        if method == "oracle":
+            n = f"oracle-s{self.seed}"
+            return [n] if n in self.zoo.manifest["models"] else None
+        if kind is None:
+            raise ValueError(f"unknown composition {method!r}; choose from {COMPOSITIONS}")
+        names = [self.expert_name(m, kind) for m in mods]
+        return None if any(n is None for n in names) else names
+
+    def settings(self, method: str) -> dict:
+        s = {"method": method, "expert_kind": self.expert_kind, "seed": self.seed}
+        if method == "damc":
+            s.update(search=self.search, grid=self.damc_grid, val=records_digest(self.val) if self.val else None)
+        if method == "mmer":
+            s.update(search=self.search, lams=self.mmer_lams, alphas=self.mmer_alphas, merge=self.mmer_merge,
+                     val=records_digest(self.val) if self.val else None)
+        return s
+
+    # ---- building
+    def build(self, method: str, mods: Sequence[str]):
+        """The composed :class:`MultimodalLM` over ``mods`` (``None`` if the zoo lacks a member)."""
+        from . import compose as C
+
+        names = self.members(method, mods)
+        if names is None:
+            return None
+        base = self.zoo.base_path
+        if method == "oracle":
+            return self.zoo.load_expert(names[0])
+        srcs = [C.zoo_expert(self.zoo, n) for n in names]
+        if method in ("expert", "damc_expert"):
+            return C.compose_expert(base, srcs[0], self.tok)
+        if method == "frozen":
+            return C.compose_frozen(base, srcs, self.tok)
+        if method == "naive_mc":
+            return C.compose_naive_mc(base, srcs, self.tok)
+        tag = f"{combo_tag(mods)}-s{self.seed}"
+        val = [r for r in self.val if set(record_modalities(r)) <= set(mods)]
+        load = self.zoo.load_inputs
+        if method == "damc":
+            model = C.compose_damc(base, srcs, self.tok)
+            if self.search and len(srcs) > 1:
+                if val:
+                    best, _ = C.damc_lambda_search(model, val, load, grid=C.lambda_grid(len(srcs), self.damc_grid),
+                                                   csv=self._csv(f"damc_lambda_{tag}.csv"), progress=self.progress)
+                    rule = "val-grid"
+                else:
+                    own = {m: self.zoo.own_eval(m) for m in mods}
+                    best, _ = C.damc_lambda_from_own_tasks(model, own, load, values=self.damc_grid,
+                                                           csv=self._csv(f"damc_lambda_own_{tag}.csv"),
+                                                           progress=self.progress)
+                    rule = "own-task-fallback"
+                self.notes.setdefault("damc_lambda", {})[tag] = {"lambda": list(best), "rule": rule,
+                                                                  "n_val": len(val)}
+            return model
+        if method == "mmer":
+            model = C.compose_mmer(base, srcs, self.tok, merge_method=self.mmer_merge)
+            if self.search and val:
+                (lam, alpha), _ = C.mmer_search(model, base, srcs, val, load, lams=self.mmer_lams,
+                                                alphas=self.mmer_alphas, csv=self._csv(f"mmer_lambda_alpha_{tag}.csv"),
+                                                progress=self.progress)
+                self.notes.setdefault("mmer", {})[tag] = {"lam": lam, "alpha": alpha, "n_val": len(val),
+                                                          "density": model.mmer_parts.density()}
+            return model
+        raise ValueError(f"unknown composition {method!r}")
+
+    def _csv(self, name: str) -> Path | None:
+        return None if self.search_dir is None else self.search_dir / name
+
+
+# ============================================================================================ the run
+def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None,
+                methods: Sequence[str] = COMPOSITIONS, benchmarks: Sequence[str] = BENCHMARKS,
+                own_tasks: bool = True, scorings: Sequence[str] = SCORINGS, seeds: Sequence[int] | None = None,
+                expert_kind: str = "full", search: bool = True, max_items: int | None = None,
+                storage: bool = True, use_cache: bool = True, progress: bool = True, **composer_kw) -> dict:
+    """Evaluate every composition and write the tables (see the module docstring).
+
+    Returns ``{"predictions", "summary", "retention", "paired", "storage": DataFrame, "run": dict}``.
+    """
+    from tqdm.auto import tqdm
+
+    from . import compose as C
+    from .world import Zoo
+
+    t0 = time.time()
+    torch.manual_seed(0)
+    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo) if zoo is not None else Zoo.for_preset(preset)
+    out = Path(out) if out is not None else default_out(preset)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = out / "cache" if use_cache else None
+    seeds = list(seeds) if seeds is not None else list(z.manifest["config"]["seeds"])
+    mods_all = [m for m in _ORDER if m in z.modalities]
+    bench_recs: dict[str, list[dict]] = {}
+    for b in benchmarks:
+        try:
+            recs = z.mcub(b)
+        except FileNotFoundError:
+            continue
+        bench_recs[b] = recs
+    own = {m: z.own_eval(m) for m in mods_all} if own_tasks else {}
+    if max_items is not None:
+        bench_recs = {b: _per_combo_head(r, max_items) for b, r in bench_recs.items()}
+        own = {m: r[:max_items] for m, r in own.items()}
+    frames, skipped, n_cached, n_eval = [], [], 0, 0
+    storage_rows: list[dict] = []
+    stored: set = set()
+    notes: dict = {}
+    jobs = []  # (seed, method, benchmark, mods, records)
+    for seed in seeds:
+        for method in methods:
+            if method not in OWN_ONLY:
+                for b, recs in bench_recs.items():
+                    by_combo: dict[tuple, list] = {}
+                    for r in recs:
+                        by_combo.setdefault(record_modalities(r), []).append(r)
+                    for mods, rs in by_combo.items():
+                        jobs.append((seed, method, b, mods, rs))
+            if method in OWN_ONLY:
+                for m, rs in own.items():
+                    jobs.append((seed, method, f"own:{m}", (m,), rs))
+            elif own:
+                for m, rs in own.items():
+                    jobs.append((seed, method, f"own:{m}", tuple(mods_all), rs))
+    composers: dict[int, ZooComposer] = {}
+    models: dict[tuple, object] = {}
+    bar = tqdm(jobs, desc=f"results {z.manifest.get('preset', preset)}", disable=not progress)
+    for seed, method, bench, mods, recs in bar:
+        comp = composers.get(seed)
+        if comp is None:
+            comp = composers[seed] = ZooComposer(z, seed, expert_kind=expert_kind, search=search,
+                                                 search_dir=out / "search", progress=False, **composer_kw)
+        if comp.members(method, mods) is None:
+            skipped.append({"seed": seed, "method": method, "benchmark": bench, "combo": combo_tag(mods),
+                            "why": "a member is missing from the zoo"})
+            continue
+        if method == "oracle" and not set(mods) <= set(z.info(f"oracle-s{seed}").get("modalities", [])):
+            skipped.append({"seed": seed, "method": method, "benchmark": bench, "combo": combo_tag(mods),
+                            "why": "the oracle lacks a modality"})
+            continue
+        for scoring in scorings:
+            parts = {"zoo": comp.model_hashes(method, mods), "settings": comp.settings(method),
+                     "mods": list(mods), "records": records_digest(recs), "scoring": scoring, "benchmark": bench}
+
+            def compute():
+                key = (seed, method, tuple(mods))
+                if key not in models:
+                    models.clear()  # keep one composed model in memory at a time
+                    models[key] = comp.build(method, mods)
+                m = models[key]
+                df = predict(m, recs, z.load_inputs, scoring=scoring, method=method, seed=seed)
+                df["benchmark"], df["combo"] = bench, combo_tag(mods)
+                return df
+
+            bar.set_postfix_str(f"s{seed} {method} {bench} {combo_tag(mods)} {scoring}")
+            df, hit = cached(cache_dir, parts, compute)
+            n_cached += int(hit)
+            n_eval += int(not hit)
+            frames.append(df)
+        if storage and method == "mmer" and len(mods) > 1 and (seed, tuple(mods)) not in stored:
+            stored.add((seed, tuple(mods)))
+            row = _storage_row(z, comp, mods, out, seed)
+            if row:
+                storage_rows.append(row)
+        notes.update({f"s{s}": c.notes for s, c in composers.items() if c.notes})
+    bar.close()
+    pred = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["id", "subset", "gold", "pred", "correct", "method", "seed", "scoring", "task", "benchmark", "combo"])
+    pred["correct"] = pred["correct"].astype(str).str.lower().isin(["true", "1"]) if len(pred) else pred["correct"]
+    summary = summary_table(pred)
+    retention = retention_table(pred)
+    paired = paired_table(pred)
+    storage_df = pd.DataFrame(storage_rows)
+    pred.to_csv(out / "predictions.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    retention.to_csv(out / "retention.csv", index=False)
+    paired.to_csv(out / "paired.csv", index=False)
+    storage_df.to_csv(out / "storage.csv", index=False)
+    run = {"preset": preset, "zoo": str(z.path), "seeds": seeds, "methods": list(methods),
+           "benchmarks": list(bench_recs), "own_tasks": list(own), "scorings": list(scorings),
+           "expert_kind": expert_kind, "search": search, "max_items": max_items, "evaluated": n_eval,
+           "cached": n_cached, "skipped": skipped, "notes": notes, "seconds": round(time.time() - t0, 1),
+           "results_version": RESULTS_VERSION}
+    (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
+    return {"predictions": pred, "summary": summary, "retention": retention, "paired": paired,
+            "storage": storage_df, "run": run}
+
+
+def _per_combo_head(recs: Sequence[dict], n: int) -> list[dict]:
+    out, seen = [], {}
+    for r in recs:
+        k = record_modalities(r)
+        if seen.get(k, 0) < n:
+            out.append(r)
+            seen[k] = seen.get(k, 0) + 1
+    return out
+
+
+def _storage_row(z, comp: ZooComposer, mods: Sequence[str], out: Path, seed: int) -> dict | None:
+    """Save MMER's parts for ``mods`` and compare their bytes with the experts' LLM folders."""
+    from . import compose as C
+
+    names = comp.members("mmer", mods)
+    if names is None:
+        return None
+    srcs = [C.zoo_expert(z, n) for n in names]
+    folder = out / "mmer_parts" / f"{combo_tag(mods)}-s{seed}"
+    if not (folder / "mmer.json").is_file():
+        parts = C.mmer_parts(z.base_path, srcs, merge_method=comp.mmer_merge)
+        C.save_mmer_parts(parts, folder)
+    paths = [s.llm if s.kind == "full" else s.adapter for s in srcs]
+    rep = C.storage_comparison([folder / "tau_star.safetensors", folder / "masks.safetensors"], paths)
+    return {"seed": seed, "combo": combo_tag(mods), "tau_star_bytes": C.disk_bytes(folder / "tau_star.safetensors"),
+            "mask_bytes": C.disk_bytes(folder / "masks.safetensors"), **rep}
+
+
+def run_forgetting(preset: str = "tiny", *, zoo=None, out: str | Path | None = None,
+                   experts: Sequence[str] | None = None, new_tasks: Sequence[str] = ("first", "last"),
+                   steps: int = 120, n_eval: int = 96, lam: float = 1.0, alpha: float = 1.0,
+                   scoring: str = "loglik", use_cache: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Forgetting and its repair by mask decoupling (:func:`workbench.compose.forgetting_experiment`)
+    for every full expert whose modality does not already train on ``new_tasks`` (the world's image
+    and point experts for the default ``first``/``last``); one row per expert, cached by inputs,
+    written to ``forgetting.csv``. Columns: accuracies before / after fine-tuning / decoupled on the
+    old and the new tasks, ``forgetting`` (before_old - after_old) and ``recovered``
+    (decoupled_old - after_old), in points."""
+    from tqdm.auto import tqdm
+
+    from .compose import forgetting_experiment
+    from .world import Zoo
+    from .world.tasks import OWN_TASKS
+
+    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo) if zoo is not None else Zoo.for_preset(preset)
+    out = Path(out) if out is not None else default_out(preset)
+    out.mkdir(parents=True, exist_ok=True)
+    if experts is None:
+        experts = [n for n in z.experts(kind="full")
+                   if not set(new_tasks) & set(OWN_TASKS.get(z.info(n)["modality"], ()))]
+    rows = []
+    for name in tqdm(list(experts), desc="forgetting", disable=not progress):
+        parts = {"expert": name, "hash": z.info(name).get("hash"), "new": list(new_tasks), "steps": steps,
+                 "n_eval": n_eval, "lam": lam, "alpha": alpha, "scoring": scoring, "kind": "forgetting"}
+
+        def compute(name=name):
+            r = forgetting_experiment(z, name, tuple(new_tasks), steps=steps, n_eval=n_eval, lam=lam, alpha=alpha,
+                                      scoring=scoring, seed=int(z.info(name).get("seed", 0)))
+            return pd.DataFrame([{k: (",".join(v) if isinstance(v, list) else v) for k, v in r.items()}])
+
+        df, _ = cached(out / "cache" if use_cache else None, parts, compute)
+        rows.append(df)
+    res = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    res.to_csv(out / "forgetting.csv", index=False)
+    return res
+
+
+def load_results(preset: str = "tiny", out: str | Path | None = None) -> dict:
+    """Read the tables written by :func:`run_results` (for the notebooks)."""
+    out = Path(out) if out is not None else default_out(preset)
+    res = {}
+    for name in ("predictions", "summary", "retention", "paired", "storage", "forgetting"):
+        f = out / f"{name}.csv"
+        res[name] = pd.read_csv(f) if f.is_file() and f.stat().st_size > 1 else pd.DataFrame()
+    run = out / "run.json"
+    res["run"] = json.loads(run.read_text()) if run.is_file() else {}
+    return res
+
+
+__all__ = ["BENCHMARKS", "COMPOSITIONS", "ZooComposer", "cache_key", "cached", "combo_tag", "default_out",
+           "load_results", "paired_table", "record_modalities", "retention_table", "run_forgetting", "run_results",
+           "summary_table"]

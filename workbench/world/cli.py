@@ -1,0 +1,36 @@
+"""``python -m workbench zoo --preset default|tiny [--out DIR] [--jobs 2] [--only NAME ...]``.
+
+The main CLI wires this in with ``add_arguments(subparser)`` and ``run(args)``."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--preset", default="default", help="default | tiny")
+    parser.add_argument("--out", default=None, help="zoo folder (default zoo/<preset>, or $WORKBENCH_ZOO/<preset>)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--only", nargs="*", default=None, help="build only these jobs (and their dependencies)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from .zoo import build_zoo
+    zoo = build_zoo(args.preset, out=args.out, jobs=args.jobs, progress=not args.quiet, only=args.only)
+    m = zoo.manifest
+    print(f"zoo {args.preset}: {zoo.path} ({len(m['models'])} models, build {m['build_wall_seconds']} s wall)")
+    for name, e in m["models"].items():
+        scores = e.get("own_task") or e.get("task_scores")
+        print(f"  {name:28s} {json.dumps(scores)}  gap={json.dumps(e.get('gap'))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = add_arguments(argparse.ArgumentParser(prog="workbench-zoo"))
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,794 @@
+"""The model zoo: every model of the miniature world, built deterministically from seeds, cached per
+model by a hash of its configuration, described by ``zoo.json``.
+
+Layout (``zoo/<preset>/``, env ``WORKBENCH_ZOO`` overrides the parent folder)::
+
+    zoo.json                          manifest: every model, its scores, params, seconds, hash
+    tokenizer/                        HF PreTrainedTokenizerFast
+    base/                             HF LlamaForCausalLM (text-only pretrained) + tokenizer
+    encoders/<modality>/              frozen encoder (model.safetensors + config.json)
+    experts/<name>/expert.json        {"modality", "kind": "projector"|"full"|"lora"|"damc", "seed", ...}
+    experts/<name>/llm/ | adapter/    HF Llama folder (full FT) | peft LoRA folder
+    experts/<name>/projector/         model.safetensors + config.json
+    oracle-s<seed>/                   llm/ + projectors/<modality>/ (joint training on all modalities)
+    capability/encoder/               the capability family's vision encoder
+    capability/base/                  base VLM: projector/ (its LLM is base/)
+    capability/experts/<task>-<full|lora>-s<seed>/
+
+Generated inputs and evaluation records live under ``data/generated/<preset>/``.
+
+Job registry: :func:`register_job_kind` adds a kind (e.g. ``"damc"``) with a build function and a
+planner that returns the kind's jobs for a preset; :func:`build_zoo` runs every planned job whose
+hash changed, in parallel worker processes (one thread each).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .concepts import CAP_TASKS, MODALITIES, PLACEHOLDERS
+from .mcub import build_datasets, read_records, record_inputs, load_modal_input  # noqa: F401
+
+WORLD_VERSION = "1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# ----------------------------------------------------------------------------- presets
+PRESETS: dict[str, dict] = {
+    "default": {
+        "modalities": list(MODALITIES),
+        "seeds": [0, 1, 2],
+        "arch": {"hidden": 128, "layers": 4, "heads": 4, "ffn": 384},
+        "base": {"steps": 800, "batch": 64, "lr": 2e-3, "seed": 0},
+        "encoder": {"steps": {"image": 500, "audio": 200, "video": 250, "point": 400}, "batch": 64, "lr": 2e-3,
+                    "seed": 0},
+        "projector": {"steps": 120, "batch": 64, "lr": 3e-3},
+        "expert": {"steps": 300, "batch": 64, "lr_llm": 5e-4, "lr_proj": 1e-3, "replay": 0.25, "caption": 0.1},
+        "lora": {"enabled": True, "r": 16, "alpha": 32, "lr": 2e-3},
+        "oracle": {"seeds": [0, 1, 2], "steps": 500, "batch": 64, "multimodal": 0.25, "replay": 0.2},
+        "capability": {"tasks": list(CAP_TASKS), "seeds": [0], "lora": True, "enc_steps": 300,
+                       "caption_steps": 200, "steps": 300, "batch": 64, "lr_llm": 5e-4, "lr_proj": 2e-3,
+                       "train_projector": False},
+        "data": {"n_per_subset": 60, "n_own": 200, "n_val": 120, "n_capability": 150, "seed": 12345},
+        "eval_generate": True,
+    },
+    "tiny": {
+        "modalities": ["image", "audio"],
+        "seeds": [0],
+        "arch": {"hidden": 64, "layers": 2, "heads": 2, "ffn": 192},
+        "base": {"steps": 250, "batch": 32, "lr": 3e-3, "seed": 0},
+        "encoder": {"steps": {"image": 250, "audio": 100}, "batch": 32, "lr": 3e-3, "seed": 0},
+        "projector": {"steps": 40, "batch": 32, "lr": 3e-3},
+        "expert": {"steps": 120, "batch": 32, "lr_llm": 1e-3, "lr_proj": 2e-3, "replay": 0.25, "caption": 0.1},
+        "lora": {"enabled": False, "r": 8, "alpha": 16, "lr": 3e-3},
+        "oracle": {"seeds": [], "steps": 150, "batch": 32, "multimodal": 0.25, "replay": 0.2},
+        "capability": {"tasks": ["vqa", "chart"], "seeds": [0], "lora": False, "enc_steps": 100,
+                       "caption_steps": 60, "steps": 120, "batch": 32, "lr_llm": 1e-3, "lr_proj": 3e-3,
+                       "train_projector": False},
+        "data": {"n_per_subset": 20, "n_own": 60, "n_val": 20, "n_capability": 40, "seed": 12345},
+        "eval_generate": True,
+    },
+}
+
+
+def zoo_root(preset: str, out: str | Path | None = None) -> Path:
+    if out is not None:
+        return Path(out)
+    parent = os.environ.get("WORKBENCH_ZOO")
+    return (Path(parent) if parent else REPO_ROOT / "zoo") / preset
+
+
+def data_root(preset: str) -> Path:
+    return REPO_ROOT / "data" / "generated" / preset
+
+
+# ----------------------------------------------------------------------------- job registry
+@dataclass
+class Job:
+    name: str
+    kind: str
+    config: dict
+    deps: list[str] = field(default_factory=list)
+    out: str = ""  # folder relative to the zoo root
+
+
+BuildFn = Callable[[Job, dict], dict]
+PlanFn = Callable[[str, dict], list[Job]]
+JOB_KINDS: dict[str, BuildFn] = {}
+PLANNERS: dict[str, PlanFn] = {}
+
+
+def register_job_kind(kind: str, build_fn: BuildFn, plan_fn: PlanFn | None = None) -> None:
+    """Register a job kind. ``build_fn(job, ctx) -> result dict`` runs in a worker and writes into
+    ``ctx["root"] / job.out``; ``ctx`` holds ``root`` (zoo dir), ``data`` (data dir), ``preset``,
+    ``cfg`` (the preset config), ``results`` (finished jobs' results by name). ``plan_fn(preset, cfg)``
+    returns the kind's jobs; their results with a ``"manifest"`` entry are listed in ``zoo.json``."""
+    JOB_KINDS[kind] = build_fn
+    if plan_fn is not None:
+        PLANNERS[kind] = plan_fn
+
+
+def job_hash(job: Job, dep_hashes: Mapping[str, str]) -> str:
+    blob = json.dumps({"v": WORLD_VERSION, "kind": job.kind, "config": job.config,
+                       "deps": {d: dep_hashes[d] for d in sorted(job.deps)}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def _threads() -> None:
+    torch.set_num_threads(1)
+
+
+def _tok(ctx: dict):
+    from .tokenizer import load_tokenizer
+    return load_tokenizer(Path(ctx["root"]) / "tokenizer")
+
+
+def _load_llm(path: Path):
+    from transformers import LlamaForCausalLM
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no HF model in {path}")
+    llm = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    llm.eval()
+    return llm
+
+
+def _save_llm(llm, tok, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    llm.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+
+
+def _n_params(m) -> int:
+    return int(sum(p.numel() for p in m.parameters()))
+
+
+def _evaluate(model, records: list[dict], ctx: dict, method: str, seed: int, out_csv: Path | None = None,
+              max_new_tokens: int = 8) -> dict:
+    """Accuracy (percent) by both scorings; per-item predictions appended to ``out_csv``."""
+    import pandas as pd
+    from ..evaluate import predict
+    root = ctx["data"]
+    load = lambda r: record_inputs(r, root)  # noqa: E731
+    frames, res = [], {}
+    scorings = ["loglik"] + (["generate"] if ctx["cfg"].get("eval_generate", True) else [])
+    for sc in scorings:
+        df = predict(model, records, load, scoring=sc, method=method, seed=seed, max_new_tokens=max_new_tokens)
+        res[sc] = round(100.0 * float(df["correct"].mean()), 2)
+        frames.append(df)
+    if out_csv is not None:
+        df = pd.concat(frames)
+        if out_csv.exists():
+            df = pd.concat([pd.read_csv(out_csv), df])
+        df.to_csv(out_csv, index=False)
+    return res
+
+
+def _sampler_mix(modality_list: Sequence[str], cfg_e: dict, seed: int = 0, multimodal: float = 0.0):
+    from .tasks import modality_question, mixture, multimodal_common, own_task_sampler, text_question, OWN_TASKS
+    parts = []
+    own_w = 1.0 - cfg_e["replay"] - cfg_e.get("caption", 0.0) - multimodal
+    for m in modality_list:
+        parts.append((own_w / len(modality_list), own_task_sampler(m)))
+        if cfg_e.get("caption", 0.0):
+            parts.append((cfg_e["caption"] / len(modality_list),
+                          (lambda mm: lambda r: modality_question(mm, "caption", r))(m)))
+    if multimodal:
+        mods = list(modality_list)
+
+        def mm(r):
+            k = int(r.integers(2, len(mods) + 1))
+            pick = sorted(r.choice(len(mods), size=k, replace=False).tolist())
+            return multimodal_common([mods[i] for i in pick], r)
+        parts.append((multimodal, mm))
+    parts.append((cfg_e["replay"], text_question))
+    return mixture(parts)
+
+
+# ----------------------------------------------------------------------------- job kinds
+def _job_tokenizer(job: Job, ctx: dict) -> dict:
+    from .tokenizer import save_tokenizer
+    tok = save_tokenizer(Path(ctx["root"]) / job.out)
+    return {"vocab_size": len(tok)}
+
+
+def _job_data(job: Job, ctx: dict) -> dict:
+    c = job.config
+    root = Path(ctx["data"])
+    shutil.rmtree(root, ignore_errors=True)
+    counts = build_datasets(root, c["n_per_subset"], c["n_own"], c["n_val"], c["n_capability"], c["seed"],
+                            c["modalities"], c["capability_tasks"])
+    return {"files": counts}
+
+
+def _job_encoder(job: Job, ctx: dict) -> dict:
+    from .encoders import save_module
+    from .training import pretrain_capability_encoder, pretrain_encoder
+    c = job.config
+    if c["modality"] == "capability":
+        enc, info = pretrain_capability_encoder(c["steps"], c["batch"], c["lr"], c["seed"], progress=ctx["progress"])
+    else:
+        enc, info = pretrain_encoder(c["modality"], c["steps"], c["batch"], c["lr"], c["seed"], progress=ctx["progress"])
+    save_module(enc, enc.config(), Path(ctx["root"]) / job.out)
+    info["params"] = _n_params(enc)
+    return info
+
+
+def _job_base(job: Job, ctx: dict) -> dict:
+    from .training import pretrain_base
+    from .tasks import text_question
+    from ..mllm import MultimodalLM
+    c = job.config
+    tok = _tok(ctx)
+    llm, log = pretrain_base(tok, c["arch"], c["steps"], c["batch"], c["lr"], c["seed"], progress=ctx["progress"])
+    # text-only accuracy on fresh questions (the commonality question; and copy)
+    rng = np.random.default_rng(777)
+    exs = [text_question(rng) for _ in range(200)]
+    model = MultimodalLM(llm, tok, {}, {})
+    mc = [e for e in exs if e.task == "text_common"]
+    scores = model.score_options_batch([e.prompt for e in mc], [None] * len(mc), [list("ABCD")] * len(mc))
+    acc_mc = float(np.mean([("ABCD"[int(s.argmax())] == e.answer) for s, e in zip(scores, mc)]))
+    cp = [e for e in exs if e.task == "copy"]
+    gens = model.generate_batch([e.prompt for e in cp], [None] * len(cp), max_new_tokens=6)
+    acc_copy = float(np.mean([g == e.answer for g, e in zip(gens, cp)]))
+    _save_llm(llm, tok, Path(ctx["root"]) / job.out)
+    return {"seconds": log["seconds"], "text_common_acc": round(100 * acc_mc, 2),
+            "copy_acc": round(100 * acc_copy, 2), "params": _n_params(llm), "final_loss": log["losses"][-1][1]}
+
+
+def _modality_model(llm, tok, ctx: dict, projectors: Mapping[str, torch.nn.Module]):
+    from .encoders import Tower, load_encoder
+    from ..mllm import MultimodalLM
+    towers = {m: Tower(load_encoder(Path(ctx["root"]) / "encoders" / m), p) for m, p in projectors.items()}
+    return MultimodalLM(llm, tok, towers, {m: PLACEHOLDERS[m] for m in towers})
+
+
+def _write_expert_json(folder: Path, info: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "expert.json").write_text(json.dumps(info, indent=2))
+
+
+def _own_records(ctx: dict, modality: str) -> list[dict]:
+    return read_records(Path(ctx["data"]) / "eval" / f"{modality}.json")
+
+
+def _job_projector(job: Job, ctx: dict) -> dict:
+    """Projector stage: base LLM frozen, linear projector trained on captions."""
+    from .encoders import Projector, save_module
+    from .tasks import batches, modality_question
+    from .training import seed_everything, train_mllm
+    c = job.config
+    m, seed = c["modality"], c["seed"]
+    seed_everything(1000 + seed)
+    tok = _tok(ctx)
+    llm = _load_llm(Path(ctx["root"]) / "base")
+    llm.requires_grad_(False)
+    proj = Projector(64, llm.config.hidden_size, m)
+    model = _modality_model(llm, tok, ctx, {m: proj})
+    sampler = lambda r: modality_question(m, "caption", r)  # noqa: E731
+    log = train_mllm(model, batches(sampler, c["batch"], 1000 + seed), [{"params": proj.parameters(), "lr": c["lr"]}],
+                     c["steps"], desc=f"projector {m} s{seed}", progress=ctx["progress"])
+    folder = Path(ctx["root"]) / job.out
+    save_module(proj, proj.config(), folder / "projector")
+    scores = _evaluate(model, _own_records(ctx, m), ctx, job.name, seed, folder / "predictions.csv")
+    info = {"name": job.name, "modality": m, "kind": "projector", "seed": seed, "llm": "base",
+            "encoder": f"encoders/{m}", "own_task": scores, "seconds": round(log["seconds"], 1),
+            "trainable_params": _n_params(proj), "final_loss": log["losses"][-1][1]}
+    _write_expert_json(folder, info)
+    return {"manifest": info}
+
+
+def _lora_config(c: dict):
+    from peft import LoraConfig
+    return LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=0.0, bias="none",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def _job_expert(job: Job, ctx: dict) -> dict:
+    """Projector + LLM fine-tuning (full or LoRA) on the modality's own tasks (+ text replay)."""
+    from .encoders import load_projector, save_module
+    from .tasks import batches
+    from .training import seed_everything, train_mllm
+    c = job.config
+    m, seed, kind = c["modality"], c["seed"], c["kind"]
+    seed_everything(2000 + seed)
+    tok = _tok(ctx)
+    root = Path(ctx["root"])
+    llm = _load_llm(root / "base")
+    proj = load_projector(root / c["projector_from"] / "projector")
+    if kind == "lora":
+        from peft import get_peft_model
+        llm = get_peft_model(llm, _lora_config(c["lora"]))
+        llm_params, lr_llm = [p for n, p in llm.named_parameters() if "lora_" in n], c["lora"]["lr"]
+    else:
+        llm_params, lr_llm = list(llm.parameters()), c["lr_llm"]
+    model = _modality_model(llm, tok, ctx, {m: proj})
+    sampler = _sampler_mix([m], c)
+    log = train_mllm(model, batches(sampler, c["batch"], 2000 + 17 * seed), [
+        {"params": llm_params, "lr": lr_llm}, {"params": proj.parameters(), "lr": c["lr_proj"]}],
+        c["steps"], desc=f"expert {job.name}", progress=ctx["progress"])
+    folder = root / job.out
+    shutil.rmtree(folder, ignore_errors=True)
+    save_module(proj, proj.config(), folder / "projector")
+    if kind == "lora":
+        llm.save_pretrained(str(folder / "adapter"))
+        trainable = sum(p.numel() for p in llm_params) + _n_params(proj)
+        llm = llm.merge_and_unload()
+        model = _modality_model(llm, tok, ctx, {m: proj})
+    else:
+        _save_llm(llm, tok, folder / "llm")
+        trainable = _n_params(llm) + _n_params(proj)
+    recs = _own_records(ctx, m)
+    tuned = _evaluate(model, recs, ctx, job.name, seed, folder / "predictions.csv")
+    base_model = _modality_model(_load_llm(root / "base"), tok, ctx, {m: proj})
+    base = _evaluate(base_model, recs, ctx, job.name + "@base-llm", seed, folder / "predictions.csv")
+    info = {"name": job.name, "modality": m, "kind": kind, "seed": seed, "base": "base",
+            "encoder": f"encoders/{m}", "own_task": tuned, "own_task_base_llm": base,
+            "gap": {k: round(tuned[k] - base[k], 2) for k in tuned},
+            "seconds": round(log["seconds"], 1), "trainable_params": int(trainable),
+            "final_loss": log["losses"][-1][1]}
+    if kind == "lora":
+        info["lora"] = c["lora"]
+    _write_expert_json(folder, info)
+    return {"manifest": info}
+
+
+def _job_oracle(job: Job, ctx: dict) -> dict:
+    """Joint oracle: one LLM + all projectors trained on every modality's tasks and on multi-modality
+    commonality questions (the headroom above composition)."""
+    from .encoders import load_projector, save_module
+    from .tasks import batches
+    from .training import seed_everything, train_mllm
+    c = job.config
+    seed = c["seed"]
+    seed_everything(3000 + seed)
+    tok = _tok(ctx)
+    root = Path(ctx["root"])
+    llm = _load_llm(root / "base")
+    projs = {m: load_projector(root / c["projectors_from"][m] / "projector") for m in c["modalities"]}
+    model = _modality_model(llm, tok, ctx, projs)
+    sampler = _sampler_mix(c["modalities"], c, seed, multimodal=c["multimodal"])
+    log = train_mllm(model, batches(sampler, c["batch"], 3000 + 17 * seed), [
+        {"params": llm.parameters(), "lr": c["lr_llm"]},
+        {"params": [p for pr in projs.values() for p in pr.parameters()], "lr": c["lr_proj"]}],
+        c["steps"], desc=f"oracle s{seed}", progress=ctx["progress"])
+    folder = root / job.out
+    shutil.rmtree(folder, ignore_errors=True)
+    _save_llm(llm, tok, folder / "llm")
+    for m, p in projs.items():
+        save_module(p, p.config(), folder / "projectors" / m)
+    scores = {m: _evaluate(model, _own_records(ctx, m), ctx, job.name, seed, folder / "predictions.csv")
+              for m in c["modalities"]}
+    val = _evaluate(model, read_records(Path(ctx["data"]) / "mcub" / "val.json"), ctx, job.name, seed,
+                    folder / "predictions.csv")
+    info = {"name": job.name, "kind": "oracle", "seed": seed, "modalities": c["modalities"], "own_task": scores,
+            "mcub_val": val, "seconds": round(log["seconds"], 1), "trainable_params": _n_params(llm)}
+    _write_expert_json(folder, info)
+    return {"manifest": info}
+
+
+def _cap_model(llm, tok, ctx: dict, proj):
+    from .encoders import Tower, load_encoder
+    from ..mllm import MultimodalLM
+    enc = load_encoder(Path(ctx["root"]) / "capability" / "encoder")
+    return MultimodalLM(llm, tok, {"image": Tower(enc, proj)}, {"image": PLACEHOLDERS["image"]})
+
+
+def _cap_records(ctx: dict, task: str) -> list[dict]:
+    return read_records(Path(ctx["data"]) / "capability" / f"{task}.json")
+
+
+def _job_cap_base(job: Job, ctx: dict) -> dict:
+    """Base VLM: base LLM (frozen) + capability encoder + projector trained on generic captions."""
+    from .encoders import Projector, save_module
+    from .tasks import batches, capability_question
+    from .training import seed_everything, train_mllm
+    c = job.config
+    seed_everything(4000)
+    tok = _tok(ctx)
+    root = Path(ctx["root"])
+    llm = _load_llm(root / "base")
+    llm.requires_grad_(False)
+    proj = Projector(64, llm.config.hidden_size, "image")
+    model = _cap_model(llm, tok, ctx, proj)
+    log = train_mllm(model, batches(lambda r: capability_question("caption", r), c["batch"], 4000),
+                     [{"params": proj.parameters(), "lr": c["lr_proj"]}], c["caption_steps"],
+                     desc="capability base VLM", progress=ctx["progress"])
+    folder = root / job.out
+    save_module(proj, proj.config(), folder / "projector")
+    scores = {t: _evaluate(model, _cap_records(ctx, t), ctx, job.name, 0, folder / "predictions.csv")
+              for t in c["tasks"]}
+    info = {"name": job.name, "kind": "base-vlm", "llm": "base", "encoder": "capability/encoder",
+            "task_scores": scores, "seconds": round(log["seconds"], 1)}
+    _write_expert_json(folder, info)
+    return {"manifest": info}
+
+
+def _job_cap_expert(job: Job, ctx: dict) -> dict:
+    from .encoders import load_projector, save_module
+    from .tasks import batches, capability_question, mixture, text_question
+    from .training import seed_everything, train_mllm
+    c = job.config
+    task, seed, kind = c["task"], c["seed"], c["kind"]
+    seed_everything(5000 + seed)
+    tok = _tok(ctx)
+    root = Path(ctx["root"])
+    llm = _load_llm(root / "base")
+    proj = load_projector(root / "capability" / "base" / "projector")
+    proj.requires_grad_(bool(c["train_projector"]))
+    if kind == "lora":
+        from peft import get_peft_model
+        llm = get_peft_model(llm, _lora_config(c["lora"]))
+        llm_params, lr_llm = [p for n, p in llm.named_parameters() if "lora_" in n], c["lora"]["lr"]
+    else:
+        llm_params, lr_llm = list(llm.parameters()), c["lr_llm"]
+    model = _cap_model(llm, tok, ctx, proj)
+    sampler = mixture([(0.85, lambda r: capability_question(task, r)), (0.15, text_question)])
+    groups = [{"params": llm_params, "lr": lr_llm}]
+    if c["train_projector"]:
+        groups.append({"params": proj.parameters(), "lr": c["lr_proj"]})
+    log = train_mllm(model, batches(sampler, c["batch"], 5000 + 31 * seed + CAP_TASKS.index(task)), groups,
+                     c["steps"], desc=f"capability {job.name}", progress=ctx["progress"])
+    folder = root / job.out
+    shutil.rmtree(folder, ignore_errors=True)
+    save_module(proj, proj.config(), folder / "projector")
+    if kind == "lora":
+        llm.save_pretrained(str(folder / "adapter"))
+        llm = llm.merge_and_unload()
+        model = _cap_model(llm, tok, ctx, proj)
+    else:
+        _save_llm(llm, tok, folder / "llm")
+    recs = _cap_records(ctx, task)
+    tuned = _evaluate(model, recs, ctx, job.name, seed, folder / "predictions.csv")
+    base = _evaluate(_cap_model(_load_llm(root / "base"), tok, ctx, load_projector(root / "capability" / "base" / "projector")),
+                     recs, ctx, job.name + "@base-vlm", seed, folder / "predictions.csv")
+    info = {"name": job.name, "family": "capability", "task": task, "kind": kind, "seed": seed, "base": "base",
+            "encoder": "capability/encoder", "own_task": tuned, "own_task_base_llm": base,
+            "gap": {k: round(tuned[k] - base[k], 2) for k in tuned}, "seconds": round(log["seconds"], 1),
+            "train_projector": c["train_projector"]}
+    if kind == "lora":
+        info["lora"] = c["lora"]
+    _write_expert_json(folder, info)
+    return {"manifest": info}
+
+
+for _k, _f in {"tokenizer": _job_tokenizer, "data": _job_data, "encoder": _job_encoder, "base": _job_base,
+               "projector": _job_projector, "full": _job_expert, "lora": _job_expert, "oracle": _job_oracle,
+               "cap_base": _job_cap_base, "cap_full": _job_cap_expert, "cap_lora": _job_cap_expert}.items():
+    register_job_kind(_k, _f)
+
+
+# ----------------------------------------------------------------------------- planning
+def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
+    """Every job of a preset, dependencies first."""
+    cfg = copy.deepcopy(cfg or get_preset(preset))
+    mods = cfg["modalities"]
+    jobs = [Job("tokenizer", "tokenizer", {}, [], "tokenizer"),
+            Job("data", "data", dict(cfg["data"], modalities=mods, capability_tasks=cfg["capability"]["tasks"]), [], "")]
+    for m in mods:
+        e = cfg["encoder"]
+        jobs.append(Job(f"encoder-{m}", "encoder", {"modality": m, "steps": e["steps"][m], "batch": e["batch"],
+                                                     "lr": e["lr"], "seed": e["seed"]}, [], f"encoders/{m}"))
+    jobs.append(Job("base", "base", dict(cfg["base"], arch=cfg["arch"]), ["tokenizer"], "base"))
+    common = ["tokenizer", "base", "data"]
+    for seed in cfg["seeds"]:
+        for m in mods:
+            pname = f"{m}-projector-s{seed}"
+            jobs.append(Job(pname, "projector", dict(cfg["projector"], modality=m, seed=seed),
+                            common + [f"encoder-{m}"], f"experts/{pname}"))
+            kinds = ["full"] + (["lora"] if cfg["lora"]["enabled"] else [])
+            for kind in kinds:
+                name = f"{m}-{kind}-s{seed}"
+                conf = dict(cfg["expert"], modality=m, seed=seed, kind=kind, projector_from=f"experts/{pname}")
+                if kind == "lora":
+                    conf["lora"] = cfg["lora"]
+                jobs.append(Job(name, kind, conf, common + [f"encoder-{m}", pname], f"experts/{name}"))
+    for seed in cfg["oracle"]["seeds"]:
+        o = cfg["oracle"]
+        conf = dict(cfg["expert"], **{k: v for k, v in o.items() if k != "seeds"}, seed=seed, modalities=mods,
+                    projectors_from={m: f"experts/{m}-projector-s{seed}" for m in mods})
+        jobs.append(Job(f"oracle-s{seed}", "oracle", conf,
+                        common + [f"encoder-{m}" for m in mods] + [f"{m}-projector-s{seed}" for m in mods],
+                        f"oracle-s{seed}"))
+    cap = cfg["capability"]
+    if cap["tasks"]:
+        jobs.append(Job("encoder-capability", "encoder", {"modality": "capability", "steps": cap["enc_steps"],
+                                                          "batch": cfg["encoder"]["batch"], "lr": cfg["encoder"]["lr"],
+                                                          "seed": cfg["encoder"]["seed"]}, [], "capability/encoder"))
+        jobs.append(Job("capability-base", "cap_base", {"caption_steps": cap["caption_steps"], "batch": cap["batch"],
+                                                        "lr_proj": cap["lr_proj"], "tasks": cap["tasks"]},
+                        common + ["encoder-capability"], "capability/base"))
+        for seed in cap["seeds"]:
+            for task in cap["tasks"]:
+                for kind in ["full"] + (["lora"] if cap["lora"] else []):
+                    name = f"{task}-{kind}-s{seed}"
+                    conf = {"task": task, "seed": seed, "kind": kind, "steps": cap["steps"], "batch": cap["batch"],
+                            "lr_llm": cap["lr_llm"], "lr_proj": cap["lr_proj"], "train_projector": cap["train_projector"]}
+                    if kind == "lora":
+                        conf["lora"] = cfg["lora"]
+                    jobs.append(Job(f"capability-{name}", f"cap_{kind}", conf,
+                                    common + ["encoder-capability", "capability-base"], f"capability/experts/{name}"))
+    for kind, planner in PLANNERS.items():
+        jobs.extend(planner(preset, cfg))
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate job names in preset {preset!r}")
+    return jobs
+
+
+def get_preset(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[preset])
+
+
+def _run_job(kind: str, job: Job, ctx: dict) -> tuple[dict, float]:
+    _threads()
+    t0 = time.time()
+    res = JOB_KINDS[kind](job, ctx)
+    return res, time.time() - t0
+
+
+def build_zoo(preset: str = "default", out: str | Path | None = None, jobs: int = 2, progress: bool = True,
+              only: Sequence[str] | None = None, cfg: dict | None = None) -> "Zoo":
+    """Build (or update) the zoo of ``preset``: runs each job whose configuration hash changed, in up
+    to ``jobs`` worker processes; writes ``zoo.json``; returns the :class:`Zoo`."""
+    cfg = copy.deepcopy(cfg or get_preset(preset))
+    root = zoo_root(preset, out)
+    root.mkdir(parents=True, exist_ok=True)
+    droot = data_root(preset) if out is None else Path(out) / "data"
+    plan = plan_jobs(preset, cfg)
+    if only:
+        keep = set(only)
+        changed = True
+        while changed:
+            before = len(keep)
+            for j in plan:
+                if j.name in keep:
+                    keep.update(j.deps)
+            changed = len(keep) != before
+        plan = [j for j in plan if j.name in keep]
+    by_name = {j.name: j for j in plan}
+    for j in plan:
+        for d in j.deps:
+            if d not in by_name:
+                raise ValueError(f"job {j.name!r} depends on unknown job {d!r}")
+    hashes: dict[str, str] = {}
+    pending = list(plan)
+    while pending:  # topological hash computation
+        progressed = False
+        for j in list(pending):
+            if all(d in hashes for d in j.deps):
+                hashes[j.name] = job_hash(j, hashes)
+                pending.remove(j)
+                progressed = True
+        if not progressed:
+            raise ValueError(f"dependency cycle among {[j.name for j in pending]}")
+    state_dir = root / ".jobs"
+    state_dir.mkdir(exist_ok=True)
+    results: dict[str, dict] = {}
+    todo = []
+    for j in plan:
+        st = state_dir / f"{j.name}.json"
+        if st.exists():
+            s = json.loads(st.read_text())
+            if s.get("hash") == hashes[j.name] and (j.kind != "data" or droot.exists()):
+                results[j.name] = s
+                continue
+        todo.append(j)
+    ctx = {"root": str(root), "data": str(droot), "preset": preset, "cfg": cfg, "progress": False}
+    t_start = time.time()
+    bar = tqdm(total=len(todo), desc=f"zoo {preset}", disable=not progress)
+    done = set(results)
+    running: dict = {}
+    mpctx = mp.get_context("fork")
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=mpctx) as ex:
+        while todo or running:
+            for j in list(todo):
+                if len(running) >= max(1, jobs):
+                    break
+                if all(d in done for d in j.deps):
+                    if j.kind not in JOB_KINDS:
+                        raise ValueError(f"job {j.name!r}: unknown kind {j.kind!r}")
+                    running[ex.submit(_run_job, j.kind, j, dict(ctx, results=dict(results)))] = j
+                    todo.remove(j)
+            if not running:
+                raise RuntimeError(f"zoo {preset}: jobs {[j.name for j in todo]} wait on jobs that failed")
+            fin, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in fin:
+                j = running.pop(f)
+                try:
+                    res, secs = f.result()
+                except Exception as err:  # re-raise naming the job
+                    raise RuntimeError(f"zoo {preset}: job {j.name!r} failed: {err!r}") from err
+                s = {"hash": hashes[j.name], "kind": j.kind, "seconds": round(secs, 1), "result": res,
+                     "out": j.out, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                (state_dir / f"{j.name}.json").write_text(json.dumps(s, indent=2))
+                results[j.name] = s
+                done.add(j.name)
+                bar.update(1)
+                bar.set_postfix_str(f"{j.name} {secs:.0f}s")
+    bar.close()
+    _write_manifest(root, droot, preset, cfg, plan, results, time.time() - t_start)
+    return Zoo(root)
+
+
+def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[Job], results: dict,
+                    wall: float) -> None:
+    models, jobs = {}, {}
+    for j in plan:
+        r = results[j.name]
+        jobs[j.name] = {"kind": j.kind, "hash": r["hash"], "seconds": r["seconds"], "out": j.out,
+                        "finished": r.get("finished")}
+        res = r["result"]
+        if "manifest" in res:
+            models[j.name] = dict(res["manifest"], path=j.out, hash=r["hash"], job_seconds=r["seconds"])
+        elif j.kind in ("encoder", "base", "tokenizer", "data"):
+            jobs[j.name]["result"] = res
+    manifest = {"preset": preset, "world_version": WORLD_VERSION, "data_dir": str(droot),
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_wall_seconds": round(wall, 1),
+                "total_job_seconds": round(sum(results[j.name]["seconds"] for j in plan), 1),
+                "config": cfg, "jobs": jobs, "models": models}
+    tmp = root / "zoo.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(root / "zoo.json")
+
+
+# ----------------------------------------------------------------------------- loading
+class Zoo:
+    """A built zoo on disk. ``Zoo(path)`` or ``Zoo.for_preset("tiny")``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        mpath = self.path / "zoo.json"
+        if not mpath.exists():
+            raise FileNotFoundError(f"no zoo manifest {mpath} (build it with `python -m workbench zoo`)")
+        self.manifest: dict = json.loads(mpath.read_text())
+        self.data_dir = Path(self.manifest["data_dir"])
+
+    @classmethod
+    def for_preset(cls, preset: str) -> "Zoo":
+        return cls(zoo_root(preset))
+
+    @property
+    def base_path(self) -> Path:
+        return self.path / "base"
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.manifest["config"]["modalities"])
+
+    def tokenizer(self):
+        from .tokenizer import load_tokenizer
+        return load_tokenizer(self.path / "tokenizer")
+
+    def load_base_llm(self):
+        return _load_llm(self.base_path)
+
+    def experts(self, modality: str | None = None, kind: str | None = None, seed: int | None = None,
+                family: str = "modality", task: str | None = None) -> list[str]:
+        """Names of experts (``family="modality"``: projector/full/lora/damc; ``"capability"``)."""
+        out = []
+        for name, e in self.manifest["models"].items():
+            fam = e.get("family", "modality")
+            if e.get("kind") in ("oracle", "base-vlm") or fam != family:
+                continue
+            if modality is not None and e.get("modality") != modality:
+                continue
+            if kind is not None and e.get("kind") != kind:
+                continue
+            if seed is not None and e.get("seed") != seed:
+                continue
+            if task is not None and e.get("task") != task:
+                continue
+            out.append(name)
+        return sorted(out)
+
+    def info(self, name: str) -> dict:
+        if name not in self.manifest["models"]:
+            raise KeyError(f"no model {name!r} in {self.path / 'zoo.json'}")
+        return self.manifest["models"][name]
+
+    def expert_path(self, name: str) -> Path:
+        return self.path / self.info(name)["path"]
+
+    def llm_path(self, name: str) -> Path:
+        """The HF Llama folder of a full-FT expert/oracle (``base/`` for projector-only experts)."""
+        p = self.expert_path(name)
+        if (p / "llm").exists():
+            return p / "llm"
+        if self.info(name).get("kind") in ("projector", "base-vlm"):
+            return self.base_path
+        raise FileNotFoundError(f"{p} has no llm/ folder (LoRA experts: adapter_path)")
+
+    def adapter_path(self, name: str) -> Path:
+        p = self.expert_path(name) / "adapter"
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist ({name} is not a LoRA expert)")
+        return p
+
+    def load_encoder(self, modality: str):
+        from .encoders import load_encoder
+        return load_encoder(self.path / ("capability/encoder" if modality == "capability" else f"encoders/{modality}"))
+
+    def load_llm(self, name: str):
+        """An expert's LLM as a plain LlamaForCausalLM (LoRA adapters merged into the base)."""
+        e = self.info(name)
+        p = self.expert_path(name)
+        if (p / "llm").exists():
+            return _load_llm(p / "llm")
+        if (p / "adapter").exists():
+            from peft import PeftModel
+            return PeftModel.from_pretrained(self.load_base_llm(), str(p / "adapter")).merge_and_unload().eval()
+        if e.get("kind") in ("projector", "base-vlm"):
+            return self.load_base_llm()
+        raise FileNotFoundError(f"{p}: neither llm/ nor adapter/")
+
+    def load_tower(self, name_or_modality: str, seed: int = 0, kind: str = "full"):
+        """The tower (frozen encoder + projector) of an expert; a modality name means that
+        modality's ``<modality>-<kind>-s<seed>`` expert."""
+        from .encoders import Tower, load_projector
+        name = name_or_modality
+        if name in MODALITIES and name not in self.manifest["models"]:
+            name = f"{name}-{kind}-s{seed}"
+        e = self.info(name)
+        p = self.expert_path(name)
+        if e.get("family") == "capability" or e.get("kind") == "base-vlm":
+            return Tower(self.load_encoder("capability"), load_projector(p / "projector"))
+        return Tower(self.load_encoder(e["modality"]), load_projector(p / "projector"))
+
+    def load_expert(self, name: str):
+        """``MultimodalLM`` of an expert (its LLM and tower), the oracle (all towers) or the base VLM."""
+        from .encoders import Tower, load_projector
+        from ..mllm import MultimodalLM
+        e = self.info(name)
+        tok = self.tokenizer()
+        if e.get("kind") == "oracle":
+            p = self.expert_path(name)
+            towers = {m: Tower(self.load_encoder(m), load_projector(p / "projectors" / m)) for m in e["modalities"]}
+            return MultimodalLM(self.load_llm(name), tok, towers, {m: PLACEHOLDERS[m] for m in towers})
+        mod = "image" if (e.get("family") == "capability" or e.get("kind") == "base-vlm") else e["modality"]
+        return MultimodalLM(self.load_llm(name), tok, {mod: self.load_tower(name)}, {mod: PLACEHOLDERS[mod]})
+
+    # ---- evaluation sets
+    def records(self, relpath: str) -> list[dict]:
+        return read_records(self.data_dir / relpath)
+
+    def mcub(self, subset: str) -> list[dict]:
+        """``subset`` in mcub-2, mcub-3, mcub-4, val (records; ``record["subset"]`` names the combo)."""
+        return self.records(f"mcub/{subset}.json")
+
+    def own_eval(self, modality: str) -> list[dict]:
+        return self.records(f"eval/{modality}.json")
+
+    def capability_eval(self, task: str) -> list[dict]:
+        return self.records(f"capability/{task}.json")
+
+    def load_inputs(self, record: Mapping) -> dict[str, list[torch.Tensor]]:
+        return record_inputs(record, self.data_dir)
+
+    def load_modal_input(self, path: str | Path) -> torch.Tensor:
+        return load_modal_input(path, self.data_dir)
+
+
+def load_expert(zoo_dir: str | Path, name: str):
+    return Zoo(zoo_dir).load_expert(name)
+
+
+def load_tower(zoo_dir: str | Path, name_or_modality: str, **kw):
+    return Zoo(zoo_dir).load_tower(name_or_modality, **kw)
