@@ -10,7 +10,7 @@ import torch
 
 from workbench.compose import ExpertSource, compose_damc, compose_expert
 from workbench.routing import route_parameters, routed_modules, token_routes
-from workbench.world.damc import (DamcProjector, build_damc_model, damc_settings, load_damc_projector, plan_damc,
+from workbench.world.damc import (build_damc_model, damc_settings, load_damc_projector, plan_damc,
                                   save_damc_llm)
 from workbench.world.encoders import ImageEncoder, Projector, Tower, save_module
 from workbench.world.tasks import batches, example_modal_inputs, modality_question
@@ -212,3 +212,15 @@ def test_tiny_zoo_forgetting_experiment(tiny_zoo_with_damc, tmp_path):
     assert r["old_tasks"] == ["present", "absent", "count", "common_text"]
     assert 0 < r["mask_density_old"] < 1 and 0 < r["mask_density_new"] < 1
     assert r["forgetting"] == pytest.approx(r["before_old"] - r["after_old"])
+
+
+@pytest.mark.slow
+def test_zoo_expert_model_for_damc_matches_its_own_score(tiny_zoo_with_damc):
+    """The composition loader reproduces the DAMC expert's own-task score recorded by the zoo job."""
+    from workbench.compose import zoo_expert_model
+    from workbench.evaluate import accuracy, predict
+
+    z = tiny_zoo_with_damc
+    model = zoo_expert_model(z, "image-damc-s0")
+    acc = accuracy(predict(model, z.own_eval("image"), z.load_inputs, scoring="loglik"))
+    assert acc == pytest.approx(z.info("image-damc-s0")["own_task"]["loglik"], abs=0.01)

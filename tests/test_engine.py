@@ -246,7 +246,6 @@ def test_memory_bounded_by_a_few_tensors(tmp_path, monkeypatch):
     # prefetch depth 2 + the unit being computed + the one being read, 4 inputs each, + the output
     bound = (engine.PREFETCH_DEPTH + 2) * 4 + 2
     assert live["max"] <= bound, live
-    print("max live tensors", live)
     assert len(CheckpointReader(out)) == n
 
 

@@ -32,7 +32,6 @@ def _run_and_check(cfg: dict, inputs: list[Path], exc_type, *, file: Path | None
     with pytest.raises(exc_type) as info:
         merge(cfg, methods=REG, progress=False)
     err = info.value
-    print("\nERR:", type(err).__name__, err)
     if file is not None:
         assert str(file) in str(err), str(err)
         if isinstance(err, CheckpointError):

@@ -227,6 +227,20 @@ def test_summarise_and_published(cap_run, tiny_zoo):
     assert math.isclose(base["published"], 53.66) and not math.isnan(base["ours_mean"])
 
 
+def test_paired_tests_consistent_with_counts(cap_run):
+    t = E.paired_tests(cap_run, [("Task Arithmetic", "Base"), ("Weight Average", "Weight Average")])
+    assert set(t["task"]) >= {"All"}
+    for r in t.itertuples():
+        assert math.isclose(r.acc_a - r.acc_b, 100.0 * (r.b - r.c) / r.n, abs_tol=1e-9)
+    same = t[t["method_a"] == t["method_b"]]
+    assert (same["b"] == 0).all() and (same["c"] == 0).all() and (same["pvalue"] == 1.0).all()
+    test = cap_run[(cap_run["split"] == "test") & (cap_run["method"] == "Base")]
+    assert int(t[(t["method_a"] == "Task Arithmetic") & (t["task"] == "All")]["n"].iloc[0]) == int(test["n"].sum())
+    _, verdicts = E.compare_published(cap_run)
+    row = verdicts[verdicts["claim"] == "Task Arithmetic > Weight Average on Avg"].iloc[0]
+    assert 0.0 <= row["paired_pvalue"] <= 1.0
+
+
 def test_write_csv(tiny_zoo, cache_dir, tmp_path):
     df = E.capability_merging(tiny_zoo, "full", ["task_arithmetic"], (1.0,), device="cpu", cache=cache_dir,
                               references=False, out=tmp_path, write=True, progress=False)
@@ -236,7 +250,6 @@ def test_write_csv(tiny_zoo, cache_dir, tmp_path):
     assert all(p.is_file() for p in paths.values())
 
 
-@pytest.mark.slow
 def test_modality_and_solver_smoke(tiny_zoo, cache_dir):
     df = E.modality_merging(tiny_zoo, ["task_arithmetic"], (1.0,), device="cpu", cache=cache_dir, progress=False)
     assert (df["status"] == "ok").all()
@@ -249,3 +262,12 @@ def test_modality_and_solver_smoke(tiny_zoo, cache_dir):
     # the exact minimiser's objective is never above the 300-step iterate's
     assert obj["WUDI (exact)"] <= obj["WUDI (iterative)"] + 1e-9
     assert obj["OptMerge (exact)"] <= obj["OptMerge (iterative)"] + 1e-9
+
+
+def test_ablation_and_rank_sweep_run(tiny_zoo, cache_dir):
+    a = E.optmerge_ablation(tiny_zoo, "full", (1.0,), device="cpu", cache=cache_dir, progress=False)
+    assert (a["status"] == "ok").all()
+    assert list(dict.fromkeys(a["method"])) == ["WUDI", "+SGD", "+Initialization", "+Low-rank"]
+    r = E.rank_ratio_sweep(tiny_zoo, "full", (0.1, 0.5), (1.0,), device="cpu", cache=cache_dir, progress=False)
+    assert (r["status"] == "ok").all() and set(r["method"]) == {"k=0.1", "k=0.5"}
+    assert list(E.summarise(r).index) == ["k=0.1", "k=0.5"]

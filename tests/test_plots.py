@@ -137,3 +137,9 @@ def test_save_all_figures(tmp_path, profile, overlap):
     assert {"t_heatmap_cosine.png", "t_pairs_cosine.svg", "t_experts_rel_norm.png", "t_heatmap_set_conflict.svg",
             "t_mask_upset.png", "t_mask_pairs_iou.svg"} <= names
     assert all(p.is_file() for p in paths)
+
+
+def test_save_figure_default_dir_follows_env(tmp_path, monkeypatch, profile):
+    monkeypatch.setenv("WORKBENCH_FIGURES_DIR", str(tmp_path / "envfigs"))
+    paths = plots.save_figure(plots.expert_bars(profile, "rel_norm"), "bars")
+    assert [p.parent for p in paths] == [tmp_path / "envfigs"] * 2

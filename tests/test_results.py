@@ -2,9 +2,6 @@
 the tiny zoo (NaiveMC / DAMC / MMER compose and score MCUB-2)."""
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -156,6 +156,15 @@ def zoo_expert(zoo, name: str) -> ExpertSource:
     raise CheckpointError(f"zoo expert {name!r} of kind {kind!r} has neither llm/ nor adapter/", file=path)
 
 
+def zoo_expert_model(zoo, name: str) -> MultimodalLM:
+    """A zoo expert alone as a :class:`MultimodalLM` (DAMC experts included: text route + modality
+    route, λ = 1) - what ``Zoo.load_expert`` can return for kind ``"damc"``."""
+    from .world import Zoo
+
+    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+    return compose_expert(z.base_path, zoo_expert(z, name), z.tokenizer())
+
+
 # ================================================================================================ loading
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A causal LM from a Hugging Face folder; for a LLaVA folder, its language model."""
@@ -268,18 +277,19 @@ def _gen(seed: int, name: str):
 def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
               method: str | Callable = "weight_average", params: Mapping[str, Any] | None = None,
               coefficients: Sequence[float] | None = None, keep: Sequence[str] = (), seed: int = 0,
-              progress: bool = False) -> nn.Module:
+              dtype: torch.dtype = torch.float32, progress: bool = False) -> nn.Module:
     """Merge the experts' LLMs into a copy of the base, streaming tensor by tensor.
 
     ``method="weight_average"``: θ = θ0 + Σ λi τi, λ = ``coefficients`` (default 1/N: the plain
     average of the θi). Any other name is looked up in :mod:`workbench.methods` (or pass a callable
     ``fn(base, experts, name=, generator=, **params)``) and gets the experts' θi = θ0 + τi of each
     tensor (LoRA experts: θ0 + s·B@A; projector-only experts: θ0). ``keep``: regexes of tensors left
-    at θ0. Memory: the base model plus one tensor per expert.
+    at θ0. Memory: the base model (loaded in ``dtype``; the arithmetic is float32 per tensor) plus
+    one tensor per expert.
     """
     from tqdm.auto import tqdm
 
-    llm = _as_llm(base)
+    llm = _as_llm(base, dtype)
     readers = [_TauReader(e) for e in experts]
     n = len(readers)
     if n == 0:
@@ -542,10 +552,11 @@ class MMERParts:
 def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
                merge_method: str | Callable = "ties", merge_params: Mapping[str, Any] | None = None,
                lam: float = 1.0, mask_fn: Callable | None = None, keep: Sequence[str] = (), seed: int = 0,
-               dtype: torch.dtype = torch.float32, progress: bool = False) -> MMERParts:
+               dtype: torch.dtype | None = None, progress: bool = False) -> MMERParts:
     """Stream over the base's tensors: τ* = merge(θ0, θi) − θ0 (``merge_method``, default TIES with
     its registry defaults - **unverified** choice), then ``mask_fn(τi, τ*, lam)`` (default
-    :func:`mmer_mask`) per expert. Masks are kept for every tensor (packed, 1 bit per entry)."""
+    :func:`mmer_mask`) per expert. Masks are kept for every tensor (packed, 1 bit per entry); τ* is
+    held in ``dtype`` (default: the base parameter's dtype)."""
     from tqdm.auto import tqdm
 
     llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
@@ -568,7 +579,7 @@ def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | st
         else:
             out = fn(b, [b + t for t in taus], name=name, generator=_gen(seed, name), **params)
             ts = getattr(out, "merged", out).float() - b
-        tau_star[name] = ts.to(dtype)
+        tau_star[name] = ts.to(dtype or p.dtype)
         masks[name] = [pack_bool(mask_fn(t, ts, lam)) for t in taus]
     return MMERParts(tau_star, masks, len(readers), {"merge_method": str(merge_method), "lam": lam,
                                                      **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}})
@@ -909,5 +920,5 @@ __all__ = [
     "forgetting_experiment", "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm", "load_mmer_parts",
     "merge_llm", "mmer_llm", "mmer_mask", "mmer_parts", "mmer_parts_from_merge", "mmer_search", "remask",
     "save_mmer_parts", "set_damc_coefficients", "set_mmer_alpha", "set_mmer_masks", "storage_comparison",
-    "zoo_expert",
+    "zoo_expert", "zoo_expert_model",
 ]

@@ -337,7 +337,11 @@ def global_trim_thresholds(units, read, n_experts: int, density: float, device: 
         b = _HIST_BINS - 1 - j
         above = int(from_top[j - 1]) if j > 0 else 0
         targets.append((b, k - above))
-    pools: list[list[torch.Tensor]] = [[] for _ in range(n_experts)]
+    # one buffer per expert, sized from the histogram up front: no small long-lived allocations
+    # interleaved with the per-tensor ones (they fragment the heap and keep freed memory resident)
+    pools = [torch.empty(int(hists[i][t[0]]) if t is not None else 0, dtype=torch.float32)
+             for i, t in enumerate(targets)]
+    fill = [0] * n_experts
     if any(t is not None for t in targets):
         with contextlib.closing(prefetch(units, read)) as stream:
             for items in tqdm(stream, total=len(units), desc="global trim 2/2", disable=not progress, leave=False):
@@ -346,13 +350,17 @@ def global_trim_thresholds(units, read, n_experts: int, density: float, device: 
                         continue
                     a = tau.abs()
                     a = a[a > 0]
-                    pools[i].append(a[_hist_index(a) == targets[i][0]].cpu())
+                    sel = a[_hist_index(a) == targets[i][0]]
+                    pools[i][fill[i]:fill[i] + sel.numel()] = sel.cpu()
+                    fill[i] += sel.numel()
     out = []
     for i, t in enumerate(targets):
         if t is None:
             out.append(0.0)
             continue
-        vals = torch.cat(pools[i]).sort(descending=True).values
+        if fill[i] != pools[i].numel():  # both passes bin identically; anything else is a bug
+            raise RuntimeError(f"global trim: {fill[i]} values in the threshold bin, histogram said {pools[i].numel()}")
+        vals = pools[i].sort(descending=True).values
         out.append(float(vals[t[1] - 1]))
     return out
 

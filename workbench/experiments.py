@@ -43,7 +43,8 @@ Row schema of every experiment (one row per model x task x split x seed)::
 
     method (display name), method_id (registry name or label), kind (merge | base | indiv |
     oracle | composition), task, split (val | test), lambda, searched, selected, seed, n,
-    n_correct, accuracy (%), ci_low, ci_high (95% Wilson, %), status, error, params (JSON)
+    n_correct, accuracy (%), ci_low, ci_high (95% Wilson, %), status, error, params (JSON),
+    pred_file (the cached per-item predictions; empty without a cache; :func:`paired_tests`)
 
 Intervals: per task, the Wilson interval of the item counts; for the average over tasks
 (:func:`summarise`), with one seed the normal approximation ``Avg ± 1.96 sqrt(Σ_t p_t(1−p_t)/n_t)/T``
@@ -60,7 +61,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -92,7 +93,7 @@ INDIV_MEAN = "Indiv. (mean)"
 INDIV_OWN = "Indiv. (own task)"
 ORACLE_LABEL = "Mixture Training"
 ROW_COLUMNS = ["method", "method_id", "kind", "task", "split", "lambda", "searched", "selected", "seed", "n",
-               "n_correct", "accuracy", "ci_low", "ci_high", "status", "error", "params"]
+               "n_correct", "accuracy", "ci_low", "ci_high", "status", "error", "params", "pred_file"]
 
 
 # ============================================================================================ small helpers
@@ -111,8 +112,11 @@ def _preset(z) -> str:
 
 
 def default_out(z) -> Path:
-    """``data/results/<preset>/`` of the repository."""
-    return Path(__file__).resolve().parents[1] / "data" / "results" / _preset(z)
+    """The results folder of the zoo's preset (:func:`workbench.paths.results_dir`:
+    ``data/results/<preset>/`` unless ``WORKBENCH_RESULTS_DIR`` says otherwise)."""
+    from .paths import results_dir
+
+    return results_dir(_preset(z))
 
 
 def method_label(method_id: str) -> str:
@@ -238,6 +242,7 @@ class _Evaluator:
         hit = self.cached(model_key, records)
         if hit is not None:
             self.hits += 1
+            hit.attrs["file"] = str(self._file(model_key, records))
             return hit
         self.misses += 1
         model = model_fn()
@@ -249,6 +254,7 @@ class _Evaluator:
             tmp = f.with_suffix(f".tmp{id(df)}")
             df.to_csv(tmp, index=False)
             tmp.replace(f)
+            df.attrs["file"] = str(f)
         return df
 
 
@@ -264,7 +270,8 @@ def _row(method: str, method_id: str, kind: str, task: str, split: str, lam: flo
     return {"method": method, "method_id": method_id, "kind": kind, "task": task, "split": split,
             "lambda": float(lam) if lam is not None else math.nan, "searched": bool(searched),
             "selected": bool(selected), "seed": int(seed), "n": n, "n_correct": k, "accuracy": acc,
-            "ci_low": lo, "ci_high": hi, "status": status, "error": error, "params": _json(dict(params or {}))}
+            "ci_low": lo, "ci_high": hi, "status": status, "error": error, "params": _json(dict(params or {})),
+            "pred_file": (pred.attrs.get("file", "") if pred is not None else "")}
 
 
 # ============================================================================================ settings
@@ -500,7 +507,8 @@ def _model_key(setting: _Setting, seed: int, what: Mapping) -> str:
                   "seed": seed, **what})
 
 
-def _eval_sets(ev: _Evaluator, setting: _Setting, key: str, sets: Mapping[str, list], model_fn) -> dict[str, pd.DataFrame]:
+def _eval_sets(ev: _Evaluator, setting: _Setting, key: str, sets: Mapping[str, list], model_fn
+               ) -> dict[str, pd.DataFrame]:
     holder: dict = {}
 
     def get():
@@ -692,7 +700,8 @@ def _capability_references(ev: _Evaluator, setting: _Setting, variant: str, skip
 @_quiet
 def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Sequence[float] = LAMBDAS,
                      seeds: Sequence[int] | None = None, device: str = "auto", *,
-                     compositions: Sequence[str] = ("naive_mc", "damc"), method_params: Mapping[str, Mapping] | None = None,
+                     compositions: Sequence[str] = ("naive_mc", "damc"),
+                     method_params: Mapping[str, Mapping] | None = None,
                      modalities: Sequence[str] | None = None, references: bool = True, scoring: str = "loglik",
                      max_items: int | None = None, rescale: str = "interpolate", keep_defaults: bool = True,
                      cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
@@ -730,11 +739,13 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
                                     lambda c=c, comp=comp: comp.build(c, mods))
         if references:
             rows += _reference_rows(ev, setting, BASE_LABEL, "frozen", "base", seed,
-                                    {"model": "frozen", "hash": setting.base_hash, "experts": setting.expert_hashes(seed)},
+                                    {"model": "frozen", "hash": setting.base_hash,
+                                     "experts": setting.expert_hashes(seed)},
                                     lambda seed=seed: setting.build(z.load_base_llm(), seed))
             for name, m in zip(setting.experts[seed], mods):
                 rows += _reference_rows(ev, setting, f"Indiv. {m}", name, "indiv", seed,
-                                        {"model": name, "towers": setting.expert_hashes(seed), "base": setting.base_hash},
+                                        {"model": name, "towers": setting.expert_hashes(seed),
+                                         "base": setting.base_hash},
                                         lambda name=name, seed=seed: setting.build(z.load_llm(name), seed))
             oracle = f"oracle-s{seed}"
             if oracle in z.manifest["models"] and set(mods) <= set(z.info(oracle).get("modalities", [])):
@@ -933,12 +944,16 @@ def _avg_interval(accs: Sequence[float], ns: Sequence[int], z: float = 1.9599639
     n = np.asarray(ns, float)
     if len(a) == 0 or np.any(n <= 0) or np.any(np.isnan(a)):
         return math.nan, math.nan, math.nan
+    if len(a) == 1:  # one task: its own Wilson interval
+        lo, hi = _wilson_p(float(a[0]), int(n[0]))
+        return 100 * float(a[0]), lo, hi
     mean = float(a.mean())
     half = z * math.sqrt(float(np.sum(a * (1 - a) / n))) / len(a)
     return 100 * mean, 100 * max(0.0, mean - half), 100 * min(1.0, mean + half)
 
 
-def summary_long(df: pd.DataFrame, split: str = "test", add_indiv: bool = True) -> pd.DataFrame:
+def summary_long(df: pd.DataFrame, split: str = "test", add_indiv: bool = True,
+                 tasks: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per method x benchmark (each task and ``"Avg"``) on ``split``, at the selected λ:
     ``method, kind, benchmark, mean, ci_low, ci_high, n_seeds, lambda, status``.
 
@@ -947,11 +962,14 @@ def summary_long(df: pd.DataFrame, split: str = "test", add_indiv: bool = True) 
     several -> Student-t over the seeds' averages. ``add_indiv`` adds ``"Indiv. (mean)"`` (per
     task, the mean over the Indiv. rows) and ``"Indiv. (own task)"`` (per task, that task's own
     expert; capability rows only) with intervals formed the same way from their counts.
+    ``tasks`` restricts the benchmarks (and so the ``Avg``), e.g. Table 5's multi-modality ones.
     """
     from .published import summarise as t_summary
 
     d = df[(df["split"] == split) & (df["selected"].astype(bool))].copy()
-    tasks = list(dict.fromkeys(df.loc[df["split"] == split, "task"]))
+    all_tasks = list(dict.fromkeys(df.loc[df["split"] == split, "task"]))
+    tasks = all_tasks if tasks is None else [t for t in all_tasks if t in set(tasks)]
+    d = d[d["task"].isin(tasks)]
     out = []
     for (method, kind), g in d.groupby(["method", "kind"], sort=False):
         failed = (g["status"] != "ok").any()
@@ -1025,12 +1043,14 @@ def _indiv_rows(d: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarise(df: pd.DataFrame, split: str = "test", fmt: bool = False, digits: int = 1) -> pd.DataFrame:
+def summarise(df: pd.DataFrame, split: str = "test", fmt: bool = False, digits: int = 1,
+              tasks: Sequence[str] | None = None) -> pd.DataFrame:
     """The Table-2-shaped wide table: one row per model (references first, then merge methods in
     the order run), one column per task and ``Avg`` (mean accuracy, %), plus ``lambda`` (the
     selected λ). ``fmt=True`` gives strings ``"57.4 [52.1, 62.3]"`` (95% intervals, see
-    :func:`summary_long`); a failed method shows ``"failed"``."""
-    long = summary_long(df, split)
+    :func:`summary_long`); a failed method shows ``"failed"``. ``tasks``: the benchmarks to show
+    and average (default all)."""
+    long = summary_long(df, split, tasks=tasks)
     if long.empty:
         return pd.DataFrame()
     order = list(dict.fromkeys(long["method"]))
@@ -1059,6 +1079,44 @@ def summarise(df: pd.DataFrame, split: str = "test", fmt: bool = False, digits: 
     return wide
 
 
+# ============================================================================================ paired tests
+def item_predictions(df: pd.DataFrame, method: str, split: str = "test") -> pd.DataFrame:
+    """Per-item predictions of ``method``'s reported rows (``selected``) on ``split``, read from the
+    rows' ``pred_file`` (columns of :func:`workbench.evaluate.predict` plus ``task_set``, ``seed``)."""
+    d = df[(df["method"] == method) & (df["split"] == split) & df["selected"].astype(bool) & (df["status"] == "ok")]
+    frames = []
+    for r in d.itertuples():
+        if not r.pred_file or not Path(r.pred_file).is_file():
+            raise FileNotFoundError(f"no cached predictions for {method} / {r.task} / seed {r.seed} "
+                                    f"(run with a cache): {r.pred_file!r}")
+        p = pd.read_csv(r.pred_file, dtype={"id": str, "gold": str, "pred": str}, keep_default_na=False, na_values=[])
+        p["correct"] = p["correct"].astype(str).str.lower().isin(["true", "1"])
+        p["task_set"], p["seed"] = r.task, r.seed
+        frames.append(p)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def paired_tests(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], split: str = "test") -> pd.DataFrame:
+    """Exact McNemar tests between two methods on the same items, per task and pooled over all
+    tasks (``task = "All"``) and seeds: ``method_a, method_b, task, n, b (a right, b wrong), c,
+    acc_a, acc_b, pvalue`` (two-sided). More sensitive than comparing two intervals, because the
+    items are shared."""
+    from .evaluate import mcnemar_exact
+
+    rows = []
+    for a, b in pairs:
+        pa, pb = item_predictions(df, a, split), item_predictions(df, b, split)
+        if pa.empty or pb.empty:
+            continue
+        j = pa.merge(pb, on=["id", "seed", "task_set"], suffixes=("_a", "_b"))
+        for task, g in list(j.groupby("task_set", sort=False)) + [("All", j)]:
+            t = mcnemar_exact(g["correct_a"].tolist(), g["correct_b"].tolist())
+            rows.append({"method_a": a, "method_b": b, "task": task, "n": t["n"], "b": t["b"], "c": t["c"],
+                         "acc_a": 100 * float(g["correct_a"].mean()), "acc_b": 100 * float(g["correct_b"].mean()),
+                         "pvalue": t["pvalue"]})
+    return pd.DataFrame(rows, columns=["method_a", "method_b", "task", "n", "b", "c", "acc_a", "acc_b", "pvalue"])
+
+
 # ============================================================================================ published
 #: The paper's base-model row name per published table.
 PUBLISHED_BASE = {"optmerge_table2": "InternVL2.5-Instruct", "optmerge_table3": "Qwen2-VL-Base"}
@@ -1066,9 +1124,18 @@ MERGE_LABELS = tuple(DISPLAY[m] for m in CAP_METHODS)
 
 
 def paper_claims(table: str = "optmerge_table2"):
-    """Claims checked by :func:`compare_published` for Table 2/3 (``published.Claim`` objects)."""
+    """Claims checked by :func:`compare_published` (``published.Claim`` objects): for Tables 2/3
+    the headline claims of ``published.PAPER_CLAIMS`` (OptMerge > TA / WUDI / TIES, TIES and TA >
+    Weight Average), merging beats the individual experts' mean and the base; for Table 5 DAMC >
+    NaiveMC and OptMerge > NaiveMC / Weight Average."""
     from .published import PAPER_CLAIMS, Claim
 
+    if table in ("optmerge_table5", "table5"):
+        claims = [Claim(c.text, c.lhs, c.rhs, c.relation, c.testable, c.reason, c.margin, "optmerge_table5")
+                  for c in PAPER_CLAIMS if c.source == "optmerge_table5"]
+        claims += [Claim.better_than("OptMerge", "NaiveMC", source="optmerge_table5"),
+                   Claim.better_than("OptMerge", "Weight Average", source="optmerge_table5")]
+        return claims
     claims = [c for c in PAPER_CLAIMS if c.source == "optmerge_table2"]
     claims = [Claim(c.text, c.lhs, c.rhs, c.relation, c.testable, c.reason, c.margin, table) for c in claims]
     claims.append(Claim("merging (OptMerge) beats the individual experts' average", {"method": "OptMerge",
@@ -1077,8 +1144,8 @@ def paper_claims(table: str = "optmerge_table2"):
     return claims
 
 
-def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: str = "test"
-                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: str = "test",
+                      tasks: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Our Avg beside the paper's, and verdicts for its claims (decided on our intervals only;
     :func:`workbench.published.side_by_side`).
 
@@ -1088,7 +1155,12 @@ def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: s
     ``"OptMerge has the best average among merging methods"`` (reproduced: OptMerge's interval lies
     above every other merging method's; not reproduced: some method's interval lies above
     OptMerge's; inconclusive otherwise). The published ``"Indiv. (mean)"`` is the mean of the
-    paper's Indiv. rows' Avg (computed here from the published numbers).
+    paper's Indiv. rows' Avg (computed here from the published numbers). Where both sides of a
+    claim are models of ours with cached predictions, ``paired_b``/``paired_c``/``paired_pvalue``
+    add the exact McNemar test on all test items pooled (b: lhs right and rhs wrong) - extra
+    evidence beside the verdict, which stays the interval rule. ``tasks``: the benchmarks our Avg
+    is taken over (for Table 5 pass the MCUB-mini ones: the paper averages its two multi-modality
+    benchmarks).
     """
     from .published import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, load_table, side_by_side
 
@@ -1102,7 +1174,7 @@ def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: s
         attrs = dict(pub.attrs)
         pub = pd.concat([pub, extra], ignore_index=True)
         pub.attrs = attrs
-    ours = summary_long(df, split)
+    ours = summary_long(df, split, tasks=tasks)
     ours_avg = ours[ours["benchmark"] == "Avg"][["method", "benchmark", "mean", "ci_low", "ci_high"]]
     cells = side_by_side(pub[pub["benchmark"] == "Avg"], ours_avg)
     verdicts = side_by_side(pub, ours_avg, claim_rules=paper_claims(pub.attrs.get("name", table)))
@@ -1110,9 +1182,10 @@ def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: s
     avg = ours_avg.set_index("method")
     others = [m for m in MERGE_LABELS if m != "OptMerge" and m in avg.index]
     pavg = pub[pub["benchmark"] == "Avg"].set_index("method")["score"]
+    pub_others = [m for m in MERGE_LABELS if m != "OptMerge" and m in pavg.index]
     pub_holds = None
-    if "OptMerge" in pavg.index:
-        pub_holds = bool(all(pavg["OptMerge"] > pavg[m] for m in others if m in pavg.index))
+    if "OptMerge" in pavg.index and pub_others:
+        pub_holds = bool(all(pavg["OptMerge"] > pavg[m] for m in pub_others))
     if "OptMerge" not in avg.index or not others:
         verdict, reason = NOT_TESTABLE, "no OptMerge row or no other merging method"
     else:
@@ -1133,7 +1206,7 @@ def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: s
     comp = {"claim": "OptMerge has the best average among merging methods", "lhs": "OptMerge @ Avg",
             "rhs": "every other merging method @ Avg", "relation": ">",
             "published_lhs": float(pavg.get("OptMerge", math.nan)),
-            "published_rhs": float(max((pavg[m] for m in others if m in pavg.index), default=math.nan)),
+            "published_rhs": float(max((pavg[m] for m in pub_others), default=math.nan)),
             "published_holds": pub_holds, "ours_lhs_mean": float(avg["mean"].get("OptMerge", math.nan)),
             "ours_lhs_ci_low": float(avg["ci_low"].get("OptMerge", math.nan)),
             "ours_lhs_ci_high": float(avg["ci_high"].get("OptMerge", math.nan)),
@@ -1141,6 +1214,19 @@ def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: s
             "ours_rhs_ci_low": math.nan, "ours_rhs_ci_high": math.nan, "verdict": verdict, "reason": reason,
             "source": pub.attrs.get("name", table)}
     verdicts = pd.concat([pd.DataFrame([comp]), verdicts], ignore_index=True)
+    verdicts["paired_b"], verdicts["paired_c"], verdicts["paired_pvalue"] = math.nan, math.nan, math.nan
+    labels = set(df["method"])
+    for i, v in verdicts.iterrows():
+        a, b = (x.split(" @ ")[0] for x in (v["lhs"], v["rhs"]))
+        if a in labels and b in labels:
+            try:
+                t = paired_tests(df if tasks is None else df[df["task"].isin(list(tasks))], [(a, b)], split)
+            except FileNotFoundError:
+                continue
+            t = t[t["task"] == "All"]
+            if len(t):
+                verdicts.loc[i, ["paired_b", "paired_c", "paired_pvalue"]] = \
+                    [t["b"].iloc[0], t["c"].iloc[0], t["pvalue"].iloc[0]]
     return cells, verdicts
 
 
@@ -1162,6 +1248,6 @@ def write_tables(df: pd.DataFrame, name: str, out: str | Path, table: str | None
 
 __all__ = ["CAP_METHODS", "MODALITY_METHODS", "LAMBDAS", "DISPLAY", "MergeEntry", "ablation_entries",
            "capability_merging", "capability_setting", "choose_lambda", "compare_published", "default_entries",
-           "merge_objective", "modality_merging", "modality_setting", "optmerge_ablation", "paper_claims",
-           "rank_ratio_sweep", "solver_comparison", "split_records", "summarise", "summary_long", "wilson",
-           "write_tables"]
+           "item_predictions", "merge_objective", "modality_merging", "modality_setting", "optmerge_ablation",
+           "paired_tests", "paper_claims", "rank_ratio_sweep", "solver_comparison", "split_records", "summarise",
+           "summary_long", "wilson", "write_tables"]

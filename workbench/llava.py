@@ -133,8 +133,11 @@ class LlavaCheckpoint:
         cands = []
         for p in prefixes:
             cands.append(p + name)
-            if optional_level and name.startswith(optional_level):
-                cands.append(p + name[len(optional_level):])
+            if optional_level:  # the level may be in the module's names, the checkpoint's, or neither
+                if name.startswith(optional_level):
+                    cands.append(p + name[len(optional_level):])
+                else:
+                    cands.append(p + optional_level + name)
         for c in cands:
             if c in self._keys:
                 return c

@@ -3,8 +3,9 @@
 Every function returns a :class:`matplotlib.figure.Figure` built without ``pyplot`` (no global
 figure state, no display needed; Jupyter still shows a returned Figure). Data in, figure out:
 the data functions (``layer_module_table``, ``pair_matrix_data``...) are pure and tested on
-their own. ``save_figure(fig, name, dir="figures")`` writes ``<dir>/<name>.png`` and ``.svg``
-atomically (temp name, then rename), with fixed metadata so the files are reproducible.
+their own. ``save_figure(fig, name, dir=None)`` writes ``<dir>/<name>.png`` and ``.svg`` atomically (temp
+name, then rename), with fixed metadata so the files are reproducible; ``dir=None`` is the
+repository's ``figures/`` (or ``WORKBENCH_FIGURES_DIR``).
 """
 from __future__ import annotations
 
@@ -64,16 +65,27 @@ NO_LAYER = "-"           # row label of tensors outside the transformer layers (
 
 
 # ----------------------------------------------------------------------------------- files
-def save_figure(fig: Figure, name: str, dir: str | Path = "figures", *, formats: Sequence[str] = ("png", "svg"),
+def _figures_dir(dir: str | Path | None) -> Path:
+    if dir is not None:
+        return Path(dir)
+    from .paths import figures_dir
+
+    return figures_dir()
+
+
+def save_figure(fig: Figure, name: str, dir: str | Path | None = None, *, formats: Sequence[str] = ("png", "svg"),
                 dpi: int = 150) -> list[Path]:
     """Write ``fig`` to ``<dir>/<name>.<fmt>`` for each format (default PNG and SVG); returns the paths.
+
+    ``dir=None`` is the repository's ``figures/`` (:func:`workbench.paths.figures_dir`, which
+    honours ``WORKBENCH_FIGURES_DIR``), whatever the current directory.
 
     Files are written under a temporary name and renamed, so a reader never sees a half file.
     Metadata that changes run to run (dates, software version) is dropped.
     """
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"figure name must be a plain file stem, got {name!r}")
-    out = Path(dir)
+    out = _figures_dir(dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     meta = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None}, "pdf": {"CreationDate": None}}
@@ -241,6 +253,8 @@ def heatmap(table: pd.DataFrame, *, title: str = "", cbar_label: str = "", cmap:
             ax.set_xlabel(table.columns.name or "")
             ax.set_ylabel(table.index.name or "")
             ax.tick_params(axis="y", rotation=0)
+            if max((len(str(c)) for c in table.columns), default=0) > 6:  # long labels (expert names)
+                ax.set_xticklabels(ax.get_xticklabels(), rotation=30, ha="right")
         ax.set_title(title)
     return fig
 
@@ -377,7 +391,7 @@ def sweep_figure(table: pd.DataFrame, x: str = "lam", metrics: Sequence[str] = (
     return fig
 
 
-def save_all_figures(profile: Any = None, overlap: Any = None, dir: str | Path = "figures", *, prefix: str = "",
+def save_all_figures(profile: Any = None, overlap: Any = None, dir: str | Path | None = None, *, prefix: str = "",
                      metrics: Sequence[str] | None = None) -> list[Path]:
     """Every standard picture of a profile and/or a mask overlap, saved as PNG + SVG under ``dir``.
 

@@ -22,6 +22,11 @@ tokens is skipped (it cannot touch the others' outputs). Tokens of a route witho
 base weight. When the current input's token shape differs from the stored ``route_ids`` (KV-cache
 decode steps) or no routes are set, every token uses route 0 (text).
 
+Cost: a masked route unpacks its mask and forms ``mask ⊙ shared`` transiently at every forward call
+(measured on CPU, 1 thread, a 4-layer hidden-512 Llama, 512 tokens spread over 5 routes: 3.6x the
+plain forward for MMER's dense text route + 4 masked routes, 1.6x for 5 LoRA routes of rank 16);
+stored memory is the base + one shared tensor per module + 1 bit per entry per masked route.
+
 Training: :func:`add_lora_routes` adds trainable LoRA factors per route (peft initialisation: A
 Kaiming-uniform, B zero), :func:`add_dense_routes` trainable zero-initialised full deltas;
 :func:`route_parameters` gives one route's trainable parameters; :func:`save_route_adapter` /
@@ -33,6 +38,7 @@ import contextlib
 import json
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
@@ -79,12 +85,17 @@ def pack_bool(mask: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8) * w).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_bool(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`pack_bool`."""
+def unpack_bits01(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Unpack to a uint8 0/1 tensor of ``shape`` (one temporary byte per entry)."""
     n = math.prod(shape)
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[:n].to(torch.bool).reshape(tuple(shape))
+    bits = torch.bitwise_right_shift(packed.reshape(-1, 1), shifts).bitwise_and_(1)
+    return bits.reshape(-1)[:n].reshape(tuple(shape))
+
+
+def unpack_bool(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_bool`."""
+    return unpack_bits01(packed, shape).to(torch.bool)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,14 +245,17 @@ class _MaskedC(_Component):
             raise ConfigError(f"packed mask must be uint8 with {self.mask_packed.numel()} bytes")
         self.mask_packed = mask.to(self.mask_packed.device).contiguous()
 
-    def matrix(self, owner: "RoutedLinear") -> torch.Tensor:
+    def masked(self, owner: "RoutedLinear") -> torch.Tensor:
+        """``mask ⊙ shared`` (transient; ``alpha`` not applied)."""
         d = owner.shared_tensor(self.index)
-        m = unpack_bool(self.mask_packed, self.shape)
-        return torch.where(m, d, torch.zeros((), dtype=d.dtype, device=d.device)) * self.alpha
+        return d * unpack_bits01(self.mask_packed, self.shape)
+
+    def matrix(self, owner: "RoutedLinear") -> torch.Tensor:
+        return self.masked(owner) * self.alpha
 
     def forward(self, x: torch.Tensor, owner: "RoutedLinear") -> torch.Tensor:
-        w = self.matrix(owner)
-        return F.linear(x.to(w.dtype), w)
+        w = self.masked(owner)
+        return F.linear(x.to(w.dtype), w) * self.alpha
 
     def dense(self, owner: "RoutedLinear") -> torch.Tensor:
         return self.matrix(owner).float()
@@ -280,19 +294,21 @@ class RoutedLinear(RoutedModule):
         self.bias = linear.bias
         self.routes = nn.ModuleDict()
         self._n_shared = 0
-        self._shared_ids: dict[tuple, int] = {}
+        self._shared_ids: dict[tuple, tuple[int, weakref.ref]] = {}
 
     # ---- shared (de-duplicated) tensors
     def shared_tensor(self, index: int) -> torch.Tensor:
         return getattr(self, f"shared_{index}")
 
     def _add_shared(self, t: torch.Tensor) -> int:
-        key = (t.data_ptr(), tuple(t.shape), t.dtype, t.device.type)
-        if key in self._shared_ids:
-            return self._shared_ids[key]
+        """Register ``t`` once: a tensor passed again (the same object, still alive) reuses it."""
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device.type)
+        hit = self._shared_ids.get(key)
+        if hit is not None and hit[1]() is t:
+            return hit[0]
         idx = self._n_shared
         self.register_buffer(f"shared_{idx}", t.detach().to(self.weight.device))
-        self._shared_ids[key] = idx
+        self._shared_ids[key] = (idx, weakref.ref(t))
         self._n_shared += 1
         return idx
 

@@ -129,6 +129,12 @@ def job_hash(job: Job, dep_hashes: Mapping[str, str]) -> str:
 # ----------------------------------------------------------------------------- shared helpers
 def _threads() -> None:
     torch.set_num_threads(1)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
 
 
 def _tok(ctx: dict):
@@ -784,6 +790,12 @@ class Zoo:
 
     def load_modal_input(self, path: str | Path) -> torch.Tensor:
         return load_modal_input(path, self.data_dir)
+
+
+def ensure_zoo(preset: str = "tiny", out: str | Path | None = None, jobs: int = 2) -> Zoo:
+    """The zoo of ``preset``, built if missing or stale (instant when every job's hash matches).
+    Tests and notebooks use this (``ensure_zoo("tiny")``)."""
+    return build_zoo(preset, out=out, jobs=jobs, progress=False)
 
 
 def load_expert(zoo_dir: str | Path, name: str):

@@ -1,0 +1,135 @@
+"""MultimodalLM: splicing, routes, option scoring, greedy generation with the KV cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from workbench.mllm import MultimodalLM
+from workbench.routing import RoutedModule
+from workbench.world.tokenizer import build_tokenizer
+from workbench.world.training import new_llm
+
+
+class ConstTower(nn.Module):
+    """Maps an input [k] to k tokens whose embedding is the input value times a fixed vector."""
+
+    def __init__(self, hidden: int, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.v = nn.Parameter(torch.randn(hidden, generator=g))
+
+    def forward(self, x):
+        return x.float().unsqueeze(-1) * self.v
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    llm = new_llm(tok, 32, 2, 2, 64, seed=0).eval()
+    return MultimodalLM(llm, tok, {"image": ConstTower(32, 1), "audio": ConstTower(32, 2)})
+
+
+def test_embed_splices_in_prompt_order(model):
+    tok = model.tokenizer
+    prompt = "audio: <audio>\nimage: <image>\nwhat is in the input?"
+    mi = {"image": [torch.tensor([1.0, 2.0, 3.0])], "audio": [torch.tensor([5.0, 6.0])]}
+    emb, mask, routes = model.embed([prompt], [mi])
+    n_text = len(tok(prompt)["input_ids"]) - 2
+    assert emb.shape == (1, n_text + 3 + 2, 32) and int(mask.sum()) == n_text + 5
+    r = routes[0].tolist()
+    # <s> audio : [2 audio tokens] image : [3 image tokens] ...
+    assert r[:3] == [0, 0, 0] and r[3:5] == [2, 2] and r[5:7] == [0, 0] and r[7:10] == [1, 1, 1]
+    assert torch.allclose(emb[0, 3], 5.0 * model.towers["audio"].v)
+    assert torch.allclose(emb[0, 9], 3.0 * model.towers["image"].v)
+    text_emb = model.llm.get_input_embeddings()(torch.tensor(tok(prompt)["input_ids"]))
+    assert torch.allclose(emb[0, :3], text_emb[:3])
+    model.route_order = ["audio", "image"]
+    try:
+        _, _, routes2 = model.embed([prompt], [mi])
+        assert routes2[0, 3].item() == 1 and routes2[0, 7].item() == 2
+    finally:
+        model.route_order = ["image", "audio"]
+
+
+def test_placeholder_input_mismatch_raises(model):
+    with pytest.raises(ValueError):
+        model.embed(["image: <image> <image>"], [{"image": [torch.ones(2)]}])
+    with pytest.raises(ValueError):
+        model.embed(["image: <image>"], [{"image": [torch.ones(2), torch.ones(2)]}])
+
+
+def test_score_options_matches_manual_loglik(model):
+    prompt, mi = "image: <image>\nwhich of these is in the input?\nanswer:", {"image": [torch.ones(2)]}
+    options = ["A", "cat drum", "B"]
+    got = model.score_options(prompt, mi, options)
+    for o, g in zip(options, got):
+        emb, mask, _ = model.embed([prompt], [mi])
+        ids = model.tokenizer(" " + o, add_special_tokens=False)["input_ids"]
+        full = torch.cat([emb[0], model.llm.get_input_embeddings()(torch.tensor(ids))])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model.llm(inputs_embeds=full).logits[0], -1)
+        T = emb.shape[1]
+        manual = sum(float(logp[T - 1 + i, t]) for i, t in enumerate(ids))
+        assert abs(manual - float(g)) < 1e-4
+
+
+def test_forward_masks_prompt(model):
+    out = model(["image: <image>\nwhat is in the input?\nanswer:"], [{"image": [torch.ones(3)]}], ["cat"])
+    assert torch.isfinite(out.loss)
+    # the loss equals -mean log p of the answer tokens (" cat" and </s>)
+    sc = model.score_options("image: <image>\nwhat is in the input?\nanswer:", {"image": [torch.ones(3)]}, ["cat"])
+    emb, _, _ = model.embed(["image: <image>\nwhat is in the input?\nanswer:"], [{"image": [torch.ones(3)]}])
+    cat = model.tokenizer.convert_tokens_to_ids("cat")
+    full = torch.cat([emb[0], model.llm.get_input_embeddings()(torch.tensor([cat]))])[None]
+    with torch.no_grad():
+        lp_eos = torch.log_softmax(model.llm(inputs_embeds=full).logits[0, -1], -1)[model.tokenizer.eos_token_id]
+    assert abs(float(out.loss.detach()) - (-(float(sc[0]) + float(lp_eos)) / 2)) < 1e-4
+
+
+def test_generate_batch_equals_single_and_manual_greedy(model):
+    prompts = ["image: <image>\nwhat is in the input?\nanswer:",
+               "audio: <audio>\nimage: <image>\nwhich comes first? A. cat B. drum C. eagle D. flute\nanswer:"]
+    mis = [{"image": [torch.ones(2)]}, {"image": [torch.ones(4)], "audio": [torch.full((3,), 0.5)]}]
+    batch = model.generate_batch(prompts, mis, max_new_tokens=5)
+    singles = [model.generate(p, m, max_new_tokens=5) for p, m in zip(prompts, mis)]
+    assert batch == singles
+    # manual greedy without cache
+    emb, _, _ = model.embed([prompts[1]], [mis[1]])
+    toks = []
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = int(model.llm(inputs_embeds=emb).logits[0, -1].argmax())
+            if nxt == model.tokenizer.eos_token_id:
+                break
+            toks.append(nxt)
+            emb = torch.cat([emb, model.llm.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
+    assert singles[1] == model.tokenizer.decode(toks, skip_special_tokens=True).strip()
+
+
+class Spy(RoutedModule):
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(None if self.route_ids is None else self.route_ids.clone())
+        return x
+
+
+def test_routes_visible_to_routed_modules(model):
+    spy = Spy()
+    model.llm.model.layers[0].add_module("spy", spy)
+    def hook(module, args, kwargs):
+        spy(None)
+
+    handle = model.llm.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.generate("image: <image>\nwhat is in the input?\nanswer:", {"image": [torch.ones(2)]}, max_new_tokens=3)
+    finally:
+        handle.remove()
+        del model.llm.model.layers[0].spy
+    assert spy.seen[0] is not None and spy.seen[0].shape[1] > 5 and int(spy.seen[0].max()) == 1
+    assert all(s is not None and s.shape[1] == 1 and int(s.sum()) == 0 for s in spy.seen[1:])
+    assert spy.route_ids is None  # restored after the call

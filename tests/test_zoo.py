@@ -1,0 +1,62 @@
+"""The tiny zoo builds, is cached, loads, and every expert beats its base LLM on its own task.
+
+``tiny_zoo`` is a session fixture other test modules can use (``from tests.test_zoo import tiny_zoo``
+or via ``workbench.world.ensure_zoo("tiny")``, which is instant once built)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from workbench.world import Zoo, ensure_zoo
+from workbench.world.zoo import build_zoo, plan_jobs, PRESETS
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo() -> Zoo:
+    return ensure_zoo("tiny")
+
+
+def test_plan_default_has_everything():
+    names = [j.name for j in plan_jobs("default")]
+    for m in ("image", "audio", "video", "point"):
+        for s in (0, 1, 2):
+            assert f"{m}-full-s{s}" in names and f"{m}-lora-s{s}" in names
+    for t in ("vqa", "geometry", "chart", "ocr", "grounding"):
+        assert f"capability-{t}-full-s0" in names and f"capability-{t}-lora-s0" in names
+    assert "oracle-s0" in names
+
+
+@pytest.mark.slow
+def test_tiny_zoo_builds_and_loads(tiny_zoo):
+    z = tiny_zoo
+    m = z.manifest
+    full = z.experts(kind="full")
+    assert len(full) >= 2 and len({m["models"][n]["modality"] for n in full}) >= 2
+    caps = z.experts(family="capability", kind="full")
+    assert len(caps) >= 2
+    for name in full + caps:
+        e = m["models"][name]
+        # the expert beats the base LLM (with the expert's projector / the base VLM) on its own task
+        assert e["own_task"]["loglik"] > e["own_task_base_llm"]["loglik"], (name, e)
+    # loading: an expert answers its own eval set's first record
+    name = full[0]
+    model = z.load_expert(name)
+    rec = z.own_eval(m["models"][name]["modality"])[0]
+    scores = model.score_options(rec["conversations"][0]["value"], z.load_inputs(rec), ["A", "B", "C", "D"])
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+    assert (z.base_path / "config.json").exists() and (z.expert_path(name) / "llm" / "model.safetensors").exists()
+    for sub in ("mcub-2", "val"):
+        assert len(z.mcub(sub)) > 0
+
+
+@pytest.mark.slow
+def test_rebuild_is_cached(tiny_zoo):
+    t0 = time.time()
+    z = build_zoo("tiny", progress=False)
+    assert time.time() - t0 < 30
+    assert z.manifest["models"].keys() == tiny_zoo.manifest["models"].keys()
+    for name, e in z.manifest["models"].items():
+        assert e["hash"] == tiny_zoo.manifest["models"][name]["hash"]
