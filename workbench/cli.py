@@ -39,7 +39,7 @@ COMMANDS: dict[str, Command] = {}
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("workbench.world.cli", "build or inspect the miniature world's model zoo"),
     "reproduce": ("workbench.reproduce", "run the notebooks in order (papermill)"),
-    "profile": ("workbench.profile", "profile merge methods (time, memory)"),
+    "profile": ("workbench.analysis.cli", "interference profile of experts vs their base"),
 }
 
 

@@ -1,0 +1,53 @@
+"""``python -m workbench profile``: the interference profile of experts against their base, from the shell.
+
+    python -m workbench profile BASE image=path/to/expert1 audio=path/to/expert2 --out runs/profile
+
+Writes the tidy tables of :class:`workbench.analysis.InterferenceProfile` (CSV + Parquet) and, with
+``--figures``, one heatmap per metric (layers x module types) as PNG and SVG.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+
+HELP = "interference profile of experts vs their base (cosine, sign conflicts, TIES/DARE survival)"
+
+
+def _expert_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="the shared base model (HF folder or weight file)")
+    p.add_argument("experts", nargs="+", type=_expert_arg, metavar="NAME=PATH",
+                   help="two or more experts (HF folders, peft LoRA adapters, zoo expert folders)")
+    p.add_argument("--out", required=True, help="folder for the tables")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--topk", type=float, default=0.2, help="fraction kept by the TIES trim (default 0.2)")
+    p.add_argument("--figures", action="store_true", help="also write one heatmap per metric into OUT/figures")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import profile_interference
+    from ..plots import metric_heatmap, save_figure
+
+    experts = dict(args.experts)
+    if len(experts) != len(args.experts):
+        raise ConfigError("expert names must be unique")
+    prof = profile_interference(args.base, experts, device=args.device, topk=args.topk, out_dir=args.out)
+    print(f"profile of {len(experts)} experts written to {args.out}")
+    if args.figures:
+        out = Path(args.out) / "figures"
+        for metric in prof.metrics():
+            try:
+                fig = metric_heatmap(prof, metric)
+            except (ValueError, KeyError):
+                continue
+            save_figure(fig, f"profile_{metric}", dir=out)
+        print(f"heatmaps written to {out}")
+    return 0
