@@ -206,7 +206,7 @@ def run_process(cmd: list[str], env: dict | None = None, timeout: float | None =
         th.join()
         fo.seek(0)
         fe.seek(0)
-        return {"rc": p.returncode, "wall_s": wall, "maxrss_mb": ru.ru_maxrss / 1024, "peak_anon_mb": peak["anon_kb"] / 1024,
+        return {"rc": p.returncode, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_mb": ru.ru_maxrss / 1024, "peak_anon_mb": peak["anon_kb"] / 1024,
                 "stdout": fo.read().decode(errors="replace"), "stderr": fe.read().decode(errors="replace")}
 
 
@@ -218,7 +218,7 @@ def run_child(spec: dict, env: dict | None = None) -> dict:
     if r["rc"] != 0:
         raise RuntimeError(f"{spec.get('method', spec['mode'])} child failed (rc {r['rc']}):\n{r['stderr'][-4000:]}")
     res = json.loads(r["stdout"].strip().splitlines()[-1])
-    res.update({k: r[k] for k in ("wall_s", "maxrss_mb", "peak_anon_mb")})
+    res.update({k: r[k] for k in ("wall_s", "cpu_s", "maxrss_mb", "peak_anon_mb")})
     return res
 
 
@@ -296,7 +296,7 @@ def run_mergekit(exe: Path, method: str, folders: list[Path], work: Path, dtype:
     if not ok:
         raise RuntimeError(f"mergekit {method} failed (rc {r['rc']}):\n{r['stderr'][-3000:]}")
     res = json.loads(r["stdout"].strip().splitlines()[-1])
-    res.update({"wall_s": r["wall_s"], "maxrss_mb": r["maxrss_mb"], "peak_anon_mb": r["peak_anon_mb"],
+    res.update({"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "maxrss_mb": r["maxrss_mb"], "peak_anon_mb": r["peak_anon_mb"],
                 "cli": f"{exe} {cfg.name} OUT --no-copy-tokenizer --out-shard-size {shard_params}"})
     return res
 
@@ -341,13 +341,16 @@ def parse_methods(s: str) -> list[str]:
     return [m for m in s.split(",") if m]
 
 
-def fmt_row(label: str, r: dict, floor_s: float, target: float | None = None) -> str:
-    ratio = r["seconds"] / floor_s
+def fmt_row(label: str, r: dict, floor: dict, target: float | None = None) -> str:
+    ratio = r["seconds"] / floor["seconds"]
     t = ""
     if target is not None:
         t = f"  target <= {target:.1f}x: {'met' if ratio <= target else 'MISSED'}"
+    cpu = ""
+    if r.get("cpu_s") and floor.get("cpu_s"):
+        cpu = f"  CPU {r['cpu_s']:6.1f} s ({r['cpu_s'] / floor['cpu_s']:5.2f}x)"
     return (f"{label:<24} {r['seconds']:8.2f} s  {ratio:6.2f}x floor  peak RSS {r['maxrss_mb']:7.0f} MB "
-            f"(anon {r['peak_anon_mb']:6.0f} MB)  process {r['wall_s']:6.2f} s{t}")
+            f"(anon {r['peak_anon_mb']:6.0f} MB)  process {r['wall_s']:6.2f} s{cpu}{t}")
 
 
 def measure_size(shape: LlamaShape, folders: list[Path], work: Path, methods: list[str], args, env: dict,
@@ -464,15 +467,16 @@ def main(argv: list[str] | None = None) -> dict:
                      "bytes_on_disk": nbytes, "largest_tensor_fp32_mb": shp.largest_tensor * 4 / 2**20,
                      "floor": floor, "floor_runs_s": meas["floor_runs_s"], "methods": {}, "mergekit": {}}
             log(f"\n{'':<24} {'time':>10}  {'ratio':>12}")
-            log(fmt_row("io_floor", floor, fs) + f"  (runs: {', '.join(f'{x:.2f}' for x in meas['floor_runs_s'])} s; "
+            log(fmt_row("io_floor", floor, floor) + f"  (runs: {', '.join(f'{x:.2f}' for x in meas['floor_runs_s'])} s; "
                 f"{floor['bytes_read'] / fs / 1e9:.2f} GB/s read)")
             for m, r in meas["methods"].items():
                 r = dict(r)
                 r.pop("profile", None)
                 r["ratio_to_floor"] = r["seconds"] / fs
+                r["cpu_ratio_to_floor"] = r["cpu_s"] / floor["cpu_s"]
                 r["target"] = TARGETS.get(m)
                 entry["methods"][m] = r
-                log(fmt_row(m, r, fs, TARGETS.get(m)))
+                log(fmt_row(m, r, floor, TARGETS.get(m)))
             if si == 0 and mk_exe is not None and mk_methods:
                 ver = mergekit_version(mk_exe)
                 entry["mergekit_version"] = ver
@@ -486,8 +490,9 @@ def main(argv: list[str] | None = None) -> dict:
                         entry["mergekit"][m] = {"error": str(e)[-2000:]}
                         continue
                     r["ratio_to_floor"] = r["seconds"] / fs
+                    r["cpu_ratio_to_floor"] = r["cpu_s"] / floor["cpu_s"]
                     ours = entry["methods"].get(m)
-                    line = fmt_row(f"mergekit {m}", r, fs)
+                    line = fmt_row(f"mergekit {m}", r, floor)
                     if ours:
                         r["ours_over_mergekit"] = ours["seconds"] / r["seconds"]
                         r["ours_over_mergekit_process"] = ours["wall_s"] / r["wall_s"]
@@ -522,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
 def save(result: dict, out_dir: Path, stem: str, log) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    cols = ["date_utc", "params", "layers", "what", "method", "seconds", "process_s", "ratio_to_floor", "target",
+    cols = ["date_utc", "params", "layers", "what", "method", "seconds", "process_s", "cpu_s", "ratio_to_floor", "target",
             "maxrss_mb", "peak_anon_mb", "device", "threads", "loadavg_start", "cpu"]
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -534,6 +539,7 @@ def save(result: dict, out_dir: Path, stem: str, log) -> None:
             for what, m, r in rows:
                 w.writerow({"date_utc": result["date_utc"], "params": e["params"], "layers": e["shape"]["layers"],
                             "what": what, "method": m, "seconds": round(r["seconds"], 3), "process_s": round(r["wall_s"], 3),
+                            "cpu_s": round(r.get("cpu_s", 0.0), 3),
                             "ratio_to_floor": round(r["seconds"] / fs, 3), "target": TARGETS.get(m) if what == "workbench" else "",
                             "maxrss_mb": round(r["maxrss_mb"], 1), "peak_anon_mb": round(r["peak_anon_mb"], 1),
                             "device": result["device"], "threads": r.get("threads", ""),

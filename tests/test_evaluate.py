@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.evaluate import (first_letter, mcnemar_exact, paired_test, predict, summarize, t_interval,
+from workbench.evaluate import (first_letter, generated_letter, mcnemar_exact, paired_test, predict, summarize, t_interval,
                                 wilson_interval)
 
 
@@ -48,6 +48,15 @@ def test_first_letter():
     assert first_letter("  B. drum") == "B" and first_letter("") == ""
 
 
+def test_generated_letter_maps_option_text():
+    ch = ["cat", "drum", "cat drum", "eagle"]
+    assert generated_letter("drum", ch) == "B"
+    assert generated_letter("cat drum", ch) == "C"  # longest match first
+    assert generated_letter("eagle </s> x", ch) == "D"
+    assert generated_letter("C. cat drum", ch) == "C"  # a letter answer still works
+    assert generated_letter("horse", ch) == "h"  # no option: first character (wrong)
+
+
 class FakeModel:
     """Prefers option index (len(prompt) % n); generates 'C ...'."""
 
@@ -64,6 +73,14 @@ def _rec(i, gold, prompt, options=None):
     if options:
         r["options"] = options
     return r
+
+
+def test_predict_choices_records():
+    recs = [_rec(0, "B", "xxxxx"), _rec(1, "D", "xxxx")]
+    for r in recs:
+        r["choices"] = ["cat", "drum", "eagle", "fox"]
+    df = predict(FakeModel(), recs, lambda r: {}, scoring="loglik")
+    assert df["pred"].tolist() == ["B", "A"] and df["correct"].tolist() == [True, False]
 
 
 def test_predict_both_scorings():

@@ -108,6 +108,34 @@ def test_dare_keep_mask_is_peft_random_pruning_mask():
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.2, 0.25, 0.5, 0.9, 1 / 3])
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (300, 257)])
+def test_dare_keep_mask_cpu_is_the_bernoulli_draw(shape, p):
+    """The CPU fast path (``rand < 1 - p``) is bit-identical to ``torch.bernoulli(full(shape, 1 - p))``
+    and leaves the generator in the same state (guards a torch upgrade)."""
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    want = torch.bernoulli(torch.full(shape, 1.0 - p), generator=g1).to(torch.bool)
+    assert torch.equal(dare_keep_mask(shape, p, g2), want)
+    assert torch.equal(torch.rand(9, generator=g1), torch.rand(9, generator=g2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.999])
+def test_topk_keep_mask_equals_kthvalue_definition(dtype, density):
+    g = torch.Generator().manual_seed(3)
+    tau = torch.randn(37, 53, generator=g).to(dtype)
+    tau[tau.abs() < 0.3] = 0  # zeros and repeated magnitudes
+    tau[:3] = tau[3:6].round(decimals=1)
+    flat = tau.reshape(-1).abs()
+    n = flat.numel()
+    k = max(1, min(n, int(round(density * n))))
+    t = torch.kthvalue(flat, n - k + 1).values if k < n else torch.zeros((), dtype=dtype)
+    assert torch.equal(topk_keep_mask(tau, density), (tau.abs() >= t) & (tau != 0))
+    from workbench.masks import kth_largest
+    for kk in (1, 2, k, n):
+        assert kth_largest(flat, kk) == float(torch.kthvalue(flat, n - kk + 1).values)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pack_roundtrip_cuda():

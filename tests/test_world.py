@@ -62,7 +62,8 @@ def test_own_task_answers_are_right(modality):
             ex = modality_question(modality, task, rng, render_inputs=False)
             present = [CONCEPTS[k] for k in scene_concepts(ex.scenes[0])]
             opts = _options(ex.prompt)
-            gold = opts[LETTERS.index(ex.answer)]
+            gold = opts[LETTERS.index(ex.letter)]
+            assert ex.answer == gold and ex.choices == opts
             if task == "present":
                 assert gold in present and sum(o in present for o in opts) == 1
             elif task == "absent":
@@ -76,7 +77,6 @@ def test_own_task_answers_are_right(modality):
 
 
 def _options(prompt: str) -> list[str]:
-    tail = prompt.split("?")[-2 if prompt.rstrip().endswith("answer:") else -1]
     tail = prompt[prompt.rindex("A. "):].split("\n")[0]
     parts = tail.replace("A. ", "|").replace(" B. ", "|").replace(" C. ", "|").replace(" D. ", "|").split("|")[1:]
     return [p.strip() for p in parts]
@@ -89,8 +89,8 @@ def test_text_questions_valid():
         if ex.task in ("text_common", "text_common_easy"):
             lists = [line.split(": ", 1)[1].split() for line in ex.prompt.split("\n")[:-2]]
             opts = _options(ex.prompt)
-            gold = opts[LETTERS.index(ex.answer)]
-            assert all(gold in l for l in lists)
+            gold = opts[LETTERS.index(ex.letter)]
+            assert gold == ex.answer and all(gold in l for l in lists)
             for o in opts:
                 if o != gold:
                     n_in = sum(o in l for l in lists)
@@ -122,6 +122,7 @@ def test_mcub_records_validate(tmp_path):
             sets = [set(w for w in s if w) for s in rec["scenes"]]
             opts = _options(rec["conversations"][0]["value"])
             gold = opts[LETTERS.index(rec["conversations"][1]["value"])]
+            assert rec["choices"] == opts and rec["answer_text"] == gold
             common = [o for o in opts if all(o in s for s in sets)]
             assert common == [gold]  # exactly one option common to all inputs
             for o in opts:

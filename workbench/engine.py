@@ -8,8 +8,8 @@
    their targets and delta shapes);
 2. optional **global TIES trimming** (``params: {trim: global}``): streaming passes over the
    merged tensors find, per expert, the exact magnitude threshold that keeps the top
-   ``density`` fraction of all its task-vector entries (a log2 histogram locates the threshold's
-   bin, a second pass sorts only that bin's values);
+   ``density`` fraction of all its task-vector entries (a histogram of the magnitudes' float32
+   bit patterns locates the threshold's bin, a second pass sorts only that bin's values);
 3. the **merge pass**: a background thread reads the next tensors (queue depth 2) while the
    current ones are computed in float32 on the device; each result is cast to the stored dtype
    and written at once by a planned :class:`~workbench.io.CheckpointWriter`, so memory holds a
@@ -39,12 +39,13 @@ from .device import resolve_device
 from .errors import CheckpointError, ConfigError, WorkbenchError
 from .io.filters import NameFilter
 from .io.lora import LoraAdapter, is_lora_adapter
-from .io.reader import CheckpointReader, check_finite
+from .io.reader import CheckpointReader
+from .io.reader import check_finite as _check_finite_io
 from .io.writer import CheckpointWriter
 
 #: tensors read ahead of the one being computed.
 PREFETCH_DEPTH = 2
-#: log2 histogram used to locate the global trim threshold.
+#: histogram used to locate the global trim threshold (2**15 bins of float32 bit patterns; LO/HI unused).
 _HIST_LO, _HIST_HI, _HIST_BINS = -80.0, 20.0, 1 << 15
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -214,6 +215,21 @@ class _Item:
     experts: list = field(default_factory=list)  # Tensor | _LoraPiece | None (= base)
 
 
+_EXP_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def check_finite(t: torch.Tensor, *, file, tensor: str) -> None:
+    """:func:`workbench.io.reader.check_finite` with a cheaper test for 16-bit floats (an entry
+    is NaN/Inf exactly when its exponent bits are all set: one integer pass instead of
+    ``isfinite``, which is slow on bfloat16 on the CPU); the error is the reader's own."""
+    mask = _EXP_BITS.get(t.dtype)
+    if mask is not None and t.numel():
+        if bool(((t.view(torch.int16) & mask) == mask).any()):
+            _check_finite_io(t, file=file, tensor=tensor)
+        return
+    _check_finite_io(t, file=file, tensor=tensor)
+
+
 def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any]) -> _Item:
     """Read one tensor of the base (and of the experts when it is merged), checking finiteness."""
     b = base.get(name)
@@ -293,9 +309,17 @@ def _to_device(x, base_dev: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- global trim
 def _hist_index(a: torch.Tensor) -> torch.Tensor:
-    """Bin of each positive magnitude in the fixed log2 histogram."""
-    l = torch.log2(a).clamp_(_HIST_LO, _HIST_HI)
-    return ((l - _HIST_LO) * (_HIST_BINS / (_HIST_HI - _HIST_LO))).long().clamp_(0, _HIST_BINS - 1)
+    """Bin of each magnitude (float32, ``>= 0``) in the fixed histogram: the top 15 bits of its
+    IEEE pattern (exponent and 7 mantissa bits; monotone in the value, ``2**15`` bins, zero in
+    bin 0 together with the smallest subnormals). One shift per entry, no logarithm."""
+    return a.view(torch.int32) >> 16
+
+
+def _hist_add(hist: torch.Tensor, a: torch.Tensor) -> None:
+    """Add the non-zero magnitudes ``a`` (float32, ``>= 0``) to ``hist`` (zeros are counted out
+    of bin 0 instead of being filtered out first)."""
+    hist += torch.bincount(_hist_index(a), minlength=_HIST_BINS)
+    hist[0] -= a.numel() - int(torch.count_nonzero(a))
 
 
 def _taus(items: list[_Item], device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
@@ -310,7 +334,7 @@ def global_trim_thresholds(units, read, n_experts: int, density: float, device: 
     """Per expert, the magnitude ``t_i`` such that ``|τ_i| >= t_i`` keeps the top ``density``
     fraction of all entries of τ_i over the merged tensors (k = ceil(density · total), exact).
 
-    Two streaming passes: a log2 histogram of |τ_i| finds the bin holding the k-th largest value;
+    Two streaming passes: a histogram of |τ_i| (by float32 bit pattern) finds the bin holding the k-th largest value;
     the second pass collects only that bin's values and takes the exact order statistic.
     """
     from tqdm.auto import tqdm
@@ -323,9 +347,7 @@ def global_trim_thresholds(units, read, n_experts: int, density: float, device: 
         for items in tqdm(stream, total=len(units), desc="global trim 1/2", disable=not progress, leave=False):
             total += sum(it.base.numel() for it in items)
             for i, tau in _taus(items, device):
-                a = tau.abs()
-                a = a[a > 0]
-                hists[i] += torch.bincount(_hist_index(a), minlength=_HIST_BINS)
+                _hist_add(hists[i], tau.abs_())
     k = max(1, math.ceil(density * total))
     targets = []  # (bin, rank within the bin) per expert, or None = keep everything
     for h in hists:
@@ -348,9 +370,11 @@ def global_trim_thresholds(units, read, n_experts: int, density: float, device: 
                 for i, tau in _taus(items, device):
                     if targets[i] is None:
                         continue
-                    a = tau.abs()
-                    a = a[a > 0]
-                    sel = a[_hist_index(a) == targets[i][0]]
+                    a = tau.abs_()
+                    hit = _hist_index(a) == targets[i][0]
+                    if targets[i][0] == 0:
+                        hit &= a > 0
+                    sel = a[hit]
                     pools[i][fill[i]:fill[i] + sel.numel()] = sel.cpu()
                     fill[i] += sel.numel()
     out = []
@@ -571,8 +595,7 @@ def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: 
         b = it.base.to(device=device, dtype=torch.float32, non_blocking=True)
         ex = [_to_device(x, b, device) for x in it.experts]
         if thresholds is not None:  # global trim: zero the task-vector entries below each expert's threshold
-            ex = [b + torch.where((e - b).abs() >= t, e - b, torch.zeros((), device=device))
-                  for e, t in zip(ex, thresholds)]
+            ex = [_trim_expert(e, b, t) for e, t in zip(ex, thresholds)]
         bases.append(b)
         expert_lists.append(ex)
     if batched and len(items) > 1:
@@ -588,6 +611,14 @@ def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: 
         return [(out[i], extras[i]) for i in range(len(items))]
     return [_call_method(spec, b, ex, it.name, device, seed, params)
             for it, b, ex in zip(items, bases, expert_lists)]
+
+
+def _trim_expert(e: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """``b + where(|e - b| >= t, e - b, 0)`` with one temporary (the same values, +0 where dropped)."""
+    d = torch.sub(e, b)
+    if float(t) > 0:
+        d.masked_fill_(d.abs() < t, 0)
+    return d.add_(b)
 
 
 def _store_extra(name: str, key: str, value: torch.Tensor, masks: dict, meta: dict, densities: dict,

@@ -4,9 +4,12 @@ intervals and paired tests.
 Records are MCUB-format dicts (:mod:`workbench.world.mcub`): the human turn is the prompt, the gpt
 turn the gold answer. Multiple-choice records (gold is a letter A-D) are scored
 
-- ``"loglik"``: the option letter with the highest log-likelihood after the prompt;
-- ``"generate"``: greedy decoding, correct when the first character of the output equals the gold
-  letter (as DAMC's released MCUB script does).
+- ``"loglik"``: the option with the highest log-likelihood after the prompt; the candidates are
+  the option texts where the record lists them as ``"choices"`` (the miniature world's models
+  answer with the option text), else the letters A-D;
+- ``"generate"``: greedy decoding; the prediction is the letter of the option whose text the output
+  starts with (records with ``"choices"``), else the output's first character - the first-letter
+  match of DAMC's released MCUB script.
 
 Open-answer records (the capability family; ``"options"`` lists the candidate answers) are scored by
 log-likelihood over the candidates, or by exact match of the greedy output.
@@ -37,12 +40,25 @@ def record_gold(rec: Mapping) -> str:
 
 
 def record_options(rec: Mapping) -> list[str]:
-    """The answer candidates: ``rec["options"]`` if given, else the letters A-D."""
-    return list(rec.get("options") or LETTERS)
+    """The continuations scored by log-likelihood: ``choices`` (option texts, A-D order),
+    ``options`` (open-answer candidates) or the letters A-D."""
+    return list(rec.get("choices") or rec.get("options") or LETTERS)
 
 
 def is_letter_record(rec: Mapping) -> bool:
-    return record_gold(rec) in LETTERS and record_options(rec) == list(LETTERS)
+    return record_gold(rec) in LETTERS and not rec.get("options")
+
+
+def generated_letter(text: str, choices: Sequence[str] | None) -> str:
+    """Map a generated answer to an option letter: the option whose text the output starts with
+    (longest match first), else the first character of the output."""
+    t = " ".join(text.strip().split())
+    if choices:
+        for i in sorted(range(len(choices)), key=lambda i: -len(choices[i])):
+            c = " ".join(choices[i].split())
+            if t == c or t.startswith(c + " "):
+                return LETTERS[i]
+    return first_letter(t)
 
 
 def first_letter(text: str) -> str:
@@ -69,10 +85,12 @@ def predict(model, records: Sequence[Mapping], load_inputs: Callable[[Mapping], 
         if scoring == "loglik":
             opts = [record_options(r) for r in chunk]
             scores = model.score_options_batch(prompts, inputs, opts)
-            preds = [o[int(torch.argmax(sc))] for o, sc in zip(opts, scores)]
+            preds = [(LETTERS[int(torch.argmax(sc))] if r.get("choices") else o[int(torch.argmax(sc))])
+                     for r, o, sc in zip(chunk, opts, scores)]
         else:
             outs = model.generate_batch(prompts, inputs, max_new_tokens=max_new_tokens)
-            preds = [first_letter(o) if is_letter_record(r) else o.strip() for o, r in zip(outs, chunk)]
+            preds = [generated_letter(o, r.get("choices")) if is_letter_record(r) else o.strip()
+                     for o, r in zip(outs, chunk)]
         for r, p in zip(chunk, preds):
             g = record_gold(r)
             rows.append({"id": r["id"], "subset": r.get("subset", ""), "gold": g, "pred": p,

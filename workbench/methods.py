@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .errors import ConfigError
-from .masks import dare_keep_mask, mmer_masks, pack_mask, threshold_keep_mask, topk_keep_mask
+from .masks import dare_keep_mask, kth_largest, mmer_masks, pack_mask, threshold_keep_mask, topk_keep_mask
 
 __all__ = [
     "METHODS", "MergeOutput", "MethodSpec", "get_method", "global_trim_thresholds",
@@ -99,17 +99,34 @@ def stack_task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
     Raises:
         ConfigError: no experts, or an expert whose shape differs from the base's.
     """
+    _check_shapes(base, experts)
+    base = base.to(torch.float32)
+    # written into one preallocated stack (no per-expert temporaries): the same values as
+    # torch.stack([e.float() - base for e in experts])
+    out = torch.empty((len(experts), *base.shape), dtype=torch.float32, device=base.device)
+    for i, e in enumerate(experts):
+        torch.sub(e.to(device=base.device, dtype=torch.float32), base, out=out[i])
+    return out
+
+
+def _check_shapes(base: Tensor, experts: Sequence[Tensor]) -> None:
     if len(experts) == 0:
         raise ConfigError("a merge needs at least one expert")
-    base = base.to(torch.float32)
     for i, e in enumerate(experts):
         if tuple(e.shape) != tuple(base.shape):
             raise ConfigError(f"expert {i} has shape {list(e.shape)}, the base {list(base.shape)}")
-    return torch.stack([e.to(device=base.device, dtype=torch.float32) - base for e in experts])
 
 
 def _finish(base: Tensor, tau_m: Tensor, scale: float) -> Tensor:
     return base.to(torch.float32) + float(scale) * tau_m
+
+
+def _finish_(base: Tensor, tau_m: Tensor, scale: float) -> Tensor:
+    """:func:`_finish` writing into ``tau_m`` (a temporary the caller owns): the same values
+    (``scale * tau_m`` then ``+ base``; float addition is commutative)."""
+    if float(scale) != 1.0:
+        tau_m.mul_(float(scale))
+    return tau_m.add_(base.to(torch.float32))
 
 
 def _check_density(density: float, what: str = "density") -> float:
@@ -138,6 +155,11 @@ def _weighted_sum(taus: Tensor, w: Tensor) -> Tensor:
     return (taus * w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
 
 
+def _weighted_sum_(taus: Tensor, w: Tensor) -> Tensor:
+    """:func:`_weighted_sum` scaling ``taus`` (a temporary the caller owns) in place: same values."""
+    return taus.mul_(w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
+
+
 # ========================================================================================= TIES / DARE blocks
 def trim_topk(tau: Tensor, density: float) -> Tensor:
     """``tau`` with all but its top ``density`` fraction of magnitudes set to 0 (see
@@ -164,15 +186,78 @@ def ties_merge_tau(taus: Tensor, density: float = 0.2, *, thresholds: Sequence[f
 
     Trim keeps each ``tau_i``'s top ``density`` magnitudes within this tensor, or, when
     ``thresholds`` is given (global trimming), its entries with ``|tau_i| >= thresholds[i]``.
+    ``taus`` is not modified (the work happens on one copy; see :func:`_ties_merge_tau_`).
     """
-    if thresholds is not None:
-        if len(thresholds) != taus.shape[0]:
-            raise ConfigError(f"{len(thresholds)} trim thresholds for {taus.shape[0]} experts")
-        keep = torch.stack([threshold_keep_mask(taus[i], thresholds[i]) for i in range(taus.shape[0])])
-        trimmed = torch.where(keep, taus, torch.zeros((), dtype=taus.dtype, device=taus.device))
-    else:
-        trimmed = torch.stack([trim_topk(t, density) for t in taus.unbind(0)])
-    return disjoint_mean(trimmed, elect_sign(trimmed))
+    return _ties_merge_tau_(taus.clone(), density, thresholds=thresholds)
+
+
+def _trim_(taus: Tensor, density: float, thresholds: Sequence[float] | None = None) -> Tensor:
+    """TIES' trim of stacked task vectors, in place: the values of ``torch.where(keep, taus, 0)``
+    with ``keep`` = :func:`topk_keep_mask` (or :func:`threshold_keep_mask` with ``thresholds``).
+
+    One expert at a time: ``|tau_i|`` into a buffer, the threshold by selection
+    (:func:`workbench.masks.kth_largest`, computed once and used for the mask), and ``tau_i``
+    multiplied by the keep mask ``|tau_i| >= t`` (nothing to do when ``t <= 0``: every non-zero
+    entry is kept). Dropped negative entries become -0 instead of +0; no result of
+    :func:`_disjoint_mean_` depends on the sign of a zero. Extra memory: a few rows.
+    """
+    N = taus.shape[0]
+    if thresholds is not None and len(thresholds) != N:
+        raise ConfigError(f"{len(thresholds)} trim thresholds for {N} experts")
+    flat = taus.reshape(N, -1)
+    n = flat.shape[1]
+    if n == 0:
+        return taus
+    k = max(1, min(n, int(round(float(density) * n))))
+    a = torch.empty(n, dtype=taus.dtype, device=taus.device)
+    keep = torch.empty(n, dtype=torch.bool, device=taus.device)
+    for i in range(N):
+        if thresholds is not None:
+            t = float(thresholds[i])
+            if t <= 0:
+                continue
+            torch.abs(flat[i], out=a)
+        elif k == n:
+            continue
+        else:
+            torch.abs(flat[i], out=a)
+            t = kth_largest(a, k)
+            if t <= 0:
+                continue
+        torch.ge(a, t, out=keep)  # as threshold_keep_mask / topk_keep_mask compare
+        flat[i].mul_(keep)
+    return taus
+
+
+def _disjoint_mean_(trimmed: Tensor) -> Tensor:
+    """``disjoint_mean(trimmed, elect_sign(trimmed))`` consuming ``trimmed`` (overwritten).
+
+    ``tau_i * gamma > 0`` is exactly "non-zero, sign equal to gamma, gamma != 0"; the agreeing
+    entries all have gamma's sign, so their sum is ``gamma * sum |tau_i|`` (float addition is
+    symmetric under negation): bit-identical to the masked sum, with one ``[N, ...]`` buffer.
+    """
+    gamma = torch.sign(trimmed.sum(0))
+    trimmed.mul_(gamma)
+    N = trimmed.shape[0]
+    count = torch.zeros(trimmed.shape[1:], dtype=torch.uint8 if N < 256 else torch.int32, device=trimmed.device)
+    agree = torch.empty(trimmed.shape[1:], dtype=torch.bool, device=trimmed.device)
+    for i in range(N):  # small-integer counts: much cheaper than a bool -> int64 sum over dim 0
+        count.add_(torch.gt(trimmed[i], 0, out=agree))
+    del agree
+    total = trimmed.clamp_min_(0).sum(0).mul_(gamma)
+    none = count == 0
+    total.masked_fill_(none, 0)  # +0 where nothing agrees, as the masked sum gives
+    return total.div_(count.to(total.dtype).masked_fill_(none, 1))
+
+
+def _ties_merge_tau_(taus: Tensor, density: float = 0.2, *, thresholds: Sequence[float] | None = None) -> Tensor:
+    """:func:`ties_merge_tau` on a stack the caller owns (it is overwritten): trim, elect, mean in place."""
+    if thresholds is not None and len(thresholds) != taus.shape[0]:
+        raise ConfigError(f"{len(thresholds)} trim thresholds for {taus.shape[0]} experts")
+    if taus.shape[0] == 0 or taus[0].numel() == 0:
+        trimmed = torch.stack([trim_topk(t, density) for t in taus.unbind(0)]) if thresholds is None else taus
+        return disjoint_mean(trimmed, elect_sign(trimmed))
+    return _disjoint_mean_(_trim_(taus, _check_density(density), thresholds))
 
 
 def dare_drop(tau: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -183,7 +268,16 @@ def dare_drop(tau: Tensor, p: float, generator: torch.Generator | None = None) -
     """
     p = _check_drop(p)
     keep = dare_keep_mask(tau.shape, p, generator, device=tau.device)
-    return tau * keep.to(tau.dtype) / (1.0 - p)
+    return (tau * keep).div_(1.0 - p)
+
+
+def _dare_drop_(taus: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`dare_drop` of each ``taus[i]`` in expert order, in place (same draws, same values)."""
+    p = _check_drop(p)
+    for i in range(taus.shape[0]):
+        keep = dare_keep_mask(taus.shape[1:], p, generator, device=taus.device)
+        taus[i].mul_(keep).div_(1.0 - p)
+    return taus
 
 
 def global_trim_thresholds(taus_by_tensor: Iterable[Tensor | Sequence[Tensor]], density: float) -> list[float]:
@@ -196,7 +290,7 @@ def global_trim_thresholds(taus_by_tensor: Iterable[Tensor | Sequence[Tensor]], 
 
     This one is exact by ``torch.kthvalue`` over the concatenated magnitudes, so it holds all of
     one expert's ``|tau|`` in CPU memory: for tests and small models. The streaming version for
-    real checkpoints, with the same definition (a log2 histogram locates the threshold's bin, a
+    real checkpoints, with the same definition (a histogram of bit patterns locates the threshold's bin, a
     second pass sorts that bin only: also exact) is :func:`workbench.engine.global_trim_thresholds`.
     """
     d = _check_density(density)
@@ -494,18 +588,18 @@ def weight_average(base: Tensor, experts: Sequence[Tensor], *, name: str = "", g
     (methods.md 2), hence the task-vector form.
     """
     if weights is None and float(scale) == 1.0:
-        stack_task_vectors(base, experts)  # shape checks
+        _check_shapes(base, experts)
         return torch.stack([e.to(device=base.device, dtype=torch.float32) for e in experts]).mean(0)
     taus = stack_task_vectors(base, experts)
-    return _finish(base, _weighted_sum(taus, _weights(weights, len(experts), 1.0 / len(experts), base.device)),
-                   scale)
+    return _finish_(base, _weighted_sum_(taus, _weights(weights, len(experts), 1.0 / len(experts), base.device)),
+                    scale)
 
 
 def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None,
                     scale: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
     """Task Arithmetic (Ilharco et al. 2023): ``tau_m = sum_i w_i tau_i`` (``w_i = 1``), ``theta = theta_0 + scale tau_m``."""
     taus = stack_task_vectors(base, experts)
-    return _finish(base, _weighted_sum(taus, _weights(weights, len(experts), 1.0, base.device)), scale)
+    return _finish_(base, _weighted_sum_(taus, _weights(weights, len(experts), 1.0, base.device)), scale)
 
 
 def _ties_thresholds(trim: str, thresholds):
@@ -529,7 +623,7 @@ def ties(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
     """
     thresholds = _ties_thresholds(trim, thresholds)
     taus = stack_task_vectors(base, experts)
-    return _finish(base, ties_merge_tau(taus, _check_density(density), thresholds=thresholds), scale)
+    return _finish_(base, _ties_merge_tau_(taus, _check_density(density), thresholds=thresholds), scale)
 
 
 def dare_linear(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
@@ -537,8 +631,7 @@ def dare_linear(base: Tensor, experts: Sequence[Tensor], *, name: str = "", gene
     """TA w/ DARE: ``tau_m = sum_i dare_drop(tau_i, p)`` (drop with prob. ``p``, rescale ``1/(1-p)``),
     one mask per expert drawn in expert order from ``generator``."""
     taus = stack_task_vectors(base, experts)
-    p = _check_drop(drop_rate)
-    return _finish(base, torch.stack([dare_drop(t, p, generator) for t in taus.unbind(0)]).sum(0), scale)
+    return _finish_(base, _dare_drop_(taus, drop_rate, generator).sum(0), scale)
 
 
 def dare_ties(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
@@ -552,9 +645,8 @@ def dare_ties(base: Tensor, experts: Sequence[Tensor], *, name: str = "", genera
     """
     thresholds = _ties_thresholds(trim, thresholds)
     taus = stack_task_vectors(base, experts)
-    p = _check_drop(drop_rate)
-    dropped = torch.stack([dare_drop(t, p, generator) for t in taus.unbind(0)])
-    return _finish(base, ties_merge_tau(dropped, _check_density(density), thresholds=thresholds), scale)
+    dropped = _dare_drop_(taus, drop_rate, generator)
+    return _finish_(base, _ties_merge_tau_(dropped, _check_density(density), thresholds=thresholds), scale)
 
 
 def tsv(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,

@@ -65,6 +65,9 @@ class MCUBRecord(BaseModel):
             if ph in prompt and RECORD_KEYS[m] not in self.modal_inputs:
                 raise ValueError(f"prompt has {ph} but modal_inputs has no {RECORD_KEYS[m]!r}")
         gold = self.conversations[1].value
+        choices = getattr(self, "choices", None)
+        if choices is not None and len(choices) != len(LETTERS):
+            raise ValueError(f"choices must list {len(LETTERS)} option texts, got {choices}")
         opts = getattr(self, "options", None) or list(LETTERS)
         if gold not in opts:
             raise ValueError(f"gold answer {gold!r} not among options {opts}")
@@ -112,9 +115,13 @@ def example_to_record(ex: Example, rid: str, subset: str, root: Path) -> dict:
     for j, (m, raw) in enumerate(ex.inputs):
         mi.setdefault(RECORD_KEYS[m], []).append(save_input(root, m, f"{rid}-{j}", raw))
     rec = {"id": rid, "subset": subset, "task": ex.task,
-           "conversations": [{"from": "human", "value": ex.prompt}, {"from": "gpt", "value": ex.answer}],
+           "conversations": [{"from": "human", "value": ex.prompt},
+                             {"from": "gpt", "value": ex.letter if ex.choices else ex.answer}],
            "modal_inputs": mi}
-    if ex.options and ex.options != list(LETTERS):
+    if ex.choices:
+        rec["choices"] = list(ex.choices)
+        rec["answer_text"] = ex.answer
+    elif ex.options:
         rec["options"] = list(ex.options)
     if ex.scenes:
         rec["scenes"] = [[CONCEPTS[k] if k >= 0 else None for k in s] for s in ex.scenes]

@@ -41,7 +41,7 @@ def new_llm(tokenizer, hidden: int, layers: int, heads: int, ffn: int, seed: int
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=max_len, rms_norm_eps=1e-5, tie_word_embeddings=False,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
+                      pad_token_id=tokenizer.pad_token_id, initializer_range=0.05)
     return LlamaForCausalLM(cfg)
 
 

@@ -51,15 +51,15 @@ PRESETS: dict[str, dict] = {
         "modalities": list(MODALITIES),
         "seeds": [0, 1, 2],
         "arch": {"hidden": 128, "layers": 4, "heads": 4, "ffn": 384},
-        "base": {"steps": 800, "batch": 64, "lr": 2e-3, "seed": 0},
+        "base": {"steps": 500, "batch": 64, "lr": 2e-3, "seed": 0},
         "encoder": {"steps": {"image": 500, "audio": 200, "video": 250, "point": 400}, "batch": 64, "lr": 2e-3,
                     "seed": 0},
         "projector": {"steps": 120, "batch": 64, "lr": 3e-3},
         "expert": {"steps": 300, "batch": 64, "lr_llm": 5e-4, "lr_proj": 1e-3, "replay": 0.25, "caption": 0.1},
         "lora": {"enabled": True, "r": 16, "alpha": 32, "lr": 2e-3},
-        "oracle": {"seeds": [0, 1, 2], "steps": 500, "batch": 64, "multimodal": 0.25, "replay": 0.2},
+        "oracle": {"seeds": [0, 1, 2], "steps": 450, "batch": 64, "multimodal": 0.25, "replay": 0.2},
         "capability": {"tasks": list(CAP_TASKS), "seeds": [0], "lora": True, "enc_steps": 300,
-                       "caption_steps": 200, "steps": 300, "batch": 64, "lr_llm": 5e-4, "lr_proj": 2e-3,
+                       "caption_steps": 250, "steps": 300, "batch": 64, "lr_llm": 1e-3, "lr_proj": 2e-3,
                        "train_projector": False},
         "data": {"n_per_subset": 60, "n_own": 200, "n_val": 120, "n_capability": 150, "seed": 12345},
         "eval_generate": True,
@@ -120,8 +120,32 @@ def register_job_kind(kind: str, build_fn: BuildFn, plan_fn: PlanFn | None = Non
         PLANNERS[kind] = plan_fn
 
 
+_CODE_FILES = ("concepts.py", "generators.py", "tasks.py", "encoders.py", "training.py", "tokenizer.py",
+               "mcub.py")
+_HELPERS = ("_evaluate", "_sampler_mix", "_modality_model", "_cap_model", "_lora_config", "_load_llm", "_save_llm")
+
+
+def code_hash(kind: str | None = None) -> str:
+    """Hash of the world's source (generators, tasks, training, ...), ``workbench/mllm.py``, the
+    zoo's shared job helpers and the build function of ``kind``: a code change invalidates the
+    cached models it could change (models are functions of code + config + seeds)."""
+    import inspect
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for f in [here / n for n in _CODE_FILES] + [here.parent / "mllm.py"]:
+        h.update(f.read_bytes())
+    for name in _HELPERS:
+        h.update(inspect.getsource(globals()[name]).encode())
+    if kind is not None and kind in JOB_KINDS:
+        try:
+            h.update(inspect.getsource(JOB_KINDS[kind]).encode())
+        except (OSError, TypeError):
+            h.update(kind.encode())
+    return h.hexdigest()[:16]
+
+
 def job_hash(job: Job, dep_hashes: Mapping[str, str]) -> str:
-    blob = json.dumps({"v": WORLD_VERSION, "kind": job.kind, "config": job.config,
+    blob = json.dumps({"v": WORLD_VERSION, "code": code_hash(job.kind), "kind": job.kind, "config": job.config,
                        "deps": {d: dep_hashes[d] for d in sorted(job.deps)}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -247,8 +271,8 @@ def _job_base(job: Job, ctx: dict) -> dict:
     exs = [text_question(rng) for _ in range(200)]
     model = MultimodalLM(llm, tok, {}, {})
     mc = [e for e in exs if e.task == "text_common"]
-    scores = model.score_options_batch([e.prompt for e in mc], [None] * len(mc), [list("ABCD")] * len(mc))
-    acc_mc = float(np.mean([("ABCD"[int(s.argmax())] == e.answer) for s, e in zip(scores, mc)]))
+    scores = model.score_options_batch([e.prompt for e in mc], [None] * len(mc), [e.choices for e in mc])
+    acc_mc = float(np.mean([(e.choices[int(s.argmax())] == e.answer) for s, e in zip(scores, mc)]))
     cp = [e for e in exs if e.task == "copy"]
     gens = model.generate_batch([e.prompt for e in cp], [None] * len(cp), max_new_tokens=6)
     acc_copy = float(np.mean([g == e.answer for g, e in zip(gens, cp)]))
@@ -492,6 +516,7 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
                                                      "lr": e["lr"], "seed": e["seed"]}, [], f"encoders/{m}"))
     jobs.append(Job("base", "base", dict(cfg["base"], arch=cfg["arch"]), ["tokenizer"], "base"))
     common = ["tokenizer", "base", "data"]
+    lora_jobs = []
     for seed in cfg["seeds"]:
         for m in mods:
             pname = f"{m}-projector-s{seed}"
@@ -503,7 +528,8 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
                 conf = dict(cfg["expert"], modality=m, seed=seed, kind=kind, projector_from=f"experts/{pname}")
                 if kind == "lora":
                     conf["lora"] = cfg["lora"]
-                jobs.append(Job(name, kind, conf, common + [f"encoder-{m}", pname], f"experts/{name}"))
+                job = Job(name, kind, conf, common + [f"encoder-{m}", pname], f"experts/{name}")
+                (lora_jobs if kind == "lora" else jobs).append(job)
     for seed in cfg["oracle"]["seeds"]:
         o = cfg["oracle"]
         conf = dict(cfg["expert"], **{k: v for k, v in o.items() if k != "seeds"}, seed=seed, modalities=mods,
@@ -529,6 +555,7 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
                         conf["lora"] = cfg["lora"]
                     jobs.append(Job(f"capability-{name}", f"cap_{kind}", conf,
                                     common + ["encoder-capability", "capability-base"], f"capability/experts/{name}"))
+    jobs.extend(lora_jobs)  # priority order: full experts, oracle, capability family, then LoRA experts
     for kind, planner in PLANNERS.items():
         jobs.extend(planner(preset, cfg))
     names = [j.name for j in jobs]
@@ -555,6 +582,11 @@ def build_zoo(preset: str = "default", out: str | Path | None = None, jobs: int 
     """Build (or update) the zoo of ``preset``: runs each job whose configuration hash changed, in up
     to ``jobs`` worker processes; writes ``zoo.json``; returns the :class:`Zoo`."""
     cfg = copy.deepcopy(cfg or get_preset(preset))
+    # import everything the jobs use before forking workers: jobs then run the code that was hashed
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from .. import evaluate, mllm  # noqa: F401
+    from . import encoders, tokenizer, training  # noqa: F401
     root = zoo_root(preset, out)
     root.mkdir(parents=True, exist_ok=True)
     droot = data_root(preset) if out is None else Path(out) / "data"
