@@ -153,8 +153,9 @@ else:
     if torch.cuda.is_available() and "cuda" in str(prof.meta.get("device")):
         extra["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
 secs = time.perf_counter() - t0
+ru = resource.getrusage(resource.RUSAGE_SELF)
 stop = True; th.join()
-print(json.dumps({{"seconds": secs, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+print(json.dumps({{"seconds": secs, "cpu_seconds": ru.ru_utime + ru.ru_stime, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "peak_anon_kb": peak["anon_kb"], "peak_file_kb": peak["file_kb"], **extra}}))
 """
 
@@ -198,7 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"params_per_model": n_params, "experts": args.experts, "shape": shape, "bytes_read": total_bytes,
                   "device": prof.get("device"), "threads": args.threads,
                   "floor_s": floor["seconds"], "floor_runs_s": [floor1["seconds"], floor2["seconds"]],
-                  "profile_s": prof["seconds"], "ratio": ratio, "io_wait_in_profile_s": prof.get("io_wait_s"),
+                  "profile_s": prof["seconds"], "ratio": ratio,
+                  "floor_cpu_s": floor["cpu_seconds"], "profile_cpu_s": prof["cpu_seconds"],
+                  "cpu_ratio": prof["cpu_seconds"] / max(floor["cpu_seconds"], 1e-9),
+                  "load_avg_1m": os.getloadavg()[0], "io_wait_in_profile_s": prof.get("io_wait_s"),
                   "floor_peak_rss_mb": floor["maxrss_kb"] / 1024, "floor_peak_anon_mb": floor["peak_anon_kb"] / 1024,
                   "profile_peak_rss_mb": prof["maxrss_kb"] / 1024, "profile_peak_anon_mb": prof["peak_anon_kb"] / 1024,
                   "largest_tensor_mb_fp32": max(int(__import__("math").prod(s)) for s in plan.values()) * 4 / 2**20}
@@ -209,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"interference profile:          {prof['seconds']:.2f}s on {prof.get('device')} "
               f"(waiting for I/O {prof.get('io_wait_s')}s)")
         print(f"ratio profile / floor:         {ratio:.2f}x  (target <= 1.5x)")
+        print(f"CPU time (user+sys, whole process incl. imports): floor {floor['cpu_seconds']:.1f}s, "
+              f"profile {prof['cpu_seconds']:.1f}s ({result['cpu_ratio']:.2f}x); 1-min load {result['load_avg_1m']:.1f} "
+              f"on {os.cpu_count()} CPUs (wall-clock ratios are unreliable on a loaded machine)")
         print(f"peak RSS  floor {result['floor_peak_rss_mb']:.0f} MB (anon {result['floor_peak_anon_mb']:.0f} MB) | "
               f"profile {result['profile_peak_rss_mb']:.0f} MB (anon {result['profile_peak_anon_mb']:.0f} MB); "
               f"largest tensor in fp32: {result['largest_tensor_mb_fp32']:.0f} MB")

@@ -191,3 +191,15 @@ def test_gpu_merge_7b_iterative_on_cpu(tmp_path):
     out, data = _gpu_smoke(tmp_path, "optmerge_iterative")
     assert "optmerge_iterative" in data["methods"]
     assert data["methods"]["optmerge_iterative"]["extrapolated_32_layers_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_merge_7b_smoke_on_cuda(tmp_path):
+    out = tmp_path / "gpu.json"
+    res = _run([str(BENCH / "gpu_merge_7b.py"), "--layers", "1", "--hidden", "256", "--intermediate", "688",
+                "--vocab", "512", "--device", "cuda", "--methods", "ties,optmerge_exact", "--dir", str(tmp_path / "w"),
+                "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["methods"]["ties"]["cuda_peak_mb"] > 0, res.stdout
+    assert data["methods"]["optmerge_exact"]["device"].startswith("cuda")

@@ -382,3 +382,53 @@ def test_cuda_matches_cpu(world):
         pd.testing.assert_frame_equal(a.summary(m), b.summary(m), rtol=1e-5)
     for m in ("ties_survival", "rel_norm", "ties_share"):
         pd.testing.assert_frame_equal(a.summary(m), b.summary(m), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- fast kernel = reference formulas
+@pytest.mark.parametrize("N", [2, 3, 5, 8])
+def test_coded_counts_equal_sign_gram_counts(N, monkeypatch):
+    """The code-histogram counts (N <= 8) equal the sign-Gram-matrix counts, and every float sum is unchanged."""
+    import workbench.analysis.interference as I
+
+    g = torch.Generator().manual_seed(N)
+    taus = (torch.randn(N, 3001, generator=g) * 2).round() / 2  # zeros, ties and cancellations
+    taus[1, ::5] = -taus[0, ::5]
+    coded = tensor_stats(taus, topk=0.3, dare_p=0.25, generator=torch.Generator().manual_seed(1), chunk_size=700)
+    monkeypatch.setattr(I, "_MAX_CODED_EXPERTS", 0)
+    legacy = tensor_stats(taus, topk=0.3, dare_p=0.25, generator=torch.Generator().manual_seed(1), chunk_size=700)
+    assert coded.keys() == legacy.keys()
+    for k in coded:
+        assert coded[k].dtype == legacy[k].dtype == torch.float64, k
+        assert torch.equal(coded[k], legacy[k]), k
+
+
+def test_streamed_profile_equals_materialised_task_vectors(world):
+    """The CPU profile rebuilds tau chunk by chunk from the stored tensors: the same sums as
+    tensor_stats over the full [N, n] task vectors (same chunks, same DARE draws). Float32 Gram
+    products can differ in the last bit when a view's rows are not SIMD-aligned (BLAS remainder
+    paths), so the chunk here is a multiple of 16 entries."""
+    import workbench.analysis.interference as I
+
+    tmp, base, taus, paths = world
+    prof = profile_interference(tmp / "base", paths, device="cpu", progress=False, chunk_size=64, seed=4)
+    name = "model.embed_tokens.weight"
+    stack = torch.stack([t[name].reshape(-1) for t in taus])
+    gen = torch.Generator().manual_seed(I._seed_for(4, name))
+    st = tensor_stats(stack, topk=0.2, dare_p=0.2, generator=gen, chunk_size=64)
+    pe = prof.per_expert[prof.per_expert["tensor"] == name].reset_index(drop=True)
+    for k in ("nonzero", "topk_kept", "topk_opposed", "elect_opposed", "ties_survived", "ties_survived_sq",
+              "ties_share_sq", "dare_kept_n", "dare_kept_sq"):
+        assert pe[k].tolist() == st[k].tolist(), k
+    assert pe["tau_sq"].tolist() == torch.diagonal(st["gram"]).tolist()
+
+
+def test_streamed_profile_names_every_non_finite_expert(world):
+    tmp, base, taus, paths = world
+    name = "model.layers.0.mlp.down_proj.weight"
+    for e, bad in (("e0", float("nan")), ("e2", float("inf"))):
+        from safetensors.torch import load_file
+        sd = load_file(str(paths[e] / "model.safetensors"))
+        sd[name][1, 2] = bad
+        _save(paths[e], sd)
+    with pytest.raises(CheckpointError, match=r"\['e0', 'e2'\]"):
+        profile_interference(tmp / "base", paths, device="cpu", progress=False)

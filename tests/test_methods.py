@@ -495,3 +495,75 @@ def test_batched_cuda_matches_cpu(bfn, solver):
     gpu = bfn(base.cuda(), experts.cuda(), solver=solver)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- fast paths = reference formulas
+def _ties_reference(taus, density, thresholds=None):
+    """The straightforward TIES (where-masks, kthvalue), as the methods were first written."""
+    from workbench.masks import threshold_keep_mask, topk_keep_mask
+
+    if thresholds is not None:
+        keep = torch.stack([threshold_keep_mask(taus[i], thresholds[i]) for i in range(taus.shape[0])])
+    else:
+        keep = []
+        for t in taus:
+            flat = t.reshape(-1).abs()
+            n = flat.numel()
+            k = max(1, min(n, int(round(density * n))))
+            keep.append(t != 0 if k == n else (t.abs() >= torch.kthvalue(flat, n - k + 1).values) & (t != 0))
+        keep = torch.stack(keep)
+    trimmed = torch.where(keep, taus, torch.zeros(()))
+    gamma = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == gamma) & (trimmed != 0) & (gamma != 0)
+    total = torch.where(agree, trimmed, torch.zeros(())).sum(0)
+    return total / agree.sum(0).clamp_min(1).to(taus.dtype)
+
+
+def _bits(x):
+    return x.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 1.0])
+def test_ties_fast_path_is_bit_identical_to_reference(case, density):
+    """Trim by selection + in-place elect/mean: the same bits (zeros' signs included) as the
+    where-mask formulation, with repeated magnitudes, exact zeros, cancelling experts and -0.0."""
+    from workbench.methods import ties_merge_tau
+
+    g = torch.Generator().manual_seed(case)
+    shape = [(37, 53), (1000,), (4, 5, 6), (64, 64)][case]
+    N = 2 + case
+    taus = torch.randn((N, *shape), generator=g)
+    if case == 1:
+        taus = (taus * 2).round() / 2  # many ties and zeros
+    if case == 2:
+        taus[1] = -taus[0]  # exact cancellations: gamma = 0
+    taus[taus.abs() < 0.1] = -0.0
+    base = torch.randn(shape, generator=g)
+    base[0] = -0.0
+    experts = [base + t for t in taus]
+    want = _ties_reference(taus, density)
+    got = ties_merge_tau(taus, density)
+    assert torch.equal(_bits(got), _bits(want))
+    stack = torch.stack([e - base for e in experts])
+    want_full = base + 0.7 * _ties_reference(stack, density)
+    assert torch.equal(_bits(run("ties", base, experts, density=density, scale=0.7)), _bits(want_full))
+    thr = global_trim_thresholds([stack], density)
+    want_g = base + _ties_reference(stack, density, thresholds=thr)
+    assert torch.equal(_bits(run("ties", base, experts, trim="global", thresholds=thr)), _bits(want_g))
+
+
+def test_dare_fast_paths_are_the_reference_draws():
+    from workbench.methods import dare_linear, dare_ties
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(30, 40, generator=g)
+    experts = [base + torch.randn(30, 40, generator=g) for _ in range(3)]
+    taus = torch.stack([e - base for e in experts])
+    for p in (0.0, 0.2, 0.5):
+        gen = torch.Generator().manual_seed(9)
+        dropped = torch.stack([t * torch.bernoulli(torch.full(t.shape, 1 - p), generator=gen) / (1 - p) for t in taus])
+        got = dare_ties(base, experts, drop_rate=p, density=0.3, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(_bits(got), _bits(base + _ties_reference(dropped, 0.3)))
+        got = dare_linear(base, experts, drop_rate=p, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(_bits(got), _bits(base + dropped.sum(0)))

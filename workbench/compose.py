@@ -873,8 +873,9 @@ def forgetting_experiment(zoo, expert: str, new_task: str | Sequence[str] = ("fi
 
     def as_records(exs, tag):
         return [{"id": f"{tag}-{i}", "conversations": [{"from": "human", "value": e.prompt},
-                                                       {"from": "gpt", "value": e.answer}],
-                 "options": None, "task": e.task, "_inputs": example_modal_inputs(e)} for i, e in enumerate(exs)]
+                                                       {"from": "gpt", "value": e.letter if e.choices else e.answer}],
+                 "choices": list(e.choices) or None, "options": list(e.options) or None, "task": e.task,
+                 "_inputs": example_modal_inputs(e)} for i, e in enumerate(exs)]
 
     old_recs = as_records(examples(old, n_eval, 90_000 + seed), "old")
     new_recs = as_records(examples(new, n_eval, 91_000 + seed), "new")

@@ -302,78 +302,284 @@ def tensor_stats(
     taus = taus.float()
     chunk_size = int(max(1, min(chunk_size, 1 << 24)))
     N, n = taus.shape
-    dev = taus.device
-    f64 = dict(dtype=torch.float64, device=dev)
-    thr = topk_threshold(taus, topk)
-    # an entry is kept when |tau| >= thr and tau != 0: raise a zero threshold to the smallest positive float
-    tiny = torch.nextafter(torch.zeros((), device=dev), torch.ones((), device=dev))
-    thr = torch.maximum(thr.to(dev), tiny)[:, None]
-    mats = {k: torch.zeros(N, N, **f64) for k in ("gram", "ss", "nn", "sst", "nnt")}
-    vecs = {k: torch.zeros(N, **f64) for k in ("topk_opposed", "elect_opposed", "ties_survived", "ties_survived_sq",
-                                                "ties_share_sq", "dare_kept_n", "dare_kept_sq")}
-    scal = {k: torch.zeros((), **f64) for k in ("multi_nonzero", "set_conflicts", "elected", "elect_disagree_any",
-                                                 "ties_merged_sq", "ta_sq")}
-    ones_n = torch.ones(1, N, device=dev)
-    with _exact_fp32_matmul():
-        for start in range(0, n, chunk_size):
-            t = taus[:, start:start + chunk_size]
-            s = torch.sign(t)
-            nzf = s.abs()
-            mats["gram"] += (t @ t.T).double()
-            mats["ss"] += (s @ s.T).double()
-            mats["nn"] += (nzf @ nzf.T).double()
-            # untrimmed set conflict: some non-zero positive and some non-zero negative entry
-            pos = s.clamp_min(0)
-            npos_all = (ones_n @ pos)[0]
-            nnz_all = (ones_n @ nzf)[0]
-            nneg_all = nnz_all - npos_all
-            scal["multi_nonzero"] += (nnz_all >= 2).sum().double()
-            scal["set_conflicts"] += ((npos_all > 0) & (nneg_all > 0)).sum().double()
-            colsum = (ones_n @ t)[0]
-            scal["ta_sq"] += torch.dot(colsum, colsum).double()
-            # TIES trim + elect
-            kf = (t.abs() >= thr).to(t.dtype)
-            st = s * kf
-            mats["sst"] += (st @ st.T).double()
-            mats["nnt"] += (kf @ kf.T).double()
-            pos_t = st.clamp_min(0)
-            npos = (ones_n @ pos_t)[0]
-            nneg = (ones_n @ kf)[0] - npos
-            neg_t = kf - pos_t
-            vecs["topk_opposed"] += (pos_t @ (nneg > 0).to(t.dtype) + neg_t @ (npos > 0).to(t.dtype)).double()
-            gamma = torch.sign((ones_n @ (t * kf))[0])
-            agree = st * gamma
-            survive = agree.clamp_min(0)
-            disagree = survive - agree  # 1 where the kept sign opposes gamma
-            vecs["elect_opposed"] += disagree.sum(1).double()
-            scal["elected"] += gamma.abs().sum().double()
-            scal["elect_disagree_any"] += ((ones_n @ disagree)[0] > 0).sum().double()
-            count = (ones_n @ survive)[0]
-            inv = 1.0 / count.clamp_min(1)
-            surv_vals = t * survive
-            sq = surv_vals * t
-            w = torch.stack([survive.new_ones(t.shape[1]), inv * inv], 1)  # [c, 2]
-            sums = (sq @ w).double()
-            vecs["ties_survived"] += survive.sum(1).double()
-            vecs["ties_survived_sq"] += sums[:, 0]
-            vecs["ties_share_sq"] += sums[:, 1]
-            merged = (ones_n @ surv_vals)[0] * inv
-            scal["ties_merged_sq"] += torch.dot(merged, merged).double()
-            if dare_p is not None:
-                dk = (torch.rand(t.shape, generator=generator, device=dev) >= dare_p).to(t.dtype)
-                vecs["dare_kept_n"] += (dk * nzf).sum(1).double()
-                vecs["dare_kept_sq"] += (dk * t * t).sum(1).double()
-    out: dict[str, torch.Tensor] = {"gram": mats["gram"], **vecs, **scal}
-    out["nonzero"] = torch.diagonal(mats["nn"]).clone()
-    out["topk_kept"] = torch.diagonal(mats["nnt"]).clone()
-    out["both_nonzero"] = mats["nn"]
-    out["conflicts"] = (mats["nn"] - mats["ss"]) / 2
-    out["both_kept"] = mats["nnt"]
-    out["conflicts_kept"] = (mats["nnt"] - mats["sst"]) / 2
-    if dare_p is None:
-        out["dare_kept_n"].fill_(float("nan"))
-        out["dare_kept_sq"].fill_(float("nan"))
-    return out
+    acc = _StatsAccumulator(N, taus.device, dare_p, generator)
+    try:
+        thr = topk_threshold(taus, topk)
+        with _exact_fp32_matmul():
+            for start in range(0, n, chunk_size):
+                acc.add(taus[:, start:start + chunk_size], thr)
+        return acc.result()
+    finally:
+        acc.close()
+
+
+#: patterns of up to this many experts are counted by a histogram of sign codes (3**(N+1) bins)
+_MAX_CODED_EXPERTS = 8
+
+
+class _StatsAccumulator:
+    """The sums of :func:`tensor_stats`, fed one column chunk ``t [N, c]`` at a time (in column order).
+
+    Float sums (``gram``, ``ta_sq`` and the TIES / DARE energies) use the same float32 products
+    per chunk as ever, so they do not depend on how the chunk was produced. Every count is an
+    integer computed exactly: for ``N <= 8`` from two histograms per chunk of per-column codes
+    (the experts' signs, and their trimmed signs with the elected sign), decoded at the end with
+    small tables; for larger ``N`` with sign Gram matrices (float32, exact inside a chunk).
+    """
+
+    def __init__(self, N: int, dev: torch.device, dare_p: float | None, generator: torch.Generator | None):
+        self.N, self.dev, self.dare_p, self.generator = N, dev, dare_p, generator
+        self._pool: ThreadPoolExecutor | None = None
+        f64 = dict(dtype=torch.float64, device=dev)
+        self.f64 = f64
+        self.gram = torch.zeros(N, N, **f64)
+        self.vecs = {k: torch.zeros(N, **f64) for k in ("ties_survived_sq", "ties_share_sq", "dare_kept_n",
+                                                         "dare_kept_sq")}
+        self.scal = {k: torch.zeros((), **f64) for k in ("ties_merged_sq", "ta_sq")}
+        self.ones_n = torch.ones(1, N, device=dev)
+        self.tiny = torch.nextafter(torch.zeros((), device=dev), torch.ones((), device=dev))
+        self.coded = N <= _MAX_CODED_EXPERTS
+        if self.coded:
+            self.w3 = torch.tensor([[3.0 ** i for i in range(N)]], device=dev)  # [1, N]
+            # sum_i 3^i * sign_i (+ 3^N * gamma) plus these offsets is in [0, 3^N) ([0, 3^(N+1)))
+            self.off_u, self.off_t = (3 ** N - 1) // 2, (3 ** (N + 1) - 1) // 2
+            self.hist_u = torch.zeros(3 ** N, dtype=torch.long, device=dev)
+            self.hist_t = torch.zeros(3 ** (N + 1), dtype=torch.long, device=dev)
+        else:
+            self.mats = {k: torch.zeros(N, N, **f64) for k in ("ss", "nn", "sst", "nnt")}
+            self.legacy = {k: torch.zeros(N, **f64) for k in ("topk_opposed", "elect_opposed", "ties_survived")}
+            self.lscal = {k: torch.zeros((), **f64) for k in ("multi_nonzero", "set_conflicts", "elected",
+                                                              "elect_disagree_any")}
+
+    def add(self, t: torch.Tensor, thr: torch.Tensor) -> None:
+        """Accumulate one chunk ``t [N, c]`` (float32); ``thr [N]`` are the experts' top-k thresholds."""
+        thr = torch.maximum(thr.to(self.dev), self.tiny)[:, None]
+        ones_n = self.ones_n
+        draw = None
+        if self.dare_p is not None:
+            draw = self._draw(tuple(t.shape))  # on a CPU, drawn in a helper thread meanwhile
+        s = torch.sign(t)
+        self.gram += (t @ t.T).double()
+        colsum = (ones_n @ t)[0]
+        self.scal["ta_sq"] += torch.dot(colsum, colsum).double()
+        del colsum
+        kf = t.abs() >= thr  # kept by the trim (thr > 0, so kept entries are non-zero); bool: x * kf = x or 0
+        tk = t * kf
+        gamma = torch.sign((ones_n @ tk)[0])
+        del tk
+        st = s * kf  # trimmed signs
+        if self.coded:
+            self._count(self.hist_u, (self.w3 @ s)[0], self.off_u)
+            self._count(self.hist_t, (self.w3 @ st)[0] + float(3 ** self.N) * gamma, self.off_t)
+        else:
+            self._legacy_counts(s, st, kf.to(t.dtype), gamma)
+        del kf
+        survive = st.mul_(gamma).clamp_min_(0)  # kept and agreeing with gamma
+        count = (ones_n @ survive)[0]
+        inv = 1.0 / count.clamp_min(1)
+        surv_vals = survive.mul_(t)  # t * survive (exact: survive is 0 or 1)
+        merged = (ones_n @ surv_vals)[0] * inv
+        self.scal["ties_merged_sq"] += torch.dot(merged, merged).double()
+        del merged
+        sq = surv_vals.mul_(t)
+        w = torch.stack([sq.new_ones(t.shape[1]), inv * inv], 1)  # [c, 2]
+        sums = (sq @ w).double()
+        self.vecs["ties_survived_sq"] += sums[:, 0]
+        self.vecs["ties_share_sq"] += sums[:, 1]
+        del sq, w, inv, count
+        if draw is not None:
+            dk = draw() >= self.dare_p
+            dt = t * dk  # = dk * t with dk 0/1
+            del dk
+            sd = torch.sign(dt)
+            self.vecs["dare_kept_n"] += torch.diagonal(sd @ sd.T).double()  # = sum(dk * |sign t|), exact
+            del sd
+            self.vecs["dare_kept_sq"] += dt.mul_(t).sum(1).double()
+
+    def _draw(self, shape: tuple) -> Callable[[], torch.Tensor]:
+        """``torch.rand(shape, generator)`` (the draws in chunk order, as ever). On a CPU the
+        Mersenne Twister runs serially on one core: it is started in a helper thread, so that it
+        overlaps the chunk's other (multi-threaded) arithmetic; the returned call waits for it."""
+        if self.dev.type != "cpu":
+            out = torch.rand(shape, generator=self.generator, device=self.dev)
+            return lambda: out
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1)
+        fut = self._pool.submit(torch.rand, shape, generator=self.generator, device=self.dev)
+        return fut.result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    @staticmethod
+    def _count(hist: torch.Tensor, code: torch.Tensor, off: int) -> None:
+        hist += torch.bincount(code.add_(float(off)).to(torch.int32), minlength=hist.numel())
+
+    def _legacy_counts(self, s, st, kf, gamma) -> None:
+        ones_n, t_dtype = self.ones_n, s.dtype
+        nzf = s.abs()
+        self.mats["ss"] += (s @ s.T).double()
+        self.mats["nn"] += (nzf @ nzf.T).double()
+        pos = s.clamp_min(0)
+        npos_all = (ones_n @ pos)[0]
+        nnz_all = (ones_n @ nzf)[0]
+        nneg_all = nnz_all - npos_all
+        self.lscal["multi_nonzero"] += (nnz_all >= 2).sum().double()
+        self.lscal["set_conflicts"] += ((npos_all > 0) & (nneg_all > 0)).sum().double()
+        self.mats["sst"] += (st @ st.T).double()
+        self.mats["nnt"] += (kf @ kf.T).double()
+        pos_t = st.clamp_min(0)
+        npos = (ones_n @ pos_t)[0]
+        nneg = (ones_n @ kf)[0] - npos
+        neg_t = kf - pos_t
+        self.legacy["topk_opposed"] += (pos_t @ (nneg > 0).to(t_dtype) + neg_t @ (npos > 0).to(t_dtype)).double()
+        agree = st * gamma
+        survive = agree.clamp_min(0)
+        disagree = survive - agree
+        self.legacy["elect_opposed"] += disagree.sum(1).double()
+        self.lscal["elected"] += gamma.abs().sum().double()
+        self.lscal["elect_disagree_any"] += ((ones_n @ disagree)[0] > 0).sum().double()
+        self.legacy["ties_survived"] += survive.sum(1).double()
+
+    def _decoded(self) -> dict[str, torch.Tensor]:
+        """Integer statistics from the code histograms (float64, exact)."""
+        N, f64 = self.N, self.f64
+        digits = torch.arange(3 ** (N + 1), device=self.dev)[:, None] // (3 ** torch.arange(N + 1, device=self.dev)) % 3
+        sig = (digits - 1).to(torch.float64)  # [3^(N+1), N+1] signs; column N is gamma
+        su = sig[: 3 ** N, :N]
+        hu = self.hist_u.to(torch.float64)
+        nzu = su.abs()
+        out = {"ss": su.T @ (su * hu[:, None]), "nn": nzu.T @ (nzu * hu[:, None])}
+        out["multi_nonzero"] = (hu * (nzu.sum(1) >= 2)).sum()
+        out["set_conflicts"] = (hu * ((su > 0).any(1) & (su < 0).any(1))).sum()
+        st, g = sig[:, :N], sig[:, N:]
+        ht = self.hist_t.to(torch.float64)
+        kt = st.abs()
+        out["sst"] = st.T @ (st * ht[:, None])
+        out["nnt"] = kt.T @ (kt * ht[:, None])
+        any_pos, any_neg = (st > 0).any(1, keepdim=True), (st < 0).any(1, keepdim=True)
+        opposed = ((st > 0) & any_neg) | ((st < 0) & any_pos)
+        out["topk_opposed"] = (opposed * ht[:, None]).sum(0)
+        agree = st * g
+        out["elect_opposed"] = ((agree < 0) * ht[:, None]).sum(0)
+        out["ties_survived"] = ((agree > 0) * ht[:, None]).sum(0)
+        out["elected"] = (ht * (g[:, 0] != 0)).sum()
+        out["elect_disagree_any"] = (ht * (agree < 0).any(1)).sum()
+        return {k: v.to(**f64) for k, v in out.items()}
+
+    def result(self) -> dict[str, torch.Tensor]:
+        self.close()
+        if self.coded:
+            d = self._decoded()
+            mats = {k: d[k] for k in ("ss", "nn", "sst", "nnt")}
+            per = {k: d[k] for k in ("topk_opposed", "elect_opposed", "ties_survived")}
+            sc = {k: d[k] for k in ("multi_nonzero", "set_conflicts", "elected", "elect_disagree_any")}
+        else:
+            mats, per, sc = self.mats, self.legacy, self.lscal
+        vecs = {"topk_opposed": per["topk_opposed"], "elect_opposed": per["elect_opposed"],
+                "ties_survived": per["ties_survived"], **self.vecs}
+        order = ("topk_opposed", "elect_opposed", "ties_survived", "ties_survived_sq", "ties_share_sq",
+                 "dare_kept_n", "dare_kept_sq")
+        scal = {"multi_nonzero": sc["multi_nonzero"], "set_conflicts": sc["set_conflicts"],
+                "elected": sc["elected"], "elect_disagree_any": sc["elect_disagree_any"],
+                "ties_merged_sq": self.scal["ties_merged_sq"], "ta_sq": self.scal["ta_sq"]}
+        out: dict[str, torch.Tensor] = {"gram": self.gram, **{k: vecs[k] for k in order}, **scal}
+        out["nonzero"] = torch.diagonal(mats["nn"]).clone()
+        out["topk_kept"] = torch.diagonal(mats["nnt"]).clone()
+        out["both_nonzero"] = mats["nn"]
+        out["conflicts"] = (mats["nn"] - mats["ss"]) / 2
+        out["both_kept"] = mats["nnt"]
+        out["conflicts_kept"] = (mats["nnt"] - mats["sst"]) / 2
+        if self.dare_p is None:
+            out["dare_kept_n"].fill_(float("nan"))
+            out["dare_kept_sq"].fill_(float("nan"))
+        return out
+
+
+_PIECE = 1 << 20  # entries per piece when a task-vector row is built from the stored tensors
+
+
+def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enames: Sequence[str], *,
+                    topk: float, dare_p: float | None, generator: torch.Generator | None, chunk_size: int):
+    """:func:`tensor_stats` of one tensor on the CPU without the ``[N, n]`` float32 task vectors.
+
+    Each ``tau_i`` is rebuilt on demand from the stored tensors (``main - base`` in float32, the
+    same values as :func:`iter_task_vectors`): once per expert into one reused row buffer for
+    the finiteness check and the top-k threshold (``numpy.partition`` in place), then per column
+    chunk ``[N, chunk]`` for the sums (the same chunks, so the same float sums and DARE draws as
+    :func:`tensor_stats`). Extra memory: one float32 row plus a chunk, whatever the tensor size.
+
+    Returns ``(name, numel, stats, base_sq, DAMC other-set deltas, tau_row(i))`` as
+    :func:`profile_interference` consumes them.
+    """
+    N = len(raws)
+    bflat = base_t.reshape(-1)
+    numel = bflat.numel()
+    mains = [(m.reshape(-1) if m is not None else None, w) for (m, _, w) in raws]
+    direct = bflat.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    chunk_size = int(max(1, min(chunk_size, 1 << 24)))
+
+    def fill(i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        main, is_weight = mains[i]
+        if main is None:
+            return out.zero_()
+        out.copy_(main[lo:hi])
+        if is_weight:
+            # a 16/32-bit base is cast to float32 exactly inside the subtraction (no temporary)
+            out.sub_(bflat[lo:hi] if direct else bflat[lo:hi].to(torch.float32))
+        return out
+
+    def tau_row(i: int) -> torch.Tensor:
+        row = torch.empty(numel, dtype=torch.float32)
+        for lo in range(0, numel, _PIECE):
+            fill(i, lo, min(numel, lo + _PIECE), row[lo:lo + _PIECE])
+        return row
+
+    if not 0.0 < topk <= 1.0:
+        raise ConfigError(f"topk must be in (0, 1], got {topk}")
+    k = max(1, min(numel, int(round(topk * numel)))) if numel else 1
+    thr = torch.zeros(N, dtype=torch.float32)
+    bad = []
+    row = torch.empty(numel, dtype=torch.float32)
+    zeros = torch.zeros(min(numel, _PIECE), dtype=torch.float32)
+    for i in range(N):
+        finite = True
+        for lo in range(0, numel, _PIECE):
+            hi = min(numel, lo + _PIECE)
+            piece = fill(i, lo, hi, row[lo:hi])
+            # sum(x * 0) is NaN exactly when some x is NaN or Inf (no overflow): a BLAS dot, no temporary
+            finite = finite and bool(torch.isfinite(torch.dot(piece, zeros[:hi - lo])))
+            piece.abs_()
+        if not finite:
+            bad.append(enames[i])
+            continue
+        if k < numel:
+            a = row.numpy()
+            a.partition(numel - k)
+            thr[i] = float(a[numel - k])
+    if bad:
+        raise CheckpointError(f"non-finite task vector for expert(s) {bad}", file=base_path, tensor=name)
+    del row, zeros
+    acc = _StatsAccumulator(N, torch.device("cpu"), dare_p, generator)
+    t = torch.empty(N, min(chunk_size, max(numel, 1)), dtype=torch.float32)
+    try:
+        with _exact_fp32_matmul():
+            for start in range(0, numel, chunk_size):
+                end = min(numel, start + chunk_size)
+                tc = t if end - start == t.shape[1] else torch.empty(N, end - start, dtype=torch.float32)
+                for i in range(N):
+                    fill(i, start, end, tc[i])
+                acc.add(tc, thr)
+        stats = acc.result()
+    finally:
+        acc.close()
+    base_sq = 0.0
+    for lo in range(0, numel, chunk_size):
+        c = bflat[lo:lo + chunk_size].to(torch.float32).double()
+        base_sq += float(torch.dot(c, c))
+    return name, numel, stats, base_sq, [mod for (_, mod, _) in raws], tau_row
 
 
 def _sq_norm(x: torch.Tensor, chunk_size: int = 1 << 19) -> float:
@@ -667,10 +873,39 @@ def iter_task_vectors(
     ``base_path`` and, at the end, ``seconds_waiting_for_io``.
     """
     dev = resolve_device(device)
+    N = len(experts)
+    enames = list(experts)
+    for name, base_t, raws, base_path in _raw_stream(base, experts, dev, names=names, damc_set=damc_set,
+                                                       strict=strict, prefetch=prefetch, progress=progress,
+                                                       desc=desc, meta=meta):
+        numel = base_t.numel()
+        b = base_t.to(dev, non_blocking=True).reshape(-1).to(torch.float32)
+        taus = torch.zeros(N, numel, dtype=torch.float32, device=dev)
+        for i, (main, _, is_weight) in enumerate(raws):
+            if main is None:
+                continue
+            taus[i].copy_(main.to(dev, non_blocking=True).reshape(-1))
+            if is_weight:
+                taus[i].sub_(b)
+        bad = [enames[i] for i in range(N) if not bool(torch.isfinite(taus[i]).all())]
+        if bad:
+            raise CheckpointError(f"non-finite task vector for expert(s) {bad}", file=base_path, tensor=name)
+        shape = tuple(base_t.shape)
+        raws = [(None, mod, w) for (_, mod, w) in raws]  # the task vectors hold the data now
+        del base_t
+        yield TensorBatch(name, shape, b, taus, raws)
+        del taus, b, raws
+
+
+def _raw_stream(base, experts, dev: torch.device, *, names=None, damc_set: str = "text", strict: bool = True,
+                prefetch: bool = True, progress: bool = True, desc: str = "task vectors", meta: dict | None = None):
+    """Yield ``(name, base tensor, raws, base path)`` per tensor name, the stored tensors read (and
+    materialised) one name ahead in a background thread; ``raws`` holds per expert
+    ``(weight or delta or None, DAMC other-set delta or None, first_is_weight)`` (CPU, or pinned
+    memory for a GPU). :func:`iter_task_vectors` builds its float32 task vectors from these."""
     base_reader = _open_base(base)
     sources = [open_expert(n, p, damc_set=damc_set) for n, p in experts.items()]
     todo = _select_names(base_reader, sources, names)
-    N = len(sources)
     enames = [s.name for s in sources]
     if meta is not None:
         meta.update({"experts": enames, "kinds": {s.name: s.kind for s in sources},
@@ -708,23 +943,8 @@ def iter_task_vectors(
             else:
                 base_t, raws = load(name)
             t_wait += time.perf_counter() - tw
-            numel = base_t.numel()
-            b = base_t.to(dev, non_blocking=True).reshape(-1).to(torch.float32)
-            taus = torch.zeros(N, numel, dtype=torch.float32, device=dev)
-            for i, (main, _, is_weight) in enumerate(raws):
-                if main is None:
-                    continue
-                taus[i].copy_(main.to(dev, non_blocking=True).reshape(-1))
-                if is_weight:
-                    taus[i].sub_(b)
-            bad = [enames[i] for i in range(N) if not bool(torch.isfinite(taus[i]).all())]
-            if bad:
-                raise CheckpointError(f"non-finite task vector for expert(s) {bad}", file=base_reader.path, tensor=name)
-            shape = tuple(base_t.shape)
-            raws = [(None, mod, w) for (_, mod, w) in raws]  # the task vectors hold the data now
-            del base_t
-            yield TensorBatch(name, shape, b, taus, raws)
-            del taus, b, raws
+            yield name, base_t, raws, base_reader.path
+            del base_t, raws
             bar.update(1)
     finally:
         bar.close()
@@ -775,28 +995,42 @@ def profile_interference(
     if not 0.0 < topk <= 1.0:
         raise ConfigError(f"topk must be in (0, 1], got {topk}")
     info: dict = {}
-    stream = iter_task_vectors(base, experts, device, names=names, damc_set=damc_set, strict=strict,
-                               prefetch=prefetch, progress=progress, desc="interference", meta=info)
+    dev = resolve_device(device)
+    kw = dict(names=names, damc_set=damc_set, strict=strict, prefetch=prefetch, progress=progress,
+              desc="interference", meta=info)
+
+    def generator_for(name: str):
+        if dare_p is None:
+            return None
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(_seed_for(seed, name))
+        return gen
+
+    if dev.type == "cpu":
+        # streaming: the [N, n] float32 task vectors are never held; memory ~ the stored tensors + 1 row
+        stream = (_streamed_stats(name, base_t, raws, base_path, list(experts), topk=topk, dare_p=dare_p,
+                                  generator=generator_for(name), chunk_size=chunk_size)
+                  for name, base_t, raws, base_path in _raw_stream(base, experts, dev, **kw))
+    else:
+        def batches():
+            for batch in iter_task_vectors(base, experts, dev, **kw):
+                st = tensor_stats(batch.taus, topk=topk, dare_p=dare_p, generator=generator_for(batch.name),
+                                  chunk_size=chunk_size)
+                taus = batch.taus
+                yield (batch.name, taus.shape[1], st, _sq_norm(batch.base, chunk_size),
+                       [mod for (_, mod, _) in batch.raws], lambda i, taus=taus: taus[i])
+        stream = batches()
     pair_rows: list[dict] = []
     exp_rows: list[dict] = []
     set_rows: list[dict] = []
     damc_rows: list[dict] = []
     t0 = time.perf_counter()
-    for batch in stream:
-        name, b, taus, raws = batch.name, batch.base, batch.taus, batch.raws
+    for name, numel, st, base_sq, mods, tau_row in stream:
         sources = info["sources"]
         enames = info["experts"]
         N = len(enames)
-        dev = taus.device
         layer, module = parse_name(name)
-        numel = taus.shape[1]
-        gen = None
-        if dare_p is not None:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(_seed_for(seed, name))
-        st = {k: v.cpu().numpy() for k, v in
-              tensor_stats(taus, topk=topk, dare_p=dare_p, generator=gen, chunk_size=chunk_size).items()}
-        base_sq = _sq_norm(b, chunk_size)
+        st = {k: v.cpu().numpy() for k, v in st.items()}
         key = {"tensor": name, "layer": layer, "module": module, "numel": numel}
         g = st["gram"]
         for i, j in itertools.combinations(range(N), 2):
@@ -814,11 +1048,10 @@ def profile_interference(
         set_rows.append({**key, "n_experts": N, "base_sq": base_sq,
                          **{k: float(st[k]) for k in ("multi_nonzero", "set_conflicts", "elected",
                                                       "elect_disagree_any", "ties_merged_sq", "ta_sq")}})
-        for i, (s, (main, mod, _)) in enumerate(zip(sources, raws)):
-            if s.kind == "damc" and (main is not None or mod is not None):
-                a = taus[i]
-                m = (mod.to(dev).reshape(-1).to(torch.float32) if mod is not None
-                     else torch.zeros_like(a))
+        for i, (s, mod) in enumerate(zip(sources, mods)):
+            if s.kind == "damc" and mod is not None:
+                a = tau_row(i)
+                m = mod.to(a.device).reshape(-1).to(torch.float32)
                 ps = _pair_sums(a, m)
                 if damc_set == "modality":  # a is the modality set here: keep the column names true
                     ps["sq_text"], ps["sq_mod"] = ps["sq_mod"], ps["sq_text"]

@@ -259,6 +259,78 @@ def _job_encoder(job: Job, ctx: dict) -> dict:
     return info
 
 
+_CAP_INK = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.75, 0.15], [0.1, 0.25, 0.95], [0.95, 0.85, 0.1], [0.95, 0.95, 0.95]])
+
+
+def _cap_patch_labels(x: torch.Tensor) -> torch.Tensor:
+    """Generic per-patch labels of capability images [B,3,32,32] -> [B,16] in 0..5: the colour
+    (red, green, blue, yellow, white) of the patch's ink pixels (max channel > 0.5), 0 when fewer
+    than 4 ink pixels."""
+    b = x.shape[0]
+    p = x.reshape(b, 3, 4, 8, 4, 8).permute(0, 2, 4, 3, 5, 1).reshape(b, 16, 64, 3)
+    ink = p.max(-1).values > 0.5
+    cnt = ink.sum(-1)
+    mean = (p * ink.unsqueeze(-1)).sum(2) / cnt.clamp(min=1).unsqueeze(-1)
+    cls = torch.cdist(mean, _CAP_INK.unsqueeze(0).expand(b, -1, -1)).argmin(-1) + 1
+    return torch.where(cnt >= 4, cls, torch.zeros_like(cls))
+
+
+def _job_cap_encoder(job: Job, ctx: dict) -> dict:
+    """Capability vision encoder, generic pretraining (as CLIP's is generic): each patch token
+    reconstructs its 8x8 patch and classifies its ink colour; the mean token classifies the kind
+    of image (objects, polygon, chart, text). No task's question or answer is used."""
+    from torch import nn
+    from .encoders import CapabilityEncoder, save_module
+    from .generators import render_capability
+    from .training import _lr_at, seed_everything
+    c = job.config
+    seed_everything(c["seed"])
+    enc = CapabilityEncoder(64)
+    dec = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 192))
+    col = nn.Linear(64, 6)
+    kind_head = nn.Linear(64, 4)
+    kinds = {"vqa": 0, "grounding": 0, "geometry": 1, "chart": 2, "ocr": 3}
+    params = [p for m in (enc, dec, col, kind_head) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=c["lr"])
+    rng = np.random.default_rng(c["seed"])
+    t0 = time.time()
+
+    def draw(r, n):
+        xs, ks = [], []
+        for _ in range(n):
+            img, truth = render_capability(CAP_TASKS[int(r.integers(5))], r)
+            xs.append(torch.from_numpy(img))
+            ks.append(kinds[truth["task"]])
+        return torch.stack(xs), torch.tensor(ks)
+
+    def losses(x, k):
+        tok = enc(x)
+        patches = x.reshape(x.shape[0], 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], 16, 192)
+        lab = _cap_patch_labels(x)
+        l_rec = nn.functional.mse_loss(dec(tok), patches)
+        l_col = nn.functional.cross_entropy(col(tok).reshape(-1, 6), lab.reshape(-1))
+        l_kind = nn.functional.cross_entropy(kind_head(tok.mean(1)), k)
+        return l_rec, l_col, l_kind, (col(tok).argmax(-1) == lab).float().mean(), (kind_head(tok.mean(1)).argmax(-1) == k).float().mean()
+
+    for step in range(c["steps"]):
+        for g in opt.param_groups:
+            g["lr"] = c["lr"] * _lr_at(step, c["steps"], max(1, c["steps"] // 20))
+        x, k = draw(rng, c["batch"])
+        l_rec, l_col, l_kind, _, _ = losses(x, k)
+        loss = 4 * l_rec + l_col + l_kind
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    enc.eval()
+    with torch.no_grad():
+        x, k = draw(np.random.default_rng(c["seed"] + 10_000), 128)
+        l_rec, _, _, acc_col, acc_kind = losses(x, k)
+    enc.requires_grad_(False)
+    save_module(enc, enc.config(), Path(ctx["root"]) / job.out)
+    return {"recon_mse": float(l_rec), "patch_colour_acc": float(acc_col), "kind_acc": float(acc_kind),
+            "seconds": time.time() - t0, "params": _n_params(enc)}
+
+
 def _job_base(job: Job, ctx: dict) -> dict:
     from .training import pretrain_base
     from .tasks import text_question
@@ -499,13 +571,14 @@ def _job_cap_expert(job: Job, ctx: dict) -> dict:
 
 for _k, _f in {"tokenizer": _job_tokenizer, "data": _job_data, "encoder": _job_encoder, "base": _job_base,
                "projector": _job_projector, "full": _job_expert, "lora": _job_expert, "oracle": _job_oracle,
-               "cap_base": _job_cap_base, "cap_full": _job_cap_expert, "cap_lora": _job_cap_expert}.items():
+               "cap_encoder": _job_cap_encoder, "cap_base": _job_cap_base, "cap_full": _job_cap_expert, "cap_lora": _job_cap_expert}.items():
     register_job_kind(_k, _f)
 
 
 # ----------------------------------------------------------------------------- planning
 def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
-    """Every job of a preset, dependencies first."""
+    """Every job of a preset, dependencies first (registered planners, e.g. DAMC's, last)."""
+    _load_plugins()
     cfg = copy.deepcopy(cfg or get_preset(preset))
     mods = cfg["modalities"]
     jobs = [Job("tokenizer", "tokenizer", {}, [], "tokenizer"),
@@ -539,7 +612,7 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
                         f"oracle-s{seed}"))
     cap = cfg["capability"]
     if cap["tasks"]:
-        jobs.append(Job("encoder-capability", "encoder", {"modality": "capability", "steps": cap["enc_steps"],
+        jobs.append(Job("encoder-capability", "cap_encoder", {"modality": "capability", "steps": cap["enc_steps"],
                                                           "batch": cfg["encoder"]["batch"], "lr": cfg["encoder"]["lr"],
                                                           "seed": cfg["encoder"]["seed"]}, [], "capability/encoder"))
         jobs.append(Job("capability-base", "cap_base", {"caption_steps": cap["caption_steps"], "batch": cap["batch"],
@@ -562,6 +635,18 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate job names in preset {preset!r}")
     return jobs
+
+
+PLUGIN_MODULES = ("workbench.world.damc",)
+
+
+def _load_plugins() -> None:
+    """Import optional job-kind modules (they call :func:`register_job_kind` on import)."""
+    import importlib
+    import importlib.util
+    for mod in PLUGIN_MODULES:
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
 
 
 def get_preset(preset: str) -> dict:
@@ -659,15 +744,18 @@ def build_zoo(preset: str = "default", out: str | Path | None = None, jobs: int 
                 (state_dir / f"{j.name}.json").write_text(json.dumps(s, indent=2))
                 results[j.name] = s
                 done.add(j.name)
+                # keep zoo.json current (an interrupted build still lists what is finished)
+                _write_manifest(root, droot, preset, cfg, [p for p in plan if p.name in results], results,
+                                time.time() - t_start, complete=False)
                 bar.update(1)
                 bar.set_postfix_str(f"{j.name} {secs:.0f}s")
     bar.close()
-    _write_manifest(root, droot, preset, cfg, plan, results, time.time() - t_start)
+    _write_manifest(root, droot, preset, cfg, plan, results, time.time() - t_start, complete=not only)
     return Zoo(root)
 
 
 def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[Job], results: dict,
-                    wall: float) -> None:
+                    wall: float, complete: bool = True) -> None:
     models, jobs = {}, {}
     for j in plan:
         r = results[j.name]
@@ -678,7 +766,7 @@ def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[
             models[j.name] = dict(res["manifest"], path=j.out, hash=r["hash"], job_seconds=r["seconds"])
         elif j.kind in ("encoder", "base", "tokenizer", "data"):
             jobs[j.name]["result"] = res
-    manifest = {"preset": preset, "world_version": WORLD_VERSION, "data_dir": str(droot),
+    manifest = {"preset": preset, "world_version": WORLD_VERSION, "data_dir": str(droot), "complete": complete,
                 "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_wall_seconds": round(wall, 1),
                 "total_job_seconds": round(sum(results[j.name]["seconds"] for j in plan), 1),
                 "config": cfg, "jobs": jobs, "models": models}
@@ -803,6 +891,30 @@ class Zoo:
         mod = "image" if (e.get("family") == "capability" or e.get("kind") == "base-vlm") else e["modality"]
         return MultimodalLM(self.load_llm(name), tok, {mod: self.load_tower(name)}, {mod: PLACEHOLDERS[mod]})
 
+    def summary(self, scoring: str = "loglik"):
+        """Own-task scores per (family, modality/task, kind): mean over seeds with a 95% t-interval,
+        for the tuned expert and for its base LLM (projector only), and the gap. A DataFrame."""
+        import pandas as pd
+        from ..evaluate import t_interval
+        rows = []
+        by: dict[tuple, list[dict]] = {}
+        for name, e in self.manifest["models"].items():
+            if e.get("kind") in ("full", "lora", "damc", "projector") or e.get("family") == "capability":
+                key = (e.get("family", "modality"), e.get("modality") or e.get("task"), e["kind"])
+                by.setdefault(key, []).append(e)
+        for (fam, what, kind), es in sorted(by.items()):
+            tuned = [e["own_task"][scoring] for e in es]
+            m, lo, hi = t_interval(tuned)
+            row = {"family": fam, "modality_or_task": what, "kind": kind, "n_seeds": len(es), "tuned": m,
+                   "tuned_low": lo, "tuned_high": hi}
+            if all("own_task_base_llm" in e for e in es):
+                base = [e["own_task_base_llm"][scoring] for e in es]
+                gm, glo, ghi = t_interval([t - b for t, b in zip(tuned, base)])
+                row.update(base_llm=float(np.mean(base)), gap=gm, gap_low=glo, gap_high=ghi)
+            row["train_seconds"] = float(np.mean([e.get("seconds", float("nan")) for e in es]))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
     # ---- evaluation sets
     def records(self, relpath: str) -> list[dict]:
         return read_records(self.data_dir / relpath)
@@ -822,6 +934,10 @@ class Zoo:
 
     def load_modal_input(self, path: str | Path) -> torch.Tensor:
         return load_modal_input(path, self.data_dir)
+
+
+expert_sampler = _sampler_mix  # public name: the experts' training mixture (own tasks + caption + text replay)
+modality_model = _modality_model  # public name: MultimodalLM from an LLM + {modality: projector} (zoo encoders)
 
 
 def ensure_zoo(preset: str = "tiny", out: str | Path | None = None, jobs: int = 2) -> Zoo:

@@ -1,0 +1,177 @@
+"""workbench.report: formatting and reshaping for the notebooks (small hand-made frames)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from workbench import report
+from workbench.published import Claim, side_by_side
+
+
+def _summary():
+    return pd.DataFrame([
+        # method, benchmark, scoring, n_seeds, n_items, acc, t_low, t_high, wilson_low, wilson_high
+        ("naive_mc", "mcub-2", "loglik", 3, 60, 50.0, 45.0, 55.0, 40.0, 60.0),
+        ("damc", "mcub-2", "loglik", 3, 60, 70.0, 65.0, 75.0, 60.0, 80.0),
+        ("damc", "mcub-2", "generate", 3, 60, 20.0, 15.0, 25.0, 10.0, 30.0),
+        ("frozen", "mcub-2", "loglik", 1, 20, 30.0, np.nan, np.nan, 15.0, 50.0),
+    ], columns=["method", "benchmark", "scoring", "n_seeds", "n_items", "acc", "t_low", "t_high", "wilson_low",
+                "wilson_high"])
+
+
+def test_fmt_interval():
+    assert report.fmt_interval(52.345, 48.1, 56.5) == "52.3 [48.1, 56.5]"
+    assert report.fmt_interval(52.0, float("nan"), 1.0) == "52.0"
+    assert report.fmt_interval(float("nan"), 1.0, 2.0) == "-"
+
+
+def test_pick_interval_auto_t_or_wilson():
+    s = report.pick_interval(_summary())
+    assert s.loc[0, ["ci_low", "ci_high"]].tolist() == [45.0, 55.0]
+    assert s.loc[3, ["ci_low", "ci_high"]].tolist() == [15.0, 50.0]  # one seed -> Wilson
+    assert s.loc[3, "interval"].startswith("Wilson")
+    w = report.pick_interval(_summary(), "wilson")
+    assert w.loc[0, "ci_low"] == 40.0
+    with pytest.raises(ValueError):
+        report.pick_interval(_summary(), "bogus")
+
+
+def test_ours_table_renames_selects_and_feeds_side_by_side():
+    ours = report.ours_table(_summary(), methods={"naive_mc": "NaiveMC", "damc": "DAMC"})
+    assert set(ours["method"]) == {"NaiveMC", "DAMC"} and len(ours) == 2  # loglik only, frozen dropped
+    pub = pd.DataFrame({"benchmark": ["Avg", "Avg"], "method": ["NaiveMC", "DAMC"], "score": [66.88, 66.79]})
+    pub.attrs["name"] = "optmerge_table5"
+    rel = report.relabel_published(pub, {"mcub-2": "Avg"})
+    assert rel["benchmark"].tolist() == ["mcub-2", "mcub-2"] and rel["published_from"].tolist() == ["Avg", "Avg"]
+    assert rel.attrs["name"] == "optmerge_table5"
+    sbs = side_by_side(rel, ours, claim_rules=[Claim.better_than("DAMC", "NaiveMC", benchmark="mcub-2")])
+    v = report.verdict_table(sbs)
+    assert v.loc[0, "verdict"] == "reproduced"
+    assert v.loc[0, "published"] == "66.8 vs 66.9" and bool(v.loc[0, "published_holds"]) is False
+    assert v.loc[0, "ours"] == "70.0 [65.0, 75.0] vs 50.0 [45.0, 55.0]"
+    counts = report.verdict_counts(v)
+    assert counts["reproduced"] == 1 and sum(counts.values()) == 1
+    assert report.verdict_sentence(v, preset="tiny").startswith("Of 1 claim(s) (preset tiny): 1 reproduced")
+
+
+def test_interval_table_wide_strings():
+    t = report.interval_table(_summary(), row_order=["damc", "naive_mc", "frozen", "absent"])
+    assert list(t.index) == ["damc", "naive_mc", "frozen"]
+    assert t.loc["damc", "mcub-2"] == "70.0 [65.0, 75.0]"
+    assert t.loc["frozen", "mcub-2"] == "30.0 [15.0, 50.0]"
+
+
+def _pred():
+    rows = []
+    for seed in (0, 1):
+        for i in range(10):
+            rows.append({"id": str(i), "seed": seed, "scoring": "loglik", "benchmark": "mcub-2", "method": "a",
+                         "correct": i < 8})
+            rows.append({"id": str(i), "seed": seed, "scoring": "loglik", "benchmark": "mcub-2", "method": "b",
+                         "correct": i < 5 + seed})
+    return pd.DataFrame(rows)
+
+
+def test_paired_difference_two_seeds_and_one_seed():
+    d = report.paired_difference(_pred(), "a", "b", label="gap")
+    assert d.loc[0, "method"] == "gap" and d.loc[0, "n_seeds"] == 2 and d.loc[0, "n_items"] == 20
+    assert d.loc[0, "mean"] == pytest.approx(25.0)  # 30 and 20 points
+    assert d.loc[0, "ci_low"] < 25.0 < d.loc[0, "ci_high"]
+    one = report.paired_difference(_pred()[lambda x: x.seed == 0], "a", "b")
+    assert one.loc[0, "mean"] == pytest.approx(30.0) and one.loc[0, "n_seeds"] == 1
+    assert not math.isnan(one.loc[0, "ci_low"])
+
+
+def test_paired_view_reading():
+    p = pd.DataFrame([{"benchmark": "mcub-2", "scoring": "loglik", "method_a": "damc", "method_b": "naive_mc",
+                       "n": 50, "b": 12, "c": 2, "acc_a": 60.0, "acc_b": 40.0, "pvalue": 0.01},
+                      {"benchmark": "mcub-3", "scoring": "loglik", "method_a": "damc", "method_b": "naive_mc",
+                       "n": 50, "b": 3, "c": 2, "acc_a": 60.0, "acc_b": 58.0, "pvalue": 1.0}])
+    v = report.paired_view(p)
+    assert v["reading"].tolist() == ["DAMC better", "no significant difference"]
+    assert v.loc[0, "a_only"] == 12 and v.loc[0, "b_only"] == 2
+
+
+def _manifest():
+    return {"build_wall_seconds": 30.0,
+            "jobs": {"base": {"kind": "base", "seconds": 10.0}, "e1": {"kind": "expert", "seconds": 5.0},
+                     "e2": {"kind": "expert", "seconds": 7.0}},
+            "models": {
+                "image-projector-s0": {"modality": "image", "kind": "projector", "seed": 0,
+                                       "own_task": {"loglik": 40.0, "generate": 30.0}},
+                "image-full-s0": {"modality": "image", "kind": "full", "seed": 0,
+                                  "own_task": {"loglik": 60.0, "generate": 50.0}},
+                "image-full-s1": {"modality": "image", "kind": "full", "seed": 1,
+                                  "own_task": {"loglik": 70.0, "generate": 50.0}},
+                "cap": {"family": "capability", "kind": "full", "task": "vqa"}}}
+
+
+def test_manifest_views():
+    m = _manifest()
+    t = report.zoo_models_table(m)
+    assert len(t) == 3 and "cap" not in set(t["name"])
+    assert len(report.zoo_models_table(m, family="capability")) == 1
+    g = report.expert_gap_table(m)
+    row = g.set_index("modality").loc["image"]
+    assert row["full expert"] == 65.0 and row["base LLM + projector"] == 40.0 and row["gap"] == 25.0
+    assert row["n_seeds"] == 2
+    b = report.build_times_table(m)
+    assert b.iloc[0]["kind"] == "expert" and b.iloc[0]["seconds"] == 12.0 and b.iloc[0]["jobs"] == 2
+    assert b.iloc[-1]["seconds"] == 30.0
+
+
+def test_density_table():
+    t = report.density_table({"I+A-s0": [0.5, 0.022]})
+    assert t.loc["I+A-s0", "audio"] == pytest.approx(2.2)
+    g = report.density_table(pd.DataFrame({"lam": [1.0], "density_image": [0.1]}))
+    assert g.loc[0, "image"] == pytest.approx(10.0)
+
+
+def test_figures():
+    t = pd.DataFrame({"method": ["a", "a", "b"], "benchmark": ["x", "y", "x"], "mean": [1.0, 2.0, 3.0],
+                      "ci_low": [0.5, np.nan, 2.0], "ci_high": [1.5, np.nan, 4.0]})
+    fig = report.accuracy_figure(t, chance=25.0, title="t")
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    ex = {"image": np.random.rand(3, 8, 8), "audio": np.random.rand(64), "video": np.random.rand(2, 3, 4, 4),
+          "point": np.random.rand(16, 6)}
+    fig2 = report.modality_examples_figure(ex)
+    assert len(fig2.axes) == 4
+    with pytest.raises(ValueError):
+        report.modality_examples_figure({"bad": np.zeros((2, 2))})
+
+
+def test_level_verdict():
+    t = pd.DataFrame({"method": ["a", "b", "c", "d"], "mean": [99.5, 90.0, 99.0, 100.0],
+                      "ci_low": [99.2, 85.0, 97.0, np.nan], "ci_high": [99.8, 95.0, 101.0, np.nan]})
+    v = report.level_verdict(t, 99.0, claim="retains 99%")
+    assert v["verdict"].tolist() == ["reproduced", "not reproduced", "inconclusive", "inconclusive"]
+    assert v.loc[0, "claim"] == "retains 99% (a)" and "no interval" in v.loc[3, "reason"]
+    assert report.level_verdict(t.iloc[:2], 96.0, relation="<")["verdict"].tolist() == ["not reproduced", "reproduced"]
+
+
+# ---- workbench.llava.make_tiny_llava_family (used by notebook 10; lives in llava.py, tested here)
+def test_make_tiny_llava_family(tmp_path):
+    import torch
+
+    from workbench import compose
+    from workbench.llava import LlavaCheckpoint, make_tiny_llava_family
+
+    fam = make_tiny_llava_family(tmp_path, n_experts=2, seed=0)
+    assert fam["placeholders"] == ["<image>", "<video>"] and len(fam["experts"]) == 2
+    tok = LlavaCheckpoint(fam["base"]).tokenizer()
+    assert LlavaCheckpoint(fam["experts"][1]).placeholder(tok) == "<video>"
+    a = LlavaCheckpoint(fam["experts"][0]).lm_tensor("model.layers.0.self_attn.q_proj.weight")
+    b = LlavaCheckpoint(fam["base"]).lm_tensor("model.layers.0.self_attn.q_proj.weight")
+    assert 0 < float((a - b).abs().max()) < 0.2  # perturbed, not identical
+    ex = [compose.llava_expert(p, modality=m, placeholder=ph)
+          for p, m, ph in zip(fam["experts"], ["image", "video"], fam["placeholders"])]
+    model = compose.compose_naive_mc(fam["base"], ex, tok)
+    out = model.generate("<image> <video> w20", {"image": [torch.rand(3, 16, 16)], "video": [torch.rand(3, 16, 16)]},
+                         max_new_tokens=3)
+    assert isinstance(out, str)
+    with pytest.raises(ValueError):
+        make_tiny_llava_family(tmp_path / "x", n_experts=9)

@@ -1,0 +1,373 @@
+"""Presentation helpers for the notebooks: published-vs-ours tables, verdicts, small figures.
+
+Nothing here computes a result of the workbench (that is :mod:`workbench.results` and the stage
+modules); these functions *reshape and format* result tables so a notebook cell stays short.
+Every function takes and returns plain DataFrames / Figures and is tested in
+``tests/test_report.py``.
+
+Conventions:
+
+- accuracies are percentages; an interval is ``(low, high)`` of a 95% confidence interval;
+- ``interval="auto"`` uses the Student-t interval over seeds when there are at least two seeds,
+  otherwise the Wilson interval of the pooled counts (and says which in the ``interval`` column);
+- figures are built without ``pyplot`` (as in :mod:`workbench.plots`) and saved with
+  :func:`workbench.plots.save_figure`.
+
+Sections: formatting; ours in the published schema; claims and verdicts; paired tests; zoo
+manifest views; figures. (A second helper appends its functions at the END of the file, in a
+clearly marked section.)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+#: Paper names of the workbench's composition labels (``results.COMPOSITIONS``).
+PAPER_NAMES: dict[str, str] = {"naive_mc": "NaiveMC", "damc": "DAMC", "mmer": "MMER", "frozen": "Frozen LLM",
+                               "expert": "Single expert", "damc_expert": "DAMC expert", "oracle": "Oracle"}
+
+__all__ = [
+    "PAPER_NAMES", "fmt_interval", "pick_interval", "ours_table", "interval_table", "relabel_published",
+    "paired_difference", "verdict_table", "verdict_counts", "verdict_sentence", "paired_view",
+    "zoo_models_table", "expert_gap_table", "build_times_table", "accuracy_figure", "modality_examples_figure",
+    "density_table", "level_verdict",
+]
+
+
+# ================================================================================ formatting
+def fmt_interval(mean: float, low: float, high: float, digits: int = 1) -> str:
+    """``"52.3 [48.1, 56.5]"``; ``"52.3"`` when a bound is NaN; ``"-"`` when the mean is NaN."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    if any(x is None or (isinstance(x, float) and math.isnan(x)) for x in (low, high)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def pick_interval(summary: pd.DataFrame, interval: str = "auto") -> pd.DataFrame:
+    """``summary`` (from :func:`workbench.results.summary_table`: ``acc, t_low, t_high, wilson_low,
+    wilson_high, n_seeds``) with ``mean, ci_low, ci_high, interval`` added.
+
+    ``interval``: ``"t"`` (over seeds), ``"wilson"`` (pooled counts) or ``"auto"`` (t with >= 2 seeds,
+    else Wilson)."""
+    if interval not in ("auto", "t", "wilson"):
+        raise ValueError(f"interval must be 'auto', 't' or 'wilson', got {interval!r}")
+    out = summary.copy()
+    out["mean"] = out["acc"].astype(float)
+    use_t = (out["n_seeds"] >= 2) if interval == "auto" else pd.Series(interval == "t", index=out.index)
+    out["ci_low"] = np.where(use_t, out["t_low"], out["wilson_low"]).astype(float)
+    out["ci_high"] = np.where(use_t, out["t_high"], out["wilson_high"]).astype(float)
+    out["interval"] = np.where(use_t, "t over seeds", "Wilson (pooled)")
+    return out
+
+
+# ================================================================================ ours in the published schema
+def ours_table(summary: pd.DataFrame, *, scoring: str | None = "loglik", methods: Mapping[str, str] | None = None,
+               benchmarks: Mapping[str, str] | None = None, interval: str = "auto") -> pd.DataFrame:
+    """One row per (method, benchmark) with ``mean, ci_low, ci_high`` - the ``ours`` argument of
+    :func:`workbench.published.side_by_side`.
+
+    ``methods`` / ``benchmarks`` rename (and select: only the keys given are kept) the workbench's
+    labels to the paper's (default :data:`PAPER_NAMES` for methods, benchmarks unchanged).
+    ``scoring`` picks one scoring (``None``: the summary has one already)."""
+    s = summary if scoring is None or "scoring" not in summary.columns else summary[summary["scoring"] == scoring]
+    s = pick_interval(s, interval)
+    mmap = dict(methods) if methods is not None else PAPER_NAMES
+    s = s[s["method"].isin(mmap)]
+    if benchmarks is not None:
+        s = s[s["benchmark"].isin(benchmarks)]
+    s = s.assign(method=s["method"].map(mmap),
+                 benchmark=s["benchmark"].map(benchmarks) if benchmarks is not None else s["benchmark"])
+    cols = ["method", "benchmark", "mean", "ci_low", "ci_high", "n_seeds", "n_items", "interval"]
+    return s[cols].reset_index(drop=True)
+
+
+def interval_table(summary: pd.DataFrame, *, rows: str = "method", cols: str = "benchmark",
+                   scoring: str | None = "loglik", interval: str = "auto", digits: int = 1,
+                   row_order: Sequence[str] | None = None, col_order: Sequence[str] | None = None) -> pd.DataFrame:
+    """A wide table of ``"mean [low, high]"`` strings (rows x cols), for reading, not computing."""
+    s = summary if scoring is None or "scoring" not in summary.columns else summary[summary["scoring"] == scoring]
+    s = pick_interval(s, interval)
+    s = s.assign(cell=[fmt_interval(m, lo, hi, digits) for m, lo, hi in zip(s["mean"], s["ci_low"], s["ci_high"])])
+    t = s.pivot_table(index=rows, columns=cols, values="cell", aggfunc="first")
+    if row_order is not None:
+        t = t.reindex([r for r in row_order if r in t.index])
+    if col_order is not None:
+        t = t.reindex(columns=[c for c in col_order if c in t.columns])
+    return t.fillna("-")
+
+
+def relabel_published(published: pd.DataFrame, mapping: Mapping[str, str], key: str = "benchmark") -> pd.DataFrame:
+    """Published rows copied under ours' labels: ``mapping[our_label] = published_label``.
+
+    Lets a claim be judged on ours' benchmark names (e.g. ``mcub-4``) while showing the paper's
+    number for the benchmark it comes from (e.g. ``Avg`` of Table 5); the ``published_from`` column
+    says which. ``attrs`` are kept (the citation)."""
+    parts = []
+    for ours_label, pub_label in mapping.items():
+        p = published[published[key] == pub_label].copy()
+        p["published_from"] = pub_label
+        p[key] = ours_label
+        parts.append(p)
+    out = pd.concat(parts, ignore_index=True) if parts else published.iloc[:0].copy()
+    out.attrs = dict(published.attrs)
+    return out
+
+
+def paired_difference(pred: pd.DataFrame, a: str, b: str, *, by: str = "benchmark", scoring: str = "loglik",
+                      label: str | None = None, conf: float = 0.95) -> pd.DataFrame:
+    """Accuracy difference ``a - b`` (points) per ``by`` group on the same items, with a 95% interval.
+
+    With >= 2 seeds: Student-t over the per-seed differences; with one seed: the normal interval of
+    the mean paired item difference. Rows: ``method`` (``label``, default ``"a - b"``), ``by``,
+    ``mean, ci_low, ci_high, n_seeds, n_items`` (ready for ``side_by_side``)."""
+    from scipy import stats
+
+    d = pred[(pred["scoring"] == scoring) & pred["method"].isin([a, b])]
+    rows = []
+    for key, g in d.groupby(by):
+        j = g[g["method"] == a].merge(g[g["method"] == b], on=["id", "seed"], suffixes=("_a", "_b"))
+        if len(j) == 0:
+            continue
+        diff = 100 * (j["correct_a"].astype(float) - j["correct_b"].astype(float))
+        per_seed = diff.groupby(j["seed"]).mean()
+        if len(per_seed) >= 2:
+            x, n = per_seed.to_numpy(), len(per_seed)
+        else:
+            x, n = diff.to_numpy(), len(diff)
+        m = float(x.mean())
+        if n >= 2 and x.std(ddof=1) > 0:
+            half = float(stats.t.ppf(0.5 + conf / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+        else:
+            half = 0.0 if n >= 2 else math.nan
+        rows.append({"method": label or f"{a} - {b}", by: key, "mean": m, "ci_low": m - half, "ci_high": m + half,
+                     "n_seeds": int(len(per_seed)), "n_items": int(len(j))})
+    return pd.DataFrame(rows, columns=["method", by, "mean", "ci_low", "ci_high", "n_seeds", "n_items"])
+
+
+# ================================================================================ claims and verdicts
+def verdict_table(sbs: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """The reading view of :func:`workbench.published.side_by_side` (with claims): one row per claim,
+    ``published`` (the paper's two numbers, or ``-``), ``ours`` (two numbers with intervals),
+    ``verdict``, ``reason``, ``source``."""
+    def pub(r):
+        if any(pd.isna(r[c]) for c in ("published_lhs", "published_rhs")):
+            return "-"
+        return f"{r['published_lhs']:.{digits}f} vs {r['published_rhs']:.{digits}f}"
+
+    def ours(r):
+        return (f"{fmt_interval(r['ours_lhs_mean'], r['ours_lhs_ci_low'], r['ours_lhs_ci_high'], digits)} vs "
+                f"{fmt_interval(r['ours_rhs_mean'], r['ours_rhs_ci_low'], r['ours_rhs_ci_high'], digits)}")
+
+    if len(sbs) == 0:
+        return pd.DataFrame(columns=["claim", "published", "published_holds", "ours", "verdict", "reason", "source"])
+    return pd.DataFrame({"claim": sbs["claim"], "published": [pub(r) for _, r in sbs.iterrows()],
+                         "published_holds": sbs["published_holds"], "ours": [ours(r) for _, r in sbs.iterrows()],
+                         "verdict": sbs["verdict"], "reason": sbs["reason"], "source": sbs["source"]})
+
+
+def verdict_counts(*tables: pd.DataFrame) -> dict[str, int]:
+    """``{verdict: count}`` over one or more verdict tables (every verdict listed, zeros included)."""
+    from .published import VERDICTS
+
+    out = {v: 0 for v in VERDICTS}
+    for t in tables:
+        for v in t["verdict"] if len(t) else []:
+            out[v] = out.get(v, 0) + 1
+    return out
+
+
+def verdict_sentence(*tables: pd.DataFrame, preset: str | None = None) -> str:
+    """A sentence computed from the verdict columns, e.g. ``"Of 4 claims (preset tiny): 1 reproduced,
+    0 not reproduced, 3 inconclusive, 0 not testable at this scale."`` - for prose that must not
+    assert an outcome a re-run could change."""
+    c = verdict_counts(*tables)
+    n = sum(c.values())
+    where = f" (preset {preset})" if preset else ""
+    return f"Of {n} claim(s){where}: " + ", ".join(f"{k} {v}" for v, k in c.items()) + "."
+
+
+def level_verdict(table: pd.DataFrame, level: float, *, relation: str = ">", claim: str = "",
+                  label_cols: Sequence[str] = ("method",), digits: int = 1) -> pd.DataFrame:
+    """Verdicts on "ours lies above (``">"``) / below (``"<"``) a stated level", one per row of ``table``
+    (``mean, ci_low, ci_high``), with the rule of :func:`workbench.published.judge`: ``reproduced`` when
+    the whole interval is on the claimed side, ``not reproduced`` when it is wholly on the other side,
+    ``inconclusive`` otherwise (or without an interval). For claims like "99% retained" or "forgetting > 0"."""
+    from .published import INCONCLUSIVE, judge
+
+    rows = []
+    for _, r in table.iterrows():
+        v = judge((r["ci_low"], r["ci_high"]), (level, level), relation)
+        who = " / ".join(str(r[c]) for c in label_cols if c in r.index)
+        no_ci = any(pd.isna(r[c]) for c in ("ci_low", "ci_high"))
+        reason = ("no interval (a single seed or row?)" if v == INCONCLUSIVE and no_ci else
+                  {"reproduced": f"interval wholly {relation} {level:g}",
+                   "not reproduced": f"interval wholly on the other side of {level:g}",
+                   "inconclusive": f"interval contains {level:g}"}[v])
+        rows.append({"claim": f"{claim} ({who})" if claim else who, "level": level, "relation": relation,
+                     "ours": fmt_interval(r["mean"], r["ci_low"], r["ci_high"], digits), "verdict": v, "reason": reason})
+    return pd.DataFrame(rows, columns=["claim", "level", "relation", "ours", "verdict", "reason"])
+
+
+# ================================================================================ paired tests
+def paired_view(paired: pd.DataFrame, *, alpha: float = 0.05, scoring: str | None = "loglik",
+                names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """McNemar rows of :func:`workbench.results.paired_table` for reading: accuracies, the discordant
+    counts (``a_only`` = items only A got right, ``b_only``), the p-value and a ``reading``:
+    ``"A better"`` / ``"B better"`` when p < ``alpha``, else ``"no significant difference"``."""
+    p = paired if scoring is None or "scoring" not in paired.columns else paired[paired["scoring"] == scoring]
+    nm = dict(names) if names is not None else PAPER_NAMES
+    out = p.assign(a=p["method_a"].map(lambda x: nm.get(x, x)), b=p["method_b"].map(lambda x: nm.get(x, x)),
+                   a_only=p["b"], b_only=p["c"])
+
+    def reading(r):
+        if r["pvalue"] >= alpha:
+            return "no significant difference"
+        return f"{r['a']} better" if r["a_only"] > r["b_only"] else f"{r['b']} better"
+
+    out = out.assign(reading=[reading(r) for _, r in out.iterrows()] if len(out) else [])
+    keep = [c for c in ("benchmark", "scoring") if c in out.columns]
+    return out[keep + ["a", "b", "n", "acc_a", "acc_b", "a_only", "b_only", "pvalue", "reading"]].reset_index(drop=True)
+
+
+# ================================================================================ zoo manifest views
+def zoo_models_table(manifest: Mapping[str, Any], family: str = "modality") -> pd.DataFrame:
+    """One row per model of ``zoo.json``: name, modality, kind, seed, task, own-task accuracy (both scorings),
+    trainable parameters, training seconds."""
+    rows = []
+    for name, m in manifest.get("models", {}).items():
+        if m.get("family", "modality") != family:
+            continue
+        own = m.get("own_task") or {}
+        rows.append({"name": name, "modality": m.get("modality", ",".join(m.get("modalities", []) or [])),
+                     "kind": m.get("kind"), "seed": m.get("seed"), "task": m.get("task"),
+                     "own_loglik": own.get("loglik") if isinstance(own, Mapping) else np.nan,
+                     "own_generate": own.get("generate") if isinstance(own, Mapping) else np.nan,
+                     "trainable_params": m.get("trainable_params"), "seconds": m.get("seconds")})
+    return pd.DataFrame(rows)
+
+
+def expert_gap_table(manifest: Mapping[str, Any], tuned: str = "full", reference: str = "projector",
+                     scoring: str = "loglik") -> pd.DataFrame:
+    """Own-task accuracy of the tuned experts (``tuned`` kind) vs the base LLM with the same
+    modality's projector (``reference`` kind: the LLM frozen), per modality: mean over seeds of
+    both, and ``gap`` = tuned - reference (points). From ``zoo.json`` only (no evaluation)."""
+    t = zoo_models_table(manifest)
+    col = f"own_{scoring}"
+    if len(t) == 0 or col not in t.columns:
+        return pd.DataFrame(columns=["modality", "base LLM + projector", f"{tuned} expert", "gap", "n_seeds"])
+    g = t[t["kind"].isin([tuned, reference])].groupby(["modality", "kind"])[col].agg(["mean", "size"]).reset_index()
+    w = g.pivot(index="modality", columns="kind", values="mean")
+    n = g.pivot(index="modality", columns="kind", values="size")
+    out = pd.DataFrame({"base LLM + projector": w.get(reference), f"{tuned} expert": w.get(tuned)})
+    out["gap"] = out[f"{tuned} expert"] - out["base LLM + projector"]
+    out["n_seeds"] = n.get(tuned)
+    return out.reset_index()
+
+
+def build_times_table(manifest: Mapping[str, Any]) -> pd.DataFrame:
+    """Build time of the zoo by job kind (from ``zoo.json``'s ``jobs``): jobs, total and max seconds,
+    plus a ``total`` row with the manifest's wall time."""
+    jobs = manifest.get("jobs", {})
+    t = pd.DataFrame([{"kind": j.get("kind", "?"), "seconds": float(j.get("seconds") or 0.0)} for j in jobs.values()])
+    if len(t) == 0:
+        return pd.DataFrame(columns=["kind", "jobs", "seconds", "max_seconds"])
+    g = t.groupby("kind")["seconds"].agg(jobs="size", seconds="sum", max_seconds="max").reset_index()
+    g = g.sort_values("seconds", ascending=False).reset_index(drop=True)
+    total = {"kind": "total (wall, parallel jobs)", "jobs": int(g["jobs"].sum()),
+             "seconds": float(manifest.get("build_wall_seconds") or g["seconds"].sum()), "max_seconds": np.nan}
+    return pd.concat([g, pd.DataFrame([total])], ignore_index=True)
+
+
+def density_table(densities: Mapping[str, Sequence[float]] | pd.DataFrame, modalities: Sequence[str] | None = None
+                  ) -> pd.DataFrame:
+    """MMER mask density (% of τ*'s non-zero entries kept) per composition x modality.
+
+    ``densities``: ``{combo: [d_1, ..., d_N]}`` (fractions, in route order) with ``modalities``
+    giving the order per combo as ``"I+A"``-style tags, or a DataFrame with ``density_<modality>``
+    columns (an MMER search grid) - one row per grid row."""
+    if isinstance(densities, pd.DataFrame):
+        cols = [c for c in densities.columns if c.startswith("density_")]
+        return (100 * densities[cols]).rename(columns=lambda c: c[len("density_"):])
+    short = {"I": "image", "A": "audio", "V": "video", "P": "point"}
+    rows = []
+    for combo, ds in densities.items():
+        tag = combo.split("-s")[0]
+        mods = [short.get(x, x) for x in tag.split("+")] if modalities is None else list(modalities)
+        rows.append({"composition": combo, **{m: 100 * float(d) for m, d in zip(mods, ds)}})
+    return pd.DataFrame(rows).set_index("composition") if rows else pd.DataFrame()
+
+
+# ================================================================================ figures
+def accuracy_figure(table: pd.DataFrame, *, x: str = "benchmark", hue: str = "method", title: str = "",
+                    ylabel: str = "accuracy (%)", order: Sequence[str] | None = None,
+                    hue_order: Sequence[str] | None = None, chance: float | None = None):
+    """Points with 95% intervals: one series per ``hue`` along ``x``. ``table`` has ``mean, ci_low,
+    ci_high`` (:func:`ours_table` / :func:`pick_interval` / :func:`paired_difference`). A dashed line
+    at ``chance`` if given."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from .plots import STYLE_RC
+
+    xs = list(order) if order is not None else list(dict.fromkeys(table[x]))
+    hs = list(hue_order) if hue_order is not None else list(dict.fromkeys(table[hue]))
+    with matplotlib.rc_context(STYLE_RC):
+        fig = Figure(figsize=(1.6 + 1.1 * max(len(xs), 1), 3.2))
+        ax = fig.add_subplot()
+        width = 0.7 / max(len(hs), 1)
+        for k, h in enumerate(hs):
+            d = table[table[hue] == h].set_index(x).reindex(xs)
+            pos = np.arange(len(xs)) - 0.35 + width * (k + 0.5)
+            m = d["mean"].to_numpy(float)
+            lo = np.nan_to_num(m - d["ci_low"].to_numpy(float), nan=0.0)
+            hi = np.nan_to_num(d["ci_high"].to_numpy(float) - m, nan=0.0)
+            ax.errorbar(pos, m, yerr=[lo, hi], fmt="o", capsize=3, label=str(h))
+        if chance is not None:
+            ax.axhline(chance, ls="--", color="grey", lw=0.8)
+        ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(loc="best", frameon=False)
+    return fig
+
+
+def modality_examples_figure(examples: Mapping[str, Any], *, title: str = ""):
+    """One panel per raw world input (``{panel title: array}``), drawn by shape (see
+    :data:`workbench.world.generators.RAW_SHAPES`): ``[3, H, W]`` as an RGB image, ``[T]`` as a waveform,
+    ``[F, 3, H, W]`` as its frames side by side, ``[n, 6]`` as a top view of the points coloured by their rgb."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from .plots import STYLE_RC
+
+    keys = list(examples)
+    with matplotlib.rc_context(STYLE_RC):
+        fig = Figure(figsize=(3.0 * len(keys), 3.0))
+        for i, k in enumerate(keys):
+            a = np.asarray(examples[k], dtype=float)
+            ax = fig.add_subplot(1, len(keys), i + 1)
+            if a.ndim == 3:
+                ax.imshow(np.clip(a.transpose(1, 2, 0), 0, 1))
+                ax.set_axis_off()
+            elif a.ndim == 1:
+                ax.plot(a, lw=0.4)
+                ax.set_xlabel("sample")
+            elif a.ndim == 4:
+                ax.imshow(np.concatenate([np.clip(f.transpose(1, 2, 0), 0, 1) for f in a], axis=1))
+                ax.set_axis_off()
+            elif a.ndim == 2 and a.shape[1] >= 6:
+                ax.scatter(a[:, 0], a[:, 1], c=np.clip(a[:, 3:6], 0, 1), s=6)
+                ax.set_aspect("equal")
+                ax.set_xlabel("x")
+                ax.set_ylabel("y")
+            else:
+                raise ValueError(f"{k}: cannot draw an input of shape {a.shape}")
+            ax.set_title(str(k))
+        if title:
+            fig.suptitle(title)
+    return fig
