@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints (reused by a later run with --dir)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "data" / "benchmarks", help="results folder")
     ap.add_argument("--no-save", action="store_true", help="do not write the results files")
+    ap.add_argument("--tag", default="", help="suffix of the results files' names")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -502,7 +503,8 @@ def main(argv: list[str] | None = None) -> dict:
                     entry["mergekit"][m] = r
                     log(line)
             elif si == 0:
-                log("\nmergekit: not installed (see benchmarks/README.md); comparison skipped")
+                log("\nmergekit: " + ("skipped (--mergekit-python none)" if args.mergekit_python == "none" else
+                                   "not installed (see benchmarks/README.md); comparison skipped"))
             result["sizes"].append(entry)
             if not args.keep:
                 shutil.rmtree(models, ignore_errors=True)
@@ -520,7 +522,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     log(f"\nload average at the end: {' / '.join(f'{x:.2f}' for x in result['machine']['loadavg_end'])}")
     if not args.no_save:
-        save(result, args.out_dir, f"merge_speed_{shape.n_params // 1_000_000}M_{args.device}", log)
+        save(result, args.out_dir, f"merge_speed_{shape.n_params // 1_000_000}M_{args.device}"
+             + (f"_{args.tag}" if args.tag else ""), log)
     return result
 
 

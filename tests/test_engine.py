@@ -436,3 +436,32 @@ def test_batched_path_equals_per_tensor_on_cpu(method, tiny_llama, tiny_llama_ex
     assert all(len({tuple(ref[x].shape) for x in names}) == 1 for _, names in calls)
     for k in ref:
         assert torch.allclose(ref[k], got[k], atol=1e-5), k
+
+
+def test_global_trim_expert_and_thresholds_are_exact():
+    """The engine's in-place global trim is bit-identical to ``b + where(|e - b| >= t, e - b, 0)``, and its
+    streaming thresholds (bit-pattern histogram) equal the exact reference, subnormals and ties included."""
+    from workbench import methods as M
+    from workbench.engine import _Item, _trim_expert, global_trim_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(1000, generator=g)
+    b[::7] = -0.0
+    e = b + torch.randn(1000, generator=g) * (torch.rand(1000, generator=g) > 0.3)
+    e[::11] = -0.0
+    for t in (0.0, -1.0, 0.3, 1.0):
+        want = b + torch.where((e - b).abs() >= t, e - b, torch.zeros(()))
+        assert torch.equal(_trim_expert(e, b, t).view(torch.int32), want.view(torch.int32)), t
+    for scale in (1.0, 1e-12, 1e-40):  # 1e-40: subnormal task vectors, all in the lowest bins
+        items = []
+        for j, sh in enumerate([(50, 40), (7,), (300, 33), (1, 1)]):
+            base = torch.randn(sh, generator=g)
+            ex = [base + (torch.randn(sh, generator=g) * 3).round() * scale * (torch.rand(sh, generator=g) < 0.6)
+                  for _ in range(3)]
+            items.append(_Item(f"t{j}", True, base, ex))
+        by = {it.name: it for it in items}
+        for d in (0.01, 0.2, 0.5, 0.9, 1.0):
+            got = global_trim_thresholds([[(it.name, True)] for it in items], lambda n, m: by[n], 3, d,
+                                         torch.device("cpu"), progress=False)
+            want = M.global_trim_thresholds([[x.float() - it.base for x in it.experts] for it in items], d)
+            assert got == want, (scale, d)

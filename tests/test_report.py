@@ -136,7 +136,7 @@ def test_figures():
                       "ci_low": [0.5, np.nan, 2.0], "ci_high": [1.5, np.nan, 4.0]})
     fig = report.accuracy_figure(t, chance=25.0, title="t")
     assert isinstance(fig, Figure) and len(fig.axes) == 1
-    ex = {"image": np.random.rand(3, 8, 8), "audio": np.random.rand(64), "video": np.random.rand(2, 3, 4, 4),
+    ex = {"image": np.random.rand(3, 8, 8), "audio": np.random.rand(64), "video": np.random.rand(6, 3, 4, 4),
           "point": np.random.rand(16, 6)}
     fig2 = report.modality_examples_figure(ex)
     assert len(fig2.axes) == 4

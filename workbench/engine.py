@@ -617,7 +617,8 @@ def _trim_expert(e: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """``b + where(|e - b| >= t, e - b, 0)`` with one temporary (the same values, +0 where dropped)."""
     d = torch.sub(e, b)
     if float(t) > 0:
-        d.masked_fill_(d.abs() < t, 0)
+        # kept entries are non-zero (|d| >= t > 0); dropped ones become +-0, and "+ 0.0" makes them +0
+        d.mul_(d.abs() >= t).add_(0.0)
     return d.add_(b)
 
 

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 
 __all__ = [
-    "pack_mask", "unpack_mask", "mask_density", "topk_keep_mask", "threshold_keep_mask", "ties_keep_masks",
-    "dare_keep_mask", "mmer_masks", "tall_masks",
+    "pack_mask", "unpack_mask", "mask_density", "topk_keep_mask", "kth_largest", "threshold_keep_mask",
+    "ties_keep_masks", "dare_keep_mask", "mmer_masks", "tall_masks",
 ]
 
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)

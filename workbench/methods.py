@@ -188,7 +188,7 @@ def ties_merge_tau(taus: Tensor, density: float = 0.2, *, thresholds: Sequence[f
     ``thresholds`` is given (global trimming), its entries with ``|tau_i| >= thresholds[i]``.
     ``taus`` is not modified (the work happens on one copy; see :func:`_ties_merge_tau_`).
     """
-    return _ties_merge_tau_(taus.clone(), density, thresholds=thresholds)
+    return _ties_merge_tau_(taus.clone(memory_format=torch.contiguous_format), density, thresholds=thresholds)
 
 
 def _trim_(taus: Tensor, density: float, thresholds: Sequence[float] | None = None) -> Tensor:
@@ -204,7 +204,7 @@ def _trim_(taus: Tensor, density: float, thresholds: Sequence[float] | None = No
     N = taus.shape[0]
     if thresholds is not None and len(thresholds) != N:
         raise ConfigError(f"{len(thresholds)} trim thresholds for {N} experts")
-    flat = taus.reshape(N, -1)
+    flat = taus.view(N, -1)  # contiguous: a view, so the trim lands in taus
     n = flat.shape[1]
     if n == 0:
         return taus
@@ -244,10 +244,9 @@ def _disjoint_mean_(trimmed: Tensor) -> Tensor:
     for i in range(N):  # small-integer counts: much cheaper than a bool -> int64 sum over dim 0
         count.add_(torch.gt(trimmed[i], 0, out=agree))
     del agree
-    total = trimmed.clamp_min_(0).sum(0).mul_(gamma)
-    none = count == 0
-    total.masked_fill_(none, 0)  # +0 where nothing agrees, as the masked sum gives
-    return total.div_(count.to(total.dtype).masked_fill_(none, 1))
+    # where nothing agrees the sum is +-0: "+ 0.0" makes it +0, as the masked sum gives (x + 0 = x otherwise)
+    total = trimmed.clamp_min_(0).sum(0).mul_(gamma).add_(0.0)
+    return total.div_(count.clamp_min_(1).to(total.dtype))
 
 
 def _ties_merge_tau_(taus: Tensor, density: float = 0.2, *, thresholds: Sequence[float] | None = None) -> Tensor:
@@ -257,6 +256,7 @@ def _ties_merge_tau_(taus: Tensor, density: float = 0.2, *, thresholds: Sequence
     if taus.shape[0] == 0 or taus[0].numel() == 0:
         trimmed = torch.stack([trim_topk(t, density) for t in taus.unbind(0)]) if thresholds is None else taus
         return disjoint_mean(trimmed, elect_sign(trimmed))
+    taus = taus.contiguous()  # _trim_ works on a flat view
     return _disjoint_mean_(_trim_(taus, _check_density(density), thresholds))
 
 

@@ -20,7 +20,7 @@ clearly marked section.)
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -208,7 +208,8 @@ def level_verdict(table: pd.DataFrame, level: float, *, relation: str = ">", cla
                    "not reproduced": f"interval wholly on the other side of {level:g}",
                    "inconclusive": f"interval contains {level:g}"}[v])
         rows.append({"claim": f"{claim} ({who})" if claim else who, "level": level, "relation": relation,
-                     "ours": fmt_interval(r["mean"], r["ci_low"], r["ci_high"], digits), "verdict": v, "reason": reason})
+                     "ours": fmt_interval(r["mean"], r["ci_low"], r["ci_high"], digits), "verdict": v,
+                     "reason": reason})
     return pd.DataFrame(rows, columns=["claim", "level", "relation", "ours", "verdict", "reason"])
 
 
@@ -339,7 +340,7 @@ def accuracy_figure(table: pd.DataFrame, *, x: str = "benchmark", hue: str = "me
 def modality_examples_figure(examples: Mapping[str, Any], *, title: str = ""):
     """One panel per raw world input (``{panel title: array}``), drawn by shape (see
     :data:`workbench.world.generators.RAW_SHAPES`): ``[3, H, W]`` as an RGB image, ``[T]`` as a waveform,
-    ``[F, 3, H, W]`` as its frames side by side, ``[n, 6]`` as a top view of the points coloured by their rgb."""
+    ``[F, 3, H, W]`` as its frames in rows of four, ``[n, 6]`` as a top view of the points coloured by their rgb."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -358,7 +359,11 @@ def modality_examples_figure(examples: Mapping[str, Any], *, title: str = ""):
                 ax.plot(a, lw=0.4)
                 ax.set_xlabel("sample")
             elif a.ndim == 4:
-                ax.imshow(np.concatenate([np.clip(f.transpose(1, 2, 0), 0, 1) for f in a], axis=1))
+                frames = [np.clip(f.transpose(1, 2, 0), 0, 1) for f in a]
+                per_row = 4 if len(frames) > 4 else len(frames)
+                frames += [np.zeros_like(frames[0])] * (-len(frames) % per_row)
+                ax.imshow(np.concatenate([np.concatenate(frames[r:r + per_row], axis=1)
+                                          for r in range(0, len(frames), per_row)], axis=0))
                 ax.set_axis_off()
             elif a.ndim == 2 and a.shape[1] >= 6:
                 ax.scatter(a[:, 0], a[:, 1], c=np.clip(a[:, 3:6], 0, 1), s=6)

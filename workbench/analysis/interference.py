@@ -382,7 +382,8 @@ class _StatsAccumulator:
         self.scal["ties_merged_sq"] += torch.dot(merged, merged).double()
         del merged
         sq = surv_vals.mul_(t)
-        w = torch.stack([sq.new_ones(t.shape[1]), inv * inv], 1)  # [c, 2]
+        w = self._w(t.shape[1], t.dtype)  # [c, 2]: ones | inv^2 (as torch.stack([ones, inv * inv], 1))
+        torch.mul(inv, inv, out=w[:, 1])
         sums = (sq @ w).double()
         self.vecs["ties_survived_sq"] += sums[:, 0]
         self.vecs["ties_share_sq"] += sums[:, 1]
@@ -395,6 +396,14 @@ class _StatsAccumulator:
             self.vecs["dare_kept_n"] += torch.diagonal(sd @ sd.T).double()  # = sum(dk * |sign t|), exact
             del sd
             self.vecs["dare_kept_sq"] += dt.mul_(t).sum(1).double()
+
+    def _w(self, c: int, dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous ``[c, 2]`` buffer whose first column is 1 (kept between chunks of one width:
+        a column stack per chunk costs more than the product it feeds)."""
+        if getattr(self, "_wbuf", None) is None or self._wbuf.shape[0] != c or self._wbuf.dtype != dtype:
+            self._wbuf = torch.empty(c, 2, dtype=dtype, device=self.dev)
+            self._wbuf[:, 0] = 1.0
+        return self._wbuf
 
     def _draw(self, shape: tuple) -> Callable[[], torch.Tensor]:
         """``torch.rand(shape, generator)`` (the draws in chunk order, as ever). On a CPU the

@@ -603,13 +603,15 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
                     conf["lora"] = cfg["lora"]
                 job = Job(name, kind, conf, common + [f"encoder-{m}", pname], f"experts/{name}")
                 (lora_jobs if kind == "lora" else jobs).append(job)
-    for seed in cfg["oracle"]["seeds"]:
-        o = cfg["oracle"]
-        conf = dict(cfg["expert"], **{k: v for k, v in o.items() if k != "seeds"}, seed=seed, modalities=mods,
-                    projectors_from={m: f"experts/{m}-projector-s{seed}" for m in mods})
-        jobs.append(Job(f"oracle-s{seed}", "oracle", conf,
-                        common + [f"encoder-{m}" for m in mods] + [f"{m}-projector-s{seed}" for m in mods],
-                        f"oracle-s{seed}"))
+        if seed in cfg["oracle"]["seeds"]:  # the oracle of a seed right after that seed's experts
+            o = cfg["oracle"]
+            conf = dict(cfg["expert"], **{k: v for k, v in o.items() if k != "seeds"}, seed=seed, modalities=mods,
+                        projectors_from={m: f"experts/{m}-projector-s{seed}" for m in mods})
+            jobs.append(Job(f"oracle-s{seed}", "oracle", conf,
+                            common + [f"encoder-{m}" for m in mods] + [f"{m}-projector-s{seed}" for m in mods],
+                            f"oracle-s{seed}"))
+    for seed in [s_ for s_ in cfg["oracle"]["seeds"] if s_ not in cfg["seeds"]]:
+        raise ValueError(f"oracle seed {seed} is not among the preset's seeds {cfg['seeds']}")
     cap = cfg["capability"]
     if cap["tasks"]:
         jobs.append(Job("encoder-capability", "cap_encoder", {"modality": "capability", "steps": cap["enc_steps"],
