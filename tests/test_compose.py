@@ -19,7 +19,8 @@ from workbench.compose import (MMERParts, compose_damc, compose_expert, compose_
                                storage_comparison, ExpertSource)
 from workbench.errors import CheckpointError, ConfigError
 from workbench.llava import LlavaCheckpoint
-from workbench.routing import (add_lora_routes, materialize_route, pack_bool, route_parameters, routed_modules,
+from workbench.masks import pack_mask
+from workbench.routing import (add_lora_routes, materialize_route, route_parameters, routed_modules,
                                save_route_adapter, token_routes)
 
 torch.set_num_threads(1)
@@ -176,7 +177,7 @@ def _mmer_experts(tiny_llama_experts):
 def test_mmer_alpha1_all_ones_masks_equals_merged_for_every_route(tiny_llama, tiny_llama_experts):
     exps = _mmer_experts(tiny_llama_experts)
     parts = mmer_parts(tiny_llama, exps, merge_method="weight_average")
-    ones = MMERParts(parts.tau_star, {n: [pack_bool(torch.ones_like(t, dtype=torch.bool))] * 2
+    ones = MMERParts(parts.tau_star, {n: [pack_mask(torch.ones_like(t, dtype=torch.bool))] * 2
                                       for n, t in parts.tau_star.items()}, 2)
     tok = tokenizer_of(tiny_llama)
     model = compose_mmer(tiny_llama, exps, tok, parts=ones, alpha=1.0)

@@ -14,8 +14,8 @@ from conftest import (perturb_checkpoint, run_forward_llama, run_forward_llava, 
 from safetensors.torch import save_file
 
 from workbench import engine
-from workbench.engine import (load_masks, merge, merge_with_report, pack_bits, prefetch, tensor_generator,
-                              unpack_bits)
+from workbench.engine import load_masks, merge, merge_with_report, prefetch, tensor_generator
+from workbench.masks import pack_mask, unpack_mask
 from workbench.io import CheckpointReader, CheckpointWriter, NameFilter
 
 REG = standin_methods()
@@ -154,12 +154,12 @@ def test_mask_extras_saved_packed(tiny_llama, tiny_llama_experts, tmp_path):
         assert f.get_tensor(f"{k}::mask_0").numel() == (base[k].numel() + 7) // 8
 
 
-def test_pack_bits_matches_numpy():
+def test_pack_mask_matches_numpy():
     g = torch.Generator().manual_seed(0)
     m = torch.rand(5, 13, generator=g) > 0.5
-    packed = pack_bits(m)
+    packed = pack_mask(m)
     assert np.array_equal(packed.numpy(), np.packbits(m.numpy().reshape(-1)))
-    assert torch.equal(unpack_bits(packed, (5, 13)), m)
+    assert torch.equal(unpack_mask(packed, (5, 13)), m)
 
 
 def test_lora_experts_product_average(tiny_llama, tiny_lora_adapters, tmp_path):

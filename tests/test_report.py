@@ -175,3 +175,20 @@ def test_make_tiny_llava_family(tmp_path):
     assert isinstance(out, str)
     with pytest.raises(ValueError):
         make_tiny_llava_family(tmp_path / "x", n_experts=9)
+
+
+# --- merging-benchmark notebooks ---
+def test_published_vs_ours_formats_cells():
+    cells = pd.DataFrame({"method": ["OptMerge", "Base"], "benchmark": ["Avg", "Avg"], "published": [57.44, np.nan],
+                          "ours_mean": [40.0, 22.5], "ours_ci_low": [30.0, np.nan], "ours_ci_high": [50.0, np.nan]})
+    t = report.published_vs_ours(cells)
+    assert t["published"].tolist() == ["57.4", "-"]
+    assert t["ours"].tolist() == ["40.0 [30.0, 50.0]", "22.5"]
+    assert list(report.published_vs_ours(cells.iloc[:0]).columns) == ["method", "benchmark", "published", "ours"]
+
+
+def test_numeric_wide_drops_lambda_and_failed():
+    wide = pd.DataFrame({"VQA": [30.0, "failed"], "Avg": [30.0, "failed"], "lambda": [0.5, np.nan]},
+                        index=["TIES", "Iso-C"])
+    n = report.numeric_wide(wide)
+    assert list(n.columns) == ["VQA", "Avg"] and n.loc["TIES", "VQA"] == 30.0 and math.isnan(n.loc["Iso-C", "Avg"])

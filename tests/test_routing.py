@@ -11,10 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from workbench.errors import ConfigError
+from workbench.masks import pack_mask, unpack_mask
 from workbench.routing import (Dense, LowRank, Masked, RoutedLinear, add_dense_routes, add_lora_routes, apply_routes,
-                               linear_names, load_route_adapter, materialize_route, pack_bool, remove_routes,
-                               route_parameters, routed_modules, save_route_adapter, storage_bytes, token_routes,
-                               unpack_bool)
+                               linear_names, load_route_adapter, materialize_route, remove_routes,
+                               route_parameters, routed_modules, save_route_adapter, storage_bytes, token_routes)
 
 torch.set_num_threads(1)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -50,7 +50,7 @@ def random_routes(llm, seed=1, n_routes=3):
         if n_routes > 2:
             mask = torch.rand(o, i, generator=g) < 0.3
             A2, B2 = torch.randn(2, i, generator=g), 0.05 * torch.randn(o, 2, generator=g)
-            specs[2][name] = [Masked(tau, pack_bool(mask), 1.5), LowRank(A2, B2, 2.0)]
+            specs[2][name] = [Masked(tau, pack_mask(mask), 1.5), LowRank(A2, B2, 2.0)]
             dense[2][name] = 1.5 * mask.float() * tau + 2.0 * B2 @ A2
     return specs, dense
 
@@ -96,14 +96,6 @@ def brute_force_model(llm, dense):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def test_pack_roundtrip_matches_engine_format():
-    from workbench.engine import pack_bits
-
-    m = torch.rand(7, 13, generator=torch.Generator().manual_seed(0)) < 0.5
-    assert torch.equal(pack_bool(m), pack_bits(m))
-    assert torch.equal(unpack_bool(pack_bool(m), m.shape), m)
-
-
 def test_routed_linear_per_token_equals_materialised_weight():
     torch.manual_seed(0)
     lin = nn.Linear(12, 9)

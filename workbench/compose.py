@@ -46,9 +46,10 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .masks import pack_mask, unpack_mask
 from .mllm import MultimodalLM
-from .routing import (DEFAULT_LORA_TARGETS, Dense, LowRank, Masked, apply_routes, load_route_adapter, pack_bool,
-                      route_components, set_route_coefficients, unpack_bool)
+from .routing import (DEFAULT_LORA_TARGETS, Dense, LowRank, Masked, apply_routes, load_route_adapter,
+                      route_components, set_route_coefficients)
 
 TEXT_ROUTE = 0
 KINDS = ("projector", "full", "lora", "damc", "damc-full")
@@ -528,7 +529,7 @@ class MMERParts:
     """τ* per tensor and one packed mask per expert per tensor (what MMER stores).
 
     ``tau_star[name]``: τ* (``dtype``); ``masks[name][i]``: packed uint8 mask of expert ``i``
-    (:func:`workbench.routing.pack_bool`, MSB first); ``shapes[name]``.
+    (:func:`workbench.masks.pack_mask`, MSB first); ``shapes[name]``.
     """
 
     tau_star: dict[str, torch.Tensor]
@@ -537,7 +538,7 @@ class MMERParts:
     params: dict = field(default_factory=dict)
 
     def mask(self, name: str, i: int) -> torch.Tensor:
-        return unpack_bool(self.masks[name][i], self.tau_star[name].shape)
+        return unpack_mask(self.masks[name][i], self.tau_star[name].shape)
 
     def density(self) -> list[float]:
         """Per expert, the fraction of τ*'s non-zero entries its mask keeps (over all masked tensors;
@@ -580,7 +581,7 @@ def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | st
             out = fn(b, [b + t for t in taus], name=name, generator=_gen(seed, name), **params)
             ts = getattr(out, "merged", out).float() - b
         tau_star[name] = ts.to(dtype or p.dtype)
-        masks[name] = [pack_bool(mask_fn(t, ts, lam)) for t in taus]
+        masks[name] = [pack_mask(mask_fn(t, ts, lam)) for t in taus]
     return MMERParts(tau_star, masks, len(readers), {"merge_method": str(merge_method), "lam": lam,
                                                      **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}})
 
@@ -614,7 +615,7 @@ def mmer_parts_from_merge(output: str | Path, base: str | Path | nn.Module, n_ex
                 raise CheckpointError("mask for a tensor the base does not have", file=mfile, tensor=k)
             t = f.get_tensor(k)
             if not info.get("packed", t.dtype == torch.uint8):
-                t = pack_bool(t.bool())
+                t = pack_mask(t.bool())
             raw.setdefault(name, {})[int(m.group(1))] = t
     n = n_experts if n_experts is not None else 1 + max(i for d in raw.values() for i in d)
     tau_star, masks = {}, {}
@@ -735,7 +736,7 @@ def remask(parts: MMERParts, base: str | Path | nn.Module, experts: Sequence[Exp
     for name, ts in parts.tau_star.items():
         b = params[name].detach().float()
         taus = [r.tau(name, b) for r in readers]
-        masks[name] = [pack_bool(mask_fn(t if t is not None else torch.zeros_like(b), ts.float(), lam)) for t in taus]
+        masks[name] = [pack_mask(mask_fn(t if t is not None else torch.zeros_like(b), ts.float(), lam)) for t in taus]
     return MMERParts(parts.tau_star, masks, parts.n_experts, {**parts.params, "lam": lam})
 
 

@@ -42,6 +42,7 @@ from .io.lora import LoraAdapter, is_lora_adapter
 from .io.reader import CheckpointReader
 from .io.reader import check_finite as _check_finite_io
 from .io.writer import CheckpointWriter
+from .masks import pack_mask, unpack_mask
 
 #: tensors read ahead of the one being computed.
 PREFETCH_DEPTH = 2
@@ -62,25 +63,6 @@ def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -
     g = torch.Generator(device=torch.device(device))
     g.manual_seed(tensor_seed(seed, name))
     return g
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor into uint8, 8 entries per byte, most significant bit first (as
-    ``numpy.packbits``); the flattened mask is zero-padded to a multiple of 8."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
-    n = math.prod(shape)
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[:n].to(torch.bool).reshape(tuple(shape))
 
 
 def _is_inside(child: Path, parent: Path) -> bool:
@@ -567,7 +549,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
             w.save_json("mmer/mmer.json", {"method": cfg.method, "params": params_asked, "density": overall,
                                            "density_per_tensor": densities,
                                            "format": "keys '<tensor>::<extra>'; bool masks packed with "
-                                                     "workbench.engine.pack_bits (MSB first), shape in metadata"})
+                                                     "workbench.masks.pack_mask (MSB first), shape in metadata"})
         report = MergeReport(cfg.output, cfg.method, params_asked, merged_names,
                              [n for n in names if n not in merged_set], 0.0, str(device), thresholds)
         w.save_json("workbench_merge.json", {
@@ -627,7 +609,7 @@ def _store_extra(name: str, key: str, value: torch.Tensor, masks: dict, meta: di
     """Pack a boolean extra (mask) or keep a numeric one, recording shapes and densities."""
     full = f"{name}::{key}"
     if value.dtype == torch.bool:
-        masks[full] = pack_bits(value).cpu()
+        masks[full] = pack_mask(value).cpu()
         kept = int(value.sum())
         densities.setdefault(key, {})[name] = kept / max(value.numel(), 1)
         t = totals.setdefault(key, [0, 0])
@@ -650,5 +632,5 @@ def load_masks(output: str | Path) -> dict[str, torch.Tensor]:
         for k in f.keys():
             info = json.loads(meta[k])
             t = f.get_tensor(k)
-            out[k] = unpack_bits(t, info["shape"]) if info["packed"] else t
+            out[k] = unpack_mask(t, info["shape"]) if info["packed"] else t
     return out

@@ -5,7 +5,7 @@ same-shape task vectors or a tensor stacked on dim 0 (``[N, *shape]``); masks co
 of boolean tensors of the task vectors' shape, one per expert, in expert order.
 
 Bit packing follows :func:`numpy.packbits` (most significant bit first; the flattened mask is
-zero-padded to a multiple of 8), the same layout as :func:`workbench.engine.pack_bits`, so masks
+zero-padded to a multiple of 8), the one layout of the workbench (engine, routing, analysis), so masks
 written by the engine unpack here and vice versa.
 """
 from __future__ import annotations
@@ -58,9 +58,16 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int] | torch.Size) -> torc
         raise ValueError(f"packed mask must be uint8, got {packed.dtype}")
     if packed.numel() != (n + 7) // 8:
         raise ValueError(f"packed mask holds {packed.numel()} bytes; shape {list(shape)} needs {(n + 7) // 8}")
+    return unpack_mask_bits(packed, shape).to(torch.bool)
+
+
+def unpack_mask_bits(packed: torch.Tensor, shape: Sequence[int] | torch.Size) -> torch.Tensor:
+    """Like :func:`unpack_mask` but a uint8 0/1 tensor (multiplies without a further cast)."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[:n].to(torch.bool).reshape(shape)
+    bits = torch.bitwise_right_shift(packed.reshape(-1, 1), shifts).bitwise_and_(1)
+    return bits.reshape(-1)[:n].reshape(shape)
 
 
 def mask_density(mask: torch.Tensor) -> float:

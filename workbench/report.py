@@ -376,3 +376,24 @@ def modality_examples_figure(examples: Mapping[str, Any], *, title: str = ""):
         if title:
             fig.suptitle(title)
     return fig
+
+
+# --- merging-benchmark notebooks ---
+# Helpers of notebooks 05-09 (capability / modality merging, OptMerge ablations, interference, mask overlap).
+def published_vs_ours(cells: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """The ``cells`` of :func:`workbench.experiments.compare_published` (``method, benchmark, published,
+    ours_mean, ours_ci_low, ours_ci_high``) for reading: ``method, benchmark, published, ours`` with ours
+    as ``"mean [low, high]"`` and ``published`` rounded (``"-"`` where the paper has no number)."""
+    if len(cells) == 0:
+        return pd.DataFrame(columns=["method", "benchmark", "published", "ours"])
+    pub = [f"{v:.{digits}f}" if pd.notna(v) else "-" for v in cells["published"]]
+    ours = [fmt_interval(r["ours_mean"], r["ours_ci_low"], r["ours_ci_high"], digits) for _, r in cells.iterrows()]
+    return pd.DataFrame({"method": cells["method"].to_numpy(), "benchmark": cells["benchmark"].to_numpy(),
+                         "published": pub, "ours": ours})
+
+
+def numeric_wide(wide: pd.DataFrame, drop: Sequence[str] = ("lambda",)) -> pd.DataFrame:
+    """A wide table of :func:`workbench.experiments.summarise` (``fmt=False``) as floats for a heatmap:
+    the ``drop`` columns removed, ``"failed"`` / empty cells as NaN."""
+    keep = [c for c in wide.columns if c not in set(drop)]
+    return wide[keep].apply(pd.to_numeric, errors="coerce").astype(float)

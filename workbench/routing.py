@@ -45,6 +45,8 @@ from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
+
+from .masks import pack_mask, unpack_mask, unpack_mask_bits
 from torch.nn import functional as F
 
 from .errors import CheckpointError, ConfigError
@@ -71,33 +73,6 @@ def token_routes(model: nn.Module, route_ids: torch.Tensor | None) -> Iterator[N
 
 
 # ------------------------------------------------------------------------------------------------
-# bit packing (same format as workbench.engine.pack_bits: MSB first, zero padded to a byte)
-_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
-
-
-def pack_bool(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor into uint8 (8 entries per byte, most significant bit first)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    w = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * w).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits01(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Unpack to a uint8 0/1 tensor of ``shape`` (one temporary byte per entry)."""
-    n = math.prod(shape)
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = torch.bitwise_right_shift(packed.reshape(-1, 1), shifts).bitwise_and_(1)
-    return bits.reshape(-1)[:n].reshape(tuple(shape))
-
-
-def unpack_bool(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`pack_bool`."""
-    return unpack_bits01(packed, shape).to(torch.bool)
-
-
 # ------------------------------------------------------------------------------------------------
 # delta specifications (inputs of apply_routes)
 @dataclass
@@ -129,7 +104,7 @@ class Dense:
 class Masked:
     """``Δ = alpha · mask ⊙ shared``: ``shared`` (MMER's τ*) is stored once per module for all the
     routes that pass the same tensor object; ``mask`` is a bool tensor shaped like ``shared`` or a
-    packed uint8 tensor (:func:`pack_bool` / ``workbench.engine.pack_bits`` format)."""
+    packed uint8 tensor (:func:`workbench.masks.pack_mask` format)."""
 
     shared: torch.Tensor
     mask: torch.Tensor
@@ -145,12 +120,12 @@ class Masked:
         if self.mask.dtype != torch.uint8 or self.mask.numel() != (self.shared.numel() + 7) // 8:
             raise ConfigError(f"packed mask must be uint8 with {(self.shared.numel() + 7) // 8} bytes, got "
                               f"{self.mask.dtype} with {self.mask.numel()}")
-        return unpack_bool(self.mask, self.shared.shape)
+        return unpack_mask(self.mask, self.shared.shape)
 
     def packed(self) -> torch.Tensor:
         """The mask packed (validated against the shared tensor's size)."""
         if self.mask.dtype == torch.bool:
-            return pack_bool(self.bool_mask())
+            return pack_mask(self.bool_mask())
         if self.mask.dtype != torch.uint8 or self.mask.numel() != (self.shared.numel() + 7) // 8:
             raise ConfigError(f"packed mask must be uint8 with {(self.shared.numel() + 7) // 8} bytes, got "
                               f"{self.mask.dtype} with {self.mask.numel()}")
@@ -240,7 +215,7 @@ class _MaskedC(_Component):
         if mask.dtype == torch.bool:
             if tuple(mask.shape) != self.shape:
                 raise ConfigError(f"mask shape {list(mask.shape)} differs from {list(self.shape)}")
-            mask = pack_bool(mask)
+            mask = pack_mask(mask)
         if mask.dtype != torch.uint8 or mask.numel() != self.mask_packed.numel():
             raise ConfigError(f"packed mask must be uint8 with {self.mask_packed.numel()} bytes")
         self.mask_packed = mask.to(self.mask_packed.device).contiguous()
@@ -248,7 +223,7 @@ class _MaskedC(_Component):
     def masked(self, owner: "RoutedLinear") -> torch.Tensor:
         """``mask ⊙ shared`` (transient; ``alpha`` not applied)."""
         d = owner.shared_tensor(self.index)
-        return d * unpack_bits01(self.mask_packed, self.shape)
+        return d * unpack_mask_bits(self.mask_packed, self.shape)
 
     def matrix(self, owner: "RoutedLinear") -> torch.Tensor:
         return self.masked(owner) * self.alpha
@@ -672,7 +647,7 @@ def load_route_adapter(folder: str | Path, *, coefficient: float = 1.0) -> dict[
 
 __all__ = [
     "Dense", "LowRank", "Masked", "RoutedLinear", "RoutedModule", "add_dense_routes", "add_lora_routes",
-    "apply_routes", "linear_names", "load_route_adapter", "materialize_route", "pack_bool", "remove_routes",
+    "apply_routes", "linear_names", "load_route_adapter", "materialize_route", "remove_routes",
     "route_components", "route_parameters", "routed_linear", "routed_modules", "save_route_adapter",
-    "set_route_coefficients", "storage_bytes", "token_routes", "unpack_bool",
+    "set_route_coefficients", "storage_bytes", "token_routes",
 ]
