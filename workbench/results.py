@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
+from .paths import results_dir
 from .evaluate import mcnemar_exact, predict, summarize
 
 RESULTS_VERSION = "1"
@@ -53,12 +54,9 @@ _SHORT = {"image": "I", "audio": "A", "video": "V", "point": "P"}
 _KEY_TO_MOD = {"vision": "image", "image": "image", "audio": "audio", "video": "video", "point": "point"}
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
 def default_out(preset: str) -> Path:
-    return repo_root() / "data" / "results" / preset
+    """The results folder of ``preset`` (:func:`workbench.paths.results_dir`)."""
+    return results_dir(preset)
 
 
 def record_modalities(rec: Mapping) -> tuple[str, ...]:
