@@ -29,7 +29,6 @@ def test_plan_default_has_everything():
     assert "oracle-s0" in names
 
 
-@pytest.mark.slow
 def test_tiny_zoo_builds_and_loads(tiny_zoo):
     z = tiny_zoo
     m = z.manifest
@@ -58,7 +57,6 @@ def test_tiny_zoo_builds_and_loads(tiny_zoo):
         assert len(z.mcub(sub)) > 0
 
 
-@pytest.mark.slow
 def test_rebuild_is_cached(tiny_zoo):
     t0 = time.time()
     z = build_zoo("tiny", progress=False)
@@ -66,3 +64,23 @@ def test_rebuild_is_cached(tiny_zoo):
     assert z.manifest["models"].keys() == tiny_zoo.manifest["models"].keys()
     for name, e in z.manifest["models"].items():
         assert e["hash"] == tiny_zoo.manifest["models"][name]["hash"]
+
+
+def test_second_build_waits_for_the_first(tiny_zoo):
+    """Two builds of one zoo never run side by side: the second waits on the lock, then finds its
+    jobs cached."""
+    import fcntl
+    import threading
+
+    lock = open(tiny_zoo.path / ".build.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    finished = threading.Event()
+    t = threading.Thread(target=lambda: (build_zoo("tiny", progress=False), finished.set()))
+    t.start()
+    try:
+        assert not finished.wait(2.0), "build_zoo ran while another build held the lock"
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    t.join(60)
+    assert finished.is_set()

@@ -23,6 +23,7 @@ hash changed, in parallel worker processes (one thread each).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -676,6 +677,29 @@ def build_zoo(preset: str = "default", out: str | Path | None = None, jobs: int 
     from . import encoders, tokenizer, training  # noqa: F401
     root = zoo_root(preset, out)
     root.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root):
+        return _build_locked(preset, out, jobs, progress, only, cfg, root)
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path):
+    """Hold an exclusive lock on ``root/.build.lock`` for one build: a second build of the same zoo
+    (another notebook, a second ``make zoo``) waits for the first, then finds its jobs cached."""
+    import fcntl
+
+    with open(root / ".build.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"zoo {root}: another build is running; waiting for it to finish", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, root: Path) -> "Zoo":
     droot = data_root(preset) if out is None else Path(out) / "data"
     plan = plan_jobs(preset, cfg)
     if only:
