@@ -1,8 +1,8 @@
 """Speed and memory of the streaming interference profile against the I/O floor.
 
-Makes synthetic sharded bf16 safetensors checkpoints (a Llama-shaped base of ``--params``
-parameters and ``--experts`` experts = base + small noise) in a temporary folder, then, in the
-same run, each in a fresh subprocess:
+Makes synthetic sharded bf16 safetensors checkpoints (``benchmarks/synthetic.py``: a Llama-shaped
+base of ``--params`` parameters and ``--experts`` experts = base + small dense Gaussian noise) in a
+temporary folder, then, in the same run, each in a fresh subprocess:
 
 1. the I/O floor: read every input tensor (base + experts) once through ``CheckpointReader``
    into a fresh buffer (the reader memory-maps, so the copy is what reads the bytes), no arithmetic;
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -30,81 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-
-def parse_count(s: str) -> int:
-    """``"300M"`` -> 300_000_000, ``"7B"`` -> 7_000_000_000, ``"1.5e8"`` -> 150_000_000."""
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMbBgG]?)\s*", s)
-    if not m:
-        raise argparse.ArgumentTypeError(f"cannot read a parameter count from {s!r}")
-    mult = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
-
-
-def llama_plan(params: int, vocab: int = 32000) -> tuple[dict[str, tuple[int, ...]], dict]:
-    """Tensor names and shapes of a Llama-like model with about ``params`` parameters."""
-    if params >= 5_000_000_000:
-        h, inter = 4096, 11008
-    elif params >= 1_000_000_000:
-        h, inter = 2048, 5632
-    elif params >= 200_000_000:
-        h, inter = 1024, 2816
-    else:
-        h, inter = 512, 1408
-    per_layer = 4 * h * h + 3 * h * inter + 2 * h
-    layers = max(1, round((params - 2 * vocab * h - h) / per_layer))
-    plan: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
-    for l in range(layers):
-        p = f"model.layers.{l}"
-        for m in ("q", "k", "v", "o"):
-            plan[f"{p}.self_attn.{m}_proj.weight"] = (h, h)
-        plan[f"{p}.mlp.gate_proj.weight"] = (inter, h)
-        plan[f"{p}.mlp.up_proj.weight"] = (inter, h)
-        plan[f"{p}.mlp.down_proj.weight"] = (h, inter)
-        plan[f"{p}.input_layernorm.weight"] = (h,)
-        plan[f"{p}.post_attention_layernorm.weight"] = (h,)
-    plan["model.norm.weight"] = (h,)
-    plan["lm_head.weight"] = (vocab, h)
-    return plan, {"hidden": h, "intermediate": inter, "layers": layers, "vocab": vocab}
-
-
-def write_models(out: Path, plan: dict[str, tuple[int, ...]], n_experts: int, shard_bytes: int, seed: int) -> list[Path]:
-    """Write base + experts as sharded bf16 safetensors folders, one tensor at a time per shard."""
-    import torch
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    folders = [out / "base"] + [out / f"expert{i}" for i in range(n_experts)]
-    for f in folders:
-        f.mkdir(parents=True, exist_ok=True)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in plan.items():
-        b = 2 * int(torch.Size(shape).numel())
-        if shards[-1] and size + b > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += b
-    n = len(shards)
-    g = torch.Generator().manual_seed(seed)
-    for si, names in enumerate(tqdm(shards, desc="writing shards", unit="shard")):
-        fname = f"model-{si + 1:05d}-of-{n:05d}.safetensors"
-        base = {k: (0.02 * torch.randn(plan[k], generator=g)).to(torch.bfloat16) for k in names}
-        save_file(base, str(folders[0] / fname))
-        for e in range(n_experts):
-            exp = {k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()}
-            save_file(exp, str(folders[e + 1] / fname))
-            del exp
-        del base
-    index = {"metadata": {}, "weight_map": {k: f"model-{si + 1:05d}-of-{n:05d}.safetensors"
-                                            for si, names in enumerate(shards) for k in names}}
-    for f in folders:
-        (f / "model.safetensors.index.json").write_text(json.dumps(index))
-    return folders
+from synthetic import LlamaShape, folder_bytes, parse_count, write_checkpoints  # noqa: E402
 
 
 CHILD = r"""
@@ -181,14 +111,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    plan, shape = llama_plan(args.params)
-    n_params = sum(int(__import__("math").prod(s)) for s in plan.values())
+    llama = LlamaShape.for_params(args.params, tiny=False)
+    shape = {"hidden": llama.hidden, "intermediate": llama.intermediate, "layers": llama.layers, "vocab": llama.vocab}
+    n_params = llama.n_params
     root = Path(tempfile.mkdtemp(prefix="wb-profile-bench-", dir=args.dir))
     try:
         t = time.perf_counter()
-        folders = write_models(root, plan, args.experts, args.shard_bytes, args.seed)
+        folders = write_checkpoints(root, llama, args.experts, dtype="bf16", shard_bytes=args.shard_bytes, seed=args.seed)
         write_s = time.perf_counter() - t
-        total_bytes = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
+        total_bytes = sum(folder_bytes(f) for f in folders)
         print(f"model: {n_params / 1e6:.1f}M params/model ({shape}), base + {args.experts} experts, bf16, "
               f"{total_bytes / 1e9:.2f} GB on disk, written in {write_s:.1f}s", flush=True)
         floor1 = run_child("floor", folders, args.device, args.threads)
@@ -205,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "load_avg_1m": os.getloadavg()[0], "io_wait_in_profile_s": prof.get("io_wait_s"),
                   "floor_peak_rss_mb": floor["maxrss_kb"] / 1024, "floor_peak_anon_mb": floor["peak_anon_kb"] / 1024,
                   "profile_peak_rss_mb": prof["maxrss_kb"] / 1024, "profile_peak_anon_mb": prof["peak_anon_kb"] / 1024,
-                  "largest_tensor_mb_fp32": max(int(__import__("math").prod(s)) for s in plan.values()) * 4 / 2**20}
+                  "largest_tensor_mb_fp32": llama.largest_tensor * 4 / 2**20}
         if "cuda_peak_bytes" in prof:
             result["profile_cuda_peak_mb"] = prof["cuda_peak_bytes"] / 2**20
         print(f"I/O floor (read every tensor): {floor['seconds']:.2f}s  (runs: {floor1['seconds']:.2f}s, "

@@ -75,17 +75,19 @@ class LlamaShape:
     head_dim: int = 64
 
     @classmethod
-    def for_params(cls, params: int, vocab: int = 32000) -> "LlamaShape":
-        """A Llama with about ``params`` parameters: the width is chosen by size class (the same
-        classes as ``benchmarks/profile_speed.py``), then the number of layers that fits; tensor
-        shapes stay the same across a size class, so two sizes of one class differ only in depth."""
+    def for_params(cls, params: int, vocab: int = 32000, *, tiny: bool = True) -> "LlamaShape":
+        """A Llama with about ``params`` parameters: the width is chosen by size class, then the
+        number of layers that fits; tensor shapes stay the same across a size class, so two sizes
+        of one class differ only in depth. Below 50M parameters the class is a tiny one (hidden 64,
+        vocab at most 512); ``tiny=False`` keeps the 512-wide class there instead (at least one
+        layer, so about 36M parameters or more: ``benchmarks/profile_speed.py``'s classes)."""
         if params >= 5_000_000_000:
             h, inter = 4096, 11008
         elif params >= 1_000_000_000:
             h, inter = 2048, 5632
         elif params >= 200_000_000:
             h, inter = 1024, 2816
-        elif params >= 50_000_000:
+        elif params >= 50_000_000 or not tiny:
             h, inter = 512, 1408
         else:  # tiny (smoke tests)
             h, inter, vocab = 64, 176, min(vocab, 512)

@@ -16,6 +16,8 @@ Fixtures (session scope):
   image token id 63).
 - ``tiny_lora_adapters``: two peft LoRA adapter folders (r=4, alpha=8, q/v/down projections) on
   ``tiny_llama``, with random non-zero B so their deltas are not zero.
+- ``toy_base_and_experts``: a five-tensor base (``TOY_SHAPES``) and experts a, b, c (base + noise),
+  for the analysis pictures (no config, one ``model.safetensors`` each).
 
 Helpers (plain functions, importable as ``from conftest import ...``): :func:`state_dict_of`,
 :func:`tree_digest`, :func:`perturb_checkpoint`.
@@ -269,3 +271,30 @@ def standin_methods() -> dict:
         "ties": StandInSpec("ties", _sa_ties, {"density": 0.2, "trim": "tensor"}),
         "masked": StandInSpec("masked", _sa_masked, {"lam": 1.0}),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Five-tensor base + three experts for the analysis pictures (tests/test_plots.py, test_explorers.py).
+#: tensor name -> shape of :func:`toy_base_and_experts` (embedding, q and up projections of 2 layers).
+TOY_SHAPES = {"model.embed_tokens.weight": (12, 6), "model.layers.0.self_attn.q_proj.weight": (6, 6),
+              "model.layers.0.mlp.up_proj.weight": (8, 6), "model.layers.1.self_attn.q_proj.weight": (6, 6),
+              "model.layers.1.mlp.up_proj.weight": (8, 6)}
+
+
+@pytest.fixture(scope="session")
+def toy_base_and_experts(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """``(base folder, {"a"|"b"|"c": expert folder})``: a N(0, 1) base of :data:`TOY_SHAPES` and experts
+    ``base + 0.1 * N(0, 1)``, one generator seeded 0 drawing in that order, one ``model.safetensors`` each."""
+    from safetensors.torch import save_file
+
+    tmp = tmp_path_factory.mktemp("toy_experts")
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=g) for k, s in TOY_SHAPES.items()}
+    (tmp / "base").mkdir()
+    save_file(base, str(tmp / "base" / "model.safetensors"))
+    paths = {}
+    for e in ("a", "b", "c"):
+        (tmp / e).mkdir()
+        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp / e / "model.safetensors"))
+        paths[e] = tmp / e
+    return tmp / "base", paths

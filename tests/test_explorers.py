@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import TOY_SHAPES
 
 pytest.importorskip("ipywidgets")
 
@@ -14,26 +14,14 @@ from workbench.errors import ConfigError
 from workbench.plots import fig_to_png
 
 torch.set_num_threads(1)
-SHAPES = {"model.embed_tokens.weight": (12, 6), "model.layers.0.self_attn.q_proj.weight": (6, 6),
-          "model.layers.0.mlp.up_proj.weight": (8, 6), "model.layers.1.self_attn.q_proj.weight": (6, 6),
-          "model.layers.1.mlp.up_proj.weight": (8, 6)}
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("explore")
-    g = torch.Generator().manual_seed(0)
-    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
-    (tmp / "base").mkdir()
-    save_file(base, str(tmp / "base" / "model.safetensors"))
-    paths = {}
-    for e in ("a", "b", "c"):
-        (tmp / e).mkdir()
-        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp / e / "model.safetensors"))
-        paths[e] = tmp / e
-    prof = profile_interference(tmp / "base", paths, device="cpu", progress=False)
-    sweep = {**lambda_sweep(tmp / "base", paths, lams=(0.5, 1.0, 2.0), device="cpu", progress=False),
-             **lambda_sweep(tmp / "base", paths, lams=(1.0, 1.5), method="tall", device="cpu", progress=False)}
+def world(toy_base_and_experts):
+    base, paths = toy_base_and_experts
+    prof = profile_interference(base, paths, device="cpu", progress=False)
+    sweep = {**lambda_sweep(base, paths, lams=(0.5, 1.0, 2.0), device="cpu", progress=False),
+             **lambda_sweep(base, paths, lams=(1.0, 1.5), method="tall", device="cpu", progress=False)}
     return prof, sweep
 
 
@@ -114,7 +102,7 @@ def test_widget_box_has_all_parts(world):
 
 def test_mask_explorer_on_single_overlap():
     g = torch.Generator().manual_seed(3)
-    data = {n: torch.rand(3, int(np.prod(s)), generator=g) < 0.4 for n, s in SHAPES.items()}
+    data = {n: torch.rand(3, int(np.prod(s)), generator=g) < 0.4 for n, s in TOY_SHAPES.items()}
     ov = analyze_masks(data, ["a", "b", "c"])
     ex = MaskExplorer(ov)
     v0 = ex.image.value

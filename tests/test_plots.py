@@ -5,37 +5,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import TOY_SHAPES
 
 from workbench import plots
 from workbench.analysis import analyze_masks, profile_interference
 from workbench.errors import ConfigError
 
 torch.set_num_threads(1)
-SHAPES = {"model.embed_tokens.weight": (12, 6), "model.layers.0.self_attn.q_proj.weight": (6, 6),
-          "model.layers.0.mlp.up_proj.weight": (8, 6), "model.layers.1.self_attn.q_proj.weight": (6, 6),
-          "model.layers.1.mlp.up_proj.weight": (8, 6)}
 
 
 @pytest.fixture(scope="module")
-def profile(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("plots")
-    g = torch.Generator().manual_seed(0)
-    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
-    (tmp / "base").mkdir()
-    save_file(base, str(tmp / "base" / "model.safetensors"))
-    paths = {}
-    for e in ("a", "b", "c"):
-        (tmp / e).mkdir()
-        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp / e / "model.safetensors"))
-        paths[e] = tmp / e
-    return profile_interference(tmp / "base", paths, device="cpu", progress=False)
+def profile(toy_base_and_experts):
+    base, paths = toy_base_and_experts
+    return profile_interference(base, paths, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
 def overlap():
     g = torch.Generator().manual_seed(1)
-    data = {n: torch.rand(3, int(np.prod(s)), generator=g) < 0.4 for n, s in SHAPES.items()}
+    data = {n: torch.rand(3, int(np.prod(s)), generator=g) < 0.4 for n, s in TOY_SHAPES.items()}
     return analyze_masks(data, ["a", "b", "c"])
 
 

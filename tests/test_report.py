@@ -184,6 +184,7 @@ def test_published_vs_ours_formats_cells():
     t = report.published_vs_ours(cells)
     assert t["published"].tolist() == ["57.4", "-"]
     assert t["ours"].tolist() == ["40.0 [30.0, 50.0]", "22.5"]
+    assert report.published_vs_ours(cells, order=["Base"])["method"].tolist() == ["Base", "OptMerge"]
     assert list(report.published_vs_ours(cells.iloc[:0]).columns) == ["method", "benchmark", "published", "ours"]
 
 
@@ -192,3 +193,17 @@ def test_numeric_wide_drops_lambda_and_failed():
                         index=["TIES", "Iso-C"])
     n = report.numeric_wide(wide)
     assert list(n.columns) == ["VQA", "Avg"] and n.loc["TIES", "VQA"] == 30.0 and math.isnan(n.loc["Iso-C", "Avg"])
+
+
+def test_published_long_and_stepwise_claims():
+    pub = report.published_long("optmerge_table4", method="step", column="model", value="Qwen2-VL")
+    assert pub["method"].tolist() == ["WUDI", "+SGD", "+Initialization", "+Low-rank"]
+    assert pub.attrs["value_column"] == "score" and set(pub["benchmark"]) == {"Avg"}
+    claims = report.stepwise_claims(pub, ["WUDI", "+SGD", "+Initialization", "+Low-rank"])
+    assert [c.text for c in claims] == ["+SGD < WUDI on Avg", "+Initialization > +SGD on Avg",
+                                        "+Low-rank > +Initialization on Avg", "+Low-rank > WUDI on Avg"]
+    ours = pd.DataFrame({"method": pub["method"], "benchmark": "Avg", "mean": [50.0, 40.0, 60.0, 61.0],
+                         "ci_low": [45.0, 35.0, 55.0, 56.0], "ci_high": [55.0, 44.0, 65.0, 66.0]})
+    v = side_by_side(pub, ours, claim_rules=claims)
+    assert v["verdict"].tolist()[:2] == ["reproduced", "reproduced"]
+    assert report.stepwise_claims(pub.iloc[:1], ["WUDI", "+SGD"]) == []

@@ -194,6 +194,21 @@ def layer_module_table(obj: Any, metric: str, *, pair: tuple[str, str] | None = 
     return t
 
 
+def _over_tensors(obj: Any, metric: str, info: dict[str, Any], *, layer: int | None, module: str | None,
+                  exact: bool) -> pd.DataFrame:
+    """``metric`` (``info`` = :func:`metric_info`) summarized over all tensors of ``obj``'s frame, or over
+    one layer and/or module type: one row per pair or expert."""
+    df = obj.frame(metric) if hasattr(obj, "frame") else getattr(obj, info["frame"])
+    if layer is not None:
+        df = df[df["layer"] == layer]
+    if module is not None:
+        df = df[df["module"] == module]
+    from .analysis.interference import METRICS, summarize
+    from .analysis.overlap import _summarize
+
+    return summarize(df, metric, (), exact=exact) if metric in METRICS else _summarize(df, metric, (), exact)
+
+
 def pair_matrix_data(obj: Any, metric: str, *, layer: int | None = None, module: str | None = None,
                      exact: bool = True) -> pd.DataFrame:
     """Symmetric experts x experts matrix of a pair metric over all tensors (or one layer and/or module).
@@ -203,15 +218,7 @@ def pair_matrix_data(obj: Any, metric: str, *, layer: int | None = None, module:
     info = metric_info(metric)
     if info["entity"] != "pair":
         raise ConfigError(f"{metric!r} is not a pair metric")
-    df = obj.frame(metric) if hasattr(obj, "frame") else getattr(obj, info["frame"])
-    if layer is not None:
-        df = df[df["layer"] == layer]
-    if module is not None:
-        df = df[df["module"] == module]
-    from .analysis.interference import METRICS, summarize
-    from .analysis.overlap import _summarize
-
-    s = summarize(df, metric, (), exact=exact) if metric in METRICS else _summarize(df, metric, (), exact)
+    s = _over_tensors(obj, metric, info, layer=layer, module=module, exact=exact)
     experts = list(obj.experts)
     diag = 0.0 if "conflict" in metric else 1.0
     arr = np.full((len(experts), len(experts)), np.nan)
@@ -288,15 +295,7 @@ def expert_bars(obj: Any, metric: str, *, layer: int | None = None, module: str 
     info = metric_info(metric)
     if info["entity"] != "expert":
         raise ConfigError(f"{metric!r} is not a per-expert metric")
-    df = obj.frame(metric) if hasattr(obj, "frame") else getattr(obj, info["frame"])
-    if layer is not None:
-        df = df[df["layer"] == layer]
-    if module is not None:
-        df = df[df["module"] == module]
-    from .analysis.interference import METRICS, summarize
-    from .analysis.overlap import _summarize
-
-    s = summarize(df, metric, (), exact=True) if metric in METRICS else _summarize(df, metric, (), True)
+    s = _over_tensors(obj, metric, info, layer=layer, module=module, exact=True)
     order = [e for e in obj.experts if e in set(s["expert"])]
     s = s.set_index("expert").reindex(order)
     fig = _figure(1.6 + 0.7 * max(len(order), 1), 2.8)

@@ -380,12 +380,16 @@ def modality_examples_figure(examples: Mapping[str, Any], *, title: str = ""):
 
 # --- merging-benchmark notebooks ---
 # Helpers of notebooks 05-09 (capability / modality merging, OptMerge ablations, interference, mask overlap).
-def published_vs_ours(cells: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+def published_vs_ours(cells: pd.DataFrame, digits: int = 1, order: Sequence[str] | None = None) -> pd.DataFrame:
     """The ``cells`` of :func:`workbench.experiments.compare_published` (``method, benchmark, published,
     ours_mean, ours_ci_low, ours_ci_high``) for reading: ``method, benchmark, published, ours`` with ours
-    as ``"mean [low, high]"`` and ``published`` rounded (``"-"`` where the paper has no number)."""
+    as ``"mean [low, high]"`` and ``published`` rounded (``"-"`` where the paper has no number).
+    ``order``: methods listed first, in this order (the others after, as they come)."""
     if len(cells) == 0:
         return pd.DataFrame(columns=["method", "benchmark", "published", "ours"])
+    if order is not None:
+        rank = {m: i for i, m in enumerate(order)}
+        cells = cells.iloc[sorted(range(len(cells)), key=lambda i: rank.get(cells["method"].iloc[i], len(rank)))]
     pub = [f"{v:.{digits}f}" if pd.notna(v) else "-" for v in cells["published"]]
     ours = [fmt_interval(r["ours_mean"], r["ours_ci_low"], r["ours_ci_high"], digits) for _, r in cells.iterrows()]
     return pd.DataFrame({"method": cells["method"].to_numpy(), "benchmark": cells["benchmark"].to_numpy(),
@@ -397,3 +401,44 @@ def numeric_wide(wide: pd.DataFrame, drop: Sequence[str] = ("lambda",)) -> pd.Da
     the ``drop`` columns removed, ``"failed"`` / empty cells as NaN."""
     keep = [c for c in wide.columns if c not in set(drop)]
     return wide[keep].apply(pd.to_numeric, errors="coerce").astype(float)
+
+
+def published_long(name: str, *, method: str, column: str, value: str, benchmark: str = "Avg",
+                   labels: Mapping[Any, str] | None = None) -> pd.DataFrame:
+    """One column of a long published table as ``method, benchmark, score`` rows for
+    :func:`workbench.published.side_by_side`: the rows of ``load_table(name, long=True)`` whose
+    ``column`` equals ``value`` (e.g. ``column="model", value="Qwen2-VL"``; ``column=None`` keeps all),
+    ``method`` taken from the table's ``method`` column (renamed by ``labels``), all under ``benchmark``.
+    The table's attrs are kept (``value_column`` = ``"score"``)."""
+    from .published import load_table
+
+    pub = load_table(name, long=True)
+    attrs = dict(pub.attrs)
+    rows = pub if column is None else pub[pub[column] == value]
+    lab = dict(labels or {})
+    out = pd.DataFrame({"method": [lab.get(m, str(m)) for m in rows[method]], "benchmark": benchmark,
+                        "score": rows[attrs.get("value_column", "score")].astype(float).to_numpy()})
+    out.attrs = {**attrs, "value_column": "score"}
+    return out
+
+
+def stepwise_claims(published: pd.DataFrame, order: Sequence[str], *, benchmark: str = "Avg", source: str = "",
+                    first_vs_last: bool = True) -> list:
+    """Claims read off a published sequence (an ablation, a parameter sweep): for each consecutive pair
+    of ``order`` (and, with ``first_vs_last``, the last vs the first) a :class:`~workbench.published.Claim`
+    in the direction of the *published* numbers (``"+SGD < WUDI"`` where the paper's +SGD is lower).
+    Pairs the paper has no number for, or equal numbers, give no claim."""
+    from .published import Claim
+
+    score = dict(zip(published["method"], published["score"].astype(float)))
+    pairs = list(zip(order[1:], order[:-1]))
+    if first_vs_last and len(order) > 2:
+        pairs.append((order[-1], order[0]))
+    out = []
+    for a, b in pairs:
+        if a not in score or b not in score or pd.isna(score[a]) or pd.isna(score[b]) or score[a] == score[b]:
+            continue
+        rel = ">" if score[a] > score[b] else "<"
+        out.append(Claim(f"{a} {rel} {b} on {benchmark}", {"method": a, "benchmark": benchmark},
+                         {"method": b, "benchmark": benchmark}, rel, source=source or published.attrs.get("name", "")))
+    return out

@@ -469,6 +469,21 @@ def linear_names(llm: nn.Module, target_modules: Sequence[str] | str | None = No
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _new_route_targets(llm: nn.Module, n_routes: int, target_modules: Sequence[str] | str | None,
+                       routes: Sequence[int] | None, freeze_base: bool) -> tuple[list[int], list[str]]:
+    """``(route ids, linear names)`` for :func:`add_lora_routes` / :func:`add_dense_routes`: ``routes``
+    or ``0 .. n_routes-1``, and the linears matching ``target_modules`` (none is an error); with
+    ``freeze_base`` every parameter of ``llm`` is frozen first."""
+    ids = list(routes) if routes is not None else list(range(n_routes))
+    names = linear_names(llm, target_modules)
+    if not names:
+        raise ConfigError(f"no linear module of the model matches target_modules {target_modules}")
+    if freeze_base:
+        for p in llm.parameters():
+            p.requires_grad_(False)
+    return ids, names
+
+
 def add_lora_routes(llm: nn.Module, n_routes: int, r: int, alpha: float,
                     target_modules: Sequence[str] | str | None = DEFAULT_LORA_TARGETS, *,
                     routes: Sequence[int] | None = None, freeze_base: bool = True, seed: int = 0,
@@ -481,13 +496,7 @@ def add_lora_routes(llm: nn.Module, n_routes: int, r: int, alpha: float,
     """
     if r < 1:
         raise ConfigError(f"LoRA rank must be >= 1, got {r}")
-    ids = list(routes) if routes is not None else list(range(n_routes))
-    names = linear_names(llm, target_modules)
-    if not names:
-        raise ConfigError(f"no linear module of the model matches target_modules {target_modules}")
-    if freeze_base:
-        for p in llm.parameters():
-            p.requires_grad_(False)
+    ids, names = _new_route_targets(llm, n_routes, target_modules, routes, freeze_base)
     g = torch.Generator().manual_seed(seed)
     for name in names:
         rl = routed_linear(llm, name)
@@ -503,13 +512,7 @@ def add_lora_routes(llm: nn.Module, n_routes: int, r: int, alpha: float,
 def add_dense_routes(llm: nn.Module, n_routes: int, target_modules: Sequence[str] | str | None = DEFAULT_LORA_TARGETS,
                      *, routes: Sequence[int] | None = None, freeze_base: bool = True) -> list[str]:
     """Trainable full-weight deltas per route (zero-initialised) - DAMC's full-weight option."""
-    ids = list(routes) if routes is not None else list(range(n_routes))
-    names = linear_names(llm, target_modules)
-    if not names:
-        raise ConfigError(f"no linear module of the model matches target_modules {target_modules}")
-    if freeze_base:
-        for p in llm.parameters():
-            p.requires_grad_(False)
+    ids, names = _new_route_targets(llm, n_routes, target_modules, routes, freeze_base)
     for name in names:
         rl = routed_linear(llm, name)
         for k in ids:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +58,7 @@ import torch
 
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError
+from .store import atomic_write, save_frames, save_json
 
 __all__ = [
     "ExpertSource",
@@ -726,16 +726,6 @@ def summarize(df: pd.DataFrame, metric: str, by: Sequence[str] = ("layer", "modu
 
 
 # ----------------------------------------------------------------------------------- the profile
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 @dataclass
 class InterferenceProfile:
     """Result of :func:`profile_interference`: tidy frames with raw sums and per-tensor metrics.
@@ -777,20 +767,15 @@ class InterferenceProfile:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write every frame as CSV and Parquet, the layer x module summaries of every metric, and ``meta.json``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in self.FRAMES:
-            df = getattr(self, name)
-            _atomic_write(out / f"{name}.csv", lambda p, df=df: df.to_csv(p, index=False))
-            _atomic_write(out / f"{name}.parquet", lambda p, df=df: df.to_parquet(p, index=False))
+        out = save_frames(out_dir, {name: getattr(self, name) for name in self.FRAMES})
         parts = []
         for m in self.metrics():
             s = self.summary(m).rename(columns={m: "value"})
             s.insert(0, "metric", m)
             parts.append(s)
         summ = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        _atomic_write(out / "summary_layer_module.csv", lambda p: summ.to_csv(p, index=False))
-        _atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(self.meta, indent=2, default=str)))
+        atomic_write(out / "summary_layer_module.csv", lambda p: summ.to_csv(p, index=False))
+        save_json(out / "meta.json", self.meta)
         return out
 
     @classmethod

@@ -34,7 +34,8 @@ import pandas as pd
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .interference import _atomic_write, iter_task_vectors, parse_name
+from .interference import iter_task_vectors, parse_name
+from .store import save_frames, save_json
 
 __all__ = [
     "MASK_METHODS",
@@ -262,14 +263,8 @@ class MaskOverlap:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the four frames as CSV and Parquet plus ``meta.json``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in self.FRAMES:
-            df = getattr(self, name)
-            _atomic_write(out / f"{name}.csv", lambda p, df=df: df.to_csv(p, index=False))
-            _atomic_write(out / f"{name}.parquet", lambda p, df=df: df.to_parquet(p, index=False))
-        meta = {**self.meta, "experts": self.experts}
-        _atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+        out = save_frames(out_dir, {name: getattr(self, name) for name in self.FRAMES})
+        save_json(out / "meta.json", {**self.meta, "experts": self.experts})
         return out
 
 
