@@ -199,7 +199,7 @@ def lab_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser_page(lab_server, tmp_path_factory):
     """A Playwright page in Debian's Chromium (fresh profile), closed in teardown."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(

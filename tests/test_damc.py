@@ -171,8 +171,9 @@ def tiny_zoo_with_damc(tmp_path_factory):
 
     from workbench.world.zoo import build_zoo
 
-    if not (TINY / "zoo.json").is_file():
-        pytest.skip("the tiny zoo is not built")
+    from workbench.world import ensure_zoo
+
+    ensure_zoo("tiny")
     root = tmp_path_factory.mktemp("ztiny") / "tiny"
     shutil.copytree(TINY, root)
     return build_zoo("tiny", out=root, jobs=1, progress=False)

@@ -351,14 +351,9 @@ def test_lora_modules_to_save_and_embedding(tiny_llama, tiny_lora_adapters, tmp_
 
 
 # ------------------------------------------------------------------------------ with the real registry
-try:
-    from workbench import methods as real_methods
-except ImportError:  # pragma: no cover - before workbench.methods exists
-    real_methods = None
-needs_methods = pytest.mark.skipif(real_methods is None, reason="workbench.methods not available")
+from workbench import methods as real_methods
 
 
-@needs_methods
 def test_real_ties_global_trim_matches_methods_reference(tiny_llama, tiny_llama_experts, tmp_path):
     density = 0.15
     rep = merge_with_report(_cfg(tiny_llama, tiny_llama_experts, tmp_path / "m", method="ties",
@@ -375,7 +370,6 @@ def test_real_ties_global_trim_matches_methods_reference(tiny_llama, tiny_llama_
     assert json.loads((rep.output / "workbench_merge.json").read_text())["params_used"]["trim"] == "global"
 
 
-@needs_methods
 def test_real_mmer_masks_saved(tiny_llava, tiny_llava_experts, tmp_path):
     from workbench.masks import mmer_masks, unpack_mask
 
@@ -401,7 +395,6 @@ def test_real_mmer_masks_saved(tiny_llava, tiny_llava_experts, tmp_path):
     assert all(0.0 < d < 1.0 for d in meta["density"].values())
 
 
-@needs_methods
 def test_real_dare_ties_global_trim_runs_and_is_seeded(tiny_llama, tiny_llama_experts, tmp_path):
     cfg = _cfg(tiny_llama, tiny_llama_experts, tmp_path / "a", method="dare_ties",
                params={"trim": "global", "density": 0.3, "drop_rate": 0.2})
@@ -412,7 +405,6 @@ def test_real_dare_ties_global_trim_runs_and_is_seeded(tiny_llama, tiny_llama_ex
     assert torch.equal(a[k], b[k]) and not torch.equal(a[k], c[k])
 
 
-@needs_methods
 @pytest.mark.parametrize("method", ["wudi", "optmerge"])
 def test_batched_path_equals_per_tensor_on_cpu(method, tiny_llama, tiny_llama_experts, tmp_path, monkeypatch):
     """The CUDA batching logic (grouping by shape, batch size, batched_fn) exercised on CPU."""

@@ -99,10 +99,12 @@ TINY = Path(__file__).resolve().parents[1] / "zoo" / "tiny"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (TINY / "zoo.json").is_file(), reason="the tiny zoo is not built (python -m workbench zoo)")
 def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
     """NaiveMC / MMER (and DAMC when the zoo has DAMC experts) compose on the tiny zoo and score MCUB-2;
     a second run is served from the cache."""
+    from workbench.world import ensure_zoo
+
+    ensure_zoo("tiny")
     res = run_results("tiny", out=tmp_path / "res", methods=("expert", "damc_expert", "frozen", "naive_mc", "damc",
                                                                "mmer"),
                       benchmarks=("mcub-2",), max_items=8, scorings=("loglik", "generate"), search=True,
