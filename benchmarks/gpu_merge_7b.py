@@ -10,12 +10,19 @@ then measures, in one run and each in a fresh child process (``benchmarks/merge_
   300 steps) and with the exact solver, through ``workbench.engine.merge`` on ``--device``:
   time, ratio to the floor, peak GPU memory (``torch.cuda.max_memory_allocated``), peak RSS;
 - our OptMerge time against the paper's (Table 7: 3.78 h, 21.97 GB for Qwen2-VL-7B;
-  ``data/published/optmerge_table7_cost.csv``).
+  ``data/published/optmerge_table7_cost.csv``);
+- with ``--precision fp32,bf16`` (``fp32``, ``bf16``, ``tf32``; default ``fp32``): the iterative
+  labels (``optmerge_iterative``, and ``wudi_iterative`` when asked for in ``--methods``) once per
+  precision (results ``<label>`` for fp32, ``<label>_<precision>`` otherwise), and a precision check
+  on one tensor of each 2-D shape of layer 0: time of the per-tensor solve per precision and, against
+  fp32, the relative Frobenius error of ``tau_m`` and the objective difference (relative to the
+  objective at the initialisation and to fp32's).
 
 Targets: TIES within 1.2x the floor; OptMerge on the 7B shapes in under 10 minutes.
 
     python benchmarks/gpu_merge_7b.py --dir /local/bench7b --keep           # the full 7B shapes (~54 GB of inputs)
     python benchmarks/gpu_merge_7b.py --dir /local/bench7b --keep --methods optmerge_iterative   # one more method, same files
+    python benchmarks/gpu_merge_7b.py --dir /local/bench7b --keep --methods optmerge_iterative,wudi_iterative --precision fp32,bf16
     python benchmarks/gpu_merge_7b.py --layers 1 --hidden 64 --intermediate 176 --vocab 256 --device cpu   # smoke
 
 Every tensor is merged (``keep_defaults: false``: the floor's work; the paper keeps embeddings,
@@ -56,7 +63,11 @@ METHODS = {
     "tsv": ("tsv", {}),
     "optmerge_iterative": ("optmerge", {"solver": "iterative"}),
     "optmerge_exact": ("optmerge", {"solver": "exact"}),
+    "wudi_iterative": ("wudi", {"solver": "iterative"}),
 }
+#: run when --methods is not given (WUDI's Gram matrices on the 7B shapes are opt-in)
+DEFAULT_METHODS = ("ties", "tsv", "optmerge_iterative", "optmerge_exact")
+PRECISIONS = ("fp32", "bf16", "tf32")
 TARGETS = {"ties": ("ratio_to_floor", 1.2), "optmerge_iterative": ("seconds", 600.0), "optmerge_exact": ("seconds", 600.0)}
 PAPER_TABLE = ROOT / "data" / "published" / "optmerge_table7_cost.csv"
 
@@ -72,6 +83,80 @@ def paper_optmerge_cost(setting: str = "Qwen2-VL-7B") -> dict | None:
             return {"setting": setting, "hours": float(r["hours"]), "memory_gb": float(r["memory_gb"]),
                     "source": "Wei et al. (ICLR 2026), Table 7, " + str(PAPER_TABLE.relative_to(ROOT))}
     return None
+
+
+def run_keys(labels: list[str], precisions: list[str]) -> list[tuple[str, str, str, dict]]:
+    """``(result key, label, method, params)`` per run: the iterative labels once per precision
+    (key ``label`` for fp32, ``label_<precision>`` otherwise), the others once."""
+    out = []
+    for label in labels:
+        method, params = METHODS[label]
+        if params.get("solver") != "iterative":
+            out.append((label, label, method, params))
+            continue
+        for p in precisions:
+            out.append((label if p == "fp32" else f"{label}_{p}", label, method,
+                        params if p == "fp32" else {**params, "precision": p}))
+    return out
+
+
+def _objective_setup(method: str, params: dict, N: int, m: int, n: int) -> tuple[int | None, str]:
+    """The rank ``k`` of the objective (``None``: WUDI) and the solver's initialisation."""
+    from workbench.methods import OPTMERGE_PRESETS, _rank_k
+
+    if method == "wudi":
+        return None, params.get("init", "sum")
+    preset = OPTMERGE_PRESETS[params.get("preset", "full_ft")]
+    k_ratio = params.get("k_ratio", preset["k_ratio"])
+    return _rank_k(m, n, N, k_ratio), params.get("init") or preset["init"]
+
+
+def precision_check(folders: list[Path], method: str, params: dict, precisions: list[str], device: str,
+                    names: list[str]) -> dict:
+    """Per tensor of ``names``: the per-tensor ``method`` solve on ``device`` in fp32 and in each
+    other precision: seconds (after a 2-step warm-up), and against fp32 the relative Frobenius
+    error of ``tau_m`` (``tau_rel_err``) and the objective difference relative to the objective
+    at the initialisation (``obj_rel_init``) and to fp32's objective (``obj_rel``)."""
+    import torch
+
+    from workbench.io import CheckpointReader
+    from workbench.methods import get_method, quadratic_merge_loss
+
+    fn = get_method(method).fn
+    dev = torch.device(device)
+    readers = [CheckpointReader(f) for f in folders]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    out = {}
+    for name in names:
+        base = readers[0].get(name).to(device=dev, dtype=torch.float32)
+        experts = [r.get(name).to(device=dev, dtype=torch.float32) for r in readers[1:]]
+        taus = torch.stack([e - base for e in experts])
+        (m, n), N = base.shape, len(experts)
+        k, init = _objective_setup(method, params, N, m, n)
+        loss = lambda t: float(quadratic_merge_loss(t, taus, k).double())  # noqa: E731
+        L0 = loss(taus.sum(0) if init == "sum" else taus.mean(0))
+        row = {"shape": [m, n], "seconds": {}, "tau_rel_err": {}, "obj_rel_init": {}, "obj_rel": {}}
+        tau = {}
+        for p in ["fp32", *[q for q in precisions if q != "fp32"]]:
+            fn(base, experts, **{**params, "precision": p, "steps": 2})
+            sync()
+            t = time.perf_counter()
+            tau[p] = fn(base, experts, **{**params, "precision": p}) - base
+            sync()
+            row["seconds"][p] = time.perf_counter() - t
+            if p != "fp32":
+                row["tau_rel_err"][p] = float((tau[p] - tau["fp32"]).norm() / tau["fp32"].norm())
+                L32, Lp = loss(tau["fp32"]), loss(tau[p])
+                row["obj_rel_init"][p] = abs(Lp - L32) / L0
+                row["obj_rel"][p] = abs(Lp - L32) / L32 if L32 > 0 else float("inf")
+                del tau[p]
+        out[name] = row
+        del base, experts, taus, tau
+    return out
 
 
 def device_label(device: str) -> str:
@@ -105,7 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shard-size", type=parse_bytes, default=parse_bytes("2GB"))
     ap.add_argument("--device", default="cuda", help="compute device of the merges (cuda, cuda:1, cpu)")
     ap.add_argument("--gen-device", default=None, help="where the synthetic weights are drawn (default: --device)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma list of {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})")
+    ap.add_argument("--precision", default="fp32",
+                    help=f"comma list of {', '.join(PRECISIONS)}: the iterative solvers' matmul precision; more "
+                         "than fp32 also runs a bf16/tf32-vs-fp32 check on a few tensors")
     ap.add_argument("--no-floor", action="store_true", help="reuse the floor of an earlier run in --out")
     ap.add_argument("--dir", type=Path, default=None, help="where the checkpoints are written (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the checkpoints in --dir")
@@ -122,6 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
     for m in labels:
         if m not in METHODS:
             ap.error(f"unknown method label {m!r}; known: {', '.join(METHODS)}")
+    precisions = list(dict.fromkeys(p for p in args.precision.split(",") if p))
+    for p in precisions:
+        if p not in PRECISIONS:
+            ap.error(f"unknown precision {p!r}; known: {', '.join(PRECISIONS)}")
+    if not precisions:
+        ap.error("--precision needs at least one of " + ", ".join(PRECISIONS))
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -161,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
                                              "layers": shape.layers, "vocab": shape.vocab},
               "params_per_model": shape.n_params, "keep_defaults": False,
               "methods": dict(prev.get("methods", {})) if same_shape else {},
-              "floor": prev.get("floor") if same_shape else None, "paper": paper_optmerge_cost()}
+              "floor": prev.get("floor") if same_shape else None, "paper": paper_optmerge_cost(),
+              "precision_check": dict(prev.get("precision_check", {})) if same_shape else {}}
     try:
         t = time.perf_counter()
         folders = write_checkpoints(models, shape, args.experts, dtype=args.dtype, shard_bytes=args.shard_size,
@@ -177,17 +273,16 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"io_floor                 {r['seconds']:8.2f} s  ({r['bytes_read'] / r['seconds'] / 1e9:.2f} GB/s read, "
                 f"peak RSS {r['maxrss_mb']:.0f} MB)")
         fs = result["floor"]["seconds"]
-        for label in labels:
-            method, params = METHODS[label]
+        for rkey, label, method, params in run_keys(labels, precisions):
             spec = {**common, "mode": "merge", "method": method, "params": params, "device": args.device,
-                    "keep_defaults": False, "output": str(out_root / f"out_{label}")}
+                    "keep_defaults": False, "output": str(out_root / f"out_{rkey}")}
             r = run_child(spec)
             r["ratio_to_floor"] = r["seconds"] / fs
             r["method"], r["params"] = method, params
             if shape.layers != full.layers:
                 # rough: time grows with the layers' share of the work (embeddings and lm_head counted once)
                 r["extrapolated_32_layers_s"] = r["seconds"] * full.n_params / shape.n_params
-            result["methods"][label] = r
+            result["methods"][rkey] = r
             gpu = f"peak GPU {r['cuda_peak_mb'] / 1024:.2f} GiB" if "cuda_peak_mb" in r else "no GPU"
             tgt = ""
             if label in TARGETS:
@@ -200,11 +295,11 @@ def main(argv: list[str] | None = None) -> dict:
                     tgt = f"  target <= {bound:g}{unit}: {'met' if val <= bound else 'MISSED'}"
                     if key == "seconds" and "extrapolated_32_layers_s" in r:
                         tgt += f" (extrapolated to 32 layers: {val:.0f} s)"
-            log(f"{label:<24} {r['seconds']:8.2f} s  {r['ratio_to_floor']:6.2f}x floor  {gpu}  peak RSS "
+            log(f"{rkey:<24} {r['seconds']:8.2f} s  {r['ratio_to_floor']:6.2f}x floor  {gpu}  peak RSS "
                 f"{r['maxrss_mb']:.0f} MB{tgt}")
         paper = result["paper"]
         same_tensors = shape.hidden == full.hidden and shape.intermediate == full.intermediate
-        for label in ("optmerge_iterative", "optmerge_exact"):
+        for label in [k for k in result["methods"] if k.startswith("optmerge_")]:
             r = result["methods"].get(label)
             if not (r and paper):
                 continue
@@ -218,6 +313,19 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"{label}: {secs / 60:.2f} min{note} vs the paper's {paper['hours']} h for OptMerge on "
                 f"{paper['setting']} ({paper['memory_gb']} GB GPU): {r['speedup_vs_paper']:.0f}x less time; "
                 f"our peak GPU memory {r.get('cuda_peak_mb', float('nan')) / 1024:.2f} GiB")
+        check = [lb for lb in labels if METHODS[lb][1].get("solver") == "iterative"]
+        if check and any(p != "fp32" for p in precisions):
+            names = [f"model.layers.0.{t}.weight" for t in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")]
+            for label in check:
+                method, params = METHODS[label]
+                rows = precision_check(folders, method, params, precisions, args.device, names)
+                result["precision_check"][label] = rows
+                for name, row in rows.items():
+                    cells = [f"{p} {row['seconds'][p]:.2f} s" + (
+                        "" if p == "fp32" else f" (tau_m rel err {row['tau_rel_err'][p]:.1e}, objective diff "
+                                               f"{row['obj_rel_init'][p]:.1e} of init, {row['obj_rel'][p]:.1e} of fp32's)")
+                             for p in row["seconds"]]
+                    log(f"precision {label} {name} {row['shape']}: " + " | ".join(cells))
     finally:
         if made_out_root:
             shutil.rmtree(out_root, ignore_errors=True)

@@ -6,15 +6,23 @@ temporary folder, then, in the same run, each in a fresh subprocess:
 
 1. the I/O floor: read every input tensor (base + experts) once through ``CheckpointReader``
    into a fresh buffer (the reader memory-maps, so the copy is what reads the bytes), no arithmetic;
-2. ``profile_interference`` over the same files on ``--device``.
+2. the EXACT ``profile_interference`` over the same files on ``--device`` (``threads`` of the
+   library: ``--profile-threads``, default the library's 1);
+3. unless ``--sample 0``: the SAMPLED estimate ``profile_interference(..., sample=M)`` (M entries
+   per tensor, ``--sample``, default 65536; not the exact profile: see its docstring for the error).
 
-Prints both times, the ratio (target: 1.5x or less), and the memory of each subprocess: peak
+Prints the times, the ratios to the floor (target: 1.5x or less) in wall time and in CPU time
+(of the measured work alone, and of the whole process with its imports), labelled exact and
+sampled, and the memory of each subprocess: peak
 RSS (``ru_maxrss``, which also counts memory-mapped checkpoint pages that were touched) and
 peak anonymous RSS (sampled from ``/proc/self/status``: the process's own allocations - this
 is the number that must stay bounded as the model grows). The floor runs twice (before and
-after the profile) and the faster is used, so page-cache state favours the floor, not us.
+after the profile; a third time at 1 thread when ``--threads`` > 1) and the fastest is used, so
+page-cache state and thread contention favour the floor, not us (on the shared, loaded 2-core box
+a 2-thread floor was measured 10x slower than a 1-thread one).
 
     python benchmarks/profile_speed.py                     # ~300M params, 4 experts, auto device
+    python benchmarks/profile_speed.py --params 50M --sample 0   # exact profile only
     python benchmarks/profile_speed.py --params 7B --device cuda --dir /scratch/bench
 """
 from __future__ import annotations
@@ -60,6 +68,7 @@ th = threading.Thread(target=sample, daemon=True); th.start()
 folders = {folders!r}
 mode = {mode!r}
 t0 = time.perf_counter()
+c0 = time.process_time()
 if mode == "floor":
     from workbench.io import CheckpointReader
     readers = [CheckpointReader(f) for f in folders]
@@ -75,7 +84,8 @@ if mode == "floor":
 else:
     from workbench.analysis import profile_interference
     experts = {{f"e{{i}}": folders[i + 1] for i in range(len(folders) - 1)}}
-    prof = profile_interference(folders[0], experts, device={device!r}, progress=False)
+    prof = profile_interference(folders[0], experts, device={device!r}, progress=False,
+                                threads={profile_threads!r}, sample={sample!r})
     if prof.pairs.shape[0] == 0:
         raise SystemExit("empty profile")
     extra = {{"io_wait_s": prof.meta.get("seconds_waiting_for_io"), "n_tensors": prof.meta.get("n_tensors"),
@@ -83,15 +93,18 @@ else:
     if torch.cuda.is_available() and "cuda" in str(prof.meta.get("device")):
         extra["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
 secs = time.perf_counter() - t0
+work_cpu = time.process_time() - c0
 ru = resource.getrusage(resource.RUSAGE_SELF)
 stop = True; th.join()
-print(json.dumps({{"seconds": secs, "cpu_seconds": ru.ru_utime + ru.ru_stime, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+print(json.dumps({{"seconds": secs, "work_cpu_seconds": work_cpu, "cpu_seconds": ru.ru_utime + ru.ru_stime, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "peak_anon_kb": peak["anon_kb"], "peak_file_kb": peak["file_kb"], **extra}}))
 """
 
 
-def run_child(mode: str, folders: list[Path], device: str, threads: int) -> dict:
-    code = CHILD.format(root=str(ROOT), threads=threads, folders=[str(f) for f in folders], mode=mode, device=device)
+def run_child(mode: str, folders: list[Path], device: str, threads: int, *, profile_threads: int | None = 1,
+              sample: int | None = None) -> dict:
+    code = CHILD.format(root=str(ROOT), threads=threads, folders=[str(f) for f in folders], mode=mode, device=device,
+                        profile_threads=profile_threads, sample=sample)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{mode} subprocess failed:\n{res.stderr[-4000:]}")
@@ -104,16 +117,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--shard-bytes", type=parse_count, default=parse_count("500M"))
-    ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 16)))
+    ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 16)),
+                    help="torch threads of each child process (the floor's copies use them)")
+    ap.add_argument("--profile-threads", type=int, default=1,
+                    help="profile_interference(threads=...) on CPU (default 1, the library's; 0: None, "
+                         "i.e. keep --threads)")
+    ap.add_argument("--sample", type=parse_count, default=65536,
+                    help="also time the sampled estimate with this many entries per tensor (0: skip)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shape class below 50M params (smoke tests)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    llama = LlamaShape.for_params(args.params, tiny=False)
+    llama = LlamaShape.for_params(args.params, tiny=args.tiny)
+    pthreads = args.profile_threads or None
     shape = {"hidden": llama.hidden, "intermediate": llama.intermediate, "layers": llama.layers, "vocab": llama.vocab}
     n_params = llama.n_params
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="wb-profile-bench-", dir=args.dir))
     try:
         t = time.perf_counter()
@@ -123,29 +146,56 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"model: {n_params / 1e6:.1f}M params/model ({shape}), base + {args.experts} experts, bf16, "
               f"{total_bytes / 1e9:.2f} GB on disk, written in {write_s:.1f}s", flush=True)
         floor1 = run_child("floor", folders, args.device, args.threads)
-        prof = run_child("profile", folders, args.device, args.threads)
+        prof = run_child("profile", folders, args.device, args.threads, profile_threads=pthreads)
+        samp = (run_child("profile", folders, args.device, args.threads, profile_threads=pthreads, sample=args.sample)
+                if args.sample else None)
         floor2 = run_child("floor", folders, args.device, args.threads)
-        floor = min(floor1, floor2, key=lambda r: r["seconds"])
+        floors = [floor1, floor2]
+        if args.threads > 1:  # one more at 1 thread: on a loaded machine it can be much the faster
+            floors.append(run_child("floor", folders, args.device, 1))
+        floor = min(floors, key=lambda r: r["seconds"])
+        floor_work_cpu = min(r["work_cpu_seconds"] for r in floors)
         ratio = prof["seconds"] / floor["seconds"]
+
+        def work_cpu_ratio(r: dict) -> float:
+            return r["work_cpu_seconds"] / max(floor_work_cpu, 1e-9)
+
         result = {"params_per_model": n_params, "experts": args.experts, "shape": shape, "bytes_read": total_bytes,
                   "device": prof.get("device"), "threads": args.threads,
-                  "floor_s": floor["seconds"], "floor_runs_s": [floor1["seconds"], floor2["seconds"]],
+                  "floor_s": floor["seconds"], "floor_runs_s": [r["seconds"] for r in floors],
                   "profile_s": prof["seconds"], "ratio": ratio,
                   "floor_cpu_s": floor["cpu_seconds"], "profile_cpu_s": prof["cpu_seconds"],
                   "cpu_ratio": prof["cpu_seconds"] / max(floor["cpu_seconds"], 1e-9),
+                  "floor_work_cpu_s": floor_work_cpu,
+                  "profile_work_cpu_s": prof["work_cpu_seconds"], "work_cpu_ratio": work_cpu_ratio(prof),
+                  "profile_threads": pthreads, "sample": args.sample or None,
                   "load_avg_1m": os.getloadavg()[0], "io_wait_in_profile_s": prof.get("io_wait_s"),
                   "floor_peak_rss_mb": floor["maxrss_kb"] / 1024, "floor_peak_anon_mb": floor["peak_anon_kb"] / 1024,
                   "profile_peak_rss_mb": prof["maxrss_kb"] / 1024, "profile_peak_anon_mb": prof["peak_anon_kb"] / 1024,
                   "largest_tensor_mb_fp32": llama.largest_tensor * 4 / 2**20}
         if "cuda_peak_bytes" in prof:
             result["profile_cuda_peak_mb"] = prof["cuda_peak_bytes"] / 2**20
-        print(f"I/O floor (read every tensor): {floor['seconds']:.2f}s  (runs: {floor1['seconds']:.2f}s, "
-              f"{floor2['seconds']:.2f}s; {total_bytes / floor['seconds'] / 1e9:.2f} GB/s)")
-        print(f"interference profile:          {prof['seconds']:.2f}s on {prof.get('device')} "
-              f"(waiting for I/O {prof.get('io_wait_s')}s)")
-        print(f"ratio profile / floor:         {ratio:.2f}x  (target <= 1.5x)")
+        if samp is not None:
+            result.update({"sampled_s": samp["seconds"], "sampled_ratio": samp["seconds"] / floor["seconds"],
+                           "sampled_work_cpu_s": samp["work_cpu_seconds"], "sampled_work_cpu_ratio": work_cpu_ratio(samp),
+                           "sampled_cpu_s": samp["cpu_seconds"],
+                           "sampled_cpu_ratio": samp["cpu_seconds"] / max(floor["cpu_seconds"], 1e-9),
+                           "sampled_peak_anon_mb": samp["peak_anon_kb"] / 1024})
+        runs = ", ".join(f"{r['seconds']:.2f}s" for r in floors)
+        print(f"I/O floor (read every tensor): {floor['seconds']:.2f}s  (runs: {runs}"
+              f"{' - the last at 1 thread' if len(floors) > 2 else ''}; {total_bytes / floor['seconds'] / 1e9:.2f} GB/s)")
+        print(f"EXACT interference profile:    {prof['seconds']:.2f}s on {prof.get('device')} "
+              f"(waiting for I/O {prof.get('io_wait_s')}s; threads={pthreads})")
+        print(f"EXACT ratio profile / floor:   {ratio:.2f}x wall, {result['work_cpu_ratio']:.2f}x CPU "
+              f"(work only: floor {result['floor_work_cpu_s']:.2f}s, profile {prof['work_cpu_seconds']:.2f}s)  "
+              f"(target <= 1.5x)")
+        if samp is not None:
+            print(f"SAMPLED estimate (sample={args.sample} entries/tensor, NOT exact): {samp['seconds']:.2f}s; "
+                  f"ratio {result['sampled_ratio']:.2f}x wall, {result['sampled_work_cpu_ratio']:.2f}x CPU (work only)")
         print(f"CPU time (user+sys, whole process incl. imports): floor {floor['cpu_seconds']:.1f}s, "
-              f"profile {prof['cpu_seconds']:.1f}s ({result['cpu_ratio']:.2f}x); 1-min load {result['load_avg_1m']:.1f} "
+              f"exact profile {prof['cpu_seconds']:.1f}s ({result['cpu_ratio']:.2f}x)"
+              + (f", sampled {samp['cpu_seconds']:.1f}s ({result['sampled_cpu_ratio']:.2f}x)" if samp else "")
+              + f"; 1-min load {result['load_avg_1m']:.1f} "
               f"on {os.cpu_count()} CPUs (wall-clock ratios are unreliable on a loaded machine)")
         print(f"peak RSS  floor {result['floor_peak_rss_mb']:.0f} MB (anon {result['floor_peak_anon_mb']:.0f} MB) | "
               f"profile {result['profile_peak_rss_mb']:.0f} MB (anon {result['profile_peak_anon_mb']:.0f} MB); "

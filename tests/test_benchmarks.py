@@ -166,11 +166,11 @@ def test_merge_speed_against_mergekit(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ gpu_merge_7b
-def _gpu_smoke(tmp_path, methods: str):
+def _gpu_smoke(tmp_path, methods: str, *extra: str):
     out = tmp_path / "gpu.json"
     res = _run([str(BENCH / "gpu_merge_7b.py"), "--layers", "1", "--hidden", "64", "--intermediate", "176",
                 "--vocab", "256", "--device", "cpu", "--shard-size", "50KB", "--methods", methods,
-                "--dir", str(tmp_path / "w"), "--out", str(out)])
+                "--dir", str(tmp_path / "w"), "--out", str(out), *extra])
     return res.stdout, json.loads(out.read_text())
 
 
@@ -188,9 +188,37 @@ def test_gpu_merge_7b_smoke_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_merge_7b_iterative_on_cpu(tmp_path):
-    out, data = _gpu_smoke(tmp_path, "optmerge_iterative")
-    assert "optmerge_iterative" in data["methods"]
+    out, data = _gpu_smoke(tmp_path, "optmerge_iterative", "--precision", "fp32,bf16")
+    assert {"optmerge_iterative", "optmerge_iterative_bf16"} <= set(data["methods"])
     assert data["methods"]["optmerge_iterative"]["extrapolated_32_layers_s"] > 0
+    assert data["methods"]["optmerge_iterative_bf16"]["params"]["precision"] == "bf16"
+    rows = data["precision_check"]["optmerge_iterative"]
+    assert len(rows) == 3 and all(0 < r["tau_rel_err"]["bf16"] <= 1e-2 for r in rows.values()), rows
+    assert re.search(r"^precision optmerge_iterative .*bf16 [\d.]+ s \(tau_m rel err", out, re.M), out
+
+
+def test_gpu_merge_7b_run_keys_and_precision_check(tmp_path):
+    import gpu_merge_7b as g7
+
+    keys = g7.run_keys(["ties", "optmerge_iterative", "wudi_iterative"], ["fp32", "bf16"])
+    assert [k[0] for k in keys] == ["ties", "optmerge_iterative", "optmerge_iterative_bf16", "wudi_iterative",
+                                    "wudi_iterative_bf16"]
+    assert keys[0][3] == {"density": 0.2} and keys[1][3] == {"solver": "iterative"}
+    assert keys[2][3] == {"solver": "iterative", "precision": "bf16"}
+    assert [k[0] for k in g7.run_keys(["optmerge_iterative"], ["bf16"])] == ["optmerge_iterative_bf16"]
+    folders = write_checkpoints(tmp_path, LlamaShape(64, 176, 1, 256), 3, dtype="bf16", shard_bytes=10**6,
+                                progress=False)
+    names = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+    for method in ("optmerge", "wudi"):
+        rows = g7.precision_check(folders, method, {"solver": "iterative", "steps": 20}, ["fp32", "bf16", "tf32"],
+                                  "cpu", names)
+        assert list(rows) == names and rows[names[0]]["shape"] == [176, 64]
+        for r in rows.values():
+            assert set(r["seconds"]) == {"fp32", "bf16", "tf32"}
+            assert 0 < r["tau_rel_err"]["bf16"] <= 1e-2 and r["obj_rel_init"]["bf16"] <= 1e-3, r
+            assert r["tau_rel_err"]["tf32"] == 0.0  # no TF32 on the CPU: fp32 bit for bit
+    with pytest.raises(SystemExit):
+        g7.main(["--device", "cpu", "--precision", "fp16"])
 
 
 @pytest.mark.gpu
@@ -203,3 +231,34 @@ def test_gpu_merge_7b_smoke_on_cuda(tmp_path):
     data = json.loads(out.read_text())
     assert data["methods"]["ties"]["cuda_peak_mb"] > 0, res.stdout
     assert data["methods"]["optmerge_exact"]["device"].startswith("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_merge_7b_precision_on_cuda(tmp_path):
+    out = tmp_path / "gpu.json"
+    res = _run([str(BENCH / "gpu_merge_7b.py"), "--layers", "1", "--hidden", "256", "--intermediate", "688",
+                "--vocab", "512", "--device", "cuda", "--methods", "optmerge_iterative,wudi_iterative",
+                "--precision", "fp32,bf16", "--dir", str(tmp_path / "w"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    for label in ("optmerge_iterative", "wudi_iterative"):
+        assert data["methods"][f"{label}_bf16"]["device"].startswith("cuda"), res.stdout
+        for r in data["precision_check"][label].values():
+            assert r["tau_rel_err"]["bf16"] <= 1e-2 and r["obj_rel_init"]["bf16"] <= 1e-3, r
+
+
+# ------------------------------------------------------------------------------------ profile_speed
+def test_profile_speed_smoke_prints_exact_and_sampled_ratios(tmp_path):
+    out = tmp_path / "profile.json"
+    res = _run([str(BENCH / "profile_speed.py"), "--params", "300k", "--tiny", "--shard-bytes", "60k",
+                "--sample", "1000", "--threads", "1", "--dir", str(tmp_path / "w"), "--json", str(out)])
+    text = res.stdout
+    assert re.search(r"^I/O floor \(read every tensor\): [\d.]+s", text, re.M), text
+    assert re.search(r"^EXACT ratio profile / floor:\s+[\d.]+x wall, [\d.]+x CPU \(work only", text, re.M), text
+    assert re.search(r"^SAMPLED estimate \(sample=1000 entries/tensor, NOT exact\): [\d.]+s; ratio [\d.]+x wall",
+                     text, re.M), text
+    data = json.loads(out.read_text())
+    assert data["sample"] == 1000 and data["profile_threads"] == 1
+    for k in ("ratio", "work_cpu_ratio", "sampled_ratio", "sampled_work_cpu_ratio", "floor_work_cpu_s"):
+        assert data[k] > 0, k
+    assert not list((tmp_path / "w").glob("*"))  # temporary checkpoints removed

@@ -432,3 +432,204 @@ def test_streamed_profile_names_every_non_finite_expert(world):
         _save(paths[e], sd)
     with pytest.raises(CheckpointError, match=r"\['e0', 'e2'\]"):
         profile_interference(tmp / "base", paths, device="cpu", progress=False)
+
+
+# ----------------------------------------------------------------------------------- exact radix select
+def _partition_kth(a: np.ndarray, k: int) -> float:
+    return float(np.partition(a, a.shape[0] - k)[a.shape[0] - k])
+
+
+def test_kth_largest_equals_numpy_partition():
+    """The radix select returns numpy.partition's k-th largest exactly: ties, zeros, -0.0, inf,
+    bf16-like values (many exact ties), a constant row, k = 1 and k = n, and rows on both sides of
+    the size where the histogram path starts."""
+    import workbench.analysis.interference as I
+
+    rng = np.random.default_rng(0)
+    n = I._RADIX_MIN + 12345
+    rows = {
+        "gauss": np.abs(rng.standard_normal(n)).astype(np.float32),
+        "ties_zeros": np.abs(np.round(rng.standard_normal(n) * 4) / 4).astype(np.float32),  # ~40% zeros
+        "bf16": np.abs(torch.randn(n, generator=torch.Generator().manual_seed(1)).bfloat16().float().numpy()),
+        "const": np.full(n, 0.375, np.float32),
+        "zeros": np.zeros(n, np.float32),
+        "tiny_huge": np.abs(np.concatenate([rng.standard_normal(n - 4) * 1e-38, [np.inf, 3e38, 1e-45, 0.0]])).astype(np.float32),
+        "short": np.abs(rng.standard_normal(1000)).astype(np.float32),  # below _RADIX_MIN: numpy.partition itself
+    }
+    rows["neg_zero"] = np.abs(np.where(rng.random(n) < 0.5, np.float32(-0.0), rows["gauss"]))
+    for name, a in rows.items():
+        m = a.shape[0]
+        for k in sorted({1, 2, 3, m // 7, m // 5, m // 2, m - 1, m}):
+            if k < 1:
+                continue
+            assert I._kth_largest(a.copy(), k) == _partition_kth(a, k), (name, k)
+    # the histogram filled piece by piece (as the streamed profile does) gives the same answer
+    a = rows["ties_zeros"]
+    hist = torch.zeros(I._HI_BINS, dtype=torch.int64)
+    for lo in range(0, n, 5000):
+        I._hist_hi16(torch.from_numpy(a[lo:lo + 5000]), hist, torch.empty(4096, dtype=torch.int32))
+    assert I._kth_largest(a, n // 5, hist) == _partition_kth(a, n // 5)
+    with pytest.raises(ValueError):
+        I._kth_largest(a, 0)
+    with pytest.raises(ValueError):
+        I._kth_largest(a, n + 1)
+
+
+def test_topk_threshold_equals_partition_of_signed_rows():
+    """Signed rows (negative values, -0.0, ties): the threshold is the k-th largest |tau|; k = n gives 0."""
+    import workbench.analysis.interference as I
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, I._RADIX_MIN + 999, generator=g) * 3).round() / 3
+    x[1, ::3] = -0.0
+    x[2] = -x[2].abs()  # all non-positive
+    for topk in (0.01, 0.2, 0.5, 0.999, 1.0):
+        thr = topk_threshold(x, topk)
+        n = x.shape[1]
+        k = max(1, min(n, int(round(topk * n))))
+        for i in range(3):
+            want = 0.0 if k == n else _partition_kth(x[i].abs().numpy(), k)
+            assert thr[i].item() == want, (topk, i)
+    one = torch.tensor([[-2.0, 7.0, -7.0, 0.0, 1.0]])
+    assert topk_threshold(one, 0.2).item() == 7.0  # k = 1: the largest magnitude (a tie of 7 and -7)
+
+
+def test_streamed_radix_path_equals_materialised_task_vectors(world, monkeypatch):
+    """Force the histogram select (and several histogram pieces) on the small world's tensors: the
+    streamed profile still equals tensor_stats over the full task vectors."""
+    import workbench.analysis.interference as I
+
+    monkeypatch.setattr(I, "_RADIX_MIN", 8)
+    monkeypatch.setattr(I, "_RADIX_PIECE", 40)
+    tmp, base, taus, paths = world
+    prof = profile_interference(tmp / "base", paths, device="cpu", progress=False, chunk_size=64, seed=4)
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
+        stack = torch.stack([t[name].reshape(-1) for t in taus])
+        gen = torch.Generator().manual_seed(I._seed_for(4, name))
+        st = tensor_stats(stack, topk=0.2, dare_p=0.2, generator=gen, chunk_size=64)
+        pe = prof.per_expert[prof.per_expert["tensor"] == name].reset_index(drop=True)
+        for k in ("nonzero", "topk_kept", "topk_opposed", "elect_opposed", "ties_survived", "ties_survived_sq",
+                  "ties_share_sq", "dare_kept_n", "dare_kept_sq"):
+            assert pe[k].tolist() == st[k].tolist(), (name, k)
+
+
+# ----------------------------------------------------------------------------------- threads
+def test_threads_setting_is_restored_and_counts_do_not_depend_on_it(world):
+    tmp, _, _, paths = world
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = profile_interference(tmp / "base", paths, device="cpu", progress=False, threads=1)
+        assert torch.get_num_threads() == 2
+        b = profile_interference(tmp / "base", paths, device="cpu", progress=False, threads=None)
+        assert a.meta["threads"] == 1 and b.meta["threads"] is None
+    finally:
+        torch.set_num_threads(old)
+    for frame in ("pairs", "per_expert", "tensors"):
+        fa, fb = getattr(a, frame), getattr(b, frame)
+        for col in ("both_nonzero", "conflicts", "both_kept", "conflicts_kept", "nonzero", "topk_kept",
+                    "topk_opposed", "elect_opposed", "ties_survived", "dare_kept_n", "multi_nonzero",
+                    "set_conflicts", "elected", "elect_disagree_any"):
+            if col in fa:
+                assert fa[col].tolist() == fb[col].tolist(), (frame, col)
+    with pytest.raises(ConfigError):
+        profile_interference(tmp / "base", paths, device="cpu", progress=False, threads=0)
+
+
+# ----------------------------------------------------------------------------------- sampled estimate
+def test_stratified_index_one_entry_per_stratum():
+    import workbench.analysis.interference as I
+
+    for n, m in ((10, 3), (1000, 1000), (12345, 100), (2**24 + 7, 4096)):
+        idx = I._stratified_index(n, m, seed=5)
+        assert idx.shape == (m,) and idx.dtype == torch.int64
+        assert int(idx.min()) >= 0 and int(idx.max()) < n
+        assert bool((idx[1:] >= idx[:-1]).all())
+        lo = torch.floor(torch.arange(m, dtype=torch.float64) * n / m).long()
+        hi = torch.ceil(torch.arange(1, m + 1, dtype=torch.float64) * n / m).long()
+        assert bool(((idx >= lo) & (idx < hi)).all())
+    assert torch.equal(I._stratified_index(1000, 10, 1), I._stratified_index(1000, 10, 1))
+    assert not torch.equal(I._stratified_index(1000, 10, 1), I._stratified_index(1000, 10, 2))
+
+
+def test_sample_at_least_numel_is_the_exact_profile(world):
+    tmp, _, _, paths = world
+    exact = profile_interference(tmp / "base", paths, device="cpu", progress=False)
+    samp = profile_interference(tmp / "base", paths, device="cpu", progress=False, sample=24 * 8)
+    assert samp.meta["sample"] == 24 * 8 and exact.meta["sample"] is None
+    for frame in ("pairs", "per_expert", "tensors"):
+        pd.testing.assert_frame_equal(getattr(exact, frame), getattr(samp, frame))
+    with pytest.raises(ConfigError):
+        profile_interference(tmp / "base", paths, device="cpu", progress=False, sample=0)
+
+
+def _big_world(tmp: Path) -> tuple[Path, dict]:
+    """Base + 3 bf16 experts, tensors of 49152-65536 entries: correlated, sparse-ish task vectors."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (256, 256), "model.layers.0.mlp.up_proj.weight": (192, 256),
+              "model.layers.1.self_attn.q_proj.weight": (256, 256)}
+    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    shared = {k: torch.randn(s, generator=g) * 0.002 for k, s in shapes.items()}
+    _save(tmp / "base", {k: v.bfloat16() for k, v in base.items()})
+    paths = {}
+    for i in range(3):
+        e = {k: (base[k] + (0.6 + 0.2 * i) * shared[k] + torch.randn(s, generator=g) * 0.002
+                 * (torch.rand(s, generator=g) < 0.7)).bfloat16() for k, s in shapes.items()}
+        paths[f"e{i}"] = _save(tmp / f"e{i}", e)
+    return tmp / "base", paths
+
+
+# fraction metrics: (metric, frame, numerator column, denominator column)
+_FRACTIONS = [("conflict", "pairs", "conflicts", "both_nonzero"),
+              ("conflict_topk", "pairs", "conflicts_kept", "both_kept"),
+              ("topk_conflict", "per_expert", "topk_opposed", "topk_kept"),
+              ("elect_disagree", "per_expert", "elect_opposed", "topk_kept"),
+              ("ties_survival", "per_expert", "ties_survived", "nonzero"),
+              ("dare_kept", "per_expert", "dare_kept_n", "nonzero"),
+              ("set_conflict", "tensors", "set_conflicts", "multi_nonzero")]
+
+
+def test_sampled_profile_error_within_stated_bound(tmp_path):
+    """The documented error of ``sample=m``: a per-tensor fraction p over m' sampled denominator
+    entries is within a few sqrt(p (1 - p) / m') of the exact value; summed norms and counts (scaled
+    by n / m) within a few CV / sqrt(m) relative, cosines within a few 1 / sqrt(m). Checked on every
+    tensor, expert and pair, over three sampling seeds, at 5 standard errors (plus a margin for the
+    sampled top-k threshold), and the typical error is of the stated size (not a loose bound)."""
+    base, paths = _big_world(tmp_path)
+    m = 4096
+    bound = 2.0 / math.sqrt(m)  # CV of the per-entry squares of these task vectors is below 2
+    exact = profile_interference(base, paths, device="cpu", progress=False, seed=0)
+    z_all = []
+    for seed in (0, 1, 2):
+        samp = profile_interference(base, paths, device="cpu", progress=False, seed=seed, sample=m)
+        assert samp.meta["sample"] == m
+        for metric, frame, num, den in _FRACTIONS:
+            e, s = getattr(exact, frame), getattr(samp, frame)
+            assert e["numel"].tolist() == s["numel"].tolist()
+            p = e[num].astype(float) / e[den].astype(float)
+            m_eff = (e[den].astype(float) / e["numel"].astype(float)) * m
+            se = np.sqrt(p * (1 - p) / m_eff) + 1e-12
+            diff = (s[metric].astype(float) - e[metric].astype(float)).abs()
+            extra = 0.01 if "topk" in metric or metric in ("elect_disagree", "ties_survival") else 0.0
+            assert (diff <= 5 * se + extra).all(), (seed, metric, float((diff / se).max()))
+            z_all.extend((diff / se).tolist())
+        # sums are scaled by n / m: counts and squared norms match the exact totals
+        e, s = exact.per_expert, samp.per_expert
+        q = e["nonzero"] / e["numel"]
+        rel = (s["nonzero"] / e["nonzero"] - 1).abs()
+        assert (rel <= 5 * np.sqrt((1 - q) / (q * m)) + 1e-9).all(), (seed, float(rel.max()))
+        for col in ("tau_sq", "base_sq"):
+            rel = (s[col] / e[col] - 1).abs()
+            assert (rel <= 5 * bound).all() and rel.median() < 2 * bound, (seed, col, float(rel.max()))
+        for metric, frame in (("rel_norm", "per_expert"), ("ties_energy", "per_expert"),
+                              ("dare_energy", "per_expert"), ("ties_share", "per_expert"), ("ties_vs_ta", "tensors")):
+            ev, sv = getattr(exact, frame)[metric].astype(float), getattr(samp, frame)[metric].astype(float)
+            rel = (sv / ev - 1).abs()
+            assert (rel <= 5 * bound).all(), (seed, metric, float(rel.max()))
+        cos = (samp.pairs["cosine"] - exact.pairs["cosine"]).abs()
+        assert (cos <= 4 / math.sqrt(m)).all(), (seed, float(cos.max()))
+        # pooled over tensors of different sizes (the n / m weights matter): the whole-model conflict
+        ce, cs = exact.summary("conflict", by=()), samp.summary("conflict", by=())
+        assert np.allclose(ce["conflict"], cs["conflict"], atol=0.01)
+    z = np.asarray(z_all)
+    assert np.median(z) < 1.5  # the stated standard error is not a loose bound hiding a bias

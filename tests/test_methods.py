@@ -8,6 +8,7 @@ sum / mean init).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -567,3 +568,187 @@ def test_dare_fast_paths_are_the_reference_draws():
         assert torch.equal(_bits(got), _bits(base + _ties_reference(dropped, 0.3)))
         got = dare_linear(base, experts, drop_rate=p, generator=torch.Generator().manual_seed(9))
         assert torch.equal(_bits(got), _bits(base + dropped.sum(0)))
+
+
+# ----------------------------------------------------------------------------------------- WUDI / OptMerge precision
+# ``precision``: "fp32" (default) must be today's float32 solver bit for bit; "bf16" (bfloat16 per-step
+# matmuls) must stay within the tolerance below of fp32. Measured on the CPU (50 steps; N = 2..4;
+# shapes 32x48, 64x96, 48x160, 128x64, 96x24, 40x40; WUDI lr 1e-5 / 1e-3, OptMerge full_ft / lora /
+# modality): tau_m relative Frobenius error <= 2.8e-3 (paper defaults <= 2.7e-4), objective
+# difference <= 4.8e-5 of the objective at the initialisation (<= 3.0e-3 of fp32's own objective).
+# The objective difference is taken relative to the objective at the initialisation because fp32's
+# objective can reach ~0 (modality preset, K = N k < n: an exactly solvable system), where a ratio
+# to it is meaningless. fp32 vs a float64 run of the same solver: ~1e-6.
+BF16_TAU_RTOL = 1e-2
+BF16_OBJ_RTOL = 1e-3
+
+_PRECISION_CASES = [  # (method, params, N, m, n); forms: 96x24 modality and 48x160 full_ft are factored
+    ("wudi", {}, 2, 32, 48),
+    ("wudi", {"lr": 1e-3}, 3, 64, 96),
+    ("wudi", {"lr": 1e-3}, 4, 40, 40),
+    ("optmerge", {}, 3, 64, 96),
+    ("optmerge", {}, 4, 48, 160),
+    ("optmerge", {"preset": "lora"}, 3, 128, 64),
+    ("optmerge", {"preset": "modality"}, 2, 96, 24),
+    ("optmerge", {"preset": "modality"}, 4, 40, 40),
+]
+
+
+def _precision_inputs(N, m, n, seed=0, std=0.02, device="cpu"):
+    g = gen(seed + 1000 * N + m + n)
+    base = torch.randn(m, n, generator=g)
+    experts = [base + std * torch.randn(m, n, generator=g) for _ in range(N)]
+    return base.to(device), [e.to(device) for e in experts]
+
+
+def _objective_rank(method, params, N, m, n):
+    if method == "wudi":
+        return None
+    r = params.get("k_ratio", OPTMERGE_PRESETS[params.get("preset", "full_ft")]["k_ratio"])
+    q = min(m, n)
+    return max(1, q // N) if r is None else max(1, int(r * q + 1e-9))
+
+
+def precision_gap(method, base, experts, *, precision="bf16", steps=50, **params) -> dict:
+    """``precision`` against fp32 on the same inputs (any device): relative Frobenius error of the
+    merged ``tau_m``, objective difference relative to the objective at the initialisation
+    (``obj_rel_init``) and to fp32's objective (``obj_rel``); objectives in float64 on the CPU."""
+    fn = get_method(method).fn
+    N, (m, n) = len(experts), base.shape
+    t32 = fn(base, experts, steps=steps, precision="fp32", **params) - base
+    tlo = fn(base, experts, steps=steps, precision=precision, **params) - base
+    taus = torch.stack([e - base for e in experts]).cpu().double()
+    k = _objective_rank(method, params, N, m, n)
+    init_sum = method == "wudi" or OPTMERGE_PRESETS[params.get("preset", "full_ft")]["init"] == "sum"
+    L0 = ref_loss(taus.sum(0) if init_sum else taus.mean(0), taus, k)
+    L32, Llo = ref_loss(t32.cpu().double(), taus, k), ref_loss(tlo.cpu().double(), taus, k)
+    return {"tau_rel": float((tlo - t32).norm() / t32.norm()), "obj_rel_init": float((Llo - L32).abs() / L0),
+            "obj_rel": float((Llo - L32).abs() / L32)}
+
+
+def _fp32_reference(base, experts, k, init, optimizer, lr, steps, momentum=0.0):
+    """The float32 iterative solver as it was before ``precision`` existed (its loop copied)."""
+    from workbench.methods import _init, _system
+
+    taus = torch.stack([e - base for e in experts])[:, None]
+    s = _system(taus, k)
+    X = _init(taus, init).clone()
+    if s.A is not None:
+        def grad(X):
+            return 2.0 * (torch.bmm(X, s.A) - s.C)
+    else:
+        Pt = s.Pp.transpose(-1, -2).contiguous()
+
+        def grad(X):
+            return 2.0 * torch.bmm(torch.bmm(X, Pt) - s.Rp, s.Pp)
+    if optimizer == "adam":
+        b1, b2 = 0.9, 0.999
+        m1, v = torch.zeros_like(X), torch.zeros_like(X)
+        for t in range(1, steps + 1):
+            g = grad(X)
+            m1.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(1e-8)
+            X.addcdiv_(m1, denom, value=-lr / bc1)
+    else:
+        buf = None
+        for _ in range(steps):
+            g = grad(X)
+            if momentum:
+                buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
+                g = buf
+            X.add_(g, alpha=-lr)
+    return base + X[0]
+
+
+@pytest.mark.parametrize("method, params, N, m, n", _PRECISION_CASES)
+def test_precision_fp32_is_the_float32_solver_bit_for_bit(method, params, N, m, n):
+    base, experts = _precision_inputs(N, m, n)
+    k = _objective_rank(method, params, N, m, n)
+    p = {"init": "sum", "optimizer": "adam", "lr": 1e-5, "momentum": 0.0} if method == "wudi" else \
+        dict(OPTMERGE_PRESETS[params.get("preset", "full_ft")])
+    p.update({kk: v for kk, v in params.items() if kk != "preset"})
+    want = _fp32_reference(base, experts, k, p["init"], p["optimizer"], p["lr"], 30, p["momentum"])
+    fn = get_method(method).fn
+    assert torch.equal(fn(base, experts, steps=30, **params), want)
+    assert torch.equal(fn(base, experts, steps=30, precision="fp32", **params), want)
+    assert torch.equal(fn(base, experts, steps=30, precision="tf32", **params), want)  # no TF32 on the CPU
+
+
+@pytest.mark.parametrize("method, params, N, m, n", _PRECISION_CASES)
+def test_precision_bf16_within_tolerance_of_fp32(method, params, N, m, n):
+    base, experts = _precision_inputs(N, m, n)
+    gap = precision_gap(method, base, experts, **params)
+    print(f"{method} {params} N={N} {m}x{n}: " + ", ".join(f"{key} {v:.1e}" for key, v in gap.items()))
+    assert 0.0 < gap["tau_rel"] <= BF16_TAU_RTOL, gap  # > 0: bf16 really ran
+    assert gap["obj_rel_init"] <= BF16_OBJ_RTOL, gap
+
+
+@pytest.mark.parametrize("bfn, params", [(wudi_batched, {"lr": 1e-3}), (optmerge_batched, {}),
+                                         (optmerge_batched, {"preset": "modality"})])
+@pytest.mark.parametrize("shape", [(6, 10), (12, 40)])
+def test_precision_bf16_batched_equals_per_tensor(bfn, params, shape):
+    g = gen(41)
+    base = torch.randn(2, *shape, generator=g)
+    experts = base[None] + 0.05 * torch.randn(3, 2, *shape, generator=g)
+    batched = bfn(base, experts, steps=40, precision="bf16", **params)
+    fn = wudi if bfn is wudi_batched else optmerge
+    for b in range(2):
+        single = fn(base[b], list(experts[:, b].unbind(0)), steps=40, precision="bf16", **params)
+        torch.testing.assert_close(batched[b], single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["wudi", "optmerge"])
+def test_precision_parameter_checked_and_exact_solver_ignores_it(name):
+    spec = get_method(name)
+    assert spec.defaults["precision"] == "fp32" and spec.choices["precision"] == ("fp32", "bf16", "tf32")
+    with pytest.raises(ConfigError, match="precision"):
+        spec.check_params({"precision": "fp16"})
+    base, experts = setup(42, n=3, shape=(8, 12))
+    with pytest.raises(ConfigError, match="precision"):
+        spec.fn(base, experts, precision="fp16")
+    with pytest.raises(ConfigError, match="precision"):
+        spec.batched_fn(base[None], torch.stack(experts)[:, None], precision="half")
+    exact = spec.fn(base, experts, solver="exact")
+    for p in ("bf16", "tf32"):  # float64 build and solve whatever the precision
+        assert torch.equal(spec.fn(base, experts, solver="exact", precision=p), exact)
+
+
+def test_cuda_matmul_flags_restored():
+    """The context manager sets the global CUDA matmul flags and restores them, also on an error
+    (the flags can be set without a GPU); off CUDA it touches nothing."""
+    from workbench.methods import _cuda_matmul_flags
+
+    m = torch.backends.cuda.matmul
+    key = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"
+    before, before_bf = getattr(m, key), m.allow_bf16_reduced_precision_reduction
+    with _cuda_matmul_flags("tf32", torch.device("cuda")):
+        assert getattr(m, key) in ("tf32", True)
+    assert getattr(m, key) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with _cuda_matmul_flags("bf16", torch.device("cuda")):
+            assert m.allow_bf16_reduced_precision_reduction is False
+            raise RuntimeError("boom")
+    assert m.allow_bf16_reduced_precision_reduction == before_bf
+    for p in ("fp32", "bf16", "tf32"):
+        with _cuda_matmul_flags(p, torch.device("cpu")):
+            assert getattr(m, key) == before and m.allow_bf16_reduced_precision_reduction == before_bf
+        with _cuda_matmul_flags("fp32", torch.device("cuda")):
+            assert getattr(m, key) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+@pytest.mark.parametrize("method, params, N, m, n", _PRECISION_CASES)
+def test_precision_within_tolerance_of_fp32_on_cuda(method, params, N, m, n, precision):
+    """The CPU tolerance on the GPU (cuBLAS bf16 / TF32 kernels); fp32 on CUDA vs the CPU as well."""
+    base, experts = _precision_inputs(N, m, n, device="cuda")
+    gap = precision_gap(method, base, experts, precision=precision, **params)
+    print(f"cuda {precision} {method} {params} N={N} {m}x{n}: " + ", ".join(f"{key} {v:.1e}" for key, v in gap.items()))
+    assert gap["tau_rel"] <= BF16_TAU_RTOL and gap["obj_rel_init"] <= BF16_OBJ_RTOL, gap
+    cpu_base, cpu_experts = _precision_inputs(N, m, n)
+    fn = get_method(method).fn
+    torch.testing.assert_close(fn(base, experts, steps=50, **params).cpu(), fn(cpu_base, cpu_experts, steps=50, **params),
+                               rtol=1e-4, atol=1e-5)
