@@ -536,3 +536,107 @@ def test_llava_checkpoint_reads_both_key_layouts(tiny_llava, tmp_path):
     save_file(bad, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match="linear_2.weight"):
         LlavaCheckpoint(folder).tower()
+
+
+# ============================================================================================ caches
+def test_cached_tower_bit_identical_and_shared(tiny_llama):
+    """A CachedTower returns exactly the tower's output (a batch is one key), computes each distinct
+    input once, and scoring through it equals scoring through the plain tower."""
+    from workbench.compose import CachedTokenizer, CachedTower, cached_source
+
+    tower = ToyTower(0).requires_grad_(False)  # frozen, as ExpertSource makes it
+    ct = CachedTower(tower)
+    assert ct.supports_batch
+    x, y = raw(1), torch.stack([raw(2), raw(3)])
+    with torch.no_grad():
+        assert torch.equal(ct(x), tower(x)) and torch.equal(ct(y), tower(y))
+        assert torch.equal(ct(x.clone()), tower(x))  # a copy of the same values hits
+        assert torch.equal(ct(raw(4)), tower(raw(4)))
+    assert (ct.hits, ct.misses) == (1, 3)
+    ct.clear()
+    assert ct(x) is not None and ct.misses == 4
+    # trainable tower with gradients on: not cached
+    trainable = CachedTower(ToyTower(1).requires_grad_(True))
+    out = trainable(x)
+    assert out.requires_grad and trainable.misses == 0
+    # composed models: plain vs cached towers and tokenizer score the same, bit for bit
+    tok = tokenizer_of(tiny_llama)
+    plain = [hf_expert("i", "image", ToyTower(0), placeholder=PH["image"]),
+             hf_expert("a", "audio", ToyTower(1), placeholder=PH["audio"])]
+    cached = [cached_source(e) for e in plain]
+    assert all(isinstance(e.tower, CachedTower) for e in cached) and cached_source(cached[0]) is cached[0]
+    m0 = compose_frozen(tiny_llama, plain, tok)
+    m1 = compose_frozen(tiny_llama, cached, CachedTokenizer(tok))
+    prompt, inputs = two_modal_prompt()
+    for _ in range(2):
+        s0 = m0.score_options_batch([prompt, "w9 w10"], [inputs, {}], [["w12", "w13 w14"], ["w15"]])
+        s1 = m1.score_options_batch([prompt, "w9 w10"], [inputs, {}], [["w12", "w13 w14"], ["w15"]])
+        assert all(torch.equal(a, b) for a, b in zip(s0, s1))
+        assert m0.generate_batch([prompt], [inputs], max_new_tokens=3) == m1.generate_batch([prompt], [inputs],
+                                                                                              max_new_tokens=3)
+    assert cached[0].tower.hits > 0
+
+
+def test_cached_tokenizer_same_ids_and_private_copies(tiny_llama):
+    from workbench.compose import CachedTokenizer
+
+    tok = tokenizer_of(tiny_llama)
+    ct = CachedTokenizer(tok)
+    for text, kw in (("w9 w10 w61", {}), (" w12", {"add_special_tokens": False})):
+        a = ct(text, **kw)["input_ids"]
+        assert a == tok(text, **kw)["input_ids"]
+        a.append(-1)  # the caller's copy: the memo is not touched
+        assert ct(text, **kw)["input_ids"] == tok(text, **kw)["input_ids"]
+    assert len(ct._memo) == 2
+    assert ct(["w9", "w10"])["input_ids"] == tok(["w9", "w10"])["input_ids"]  # other calls pass through
+    assert ct.eos_token_id == tok.eos_token_id and ct.convert_tokens_to_ids("w61") == tok.convert_tokens_to_ids("w61")
+    assert ct.decode([9, 10]) == tok.decode([9, 10]) and len(ct) == len(tok)
+
+
+def test_mmer_search_with_preloaded_or_path_base_agree(tiny_llama, tiny_llama_experts):
+    from workbench.compose import mmer_search
+
+    exps = _mmer_experts(tiny_llama_experts)
+    tok = tokenizer_of(tiny_llama)
+    recs = _synthetic_records(4, lambda i: f"image: w61 audio: w62 w{12 + i}",
+                              lambda i: {"image": [raw(50 + i)], "audio": [raw(60 + i)]}, "C")
+    dfs = []
+    for base in (tiny_llama, load_causal_lm(tiny_llama)):
+        model = compose_mmer(tiny_llama, exps, tok, merge_method="weight_average", lam=1.0)
+        _, df = mmer_search(model, base, exps, recs, lambda r: r["_in"], lams=(0.5, 2.0), alphas=(0.5, 1.0),
+                            progress=False)
+        dfs.append(df)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(dfs[0], dfs[1])
+
+
+def test_shared_prefix_scores_match_reference(tiny_llama, tiny_llama_experts, damc_pair):
+    """The opt-in shared-prefix scorer gives the reference's log-likelihoods (to float rounding) and
+    the same predictions, on plain, MMER (masked routes) and DAMC (LoRA routes) compositions, with
+    prompts of different lengths and options of different token counts."""
+    from workbench.evaluate import predict, score_options_shared_prefix
+
+    tok = tokenizer_of(tiny_llama)
+    mmer = compose_mmer(tiny_llama, _mmer_experts(tiny_llama_experts), tok, merge_method="weight_average", lam=1.0)
+    frozen = compose_frozen(tiny_llama, _mmer_experts(tiny_llama_experts), tok)
+    damc = compose_damc(tiny_llama, damc_pair, tok)
+    prompts = ["image: w61 audio: w62 w12", "w9 w10 w11 w13 w14", "audio: w62 w20", "image: w61"]
+    inputs = [{"image": [raw(1)], "audio": [raw(2)]}, {}, {"audio": [raw(3)]}, {"image": [raw(4)]}]
+    options = [["w30", "w31 w32", "w33", "w34 w35 w36"], ["w40"], ["w41 w42", "w43"], ["w44", "w45", "w46"]]
+    for model in (frozen, mmer, damc):
+        ref = model.score_options_batch(prompts, inputs, options)
+        for bs in (1, 3, 16):
+            got = score_options_shared_prefix(model, prompts, inputs, options, batch_size=bs)
+            for a, b in zip(ref, got):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+                assert int(a.argmax()) == int(b.argmax())
+    recs = _synthetic_records(5, lambda i: f"image: w61 audio: w62 w{12 + i}",
+                              lambda i: {"image": [raw(50 + i)], "audio": [raw(60 + i)]}, "C")
+    for r in recs:
+        r["choices"] = ["w30", "w31 w32", "w33", "w34"]
+    a = predict(mmer, recs, lambda r: r["_in"], scoring="loglik")
+    b = predict(mmer, recs, lambda r: r["_in"], scoring="loglik", shared_prefix=True)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(a, b)

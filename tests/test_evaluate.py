@@ -110,3 +110,27 @@ def test_summarize_and_paired():
     assert a.wilson_low == pytest.approx(100 * lo)
     r = paired_test(df, "a", "b")
     assert r["b"] == 5 and r["c"] == 0 and r["pvalue"] == pytest.approx(2 / 32)
+
+
+def test_cached_inputs_read_once_per_input_files():
+    from workbench.evaluate import CachedInputs
+
+    calls = []
+
+    def load(r):
+        calls.append(r["id"])
+        return {"image": [torch.tensor([float(len(calls))])]}
+
+    ci = CachedInputs(load)
+    a = {"id": "a", "modal_inputs": {"vision": ["x.npy"]}}
+    b = {"id": "b", "modal_inputs": {"vision": ["x.npy"]}}  # same files: same inputs
+    c = {"id": "c", "modal_inputs": {"vision": ["y.npy"]}}
+    first = ci(a)
+    assert ci(a) is first and ci(b) is first and ci(c) is not first
+    assert calls == ["a", "c"] and (ci.hits, ci.misses) == (2, 2)
+    raw_rec = {"id": "d", "_inputs": {}}  # no modal_inputs: loaded every time
+    ci(raw_rec), ci(raw_rec)
+    assert calls == ["a", "c", "d", "d"]
+    recs = [_rec(0, "A", "xxxx"), _rec(1, "B", "xxxxx")]
+    pd.testing.assert_frame_equal(predict(FakeModel(), recs, CachedInputs(lambda r: {})),
+                                  predict(FakeModel(), recs, lambda r: {}))

@@ -271,3 +271,47 @@ def test_ablation_and_rank_sweep_run(tiny_zoo, cache_dir):
     r = E.rank_ratio_sweep(tiny_zoo, "full", (0.1, 0.5), (1.0,), device="cpu", cache=cache_dir, progress=False)
     assert (r["status"] == "ok").all() and set(r["method"]) == {"k=0.1", "k=0.5"}
     assert list(E.summarise(r).index) == ["k=0.1", "k=0.5"]
+
+
+def test_base_llm_copy_is_fresh_and_equal(tiny_zoo):
+    setting = E.modality_setting(tiny_zoo, seeds=[0], max_items=4)
+    a, b = E._base_llm_copy(setting), E._base_llm_copy(setting)
+    ref = tiny_zoo.load_base_llm().state_dict()
+    assert a is not b
+    for k, v in ref.items():
+        assert torch.equal(a.state_dict()[k], v) and torch.equal(b.state_dict()[k], v)
+    k0 = next(iter(ref))
+    with torch.no_grad():
+        a.state_dict()[k0].add_(1.0)  # a copy: the cached base and the other copies are untouched
+    assert torch.equal(b.state_dict()[k0], ref[k0]) and torch.equal(E._base_llm_copy(setting).state_dict()[k0], ref[k0])
+    # the merged models' towers are shared and cached
+    from workbench.compose import CachedTower
+
+    src = setting.sources(0)
+    assert src is setting.sources(0) and all(isinstance(e.tower, CachedTower) for e in src)
+
+
+def test_modality_damc_search_shared_with_run_results(tiny_zoo, tmp_path, monkeypatch):
+    """modality_merging's DAMC row reuses the λ search run_results stored under out/cache/search
+    (the same composition on the same validation split): the same λ, no second search."""
+    from workbench import compose as C
+    from workbench.results import ZooComposer, run_results
+
+    mods = list(tiny_zoo.modalities)
+    if ZooComposer(tiny_zoo, 0).members("damc", mods) is None:
+        pytest.skip("the tiny zoo has no DAMC experts")
+    out = tmp_path / "res"
+    run_results("tiny", zoo=tiny_zoo, out=out, methods=("damc",), benchmarks=(), own_tasks=True, max_items=2,
+                scorings=("loglik",), damc_grid=(0.5, 1.0), progress=False)
+    stored = list((out / "cache" / "search").glob("damc-*.json"))
+    assert stored
+    calls = []
+    real = C.damc_lambda_search
+    monkeypatch.setattr(C, "damc_lambda_search", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ev, _ = E._context(tiny_zoo, "cpu", True, out, False, "loglik", False)
+    assert ev.search_cache == out / "cache" / "search"
+    comp = ZooComposer(tiny_zoo, 0, search_cache=ev.search_cache, damc_grid=(0.5, 1.0))
+    comp.build("damc", mods)
+    assert calls == []
+    run = __import__("json").loads((out / "run.json").read_text())
+    assert comp.notes["damc_lambda"] == run["notes"]["s0"]["damc_lambda"]

@@ -127,3 +127,40 @@ def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
                         progress=False, mmer_lams=(1.0, 2.0), mmer_alphas=(1.0,), damc_grid=(0.5, 1.0))
     assert again["run"]["evaluated"] == 0 and again["run"]["cached"] > 0
     pd.testing.assert_frame_equal(again["summary"], res["summary"])
+
+
+@pytest.mark.slow
+def test_tiny_zoo_composer_shares_experts_and_caches_damc_search(tmp_path, monkeypatch):
+    """One ZooComposer loads each expert once (a cached tower); the DAMC λ search is kept under
+    ``search_cache`` and a second composer (notebook 06) gets the same λ and CSV without searching."""
+    from workbench import compose as C
+    from workbench.results import ZooComposer
+    from workbench.world import ensure_zoo
+
+    z = ensure_zoo("tiny")
+    mods = tuple(m for m in ("image", "audio") if m in z.modalities)
+    comp = ZooComposer(z, 0, search_dir=tmp_path / "s1", search_cache=tmp_path / "cache", damc_grid=(0.5, 1.0))
+    if comp.members("damc", mods) is None:
+        pytest.skip("the tiny zoo has no DAMC experts")
+    name = comp.members("mmer", mods)[0]
+    assert comp.source(name) is comp.source(name) and isinstance(comp.source(name).tower, C.CachedTower)
+    comp.build("damc", mods)
+    files = list((tmp_path / "cache").glob("damc-*.json"))
+    assert len(files) == 1
+    calls = []
+    real = C.damc_lambda_search
+    monkeypatch.setattr(C, "damc_lambda_search", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = ZooComposer(z, 0, search_dir=tmp_path / "s2", search_cache=tmp_path / "cache", damc_grid=(0.5, 1.0))
+    model = again.build("damc", mods)
+    assert calls == []
+    assert again.notes["damc_lambda"] == comp.notes["damc_lambda"]
+    tag = f"{combo_tag(mods)}-s0"
+    csv = f"damc_lambda_{tag}.csv"
+    assert (tmp_path / "s2" / csv).read_text() == (tmp_path / "s1" / csv).read_text()
+    best = again.notes["damc_lambda"][tag]["lambda"]
+    from workbench.routing import routed_modules
+
+    coefs = {p.tag: p.coef for rl in routed_modules(model.llm).values() for p in rl.routes["0"].parts}
+    assert [coefs[i] for i in range(len(mods))] == best
+    comp.release()
+    assert not comp._sources

@@ -324,3 +324,106 @@ def test_errors_are_config_errors():
         apply_routes(llm, {1: {"model.layers.0.self_attn.q_proj": Masked(torch.zeros(32, 32),
                                                                           torch.zeros(3, dtype=torch.uint8))}})
     assert "lm_head" not in linear_names(llm)
+
+
+# -------------------------------------------------------------------------------------------- caches
+def _masked_components(llm):
+    from workbench.routing import _MaskedC
+
+    return [m for m in llm.modules() if isinstance(m, _MaskedC)]
+
+
+def test_masked_cache_is_bit_identical_and_invalidated():
+    """The cached ``mask ⊙ shared`` gives exactly the uncached output, and is rebuilt when the mask
+    (set_mask), the shared tensor (in-place edit) or α changes - never a stale matrix."""
+    from workbench.routing import set_masked_cache, set_route_coefficients
+
+    llm = tiny_llm()
+    specs, _ = random_routes(llm)
+    apply_routes(llm, specs)
+    ref = copy.deepcopy(llm)
+    assert set_masked_cache(ref, False) == len(_masked_components(ref)) > 0
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+    rid = torch.tensor([[0, 2, 2, 1, 0, 2, 0], [2, 2, 0, 0, 1, 1, 2]])
+
+    def run(m, r=rid):
+        with torch.no_grad(), token_routes(m, r):
+            return m(input_ids=ids).logits
+
+    out = run(llm)
+    comps = _masked_components(llm)
+    assert all(c._masked_cache is not None for c in comps)  # filled by the first call
+    assert all(c._masked_cache is None for c in _masked_components(ref))
+    assert torch.equal(out, run(ref)) and torch.equal(run(llm), out)
+    # the matrix formed the first time is reused while nothing changed
+    held = [c._masked_cache[4] for c in comps]
+    run(llm)
+    assert all(c._masked_cache[4] is h for c, h in zip(comps, held))
+    # α (the component's coefficient) is applied after the cached product
+    for m in (llm, ref):
+        set_route_coefficients(m, 2, {None: 0.3})
+    out_a = run(llm)
+    assert torch.equal(out_a, run(ref)) and not torch.equal(out_a, out)
+    # a new mask
+    g = torch.Generator().manual_seed(9)
+    for c, c_ref in zip(comps, _masked_components(ref)):
+        new = torch.rand(c.shape, generator=g) < 0.6
+        c.set_mask(new)
+        c_ref.set_mask(new)
+    out_m = run(llm)
+    assert torch.equal(out_m, run(ref)) and not torch.equal(out_m, out_a)
+    # the shared tensor edited in place (version counter)
+    for m in (llm, ref):
+        for rl in routed_modules(m).values():
+            rl.shared_0.mul_(2.0)
+    out_s = run(llm)
+    assert torch.equal(out_s, run(ref)) and not torch.equal(out_s, out_m)
+    # switching the cache off frees it
+    set_masked_cache(llm, False)
+    assert all(c._masked_cache is None for c in comps)
+    assert torch.equal(run(llm), out_s)
+
+
+def test_route_plan_follows_the_route_ids_and_grad_mode():
+    """The token positions per route are computed once per route_ids tensor and shared by the
+    modules: a new tensor, or the same one edited in place, gets its own; the in-place (no-grad)
+    accumulation equals the autograd path exactly."""
+    plain = tiny_llm()
+    specs, dense = random_routes(plain)
+    llm = copy.deepcopy(plain)
+    apply_routes(llm, specs)
+    ref, holder = brute_force_model(plain, dense)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(4))
+    rid = torch.tensor([[0, 1, 1, 2, 0, 0], [2, 2, 0, 1, 0, 2]])
+    outs = []
+    for r in (rid, torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])):
+        with torch.no_grad(), token_routes(llm, r):
+            got = llm(input_ids=ids).logits
+        holder["rid"] = r
+        with torch.no_grad():
+            want = ref(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with token_routes(llm, r):
+            assert torch.equal(llm(input_ids=ids).logits.detach(), got)  # autograd path, same sums
+        outs.append(got)
+    rid[0, 0] = 2  # the same tensor edited in place
+    with torch.no_grad(), token_routes(llm, rid):
+        got = llm(input_ids=ids).logits
+    holder["rid"] = rid
+    with torch.no_grad():
+        torch.testing.assert_close(got, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(got, outs[0])
+
+
+def test_token_routes_reaches_every_routed_module_and_restores():
+    llm = tiny_llm()
+    specs, _ = random_routes(llm)
+    apply_routes(llm, specs)
+    from workbench.routing import RoutedModule
+
+    every = [m for m in llm.modules() if isinstance(m, RoutedModule)]
+    assert list(routed_modules(llm)) == [n for n, m in llm.named_modules() if isinstance(m, RoutedLinear)]
+    rid = torch.zeros(1, 3, dtype=torch.long)
+    with token_routes(llm, rid):
+        assert all(m.route_ids is rid for m in every)
+    assert all(m.route_ids is None for m in every)

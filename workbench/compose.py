@@ -39,6 +39,7 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -94,6 +95,99 @@ class ExpertSource:
             if p is None or not Path(p).exists():
                 raise ConfigError(f"expert {self.name!r} of kind {self.kind!r} needs an existing {attr} (got {p})")
         self.tower.eval().requires_grad_(False)
+
+
+def _tensor_key(x: torch.Tensor) -> tuple:
+    """Exact identity of a tensor's value: dtype, shape, device and a digest of its bytes."""
+    import hashlib
+
+    t = x.detach()
+    raw = t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return (str(t.dtype), tuple(t.shape), str(t.device), hashlib.blake2b(raw.data, digest_size=16).digest())
+
+
+class CachedTower(nn.Module):
+    """A frozen tower whose outputs are memoised by the exact value of their input.
+
+    Composed models re-encode the same records for every composition and grid point; the towers
+    are frozen, so the output for an identical input tensor (the same bytes, shape, dtype and
+    device - a stacked batch is one key) is returned from memory instead of recomputed: bit-identical
+    to calling the tower. While gradients are enabled and the tower has trainable parameters it
+    is called directly. ``supports_batch`` is the wrapped tower's. Outputs are held until
+    :meth:`clear` (memory: one ``[n_tokens, hidden]`` tensor per distinct input)."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+        self.supports_batch = bool(getattr(tower, "supports_batch", False))
+        self._memo: dict[tuple, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.tower.parameters()):
+            return self.tower(x)
+        k = _tensor_key(x)
+        out = self._memo.get(k)
+        if out is None:
+            self.misses += 1
+            with torch.no_grad():
+                out = self._memo[k] = self.tower(x).detach()
+        else:
+            self.hits += 1
+        return out
+
+    def clear(self) -> None:
+        self._memo.clear()
+
+
+class _Encoding(dict):
+    """A memoised tokenizer result: a dict whose keys also read as attributes (``enc.input_ids``),
+    like a ``BatchEncoding`` (which is slow to construct)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class CachedTokenizer:
+    """A tokenizer whose plain calls ``tok(text)`` / ``tok(text, add_special_tokens=...)`` on one
+    string are memoised (the same ids; each call gets its own copy of the lists). Every other call
+    and attribute goes to the wrapped tokenizer. Composed models tokenise the same prompts and
+    options for every composition and grid point."""
+
+    _MEMO_KWARGS = frozenset({"add_special_tokens"})
+
+    def __init__(self, tokenizer) -> None:
+        self.__dict__["_tok"] = tokenizer
+        self.__dict__["_memo"] = {}
+
+    def __call__(self, text=None, *args, **kwargs):
+        if args or not isinstance(text, str) or not set(kwargs) <= self._MEMO_KWARGS:
+            return self._tok(text, *args, **kwargs)
+        key = (text, tuple(sorted(kwargs.items())))
+        enc = self._memo.get(key)
+        if enc is None:
+            enc = self._memo[key] = {k: v for k, v in self._tok(text, **kwargs).items()}
+        return _Encoding({k: (list(v) if isinstance(v, list) else v) for k, v in enc.items()})
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._tok, name, value)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+
+def cached_source(src: "ExpertSource") -> "ExpertSource":
+    """``src`` with its tower wrapped in a :class:`CachedTower` (itself if it already is)."""
+    if isinstance(src.tower, CachedTower):
+        return src
+    return dataclasses_replace(src, tower=CachedTower(src.tower))
 
 
 def hf_expert(name: str, modality: str, tower: nn.Module, *, llm: str | Path | None = None,
@@ -751,6 +845,7 @@ def mmer_search(model: MultimodalLM, base, experts: Sequence[ExpertSource], reco
 
     parts0: MMERParts = model.mmer_parts  # type: ignore[attr-defined]
     rows, cache = [], {}
+    base = base if isinstance(base, nn.Module) else load_causal_lm(base)  # read once for every λ
     for lam in tqdm(lams, desc="MMER lambda/alpha", disable=not progress):
         parts = remask(parts0, base, experts, lam)
         cache[lam] = parts
@@ -917,7 +1012,8 @@ def forgetting_experiment(zoo, expert: str, new_task: str | Sequence[str] = ("fi
 
 
 __all__ = [
-    "ExpertSource", "MMERParts", "compose_damc", "compose_expert", "compose_frozen", "compose_mmer",
+    "CachedTokenizer", "CachedTower", "ExpertSource", "MMERParts", "cached_source", "compose_damc", "compose_expert",
+    "compose_frozen", "compose_mmer",
     "compose_naive_mc", "damc_lambda_from_own_tasks", "damc_lambda_search", "damc_llm", "disk_bytes",
     "forgetting_experiment", "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm", "load_mmer_parts",
     "merge_llm", "mmer_llm", "mmer_mask", "mmer_parts", "mmer_parts_from_merge", "mmer_search", "remask",

@@ -211,6 +211,7 @@ class _Evaluator:
                  progress: bool = False) -> None:
         self.z, self.cache_dir, self.scoring, self.device = z, cache_dir, scoring, device
         self.batch_size = batch_size
+        self.search_cache: Path | None = None  # where ZooComposer keeps searches (set by _context)
         self._inputs: dict[str, dict] = {}
         self.hits = 0
         self.misses = 0
@@ -224,7 +225,11 @@ class _Evaluator:
     def _file(self, model_key: str, records: Sequence[Mapping]) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = _hash({"model": model_key, "records": records_digest(records), "scoring": self.scoring})
+        from .evaluate import shared_prefix_enabled
+
+        # the log-likelihood scorer also picks DAMC's λ (loglik search), whatever the scoring here
+        extra = {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
+        key = _hash({"model": model_key, "records": records_digest(records), "scoring": self.scoring, **extra})
         return self.cache_dir / f"{key}.csv"
 
     def cached(self, model_key: str, records: Sequence[Mapping]) -> pd.DataFrame | None:
@@ -302,6 +307,7 @@ def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None =
                        tasks: Sequence[str] | None = None, val_fraction: float = 0.5, split_seed: int = 0
                        ) -> _Setting:
     """The capability family of ``zoo`` as a merge setting (experts ``capability-<task>-<variant>-s<seed>``)."""
+    from .compose import CachedTokenizer, CachedTower
     from .mllm import MultimodalLM
     from .world import PLACEHOLDERS
 
@@ -327,16 +333,20 @@ def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None =
     val, test = {}, {}
     for t in tasks:
         val[t], test[t] = split_records(z.capability_eval(t), val_fraction, split_seed)
-    tok = z.tokenizer()
+    tok = CachedTokenizer(z.tokenizer())
     notes = {}
     trained_proj = [n for s in seeds for n in experts[s] if z.info(n).get("train_projector")]
     notes["projector"] = ("base VLM's projector (the benchmark keeps the base's vision side)"
                           + (f"; experts {trained_proj} trained their own projector, not used by merges"
                              if trained_proj else "; the experts did not train theirs, so it equals theirs"))
 
+    towers: dict = {}
+
     def build(llm, seed):
-        tower = z.load_tower("capability-base")
-        return MultimodalLM(llm, tok, {"image": tower}, {"image": PLACEHOLDERS["image"]})
+        # one frozen tower for every merged model, its outputs memoised (bit-identical to recomputing)
+        if "image" not in towers:
+            towers["image"] = CachedTower(z.load_tower("capability-base").eval().requires_grad_(False))
+        return MultimodalLM(llm, tok, {"image": towers["image"]}, {"image": PLACEHOLDERS["image"]})
 
     bh = {"base": _base_hash(z), "capability-base": z.info("capability-base").get("hash"),
           "split": [val_fraction, split_seed]}
@@ -381,16 +391,18 @@ def modality_setting(zoo, seeds: Sequence[int] | None = None, modalities: Sequen
     val = {k: [r for r in v if set(_record_mods(r)) <= set(mods)] for k, v in val.items()}
     if not val or not any(val.values()):
         raise FileNotFoundError(f"zoo {z.path}: no MCUB-mini validation split (mcub/val.json) to choose lambda on")
-    tok = z.tokenizer()
+    tok = C.CachedTokenizer(z.tokenizer())
     srcs_cache: dict[int, list] = {}
 
     def sources(seed):
+        # the towers are frozen and shared by every merged model of the seed: outputs memoised
         if seed not in srcs_cache:
-            srcs_cache[seed] = [C.zoo_expert(z, n) for n in experts[seed]]
+            srcs_cache[seed] = [C.cached_source(C.zoo_expert(z, n)) for n in experts[seed]]
         return srcs_cache[seed]
 
     def build(llm, seed):
-        return C.compose_frozen(llm, sources(seed), tok)
+        # compose_frozen without its defensive deep copy: every caller passes a fresh LLM module
+        return C._mllm(llm, tok, sources(seed))
 
     setting = _Setting(z, "modality", experts, paths, val, test, build,
                        {"base": _base_hash(z), "mods": mods, "max_items": max_items},
@@ -489,7 +501,7 @@ class _MergedLLM:
             if missing:
                 raise KeyError(f"merged tensors {missing[:3]} are not parameters of the loaded LLM")
             self._theta1 = {n: sd[n].detach().clone() for n in self._merged_names}
-        llm = self.setting.z.load_base_llm()
+        llm = _base_llm_copy(self.setting)
         with torch.no_grad():
             sd = llm.state_dict()
             for n, t1 in self._theta1.items():
@@ -500,6 +512,17 @@ class _MergedLLM:
                     t0 = target.detach().float()
                     target.copy_((t0 + lam * (t1.float() - t0)).to(target.dtype))
         return llm
+
+
+def _base_llm_copy(setting: _Setting):
+    """A fresh copy of the base LLM (read from disk once per setting, then deep-copied: the same
+    weights as ``z.load_base_llm()``, without re-reading the checkpoint for every λ)."""
+    import copy
+
+    base = setting.__dict__.get("_base_llm")
+    if base is None:
+        base = setting.__dict__["_base_llm"] = setting.z.load_base_llm()
+    return copy.deepcopy(base)
 
 
 def _model_key(setting: _Setting, seed: int, what: Mapping) -> str:
@@ -608,11 +631,14 @@ def _context(z, device: str, cache: bool | str | Path, out, write: bool, scoring
     base_out = Path(out) if out is not None else default_out(z)
     if cache is True:
         cache_dir = base_out / "cache" / "experiments"
+        search_cache = base_out / "cache" / "search"  # run_results' (out/cache/search): shared searches
     elif cache:
         cache_dir = Path(cache)
+        search_cache = cache_dir / "search"
     else:
-        cache_dir = None
+        cache_dir = search_cache = None
     ev = _Evaluator(z, cache_dir, scoring, dev, progress=progress)
+    ev.search_cache = search_cache
     return ev, (base_out if write else None)
 
 
@@ -728,7 +754,10 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
     skipped = []
     mods = setting.base_hash["mods"]
     for seed in setting.experts:
-        comp = ZooComposer(z, seed, expert_kind="full", search=True, val_records=setting.val_sets["mcub-val"])
+        # DAMC's λ search is cached beside run_results' (out/cache/search): the same composition on
+        # the same validation split as notebooks 02-04, searched once
+        comp = ZooComposer(z, seed, expert_kind="full", search=True, val_records=setting.val_sets["mcub-val"],
+                           load_inputs=ev.load, search_cache=ev.search_cache)
         for c in compositions:
             if comp.members(c, mods) is None:
                 skipped.append({"seed": seed, "row": method_label(c), "why": "a member is missing from the zoo"})

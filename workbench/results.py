@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from .paths import results_dir
-from .evaluate import mcnemar_exact, predict, summarize
+from .evaluate import CachedInputs, mcnemar_exact, predict, shared_prefix_enabled, summarize
 
 RESULTS_VERSION = "1"
 COMPOSITIONS = ("expert", "damc_expert", "frozen", "naive_mc", "damc", "mmer", "oracle")
@@ -151,6 +151,12 @@ def cached(cache_dir: Path | None, parts: Mapping, compute: Callable[[], pd.Data
     return df, False
 
 
+def _scorer_key() -> dict:
+    """Cache-key entry of the log-likelihood scorer: none for the reference
+    (``score_options_batch``, so existing caches stay valid), a tag for the shared-prefix scorer."""
+    return {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
+
+
 def records_digest(records: Sequence[Mapping]) -> str:
     return hashlib.sha256(json.dumps([(r["id"], r["conversations"][1]["value"]) for r in records]).encode()).hexdigest()[:16]
 
@@ -163,18 +169,50 @@ class ZooComposer:
                  search_dir: Path | None = None, val_records: Sequence[Mapping] | None = None,
                  damc_grid: Sequence[float] = (0.25, 0.5, 0.75, 1.0), mmer_lams: Sequence[float] = (0.5, 1.0, 2.0),
                  mmer_alphas: Sequence[float] = (0.5, 1.0, 1.5), mmer_merge: str = "ties",
-                 progress: bool = False) -> None:
+                 progress: bool = False, load_inputs: Callable | None = None,
+                 search_cache: Path | None = None) -> None:
+        from . import compose as C
         from .world import Zoo
 
         self.zoo = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
         self.seed, self.expert_kind, self.search = seed, expert_kind, search
         self.search_dir = search_dir
+        self.search_cache = Path(search_cache) if search_cache is not None else None
         self.val = list(val_records) if val_records is not None else self._val()
         self.damc_grid, self.mmer_lams, self.mmer_alphas = tuple(damc_grid), tuple(mmer_lams), tuple(mmer_alphas)
         self.mmer_merge = mmer_merge
         self.progress = progress
-        self.tok = self.zoo.tokenizer()
+        # shared by every composition of this seed: the records' inputs (read once), the tokenised
+        # prompts and options, and the experts' frozen towers with their outputs (encoded once)
+        self.load = load_inputs if load_inputs is not None else CachedInputs(self.zoo.load_inputs)
+        self.tok = C.CachedTokenizer(self.zoo.tokenizer())
+        self._sources: dict = {}
+        self._base = None
+        self.mmer_parts0: dict = {}  # mods -> MMER parts before the search (λ = 1; for storage.csv)
         self.notes: dict = {}
+
+    def source(self, name: str):
+        """The zoo expert ``name`` (:func:`workbench.compose.zoo_expert`) with a cached tower, loaded once."""
+        from . import compose as C
+
+        if name not in self._sources:
+            self._sources[name] = C.cached_source(C.zoo_expert(self.zoo, name))
+        return self._sources[name]
+
+    def base_llm(self):
+        """The base LLM θ0, read once (:func:`workbench.compose.load_causal_lm`, as the compositions
+        would read it from ``zoo.base_path``)."""
+        from . import compose as C
+
+        if self._base is None:
+            self._base = C.load_causal_lm(self.zoo.base_path)
+        return self._base
+
+    def release(self) -> None:
+        """Drop the loaded experts, their cached tower outputs and the base LLM (reloaded when needed)."""
+        self._sources.clear()
+        self.mmer_parts0.clear()
+        self._base = None
 
     def _val(self) -> list[dict]:
         try:
@@ -222,10 +260,14 @@ class ZooComposer:
         names = self.members(method, mods)
         if names is None:
             return None
-        base = self.zoo.base_path
+        base = self.base_llm()  # the compositions deep-copy it (never modify it)
         if method == "oracle":
-            return self.zoo.load_expert(names[0])
-        srcs = [C.zoo_expert(self.zoo, n) for n in names]
+            model = self.zoo.load_expert(names[0])
+            for m in list(model.towers):
+                model.towers[m] = C.CachedTower(model.towers[m])
+            model.tokenizer = self.tok
+            return model
+        srcs = [self.source(n) for n in names]
         if method in ("expert", "damc_expert"):
             return C.compose_expert(base, srcs[0], self.tok)
         if method == "frozen":
@@ -234,13 +276,13 @@ class ZooComposer:
             return C.compose_naive_mc(base, srcs, self.tok)
         tag = f"{combo_tag(mods)}-s{self.seed}"
         val = [r for r in self.val if set(record_modalities(r)) <= set(mods)]
-        load = self.zoo.load_inputs
+        load = self.load
         if method == "damc":
             model = C.compose_damc(base, srcs, self.tok)
             if self.search and len(srcs) > 1:
                 if val:
-                    best, _ = C.damc_lambda_search(model, val, load, grid=C.lambda_grid(len(srcs), self.damc_grid),
-                                                   csv=self._csv(f"damc_lambda_{tag}.csv"), progress=self.progress)
+                    grid = C.lambda_grid(len(srcs), self.damc_grid)
+                    best = self._damc_search(model, mods, val, grid, self._csv(f"damc_lambda_{tag}.csv"))
                     rule = "val-grid"
                 else:
                     own = {m: self.zoo.own_eval(m) for m in mods}
@@ -253,6 +295,7 @@ class ZooComposer:
             return model
         if method == "mmer":
             model = C.compose_mmer(base, srcs, self.tok, merge_method=self.mmer_merge)
+            self.mmer_parts0[tuple(mods)] = model.mmer_parts
             if self.search and val:
                 (lam, alpha), _ = C.mmer_search(model, base, srcs, val, load, lams=self.mmer_lams,
                                                 alphas=self.mmer_alphas, csv=self._csv(f"mmer_lambda_alpha_{tag}.csv"),
@@ -264,6 +307,40 @@ class ZooComposer:
 
     def _csv(self, name: str) -> Path | None:
         return None if self.search_dir is None else self.search_dir / name
+
+    def _damc_search(self, model, mods: Sequence[str], val: Sequence[Mapping], grid: Sequence[tuple],
+                     csv: Path | None) -> tuple:
+        """:func:`workbench.compose.damc_lambda_search`, its outcome (best λ and the grid table) kept
+        under ``search_cache`` by a hash of its inputs (the experts' hashes, the validation records,
+        the grid): notebook 06 composes the same DAMC model on the same split as 02-04 and reuses
+        their search. A hit leaves the model at the same λ and writes the same CSV."""
+        import io
+
+        from . import compose as C
+
+        f = None
+        if self.search_cache is not None:
+            key = cache_key({"kind": "damc_lambda_search", "zoo": self.model_hashes("damc", mods),
+                             "mods": list(mods), "route_order": list(model.route_order), "val": records_digest(val),
+                             "grid": [list(g) for g in grid], "scoring": "loglik", **_scorer_key()})
+            f = self.search_cache / f"damc-{key}.json"
+            if f.is_file():
+                hit = json.loads(f.read_text())
+                best = tuple(float(v) for v in hit["best"])
+                C.set_damc_coefficients(model, best)
+                if csv is not None:
+                    csv.parent.mkdir(parents=True, exist_ok=True)
+                    csv.write_text(hit["csv"])
+                return best
+        best, df = C.damc_lambda_search(model, val, self.load, grid=grid, csv=csv, progress=self.progress)
+        if f is not None:
+            buf = io.StringIO()
+            df.to_csv(buf, index=False)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"best": list(best), "csv": buf.getvalue()}))
+            tmp.replace(f)
+        return best
 
 
 # ============================================================================================ the run
@@ -322,12 +399,17 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
                     jobs.append((seed, method, f"own:{m}", tuple(mods_all), rs))
     composers: dict[int, ZooComposer] = {}
     models: dict[tuple, object] = {}
+    load = CachedInputs(z.load_inputs)  # every record's inputs read once for the whole run
     bar = tqdm(jobs, desc=f"results {z.manifest.get('preset', preset)}", disable=not progress)
     for seed, method, bench, mods, recs in bar:
         comp = composers.get(seed)
         if comp is None:
+            for other in composers.values():
+                other.release()  # jobs run seed by seed: free the previous seed's experts
             comp = composers[seed] = ZooComposer(z, seed, expert_kind=expert_kind, search=search,
-                                                 search_dir=out / "search", progress=False, **composer_kw)
+                                                 search_dir=out / "search", progress=False, load_inputs=load,
+                                                 search_cache=None if cache_dir is None else cache_dir / "search",
+                                                 **composer_kw)
         if comp.members(method, mods) is None:
             skipped.append({"seed": seed, "method": method, "benchmark": bench, "combo": combo_tag(mods),
                             "why": "a member is missing from the zoo"})
@@ -338,7 +420,8 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
             continue
         for scoring in scorings:
             parts = {"zoo": comp.model_hashes(method, mods), "settings": comp.settings(method),
-                     "mods": list(mods), "records": records_digest(recs), "scoring": scoring, "benchmark": bench}
+                     "mods": list(mods), "records": records_digest(recs), "scoring": scoring, "benchmark": bench,
+                     **_scorer_key()}
 
             def compute():
                 key = (seed, method, tuple(mods))
@@ -346,7 +429,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
                     models.clear()  # keep one composed model in memory at a time
                     models[key] = comp.build(method, mods)
                 m = models[key]
-                df = predict(m, recs, z.load_inputs, scoring=scoring, method=method, seed=seed)
+                df = predict(m, recs, load, scoring=scoring, method=method, seed=seed)
                 df["benchmark"], df["combo"] = bench, combo_tag(mods)
                 return df
 
@@ -378,6 +461,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
            "benchmarks": list(bench_recs), "own_tasks": list(own), "scorings": list(scorings),
            "expert_kind": expert_kind, "search": search, "max_items": max_items, "evaluated": n_eval,
            "cached": n_cached, "skipped": skipped, "notes": notes, "seconds": round(time.time() - t0, 1),
+           "shared_prefix": shared_prefix_enabled(),
            "results_version": RESULTS_VERSION}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
     return {"predictions": pred, "summary": summary, "retention": retention, "paired": paired,
@@ -401,10 +485,12 @@ def _storage_row(z, comp: ZooComposer, mods: Sequence[str], out: Path, seed: int
     names = comp.members("mmer", mods)
     if names is None:
         return None
-    srcs = [C.zoo_expert(z, n) for n in names]
+    srcs = [comp.source(n) for n in names]
     folder = out / "mmer_parts" / f"{combo_tag(mods)}-s{seed}"
+    parts = comp.mmer_parts0.pop(tuple(mods), None)  # the same call compose_mmer made (λ = 1), if it ran
     if not (folder / "mmer.json").is_file():
-        parts = C.mmer_parts(z.base_path, srcs, merge_method=comp.mmer_merge)
+        if parts is None:
+            parts = C.mmer_parts(z.base_path, srcs, merge_method=comp.mmer_merge)
         C.save_mmer_parts(parts, folder)
     paths = [s.llm if s.kind == "full" else s.adapter for s in srcs]
     rep = C.storage_comparison([folder / "tau_star.safetensors", folder / "masks.safetensors"], paths)

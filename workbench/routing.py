@@ -22,10 +22,12 @@ tokens is skipped (it cannot touch the others' outputs). Tokens of a route witho
 base weight. When the current input's token shape differs from the stored ``route_ids`` (KV-cache
 decode steps) or no routes are set, every token uses route 0 (text).
 
-Cost: a masked route unpacks its mask and forms ``mask ⊙ shared`` transiently at every forward call
-(measured on CPU, 1 thread, a 4-layer hidden-512 Llama, 512 tokens spread over 5 routes: 3.6x the
-plain forward for MMER's dense text route + 4 masked routes, 1.6x for 5 LoRA routes of rank 16);
-stored memory is the base + one shared tensor per module + 1 bit per entry per masked route.
+Cost: a masked route forms ``mask ⊙ shared`` at its first forward call and keeps it until the mask
+or the shared tensor changes (:func:`set_masked_cache` turns this off: then it is re-formed at every
+call - measured on CPU, 1 thread, a 4-layer hidden-512 Llama, 512 tokens spread over 5 routes: 3.6x
+the plain forward for MMER's dense text route + 4 masked routes, 1.6x for 5 LoRA routes of rank 16);
+stored memory (state dict, :func:`storage_bytes`) is the base + one shared tensor per module + 1 bit
+per entry per masked route; the cache adds one dense matrix per masked route while it is on.
 
 Training: :func:`add_lora_routes` adds trainable LoRA factors per route (peft initialisation: A
 Kaiming-uniform, B zero), :func:`add_dense_routes` trainable zero-initialised full deltas;
@@ -38,6 +40,7 @@ import contextlib
 import json
 import math
 import re
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +64,39 @@ class RoutedModule(nn.Module):
 @contextlib.contextmanager
 def token_routes(model: nn.Module, route_ids: torch.Tensor | None) -> Iterator[None]:
     """Set ``route_ids`` ([batch, seq] long) on every :class:`RoutedModule` in ``model``."""
-    routed = [m for m in model.modules() if isinstance(m, RoutedModule)]
+    routed = [m for _, m in _named_routed(model)]
     previous = [m.route_ids for m in routed]
+    # a plain attribute: skip nn.Module.__setattr__'s parameter/buffer/module bookkeeping
     for m in routed:
-        m.route_ids = route_ids
+        m.__dict__["route_ids"] = route_ids
     try:
         yield
     finally:
         for m, prev in zip(routed, previous):
-            m.route_ids = prev
+            m.__dict__["route_ids"] = prev
+
+
+def _named_routed(model: nn.Module) -> list[tuple[str, RoutedModule]]:
+    """``(name, module)`` of every :class:`RoutedModule` in ``model``, in ``named_modules`` order
+    (each module once) - without walking the route components inside a :class:`RoutedLinear`
+    (they hold no routed module; walking them dominated the cost of every routed forward call)."""
+    out: list[tuple[str, RoutedModule]] = []
+    memo: set = set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if module in memo:
+            return
+        memo.add(module)
+        if isinstance(module, RoutedModule):
+            out.append((prefix, module))
+        if isinstance(module, RoutedLinear):
+            return
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, prefix + ("." if prefix else "") + name)
+
+    walk(model, "")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,13 +225,22 @@ class _DenseSharedC(_Component):
 
 
 class _MaskedC(_Component):
-    """``alpha · unpack(mask) ⊙ shared``; the mask is a packed uint8 buffer (1 bit per entry). The
-    masked matrix exists only transiently during the forward call."""
+    """``alpha · unpack(mask) ⊙ shared``; the mask is a packed uint8 buffer (1 bit per entry).
+
+    ``mask ⊙ shared`` (without ``alpha``) is cached after the first forward call (``cache_masked``,
+    default :data:`MASKED_CACHE`; :func:`set_masked_cache` switches it per model) and re-formed only
+    when the mask or the shared tensor changes: ``set_mask``, a new buffer (``.to()``), an in-place
+    edit (the tensor's version counter). ``alpha`` is applied after the product, as without the cache,
+    so the output is bit-identical and an α change needs no invalidation. The cache is a plain
+    attribute (not a buffer): it is not saved and not counted by :func:`storage_bytes`, but holds one
+    dense matrix per masked route while it lives."""
 
     def __init__(self, index: int, packed: torch.Tensor, shape: Sequence[int], alpha: float) -> None:
         super().__init__()
         self.index, self.unit, self.shape = int(index), float(alpha), tuple(shape)
         self.register_buffer("mask_packed", packed.contiguous())
+        self.cache_masked = MASKED_CACHE
+        self._masked_cache: tuple | None = None
 
     @property
     def alpha(self) -> float:
@@ -219,11 +255,22 @@ class _MaskedC(_Component):
         if mask.dtype != torch.uint8 or mask.numel() != self.mask_packed.numel():
             raise ConfigError(f"packed mask must be uint8 with {self.mask_packed.numel()} bytes")
         self.mask_packed = mask.to(self.mask_packed.device).contiguous()
+        self._masked_cache = None
+
+    def clear_cache(self) -> None:
+        self._masked_cache = None
 
     def masked(self, owner: "RoutedLinear") -> torch.Tensor:
-        """``mask ⊙ shared`` (transient; ``alpha`` not applied)."""
+        """``mask ⊙ shared`` (``alpha`` not applied); cached while mask and shared tensor are unchanged."""
         d = owner.shared_tensor(self.index)
-        return d * unpack_mask_bits(self.mask_packed, self.shape)
+        m = self.mask_packed
+        c = self._masked_cache
+        if c is not None and c[0] is d and c[1] == d._version and c[2] is m and c[3] == m._version:
+            return c[4]
+        w = d * unpack_mask_bits(m, self.shape)
+        # the key holds the tensors themselves, so a freed tensor's address cannot be mistaken for it
+        self._masked_cache = (d, d._version, m, m._version, w) if self.cache_masked else None
+        return w
 
     def matrix(self, owner: "RoutedLinear") -> torch.Tensor:
         return self.masked(owner) * self.alpha
@@ -234,6 +281,22 @@ class _MaskedC(_Component):
 
     def dense(self, owner: "RoutedLinear") -> torch.Tensor:
         return self.matrix(owner).float()
+
+
+#: Default of ``_MaskedC.cache_masked`` for masked routes created from now on.
+MASKED_CACHE = True
+
+
+def set_masked_cache(model: nn.Module, enabled: bool) -> int:
+    """Switch the cache of the masked matrices (``mask ⊙ shared``) of every masked route of
+    ``model`` on or off (off also frees what is cached). Returns how many components changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _MaskedC):
+            m.cache_masked = bool(enabled)
+            m.clear_cache()
+            n += 1
+    return n
 
 
 class _Route(nn.Module):
@@ -359,24 +422,52 @@ class RoutedLinear(RoutedModule):
             # no routes set, or a decode step whose length differs from the prompt's: text route.
             r0 = self.routes["0"] if "0" in self.routes else None
             return y if r0 is None else y + r0(x, self).to(y.dtype)
-        rid = rid.reshape(-1).to(x.device)
         xf = x.reshape(n_tok, x.shape[-1])
         yf = y.reshape(n_tok, y.shape[-1])
-        for key, route in self.routes.items():
-            sel = rid == int(key)
-            cnt = int(sel.sum())
+        # without autograd, y (a fresh output) is updated in place: the same sums, no copies
+        inplace = not torch.is_grad_enabled()
+        for key, cnt, idx in _route_plan(rid, x.device, tuple(self.routes.keys())):
             if cnt == 0:
                 continue  # the empty-route trap: never touch the other routes' outputs
+            route = self.routes[key]
             if cnt == n_tok:
-                yf = yf + route(xf, self).to(yf.dtype)
+                d = route(xf, self).to(yf.dtype)
+                yf = yf.add_(d) if inplace else yf + d
                 continue
-            idx = sel.nonzero().squeeze(1)
-            yf = yf.index_add(0, idx, route(xf.index_select(0, idx), self).to(yf.dtype))
+            d = route(xf.index_select(0, idx), self).to(yf.dtype)
+            yf = yf.index_add_(0, idx, d) if inplace else yf.index_add(0, idx, d)
         return yf.reshape(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"routes={self.route_keys()}, shared={self._n_shared}")
+
+
+# The token positions of every route, shared by all the routed modules of one forward call (they
+# see the same route_ids tensor): computed once per route_ids tensor instead of once per module.
+# The key holds the tensor itself (identity + version counter), so it cannot match another tensor;
+# one cache per thread.
+_PLAN_LOCAL = threading.local()
+
+
+def _route_plan(rid: torch.Tensor, device: torch.device, keys: tuple[str, ...]
+                ) -> list[tuple[str, int, torch.Tensor | None]]:
+    """``[(route key, n tokens, token indices)]`` for ``keys`` (in that order) under ``rid``."""
+    c = getattr(_PLAN_LOCAL, "cache", None)
+    if c is None:
+        c = _PLAN_LOCAL.cache = {"rid": None}
+    if c["rid"] is not rid or c["version"] != rid._version or c["device"] != device:
+        c.clear()
+        c.update(rid=rid, version=rid._version, device=device, flat=rid.reshape(-1).to(device), plans={})
+    plan = c["plans"].get(keys)
+    if plan is None:
+        flat, n, plan = c["flat"], c["flat"].numel(), []
+        for key in keys:
+            sel = flat == int(key)
+            cnt = int(sel.sum())
+            plan.append((key, cnt, sel.nonzero().squeeze(1) if 0 < cnt < n else None))
+        c["plans"][keys] = plan
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,7 +512,7 @@ def routed_linear(model: nn.Module, name: str) -> RoutedLinear:
 
 def routed_modules(model: nn.Module) -> dict[str, RoutedLinear]:
     """Every :class:`RoutedLinear` of ``model`` by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, RoutedLinear)}
+    return {n: m for n, m in _named_routed(model) if isinstance(m, RoutedLinear)}
 
 
 def apply_routes(llm: nn.Module, route_deltas: Mapping[int, Mapping[str, RouteSpec]], *,
@@ -652,5 +743,5 @@ __all__ = [
     "Dense", "LowRank", "Masked", "RoutedLinear", "RoutedModule", "add_dense_routes", "add_lora_routes",
     "apply_routes", "linear_names", "load_route_adapter", "materialize_route", "remove_routes",
     "route_components", "route_parameters", "routed_linear", "routed_modules", "save_route_adapter",
-    "set_route_coefficients", "storage_bytes", "token_routes",
+    "set_masked_cache", "set_route_coefficients", "storage_bytes", "token_routes",
 ]
