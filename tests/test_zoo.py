@@ -21,9 +21,12 @@ def tiny_zoo() -> Zoo:
 
 def test_plan_default_has_everything():
     names = [j.name for j in plan_jobs("default")]
+    lora_seeds = PRESETS["default"]["lora"]["seeds"]
     for m in ("image", "audio", "video", "point"):
         for s in (0, 1, 2):
-            assert f"{m}-full-s{s}" in names and f"{m}-lora-s{s}" in names
+            assert f"{m}-full-s{s}" in names and f"{m}-damc-s{s}" in names
+            # LoRA modality experts exactly for the preset's LoRA seeds
+            assert (f"{m}-lora-s{s}" in names) == (s in lora_seeds)
     for t in ("vqa", "geometry", "chart", "ocr", "grounding"):
         assert f"capability-{t}-full-s0" in names and f"capability-{t}-lora-s0" in names
     assert "oracle-s0" in names
@@ -64,6 +67,9 @@ def test_rebuild_is_cached(tiny_zoo):
     assert z.manifest["models"].keys() == tiny_zoo.manifest["models"].keys()
     for name, e in z.manifest["models"].items():
         assert e["hash"] == tiny_zoo.manifest["models"][name]["hash"]
+    # a cache check is not a build: the manifest keeps the time of the build that made the models
+    assert z.manifest["build_wall_seconds"] == tiny_zoo.manifest["build_wall_seconds"]
+    assert z.manifest["built"] == tiny_zoo.manifest["built"]
 
 
 def test_second_build_waits_for_the_first(tiny_zoo):

@@ -748,6 +748,7 @@ def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, 
                 results[j.name] = s
                 continue
         todo.append(j)
+    n_trained = len(todo)
     ctx = {"root": str(root), "data": str(droot), "preset": preset, "cfg": cfg, "progress": False}
     t_start = time.time()
     bar = tqdm(total=len(todo), desc=f"zoo {preset}", disable=not progress)
@@ -784,12 +785,16 @@ def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, 
                 bar.update(1)
                 bar.set_postfix_str(f"{j.name} {secs:.0f}s")
     bar.close()
-    _write_manifest(root, droot, preset, cfg, plan, results, time.time() - t_start, complete=not only)
+    _write_manifest(root, droot, preset, cfg, plan, results, time.time() - t_start, complete=not only,
+                    n_trained=n_trained)
     return Zoo(root)
 
 
 def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[Job], results: dict,
-                    wall: float, complete: bool = True) -> None:
+                    wall: float, complete: bool = True, n_trained: int = 1) -> None:
+    """Write ``zoo.json``. ``n_trained``: jobs this build ran; with none, the manifest keeps the
+    ``built`` time and ``build_wall_seconds`` of the build that made the models (a cache check is
+    not a build)."""
     models, jobs = {}, {}
     for j in plan:
         r = results[j.name]
@@ -800,8 +805,16 @@ def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[
             models[j.name] = dict(res["manifest"], path=j.out, hash=r["hash"], job_seconds=r["seconds"])
         elif j.kind in ("encoder", "base", "tokenizer", "data"):
             jobs[j.name]["result"] = res
+    built, wall = time.strftime("%Y-%m-%dT%H:%M:%S"), round(wall, 1)
+    prev = root / "zoo.json"
+    if not n_trained and prev.exists():  # nothing was trained: keep the record of the build that made these models
+        try:
+            old = json.loads(prev.read_text())
+            built, wall = old.get("built", built), old.get("build_wall_seconds", wall)
+        except (OSError, ValueError):
+            pass
     manifest = {"preset": preset, "world_version": WORLD_VERSION, "data_dir": str(droot), "complete": complete,
-                "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_wall_seconds": round(wall, 1),
+                "built": built, "build_wall_seconds": wall,
                 "total_job_seconds": round(sum(results[j.name]["seconds"] for j in plan), 1),
                 "config": cfg, "jobs": jobs, "models": models}
     tmp = root / "zoo.json.tmp"
