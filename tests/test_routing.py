@@ -378,7 +378,19 @@ def test_masked_cache_is_bit_identical_and_invalidated():
             rl.shared_0.mul_(2.0)
     out_s = run(llm)
     assert torch.equal(out_s, run(ref)) and not torch.equal(out_s, out_m)
+    # matrices above the size cap are never cached (a 7B model would hold one dense LLM per route)
+    import workbench.routing as R
+    cap = R.MASKED_CACHE_MAX_NUMEL
+    try:
+        R.MASKED_CACHE_MAX_NUMEL = min(c.shape[0] * c.shape[1] for c in comps) - 1
+        set_masked_cache(llm, True)
+        assert torch.equal(run(llm), out_s)
+        assert all(c._masked_cache is None for c in comps)
+    finally:
+        R.MASKED_CACHE_MAX_NUMEL = cap
     # switching the cache off frees it
+    run(llm)
+    assert all(c._masked_cache is not None for c in comps)
     set_masked_cache(llm, False)
     assert all(c._masked_cache is None for c in comps)
     assert torch.equal(run(llm), out_s)

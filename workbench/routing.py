@@ -27,7 +27,8 @@ or the shared tensor changes (:func:`set_masked_cache` turns this off: then it i
 call - measured on CPU, 1 thread, a 4-layer hidden-512 Llama, 512 tokens spread over 5 routes: 3.6x
 the plain forward for MMER's dense text route + 4 masked routes, 1.6x for 5 LoRA routes of rank 16);
 stored memory (state dict, :func:`storage_bytes`) is the base + one shared tensor per module + 1 bit
-per entry per masked route; the cache adds one dense matrix per masked route while it is on.
+per entry per masked route; the cache adds one dense matrix per masked route while it is on, for
+matrices up to ``MASKED_CACHE_MAX_NUMEL`` entries (the mini zoo's; not a 7B model's).
 
 Training: :func:`add_lora_routes` adds trainable LoRA factors per route (peft initialisation: A
 Kaiming-uniform, B zero), :func:`add_dense_routes` trainable zero-initialised full deltas;
@@ -233,7 +234,8 @@ class _MaskedC(_Component):
     edit (the tensor's version counter). ``alpha`` is applied after the product, as without the cache,
     so the output is bit-identical and an α change needs no invalidation. The cache is a plain
     attribute (not a buffer): it is not saved and not counted by :func:`storage_bytes`, but holds one
-    dense matrix per masked route while it lives."""
+    dense matrix per masked route while it lives - only for matrices of at most
+    :data:`MASKED_CACHE_MAX_NUMEL` entries (larger ones are re-formed at every call)."""
 
     def __init__(self, index: int, packed: torch.Tensor, shape: Sequence[int], alpha: float) -> None:
         super().__init__()
@@ -269,7 +271,8 @@ class _MaskedC(_Component):
             return c[4]
         w = d * unpack_mask_bits(m, self.shape)
         # the key holds the tensors themselves, so a freed tensor's address cannot be mistaken for it
-        self._masked_cache = (d, d._version, m, m._version, w) if self.cache_masked else None
+        keep = self.cache_masked and d.numel() <= MASKED_CACHE_MAX_NUMEL
+        self._masked_cache = (d, d._version, m, m._version, w) if keep else None
         return w
 
     def matrix(self, owner: "RoutedLinear") -> torch.Tensor:
@@ -285,6 +288,10 @@ class _MaskedC(_Component):
 
 #: Default of ``_MaskedC.cache_masked`` for masked routes created from now on.
 MASKED_CACHE = True
+#: Largest matrix (entries) whose masked copy is cached: caching every route's dense matrix would
+#: cost one full LLM per expert at 7B scale (what MMER's 1-bit masks exist to avoid), so matrices
+#: above this (4 MB in float32; a 7B model's are 16M-45M entries) are re-formed at every call.
+MASKED_CACHE_MAX_NUMEL = 1 << 20
 
 
 def set_masked_cache(model: nn.Module, enabled: bool) -> int:
