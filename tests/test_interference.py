@@ -389,6 +389,7 @@ def test_cuda_matches_cpu(world):
 def test_coded_counts_equal_sign_gram_counts(N, monkeypatch):
     """The code-histogram counts (N <= 8) equal the sign-Gram-matrix counts, and every float sum is unchanged."""
     import workbench.analysis.interference as I
+    import workbench.masks as M
 
     g = torch.Generator().manual_seed(N)
     taus = (torch.randn(N, 3001, generator=g) * 2).round() / 2  # zeros, ties and cancellations
@@ -408,6 +409,7 @@ def test_streamed_profile_equals_materialised_task_vectors(world):
     products can differ in the last bit when a view's rows are not SIMD-aligned (BLAS remainder
     paths), so the chunk here is a multiple of 16 entries."""
     import workbench.analysis.interference as I
+    import workbench.masks as M
 
     tmp, base, taus, paths = world
     prof = profile_interference(tmp / "base", paths, device="cpu", progress=False, chunk_size=64, seed=4)
@@ -444,9 +446,10 @@ def test_kth_largest_equals_numpy_partition():
     bf16-like values (many exact ties), a constant row, k = 1 and k = n, and rows on both sides of
     the size where the histogram path starts."""
     import workbench.analysis.interference as I
+    import workbench.masks as M
 
     rng = np.random.default_rng(0)
-    n = I._RADIX_MIN + 12345
+    n = M.RADIX_MIN + 12345
     rows = {
         "gauss": np.abs(rng.standard_normal(n)).astype(np.float32),
         "ties_zeros": np.abs(np.round(rng.standard_normal(n) * 4) / 4).astype(np.float32),  # ~40% zeros
@@ -462,25 +465,26 @@ def test_kth_largest_equals_numpy_partition():
         for k in sorted({1, 2, 3, m // 7, m // 5, m // 2, m - 1, m}):
             if k < 1:
                 continue
-            assert I._kth_largest(a.copy(), k) == _partition_kth(a, k), (name, k)
+            assert M.kth_largest_nonneg(a.copy(), k) == _partition_kth(a, k), (name, k)
     # the histogram filled piece by piece (as the streamed profile does) gives the same answer
     a = rows["ties_zeros"]
-    hist = torch.zeros(I._HI_BINS, dtype=torch.int64)
+    hist = torch.zeros(M.HI_BINS, dtype=torch.int64)
     for lo in range(0, n, 5000):
-        I._hist_hi16(torch.from_numpy(a[lo:lo + 5000]), hist, torch.empty(4096, dtype=torch.int32))
-    assert I._kth_largest(a, n // 5, hist) == _partition_kth(a, n // 5)
+        M.hist_hi16(torch.from_numpy(a[lo:lo + 5000]), hist, torch.empty(4096, dtype=torch.int32))
+    assert M.kth_largest_nonneg(a, n // 5, hist) == _partition_kth(a, n // 5)
     with pytest.raises(ValueError):
-        I._kth_largest(a, 0)
+        M.kth_largest_nonneg(a, 0)
     with pytest.raises(ValueError):
-        I._kth_largest(a, n + 1)
+        M.kth_largest_nonneg(a, n + 1)
 
 
 def test_topk_threshold_equals_partition_of_signed_rows():
     """Signed rows (negative values, -0.0, ties): the threshold is the k-th largest |tau|; k = n gives 0."""
     import workbench.analysis.interference as I
+    import workbench.masks as M
 
     g = torch.Generator().manual_seed(3)
-    x = (torch.randn(3, I._RADIX_MIN + 999, generator=g) * 3).round() / 3
+    x = (torch.randn(3, M.RADIX_MIN + 999, generator=g) * 3).round() / 3
     x[1, ::3] = -0.0
     x[2] = -x[2].abs()  # all non-positive
     for topk in (0.01, 0.2, 0.5, 0.999, 1.0):
@@ -498,9 +502,10 @@ def test_streamed_radix_path_equals_materialised_task_vectors(world, monkeypatch
     """Force the histogram select (and several histogram pieces) on the small world's tensors: the
     streamed profile still equals tensor_stats over the full task vectors."""
     import workbench.analysis.interference as I
+    import workbench.masks as M
 
-    monkeypatch.setattr(I, "_RADIX_MIN", 8)
-    monkeypatch.setattr(I, "_RADIX_PIECE", 40)
+    monkeypatch.setattr(M, "RADIX_MIN", 8)
+    monkeypatch.setattr(M, "RADIX_PIECE", 40)
     tmp, base, taus, paths = world
     prof = profile_interference(tmp / "base", paths, device="cpu", progress=False, chunk_size=64, seed=4)
     for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
@@ -539,6 +544,7 @@ def test_threads_setting_is_restored_and_counts_do_not_depend_on_it(world):
 # ----------------------------------------------------------------------------------- sampled estimate
 def test_stratified_index_one_entry_per_stratum():
     import workbench.analysis.interference as I
+    import workbench.masks as M
 
     for n, m in ((10, 3), (1000, 1000), (12345, 100), (2**24 + 7, 4096)):
         idx = I._stratified_index(n, m, seed=5)

@@ -142,3 +142,23 @@ def test_pack_roundtrip_cuda():
     m = torch.rand(33, 17, device="cuda") > 0.5
     assert torch.equal(unpack_mask(pack_mask(m), m.shape), m)
     assert torch.equal(pack_mask(m).cpu(), pack_mask(m.cpu()))
+
+
+def test_kth_largest_radix_path_equals_numpy_partition():
+    """``kth_largest`` on a large non-negative float32 tensor (the TIES trim's |tau|) takes the radix
+    select and returns numpy.partition's value; signed values, -0.0 and float64 take numpy.partition."""
+    import numpy as np
+    from workbench.masks import RADIX_MIN, kth_largest
+
+    g = torch.Generator().manual_seed(5)
+    n = RADIX_MIN * 3 + 17
+    x = (torch.randn(n, generator=g) * 3).round() / 3  # many ties
+    cases = {"abs": x.abs(), "signed": x, "neg_zero": torch.where(x == 0, torch.tensor(-0.0), x.abs()),
+             "f64": x.abs().double(), "zeros": torch.zeros(n)}
+    for name, t in cases.items():
+        before = t.clone()
+        a = t.numpy()
+        for k in (1, 2, n // 5, n // 2, n - 1, n):
+            want = float(np.partition(a, n - k)[n - k])
+            assert kth_largest(t, k) == want, (name, k)
+        assert torch.equal(t, before)  # never modified

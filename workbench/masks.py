@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
-    "pack_mask", "unpack_mask", "mask_density", "topk_keep_mask", "kth_largest", "threshold_keep_mask",
+    "pack_mask", "unpack_mask", "mask_density", "topk_keep_mask", "kth_largest", "kth_largest_nonneg", "threshold_keep_mask",
     "ties_keep_masks", "dare_keep_mask", "mmer_masks", "tall_masks",
 ]
 
@@ -105,21 +106,73 @@ def topk_keep_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
     return tau != 0
 
 
+#: rows shorter than this go straight to ``numpy.partition`` (the 2**15-bin histogram costs more)
+RADIX_MIN = 1 << 14
+HI_BINS = 1 << 15  # bins of the high 16 bits of a non-negative float32 (the sign bit is 0)
+RADIX_PIECE = 1 << 18
+
+
+def hist_hi16(x: torch.Tensor, hist: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+    """``hist += bincount(bits(x) >> 16)`` for a non-negative contiguous float32 CPU ``x`` (in pieces)."""
+    bits = x.view(torch.int32)
+    n = bits.numel()
+    if scratch is None:
+        scratch = torch.empty(min(n, RADIX_PIECE), dtype=torch.int32)
+    for lo in range(0, n, scratch.numel()):
+        p = bits[lo:lo + scratch.numel()]
+        hist += torch.bincount(torch.bitwise_right_shift(p, 16, out=scratch[:p.numel()]), minlength=HI_BINS)
+
+
+def kth_largest_nonneg(a: np.ndarray, k: int, hist: torch.Tensor | None = None) -> float:
+    """The ``k``-th largest entry (``1 <= k <= n``) of a 1-D non-negative float32 array, exactly
+    ``numpy.partition(a, n - k)[n - k]``, by a radix select.
+
+    Non-negative float32 values order like their bit patterns as integers, so a histogram of the
+    high 16 bits (``hist``, from :func:`hist_hi16`; computed here when ``None``) gives the bin
+    that holds the k-th largest; only that bin's entries are partitioned (typically well under 1%
+    of the row). About 1.5 ns per entry against about 5-7 ns for ``numpy.partition`` of the row.
+    ``a`` must not contain ``-0.0`` or other negative values (pass ``|x|``); NaN sorts last, as in
+    ``numpy.partition``.
+    """
+    n = a.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if a.dtype != np.float32 or n < RADIX_MIN:
+        return float(np.partition(a, n - k)[n - k])
+    if hist is None:
+        hist = torch.zeros(HI_BINS, dtype=torch.int64)
+        hist_hi16(torch.from_numpy(a), hist)
+    above = hist.flip(0).cumsum(0).flip(0)  # above[b] = #entries whose high bits are >= b (non-increasing)
+    b = int((above >= k).sum()) - 1  # the largest b with above[b] >= k: the bin of the k-th largest
+    rest = k - (int(above[b + 1]) if b + 1 < HI_BINS else 0)  # its rank inside bin b (1 = largest)
+    bits = a.view(np.int32)
+    parts = []
+    for lo in range(0, n, RADIX_PIECE):  # pieces: the mask stays in cache
+        p = bits[lo:lo + RADIX_PIECE]
+        parts.append(p[(p >> 16) == b])
+    cand = np.concatenate(parts).view(np.float32)
+    m = cand.shape[0]
+    return float(np.partition(cand, m - rest)[m - rest])
+
+
 def kth_largest(values: torch.Tensor, k: int) -> float:
     """The ``k``-th largest entry of a flat tensor (``1 <= k <= numel``), exactly, as a Python float.
 
-    On CPU, float32/float64 go through ``numpy.partition`` on a copy (introselect, linear time:
-    about 20x faster there than ``torch.kthvalue``, which it equals); other dtypes and devices
-    use ``torch.kthvalue``. ``values`` is not modified.
+    On CPU, a non-negative float32 tensor (``|tau|``: no negative value, no ``-0.0``) of at least
+    :data:`RADIX_MIN` entries goes through :func:`kth_largest_nonneg` (exact radix select); other
+    float32/float64 CPU tensors through ``numpy.partition`` on a copy (introselect, linear time:
+    about 20x faster there than ``torch.kthvalue``, which it equals); other dtypes and devices use
+    ``torch.kthvalue``. ``values`` is not modified.
     """
     flat = values.reshape(-1)
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64) and not flat.requires_grad:
-        import numpy as np
-
-        a = flat.numpy().copy()
+        a = flat.contiguous().numpy()
+        if a.dtype == np.float32 and n >= RADIX_MIN and not (a.view(np.int32) < 0).any():
+            return kth_largest_nonneg(a, k)
+        a = a.copy()
         a.partition(n - k)
         return float(a[n - k])
     return float(torch.kthvalue(flat, n - k + 1).values)

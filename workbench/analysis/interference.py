@@ -59,6 +59,7 @@ import pandas as pd
 import torch
 
 from ..device import resolve_device
+from .. import masks as M
 from ..errors import CheckpointError, ConfigError
 from .store import atomic_write, save_frames, save_json
 
@@ -231,61 +232,12 @@ def _open_base(path: str | Path):
 
 
 # ----------------------------------------------------------------------------------- per-tensor kernel
-#: rows shorter than this go straight to ``numpy.partition`` (the 2**15-bin histogram costs more)
-_RADIX_MIN = 1 << 14
-_HI_BINS = 1 << 15  # bins of the high 16 bits of a non-negative float32 (the sign bit is 0)
-_RADIX_PIECE = 1 << 18
-
-
-def _hist_hi16(x: torch.Tensor, hist: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
-    """``hist += bincount(bits(x) >> 16)`` for a non-negative contiguous float32 CPU ``x`` (in pieces)."""
-    bits = x.view(torch.int32)
-    n = bits.numel()
-    if scratch is None:
-        scratch = torch.empty(min(n, _RADIX_PIECE), dtype=torch.int32)
-    for lo in range(0, n, scratch.numel()):
-        p = bits[lo:lo + scratch.numel()]
-        hist += torch.bincount(torch.bitwise_right_shift(p, 16, out=scratch[:p.numel()]), minlength=_HI_BINS)
-
-
-def _kth_largest(a: np.ndarray, k: int, hist: torch.Tensor | None = None) -> float:
-    """The ``k``-th largest entry (``1 <= k <= n``) of a 1-D non-negative float32 array, exactly
-    ``numpy.partition(a, n - k)[n - k]``, by a radix select.
-
-    Non-negative float32 values order like their bit patterns as integers, so a histogram of the
-    high 16 bits (``hist``, from :func:`_hist_hi16`; computed here when ``None``) gives the bin
-    that holds the k-th largest; only that bin's entries are partitioned (typically well under 1%
-    of the row). About 1.5 ns per entry against about 5-7 ns for ``numpy.partition`` of the row.
-    ``a`` must not contain ``-0.0`` or other negative values (pass ``|x|``); NaN sorts last, as in
-    ``numpy.partition``.
-    """
-    n = a.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    if a.dtype != np.float32 or n < _RADIX_MIN:
-        return float(np.partition(a, n - k)[n - k])
-    if hist is None:
-        hist = torch.zeros(_HI_BINS, dtype=torch.int64)
-        _hist_hi16(torch.from_numpy(a), hist)
-    above = hist.flip(0).cumsum(0).flip(0)  # above[b] = #entries whose high bits are >= b (non-increasing)
-    b = int((above >= k).sum()) - 1  # the largest b with above[b] >= k: the bin of the k-th largest
-    rest = k - (int(above[b + 1]) if b + 1 < _HI_BINS else 0)  # its rank inside bin b (1 = largest)
-    bits = a.view(np.int32)
-    parts = []
-    for lo in range(0, n, _RADIX_PIECE):  # pieces: the mask stays in cache
-        p = bits[lo:lo + _RADIX_PIECE]
-        parts.append(p[(p >> 16) == b])
-    cand = np.concatenate(parts).view(np.float32)
-    m = cand.shape[0]
-    return float(np.partition(cand, m - rest)[m - rest])
-
-
 def topk_threshold(abs_tau: torch.Tensor, topk: float) -> torch.Tensor:
     """Per-row magnitude threshold of the top ``topk`` fraction: the k-th largest ``|tau|`` of each row.
 
     ``abs_tau`` is ``[N, n]`` (magnitudes; signed values work too, the absolute value is taken row by row); ``k = max(1, round(topk * n))``. An entry is in the top-k when
     ``|tau| >= threshold`` and ``tau != 0`` (ties at the threshold are all kept). On CPU the
-    selection is an exact radix select (:func:`_kth_largest`: a histogram of the float32 bit
+    selection is an exact radix select (:func:`workbench.masks.kth_largest_nonneg`: a histogram of the float32 bit
     patterns' high half, then ``numpy.partition`` of the one bin that holds the k-th largest -
     the same value as ``numpy.partition`` of the row, several times faster) one row at a time
     (one row of extra memory); on other devices ``torch.kthvalue``.
@@ -298,7 +250,7 @@ def topk_threshold(abs_tau: torch.Tensor, topk: float) -> torch.Tensor:
     for i in range(abs_tau.shape[0]):  # one row at a time: one row of extra memory
         row = abs_tau[i].abs()
         if row.device.type == "cpu":
-            out[i] = _kth_largest(row.contiguous().numpy(), k)
+            out[i] = M.kth_largest_nonneg(row.contiguous().numpy(), k)
         else:
             out[i] = torch.kthvalue(row, n - k + 1).values
     return out
@@ -588,7 +540,7 @@ def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enam
 
     Each ``tau_i`` is rebuilt on demand from the stored tensors (``main - base`` in float32, the
     same values as :func:`iter_task_vectors`): once per expert into one reused row buffer for
-    the finiteness check and the top-k threshold (an exact radix select, :func:`_kth_largest`,
+    the finiteness check and the top-k threshold (an exact radix select, :func:`workbench.masks.kth_largest_nonneg`,
     whose histogram is filled piece by piece while the row is built), then per column chunk
     ``[N, chunk]`` for the sums (the same chunks, so the same float sums and DARE draws as
     :func:`tensor_stats`; the base chunk is cast to float32 once per chunk and also gives
@@ -628,18 +580,18 @@ def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enam
     if not 0.0 < topk <= 1.0:
         raise ConfigError(f"topk must be in (0, 1], got {topk}")
     k = max(1, min(numel, int(round(topk * numel)))) if numel else 1
-    radix = k < numel and numel >= _RADIX_MIN
+    radix = k < numel and numel >= M.RADIX_MIN
     thr = torch.zeros(N, dtype=torch.float32)
     bad = []
     row = torch.empty(numel, dtype=torch.float32)
     zeros = torch.zeros(min(numel, _PIECE), dtype=torch.float32)
     bbuf = torch.empty(min(numel, _PIECE), dtype=torch.float32)
-    scratch = torch.empty(min(numel, _RADIX_PIECE), dtype=torch.int32) if radix else None
+    scratch = torch.empty(min(numel, M.RADIX_PIECE), dtype=torch.int32) if radix else None
     for i in range(N):
         if mains[i][0] is None:
             continue  # tau = 0: finite, threshold 0 (the k-th largest of zeros)
         finite = True
-        hist = torch.zeros(_HI_BINS, dtype=torch.int64) if radix else None
+        hist = torch.zeros(M.HI_BINS, dtype=torch.int64) if radix else None
         for lo in range(0, numel, _PIECE):
             hi = min(numel, lo + _PIECE)
             piece = fill(i, lo, hi, row[lo:hi], base_piece(lo, hi, bbuf))
@@ -647,12 +599,12 @@ def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enam
             finite = finite and bool(torch.isfinite(torch.dot(piece, zeros[:hi - lo])))
             piece.abs_()
             if radix and finite:
-                _hist_hi16(piece, hist, scratch)  # while the piece is in cache
+                M.hist_hi16(piece, hist, scratch)  # while the piece is in cache
         if not finite:
             bad.append(enames[i])
             continue
         if k < numel:
-            thr[i] = _kth_largest(row.numpy(), k, hist)
+            thr[i] = M.kth_largest_nonneg(row.numpy(), k, hist)
     if bad:
         raise CheckpointError(f"non-finite task vector for expert(s) {bad}", file=base_path, tensor=name)
     del row, zeros, bbuf, scratch
