@@ -121,6 +121,12 @@ def shared_prefix_enabled(shared_prefix: bool | None = None) -> bool:
     return SHARED_PREFIX if shared_prefix is None else bool(shared_prefix)
 
 
+def scorer_key() -> dict:
+    """Cache-key entry of the log-likelihood scorer: none for the reference
+    (``score_options_batch``, so existing caches stay valid), a tag for the shared-prefix scorer."""
+    return {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
+
+
 @torch.no_grad()
 def score_options_shared_prefix(model, prompts: Sequence[str], modal_inputs: Sequence, options: Sequence[Sequence[str]],
                                 batch_size: int = 16) -> list[torch.Tensor]:

@@ -225,11 +225,11 @@ class _Evaluator:
     def _file(self, model_key: str, records: Sequence[Mapping]) -> Path | None:
         if self.cache_dir is None:
             return None
-        from .evaluate import shared_prefix_enabled
+        from .evaluate import scorer_key
 
         # the log-likelihood scorer also picks DAMC's λ (loglik search), whatever the scoring here
-        extra = {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
-        key = _hash({"model": model_key, "records": records_digest(records), "scoring": self.scoring, **extra})
+        key = _hash({"model": model_key, "records": records_digest(records), "scoring": self.scoring,
+                     **scorer_key()})
         return self.cache_dir / f"{key}.csv"
 
     def cached(self, model_key: str, records: Sequence[Mapping]) -> pd.DataFrame | None:

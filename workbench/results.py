@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from .paths import results_dir
-from .evaluate import CachedInputs, mcnemar_exact, predict, shared_prefix_enabled, summarize
+from .evaluate import CachedInputs, mcnemar_exact, predict, scorer_key, shared_prefix_enabled, summarize
 
 RESULTS_VERSION = "1"
 COMPOSITIONS = ("expert", "damc_expert", "frozen", "naive_mc", "damc", "mmer", "oracle")
@@ -149,12 +149,6 @@ def cached(cache_dir: Path | None, parts: Mapping, compute: Callable[[], pd.Data
     df.to_csv(tmp, index=False)
     tmp.replace(f)
     return df, False
-
-
-def _scorer_key() -> dict:
-    """Cache-key entry of the log-likelihood scorer: none for the reference
-    (``score_options_batch``, so existing caches stay valid), a tag for the shared-prefix scorer."""
-    return {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
 
 
 def records_digest(records: Sequence[Mapping]) -> str:
@@ -322,7 +316,7 @@ class ZooComposer:
         if self.search_cache is not None:
             key = cache_key({"kind": "damc_lambda_search", "zoo": self.model_hashes("damc", mods),
                              "mods": list(mods), "route_order": list(model.route_order), "val": records_digest(val),
-                             "grid": [list(g) for g in grid], "scoring": "loglik", **_scorer_key()})
+                             "grid": [list(g) for g in grid], "scoring": "loglik", **scorer_key()})
             f = self.search_cache / f"damc-{key}.json"
             if f.is_file():
                 hit = json.loads(f.read_text())
@@ -421,7 +415,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
         for scoring in scorings:
             parts = {"zoo": comp.model_hashes(method, mods), "settings": comp.settings(method),
                      "mods": list(mods), "records": records_digest(recs), "scoring": scoring, "benchmark": bench,
-                     **_scorer_key()}
+                     **scorer_key()}
 
             def compute():
                 key = (seed, method, tuple(mods))
