@@ -403,24 +403,35 @@ def test_coded_counts_equal_sign_gram_counts(N, monkeypatch):
         assert torch.equal(coded[k], legacy[k]), k
 
 
+
+def _streamed_and_direct(world, names):
+    """Profile the small world on CPU (chunk 64, seed 4) and compare, for each tensor in ``names``,
+    its per-expert sums with tensor_stats over the full [N, n] task vectors (same chunks, same
+    DARE draws): every per-expert column equal. Returns the profile and ``{name: (rows, stats)}``."""
+    import workbench.analysis.interference as I
+
+    tmp, base, taus, paths = world
+    prof = profile_interference(tmp / "base", paths, device="cpu", progress=False, chunk_size=64, seed=4)
+    out = {}
+    for name in names:
+        stack = torch.stack([t[name].reshape(-1) for t in taus])
+        gen = torch.Generator().manual_seed(I._seed_for(4, name))
+        st = tensor_stats(stack, topk=0.2, dare_p=0.2, generator=gen, chunk_size=64)
+        pe = prof.per_expert[prof.per_expert["tensor"] == name].reset_index(drop=True)
+        for k in ("nonzero", "topk_kept", "topk_opposed", "elect_opposed", "ties_survived", "ties_survived_sq",
+                  "ties_share_sq", "dare_kept_n", "dare_kept_sq"):
+            assert pe[k].tolist() == st[k].tolist(), (name, k)
+        out[name] = (pe, st)
+    return prof, out
+
 def test_streamed_profile_equals_materialised_task_vectors(world):
     """The CPU profile rebuilds tau chunk by chunk from the stored tensors: the same sums as
     tensor_stats over the full [N, n] task vectors (same chunks, same DARE draws). Float32 Gram
     products can differ in the last bit when a view's rows are not SIMD-aligned (BLAS remainder
     paths), so the chunk here is a multiple of 16 entries."""
-    import workbench.analysis.interference as I
-    import workbench.masks as M
-
-    tmp, base, taus, paths = world
-    prof = profile_interference(tmp / "base", paths, device="cpu", progress=False, chunk_size=64, seed=4)
     name = "model.embed_tokens.weight"
-    stack = torch.stack([t[name].reshape(-1) for t in taus])
-    gen = torch.Generator().manual_seed(I._seed_for(4, name))
-    st = tensor_stats(stack, topk=0.2, dare_p=0.2, generator=gen, chunk_size=64)
-    pe = prof.per_expert[prof.per_expert["tensor"] == name].reset_index(drop=True)
-    for k in ("nonzero", "topk_kept", "topk_opposed", "elect_opposed", "ties_survived", "ties_survived_sq",
-              "ties_share_sq", "dare_kept_n", "dare_kept_sq"):
-        assert pe[k].tolist() == st[k].tolist(), k
+    _, stats = _streamed_and_direct(world, [name])
+    pe, st = stats[name]
     assert pe["tau_sq"].tolist() == torch.diagonal(st["gram"]).tolist()
 
 
@@ -501,21 +512,11 @@ def test_topk_threshold_equals_partition_of_signed_rows():
 def test_streamed_radix_path_equals_materialised_task_vectors(world, monkeypatch):
     """Force the histogram select (and several histogram pieces) on the small world's tensors: the
     streamed profile still equals tensor_stats over the full task vectors."""
-    import workbench.analysis.interference as I
     import workbench.masks as M
 
     monkeypatch.setattr(M, "RADIX_MIN", 8)
     monkeypatch.setattr(M, "RADIX_PIECE", 40)
-    tmp, base, taus, paths = world
-    prof = profile_interference(tmp / "base", paths, device="cpu", progress=False, chunk_size=64, seed=4)
-    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
-        stack = torch.stack([t[name].reshape(-1) for t in taus])
-        gen = torch.Generator().manual_seed(I._seed_for(4, name))
-        st = tensor_stats(stack, topk=0.2, dare_p=0.2, generator=gen, chunk_size=64)
-        pe = prof.per_expert[prof.per_expert["tensor"] == name].reset_index(drop=True)
-        for k in ("nonzero", "topk_kept", "topk_opposed", "elect_opposed", "ties_survived", "ties_survived_sq",
-                  "ties_share_sq", "dare_kept_n", "dare_kept_sq"):
-            assert pe[k].tolist() == st[k].tolist(), (name, k)
+    _streamed_and_direct(world, ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"])
 
 
 # ----------------------------------------------------------------------------------- threads

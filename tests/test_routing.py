@@ -136,12 +136,19 @@ def test_all_tokens_on_one_route_equal_separate_materialised_model(route):
     assert (got - base).abs().max() > 1e-3  # the deltas matter
 
 
-def test_mixed_routes_equal_brute_force_reference():
-    llm = tiny_llm()
+def routed_and_reference(llm):
+    """``llm`` with random routes applied (a deep copy) and its brute-force reference:
+    ``(routed, specs, dense, reference, holder)``."""
     specs, dense = random_routes(llm)
     routed = copy.deepcopy(llm)
     apply_routes(routed, specs)
     ref, holder = brute_force_model(llm, dense)
+    return routed, specs, dense, ref, holder
+
+
+def test_mixed_routes_equal_brute_force_reference():
+    llm = tiny_llm()
+    routed, specs, dense, ref, holder = routed_and_reference(llm)
     ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(6))
     rid = torch.randint(0, 3, (3, 10), generator=torch.Generator().manual_seed(7))
     holder["rid"] = rid
@@ -155,10 +162,7 @@ def test_mixed_routes_equal_brute_force_reference():
 def test_empty_route_does_not_zero_the_others():
     """The trap: a route with no tokens in the batch must leave the other routes' outputs intact."""
     llm = tiny_llm()
-    specs, dense = random_routes(llm)
-    routed = copy.deepcopy(llm)
-    apply_routes(routed, specs)
-    ref, holder = brute_force_model(llm, dense)
+    routed, specs, dense, ref, holder = routed_and_reference(llm)
     ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(8))
     rid = torch.tensor([[0, 0, 2, 2, 2, 0, 0, 0], [0, 2, 2, 0, 0, 0, 0, 0]])  # route 1 absent
     holder["rid"] = rid
@@ -178,11 +182,8 @@ def test_empty_route_does_not_zero_the_others():
 
 def test_decode_step_uses_text_route():
     llm = tiny_llm()
-    specs, dense = random_routes(llm)
-    routed = copy.deepcopy(llm)
-    apply_routes(routed, specs)
+    routed, specs, dense, ref_bf, holder = routed_and_reference(llm)
     ref_text = materialised(llm, dense[0])
-    ref_bf, holder = brute_force_model(llm, dense)
     ids = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(9))
     nxt = torch.tensor([[11]])
     rid = torch.tensor([[0, 1, 1, 2, 2, 0, 0]])
@@ -400,11 +401,7 @@ def test_route_plan_follows_the_route_ids_and_grad_mode():
     """The token positions per route are computed once per route_ids tensor and shared by the
     modules: a new tensor, or the same one edited in place, gets its own; the in-place (no-grad)
     accumulation equals the autograd path exactly."""
-    plain = tiny_llm()
-    specs, dense = random_routes(plain)
-    llm = copy.deepcopy(plain)
-    apply_routes(llm, specs)
-    ref, holder = brute_force_model(plain, dense)
+    llm, specs, dense, ref, holder = routed_and_reference(tiny_llm())
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(4))
     rid = torch.tensor([[0, 1, 1, 2, 0, 0], [2, 2, 0, 1, 0, 2]])
     outs = []
