@@ -42,7 +42,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from synthetic import LlamaShape, folder_bytes, parse_count, write_checkpoints  # noqa: E402
+from synthetic import (LlamaShape, evict_page_cache, folder_bytes, parse_count, resident_fraction,  # noqa: E402
+                       write_checkpoints)
 
 
 CHILD = r"""
@@ -102,7 +103,20 @@ print(json.dumps({{"seconds": secs, "work_cpu_seconds": work_cpu, "cpu_seconds":
 
 
 def run_child(mode: str, folders: list[Path], device: str, threads: int, *, profile_threads: int | None = 1,
-              sample: int | None = None) -> dict:
+              sample: int | None = None, cold: bool = False) -> dict:
+    """One measured subprocess; ``cold``: the checkpoints' page cache is dropped first (the fraction
+    still resident is recorded as ``resident_before``)."""
+    resident = None
+    if cold:
+        evict_page_cache(folders)
+        resident = resident_fraction(folders)
+    out = _run_child(mode, folders, device, threads, profile_threads=profile_threads, sample=sample)
+    out["resident_before"] = resident
+    return out
+
+
+def _run_child(mode: str, folders: list[Path], device: str, threads: int, *, profile_threads: int | None,
+               sample: int | None) -> dict:
     code = CHILD.format(root=str(ROOT), threads=threads, folders=[str(f) for f in folders], mode=mode, device=device,
                         profile_threads=profile_threads, sample=sample)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -124,6 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "i.e. keep --threads)")
     ap.add_argument("--sample", type=parse_count, default=65536,
                     help="also time the sampled estimate with this many entries per tensor (0: skip)")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the checkpoints' page cache before every timed run (floor and profiles): reads "
+                         "come from the disk, as for checkpoints larger than memory (4 x 7B + base)")
     ap.add_argument("--tiny", action="store_true", help="tiny shape class below 50M params (smoke tests)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
@@ -145,14 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
         total_bytes = sum(folder_bytes(f) for f in folders)
         print(f"model: {n_params / 1e6:.1f}M params/model ({shape}), base + {args.experts} experts, bf16, "
               f"{total_bytes / 1e9:.2f} GB on disk, written in {write_s:.1f}s", flush=True)
-        floor1 = run_child("floor", folders, args.device, args.threads)
-        prof = run_child("profile", folders, args.device, args.threads, profile_threads=pthreads)
-        samp = (run_child("profile", folders, args.device, args.threads, profile_threads=pthreads, sample=args.sample)
-                if args.sample else None)
-        floor2 = run_child("floor", folders, args.device, args.threads)
+        cold = args.cold
+        floor1 = run_child("floor", folders, args.device, args.threads, cold=cold)
+        prof = run_child("profile", folders, args.device, args.threads, profile_threads=pthreads, cold=cold)
+        samp = (run_child("profile", folders, args.device, args.threads, profile_threads=pthreads, sample=args.sample,
+                          cold=cold) if args.sample else None)
+        floor2 = run_child("floor", folders, args.device, args.threads, cold=cold)
         floors = [floor1, floor2]
         if args.threads > 1:  # one more at 1 thread: on a loaded machine it can be much the faster
-            floors.append(run_child("floor", folders, args.device, 1))
+            floors.append(run_child("floor", folders, args.device, 1, cold=cold))
         floor = min(floors, key=lambda r: r["seconds"])
         floor_work_cpu = min(r["work_cpu_seconds"] for r in floors)
         ratio = prof["seconds"] / floor["seconds"]
@@ -168,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "cpu_ratio": prof["cpu_seconds"] / max(floor["cpu_seconds"], 1e-9),
                   "floor_work_cpu_s": floor_work_cpu,
                   "profile_work_cpu_s": prof["work_cpu_seconds"], "work_cpu_ratio": work_cpu_ratio(prof),
-                  "profile_threads": pthreads, "sample": args.sample or None,
+                  "profile_threads": pthreads, "sample": args.sample or None, "cold": cold,
+                  "resident_before": {"floor": [r["resident_before"] for r in floors],
+                                      "profile": prof["resident_before"]},
                   "load_avg_1m": os.getloadavg()[0], "io_wait_in_profile_s": prof.get("io_wait_s"),
                   "floor_peak_rss_mb": floor["maxrss_kb"] / 1024, "floor_peak_anon_mb": floor["peak_anon_kb"] / 1024,
                   "profile_peak_rss_mb": prof["maxrss_kb"] / 1024, "profile_peak_anon_mb": prof["peak_anon_kb"] / 1024,
@@ -181,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
                            "sampled_cpu_s": samp["cpu_seconds"],
                            "sampled_cpu_ratio": samp["cpu_seconds"] / max(floor["cpu_seconds"], 1e-9),
                            "sampled_peak_anon_mb": samp["peak_anon_kb"] / 1024})
+        if cold:
+            print(f"COLD reads: page cache dropped before each run; resident before: floor runs "
+                  f"{[r['resident_before'] for r in floors]}, profile {prof['resident_before']} (fraction of the bytes)")
         runs = ", ".join(f"{r['seconds']:.2f}s" for r in floors)
         print(f"I/O floor (read every tensor): {floor['seconds']:.2f}s  (runs: {runs}"
               f"{' - the last at 1 thread' if len(floors) > 2 else ''}; {total_bytes / floor['seconds'] / 1e9:.2f} GB/s)")

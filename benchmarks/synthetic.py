@@ -237,6 +237,65 @@ def folder_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
+def _files(folders) -> list[Path]:
+    return sorted(f for d in folders for f in Path(d).rglob("*") if f.is_file())
+
+
+def evict_page_cache(folders) -> None:
+    """Drop the page cache of every file under ``folders`` (``posix_fadvise(DONTNEED)`` after a
+    ``sync``: dirty pages cannot be dropped), so the next read comes from the disk, as it does for
+    checkpoints larger than the machine's memory (four 7B experts + base: ~67 GB in bf16). Needs no
+    privileges; :func:`resident_fraction` tells whether it worked."""
+    import os
+    os.sync()
+    for f in _files(folders):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(folders) -> float | None:
+    """Fraction of the bytes of the files under ``folders`` that are in the page cache (``mincore``
+    on a read-only map of each file; ``None`` where that is unavailable)."""
+    import ctypes
+    import mmap
+    import os
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    page = mmap.PAGESIZE
+    total = resident = 0
+    for f in _files(folders):
+        size = f.stat().st_size
+        if size == 0:
+            continue
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                n = (size + page - 1) // page
+                vec = (ctypes.c_ubyte * n)()
+                if libc.mincore(addr, size, vec) != 0:
+                    return None
+                resident += sum(b & 1 for b in vec) * page
+                total += n * page
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+    return resident / total if total else None
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)

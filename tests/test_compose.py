@@ -615,7 +615,7 @@ def test_shared_prefix_scores_match_reference(tiny_llama, tiny_llama_experts, da
     """The opt-in shared-prefix scorer gives the reference's log-likelihoods (to float rounding) and
     the same predictions, on plain, MMER (masked routes) and DAMC (LoRA routes) compositions, with
     prompts of different lengths and options of different token counts."""
-    from workbench.evaluate import predict, score_options_shared_prefix
+    from workbench.evaluate import predict
 
     tok = tokenizer_of(tiny_llama)
     mmer = compose_mmer(tiny_llama, _mmer_experts(tiny_llama_experts), tok, merge_method="weight_average", lam=1.0)
@@ -627,7 +627,7 @@ def test_shared_prefix_scores_match_reference(tiny_llama, tiny_llama_experts, da
     for model in (frozen, mmer, damc):
         ref = model.score_options_batch(prompts, inputs, options)
         for bs in (1, 3, 16):
-            got = score_options_shared_prefix(model, prompts, inputs, options, batch_size=bs)
+            got = model.score_options_batch(prompts, inputs, options, batch_size=4 * bs, shared_prefix=True)
             for a, b in zip(ref, got):
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
                 assert int(a.argmax()) == int(b.argmax())

@@ -88,6 +88,35 @@ def test_forward_masks_prompt(model):
     assert abs(float(out.loss.detach()) - (-(float(sc[0]) + float(lp_eos)) / 2)) < 1e-4
 
 
+def test_length_buckets_give_the_same_loss_and_gradients(model):
+    """Bucketed training forward (sequences sorted by length, each group padded to its own longest,
+    losses weighted by the batch's answer-token count) = the one-batch mean over answer tokens."""
+    prompts = ["image: <image>\nwhat is in the input?\nanswer:", "w3 w4",
+               "audio: <audio> <audio> w5 w6 w7 w8 w9\nanswer:", "w10", "image: <image> w11"]
+    inputs = [{"image": [torch.ones(3)]}, {}, {"audio": [torch.ones(2), torch.ones(5)]}, {}, {"image": [torch.ones(7)]}]
+    answers = ["cat", "w12 w13 w14", "dog", "w15 w16", "w17"]
+    params = [p for p in model.parameters()]
+    grads = {}
+    for k in (1, 2, 3, 5, 9):
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = model(prompts, inputs, answers, length_buckets=k).loss
+            loss.backward()
+        grads[k] = (loss.detach(), [p.grad.clone() if p.grad is not None else None for p in params])
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref_grads = grads[1]
+    for k in (2, 3, 5, 9):
+        loss, g = grads[k]
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g, ref_grads):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a real change of the objective is visible: dropping one sequence changes the loss
+    other = model(prompts[:-1], inputs[:-1], answers[:-1], length_buckets=3).loss.detach()
+    assert abs(float(other) - float(ref_loss)) > 1e-4
+
+
 def test_generate_batch_equals_single_and_manual_greedy(model):
     prompts = ["image: <image>\nwhat is in the input?\nanswer:",
                "audio: <audio>\nimage: <image>\nwhich comes first? A. cat B. drum C. eagle D. flute\nanswer:"]

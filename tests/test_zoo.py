@@ -32,6 +32,22 @@ def test_plan_default_has_everything():
     assert "oracle-s0" in names
 
 
+def test_scheduler_starts_the_critical_path_first():
+    """Jobs with more (transitive) dependents start first: the base LLM, on which every expert waits,
+    before the encoders; counts match a direct closure over the dependency lists."""
+    from workbench.world.zoo import _n_dependents
+
+    plan = plan_jobs("default")
+    nd = _n_dependents(plan)
+    closure: dict[str, set[str]] = {}
+    for j in plan:  # dependencies come first in the plan: one pass builds every job's ancestors
+        closure[j.name] = set(j.deps).union(*(closure[d] for d in j.deps))
+    for j in plan:
+        assert nd[j.name] == sum(j.name in closure[k.name] for k in plan), j.name
+    assert nd["base"] > max(nd[f"encoder-{m}"] for m in ("image", "audio", "video", "point"))
+    assert nd["image-damc-s2"] == 0 and nd["image-projector-s0"] >= 3
+
+
 def test_tiny_zoo_builds_and_loads(tiny_zoo):
     z = tiny_zoo
     m = z.manifest
@@ -70,6 +86,7 @@ def test_rebuild_is_cached(tiny_zoo):
     # a cache check is not a build: the manifest keeps the time of the build that made the models
     assert z.manifest["build_wall_seconds"] == tiny_zoo.manifest["build_wall_seconds"]
     assert z.manifest["built"] == tiny_zoo.manifest["built"]
+    assert z.manifest["jobs_trained"] == tiny_zoo.manifest["jobs_trained"] >= 0
 
 
 def test_second_build_waits_for_the_first(tiny_zoo):

@@ -106,7 +106,7 @@ class CachedInputs:
 
 
 #: Default of ``predict(shared_prefix=None)``: on - each prompt runs once and its options are scored
-#: on the shared KV cache (:func:`score_options_shared_prefix`, 2.4-3x faster on the mini zoos, log-
+#: on the shared KV cache (``MultimodalLM.score_options_batch(shared_prefix=True)``, 2.4-3x faster on the mini zoos, log-
 #: likelihoods within ~1e-6 of the reference). ``False``: ``MultimodalLM.score_options_batch``, the
 #: reference that re-runs prompt + option per option. The two never share cache entries.
 SHARED_PREFIX = True
@@ -127,63 +127,6 @@ def scorer_key() -> dict:
     return {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
 
 
-@torch.no_grad()
-def score_options_shared_prefix(model, prompts: Sequence[str], modal_inputs: Sequence, options: Sequence[Sequence[str]],
-                                batch_size: int = 16) -> list[torch.Tensor]:
-    """What ``model.score_options_batch`` returns (per prompt, the summed log-likelihood of each
-    ``" " + option``), with each prompt run through the LLM **once** and its KV cache shared by
-    its options, instead of once per option (the reference re-runs prompt + option for every
-    option: ~4x the prompt's work for four options). Prompts are left-padded with explicit
-    position ids (as ``MultimodalLM.generate_batch``); option tokens are text (route 0).
-
-    Not bit-identical to the reference: the same sums in a different order / padding give
-    differences of order 1e-6 in the log-likelihoods (measured on the mini zoos: max 2.4e-6, no
-    changed argmax on 7360 records). The default (:data:`SHARED_PREFIX`); ``predict(shared_prefix=False)``
-    selects the reference."""
-    from .routing import token_routes
-
-    tok, dev = model.tokenizer, model.device
-    out: list[torch.Tensor] = []
-    for s in range(0, len(prompts), batch_size):
-        P, MI, OP = list(prompts[s:s + batch_size]), list(modal_inputs[s:s + batch_size]), options[s:s + batch_size]
-        emb, mask, routes, _ = model._pad(model._pieces(P, MI), left=True)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        with token_routes(model.llm, routes):
-            first = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
-        last = torch.log_softmax(first.logits[:, -1].float(), -1)
-        owners, ids = [], []
-        for b, opts in enumerate(OP):
-            for o in opts:
-                o_ids = tok(" " + o, add_special_tokens=False)["input_ids"]
-                if not o_ids:
-                    raise ValueError(f"option {o!r} tokenizes to nothing")
-                ids.append(o_ids)
-                owners.append(b)
-        n, L = len(ids), max(len(i) for i in ids)
-        own = torch.tensor(owners, dtype=torch.long, device=dev)
-        inp = torch.zeros(n, L, dtype=torch.long, device=dev)
-        omask = torch.zeros(n, L, dtype=torch.long, device=dev)
-        for k, o_ids in enumerate(ids):
-            inp[k, :len(o_ids)] = torch.tensor(o_ids, dtype=torch.long, device=dev)
-            omask[k, :len(o_ids)] = 1
-        past = first.past_key_values
-        past.reorder_cache(own)  # one copy of its prompt's keys/values per option
-        with token_routes(model.llm, torch.zeros(n, L, dtype=torch.long, device=dev)):
-            logits = model.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1),
-                               position_ids=pos[own, -1:] + 1 + torch.arange(L, device=dev).view(1, L),
-                               past_key_values=past, use_cache=True).logits
-        sc = last[own].gather(1, inp[:, :1]).squeeze(1)
-        if L > 1:
-            lp = torch.log_softmax(logits[:, :-1].float(), -1)
-            sc = sc + (lp.gather(-1, inp[:, 1:].unsqueeze(-1)).squeeze(-1) * omask[:, 1:]).sum(1)
-        sc = sc.cpu()
-        i = 0
-        for opts in OP:
-            out.append(sc[i:i + len(opts)])
-            i += len(opts)
-    return out
-
-
 def predict(model, records: Sequence[Mapping], load_inputs: Callable[[Mapping], dict],
             scoring: str = "loglik", method: str = "", seed: int | None = None, batch_size: int = 32,
             max_new_tokens: int = 8, shared_prefix: bool | None = None) -> pd.DataFrame:
@@ -191,8 +134,8 @@ def predict(model, records: Sequence[Mapping], load_inputs: Callable[[Mapping], 
 
     ``load_inputs(record) -> {modality: [tensor, ...]}`` loads a record's inputs. Returns one row
     per record with :data:`PRED_COLUMNS` (plus ``task``). ``shared_prefix`` (default
-    :data:`SHARED_PREFIX`, on): log-likelihoods by :func:`score_options_shared_prefix` instead of
-    ``model.score_options_batch``.
+    :data:`SHARED_PREFIX`, on): log-likelihoods by ``model.score_options_batch(shared_prefix=True)``
+    (each prompt once, options on its KV cache) instead of the per-option reference.
     """
     if scoring not in ("loglik", "generate"):
         raise ValueError(f"scoring must be 'loglik' or 'generate', got {scoring!r}")
@@ -205,7 +148,7 @@ def predict(model, records: Sequence[Mapping], load_inputs: Callable[[Mapping], 
         inputs = [load_inputs(r) for r in chunk]
         if scoring == "loglik":
             opts = [record_options(r) for r in chunk]
-            scores = (score_options_shared_prefix(model, prompts, inputs, opts) if shared
+            scores = (model.score_options_batch(prompts, inputs, opts, shared_prefix=True) if shared
                       else model.score_options_batch(prompts, inputs, opts))
             preds = [(LETTERS[int(torch.argmax(sc))] if r.get("choices") else o[int(torch.argmax(sc))])
                      for r, o, sc in zip(chunk, opts, scores)]

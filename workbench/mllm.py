@@ -170,17 +170,49 @@ class MultimodalLM(nn.Module):
         return emb, mask, routes
 
     def forward(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
-                answers: Sequence[str], answer_eos: bool = True):
+                answers: Sequence[str], answer_eos: bool = True, length_buckets: int = 1):
         """Training forward: the LM loss on the answer tokens only (prompt and modality tokens are
-        masked with -100). Returns the HF output (``.loss``, ``.logits``)."""
-        emb, mask, routes, labels = self._pad(self._pieces(prompts, modal_inputs, answers, answer_eos))
-        with token_routes(self.llm, routes):
-            return self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels, use_cache=False)
+        masked with -100), the mean over every answer token of the batch.
+
+        ``length_buckets=1`` returns the HF output (``.loss``, ``.logits``). ``length_buckets=k > 1``
+        sorts the sequences by length and runs the LLM on ``k`` groups, each padded only to its own
+        longest sequence; every group's loss is its token-sum divided by the batch's answer-token
+        count (HF ``num_items_in_batch``), so the summed ``.loss`` is the same mean (to float
+        rounding) at less padding (k = 3: ~30% less CPU per training step on the mini zoo, where
+        the longest sequence is ~1.6x the mean). Returns an object with ``.loss`` only."""
+        pieces = self._pieces(prompts, modal_inputs, answers, answer_eos)
+        if length_buckets <= 1 or len(pieces) < 2:
+            emb, mask, routes, labels = self._pad(pieces)
+            with token_routes(self.llm, routes):
+                return self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels, use_cache=False)
+        n_items = sum(int((p[2][1:] != -100).sum()) for p in pieces)  # HF shifts labels by one
+        order = sorted(range(len(pieces)), key=lambda i: pieces[i][0].shape[0])
+        k = min(int(length_buckets), len(pieces))
+        loss = None
+        for g in range(k):
+            group = [pieces[i] for i in order[g * len(order) // k:(g + 1) * len(order) // k]]
+            emb, mask, routes, labels = self._pad(group)
+            with token_routes(self.llm, routes):
+                part = self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels, use_cache=False,
+                                num_items_in_batch=n_items).loss
+            loss = part if loss is None else loss + part
+        return _Loss(loss)
 
     @torch.no_grad()
     def score_options_batch(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
-                            options: Sequence[Sequence[str]], batch_size: int = 64) -> list[torch.Tensor]:
-        """Per prompt, the summed log-likelihood of each option continuation (``" " + option``)."""
+                            options: Sequence[Sequence[str]], batch_size: int = 64,
+                            shared_prefix: bool = False) -> list[torch.Tensor]:
+        """Per prompt, the summed log-likelihood of each option continuation (``" " + option``).
+
+        ``shared_prefix=False`` (the reference): prompt + option is run once per option, ``batch_size``
+        sequences at a time. ``shared_prefix=True``: each prompt runs through the LLM **once** and its
+        KV cache is shared by its options (``batch_size // 4`` prompts at a time), ~4x less prompt
+        work with four options. Prompts are then left-padded with explicit position ids (as
+        :meth:`generate_batch`); option tokens are text (route 0). Not bit-identical: the same sums
+        in another order / padding differ by ~1e-6 (measured on the mini zoos: max 2.4e-6, no changed
+        argmax on 7360 records)."""
+        if shared_prefix:
+            return self._score_options_shared_prefix(prompts, modal_inputs, options, max(1, batch_size // 4))
         pieces = self._pieces(prompts, modal_inputs)
         tok, emb_layer, dev = self.tokenizer, self.llm.get_input_embeddings(), self.device
         seqs, owners = [], []
@@ -209,6 +241,51 @@ class MultimodalLM(nn.Module):
             n = len(options[b])
             out.append(scores[i:i + n])
             i += n
+        return out
+
+    @torch.no_grad()
+    def _score_options_shared_prefix(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
+                                     options: Sequence[Sequence[str]], batch_size: int) -> list[torch.Tensor]:
+        """:meth:`score_options_batch` with ``shared_prefix=True`` (``batch_size`` prompts at a time)."""
+        tok, dev = self.tokenizer, self.device
+        out: list[torch.Tensor] = []
+        for s in range(0, len(prompts), batch_size):
+            P, MI, OP = list(prompts[s:s + batch_size]), list(modal_inputs[s:s + batch_size]), options[s:s + batch_size]
+            emb, mask, routes, _ = self._pad(self._pieces(P, MI), left=True)
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            with token_routes(self.llm, routes):
+                first = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+            last = torch.log_softmax(first.logits[:, -1].float(), -1)
+            owners, ids = [], []
+            for b, opts in enumerate(OP):
+                for o in opts:
+                    o_ids = tok(" " + o, add_special_tokens=False)["input_ids"]
+                    if not o_ids:
+                        raise ValueError(f"option {o!r} tokenizes to nothing")
+                    ids.append(o_ids)
+                    owners.append(b)
+            n, L = len(ids), max(len(i) for i in ids)
+            own = torch.tensor(owners, dtype=torch.long, device=dev)
+            inp = torch.zeros(n, L, dtype=torch.long, device=dev)
+            omask = torch.zeros(n, L, dtype=torch.long, device=dev)
+            for k, o_ids in enumerate(ids):
+                inp[k, :len(o_ids)] = torch.tensor(o_ids, dtype=torch.long, device=dev)
+                omask[k, :len(o_ids)] = 1
+            past = first.past_key_values
+            past.reorder_cache(own)  # one copy of its prompt's keys/values per option
+            with token_routes(self.llm, torch.zeros(n, L, dtype=torch.long, device=dev)):
+                logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1),
+                                   position_ids=pos[own, -1:] + 1 + torch.arange(L, device=dev).view(1, L),
+                                   past_key_values=past, use_cache=True).logits
+            sc = last[own].gather(1, inp[:, :1]).squeeze(1)
+            if L > 1:
+                lp = torch.log_softmax(logits[:, :-1].float(), -1)
+                sc = sc + (lp.gather(-1, inp[:, 1:].unsqueeze(-1)).squeeze(-1) * omask[:, 1:]).sum(1)
+            sc = sc.cpu()
+            i = 0
+            for opts in OP:
+                out.append(sc[i:i + len(opts)])
+                i += len(opts)
         return out
 
     def score_options(self, prompt: str, modal_inputs: ModalInputs | None, options: Sequence[str]) -> torch.Tensor:
@@ -255,3 +332,10 @@ class MultimodalLM(nn.Module):
     def generate(self, prompt: str, modal_inputs: ModalInputs | None = None, max_new_tokens: int = 8) -> str:
         """Greedy generation for one prompt; returns the decoded continuation (special tokens dropped)."""
         return self.generate_batch([prompt], [modal_inputs], max_new_tokens)[0]
+
+
+class _Loss:
+    """The result of a length-bucketed :meth:`MultimodalLM.forward`: the loss only."""
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        self.loss = loss

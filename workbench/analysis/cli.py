@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the tables")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--topk", type=float, default=0.2, help="fraction kept by the TIES trim (default 0.2)")
+    p.add_argument("--dare-p", type=float, default=0.2, help="DARE drop probability of the kept-fraction metrics")
+    p.add_argument("--seed", type=int, default=0, help="seed of the DARE draws (and of --sample)")
+    p.add_argument("--sample", type=int, default=None, metavar="M",
+                   help="an ESTIMATE from M entries per tensor instead of the exact profile (much faster on "
+                        "a CPU; its standard errors are in profile_interference's docstring)")
     p.add_argument("--figures", action="store_true", help="also write one heatmap per metric into OUT/figures")
 
 
@@ -39,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     experts = dict(args.experts)
     if len(experts) != len(args.experts):
         raise ConfigError("expert names must be unique")
-    prof = profile_interference(args.base, experts, device=args.device, topk=args.topk, out_dir=args.out)
-    print(f"profile of {len(experts)} experts written to {args.out}")
+    prof = profile_interference(args.base, experts, device=args.device, topk=args.topk, out_dir=args.out,
+                                dare_p=args.dare_p, seed=args.seed, sample=args.sample)
+    what = f"sampled estimate ({args.sample} entries per tensor)" if args.sample else "exact profile"
+    print(f"{what} of {len(experts)} experts written to {args.out}")
     if args.figures:
         out = Path(args.out) / "figures"
         for metric in prof.metrics():

@@ -64,7 +64,7 @@ from ..errors import CheckpointError, ConfigError
 from .store import atomic_write, save_frames, save_json
 
 __all__ = [
-    "ExpertSource",
+    "TaskVectorSource",
     "InterferenceProfile",
     "METRICS",
     "MetricSpec",
@@ -93,7 +93,7 @@ def _io():
 
 
 @dataclass
-class ExpertSource:
+class TaskVectorSource:
     """Where one expert's task vectors come from.
 
     ``kind`` is ``"full"`` (a checkpoint: ``tau = theta_i - theta_0``), ``"lora"`` (a peft
@@ -150,7 +150,7 @@ def _is_adapter_dir(p: Path) -> bool:
     return (p / "adapter_config.json").is_file()
 
 
-def open_expert(name: str, path: str | Path, *, damc_set: str = "text") -> ExpertSource:
+def open_expert(name: str, path: str | Path, *, damc_set: str = "text") -> TaskVectorSource:
     """Open an expert given as a checkpoint, a LoRA adapter, a DAMC expert or a zoo expert folder.
 
     Recognised layouts: a weight file or HF folder (full); a folder with ``adapter_config.json``
@@ -177,22 +177,22 @@ def open_expert(name: str, path: str | Path, *, damc_set: str = "text") -> Exper
         has_llm = any((p / d).is_dir() for d in ("llm", "adapter", "adapter_text")) or _is_adapter_dir(p)
         if kind == "projector" or (kind is not None and not has_llm):
             # projector-only training: the LLM is the base, tau = 0 everywhere
-            return ExpertSource(name, p, "frozen")
+            return TaskVectorSource(name, p, "frozen")
         for root in (p, p / "llm"):
             if (root / "adapter_text").is_dir() and (root / "adapter_modality").is_dir():
                 La = need_lora()
                 text, mod = La(root / "adapter_text"), La(root / "adapter_modality")
                 main, other = (text, mod) if damc_set == "text" else (mod, text)
-                return ExpertSource(name, p, "damc", adapter=main, modality=other)
+                return TaskVectorSource(name, p, "damc", adapter=main, modality=other)
         if _is_adapter_dir(p):
-            return ExpertSource(name, p, "lora", adapter=need_lora()(p))
+            return TaskVectorSource(name, p, "lora", adapter=need_lora()(p))
         if (p / "adapter").is_dir() and _is_adapter_dir(p / "adapter"):
-            return ExpertSource(name, p, "lora", adapter=need_lora()(p / "adapter"))
+            return TaskVectorSource(name, p, "lora", adapter=need_lora()(p / "adapter"))
         if (p / "llm").is_dir():
             if _is_adapter_dir(p / "llm"):
-                return ExpertSource(name, p, "lora", adapter=need_lora()(p / "llm"))
-            return ExpertSource(name, p, "full", reader=CheckpointReader(p / "llm"))
-    return ExpertSource(name, p, "full", reader=CheckpointReader(p))
+                return TaskVectorSource(name, p, "lora", adapter=need_lora()(p / "llm"))
+            return TaskVectorSource(name, p, "full", reader=CheckpointReader(p / "llm"))
+    return TaskVectorSource(name, p, "full", reader=CheckpointReader(p))
 
 
 def zoo_experts(zoo_dir: str | Path, *, kinds: Sequence[str] = ("full", "lora", "damc"),
@@ -865,7 +865,7 @@ def _seed_for(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def _select_names(base_reader: Any, sources: Sequence[ExpertSource], names: Any) -> list[str]:
+def _select_names(base_reader: Any, sources: Sequence[TaskVectorSource], names: Any) -> list[str]:
     keys = base_reader.keys()
     if names is None:
         out = keys

@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     from .zoo import build_zoo
     zoo = build_zoo(args.preset, out=args.out, jobs=args.jobs, progress=not args.quiet, only=args.only)
     m = zoo.manifest
-    print(f"zoo {args.preset}: {zoo.path} ({len(m['models'])} models, build {m['build_wall_seconds']} s wall)")
+    print(f"zoo {args.preset}: {zoo.path} ({len(m['models'])} models, last build {m['build_wall_seconds']} s wall, "
+          f"{m.get('jobs_trained', '?')} of {len(m['jobs'])} jobs trained)")
     for name, e in m["models"].items():
         scores = e.get("own_task") or e.get("task_scores")
         print(f"  {name:28s} {json.dumps(scores)}  gap={json.dumps(e.get('gap'))}")

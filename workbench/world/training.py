@@ -54,11 +54,12 @@ def _lr_at(step: int, steps: int, warmup: int) -> float:
 
 def train_mllm(model: nn.Module, batch_iter: Iterable[Sequence[Example]], param_groups: list[dict],
                steps: int, warmup: int | None = None, grad_clip: float = 1.0, weight_decay: float = 0.0,
-               desc: str = "train", progress: bool = True, log_every: int = 25) -> dict:
+               desc: str = "train", progress: bool = True, log_every: int = 25, length_buckets: int = 3) -> dict:
     """Train ``model`` for ``steps`` steps on ``batch_iter``; only ``param_groups`` are updated.
 
     ``param_groups``: ``[{"params": [...], "lr": float}, ...]`` (AdamW groups; each group's lr is
-    scaled by the schedule). Returns ``{"losses": [(step, loss)], "seconds": float}``.
+    scaled by the schedule). ``length_buckets``: passed to ``MultimodalLM.forward`` (same loss, less
+    padding; 1 = one padded batch, what any module with ``forward(prompts, modal_inputs, answers)`` takes). Returns ``{"losses": [(step, loss)], "seconds": float}``.
     """
     groups = [dict(g) for g in param_groups]
     for g in groups:
@@ -80,7 +81,8 @@ def train_mllm(model: nn.Module, batch_iter: Iterable[Sequence[Example]], param_
         f = _lr_at(step, steps, warmup)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
-        out = model([e.prompt for e in batch], [example_modal_inputs(e) for e in batch], [e.answer for e in batch])
+        args = ([e.prompt for e in batch], [example_modal_inputs(e) for e in batch], [e.answer for e in batch])
+        out = model(*args, length_buckets=length_buckets) if length_buckets != 1 else model(*args)
         loss = out.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
