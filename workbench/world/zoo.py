@@ -56,17 +56,18 @@ PRESETS: dict[str, dict] = {
         "base": {"steps": 500, "batch": 64, "lr": 2e-3, "seed": 0},
         "encoder": {"steps": {"image": 500, "audio": 200, "video": 250, "point": 400}, "batch": 64, "lr": 2e-3,
                     "seed": 0},
-        # steps sized for the 30-minute build budget on 2 cores (issue #3): until 2026-11-23 the
-        # preset used projector 120, expert 300, oracle 450 steps (86 min). The capability family
-        # keeps 300 steps (250 caption steps): at 180 / 150 its VQA expert was only 3 points above
-        # the base VLM (38.7 vs 35.3) and OCR 6 points.
-        "projector": {"steps": 80, "batch": 64, "lr": 3e-3},
-        "expert": {"steps": 180, "batch": 64, "lr_llm": 5e-4, "lr_proj": 1e-3, "replay": 0.25, "caption": 0.1},
+        # steps sized for the 30-minute build budget on 2 cores (issue #3). Until 2026-11-23 the
+        # preset used projector 120, expert 300, oracle 450, capability 300 / 250 caption steps
+        # (86 min). Measured from nothing since: expert 180, oracle 270, projector 80 with the
+        # capability family at 180 / 150: 23.8 min, but its VQA expert only 3 points above the base
+        # VLM (38.7 vs 35.3); the same with capability 300 / 250: 30.0 min. Hence these values.
+        "projector": {"steps": 60, "batch": 64, "lr": 3e-3},
+        "expert": {"steps": 165, "batch": 64, "lr_llm": 5e-4, "lr_proj": 1e-3, "replay": 0.25, "caption": 0.1},
         # LoRA modality experts: seed 0 only (no table reports them with intervals; 08/09 can profile them)
         "lora": {"enabled": True, "r": 16, "alpha": 32, "lr": 2e-3, "seeds": [0]},
-        "oracle": {"seeds": [0, 1, 2], "steps": 270, "batch": 64, "multimodal": 0.25, "replay": 0.2},
+        "oracle": {"seeds": [0, 1, 2], "steps": 210, "batch": 64, "multimodal": 0.25, "replay": 0.2},
         "capability": {"tasks": list(CAP_TASKS), "seeds": [0], "lora": True, "enc_steps": 300,
-                       "caption_steps": 250, "steps": 300, "batch": 64, "lr_llm": 1e-3, "lr_proj": 2e-3,
+                       "caption_steps": 220, "steps": 270, "batch": 64, "lr_llm": 1e-3, "lr_proj": 2e-3,
                        "train_projector": False},
         "data": {"n_per_subset": 60, "n_own": 200, "n_val": 120, "n_capability": 150, "seed": 12345},
         "eval_generate": True,
@@ -134,13 +135,14 @@ _HELPERS = ("_evaluate", "_sampler_mix", "_modality_model", "_cap_model", "_lora
 
 
 def code_hash(kind: str | None = None) -> str:
-    """Hash of the world's source (generators, tasks, training, ...), ``workbench/mllm.py``, the
+    """Hash of the world's source (generators, tasks, training, ...), ``workbench/mllm.py`` and
+    ``workbench/routing.py`` (DAMC trains routed layers), the
     zoo's shared job helpers and the build function of ``kind``: a code change invalidates the
     cached models it could change (models are functions of code + config + seeds)."""
     import inspect
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for f in [here / n for n in _CODE_FILES] + [here.parent / "mllm.py"]:
+    for f in [here / n for n in _CODE_FILES] + [here.parent / "mllm.py", here.parent / "routing.py"]:
         h.update(f.read_bytes())
     for name in _HELPERS:
         h.update(inspect.getsource(globals()[name]).encode())
@@ -755,7 +757,8 @@ def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, 
         todo.append(j)
     n_trained = len(todo)
     n_dep = _n_dependents(plan)
-    todo.sort(key=lambda j: -n_dep[j.name])  # stable: plan order among equals
+    # critical path first; among jobs nothing waits on, the longest first (less idle time at the end)
+    todo.sort(key=lambda j: (-n_dep[j.name], -_RELATIVE_COST.get(j.kind, 1)))  # stable: plan order among equals
     ctx = {"root": str(root), "data": str(droot), "preset": preset, "cfg": cfg, "progress": False}
     t_start = time.time()
     bar = tqdm(total=len(todo), desc=f"zoo {preset}", disable=not progress)
@@ -795,6 +798,10 @@ def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, 
     _write_manifest(root, droot, preset, cfg, plan, results, time.time() - t_start, complete=not only,
                     n_trained=n_trained)
     return Zoo(root)
+
+
+#: rough relative training cost of a job kind (scheduling only: longer jobs start first)
+_RELATIVE_COST = {"damc": 3, "oracle": 3, "cap_full": 3, "cap_lora": 3, "full": 2, "lora": 2}
 
 
 def _n_dependents(plan: Sequence[Job]) -> dict[str, int]:
