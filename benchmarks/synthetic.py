@@ -242,16 +242,15 @@ def _files(folders) -> list[Path]:
 
 
 def evict_page_cache(folders) -> None:
-    """Drop the page cache of every file under ``folders`` (``posix_fadvise(DONTNEED)`` after a
+    """Drop the page cache of every file under ``folders`` (``posix_fadvise(DONTNEED)`` after one
     ``sync``: dirty pages cannot be dropped), so the next read comes from the disk, as it does for
     checkpoints larger than the machine's memory (four 7B experts + base: ~67 GB in bf16). Needs no
     privileges; :func:`resident_fraction` tells whether it worked."""
     import os
-    os.sync()
+    os.sync()  # flushes every file's dirty pages: no per-file fdatasync needed
     for f in _files(folders):
         fd = os.open(f, os.O_RDONLY)
         try:
-            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
