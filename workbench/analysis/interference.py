@@ -42,6 +42,7 @@ Definitions (per tensor; ``k = round(topk * numel)``, at least 1):
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -61,6 +62,7 @@ import torch
 from ..device import resolve_device
 from .. import masks as M
 from ..errors import CheckpointError, ConfigError
+from . import kernels as K
 from .store import atomic_write, save_frames, save_json
 
 __all__ = [
@@ -275,7 +277,7 @@ def tensor_stats(
     *,
     topk: float = 0.2,
     dare_p: float | None = 0.2,
-    generator: torch.Generator | None = None,
+    dare_seed: int = 0,
     chunk_size: int = 1 << 19,
 ) -> dict[str, torch.Tensor]:
     """Sums for every interference metric of one tensor.
@@ -284,7 +286,8 @@ def tensor_stats(
         taus: ``[N, n]`` float32 task vectors (one flattened tensor per expert), any device.
         topk: fraction of entries kept by the TIES trim (per expert, by magnitude).
         dare_p: DARE drop probability, or ``None`` to skip the DARE statistics (they are NaN).
-        generator: random generator for DARE on ``taus.device`` (seeded by the caller).
+        dare_seed: seed of the DARE draws (counter-based: entry ``j`` of expert ``i`` draws the same
+            value on every device and for every chunking; :mod:`workbench.analysis.kernels`).
         chunk_size: entries per column chunk (bounds the temporaries to about ``10 * N * chunk``
             floats); at most ``2**24`` so that float32 partial counts stay exact integers.
 
@@ -295,8 +298,10 @@ def tensor_stats(
         ties_survived_sq, ties_share_sq, dare_kept_n, dare_kept_sq``; set scalars:
         ``multi_nonzero, set_conflicts, elected, elect_disagree_any, ties_merged_sq, ta_sq``.
 
-    Every count is formed with float32 arithmetic on 0/1/-1 values (sign Gram matrices,
-    matrix-vector products with indicator vectors) inside a chunk, then summed in float64.
+    Every count is an exact integer. On the CPU (up to 8 experts) each chunk goes through the
+    compiled kernel of :mod:`workbench.analysis.kernels` (float sums accumulated in float64); on
+    other devices through torch operations (float32 sums per chunk, added in float64). The two
+    give the same counts and float sums equal to ~1e-6 relative (tested).
     """
     if taus.dim() != 2 or not taus.is_floating_point():
         raise ValueError(f"taus must be a float [N, n] matrix, got {tuple(taus.shape)} {taus.dtype}")
@@ -307,12 +312,12 @@ def tensor_stats(
     taus = taus.float()
     chunk_size = int(max(1, min(chunk_size, 1 << 24)))
     N, n = taus.shape
-    acc = _StatsAccumulator(N, taus.device, dare_p, generator)
+    acc = _StatsAccumulator(N, taus.device, dare_p, dare_seed)
     try:
         thr = topk_threshold(taus, topk)
         with _exact_fp32_matmul():
             for start in range(0, n, chunk_size):
-                acc.add(taus[:, start:start + chunk_size], thr)
+                acc.add(taus[:, start:start + chunk_size], thr, start)
         return acc.result()
     finally:
         acc.close()
@@ -321,7 +326,10 @@ def tensor_stats(
 #: patterns of up to this many experts are counted by a histogram of sign codes (3**(N+1) bins)
 _MAX_CODED_EXPERTS = 8
 #: up to this many experts, both codes share one histogram (3**(2N+1) bins)
-_MAX_JOINT_EXPERTS = 4
+_MAX_JOINT_EXPERTS = K.MAX_JOINT_EXPERTS
+#: on the CPU, coded chunks go through the compiled kernel (:mod:`workbench.analysis.kernels`);
+#: ``False`` forces the torch operations (the tests compare the two)
+_USE_KERNEL = True
 
 
 @functools.lru_cache(maxsize=32)
@@ -341,8 +349,11 @@ class _StatsAccumulator:
     small tables; for larger ``N`` with sign Gram matrices (float32, exact inside a chunk).
     """
 
-    def __init__(self, N: int, dev: torch.device, dare_p: float | None, generator: torch.Generator | None):
-        self.N, self.dev, self.dare_p, self.generator = N, dev, dare_p, generator
+    def __init__(self, N: int, dev: torch.device, dare_p: float | None, dare_seed: int = 0):
+        self.N, self.dev, self.dare_p = N, dev, dare_p
+        self.base_sq = 0.0  # |theta_0|^2 of the chunks given to add_stored (compiled path)
+        self.dare_keys = K.dare_keys(dare_seed, N)
+        self.dare_int = K.dare_keep_threshold(dare_p) if dare_p is not None else 0
         self._wbuf: torch.Tensor | None = None
         self._sbuf: torch.Tensor | None = None
         f64 = dict(dtype=torch.float64, device=dev)
@@ -367,19 +378,29 @@ class _StatsAccumulator:
                 self.wj = torch.cat([self.w3, self.w3 * float(3 ** (N + 1))], 1)  # [1, 2N]
                 self.off_j = self.off_u * 3 ** (N + 1) + self.off_t
                 self.hist_j = torch.zeros(3 ** (2 * N + 1), dtype=torch.long, device=dev)
-        else:
+        # the compiled CPU kernel (same codes, same decoding; float sums in float64)
+        self.compiled = dev.type == "cpu" and self.coded and _USE_KERNEL
+        if self.compiled:
+            self.kernel = K.chunk_kernel(N)
+            self.sums = np.zeros(N * N + 2 + 4 * N + 1, np.float64)  # the kernel's layout; last: |base|^2
+            self._codes: np.ndarray | None = None
+        if not self.coded:
             self.mats = {k: torch.zeros(N, N, **f64) for k in ("ss", "nn", "sst", "nnt")}
             self.legacy = {k: torch.zeros(N, **f64) for k in ("topk_opposed", "elect_opposed", "ties_survived")}
             self.lscal = {k: torch.zeros((), **f64) for k in ("multi_nonzero", "set_conflicts", "elected",
                                                               "elect_disagree_any")}
 
-    def add(self, t: torch.Tensor, thr: torch.Tensor) -> None:
-        """Accumulate one chunk ``t [N, c]`` (float32); ``thr [N]`` are the experts' top-k thresholds.
+    def add(self, t: torch.Tensor, thr: torch.Tensor, pos0: int) -> None:
+        """Accumulate one chunk ``t [N, c]`` (float32) holding entries ``pos0 .. pos0 + c - 1`` of the
+        tensor; ``thr [N]`` are the experts' top-k thresholds.
 
-        Every ``[N, c]`` temporary lives in three scratch buffers kept between chunks, and every
-        0/1 mask is a float32 (a float-output comparison, then a float product: several times
-        cheaper on CPU than a bool mask and a bool x float product, and the same values).
+        Torch path: every ``[N, c]`` temporary lives in three scratch buffers kept between chunks,
+        and every 0/1 mask is a float32 (a float-output comparison, then a float product: several
+        times cheaper on CPU than a bool mask and a bool x float product, and the same values).
         """
+        if self.compiled:
+            self._add_compiled(t, thr, pos0)
+            return
         thr = torch.maximum(thr.to(self.dev), self.tiny)[:, None]
         ones_n = self.ones_n
         a, x, y = self._bufs(t.shape[1], t.dtype)
@@ -415,8 +436,7 @@ class _StatsAccumulator:
         self.vecs["ties_share_sq"] += sums[:, 1]
         del sq, w, inv
         if self.dare_p is not None:
-            r = self._draw(y)  # the DARE draws (torch.rand of the chunk's shape), in chunk order
-            dk = torch.ge(r, self.dare_p, out=r)  # 1.0 kept
+            dk = K.dare_keep_torch(pos0, t.shape[1], self.dare_keys, self.dare_int, self.dev, t.dtype, self.N)  # 1.0 kept
             dt = torch.mul(t, dk, out=y)  # = dk * t
             self.vecs["dare_kept_n"] += torch.sign(dt, out=a).abs_().sum(1).double()  # kept non-zero entries (exact)
             self.vecs["dare_kept_sq"] += dt.mul_(t).sum(1).double()
@@ -435,9 +455,44 @@ class _StatsAccumulator:
             self._wbuf[:, 0] = 1.0
         return self._wbuf
 
-    def _draw(self, out: torch.Tensor) -> torch.Tensor:
-        """``torch.rand(out.shape, generator)`` written into ``out``: the DARE draws in chunk order, as ever."""
-        return torch.rand(out.shape, generator=self.generator, device=self.dev, out=out)
+    def _add_compiled(self, t: torch.Tensor, thr: torch.Tensor, pos0: int) -> None:
+        """:meth:`add` through the compiled kernel (one pass over the chunk, then the code histogram)."""
+        c = t.shape[1]
+        tn = t.contiguous().numpy()
+        self.add_stored([tn[i] for i in range(self.N)], np.zeros(self.N, np.float32), np.zeros(c, np.float32),
+                        0, c, pos0, thr)
+
+    def add_stored(self, mains: Sequence[np.ndarray], w: np.ndarray, base: np.ndarray, lo: int, c: int,
+                   pos0: int, thr: torch.Tensor) -> None:
+        """The compiled kernel on task vectors built from stored tensors:
+        ``tau_i = mains[i][lo:lo+c] - w[i] * base[lo:lo+c]`` (see :func:`kernels._kernel_source`;
+        float32 arrays or bfloat16 bits from :func:`kernels.as_kernel_array`), entries
+        ``pos0 .. pos0 + c - 1`` of the tensor. Also adds ``|base[lo:lo+c]|^2`` to :attr:`base_sq`."""
+        if pos0 + c > 2 ** 32 and self.dare_p is not None:
+            raise ConfigError(f"DARE draws address entries below 2**32; this tensor has {pos0 + c}")
+        thr_n = torch.maximum(thr.to(torch.float32), self.tiny).numpy()
+        if self._codes is None or self._codes.shape[1] < c:
+            self._codes = np.empty((2, c), np.int32)
+        cu, ct = self._codes[0, :c], self._codes[1, :c]
+        self.kernel(*mains, w, base, lo, c, pos0, thr_n, self.dare_keys, self.dare_int, self.dare_p is not None,
+                    self.sums, cu, ct)
+        if self.joint:
+            K.count_codes(cu, self.hist_j.numpy())
+        else:
+            K.count_codes(cu, self.hist_u.numpy())
+            K.count_codes(ct, self.hist_t.numpy())
+
+    def _fold_compiled(self) -> None:
+        """Move the kernel's float64 sums into ``gram`` / ``scal`` / ``vecs`` (once, at the end)."""
+        N, s = self.N, torch.from_numpy(self.sums)
+        low = s[: N * N].view(N, N).tril()
+        self.gram += low + low.tril(-1).T
+        self.scal["ta_sq"] += s[N * N]
+        self.scal["ties_merged_sq"] += s[N * N + 1]
+        for j, k in enumerate(("ties_survived_sq", "ties_share_sq", "dare_kept_n", "dare_kept_sq")):
+            self.vecs[k] += s[N * N + 2 + j * N: N * N + 2 + (j + 1) * N]
+        self.base_sq += float(s[-1])
+        self.sums[:] = 0.0
 
     def close(self) -> None:
         """Release per-tensor buffers (kept as a hook: :func:`tensor_stats` always calls it)."""
@@ -504,6 +559,8 @@ class _StatsAccumulator:
 
     def result(self) -> dict[str, torch.Tensor]:
         self.close()
+        if self.compiled:
+            self._fold_compiled()
         if self.coded:
             d = self._decoded()
             mats = {k: d[k] for k in ("ss", "nn", "sst", "nnt")}
@@ -532,19 +589,36 @@ class _StatsAccumulator:
 
 
 _PIECE = 1 << 20  # entries per piece when a task-vector row is built from the stored tensors
+#: tensors with fewer entries are not split across worker threads (the hand-over costs more)
+_PARALLEL_MIN = 1 << 18
+#: widest chunk the compiled CPU path builds at once (N x 32768 float32: 512 KiB for 4 experts, L2-sized)
+_CPU_BLOCK = 1 << 15
 
 
 def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enames: Sequence[str], *,
-                    topk: float, dare_p: float | None, generator: torch.Generator | None, chunk_size: int):
+                    topk: float, dare_p: float | None, dare_seed: int, chunk_size: int,
+                    pool: ThreadPoolExecutor | None = None, workers: int = 1):
     """:func:`tensor_stats` of one tensor on the CPU without the ``[N, n]`` float32 task vectors.
 
     Each ``tau_i`` is rebuilt on demand from the stored tensors (``main - base`` in float32, the
-    same values as :func:`iter_task_vectors`): once per expert into one reused row buffer for
-    the finiteness check and the top-k threshold (an exact radix select, :func:`workbench.masks.kth_largest_nonneg`,
-    whose histogram is filled piece by piece while the row is built), then per column chunk
-    ``[N, chunk]`` for the sums (the same chunks, so the same float sums and DARE draws as
-    :func:`tensor_stats`; the base chunk is cast to float32 once per chunk and also gives
-    ``|theta_0|^2``). Extra memory: one float32 row plus a few chunks, whatever the tensor size.
+    same values as :func:`iter_task_vectors`), by the compiled kernels of
+    :mod:`workbench.analysis.kernels`, which read bfloat16 / float32 tensors as stored:
+
+    1. per expert, the finiteness check and the top-k threshold, an exact radix select: a
+       histogram of the high 16 bits of ``|tau_i|``, then one more pass for the low 16 bits of the
+       k-th largest (:func:`kernels.tau_hist`, :func:`kernels.tau_kth_largest`);
+    2. the sums, one pass over column chunks of at most :data:`_CPU_BLOCK` entries (whatever
+       ``chunk_size`` says), every expert's entry and the base's read once per column.
+
+    With ``pool`` (``workers`` threads; the kernels release the GIL) step 1 runs one expert per
+    worker and step 2 splits the columns into ``workers`` ranges, one accumulator each, whose sums are
+    added at the end (every statistic is a sum over columns: counts are the same integers, float
+    sums change in their last bits with ``workers``).
+
+    No float32 copy of a task vector is made (extra memory: a few small buffers), except for
+    other stored dtypes (float16, float64) or a tensor an expert lacks, whose rows are built in
+    float32 by torch (one row at a time) and, for the sums, chunk by chunk; and with more than 8
+    experts, where the sums are torch operations on ``[N, chunk]`` float32 chunks.
 
     Returns ``(name, numel, stats, base_sq, DAMC other-set deltas, tau_row(i))`` as
     :func:`profile_interference` consumes them.
@@ -583,36 +657,62 @@ def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enam
     radix = k < numel and numel >= M.RADIX_MIN
     thr = torch.zeros(N, dtype=torch.float32)
     bad = []
-    row = torch.empty(numel, dtype=torch.float32)
-    zeros = torch.zeros(min(numel, _PIECE), dtype=torch.float32)
-    bbuf = torch.empty(min(numel, _PIECE), dtype=torch.float32)
-    scratch = torch.empty(min(numel, M.RADIX_PIECE), dtype=torch.int32) if radix else None
-    for i in range(N):
+    # the stored tensors as the kernels read them (float32, or bfloat16 bits); None: other dtypes,
+    # whose task vector is built as a float32 row by torch first
+    base_k = K.as_kernel_array(bflat)
+    mains_k = [K.as_kernel_array(m) if (m is not None and base_k is not None) else None for (m, _) in mains]
+    def threshold(i: int) -> float | None:
+        """Expert i's top-k threshold; ``None`` when its task vector is not finite."""
         if mains[i][0] is None:
-            continue  # tau = 0: finite, threshold 0 (the k-th largest of zeros)
-        finite = True
-        hist = torch.zeros(M.HI_BINS, dtype=torch.int64) if radix else None
-        for lo in range(0, numel, _PIECE):
-            hi = min(numel, lo + _PIECE)
-            piece = fill(i, lo, hi, row[lo:hi], base_piece(lo, hi, bbuf))
-            # sum(x * 0) is NaN exactly when some x is NaN or Inf (no overflow): a BLAS dot, no temporary
-            finite = finite and bool(torch.isfinite(torch.dot(piece, zeros[:hi - lo])))
-            piece.abs_()
-            if radix and finite:
-                M.hist_hi16(piece, hist, scratch)  # while the piece is in cache
-        if not finite:
-            bad.append(enames[i])
-            continue
+            return 0.0  # tau = 0: finite, threshold 0 (the k-th largest of zeros)
+        if mains_k[i] is not None:
+            src = (mains_k[i], base_k, mains[i][1])
+        else:
+            row = tau_row(i).numpy()
+            src = (row, row, False)
+        hist = np.zeros(M.HI_BINS if radix else 0, np.int64)
+        if not K.tau_hist(*src, hist, radix):
+            return None
+        if radix:
+            return K.tau_kth_largest(*src, k, hist)
         if k < numel:
-            thr[i] = M.kth_largest_nonneg(row.numpy(), k, hist)
+            return M.kth_largest_nonneg(np.abs(tau_row(i).numpy()), k)
+        return 0.0
+
+    parallel = pool is not None and workers > 1 and numel >= _PARALLEL_MIN
+    for i, v in enumerate(pool.map(threshold, range(N)) if parallel else map(threshold, range(N))):
+        if v is None:
+            bad.append(enames[i])
+        else:
+            thr[i] = v
     if bad:
         raise CheckpointError(f"non-finite task vector for expert(s) {bad}", file=base_path, tensor=name)
-    del row, zeros, bbuf, scratch
-    acc = _StatsAccumulator(N, torch.device("cpu"), dare_p, generator)
+    acc = _StatsAccumulator(N, torch.device("cpu"), dare_p, dare_seed)
+    if acc.compiled:
+        chunk_size = min(chunk_size, _CPU_BLOCK)
+    base_sq = 0.0
+    if acc.compiled and all(m is not None for m in mains_k):
+        # the kernel reads the stored tensors directly: no float32 chunk is built at all
+        w = np.array([1.0 if is_w else 0.0 for (_, is_w) in mains], np.float32)
+
+        def column_range(lo: int, hi: int, acc: _StatsAccumulator) -> tuple[dict, float]:
+            for start in range(lo, hi, chunk_size):
+                c = min(hi, start + chunk_size) - start
+                acc.add_stored(mains_k, w, base_k, start, c, start, thr)
+            return acc.result(), acc.base_sq
+
+        if not parallel:
+            stats, base_sq = column_range(0, numel, acc)
+        else:  # W column ranges (multiples of the chunk), one accumulator each, summed
+            step = -(-numel // (workers * chunk_size)) * chunk_size
+            parts = list(pool.map(lambda lo: column_range(lo, min(numel, lo + step), _StatsAccumulator(
+                N, torch.device("cpu"), dare_p, dare_seed)), range(0, numel, step)))
+            stats = {key: sum(p[0][key] for p in parts) for key in parts[0][0]}
+            base_sq = sum(p[1] for p in parts)
+        return name, numel, stats, base_sq, [mod for (_, mod, _) in raws], tau_row
     width = min(chunk_size, max(numel, 1))
     t = torch.empty(N, width, dtype=torch.float32)
     bc = torch.empty(width, dtype=torch.float32)
-    base_sq = 0.0
     try:
         with _exact_fp32_matmul():
             for start in range(0, numel, chunk_size):
@@ -624,7 +724,7 @@ def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enam
                 del c64
                 for i in range(N):
                     fill(i, start, end, tc[i], b32)
-                acc.add(tc, thr)
+                acc.add(tc, thr, start)
         stats = acc.result()
     finally:
         acc.close()
@@ -925,8 +1025,8 @@ def iter_task_vectors(
 ):
     """Yield a :class:`TensorBatch` per tensor name: base + every expert's task vector, one name at a time.
 
-    Only one name (two with ``prefetch``: the next one is read in a background thread) is in
-    memory at a time. Tensors travel to ``device`` in their stored dtype and are cast there.
+    Only one name (up to ``1 + _READ_AHEAD`` with ``prefetch``: the next ones are read in a
+    background thread) is in memory at a time. Tensors travel to ``device`` in their stored dtype and are cast there.
     If ``meta`` is a dict it receives ``experts``, ``kinds``, ``paths``, ``device``, ``n_tensors``,
     ``base_path`` and, at the end, ``seconds_waiting_for_io``.
     ``sample_index(name, numel)`` may return sorted flat indices: only those entries are read
@@ -955,6 +1055,10 @@ def iter_task_vectors(
         del base_t
         yield TensorBatch(name, shape, b, taus, raws)
         del taus, b, raws
+
+
+#: tensor names read ahead by the prefetch thread (each one: the base's and every expert's tensor)
+_READ_AHEAD = 2
 
 
 def _raw_stream(base, experts, dev: torch.device, *, names=None, damc_set: str = "text", strict: bool = True,
@@ -1004,13 +1108,15 @@ def _raw_stream(base, experts, dev: torch.device, *, names=None, damc_set: str =
     t_wait = 0.0
     bar = tqdm(total=len(todo), desc=desc, unit="tensor", disable=not progress)
     pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+    ahead = _READ_AHEAD if prefetch else 0
     try:
-        pending = pool.submit(load, todo[0]) if (pool and todo) else None
+        pending = collections.deque(pool.submit(load, n) for n in todo[:ahead]) if pool else None
         for idx, name in enumerate(todo):
             tw = time.perf_counter()
             if pool is not None:
-                base_t, raws = pending.result()
-                pending = pool.submit(load, todo[idx + 1]) if idx + 1 < len(todo) else None
+                base_t, raws = pending.popleft().result()
+                if idx + ahead < len(todo):
+                    pending.append(pool.submit(load, todo[idx + ahead]))
             else:
                 base_t, raws = load(name)
             t_wait += time.perf_counter() - tw
@@ -1054,21 +1160,26 @@ def profile_interference(
         out_dir: if given, :meth:`InterferenceProfile.save` writes the result there.
         dare_p: DARE drop probability for the kept-fraction metrics (``None``: skip them).
         seed: DARE seed; each tensor uses ``seed`` combined with a CRC of its name, so results do
-            not depend on the order or subset of tensors.
+            not depend on the order or subset of tensors. The draws are counter-based (a hash of
+            seed, expert and entry position: :mod:`workbench.analysis.kernels`), the same on
+            every device and for every ``chunk_size``.
         names: restrict to these tensor names (list, predicate or ``NameFilter``); default every
             floating-point base tensor (only the adapters' targets when every expert is an adapter).
         damc_set: which DAMC parameter set is the expert's task vector (``"text"``, the merged set).
         strict: a full-checkpoint expert lacking a base tensor raises; ``False`` treats it as ``tau = 0``.
         chunk_size: entries per column chunk inside a tensor (bounds the temporaries).
-        prefetch: read the next tensor in a background thread while the current one is computed.
+        prefetch: read the next tensors (:data:`_READ_AHEAD` names) in a background thread while
+            the current one is computed.
         progress: show a tqdm bar.
         threads: torch intra-op threads for the arithmetic on a CPU device, set for the duration of
             the call (``torch.set_num_threads``, restored after; ``None`` keeps the current setting).
             Default 1: the reading runs in the prefetch thread beside it, and on the shared 2-core
             machine two intra-op threads per 2M-entry operation cost 2-10x the CPU time of one
-            (measured). The float32 dots behind ``ta_sq`` and ``ties_merged_sq`` (MKL ``sdot``)
-            depend on the thread count at the 1e-5 relative level, so a fixed count also makes
-            those sums reproducible; every count is exact whatever the setting.
+            (measured). The compiled kernels (:mod:`workbench.analysis.kernels`, the CPU path for
+            bfloat16 / float32 tensors and up to 8 experts) are single-threaded and their sums do
+            not depend on this setting; on the torch fallback (more experts, other dtypes) the
+            float32 dots behind ``ta_sq`` and ``ties_merged_sq`` depend on the thread count at the
+            1e-5 relative level. Every count is exact whatever the setting.
         sample: ``None`` (default): the exact profile. An integer ``m``: an *estimate* from ``m``
             entries per tensor (tensors with at most ``m`` entries stay exact), chosen by stratified
             sampling (entry ``floor((l + u_l) * n / m)`` for ``l < m``, ``u_l`` uniform, seeded by
@@ -1118,26 +1229,22 @@ def profile_interference(
         scale = n / m
         return n, {k: v * scale for k, v in st.items()}, base_sq * scale, scale
 
-    def generator_for(name: str):
-        if dare_p is None:
-            return None
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(_seed_for(seed, name))
-        return gen
 
+    workers = int(threads if threads is not None else torch.get_num_threads()) if dev.type == "cpu" else 1
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="profile") if workers > 1 else None
     if dev.type == "cpu":
-        # streaming: the [N, n] float32 task vectors are never held; memory ~ the stored tensors + 1 row
+        # streaming: the [N, n] float32 task vectors are never held; memory ~ the stored tensors
         def streamed():
             for name, base_t, raws, base_path in _raw_stream(base, experts, dev, **kw):
                 name, m, st, base_sq, mods, tau_row = _streamed_stats(
                     name, base_t, raws, base_path, list(experts), topk=topk, dare_p=dare_p,
-                    generator=generator_for(name), chunk_size=chunk_size)
+                    dare_seed=_seed_for(seed, name), chunk_size=chunk_size, pool=pool, workers=workers)
                 yield (name, *scaled(name, m, st, base_sq), mods, tau_row)
         stream = streamed()
     else:
         def batches():
             for batch in iter_task_vectors(base, experts, dev, **kw):
-                st = tensor_stats(batch.taus, topk=topk, dare_p=dare_p, generator=generator_for(batch.name),
+                st = tensor_stats(batch.taus, topk=topk, dare_p=dare_p, dare_seed=_seed_for(seed, batch.name),
                                   chunk_size=chunk_size)
                 taus = batch.taus
                 yield (batch.name, *scaled(batch.name, taus.shape[1], st, _sq_norm(batch.base, chunk_size)),
@@ -1148,7 +1255,7 @@ def profile_interference(
     set_rows: list[dict] = []
     damc_rows: list[dict] = []
     t0 = time.perf_counter()
-    with _intra_op_threads(threads if dev.type == "cpu" else None):
+    with _intra_op_threads(threads if dev.type == "cpu" else None), (pool or contextlib.nullcontext()):
         for name, numel, st, base_sq, scale, mods, tau_row in stream:
             sources = info["sources"]
             enames = info["experts"]
