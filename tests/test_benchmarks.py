@@ -255,11 +255,14 @@ def test_profile_speed_smoke_prints_exact_and_sampled_ratios(tmp_path):
     text = res.stdout
     assert re.search(r"^I/O floor \(read every tensor\): [\d.]+s", text, re.M), text
     assert re.search(r"^EXACT ratio profile / floor:\s+[\d.]+x wall, [\d.]+x CPU \(work only", text, re.M), text
+    assert re.search(r"^page-touch floor \(the bytes into memory, no copy", text, re.M), text
     assert re.search(r"^SAMPLED estimate \(sample=1000 entries/tensor, NOT exact\): [\d.]+s; ratio [\d.]+x wall",
                      text, re.M), text
     data = json.loads(out.read_text())
-    assert data["sample"] == 1000 and data["profile_threads"] == 1
-    for k in ("ratio", "work_cpu_ratio", "sampled_ratio", "sampled_work_cpu_ratio", "floor_work_cpu_s"):
+    assert data["sample"] == 1000 and data["profile_threads"] is None  # the library's default
+    assert len(data["touch_floor_runs_s"]) == 2
+    for k in ("ratio", "work_cpu_ratio", "sampled_ratio", "sampled_work_cpu_ratio", "floor_work_cpu_s",
+              "touch_floor_s", "ratio_to_touch_floor"):
         assert data[k] > 0, k
     assert not list((tmp_path / "w").glob("*"))  # temporary checkpoints removed
 

@@ -160,3 +160,40 @@ def test_streamed_stats_from_stored_tensors_equal_tensor_stats(dtype, missing, m
     assert torch.equal(tau_row(1), taus[1])
     # the kernel read the stored tensors itself exactly when it could (bf16 / f32, nothing missing)
     assert built_by_torch == (dtype == torch.float16 or missing)
+
+
+def test_worker_threads_give_the_same_counts_and_sums():
+    """Two worker threads (experts in parallel for the thresholds, two column ranges for the sums)
+    give the same counts as one and float sums equal to 1e-12."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import workbench.analysis.interference as I
+
+    g = torch.Generator().manual_seed(4)
+    n = I._PARALLEL_MIN + 12345  # large enough to be split; not a multiple of the chunk
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    raws = [((base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16(), None, True) for _ in range(3)]
+    kw = dict(topk=0.2, dare_p=0.2, dare_seed=9, chunk_size=1 << 19)
+    one = _streamed_stats("t", base, raws, "b", ["a", "b", "c"], **kw)
+    with ThreadPoolExecutor(2) as pool:
+        two = _streamed_stats("t", base, raws, "b", ["a", "b", "c"], pool=pool, workers=2, **kw)
+    assert one[3] == pytest.approx(two[3], rel=1e-12)  # |theta_0|^2
+    for k, v in one[2].items():
+        if k in {"gram", "ties_survived_sq", "ties_share_sq", "dare_kept_sq", "ties_merged_sq", "ta_sq"}:
+            assert torch.allclose(v, two[2][k], rtol=1e-12, atol=0), k
+        else:
+            assert torch.equal(v, two[2][k]), k
+
+
+def test_kernel_modules_load_once_and_whole_under_concurrent_first_use(tmp_path, monkeypatch):
+    """Worker threads asking for a not-yet-loaded kernel module at the same time all get the
+    complete module (it used to be visible half-executed), written into the cache folder."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("WORKBENCH_KERNEL_CACHE", str(tmp_path))
+    source = "import time\ntime.sleep(0.2)\n\ndef f():\n    return 41 + 1\n# " + uuid.uuid4().hex + "\n"
+    with ThreadPoolExecutor(8) as pool:
+        mods = list(pool.map(lambda _: K._load_module("race", source), range(8)))
+    assert all(m is mods[0] for m in mods) and mods[0].f() == 42
+    assert [p.name for p in tmp_path.glob("wb_race_*.py")] == [mods[0].__name__ + ".py"]

@@ -41,6 +41,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -330,9 +331,18 @@ def _cache_dir() -> Path:
     return Path(root) / "mllm-workbench" / "kernels"
 
 
+_LOAD_LOCK = threading.RLock()  # worker threads may ask for the same module at once
+
+
 def _load_module(stem: str, source: str):
     """Import ``source`` from ``<cache>/<stem>_<hash>.py`` (written atomically once), so that numba's
-    ``cache=True`` can keep the machine code beside it."""
+    ``cache=True`` can keep the machine code beside it. Thread-safe: a module is published in
+    ``sys.modules`` only once it has been executed."""
+    with _LOAD_LOCK:
+        return _load_module_locked(stem, source)
+
+
+def _load_module_locked(stem: str, source: str):
     import numba  # noqa: F401  (a clear ImportError here, not inside the generated module)
 
     digest = hashlib.sha256((source + numba.__version__).encode()).hexdigest()[:16]
@@ -355,7 +365,11 @@ def _load_module(stem: str, source: str):
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return mod
 
 
