@@ -2,10 +2,12 @@
 
 The profile streams over tensor names: for one name at a time it reads the base tensor and
 each expert's task vector ``tau_i = theta_i - theta_0`` (or ``s * B @ A`` for a LoRA expert,
-the text adapter's product for a DAMC expert), stacks them into an ``[N, numel]`` float32
-matrix on the compute device, and accumulates *sums* (dot products, squared norms, counts).
-Nothing else stays in memory, so peak memory is a few times the largest tensor, whatever the
-model size.
+the text adapter's product for a DAMC expert) and accumulates *sums* (dot products, squared
+norms, counts). On a GPU the task vectors are stacked into an ``[N, numel]`` float32 matrix on
+the device; on the CPU compiled kernels (:mod:`workbench.analysis.kernels`) read the stored
+bfloat16 / float32 tensors directly, chunk by chunk, and no float32 copy is made. Nothing else
+stays in memory, so peak memory is bounded by the largest tensor (a few times it on a GPU),
+whatever the model size.
 
 Every metric is a ratio of sums, so the aggregation per layer x module type is exact: the
 cosine of a group is ``sum(dot) / sqrt(sum(|a|^2) * sum(|b|^2))`` over the group's tensors

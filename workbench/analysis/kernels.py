@@ -6,7 +6,8 @@ disjoint mean, the DARE keep draw, a code histogram. As separate torch operation
 reads and writes an ``[N, chunk]`` temporary, which on a CPU costs ~10 ns per entry and expert
 (measured, 296.8M-parameter profile: 23x the warm I/O floor). Here the same step is one
 numba loop over the chunk's columns, with ``N`` unrolled (the source is generated per ``N``),
-so LLVM vectorises it and every temporary stays in registers: ~1 ns per entry and expert.
+so LLVM vectorises it and every temporary stays in registers: ~1.3 ns per entry and expert
+(measured, DARE draws included).
 
 The generated source goes to a file in a cache folder (``$WORKBENCH_KERNEL_CACHE``, default
 ``$XDG_CACHE_HOME/mllm-workbench/kernels`` or ``~/.cache/...``; a temporary folder when that
