@@ -677,8 +677,8 @@ def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enam
             return None
         if radix:
             return K.tau_kth_largest(*src, k, hist)
-        if k < numel:
-            return M.kth_largest_nonneg(np.abs(tau_row(i).numpy()), k)
+        if k < numel:  # a short row: numpy.partition of |tau| (the row built once)
+            return M.kth_largest_nonneg(np.abs(src[0] if mains_k[i] is None else tau_row(i).numpy()), k)
         return 0.0
 
     parallel = pool is not None and workers > 1 and numel >= _PARALLEL_MIN
