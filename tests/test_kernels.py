@@ -162,9 +162,11 @@ def test_streamed_stats_from_stored_tensors_equal_tensor_stats(dtype, missing, m
     assert built_by_torch == (dtype == torch.float16 or missing)
 
 
-def test_worker_threads_give_the_same_counts_and_sums():
-    """Two worker threads (experts in parallel for the thresholds, two column ranges for the sums)
-    give the same counts as one and float sums equal to 1e-12."""
+@pytest.mark.parametrize("workers", [2, 4])
+def test_worker_threads_give_the_same_counts_and_sums(workers):
+    """Worker threads (3 experts: with 2 workers the thresholds run one expert per worker, with 4
+    each expert's columns are split; the sums always in column ranges) give the same counts as
+    one thread and float sums equal to 1e-12."""
     from concurrent.futures import ThreadPoolExecutor
 
     import workbench.analysis.interference as I
@@ -175,8 +177,8 @@ def test_worker_threads_give_the_same_counts_and_sums():
     raws = [((base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16(), None, True) for _ in range(3)]
     kw = dict(topk=0.2, dare_p=0.2, dare_seed=9, chunk_size=1 << 19)
     one = _streamed_stats("t", base, raws, "b", ["a", "b", "c"], **kw)
-    with ThreadPoolExecutor(2) as pool:
-        two = _streamed_stats("t", base, raws, "b", ["a", "b", "c"], pool=pool, workers=2, **kw)
+    with ThreadPoolExecutor(workers) as pool:
+        two = _streamed_stats("t", base, raws, "b", ["a", "b", "c"], pool=pool, workers=workers, **kw)
     assert one[3] == pytest.approx(two[3], rel=1e-12)  # |theta_0|^2
     for k, v in one[2].items():
         if k in {"gram", "ties_survived_sq", "ties_share_sq", "dare_kept_sq", "ties_merged_sq", "ta_sq"}:
@@ -197,3 +199,31 @@ def test_kernel_modules_load_once_and_whole_under_concurrent_first_use(tmp_path,
         mods = list(pool.map(lambda _: K._load_module("race", source), range(8)))
     assert all(m is mods[0] for m in mods) and mods[0].f() == 42
     assert [p.name for p in tmp_path.glob("wb_race_*.py")] == [mods[0].__name__ + ".py"]
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_threshold_split_in_column_ranges_is_exact(workers):
+    """The radix select with its passes split across worker threads (ranges of 4096-multiples,
+    histograms added) gives numpy.partition's k-th largest and the single-range histogram."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(6)
+    n = 3 * 4096 * 7 + 123
+    main = (torch.randn(n, generator=g) * 3).round().bfloat16() / 8  # many ties
+    base = torch.zeros(n).bfloat16()
+    mk, bk = K.as_kernel_array(main), K.as_kernel_array(base)
+    a = main.float().abs().numpy()
+    one = np.zeros(1 << 15, np.int64)
+    assert K.tau_hist(mk, bk, True, one)
+    with ThreadPoolExecutor(workers) as pool:
+        split = np.zeros(1 << 15, np.int64)
+        assert len(K._ranges(n, pool, workers)) == workers
+        assert K.tau_hist(mk, bk, True, split, pool=pool, workers=workers)
+        assert np.array_equal(one, split)
+        for k in (1, n // 5, n // 2, n):
+            want = float(np.partition(a, n - k)[n - k])
+            assert K.tau_kth_largest(mk, bk, True, k, split, pool=pool, workers=workers) == want, k
+        bad = main.clone()
+        bad[n - 5] = float("nan")  # in the last range
+        assert not K.tau_hist(K.as_kernel_array(bad), bk, True, np.zeros(1 << 15, np.int64), pool=pool,
+                              workers=workers)

@@ -297,11 +297,10 @@ def tau_hist(main, base, w, lo, n, hist, do_hist):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def tau_rank_in_bin(main, base, w, lo, n, b, rest):
-    """Bits of the ``rest``-th largest ``|tau|`` among the entries whose high 16 bits are ``b``
-    (a histogram of their low 16 bits, read from the top); -1 when there are fewer than ``rest``."""
+def tau_low_hist(main, base, w, lo, n, b, h2):
+    """Over ``tau = main[lo:lo+n] - w * base[lo:lo+n]``: ``h2[bits(|tau|) & 0xFFFF] += 1`` for the
+    entries whose high 16 bits are ``b``."""
     buf = np.empty(4096, np.int32)
-    h2 = np.zeros(65536, np.int64)
     for s in range(lo, lo + n, 4096):
         e = min(lo + n, s + 4096)
         tau_bits(main[s:e], base[s:e], w, buf)
@@ -309,12 +308,6 @@ def tau_rank_in_bin(main, base, w, lo, n, b, rest):
             a = buf[j]
             if (a >> 16) == b:
                 h2[a & 0xFFFF] += 1
-    seen = 0
-    for low in range(65535, -1, -1):
-        seen += h2[low]
-        if seen >= rest:
-            return (b << 16) | low
-    return -1
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -403,30 +396,57 @@ def as_kernel_array(t: torch.Tensor) -> np.ndarray | None:
     return None
 
 
-def tau_hist(main: np.ndarray, base: np.ndarray, is_weight: bool, hist: np.ndarray, do_hist: bool = True) -> bool:
+def _ranges(n: int, pool, workers: int) -> list[tuple[int, int]]:
+    """``(lo, length)`` column ranges: one, or ``workers`` of them (multiples of 4096 entries) with a pool."""
+    if pool is None or workers <= 1 or n < 2 * 4096:
+        return [(0, n)]
+    step = -(-n // (workers * 4096)) * 4096
+    return [(lo, min(n, lo + step) - lo) for lo in range(0, n, step)]
+
+
+def _run(pool, fn, ranges: list[tuple[int, int]]) -> list:
+    """``fn(j, lo, length)`` for every range ``j``, on the pool when there are several."""
+    calls = [(j, lo, ln) for j, (lo, ln) in enumerate(ranges)]
+    return list(pool.map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*calls[0])]
+
+
+def tau_hist(main: np.ndarray, base: np.ndarray, is_weight: bool, hist: np.ndarray, do_hist: bool = True,
+             *, pool=None, workers: int = 1) -> bool:
     """Over ``tau = main - base`` (``main`` alone when ``not is_weight``; float32 arithmetic, the
     values torch gives): add the high 16 bits of every ``|tau|`` to ``hist`` (``2**15`` int64
     bins) when ``do_hist``; returns whether every entry of ``tau`` is finite (when it is not, the
-    histogram is incomplete). ``main``/``base`` from :func:`as_kernel_array`."""
+    histogram is incomplete). ``main``/``base`` from :func:`as_kernel_array`. With a thread
+    ``pool``, ``workers`` column ranges are histogrammed side by side and added."""
     w = np.float32(1.0 if is_weight else 0.0)
-    return bool(_helpers().tau_hist(main, base, w, 0, main.shape[0], hist, bool(do_hist)))
+    ranges = _ranges(main.shape[0], pool, workers)
+    hists = [hist] + [np.zeros_like(hist) for _ in ranges[1:]]
+    ok = _run(pool, lambda j, lo, ln: _helpers().tau_hist(main, base, w, lo, ln, hists[j], bool(do_hist)), ranges)
+    for h in hists[1:]:
+        hist += h
+    return all(bool(x) for x in ok)
 
 
-def tau_kth_largest(main: np.ndarray, base: np.ndarray, is_weight: bool, k: int, hist: np.ndarray) -> float:
+def tau_kth_largest(main: np.ndarray, base: np.ndarray, is_weight: bool, k: int, hist: np.ndarray,
+                    *, pool=None, workers: int = 1) -> float:
     """The ``k``-th largest ``|tau|`` (``1 <= k <= n``) of a finite ``tau = main - base``, exactly
     ``numpy.partition(|tau|, n - k)[n - k]``, given ``hist`` (:func:`tau_hist` of the same
     ``tau``): the high 16 bits from ``hist``, the low 16 bits from one more pass (a histogram of
-    the low bits of the entries in that bin; no partition, no float32 row is ever stored).
-    Non-negative float32 values order like their bit patterns as integers."""
+    the low bits of the entries in that bin, read from the top; no partition, no float32 row is
+    ever stored). Non-negative float32 values order like their bit patterns as integers."""
     n = main.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     above = np.cumsum(hist[::-1])[::-1]  # above[b] = #entries whose high bits are >= b
     b = int((above >= k).sum()) - 1
-    rest = k - (int(above[b + 1]) if b + 1 < hist.shape[0] else 0)
+    rest = k - (int(above[b + 1]) if b + 1 < hist.shape[0] else 0)  # its rank inside bin b (1 = largest)
     w = np.float32(1.0 if is_weight else 0.0)
-    bits = int(_helpers().tau_rank_in_bin(main, base, w, 0, n, b, rest))
-    if bits < 0:
+    ranges = _ranges(n, pool, workers)
+    h2s = [np.zeros(1 << 16, np.int64) for _ in ranges]
+    _run(pool, lambda j, lo, ln: _helpers().tau_low_hist(main, base, w, lo, ln, b, h2s[j]), ranges)
+    h2 = np.sum(h2s, axis=0)
+    seen = np.cumsum(h2[::-1])  # seen[j]: entries of bin b with low bits >= 65535 - j
+    if seen[-1] < rest:
         raise ValueError("hist does not describe tau (a stale histogram?)")
-    return float(np.array([bits], np.int32).view(np.float32)[0])
+    low = 65535 - int(np.argmax(seen >= rest))
+    return float(np.array([(b << 16) | low], np.int32).view(np.float32)[0])
 
