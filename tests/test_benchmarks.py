@@ -251,7 +251,7 @@ def test_gpu_merge_7b_precision_on_cuda(tmp_path):
 def test_profile_speed_smoke_prints_exact_and_sampled_ratios(tmp_path):
     out = tmp_path / "profile.json"
     res = _run([str(BENCH / "profile_speed.py"), "--params", "300k", "--tiny", "--shard-bytes", "60k",
-                "--sample", "1000", "--threads", "1", "--dir", str(tmp_path / "w"), "--json", str(out)])
+                "--sample", "1000", "--threads", "1", "--repeat", "3", "--dir", str(tmp_path / "w"), "--json", str(out)])
     text = res.stdout
     assert re.search(r"^I/O floor \(read every tensor\): [\d.]+s", text, re.M), text
     assert re.search(r"^EXACT ratio profile / floor:\s+[\d.]+x wall, [\d.]+x CPU \(work only", text, re.M), text
@@ -261,6 +261,9 @@ def test_profile_speed_smoke_prints_exact_and_sampled_ratios(tmp_path):
     data = json.loads(out.read_text())
     assert data["sample"] == 1000 and data["profile_threads"] is None  # the library's default
     assert len(data["touch_floor_runs_s"]) == 2
+    runs = data["profile_runs_s"]
+    assert len(runs) == 3 and data["profile_s"] == sorted(runs)[1]  # the median of the three
+    assert re.search(r"; median of 3 runs: [\d.]+s, [\d.]+s, [\d.]+s$", text, re.M), text
     for k in ("ratio", "work_cpu_ratio", "sampled_ratio", "sampled_work_cpu_ratio", "floor_work_cpu_s",
               "touch_floor_s", "ratio_to_touch_floor"):
         assert data[k] > 0, k
