@@ -27,17 +27,18 @@ def test_profile_cli_rejects_bad_expert_argument(tiny_llama, tmp_path):
 
 def test_profile_cli_sample_gives_the_estimate_and_records_it(tiny_llama, tiny_llama_experts, tmp_path, capsys):
     """``--sample M`` runs the sampled estimate (recorded in meta.json), close to the exact profile;
-    ``--dare-p`` and ``--seed`` reach the library."""
+    ``--dare-p``, ``--seed`` and ``--threads`` reach the library."""
     import json
 
     experts = [f"e{i}={p}" for i, p in enumerate(tiny_llama_experts)]
     base = ["profile", str(tiny_llama)] + experts + ["--device", "cpu", "--dare-p", "0.3", "--seed", "5"]
-    cli.main(base + ["--out", str(tmp_path / "exact")])
+    cli.main(base + ["--out", str(tmp_path / "exact"), "--threads", "2"])
     cli.main(base + ["--out", str(tmp_path / "est"), "--sample", "2000"])
     assert "sampled estimate (2000 entries per tensor)" in capsys.readouterr().out
     meta = json.loads((tmp_path / "est" / "meta.json").read_text())
     assert meta["sample"] == 2000 and meta["dare_p"] == 0.3 and meta["seed"] == 5
-    assert json.loads((tmp_path / "exact" / "meta.json").read_text())["sample"] is None
+    exact_meta = json.loads((tmp_path / "exact" / "meta.json").read_text())
+    assert exact_meta["sample"] is None and exact_meta["threads"] == 2 and meta["threads"] is None
     a = pd.read_csv(tmp_path / "exact" / "pairs.csv").set_index(["tensor", "expert_a", "expert_b"])
     b = pd.read_csv(tmp_path / "est" / "pairs.csv").set_index(["tensor", "expert_a", "expert_b"])
     assert (a["cosine"] - b.loc[a.index, "cosine"]).abs().max() < 0.2

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", type=int, default=None, metavar="M",
                    help="an ESTIMATE from M entries per tensor instead of the exact profile (much faster on "
                         "a CPU; its standard errors are in profile_interference's docstring)")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="worker threads on a CPU (default: torch's thread count, i.e. the cores)")
     p.add_argument("--figures", action="store_true", help="also write one heatmap per metric into OUT/figures")
 
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if len(experts) != len(args.experts):
         raise ConfigError("expert names must be unique")
     prof = profile_interference(args.base, experts, device=args.device, topk=args.topk, out_dir=args.out,
-                                dare_p=args.dare_p, seed=args.seed, sample=args.sample)
+                                dare_p=args.dare_p, seed=args.seed, sample=args.sample, threads=args.threads)
     what = f"sampled estimate ({args.sample} entries per tensor)" if args.sample else "exact profile"
     print(f"{what} of {len(experts)} experts written to {args.out}")
     if args.figures:
