@@ -369,7 +369,7 @@ def _load_module_locked(stem: str, source: str):
 
 @functools.lru_cache(maxsize=None)
 def chunk_kernel(N: int):
-    """The compiled per-chunk statistics kernel for ``N`` experts (``2 <= N <= MAX_KERNEL_EXPERTS``)."""
+    """The compiled per-chunk statistics kernel for ``N`` experts (``1 <= N <= MAX_KERNEL_EXPERTS``)."""
     if not 1 <= N <= MAX_KERNEL_EXPERTS:
         raise ValueError(f"the compiled kernel handles 1..{MAX_KERNEL_EXPERTS} experts, got {N}")
     return _load_module(f"stats_n{N}", _kernel_source(N, _helpers().__name__)).kernel
