@@ -470,8 +470,8 @@ class _StatsAccumulator:
         ``tau_i = mains[i][lo:lo+c] - w[i] * base[lo:lo+c]`` (see :func:`kernels._kernel_source`;
         float32 arrays or bfloat16 bits from :func:`kernels.as_kernel_array`), entries
         ``pos0 .. pos0 + c - 1`` of the tensor. Also adds ``|base[lo:lo+c]|^2`` to :attr:`base_sq`."""
-        if pos0 + c > 2 ** 32 and self.dare_p is not None:
-            raise ConfigError(f"DARE draws address entries below 2**32; this tensor has {pos0 + c}")
+        if self.dare_p is not None:
+            K.check_positions(pos0 + c)
         thr_n = torch.maximum(thr.to(torch.float32), self.tiny).numpy()
         if self._codes is None or self._codes.shape[1] < c:
             self._codes = np.empty((2, c), np.int32)

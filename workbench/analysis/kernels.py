@@ -51,7 +51,7 @@ import torch
 from ..errors import ConfigError
 
 __all__ = ["MAX_KERNEL_EXPERTS", "dare_keys", "dare_keep_threshold", "dare_keep_torch",
-           "fmix32", "dare_draw", "chunk_kernel", "count_codes", "as_kernel_array", "tau_hist",
+           "fmix32", "dare_draw", "check_positions", "chunk_kernel", "count_codes", "as_kernel_array", "tau_hist",
            "tau_kth_largest"]
 
 #: the generated kernel handles this many experts (the code histograms of the accumulator)
@@ -114,12 +114,17 @@ def _fmix32_torch(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def check_positions(end: int) -> None:
+    """The DARE draws address entries below ``2**32``: refuse a tensor that reaches ``end`` beyond it."""
+    if end > 2 ** 32:
+        raise ConfigError(f"DARE draws address entries below 2**32; this tensor has {end}")
+
+
 def dare_keep_torch(pos0: int, width: int, keys: np.ndarray, p_int: int, device: torch.device,
                     dtype: torch.dtype = torch.float32, n_experts: int | None = None) -> torch.Tensor:
     """``[N, width]`` 0/1 keep mask of entries ``pos0 .. pos0 + width - 1`` (any device, int64 math);
     ``N = n_experts``, by default ``2 * len(keys)``."""
-    if pos0 + width > 2 ** 32:
-        raise ConfigError(f"DARE draws address entries below 2**32; this tensor has {pos0 + width}")
+    check_positions(pos0 + width)
     N = 2 * len(keys) if n_experts is None else n_experts
     pos = torch.arange(pos0, pos0 + width, dtype=torch.int64, device=device)
     rows = []
