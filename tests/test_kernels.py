@@ -227,3 +227,18 @@ def test_threshold_split_in_column_ranges_is_exact(workers):
         bad[n - 5] = float("nan")  # in the last range
         assert not K.tau_hist(K.as_kernel_array(bad), bk, True, np.zeros(1 << 15, np.int64), pool=pool,
                               workers=workers)
+
+
+def test_compiled_path_refuses_positions_beyond_the_draws():
+    """Entries at or past 2**32 have no DARE draw: both paths refuse them with a ConfigError."""
+    import workbench.analysis.interference as I
+    from workbench.errors import ConfigError
+
+    acc = I._StatsAccumulator(2, torch.device("cpu"), 0.2, 0)
+    rows = [np.zeros(20, np.float32)] * 2
+    with pytest.raises(ConfigError, match="2\\*\\*32"):
+        acc.add_stored(rows, np.zeros(2, np.float32), np.zeros(20, np.float32), 0, 20, 2 ** 32 - 10,
+                       torch.ones(2))
+    acc.add_stored(rows, np.zeros(2, np.float32), np.zeros(20, np.float32), 0, 20, 2 ** 32 - 20, torch.ones(2))
+    no_dare = I._StatsAccumulator(2, torch.device("cpu"), None, 0)  # without DARE there is no limit
+    no_dare.add_stored(rows, np.zeros(2, np.float32), np.zeros(20, np.float32), 0, 20, 2 ** 32, torch.ones(2))
