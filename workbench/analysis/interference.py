@@ -326,7 +326,7 @@ def tensor_stats(
 
 
 #: patterns of up to this many experts are counted by a histogram of sign codes (3**(N+1) bins)
-_MAX_CODED_EXPERTS = 8
+_MAX_CODED_EXPERTS = K.MAX_KERNEL_EXPERTS  # the compiled kernel writes the same codes
 #: up to this many experts, both codes share one histogram (3**(2N+1) bins)
 _MAX_JOINT_EXPERTS = K.MAX_JOINT_EXPERTS
 #: on the CPU, coded chunks go through the compiled kernel (:mod:`workbench.analysis.kernels`);
