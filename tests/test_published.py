@@ -214,4 +214,4 @@ def test_summarise_t_interval():
 
 def test_verdict_constants():
     assert pub.VERDICTS == (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_TESTABLE)
-    assert NOT_TESTABLE == "not testable at this scale"
+    assert NOT_TESTABLE == "not testable here"  # the issue-14 wording, defined in workbench.statistics

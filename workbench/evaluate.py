@@ -14,18 +14,17 @@ turn the gold answer. Multiple-choice records (gold is a letter A-D) are scored
 Open-answer records (the capability family; ``"options"`` lists the candidate answers) are scored by
 log-likelihood over the candidates, or by exact match of the greedy output.
 
-Statistics are pure functions: :func:`wilson_interval`, :func:`t_interval`,
-:func:`mcnemar_exact` (two-sided exact McNemar = binomial test on the discordant pairs).
+The statistics (intervals, McNemar, :func:`summarize`) live in :mod:`workbench.statistics`; they are
+imported here under their old names.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
+
+from .statistics import mcnemar_exact, summarize, t_interval, wilson_interval  # noqa: F401  (one statistics module)
 
 LETTERS = ("A", "B", "C", "D")
 PRED_COLUMNS = ["id", "subset", "gold", "pred", "correct", "method", "seed", "scoring"]
@@ -171,46 +170,6 @@ def accuracy(df: pd.DataFrame) -> float:
     return 100.0 * float(df["correct"].mean())
 
 
-def wilson_interval(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n (as fractions in [0, 1])."""
-    if n <= 0:
-        raise ValueError("wilson_interval needs n > 0")
-    z = stats.norm.ppf(0.5 + conf / 2)
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def t_interval(values: Sequence[float], conf: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): Student-t interval of the mean over seeds. One value -> (v, nan, nan)."""
-    v = np.asarray(list(values), dtype=float)
-    if v.size == 0:
-        raise ValueError("t_interval of no values")
-    m = float(v.mean())
-    if v.size < 2:
-        return m, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.5 + conf / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return m, m - half, m + half
-
-
-def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
-    """Exact two-sided McNemar test on paired outcomes of the same items.
-
-    ``b`` = items A got right and B wrong, ``c`` = the reverse; p-value of a two-sided binomial
-    test of ``b`` successes in ``b + c`` trials with p = 0.5 (1.0 when b + c = 0).
-    """
-    a = np.asarray(correct_a, dtype=bool)
-    bb = np.asarray(correct_b, dtype=bool)
-    if a.shape != bb.shape:
-        raise ValueError(f"paired outcomes differ in length: {a.shape} vs {bb.shape}")
-    b = int((a & ~bb).sum())
-    c = int((~a & bb).sum())
-    p = 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
-    return {"b": b, "c": c, "n": int(a.size), "pvalue": p}
-
-
 def paired_test(df: pd.DataFrame, method_a: str, method_b: str, **filters) -> dict:
     """McNemar between two methods' predictions on the same items (joined on id, seed, scoring)."""
     d = df
@@ -222,21 +181,3 @@ def paired_test(df: pd.DataFrame, method_a: str, method_b: str, **filters) -> di
     if len(j) == 0:
         raise ValueError(f"no common items between {method_a!r} and {method_b!r}")
     return mcnemar_exact(j["correct_a"].tolist(), j["correct_b"].tolist())
-
-
-def summarize(df: pd.DataFrame, by: Iterable[str] = ("method", "subset", "scoring"), conf: float = 0.95
-              ) -> pd.DataFrame:
-    """Per group: accuracy per seed, then the mean with a t-interval over seeds, plus the Wilson
-    interval of the pooled counts. Columns: *by, n_seeds, n_items, acc, t_low, t_high, wilson_low,
-    wilson_high (percent)."""
-    by = list(by)
-    rows = []
-    for key, g in df.groupby(by, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        per_seed = g.groupby("seed", dropna=False)["correct"].mean() * 100
-        m, lo, hi = t_interval(per_seed.tolist(), conf)
-        k, n = int(g["correct"].sum()), len(g)
-        wl, wh = wilson_interval(k, n, conf)
-        rows.append(dict(zip(by, key), n_seeds=len(per_seed), n_items=n, acc=m, t_low=lo, t_high=hi,
-                         wilson_low=100 * wl, wilson_high=100 * wh))
-    return pd.DataFrame(rows)

@@ -32,12 +32,8 @@ import pandas as pd
 #: Folder of the published CSV files (``data/published`` of the repository).
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "published"
 
-REPRODUCED = "reproduced"
-NOT_REPRODUCED = "not reproduced"
-INCONCLUSIVE = "inconclusive"
-NOT_TESTABLE = "not testable at this scale"
-#: Every verdict :func:`side_by_side` can give.
-VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_TESTABLE)
+#: The verdicts (one set, defined in :mod:`workbench.statistics`).
+from .statistics import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, VERDICTS  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -158,19 +154,13 @@ def summarise(results: pd.DataFrame, by: Sequence[str], value: str = "accuracy",
     Returns ``[*by, mean, ci_low, ci_high, n]``. One row in a group gives ``n=1`` and NaN bounds
     (no interval from one seed).
     """
-    from scipy import stats
+    from .statistics import t_interval
 
     rows = []
     for key, g in results.groupby(list(by), sort=True, dropna=False):
         x = g[value].astype(float).dropna().to_numpy()
         n = len(x)
-        mean = float(x.mean()) if n else math.nan
-        if n >= 2:
-            sem = float(x.std(ddof=1)) / math.sqrt(n)
-            half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sem
-            lo, hi = mean - half, mean + half
-        else:
-            lo = hi = math.nan
+        mean, lo, hi = t_interval(x, level) if n else (math.nan, math.nan, math.nan)
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(by, key)), "mean": mean, "ci_low": lo, "ci_high": hi, "n": n})
     return pd.DataFrame(rows, columns=[*by, "mean", "ci_low", "ci_high", "n"])
@@ -320,7 +310,7 @@ def side_by_side(published: pd.DataFrame, ours: pd.DataFrame, on: Sequence[str] 
     ours_rhs_ci_low, ours_rhs_ci_high, verdict, reason, source``. The verdict of claim
     ``lhs > rhs`` (``<`` is symmetric) is decided on *ours* only:
 
-    - ``"not testable at this scale"``: the claim is marked ``testable=False``, or ours has no row
+    - ``"not testable here"``: the claim is marked ``testable=False``, or ours has no row
       for one of its sides (the method or benchmark does not exist in the miniature world);
     - ``"reproduced"``: ours' intervals do not overlap and lie in the claimed direction:
       ``lhs.ci_low > rhs.ci_high + margin``;

@@ -1,0 +1,176 @@
+"""The statistics module: bootstrap, McNemar, Holm, power, inertness and the one verdict rule."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from workbench import statistics as S
+
+
+def _items(acc_by_seed, n, rng, ids=None, shared=None):
+    """Per-item frame of one method: ``acc_by_seed[s]`` accuracy on ``n`` items of every seed."""
+    rows = []
+    for s, p in enumerate(acc_by_seed):
+        correct = rng.random(n) < p if shared is None else shared[s]
+        rows.append(pd.DataFrame({"seed": s, "id": [f"q{i}" for i in range(n)], "correct": correct}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _pair(rng, p_both, p_a_only, p_b_only, n=200, seeds=3):
+    """Paired outcomes with planted discordance rates: A right/B wrong w.p. p_a_only, the reverse p_b_only."""
+    a, b = [], []
+    for s in range(seeds):
+        u = rng.random(n)
+        ca = (u < p_both) | ((u >= p_both) & (u < p_both + p_a_only))
+        cb = (u < p_both) | ((u >= p_both + p_a_only) & (u < p_both + p_a_only + p_b_only))
+        ids = [f"q{i}" for i in range(n)]
+        a.append(pd.DataFrame({"seed": s, "id": ids, "correct": ca}))
+        b.append(pd.DataFrame({"seed": s, "id": ids, "correct": cb}))
+    return pd.concat(a, ignore_index=True), pd.concat(b, ignore_index=True)
+
+
+def test_holm_matches_a_hand_computation():
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> monotone 0.06
+    assert S.holm([0.01, 0.04, 0.03, 0.005]).tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # capped at 1, NaN left out of the family (m = 2 here)
+    out = S.holm([0.6, math.nan, 0.02])
+    assert out[0] == pytest.approx(0.6) and math.isnan(out[1]) and out[2] == pytest.approx(0.04)
+    assert S.holm([0.9, 0.3]).tolist() == pytest.approx([0.9, 0.6])  # 0.3 * 2, then max(0.6, 0.9 * 1)
+
+
+def test_mcnemar_is_the_binomial_test_on_discordant_pairs():
+    a = [1] * 10 + [0] * 3 + [1] * 20
+    b = [0] * 10 + [1] * 3 + [1] * 20
+    t = S.mcnemar_exact(a, b)
+    assert (t["b"], t["c"], t["n"]) == (10, 3, 33)
+    assert t["pvalue"] == pytest.approx(stats.binomtest(10, 13, 0.5).pvalue)
+    for b, c in [(0, 1), (5, 5), (7, 2), (30, 41)]:
+        x = S.mcnemar_exact([1] * b + [0] * c, [0] * b + [1] * c)["pvalue"]
+        assert x == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-12)
+
+
+def test_bootstrap_is_seeded_deterministic_and_covers_the_mean():
+    rng = np.random.default_rng(1)
+    units = [[rng.integers(0, 2, 150) * 100.0, rng.integers(0, 2, 90) * 100.0] for _ in range(3)]
+    one = S.hierarchical_bootstrap(units, n_boot=2000, seed=7)
+    two = S.hierarchical_bootstrap(units, n_boot=2000, seed=7)
+    assert one[:3] == two[:3] and np.array_equal(one[3], two[3])
+    assert S.hierarchical_bootstrap(units, n_boot=2000, seed=8)[1] != one[1]
+    est = np.mean([np.mean([x.mean() for x in u]) for u in units])
+    assert one[0] == pytest.approx(est) and one[1] < est < one[2]
+    # one unit, one stratum: the item bootstrap's spread is the binomial standard error
+    x = np.r_[np.ones(60), np.zeros(140)] * 100
+    _, lo, hi, boot = S.hierarchical_bootstrap([[x]], n_boot=4000, seed=0)
+    assert boot.std() == pytest.approx(100 * math.sqrt(0.3 * 0.7 / 200), rel=0.1)
+
+
+def test_bootstrap_resamples_seeds():
+    # every item identical within a seed: the only variance is between seeds
+    units = [[np.full(50, v)] for v in (10.0, 20.0, 60.0)]
+    _, lo, hi, boot = S.hierarchical_bootstrap(units, n_boot=2000, seed=0)
+    assert set(np.round(np.unique(boot), 6)) <= {round(x, 6) for x in
+                                                 [(i * 10 + j * 20 + k * 60) / 3 for i in range(4) for j in range(4)
+                                                  for k in range(4) if i + j + k == 3]}
+    assert lo < 30 < hi
+
+
+def test_planted_effect_is_reproduced_and_the_opposite_is_not():
+    rng = np.random.default_rng(0)
+    a, b = _pair(rng, 0.4, 0.2, 0.05)
+    rows = [S.compare(a, b, "A > B"), S.compare(b, a, "B > A")]
+    v = S.verdict_table(rows, family="test")
+    assert v["verdict"].tolist() == [S.REPRODUCED, S.NOT_REPRODUCED]
+    assert v.loc[0, "effect"] > 10 and v.loc[0, "ci_low"] > 0 and v.loc[0, "comparison"] == "paired"
+    assert v.loc[0, "p_holm"] == pytest.approx(min(1.0, 2 * v.loc[0, "p"]))
+    assert v["family"].iloc[0] == "test (2 tested claims)"
+    # a "<" claim flips the direction
+    assert S.verdict_table([S.compare(b, a, "B < A", relation="<")], "t")["verdict"][0] == S.REPRODUCED
+
+
+def _null_row(rng, n=80, seeds=2, n_boot=200):
+    """The pieces of S.compare on simulated paired outcomes without an effect (numpy only, fast)."""
+    ca, cb = rng.random((seeds, n)) < 0.45, rng.random((seeds, n)) < 0.45
+    t = S.mcnemar_exact(ca.ravel(), cb.ravel())
+    est, lo, hi, _ = S.hierarchical_bootstrap([[100.0 * (x.astype(float) - y)] for x, y in zip(ca, cb)], n_boot=n_boot,
+                                              seed=int(rng.integers(1 << 30)))
+    return {"claim": "null", "effect": est, "ci_low": lo, "ci_high": hi, "p": t["pvalue"],
+            "published_effect": math.nan}
+
+
+def test_null_effect_false_reproduced_rate_with_holm():
+    rng = np.random.default_rng(123)
+    # the fast rows are what compare() computes (same p, same interval for the same bootstrap seed)
+    ca, cb = rng.random((2, 80)) < 0.45, rng.random((2, 80)) < 0.45
+    frame = lambda c: pd.DataFrame({"seed": np.repeat([0, 1], 80), "id": np.tile(np.arange(80), 2),
+                                    "correct": c.ravel()})
+    full = S.compare(frame(ca), frame(cb), "x", n_boot=300, seed=5)
+    est, lo, hi, _ = S.hierarchical_bootstrap([[100.0 * (x.astype(float) - y)] for x, y in zip(ca, cb)], n_boot=300, seed=5)
+    assert (full["effect"], full["ci_low"], full["ci_high"]) == pytest.approx((est, lo, hi))
+    assert full["p"] == S.mcnemar_exact(ca.ravel(), cb.ravel())["pvalue"]
+    families, false_hits, raw = 250, 0, 0
+    for _ in range(families):
+        rows = [_null_row(rng) for _ in range(6)]
+        false_hits += (S.verdict_table(rows, "null")["verdict"] == S.REPRODUCED).any()
+        raw += any(r["p"] < 0.05 and r["ci_low"] > 0 for r in rows)  # the same claims without Holm
+    assert false_hits / families <= 0.05
+    assert raw > false_hits
+
+
+def test_identical_predictions_and_flat_objectives_are_not_testable():
+    rng = np.random.default_rng(2)
+    a = _items([0.5, 0.5], 100, rng).assign(pred="A")
+    row = S.compare(a, a.copy(), "OptMerge > WUDI", published=(57.4, 57.0))
+    v = S.verdict_table([row], "t")
+    assert v["verdict"][0] == S.NOT_TESTABLE and "identical predictions" in v["reason"][0]
+    assert math.isnan(v["p_holm"][0])
+    # the iterative solver barely moved: 40 -> 32 while the exact solve reaches 4
+    assert S.optimiser_inert(start=40.0, reached=32.0, exact=4.06)
+    assert not S.optimiser_inert(start=40.0, reached=10.0, exact=4.06)
+    b = a.copy()
+    b["correct"] = ~b["correct"]
+    inert = S.compare(b, a, "iterative > exact", inert="optimiser did not reduce its objective")
+    assert S.verdict_table([inert], "t")["verdict"][0] == S.NOT_TESTABLE
+    # a parameter sweep whose predictions do not change
+    assert S.sweep_inert({0.2: a, 0.3: a.copy()})
+    assert not S.sweep_inert({0.2: a, 0.3: a.assign(pred="B")})
+
+
+def test_smaller_than_published_and_power():
+    rng = np.random.default_rng(3)
+    a, b = _pair(rng, 0.4, 0.1, 0.1, n=400)
+    v = S.verdict_table([S.compare(a, b, "TIES > WA", published=(56.7, 49.1))], "t")
+    assert v["verdict"][0] == S.NOT_REPRODUCED and "smaller than published" in v["reason"][0]
+    # inconclusive: a published effect inside our interval -> items for 80% power (Connor 1987 by hand)
+    v = S.verdict_table([S.compare(a, b, "TIES > WA", published=(50.5, 50.0))], "t")
+    assert v["verdict"][0] == S.INCONCLUSIVE
+    psi = (v["b"][0] + v["c"][0]) / v["n_items"][0]
+    d = 0.005
+    hand = (stats.norm.ppf(0.975) * math.sqrt(psi) + stats.norm.ppf(0.8) * math.sqrt(psi - d * d)) ** 2 / d ** 2
+    assert v["items_80"][0] == math.ceil(hand)
+    # unpaired: two-proportion formula per side
+    assert S.items_for_power(10.0, p_a=50.0, p_b=40.0) == math.ceil(
+        (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) ** 2 * (0.25 + 0.24) / 0.01)
+
+
+def test_unpaired_and_level_claims():
+    rng = np.random.default_rng(4)
+    a = _items([0.7, 0.7, 0.7], 150, rng)
+    b = _items([0.4, 0.4, 0.4], 120, rng)
+    row = S.compare(a, b, "mcub-3 > mcub-2", paired=False)
+    assert row["comparison"].startswith("unpaired") and row["effect"] > 20
+    lv = S.compare_level(pd.DataFrame({"value": [0.5, 1.5, 1.0, 2.0]}), 0.0, "forgetting > 0")
+    assert lv["p"] == pytest.approx(stats.ttest_1samp([0.5, 1.5, 1.0, 2.0], 0.0).pvalue)
+    v = S.verdict_table([row, lv], "t")
+    assert v["verdict"].tolist() == [S.REPRODUCED, S.REPRODUCED]
+    assert "reproduced" in S.claims_sentence(v) and S.verdict_counts(v)[S.REPRODUCED] == 2
+    assert list(S.verdict_view(v).columns)[:4] == ["claim", "comparison", "published", "ours"]
+
+
+def test_compare_rejects_bad_input():
+    with pytest.raises(ValueError, match="relation"):
+        S.compare(pd.DataFrame(), pd.DataFrame(), "x", relation="=")
+    with pytest.raises(ValueError, match="seed"):
+        S.compare(pd.DataFrame({"id": [1], "correct": [True]}), pd.DataFrame({"id": [1], "correct": [True]}), "x")
+    assert S.compare(pd.DataFrame(), pd.DataFrame({"seed": [0]}), "x")["inert"].startswith("no result")
