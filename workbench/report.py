@@ -119,33 +119,88 @@ def relabel_published(published: pd.DataFrame, mapping: Mapping[str, str], key: 
 
 def paired_difference(pred: pd.DataFrame, a: str, b: str, *, by: str = "benchmark", scoring: str = "loglik",
                       label: str | None = None, conf: float = 0.95) -> pd.DataFrame:
-    """Accuracy difference ``a - b`` (points) per ``by`` group on the same items, with a 95% interval.
+    """Accuracy difference ``a - b`` (points) per ``by`` group on the same items, with the 95%
+    hierarchical-bootstrap interval of :func:`workbench.statistics.compare` (seeds, then items).
+    Rows: ``method`` (``label``, default ``"a - b"``), ``by``, ``mean, ci_low, ci_high, n_seeds, n_items``."""
+    from .statistics import compare
 
-    With >= 2 seeds: Student-t over the per-seed differences; with one seed: the normal interval of
-    the mean paired item difference. Rows: ``method`` (``label``, default ``"a - b"``), ``by``,
-    ``mean, ci_low, ci_high, n_seeds, n_items`` (ready for ``side_by_side``)."""
-    from scipy import stats
-
-    d = pred[(pred["scoring"] == scoring) & pred["method"].isin([a, b])]
     rows = []
-    for key, g in d.groupby(by):
-        j = g[g["method"] == a].merge(g[g["method"] == b], on=["id", "seed"], suffixes=("_a", "_b"))
-        if len(j) == 0:
+    for key, g in pred[(pred["scoring"] == scoring) & pred["method"].isin([a, b])].groupby(by):
+        ga, gb = g[g["method"] == a], g[g["method"] == b]
+        if len(ga) == 0 or len(gb) == 0 or len(ga.merge(gb, on=["id", "seed"])) == 0:
             continue
-        diff = 100 * (j["correct_a"].astype(float) - j["correct_b"].astype(float))
-        per_seed = diff.groupby(j["seed"]).mean()
-        if len(per_seed) >= 2:
-            x, n = per_seed.to_numpy(), len(per_seed)
-        else:
-            x, n = diff.to_numpy(), len(diff)
-        m = float(x.mean())
-        if n >= 2 and x.std(ddof=1) > 0:
-            half = float(stats.t.ppf(0.5 + conf / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-        else:
-            half = 0.0 if n >= 2 else math.nan
-        rows.append({"method": label or f"{a} - {b}", by: key, "mean": m, "ci_low": m - half, "ci_high": m + half,
-                     "n_seeds": int(len(per_seed)), "n_items": int(len(j))})
+        r = compare(ga, gb, f"{a} - {b}")
+        rows.append({"method": label or f"{a} - {b}", by: key, "mean": r["effect"], "ci_low": r["ci_low"],
+                     "ci_high": r["ci_high"], "n_seeds": int(r["n_seeds"]), "n_items": int(r["n_items"])})
     return pd.DataFrame(rows, columns=["method", by, "mean", "ci_low", "ci_high", "n_seeds", "n_items"])
+
+
+# ================================================================================ composition claims (02-04)
+def _items(pred: pd.DataFrame, method: str, benchmark: str, scoring: str) -> pd.DataFrame:
+    d = pred[(pred["method"] == method) & (pred["benchmark"] == benchmark) & (pred["scoring"] == scoring)]
+    return d[[c for c in ("seed", "id", "correct", "pred") if c in d.columns]]
+
+
+def _bench(pred: pd.DataFrame, prefix: str) -> list[str]:
+    return sorted(b for b in set(pred["benchmark"]) if str(b).startswith(prefix))
+
+
+def naivemc_claims(pred: pd.DataFrame, scoring: str = "generate") -> list[dict]:
+    """Notebook 02's claims (DAMC paper, NaiveMC) as rows of :func:`workbench.statistics.compare`:
+    NaiveMC > frozen LLM on each MCUB-mini benchmark (paired), NaiveMC on MCUB-3/4 > MCUB-2 (unpaired:
+    different items), single expert > NaiveMC on each own task (paired). ``pred``: ``predictions.csv``."""
+    from .statistics import compare
+
+    mcub, own = _bench(pred, "mcub-"), _bench(pred, "own:")
+    rows = [compare(_items(pred, "naive_mc", b, scoring), _items(pred, "frozen", b, scoring),
+                    f"NaiveMC > Frozen LLM on {b}", source="DAMC paper: composition without training") for b in mcub]
+    rows += [compare(_items(pred, "naive_mc", b, scoring), _items(pred, "naive_mc", "mcub-2", scoring),
+                     f"NaiveMC: {b} > mcub-2 (more modalities)", paired=False, source="DAMC paper: more modalities")
+             for b in ("mcub-3", "mcub-4") if b in mcub]
+    rows += [compare(_items(pred, "expert", b, scoring), _items(pred, "naive_mc", b, scoring),
+                     f"Single expert > NaiveMC on {b}", source="DAMC paper: parameter interference") for b in own]
+    return rows
+
+
+def damc_claims(pred: pd.DataFrame, scoring: str = "generate", published: tuple[float, float] | None = None
+                ) -> list[dict]:
+    """Notebook 03's claims: DAMC > NaiveMC on each MCUB-mini benchmark (paired; ``published`` = the
+    paper's (DAMC, NaiveMC) numbers, default Table 5's Avg of the merging benchmark), and "the gap
+    grows with modalities" (the paired gap on MCUB-3/4 > on MCUB-2; unpaired: different items)."""
+    from .published import load_table
+    from .statistics import compare, paired_items
+
+    if published is None:
+        t5 = load_table("optmerge_table5").set_index("benchmark")
+        published = (float(t5.loc["Avg", "DAMC"]), float(t5.loc["Avg", "NaiveMC"]))
+    mcub = _bench(pred, "mcub-")
+    rows = [compare(_items(pred, "damc", b, scoring), _items(pred, "naive_mc", b, scoring), f"DAMC > NaiveMC on {b}",
+                    published=published, source="optmerge_table5 (Avg)") for b in mcub]
+    gap = {b: paired_items(_items(pred, "damc", b, scoring), _items(pred, "naive_mc", b, scoring))
+           [["seed", "id", "value"]] for b in mcub}
+    rows += [compare(gap[b], gap["mcub-2"], f"gap grows: {b} > mcub-2", paired=False, source="DAMC paper (prose)")
+             for b in ("mcub-3", "mcub-4") if b in gap and "mcub-2" in gap]
+    return rows
+
+
+def mmer_claims(pred: pd.DataFrame, retention: pd.DataFrame, forgetting: pd.DataFrame | None = None,
+                scoring: str = "generate") -> list[dict]:
+    """Notebook 04's claims: MMER retains >= 99% of each expert's own-task accuracy (level, over
+    seeds), MMER retains more than NaiveMC (paired on the own-task items: both are divided by the
+    same expert's accuracy), fine-tuning forgets and the masks recover (levels 0, over experts)."""
+    from .statistics import compare, compare_level
+
+    ret = retention[(retention["scoring"] == scoring) & (retention["method"] == "mmer")]
+    rows = [compare_level(g.rename(columns={"retention": "value"}), 99.0, f"MMER retains >= 99% ({m})",
+                          source="MMER paper (retention)") for m, g in ret.groupby("modality")]
+    rows += [compare(_items(pred, "mmer", b, scoring), _items(pred, "naive_mc", b, scoring),
+                     f"MMER retains more than NaiveMC ({b})", source="MMER paper (retention)")
+             for b in _bench(pred, "own:")]
+    if forgetting is not None and len(forgetting):
+        rows += [compare_level(forgetting.rename(columns={col: "value"}), 0.0, text, source="MMER paper (decoupling)")
+                 for col, text in (("forgetting", "fine-tuning on a new task forgets old tasks"),
+                                   ("recovered", "masks recover the old tasks"))]
+    return rows
 
 
 # ================================================================================ claims and verdicts

@@ -60,9 +60,9 @@ VERDICT_RULE = (
     "over seeds) that would resolve the published effect with 80% power at the family's Bonferroni level.")
 
 ITEM_COLUMNS = ("seed", "id", "correct")
-TABLE_COLUMNS = ["family", "claim", "comparison", "published_lhs", "published_rhs", "published_effect", "ours_lhs",
-                 "ours_rhs", "effect", "ci_low", "ci_high", "n_seeds", "n_items", "b", "c", "p_per_seed", "p",
-                 "p_holm", "items_80", "verdict", "reason", "source"]
+TABLE_COLUMNS = ["family", "claim", "relation", "comparison", "published_lhs", "published_rhs", "published_effect",
+                 "ours_lhs", "ours_rhs", "effect", "ci_low", "ci_high", "n_seeds", "n_items", "b", "c", "p_per_seed",
+                 "p", "p_holm", "power_model", "discordance", "items_80", "inert", "verdict", "reason", "source"]
 
 
 # ============================================================================================ intervals
@@ -277,7 +277,8 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, claim: str, *, relation: str = ">"
     row = {c: math.nan for c in TABLE_COLUMNS}
     pub_l, pub_r = (float(x) if x is not None else math.nan for x in published)
     row.update(claim=claim, source=source, published_lhs=pub_l, published_rhs=pub_r, published_effect=pub_l - pub_r,
-               relation=relation, p_per_seed="", inert=inert or "", comparison="paired" if paired else "unpaired")
+               relation=relation, p_per_seed="", inert=inert or "", comparison="paired" if paired else "unpaired",
+               power_model="")
     if len(a) == 0 or len(b) == 0:
         row["inert"] = f"no result of ours for {'A' if len(a) == 0 else 'B'}"
         return row
@@ -298,7 +299,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, claim: str, *, relation: str = ">"
             same = ("pred_a" in j.columns and (j["pred_a"].astype(str) == j["pred_b"].astype(str)).all())
             if t["b"] + t["c"] == 0 and not row["inert"]:
                 row["inert"] = ("identical predictions" if same else "no discordant item") + f" on {len(j)} items"
-            row["power_args"] = {"discordance": (t["b"] + t["c"]) / len(j)}
+            row.update(power_model="paired", discordance=(t["b"] + t["c"]) / len(j))
         else:
             d = j["value"].to_numpy(float)
             row["p"] = float(stats.ttest_1samp(d, 0.0).pvalue) if d.std() > 0 else (1.0 if d.mean() == 0 else 0.0)
@@ -317,8 +318,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, claim: str, *, relation: str = ">"
                    n_items=len(a) + len(b), n_seeds=min(a["seed"].nunique(), b["seed"].nunique()),
                    comparison="unpaired (different items)")
         binary = set(np.unique(np.r_[xa, xb])) <= {0.0, 100.0}
-        if binary:
-            row["power_args"] = {"p_a": ea, "p_b": eb}
+        row["power_model"] = "unpaired" if binary else ""
     return row
 
 
@@ -327,7 +327,7 @@ def compare_level(values: pd.DataFrame, level: float, claim: str, *, relation: s
     """A claim "ours ``relation`` ``level``" over units (``values[value]``, one row per seed or expert):
     one-sample t-test (two-sided) and Student-t interval of the mean minus the level."""
     row = {c: math.nan for c in TABLE_COLUMNS}
-    row.update(claim=claim, source=source, relation=relation, p_per_seed="", inert="",
+    row.update(claim=claim, source=source, relation=relation, p_per_seed="", inert="", power_model="",
                comparison=f"level {level:g} (one-sample t over units)", published_lhs=math.nan,
                published_rhs=float(level))
     x = values[value].astype(float).dropna().to_numpy()
@@ -373,8 +373,10 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
         return pd.DataFrame(columns=TABLE_COLUMNS)
     for c in [*TABLE_COLUMNS, "inert", "relation"]:
         if c not in df.columns:
-            df[c] = {"inert": "", "relation": ">", "p_per_seed": "", "source": "", "comparison": ""}.get(c, math.nan)
+            df[c] = {"inert": "", "relation": ">", "p_per_seed": "", "source": "", "comparison": "",
+                     "power_model": ""}.get(c, math.nan)
     df["inert"] = df["inert"].fillna("").astype(str)
+    df["power_model"] = df["power_model"].fillna("").astype(str)
     tested = df["inert"] == ""
     df["p_holm"] = holm(np.where(tested, df["p"].astype(float), np.nan))
     m = int((tested & df["p"].notna()).sum())
@@ -382,11 +384,17 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
                    r["inert"], alpha) for _, r in df.iterrows()]
     df["verdict"], df["reason"] = [v for v, _ in out], [why for _, why in out]
     df["family"] = f"{family} ({m} tested claims)"
-    args = df["power_args"] if "power_args" in df.columns else pd.Series([None] * len(df), index=df.index)
-    df["items_80"] = [items_for_power(r["published_effect"], alpha=alpha / max(m, 1), **a)
-                      if v == INCONCLUSIVE and isinstance(a, dict) else math.nan
-                      for (_, r), v, a in zip(df.iterrows(), df["verdict"], args)]
+    df["items_80"] = [_items_80(r, alpha / max(m, 1)) if v == INCONCLUSIVE else math.nan
+                      for (_, r), v in zip(df.iterrows(), df["verdict"])]
     return df[TABLE_COLUMNS].reset_index(drop=True)
+
+
+def _items_80(r: Mapping, alpha: float) -> float:
+    if r["power_model"] == "paired":
+        return items_for_power(r["published_effect"], discordance=r["discordance"], alpha=alpha)
+    if r["power_model"] == "unpaired":
+        return items_for_power(r["published_effect"], p_a=r["ours_lhs"], p_b=r["ours_rhs"], alpha=alpha)
+    return math.nan
 
 
 def verdict_view(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
