@@ -174,3 +174,51 @@ def test_compare_rejects_bad_input():
     with pytest.raises(ValueError, match="seed"):
         S.compare(pd.DataFrame({"id": [1], "correct": [True]}), pd.DataFrame({"id": [1], "correct": [True]}), "x")
     assert S.compare(pd.DataFrame(), pd.DataFrame({"seed": [0]}), "x")["inert"].startswith("no result")
+
+
+# ------------------------------------------------------------------ the merging benchmark's claims (no zoo needed)
+def _experiment(tmp_path, cached=True):
+    """Experiment rows (workbench.experiments.ROW_COLUMNS) of a synthetic Table 2 with cached item predictions:
+    OptMerge 20 points above the others, WUDI's predictions identical to OptMerge's."""
+    from workbench import experiments as E
+
+    rng = np.random.default_rng(0)
+    n, rows = 60, []
+    truth = {(s, t): rng.random(n) for s in (0, 1) for t in ("vqa", "chart")}
+    acc = {"Base": 0.3, "Weight Average": 0.4, "Task Arithmetic": 0.42, "TIES": 0.41, "WUDI": 0.6, "OptMerge": 0.6,
+           "Indiv. VQA": 0.45, "Indiv. Chart": 0.45}
+    kind = {"Base": "base", "Indiv. VQA": "indiv", "Indiv. Chart": "indiv"}
+    for m, p in acc.items():
+        for (s, t), u in truth.items():
+            correct = u < p
+            f = tmp_path / f"{m}-{s}-{t}.csv".replace(" ", "_")
+            pd.DataFrame({"id": [f"{t}{i}" for i in range(n)], "correct": correct, "pred": np.where(correct, "A", "B"),
+                          "gold": "A"}).to_csv(f, index=False)
+            k = int(correct.sum())
+            rows.append({"method": m, "method_id": m, "kind": kind.get(m, "merge"), "task": t, "split": "test",
+                         "lambda": 1.0, "searched": False, "selected": True, "seed": s, "n": n, "n_correct": k,
+                         "accuracy": 100 * k / n, "ci_low": math.nan, "ci_high": math.nan, "status": "ok", "error": "",
+                         "params": "{}", "pred_file": str(f) if cached else ""})
+    return pd.DataFrame(rows, columns=E.ROW_COLUMNS)
+
+
+def test_compare_published_paired_and_inert(tmp_path):
+    from workbench import experiments as E
+
+    df = _experiment(tmp_path)
+    cells, v = E.compare_published(df, "optmerge_table2")
+    v = v.set_index("claim")
+    assert v.loc["OptMerge > Task Arithmetic on Avg", "verdict"] == S.REPRODUCED
+    assert v.loc["OptMerge > Task Arithmetic on Avg", "comparison"] == "paired"
+    assert v.loc["OptMerge > Task Arithmetic on Avg", "published_effect"] == pytest.approx(57.44 - 56.18)
+    wudi = v.loc["OptMerge > WUDI on Avg"]
+    assert wudi["verdict"] == S.NOT_TESTABLE and "identical predictions" in wudi["reason"]
+    assert v.loc["merging (OptMerge) beats the individual experts' average", "verdict"] == S.REPRODUCED
+    assert v["family"].iloc[0].startswith("optmerge_table2")
+    # the optimiser check found by the caller makes its claims not testable
+    _, v2 = E.compare_published(df, "optmerge_table2", inert={"TIES": "objective barely moved"})
+    assert v2.set_index("claim").loc["OptMerge > TIES on Avg", "verdict"] == S.NOT_TESTABLE
+    # without cached predictions: the unpaired comparison, labelled so
+    _, v3 = E.compare_published(_experiment(tmp_path, cached=False), "optmerge_table2")
+    row = v3.set_index("claim").loc["OptMerge > Task Arithmetic on Avg"]
+    assert row["comparison"].startswith("unpaired") and row["verdict"] == S.REPRODUCED

@@ -1173,110 +1173,161 @@ def paper_claims(table: str = "optmerge_table2"):
     return claims
 
 
+#: The benchmarks a published table's ``Avg`` runs over, in the miniature world: Table 5 averages its two
+#: multi-modality benchmarks (MUSIC-AVQA, AVQA), whose analogue here is MCUB-mini; Tables 2/3 average all tasks.
+def table_tasks(df: pd.DataFrame, table: str) -> list[str] | None:
+    """The tasks our ``Avg`` is taken over for ``table`` (``None``: every task): the MCUB-mini
+    benchmarks for Table 5 (the paper's Avg is over its two multi-modality benchmarks), all otherwise."""
+    if table in ("optmerge_table5", "table5"):
+        return [t for t in dict.fromkeys(df["task"]) if str(t).startswith("mcub")]
+    return None
+
+
+def _count_items(df: pd.DataFrame, method: str, split: str, tasks: Sequence[str] | None) -> pd.DataFrame:
+    """0/1 items rebuilt from a method's counts (``n``, ``n_correct`` per task and seed), for the unpaired
+    comparison when the per-item predictions are not cached."""
+    d = df[(df["method"] == method) & (df["split"] == split) & df["selected"].astype(bool) & (df["status"] == "ok")]
+    if tasks is not None:
+        d = d[d["task"].isin(list(tasks))]
+    parts = [pd.DataFrame({"seed": r.seed, "stratum": r.task, "id": [f"{r.task}-{i}" for i in range(int(r.n))],
+                           "correct": np.arange(int(r.n)) < int(r.n_correct)}) for r in d.itertuples()]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["seed", "stratum", "id", "correct"])
+
+
+def _claim_items(df: pd.DataFrame, method: str, split: str, tasks: Sequence[str] | None) -> pd.DataFrame | None:
+    """Per-item outcomes of ``method`` (``stratum`` = task) from the cached predictions; ``"Indiv. (mean)"``
+    is, per item, the mean over the individual experts (a value in points). ``None`` when not cached."""
+    methods = ([m for m in dict.fromkeys(df.loc[df["kind"] == "indiv", "method"]) if m not in (INDIV_MEAN, INDIV_OWN)]
+               if method == INDIV_MEAN else [method])
+    try:
+        frames = [item_predictions(df, m, split) for m in methods]
+    except FileNotFoundError:
+        return None
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=["seed", "stratum", "id", "correct"])
+    p = pd.concat(frames, ignore_index=True).rename(columns={"task_set": "stratum"})
+    if tasks is not None:
+        p = p[p["stratum"].isin(list(tasks))]
+    if method == INDIV_MEAN:
+        return (p.assign(value=100.0 * p["correct"].astype(float)).groupby(["seed", "stratum", "id"], as_index=False)
+                ["value"].mean())
+    return p[["seed", "stratum", "id", "correct", "pred"]]
+
+
+def claim_rows(df: pd.DataFrame, claims: Sequence, published: pd.DataFrame, split: str = "test",
+               tasks: Sequence[str] | None = None, inert: Mapping[str, str] | None = None) -> list[dict]:
+    """Rows of :func:`workbench.statistics.compare` for ``claims`` (``published.Claim`` on ``method`` and
+    ``benchmark``; our side is always the average over ``tasks``): paired on the test items where both
+    sides' predictions are cached (``pred_file``), else unpaired from the counts (labelled so).
+    ``published``: long table with ``method, benchmark, score`` (the paper's numbers, in points).
+    ``inert``: ``{method: reason}`` for methods found inert by the caller (e.g. an optimiser that did
+    not move its objective, :func:`workbench.statistics.optimiser_inert`)."""
+    from .statistics import compare
+
+    pub = {(m, b): float(v) for m, b, v in zip(published["method"], published["benchmark"],
+                                               published[published.attrs.get("value_column", "score")])}
+    inert = dict(inert or {})
+    labels = set(df["method"]) | ({INDIV_MEAN} if (df["kind"] == "indiv").any() else set())
+    rows = []
+    for c in claims:
+        a, b = c.lhs.get("method"), c.rhs.get("method")
+        pl, pr = pub.get((a, c.lhs.get("benchmark")), math.nan), pub.get((b, c.rhs.get("benchmark")), math.nan)
+        empty = pd.DataFrame(columns=["seed", "id", "correct"])
+        if not c.testable or a not in labels or b not in labels:
+            row = compare(empty, empty, c.text, relation=c.relation, published=(pl, pr), source=c.source)
+            row["inert"] = c.reason if not c.testable else f"no result of ours for {a if a not in labels else b}"
+            rows.append(row)
+            continue
+        ia, ib = _claim_items(df, a, split, tasks), _claim_items(df, b, split, tasks)
+        paired = ia is not None and ib is not None and len(ia) and len(ib)
+        if not paired:
+            ia, ib = _count_items(df, a, split, tasks), _count_items(df, b, split, tasks)
+        why = inert.get(a) or inert.get(b) or None
+        rows.append(compare(ia, ib, c.text, relation=c.relation, paired=bool(paired), published=(pl, pr),
+                            source=c.source, inert=why and f"{a if inert.get(a) else b}: {why}"))
+    return rows
+
+
 def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: str = "test",
-                      tasks: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Our Avg beside the paper's, and verdicts for its claims (decided on our intervals only;
-    :func:`workbench.published.side_by_side`).
+                      tasks: Sequence[str] | None = None, inert: Mapping[str, str] | None = None,
+                      family: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Our Avg beside the paper's, and the verdict of each of its claims (:mod:`workbench.statistics`).
 
     Returns ``(cells, verdicts)``. ``cells``: method, published Avg, our mean and interval (our base
     row is matched to the paper's base row; tasks differ between the paper and the miniature world,
-    so only ``Avg`` is joined). ``verdicts``: one row per claim of :func:`paper_claims` plus
-    ``"OptMerge has the best average among merging methods"`` (reproduced: OptMerge's interval lies
-    above every other merging method's; not reproduced: some method's interval lies above
-    OptMerge's; inconclusive otherwise). The published ``"Indiv. (mean)"`` is the mean of the
-    paper's Indiv. rows' Avg (computed here from the published numbers). Where both sides of a
-    claim are models of ours with cached predictions, ``paired_b``/``paired_c``/``paired_pvalue``
-    add the exact McNemar test on all test items pooled (b: lhs right and rhs wrong) - extra
-    evidence beside the verdict, which stays the interval rule. ``tasks``: the benchmarks our Avg
-    is taken over (for Table 5 pass the MCUB-mini ones: the paper averages its two multi-modality
-    benchmarks).
+    so only ``Avg`` is joined). ``verdicts``: :func:`workbench.statistics.verdict_table` (Holm over
+    ``family``, default the table's name) of the claims of :func:`paper_claims` plus "OptMerge has the
+    best average among merging methods" (judged against the merging method with the best average of
+    ours: beating the best one is necessary for beating all). Effects are paired on the test items
+    (:func:`claim_rows`). The published ``"Indiv. (mean)"`` is the mean of the paper's Indiv. rows' Avg.
+    ``tasks``: the benchmarks our Avg is over (default :func:`table_tasks`: MCUB-mini for Table 5).
     """
-    from .published import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, load_table, side_by_side
+    from .published import Claim, load_table, side_by_side
+    from .statistics import verdict_table
 
+    tasks = table_tasks(df, table) if tasks is None else list(tasks)
     pub = load_table(table, long=True)
     base_name = PUBLISHED_BASE.get(pub.attrs.get("name", table), BASE_LABEL)
+    attrs = dict(pub.attrs)
     pub = pub.copy()
     pub["method"] = pub["method"].replace({base_name: BASE_LABEL})
     indiv = pub[(pub["method"].str.startswith("Indiv.")) & (pub["benchmark"] == "Avg")]
     if len(indiv):
         extra = pd.DataFrame([{"method": INDIV_MEAN, "benchmark": "Avg", "score": float(indiv["score"].mean())}])
-        attrs = dict(pub.attrs)
         pub = pd.concat([pub, extra], ignore_index=True)
-        pub.attrs = attrs
+    pub.attrs = attrs
     ours = summary_long(df, split, tasks=tasks)
     ours_avg = ours[ours["benchmark"] == "Avg"][["method", "benchmark", "mean", "ci_low", "ci_high"]]
     cells = side_by_side(pub[pub["benchmark"] == "Avg"], ours_avg)
-    verdicts = side_by_side(pub, ours_avg, claim_rules=paper_claims(pub.attrs.get("name", table)))
-    # composite claim: OptMerge best among merging methods
-    avg = ours_avg.set_index("method")
-    others = [m for m in MERGE_LABELS if m != "OptMerge" and m in avg.index]
-    pavg = pub[pub["benchmark"] == "Avg"].set_index("method")["score"]
-    pub_others = [m for m in MERGE_LABELS if m != "OptMerge" and m in pavg.index]
-    pub_holds = None
-    if "OptMerge" in pavg.index and pub_others:
-        pub_holds = bool(all(pavg["OptMerge"] > pavg[m] for m in pub_others))
-    if "OptMerge" not in avg.index or not others:
-        verdict, reason = NOT_TESTABLE, "no OptMerge row or no other merging method"
+    claims = list(paper_claims(attrs.get("name", table)))
+    avg = ours_avg.set_index("method")["mean"]
+    others = [m for m in MERGE_LABELS if m != "OptMerge" and m in avg.index and pd.notna(avg[m])]
+    if others:
+        best = max(others, key=lambda m: avg[m])
+        pavg = pub[pub["benchmark"] == "Avg"].set_index("method")["score"]
+        pub_best = max((m for m in MERGE_LABELS if m != "OptMerge" and m in pavg.index), key=lambda m: pavg[m],
+                       default=None)
+        best_claim = Claim(f"OptMerge has the best average among merging methods (vs ours' best other: {best})",
+                           {"method": "OptMerge", "benchmark": "Avg"}, {"method": best, "benchmark": "Avg"}, ">",
+                           source=attrs.get("name", table))
+        rows_best = claim_rows(df, [best_claim], pub, split, tasks, inert)
+        if pub_best is not None:  # the paper's side: OptMerge vs the paper's best other merging method
+            rows_best[0].update(published_rhs=float(pavg[pub_best]),
+                                published_effect=float(pavg.get("OptMerge", math.nan)) - float(pavg[pub_best]))
     else:
-        o = avg.loc["OptMerge"]
-        lows = [avg.loc[m, "ci_low"] for m in others]
-        highs = [avg.loc[m, "ci_high"] for m in others]
-        if any(pd.isna(x) for x in [o["ci_low"], o["ci_high"], *lows, *highs]):
-            verdict, reason = INCONCLUSIVE, "an interval is missing (failed method?)"
-        elif all(o["ci_low"] > h for h in highs):
-            verdict, reason = REPRODUCED, "OptMerge's interval lies above every other merging method's"
-        elif any(l > o["ci_high"] for l in lows):
-            beat = [m for m, l in zip(others, lows) if l > o["ci_high"]]
-            verdict, reason = NOT_REPRODUCED, f"interval above OptMerge's: {', '.join(beat)}"
-        else:
-            best = max(others, key=lambda m: avg.loc[m, "mean"])
-            verdict, reason = INCONCLUSIVE, (f"intervals overlap (OptMerge {o['mean']:.1f}, best other {best} "
-                                             f"{avg.loc[best, 'mean']:.1f})")
-    comp = {"claim": "OptMerge has the best average among merging methods", "lhs": "OptMerge @ Avg",
-            "rhs": "every other merging method @ Avg", "relation": ">",
-            "published_lhs": float(pavg.get("OptMerge", math.nan)),
-            "published_rhs": float(max((pavg[m] for m in pub_others), default=math.nan)),
-            "published_holds": pub_holds, "ours_lhs_mean": float(avg["mean"].get("OptMerge", math.nan)),
-            "ours_lhs_ci_low": float(avg["ci_low"].get("OptMerge", math.nan)),
-            "ours_lhs_ci_high": float(avg["ci_high"].get("OptMerge", math.nan)),
-            "ours_rhs_mean": float(max((avg.loc[m, "mean"] for m in others), default=math.nan)),
-            "ours_rhs_ci_low": math.nan, "ours_rhs_ci_high": math.nan, "verdict": verdict, "reason": reason,
-            "source": pub.attrs.get("name", table)}
-    verdicts = pd.concat([pd.DataFrame([comp]), verdicts], ignore_index=True)
-    verdicts["paired_b"], verdicts["paired_c"], verdicts["paired_pvalue"] = math.nan, math.nan, math.nan
-    labels = set(df["method"])
-    for i, v in verdicts.iterrows():
-        a, b = (x.split(" @ ")[0] for x in (v["lhs"], v["rhs"]))
-        if a in labels and b in labels:
-            try:
-                t = paired_tests(df if tasks is None else df[df["task"].isin(list(tasks))], [(a, b)], split)
-            except FileNotFoundError:
-                continue
-            t = t[t["task"] == "All"]
-            if len(t):
-                verdicts.loc[i, ["paired_b", "paired_c", "paired_pvalue"]] = \
-                    [t["b"].iloc[0], t["c"].iloc[0], t["pvalue"].iloc[0]]
-    return cells, verdicts
+        rows_best = []
+    rows = rows_best + claim_rows(df, claims, pub, split, tasks, inert)
+    return cells, verdict_table(rows, family or attrs.get("name", table))
 
 
-def write_tables(df: pd.DataFrame, name: str, out: str | Path, table: str | None = None) -> dict[str, Path]:
-    """Write ``<name>_summary.csv`` (the wide table, formatted) and, with ``table``,
-    ``<name>_vs_published.csv`` and ``<name>_verdicts.csv`` into ``out``."""
+def _write_csv(frame: pd.DataFrame, path: Path, index: bool = False) -> None:
+    """``frame`` to ``path`` through a temporary name (never a half-written table)."""
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=index)
+    tmp.replace(path)
+
+
+def write_tables(df: pd.DataFrame, name: str, out: str | Path, table: str | None = None,
+                 verdicts: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write ``<name>_summary.csv`` (the wide table, formatted; Avg over :func:`table_tasks`) and, with
+    ``table``, ``<name>_vs_published.csv`` and ``<name>_verdicts.csv`` into ``out``. ``verdicts``: the
+    verdict table to write (e.g. Holm over a notebook's whole family) instead of ``compare_published``'s."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"summary": out / f"{name}_summary.csv"}
-    summarise(df, fmt=True).to_csv(paths["summary"])
+    _write_csv(summarise(df, fmt=True, tasks=table_tasks(df, table) if table else None), paths["summary"], index=True)
     if table is not None:
-        cells, verdicts = compare_published(df, table)
+        cells, own = compare_published(df, table)
         paths["cells"] = out / f"{name}_vs_published.csv"
         paths["verdicts"] = out / f"{name}_verdicts.csv"
-        cells.to_csv(paths["cells"], index=False)
-        verdicts.to_csv(paths["verdicts"], index=False)
+        _write_csv(cells, paths["cells"])
+        _write_csv(own if verdicts is None else verdicts, paths["verdicts"])
     return paths
 
 
 __all__ = ["CAP_METHODS", "MODALITY_METHODS", "LAMBDAS", "DISPLAY", "MergeEntry", "ablation_entries",
            "capability_merging", "capability_setting", "choose_lambda", "compare_published", "default_entries",
-           "item_predictions", "merge_objective", "modality_merging", "modality_setting", "optmerge_ablation",
+           "claim_rows", "item_predictions", "merge_objective", "modality_merging", "modality_setting", "optmerge_ablation",
            "paired_tests", "paper_claims", "rank_ratio_sweep", "solver_comparison", "split_records", "summarise",
-           "summary_long", "wilson", "write_tables"]
+           "summary_long", "table_tasks", "wilson", "write_tables"]
