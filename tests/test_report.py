@@ -144,15 +144,6 @@ def test_figures():
         report.modality_examples_figure({"bad": np.zeros((2, 2))})
 
 
-def test_level_verdict():
-    t = pd.DataFrame({"method": ["a", "b", "c", "d"], "mean": [99.5, 90.0, 99.0, 100.0],
-                      "ci_low": [99.2, 85.0, 97.0, np.nan], "ci_high": [99.8, 95.0, 101.0, np.nan]})
-    v = report.level_verdict(t, 99.0, claim="retains 99%")
-    assert v["verdict"].tolist() == ["reproduced", "not reproduced", "inconclusive", "inconclusive"]
-    assert v.loc[0, "claim"] == "retains 99% (a)" and "no interval" in v.loc[3, "reason"]
-    assert report.level_verdict(t.iloc[:2], 96.0, relation="<")["verdict"].tolist() == ["not reproduced", "reproduced"]
-
-
 # ---- workbench.llava.make_tiny_llava_family (used by notebook 10; lives in llava.py, tested here)
 def test_make_tiny_llava_family(tmp_path):
     import torch

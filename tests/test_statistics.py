@@ -222,3 +222,44 @@ def test_compare_published_paired_and_inert(tmp_path):
     _, v3 = E.compare_published(_experiment(tmp_path, cached=False), "optmerge_table2")
     row = v3.set_index("claim").loc["OptMerge > Task Arithmetic on Avg"]
     assert row["comparison"].startswith("unpaired") and row["verdict"] == S.REPRODUCED
+
+
+def test_solver_inert_reads_the_costs_table():
+    from workbench import experiments as E
+
+    costs = pd.DataFrame([
+        {"method_id": "wudi", "solver": "iterative", "seed": 0, "objective": 32.0, "objective_start": 40.0, "status": "ok"},
+        {"method_id": "wudi", "solver": "exact", "seed": 0, "objective": 4.06, "objective_start": 40.0, "status": "ok"},
+        {"method_id": "optmerge", "solver": "iterative", "seed": 0, "objective": 5.0, "objective_start": 40.0,
+         "status": "ok"},
+        {"method_id": "optmerge", "solver": "exact", "seed": 0, "objective": 0.0, "objective_start": 40.0, "status": "ok"}])
+    out = E.solver_inert(costs)
+    assert list(out) == ["WUDI"] and "32" in out["WUDI"]
+    assert E.solver_inert(costs.drop(columns="objective_start")) == {}
+
+
+def test_composition_claims_from_predictions():
+    """Notebooks 02/03's claim builders on a synthetic predictions.csv: planted NaiveMC > frozen, DAMC < NaiveMC."""
+    from workbench import report
+
+    rng = np.random.default_rng(5)
+    acc = {"naive_mc": 0.6, "frozen": 0.3, "damc": 0.45, "expert": 0.7}
+    rows = []
+    for seed in (0, 1, 2):
+        for bench, n in (("mcub-2", 120), ("mcub-3", 100), ("own:image", 100)):
+            u = rng.random(n)
+            for m, p in acc.items():
+                if bench.startswith("own:") and m in ("frozen", "damc"):
+                    continue
+                rows.append(pd.DataFrame({"id": [f"{bench}-{i}" for i in range(n)], "benchmark": bench, "seed": seed,
+                                          "method": m, "scoring": "generate", "correct": u < p, "pred": "x"}))
+    pred = pd.concat(rows, ignore_index=True)
+    v = S.verdict_table(report.naivemc_claims(pred, "generate"), "02").set_index("claim")
+    assert v.loc["NaiveMC > Frozen LLM on mcub-2", "verdict"] == S.REPRODUCED
+    assert v.loc["Single expert > NaiveMC on own:image", "verdict"] == S.REPRODUCED
+    assert v.loc["NaiveMC: mcub-3 > mcub-2 (more modalities)", "comparison"].startswith("unpaired")
+    d = S.verdict_table(report.damc_claims(pred, "generate", published=(66.79, 66.88)), "03").set_index("claim")
+    assert d.loc["DAMC > NaiveMC on mcub-2", "verdict"] == S.NOT_REPRODUCED
+    assert d.loc["DAMC > NaiveMC on mcub-2", "published_effect"] == pytest.approx(-0.09)
+    gap = report.paired_difference(pred[pred["benchmark"] == "mcub-2"], "damc", "naive_mc", scoring="generate")
+    assert gap.loc[0, "mean"] == pytest.approx(d.loc["DAMC > NaiveMC on mcub-2", "effect"])

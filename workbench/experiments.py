@@ -910,6 +910,49 @@ def merge_objective(base_dir: str | Path, expert_dirs: Sequence[str | Path], mer
     return total
 
 
+def _start_objective(z, setting: _Setting, seed: int, entry: MergeEntry, device, tmp: Path) -> float:
+    """The objective of ``entry`` at the iterative solver's starting point (``init``: the sum of the
+    task vectors = Task Arithmetic at scale 1, or their mean = Weight Average), for
+    :func:`solver_inert`."""
+    from .engine import merge_with_report
+    from .io import CheckpointReader
+    from .methods import OPTMERGE_PRESETS
+
+    init = entry.params.get("init") or (OPTMERGE_PRESETS[entry.params.get("preset", "full_ft")]["init"]
+                                        if entry.method == "optmerge" else "sum")
+    outp = tmp / f"start-{entry.method}-{init}-s{seed}"
+    cfg = {"method": "task_arithmetic" if init == "sum" else "weight_average", "base": z.base_path,
+           "experts": setting.expert_paths[seed], "output": outp, "params": {"scale": 1.0}, "device": device,
+           "seed": seed, "copy_tokenizer": False}
+    rep = merge_with_report(cfg, progress=False)
+    r = CheckpointReader(outp)
+    return merge_objective(z.base_path, setting.expert_paths[seed], {n: r.get(n) for n in rep.merged}, entry.method,
+                           {**entry.params, "scale": 1.0})
+
+
+def solver_inert(costs: pd.DataFrame) -> dict[str, str]:
+    """``{method label: reason}`` for the iterative solves of ``costs`` (:func:`solver_comparison`) that
+    reduced their objective by less than half of what the exact solve reaches, from the same start
+    (:func:`workbench.statistics.optimiser_inert`), in any seed. Labels are the plain method names
+    (``"OptMerge"``), as in the capability / modality tables that use the iterative solver."""
+    from .statistics import SOLVER_SHARE, optimiser_inert
+
+    out: dict[str, str] = {}
+    if "objective_start" not in costs.columns:
+        return out
+    ok = costs[costs["status"] == "ok"]
+    for (mid, seed), g in ok.groupby(["method_id", "seed"]):
+        by = g.set_index("solver")
+        if not {"iterative", "exact"} <= set(by.index):
+            continue
+        it, ex = by.loc["iterative"], by.loc["exact"]
+        if optimiser_inert(float(it["objective_start"]), float(it["objective"]), float(ex["objective"])):
+            out[method_label(mid)] = (f"the iterative solver reduced its objective {it['objective_start']:.3g} -> "
+                                      f"{it['objective']:.3g}, < {SOLVER_SHARE:.0%} of the exact solve's reduction "
+                                      f"(to {ex['objective']:.3g}; seed {seed})")
+    return out
+
+
 @_quiet
 def solver_comparison(zoo, family: str = "full", methods: Sequence[str] = ("wudi", "optmerge"),
                       lambdas: Sequence[float] = LAMBDAS, seeds: Sequence[int] | None = None, device: str = "auto", *,
@@ -952,12 +995,14 @@ def solver_comparison(zoo, family: str = "full", methods: Sequence[str] = ("wudi
                     merged = {n: r.get(n) for n in rep.merged}
                     obj = merge_objective(z.base_path, setting.expert_paths[seed], merged, e.method,
                                           {**e.params, "scale": 1.0})
+                    start = _start_objective(z, setting, seed, e, device, Path(tmp))
                     costs.append({"method": e.label, "method_id": e.method, "solver": e.params["solver"],
-                                  "seed": seed, "merge_seconds": secs, "objective": obj, "status": "ok", "error": ""})
+                                  "seed": seed, "merge_seconds": secs, "objective": obj, "objective_start": start,
+                                  "status": "ok", "error": ""})
                 except Exception as err:
                     costs.append({"method": e.label, "method_id": e.method, "solver": e.params["solver"],
                                   "seed": seed, "merge_seconds": math.nan, "objective": math.nan,
-                                  "status": "failed", "error": f"{type(err).__name__}: {err}"[:500]})
+                                  "objective_start": math.nan, "status": "failed", "error": f"{type(err).__name__}: {err}"[:500]})
                 finally:
                     shutil.rmtree(outp, ignore_errors=True)
     costs_df = pd.DataFrame(costs)
@@ -1329,5 +1374,5 @@ def write_tables(df: pd.DataFrame, name: str, out: str | Path, table: str | None
 __all__ = ["CAP_METHODS", "MODALITY_METHODS", "LAMBDAS", "DISPLAY", "MergeEntry", "ablation_entries",
            "capability_merging", "capability_setting", "choose_lambda", "compare_published", "default_entries",
            "claim_rows", "item_predictions", "merge_objective", "modality_merging", "modality_setting", "optmerge_ablation",
-           "paired_tests", "paper_claims", "rank_ratio_sweep", "solver_comparison", "split_records", "summarise",
+           "paired_tests", "paper_claims", "rank_ratio_sweep", "solver_comparison", "solver_inert", "split_records", "summarise",
            "summary_long", "table_tasks", "wilson", "write_tables"]

@@ -33,7 +33,7 @@ __all__ = [
     "PAPER_NAMES", "fmt_interval", "pick_interval", "ours_table", "interval_table", "relabel_published",
     "paired_difference", "verdict_table", "verdict_counts", "verdict_sentence", "paired_view",
     "zoo_models_table", "expert_gap_table", "build_times_table", "accuracy_figure", "modality_examples_figure",
-    "density_table", "level_verdict",
+    "density_table", "naivemc_claims", "damc_claims", "mmer_claims",
 ]
 
 
@@ -205,7 +205,8 @@ def mmer_claims(pred: pd.DataFrame, retention: pd.DataFrame, forgetting: pd.Data
 
 # ================================================================================ claims and verdicts
 def verdict_table(sbs: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
-    """The reading view of :func:`workbench.published.side_by_side` (with claims): one row per claim,
+    """The reading view of :func:`workbench.published.side_by_side` (with claims; its interval-overlap
+    verdicts - the notebooks' verdicts come from :func:`workbench.statistics.verdict_table`): one row per claim,
     ``published`` (the paper's two numbers, or ``-``), ``ours`` (two numbers with intervals),
     ``verdict``, ``reason``, ``source``."""
     def pub(r):
@@ -225,14 +226,10 @@ def verdict_table(sbs: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
 
 
 def verdict_counts(*tables: pd.DataFrame) -> dict[str, int]:
-    """``{verdict: count}`` over one or more verdict tables (every verdict listed, zeros included)."""
-    from .published import VERDICTS
+    """``{verdict: count}`` over verdict tables (:func:`workbench.statistics.verdict_counts`)."""
+    from .statistics import verdict_counts as counts
 
-    out = {v: 0 for v in VERDICTS}
-    for t in tables:
-        for v in t["verdict"] if len(t) else []:
-            out[v] = out.get(v, 0) + 1
-    return out
+    return counts(*tables)
 
 
 def verdict_sentence(*tables: pd.DataFrame, preset: str | None = None) -> str:
@@ -243,29 +240,6 @@ def verdict_sentence(*tables: pd.DataFrame, preset: str | None = None) -> str:
     n = sum(c.values())
     where = f" (preset {preset})" if preset else ""
     return f"Of {n} claim(s){where}: " + ", ".join(f"{k} {v}" for v, k in c.items()) + "."
-
-
-def level_verdict(table: pd.DataFrame, level: float, *, relation: str = ">", claim: str = "",
-                  label_cols: Sequence[str] = ("method",), digits: int = 1) -> pd.DataFrame:
-    """Verdicts on "ours lies above (``">"``) / below (``"<"``) a stated level", one per row of ``table``
-    (``mean, ci_low, ci_high``), with the rule of :func:`workbench.published.judge`: ``reproduced`` when
-    the whole interval is on the claimed side, ``not reproduced`` when it is wholly on the other side,
-    ``inconclusive`` otherwise (or without an interval). For claims like "99% retained" or "forgetting > 0"."""
-    from .published import INCONCLUSIVE, judge
-
-    rows = []
-    for _, r in table.iterrows():
-        v = judge((r["ci_low"], r["ci_high"]), (level, level), relation)
-        who = " / ".join(str(r[c]) for c in label_cols if c in r.index)
-        no_ci = any(pd.isna(r[c]) for c in ("ci_low", "ci_high"))
-        reason = ("no interval (a single seed or row?)" if v == INCONCLUSIVE and no_ci else
-                  {"reproduced": f"interval wholly {relation} {level:g}",
-                   "not reproduced": f"interval wholly on the other side of {level:g}",
-                   "inconclusive": f"interval contains {level:g}"}[v])
-        rows.append({"claim": f"{claim} ({who})" if claim else who, "level": level, "relation": relation,
-                     "ours": fmt_interval(r["mean"], r["ci_low"], r["ci_high"], digits), "verdict": v,
-                     "reason": reason})
-    return pd.DataFrame(rows, columns=["claim", "level", "relation", "ours", "verdict", "reason"])
 
 
 # ================================================================================ paired tests
