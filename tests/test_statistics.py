@@ -263,3 +263,21 @@ def test_composition_claims_from_predictions():
     assert d.loc["DAMC > NaiveMC on mcub-2", "published_effect"] == pytest.approx(-0.09)
     gap = report.paired_difference(pred[pred["benchmark"] == "mcub-2"], "damc", "naive_mc", scoring="generate")
     assert gap.loc[0, "mean"] == pytest.approx(d.loc["DAMC > NaiveMC on mcub-2", "effect"])
+
+
+def test_cache_keys_carry_the_code_digest(tmp_path, monkeypatch):
+    from workbench import evaluate, results
+
+    for name in evaluate.PREDICTION_CODE:
+        (tmp_path / name).write_text(f"# {name}\n")
+    before = evaluate.code_digest(str(tmp_path))
+    assert before == evaluate.code_digest(str(tmp_path)) and len(before) == 16
+    (tmp_path / "sub").mkdir()
+    for name in evaluate.PREDICTION_CODE:
+        (tmp_path / "sub" / name).write_text(f"# {name}\n" + ("fixed = True\n" if name == "methods.py" else ""))
+    assert evaluate.code_digest(str(tmp_path / "sub")) != before  # one edited method -> another digest
+    key = results.cache_key({"a": 1})
+    monkeypatch.setattr(results, "code_digest", lambda: "0" * 16)
+    assert results.cache_key({"a": 1}) != key
+    with pytest.raises(FileNotFoundError, match="missing"):
+        evaluate.code_digest(str(tmp_path / "nowhere"))

@@ -19,6 +19,9 @@ imported here under their old names.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import pandas as pd
@@ -124,6 +127,27 @@ def scorer_key() -> dict:
     """Cache-key entry of the log-likelihood scorer: none for the reference
     (``score_options_batch``, so existing caches stay valid), a tag for the shared-prefix scorer."""
     return {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
+
+
+#: The modules whose code produces a cached prediction: the compositions, the merge methods and their
+#: engine, this scorer and the model's option scorer (``mllm.py``). Their digest is part of every
+#: results-cache key (:mod:`workbench.results`, :mod:`workbench.experiments`), so a fixed method never
+#: reuses predictions of the old code.
+PREDICTION_CODE = ("compose.py", "methods.py", "engine.py", "evaluate.py", "mllm.py")
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest(root: str | Path | None = None, files: tuple[str, ...] = PREDICTION_CODE) -> str:
+    """sha256 (16 hex digits) over the names and bytes of ``files`` in ``root`` (default: this package);
+    read once per process."""
+    folder = Path(root) if root is not None else Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in files:
+        f = folder / name
+        if not f.is_file():
+            raise FileNotFoundError(f"code_digest: {f} is missing")
+        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def predict(model, records: Sequence[Mapping], load_inputs: Callable[[Mapping], dict],

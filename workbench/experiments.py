@@ -30,7 +30,8 @@ How a merged model is made (the benchmark's protocol, methods.md section 4):
   Weight Average ignores λ and runs once (``lambda = 1``, ``searched = False``);
 * temporary merged models live in a temporary folder that is deleted after evaluation; only the
   per-item predictions are kept, in a cache keyed by a hash of the inputs (the zoo's model hashes,
-  method, parameters, λ, seed, records, scoring) under ``data/results/<preset>/cache/experiments/``.
+  method, parameters, λ, seed, records, scoring) and of the code that produced them
+  (:func:`workbench.evaluate.code_digest`) under ``data/results/<preset>/cache/experiments/``.
 
 Selection is honest: for each method and seed the λ with the highest *mean over tasks* of the
 validation accuracies is chosen (ties: the smaller λ), and only that λ is evaluated on the test
@@ -225,11 +226,12 @@ class _Evaluator:
     def _file(self, model_key: str, records: Sequence[Mapping]) -> Path | None:
         if self.cache_dir is None:
             return None
-        from .evaluate import scorer_key
+        from .evaluate import code_digest, scorer_key
 
-        # the log-likelihood scorer also picks DAMC's λ (loglik search), whatever the scoring here
+        # the log-likelihood scorer also picks DAMC's λ (loglik search), whatever the scoring here; the
+        # code digest (compose, methods, engine, evaluate, the model's scorer) retires predictions of old code
         key = _hash({"model": model_key, "records": records_digest(records), "scoring": self.scoring,
-                     **scorer_key()})
+                     "code": code_digest(), **scorer_key()})
         return self.cache_dir / f"{key}.csv"
 
     def cached(self, model_key: str, records: Sequence[Mapping]) -> pd.DataFrame | None:

@@ -17,7 +17,7 @@ Tables written to ``out`` (default ``data/results/<preset>/``):
 
 - ``predictions.csv`` - one row per item x method x seed x scoring (``benchmark``, ``combo``);
 - ``summary.csv`` - accuracy per method x benchmark x scoring: mean over seeds with a Student-t
-  interval, and the Wilson interval of the pooled counts (:func:`workbench.evaluate.summarize`);
+  interval, and the Wilson interval of the pooled counts (:func:`workbench.statistics.summarize`);
 - ``retention.csv`` - each composition's own-task accuracy as a percentage of the expert's
   (``damc`` against ``damc_expert``, the others against ``expert``), per modality and seed;
 - ``paired.csv`` - exact McNemar tests between compositions on the same items (pooled over seeds);
@@ -26,7 +26,8 @@ Tables written to ``out`` (default ``data/results/<preset>/``):
 - ``run.json`` - settings, what was skipped, seconds.
 
 Predictions are cached under ``out/cache/`` by a hash of their inputs (the zoo's model hashes, the
-composition settings, the records, the scoring), so a re-run only evaluates what changed.
+composition settings, the records, the scoring) and of the code that computes them
+(:func:`workbench.evaluate.code_digest`), so a re-run only evaluates what changed.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ import pandas as pd
 import torch
 
 from .paths import results_dir
-from .evaluate import CachedInputs, mcnemar_exact, predict, scorer_key, shared_prefix_enabled, summarize
+from .evaluate import CachedInputs, code_digest, predict, scorer_key, shared_prefix_enabled
+from .statistics import mcnemar_exact, summarize
 
 RESULTS_VERSION = "1"
 COMPOSITIONS = ("expert", "damc_expert", "frozen", "naive_mc", "damc", "mmer", "oracle")
@@ -130,8 +132,9 @@ def paired_table(pred: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFAULT_
 
 # ============================================================================================ caching
 def cache_key(parts: Mapping) -> str:
-    """A short sha256 of a JSON-serialisable mapping (sorted keys)."""
-    blob = json.dumps({"v": RESULTS_VERSION, **parts}, sort_keys=True, default=str)
+    """A short sha256 of a JSON-serialisable mapping (sorted keys) and of the code that produces the
+    numbers (:func:`workbench.evaluate.code_digest`: compose, methods, engine, evaluate, the model's scorer)."""
+    blob = json.dumps({"v": RESULTS_VERSION, "code": code_digest(), **parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
