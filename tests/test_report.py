@@ -198,3 +198,13 @@ def test_published_long_and_stepwise_claims():
     v = side_by_side(pub, ours, claim_rules=claims)
     assert v["verdict"].tolist()[:2] == ["reproduced", "reproduced"]
     assert report.stepwise_claims(pub.iloc[:1], ["WUDI", "+SGD"]) == []
+
+
+def test_readme_claims_come_from_the_verdict_files():
+    """The README's composition claims are the sentence report.readme_claims builds from the committed verdict files."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = report.readme_claims(root / "data" / "results" / "default")
+    assert "NaiveMC > Frozen LLM on mcub-2" in text
+    assert " ".join(text.split()) in " ".join((root / "README.md").read_text().split())

@@ -33,7 +33,7 @@ __all__ = [
     "PAPER_NAMES", "fmt_interval", "pick_interval", "ours_table", "interval_table", "relabel_published",
     "paired_difference", "verdict_table", "verdict_counts", "verdict_sentence", "paired_view",
     "zoo_models_table", "expert_gap_table", "build_times_table", "accuracy_figure", "modality_examples_figure",
-    "density_table", "naivemc_claims", "damc_claims", "mmer_claims",
+    "density_table", "naivemc_claims", "damc_claims", "mmer_claims", "readme_claims",
 ]
 
 
@@ -240,6 +240,23 @@ def verdict_sentence(*tables: pd.DataFrame, preset: str | None = None) -> str:
     n = sum(c.values())
     where = f" (preset {preset})" if preset else ""
     return f"Of {n} claim(s){where}: " + ", ".join(f"{k} {v}" for v, k in c.items()) + "."
+
+
+def readme_claims(out, scoring: str = "generate") -> str:
+    """The README's composition claims, built from the verdict files of notebooks 02-04 in ``out``
+    (``0N_*_verdicts_<scoring>.csv``) by :func:`workbench.statistics.claims_sentence`: NaiveMC >
+    frozen, DAMC > NaiveMC, MMER retains more than NaiveMC - so the README states what the tables show."""
+    from pathlib import Path
+
+    from .statistics import claims_sentence
+
+    out = Path(out)
+    parts = []
+    for name, prefix in (("02_naivemc", "NaiveMC > Frozen LLM"), ("03_damc", "DAMC > NaiveMC"),
+                         ("04_mmer", "MMER retains more than NaiveMC")):
+        t = pd.read_csv(out / f"{name}_verdicts_{scoring}.csv")
+        parts.append(claims_sentence(t[t["claim"].str.startswith(prefix)]))
+    return " ".join(parts)
 
 
 # ================================================================================ paired tests
