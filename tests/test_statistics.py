@@ -222,6 +222,14 @@ def test_compare_published_paired_and_inert(tmp_path):
     _, v3 = E.compare_published(_experiment(tmp_path, cached=False), "optmerge_table2")
     row = v3.set_index("claim").loc["OptMerge > Task Arithmetic on Avg"]
     assert row["comparison"].startswith("unpaired") and row["verdict"] == S.REPRODUCED
+    indiv = v3.set_index("claim").loc["merging (OptMerge) beats the individual experts' average"]
+    assert indiv["verdict"] == S.REPRODUCED and indiv["ours_rhs"] == pytest.approx(
+        v.loc["merging (OptMerge) beats the individual experts' average", "ours_rhs"], abs=1.0)
+    # the notebook's path: one family over two tables, written through write_tables
+    fam = S.verdict_table(pd.concat([v.reset_index(), v3], ignore_index=True), "05")
+    assert fam["family"].iloc[0] == f"05 ({int(fam['p_holm'].notna().sum())} tested claims)"
+    paths = E.write_tables(df, "05_capability_full", tmp_path / "out", "optmerge_table2", verdicts=fam)
+    assert len(pd.read_csv(paths["verdicts"])) == len(fam)
 
 
 def test_solver_inert_reads_the_costs_table():

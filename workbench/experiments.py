@@ -1232,8 +1232,14 @@ def table_tasks(df: pd.DataFrame, table: str) -> list[str] | None:
 
 def _count_items(df: pd.DataFrame, method: str, split: str, tasks: Sequence[str] | None) -> pd.DataFrame:
     """0/1 items rebuilt from a method's counts (``n``, ``n_correct`` per task and seed), for the unpaired
-    comparison when the per-item predictions are not cached."""
-    d = df[(df["method"] == method) & (df["split"] == split) & df["selected"].astype(bool) & (df["status"] == "ok")]
+    comparison when the per-item predictions are not cached (``"Indiv. (mean)"``: the experts' mean count)."""
+    ok = (df["split"] == split) & df["selected"].astype(bool) & (df["status"] == "ok")
+    if method == INDIV_MEAN:  # the mean expert: per seed and task, the experts' mean count on one expert's items
+        ind = df[ok & (df["kind"] == "indiv") & ~df["method"].isin([INDIV_MEAN, INDIV_OWN])]
+        d = (ind.groupby(["seed", "task"], as_index=False).agg(n=("n", "first"), n_correct=("n_correct", "mean"))
+             .assign(n_correct=lambda x: x["n_correct"].round().astype(int)))
+    else:
+        d = df[ok & (df["method"] == method)]
     if tasks is not None:
         d = d[d["task"].isin(list(tasks))]
     parts = [pd.DataFrame({"seed": r.seed, "stratum": r.task, "id": [f"{r.task}-{i}" for i in range(int(r.n))],
