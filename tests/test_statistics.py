@@ -109,9 +109,9 @@ def test_null_effect_false_reproduced_rate_with_holm():
     est, lo, hi, _ = S.hierarchical_bootstrap([[100.0 * (x.astype(float) - y)] for x, y in zip(ca, cb)], n_boot=300, seed=5)
     assert (full["effect"], full["ci_low"], full["ci_high"]) == pytest.approx((est, lo, hi))
     assert full["p"] == S.mcnemar_exact(ca.ravel(), cb.ravel())["pvalue"]
-    families, false_hits, raw = 250, 0, 0
+    families, false_hits, raw = 200, 0, 0
     for _ in range(families):
-        rows = [_null_row(rng) for _ in range(6)]
+        rows = [_null_row(rng) for _ in range(5)]
         false_hits += (S.verdict_table(rows, "null")["verdict"] == S.REPRODUCED).any()
         raw += any(r["p"] < 0.05 and r["ci_low"] > 0 for r in rows)  # the same claims without Holm
     assert false_hits / families <= 0.05

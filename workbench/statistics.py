@@ -371,21 +371,19 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
     df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows).copy()
     if len(df) == 0:
         return pd.DataFrame(columns=TABLE_COLUMNS)
-    for c in [*TABLE_COLUMNS, "inert", "relation"]:
-        if c not in df.columns:
-            df[c] = {"inert": "", "relation": ">", "p_per_seed": "", "source": "", "comparison": "",
-                     "power_model": ""}.get(c, math.nan)
-    df["inert"] = df["inert"].fillna("").astype(str)
-    df["power_model"] = df["power_model"].fillna("").astype(str)
+    df = df.reindex(columns=list(dict.fromkeys([*df.columns, *TABLE_COLUMNS])))
+    text = {"inert": "", "relation": ">", "p_per_seed": "", "source": "", "comparison": "", "power_model": ""}
+    df = df.fillna({c: v for c, v in text.items()}).astype({c: str for c in text})
     tested = df["inert"] == ""
     df["p_holm"] = holm(np.where(tested, df["p"].astype(float), np.nan))
     m = int((tested & df["p"].notna()).sum())
+    records = df.to_dict("records")
     out = [verdict(r["effect"], r["ci_low"], r["ci_high"], r["p_holm"], r["relation"], r["published_effect"],
-                   r["inert"], alpha) for _, r in df.iterrows()]
+                   r["inert"], alpha) for r in records]
     df["verdict"], df["reason"] = [v for v, _ in out], [why for _, why in out]
     df["family"] = f"{family} ({m} tested claims)"
     df["items_80"] = [_items_80(r, alpha / max(m, 1)) if v == INCONCLUSIVE else math.nan
-                      for (_, r), v in zip(df.iterrows(), df["verdict"])]
+                      for r, (v, _) in zip(records, out)]
     return df[TABLE_COLUMNS].reset_index(drop=True)
 
 
