@@ -462,8 +462,8 @@ def _towers(experts: Sequence[ExpertSource]) -> dict[str, nn.Module]:
     towers = {}
     for e in experts:
         if e.tower_key in towers:
-            raise ConfigError(f"two experts named {e.tower_key!r} (modality {e.modality!r}): each tower is one route; "
-                              "give experts of one modality distinct names with key=..., e.g. key='image_2'")
+            raise ConfigError(f"two experts for modality {e.modality!r} under one name {e.tower_key!r}: each tower is "
+                              "one route; give experts of one modality distinct names with key=..., e.g. key='image_2'")
         towers[e.tower_key] = e.tower
     return towers
 
