@@ -9,6 +9,9 @@ Experts are described by :class:`ExpertSource` (what the LLM of the expert is, a
 - :func:`zoo_expert` - an expert of the miniature zoo (kinds ``projector``, ``full``, ``lora``, ``damc``);
 - :func:`llava_expert` - a Hugging Face ``LlavaForConditionalGeneration`` folder (vision tower +
   projector + language model), optionally with DAMC adapters;
+- :func:`family_expert` - a checkpoint of any family of :mod:`workbench.families` (LLaVA in both
+  layouts, Qwen2-VL / Qwen2.5-VL, InternVL in both layouts), with the family's placeholder and chat
+  template; ``key=`` names its tower when two experts share a modality;
 - :func:`hf_expert` - any causal LM folder / peft adapter plus a tower you built.
 
 Compositions (methods.md sections 1-3):
