@@ -226,3 +226,11 @@ def test_interference_profile_on_tiny_qwen2_vl(tiny):
     assert names == want and not any("visual" in n for n in names)
     cos = prof.frame("cosine")["cosine"].abs().max()
     assert cos < 0.5  # independent noise experts: near-orthogonal task vectors (the smallest tensor has 256 entries)
+
+
+def test_llava_expert_reads_a_qwen2_vl_folder(tiny):
+    base, experts = tiny["qwen2-vl"]
+    src = compose.llava_expert(experts[0], placeholder="<|image_pad|>")
+    img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(src.tower(img), compose.family_expert(experts[0]).tower(img))

@@ -216,13 +216,16 @@ def llava_expert(folder: str | Path, *, modality: str = "image", name: str | Non
                  placeholder: str | None = None, adapter_text: str | Path | None = None,
                  adapter_modality: str | Path | None = None, llm_frozen: bool = False) -> ExpertSource:
     """A Hugging Face LLaVA-style expert: its tower (vision tower + projector, see
-    :class:`workbench.llava.LlavaTower`) and its language model (read tensor by tensor from the
-    LLaVA checkpoint). With ``adapter_text``/``adapter_modality`` it is a DAMC expert on θ0; with
+    :class:`workbench.llava.LlavaTower`; for a folder of another family of :mod:`workbench.families`,
+    that family's tower) and its language model (read tensor by tensor from the checkpoint). With ``adapter_text``/``adapter_modality`` it is a DAMC expert on θ0; with
     ``llm_frozen`` a projector-only one."""
+    from .families import FamilyCheckpoint, is_mllm_folder
     from .llava import LlavaCheckpoint
 
-    ck = LlavaCheckpoint(folder)
-    tower = ck.tower()
+    if is_mllm_folder(folder):  # any family (Qwen2-VL, InternVL, the LLaVA repo's layout...)
+        tower = FamilyCheckpoint(folder).tower()
+    else:  # another LLaVA-style folder (vision_config + text_config)
+        tower = LlavaCheckpoint(folder).tower()
     ph = placeholder or f"<{modality}>"
     nm = name or Path(folder).name
     if adapter_text is not None or adapter_modality is not None:
