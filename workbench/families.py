@@ -27,6 +27,13 @@ name                detected from ``config.json``                layout
 ``generic``         a text-only LLM, or no ``config.json``       :data:`workbench.io.filters.DEFAULT_KEEP`
 ==================  ===========================================  ==========================================
 
+Composition limits (stated, not hidden): a composed model (:class:`workbench.mllm.MultimodalLM`)
+gives every token, image tokens included, one 1-D position; Qwen2-VL's own forward gives image
+tokens 3-D M-RoPE positions (time, height, width), so a composed Qwen2-VL sees its images at other
+positions than the family's class does (text alone is identical: M-RoPE with equal position streams
+is RoPE, checked by the tests). Its ``<|vision_start|>``/``<|vision_end|>`` (InternVL: ``<img>``/``</img>``)
+markers around an image are not added: write them around the placeholder in the prompt.
+
 Nothing here runs a checkpoint's remote code: the original InternVL layout is read by renaming
 its tensors to transformers' ``InternVLForConditionalGeneration`` names (:func:`internvl_original_to_hf`,
 following the key mapping of transformers' InternVL conversion script).
