@@ -438,8 +438,12 @@ class FamilyCheckpoint:
         return LlavaTower(vt, proj, c.get("mm_vision_select_layer", -2), select).eval().requires_grad_(False)
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        """The folder's tokenizer (``AutoTokenizer``; an original layout's ``config.json`` names a
+        model type transformers does not know, so it is not read)."""
+        from transformers import AutoTokenizer, PretrainedConfig
 
+        if self.family.name.endswith("-original"):
+            return AutoTokenizer.from_pretrained(str(self.path), config=PretrainedConfig())
         return AutoTokenizer.from_pretrained(str(self.path))
 
 
