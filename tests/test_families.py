@@ -208,10 +208,9 @@ def test_compose_mmer_and_naive_mc_generate_with_an_image(tiny, kind):
     ph = FAMILIES[FAMILY_OF[kind]].placeholder
     img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     for model in (compose.compose_naive_mc(base, srcs, tok, dtype=torch.bfloat16),
-                  compose.compose_mmer(base, srcs, tok)):
+                  compose.compose_mmer(base, srcs, tok, dtype=torch.bfloat16)):
         out = model.generate(f"w20 {ph} w21 <chart>", {"image": [img], "chart": [img]}, max_new_tokens=3)
-        assert isinstance(out, str)
-    assert next(compose.compose_naive_mc(base, srcs, tok, dtype=torch.bfloat16).llm.parameters()).dtype == torch.bfloat16
+        assert isinstance(out, str) and next(model.llm.parameters()).dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------ analysis

@@ -893,10 +893,12 @@ def compose_mmer(base: str | Path | nn.Module, experts: Sequence[ExpertSource], 
                  parts: MMERParts | None = None, alpha: float = 1.0, lam: float = 1.0,
                  merge_method: str | Callable = "ties", merge_params: Mapping[str, Any] | None = None,
                  text_route: str = "merged", target_modules: Sequence[str] | None = DEFAULT_LORA_TARGETS,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  progress: bool = False) -> MultimodalLM:
     """MMER composition (see :func:`mmer_parts` and :func:`mmer_llm`); ``parts`` may come from
-    :func:`mmer_parts_from_merge` (the engine's output)."""
-    base_llm = _as_llm(base)
+    :func:`mmer_parts_from_merge` (the engine's output). The base LLM is loaded in ``dtype`` on
+    ``device`` (τ* and the masks are computed in float32 per tensor)."""
+    base_llm = _as_llm(base, dtype, device)
     if parts is None:
         parts = mmer_parts(base_llm, experts, merge_method=merge_method, merge_params=merge_params, lam=lam,
                            progress=progress)
