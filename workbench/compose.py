@@ -9,6 +9,9 @@ Experts are described by :class:`ExpertSource` (what the LLM of the expert is, a
 - :func:`zoo_expert` - an expert of the miniature zoo (kinds ``projector``, ``full``, ``lora``, ``damc``);
 - :func:`llava_expert` - a Hugging Face ``LlavaForConditionalGeneration`` folder (vision tower +
   projector + language model), optionally with DAMC adapters;
+- :func:`family_expert` - a checkpoint of any family of :mod:`workbench.families` (LLaVA in both
+  layouts, Qwen2-VL / Qwen2.5-VL, InternVL in both layouts), with the family's placeholder and chat
+  template; ``key=`` names its tower when two experts share a modality;
 - :func:`hf_expert` - any causal LM folder / peft adapter plus a tower you built.
 
 Compositions (methods.md sections 1-3):
@@ -69,7 +72,11 @@ class ExpertSource:
             and ``adapter_modality`` peft folders) or ``"damc-full"`` (``llm_text`` / ``llm_modality``
             full folders: DAMC's full-weight option).
         tower: the frozen encoder + projector (one raw input -> ``[n_tokens, hidden]``).
-        placeholder: the prompt token replaced by the tower's tokens.
+        placeholder: the prompt token replaced by the tower's tokens (experts sharing one get
+            distinct tokens from the composition: :func:`assign_placeholders`).
+        key: the tower's name in the composed model (``modal_inputs`` key, route); default
+            ``modality``. Two experts of one modality (e.g. two image experts) need distinct keys.
+        template: the chat template of the expert's family (``"...{prompt}..."``), or ``None``.
     """
 
     name: str
@@ -84,6 +91,13 @@ class ExpertSource:
     llm_text: Path | None = None
     llm_modality: Path | None = None
     info: dict = field(default_factory=dict)
+    key: str | None = None
+    template: str | None = None
+
+    @property
+    def tower_key(self) -> str:
+        """The name of this expert's tower and route in a composed model (``key`` or ``modality``)."""
+        return self.key or self.modality
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -202,13 +216,16 @@ def llava_expert(folder: str | Path, *, modality: str = "image", name: str | Non
                  placeholder: str | None = None, adapter_text: str | Path | None = None,
                  adapter_modality: str | Path | None = None, llm_frozen: bool = False) -> ExpertSource:
     """A Hugging Face LLaVA-style expert: its tower (vision tower + projector, see
-    :class:`workbench.llava.LlavaTower`) and its language model (read tensor by tensor from the
-    LLaVA checkpoint). With ``adapter_text``/``adapter_modality`` it is a DAMC expert on θ0; with
+    :class:`workbench.llava.LlavaTower`; for a folder of another family of :mod:`workbench.families`,
+    that family's tower) and its language model (read tensor by tensor from the checkpoint). With ``adapter_text``/``adapter_modality`` it is a DAMC expert on θ0; with
     ``llm_frozen`` a projector-only one."""
+    from .families import FamilyCheckpoint, is_mllm_folder
     from .llava import LlavaCheckpoint
 
-    ck = LlavaCheckpoint(folder)
-    tower = ck.tower()
+    if is_mllm_folder(folder):  # any family (Qwen2-VL, InternVL, the LLaVA repo's layout...)
+        tower = FamilyCheckpoint(folder).tower()
+    else:  # another LLaVA-style folder (vision_config + text_config)
+        tower = LlavaCheckpoint(folder).tower()
     ph = placeholder or f"<{modality}>"
     nm = name or Path(folder).name
     if adapter_text is not None or adapter_modality is not None:
@@ -217,6 +234,24 @@ def llava_expert(folder: str | Path, *, modality: str = "image", name: str | Non
     if llm_frozen:
         return ExpertSource(nm, modality, "projector", tower, ph, info={"llava": str(folder)})
     return ExpertSource(nm, modality, "full", tower, ph, llm=Path(folder), info={"llava": str(folder)})
+
+
+def family_expert(folder: str | Path, *, modality: str = "image", key: str | None = None, name: str | None = None,
+                  placeholder: str | None = None, family: str | None = None, template: str | None = None,
+                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ExpertSource:
+    """An expert checkpoint of any family of :mod:`workbench.families` (LLaVA in both layouts,
+    Qwen2-VL / Qwen2.5-VL, InternVL in both layouts; detected from its ``config.json`` unless
+    ``family`` names one): its tower (one image ``[3, H, W]`` -> ``[n_tokens, hidden]``, built in
+    ``dtype`` on ``device``), its language model (read tensor by tensor), the family's placeholder
+    and chat template (``template`` overrides it; ``"{prompt}"`` applies none)."""
+    from .families import FamilyCheckpoint
+
+    ck = FamilyCheckpoint(folder, family)
+    fam = ck.family
+    return ExpertSource(name or Path(folder).name, modality, "full", ck.tower(dtype, device),
+                        placeholder or fam.placeholder, llm=Path(folder), key=key,
+                        template=template if template is not None else fam.template,
+                        info={"family": fam.name, "folder": str(folder)})
 
 
 def zoo_expert(zoo, name: str) -> ExpertSource:
@@ -261,30 +296,38 @@ def zoo_expert_model(zoo, name: str) -> MultimodalLM:
 
 
 # ================================================================================================ loading
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A causal LM from a Hugging Face folder; for a LLaVA folder, its language model."""
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """A causal LM from a Hugging Face folder, in ``dtype`` on ``device``; for a multimodal folder of
+    a known family (:mod:`workbench.families`), its language model; for another LLaVA-style folder
+    (``vision_config`` + ``text_config``), its ``text_config`` model."""
+    from .families import FamilyCheckpoint, is_mllm_folder
     from .llava import LlavaCheckpoint, is_llava_folder
 
     p = Path(path)
+    if is_mllm_folder(p):
+        return FamilyCheckpoint(p).language_model(dtype, device)
     if is_llava_folder(p):
-        return LlavaCheckpoint(p).language_model(dtype)
+        return LlavaCheckpoint(p).language_model(dtype).to(device)
     from transformers import AutoModelForCausalLM
 
     if not (p / "config.json").exists():
         raise CheckpointError("no config.json: not a Hugging Face model folder", file=p)
-    return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).to(device).eval()
 
 
-def _as_llm(base: str | Path | nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+def _as_llm(base: str | Path | nn.Module, dtype: torch.dtype = torch.float32,
+            device: str | torch.device = "cpu") -> nn.Module:
     if isinstance(base, nn.Module):
         return copy.deepcopy(base).eval()
-    return load_causal_lm(base, dtype)
+    return load_causal_lm(base, dtype, device)
 
 
 class _TauReader:
     """Task vectors τ = θi − θ0 of one expert's LLM, one tensor at a time (float32)."""
 
     def __init__(self, src: ExpertSource | str | Path | None, kind: str | None = None) -> None:
+        from .families import FamilyCheckpoint, is_mllm_folder
         from .io import CheckpointReader, LoraAdapter, is_lora_adapter
         from .llava import LlavaCheckpoint, is_llava_folder
 
@@ -310,6 +353,8 @@ class _TauReader:
         if is_lora_adapter(path):
             self.kind, self.adapter = "lora", LoraAdapter(path)
             self._targets, self._replaced = set(self.adapter.targets()), set(self.adapter.replaced())
+        elif is_mllm_folder(path):
+            self.kind, self.llava = "llava", FamilyCheckpoint(path)
         elif is_llava_folder(path):
             self.kind, self.llava = "llava", LlavaCheckpoint(path)
         else:
@@ -321,9 +366,9 @@ class _TauReader:
             return None
         if self.kind == "lora":
             if name in self._targets:
-                d = self.adapter.delta(name)
+                d = self.adapter.delta(name).to(base.device)
             elif name in self._replaced:
-                d = self.adapter.get_replaced(name).float() - base.float()
+                d = self.adapter.get_replaced(name).to(base.device).float() - base.float()
             else:
                 return None
         else:
@@ -338,7 +383,7 @@ class _TauReader:
             if tuple(t.shape) != tuple(base.shape):
                 raise CheckpointError(f"shape {list(t.shape)} differs from the base's {list(base.shape)}",
                                       file=self.path, tensor=name)
-            d = t.float() - base.float()
+            d = t.to(base.device).float() - base.float()
         if tuple(d.shape) != tuple(base.shape):
             raise CheckpointError(f"delta shape {list(d.shape)} differs from the base's {list(base.shape)}",
                                   file=getattr(self, "path", None), tensor=name)
@@ -372,19 +417,20 @@ def _gen(seed: int, name: str):
 def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
               method: str | Callable = "weight_average", params: Mapping[str, Any] | None = None,
               coefficients: Sequence[float] | None = None, keep: Sequence[str] = (), seed: int = 0,
-              dtype: torch.dtype = torch.float32, progress: bool = False) -> nn.Module:
+              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              progress: bool = False) -> nn.Module:
     """Merge the experts' LLMs into a copy of the base, streaming tensor by tensor.
 
     ``method="weight_average"``: θ = θ0 + Σ λi τi, λ = ``coefficients`` (default 1/N: the plain
     average of the θi). Any other name is looked up in :mod:`workbench.methods` (or pass a callable
     ``fn(base, experts, name=, generator=, **params)``) and gets the experts' θi = θ0 + τi of each
     tensor (LoRA experts: θ0 + s·B@A; projector-only experts: θ0). ``keep``: regexes of tensors left
-    at θ0. Memory: the base model (loaded in ``dtype``; the arithmetic is float32 per tensor) plus
-    one tensor per expert.
+    at θ0. Memory: the base model (loaded in ``dtype`` on ``device``; the arithmetic is float32 per
+    tensor, there) plus one tensor per expert: in bfloat16 on one GPU a 7B LLM is ~14 GB.
     """
     from tqdm.auto import tqdm
 
-    llm = _as_llm(base, dtype)
+    llm = _as_llm(base, dtype, device)
     readers = [_TauReader(e) for e in experts]
     n = len(readers)
     if n == 0:
@@ -418,19 +464,84 @@ def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str
     return llm
 
 
-def _towers(experts: Sequence[ExpertSource]) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    towers, phs = {}, {}
+def _towers(experts: Sequence[ExpertSource]) -> dict[str, nn.Module]:
+    towers = {}
     for e in experts:
-        if e.modality in towers:
-            raise ConfigError(f"two experts for modality {e.modality!r}: each modality has one tower and one route")
-        towers[e.modality] = e.tower
-        phs[e.modality] = e.placeholder
-    return towers, phs
+        if e.tower_key in towers:
+            raise ConfigError(f"two experts for modality {e.modality!r} under one name {e.tower_key!r}: each tower is "
+                              "one route; give experts of one modality distinct names with key=..., e.g. key='image_2'")
+        towers[e.tower_key] = e.tower
+    return towers
+
+
+@torch.no_grad()
+def assign_placeholders(llm: nn.Module, tokenizer, experts: Sequence[ExpertSource]):
+    """Distinct placeholders for the experts' towers: returns ``(tokenizer, {tower key: token})``.
+
+    Experts that share a placeholder (every LLaVA-1.5 expert uses ``<image>``) keep it for the
+    first one; each later one gets a new special token ``<key>`` (``<key_2>``... if taken) added
+    to a copy of ``tokenizer``. The LLM's embeddings are resized to the tokenizer (never shrunk)
+    and each new row - input and, when untied, output embedding - is a copy of the original
+    placeholder's row (chosen here: the token then starts where its model's placeholder was; its
+    input row is replaced by the tower's tokens anyway). The user's tokenizer is not modified;
+    a placeholder the tokenizer does not know raises :class:`ConfigError`."""
+    phs: dict[str, str] = {}
+    new: list[tuple[str, str]] = []  # (new token, original placeholder)
+    vocab = tokenizer.get_vocab()
+    for e in experts:
+        if e.placeholder not in vocab:
+            raise ConfigError(f"expert {e.name!r}: placeholder {e.placeholder!r} is not a token of the tokenizer")
+        ph = e.placeholder
+        if ph in phs.values():
+            ph = f"<{e.tower_key}>"
+            i = 2
+            while ph in vocab or ph in phs.values():
+                ph, i = f"<{e.tower_key}_{i}>", i + 1
+            new.append((ph, e.placeholder))
+        phs[e.tower_key] = ph
+    if not new:
+        return tokenizer, phs
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens([t for t, _ in new], special_tokens=True)
+    emb = llm.get_input_embeddings()
+    rows = max(len(tokenizer), emb.weight.shape[0])
+    if rows > emb.weight.shape[0]:
+        llm.resize_token_embeddings(rows, mean_resizing=False)
+    ins, outs = llm.get_input_embeddings().weight, llm.get_output_embeddings()
+    for tok, orig in new:
+        i, j = tokenizer.convert_tokens_to_ids(tok), tokenizer.convert_tokens_to_ids(orig)
+        ins[i] = ins[j]
+        if outs is not None and outs.weight is not ins:
+            outs.weight[i] = outs.weight[j]
+    return tokenizer, phs
+
+
+class TemplatedMultimodalLM(MultimodalLM):
+    """A :class:`MultimodalLM` whose prompts are wrapped in a chat template (``"...{prompt}..."``,
+    e.g. LLaVA-1.5's ``"USER: {prompt} ASSISTANT:"``) before tokenisation, in every path
+    (scoring, generation, training); answers are appended after it unchanged."""
+
+    def __init__(self, llm, tokenizer, towers, placeholders, template: str = "{prompt}") -> None:
+        super().__init__(llm, tokenizer, towers, placeholders)
+        if "{prompt}" not in template:
+            raise ConfigError(f"chat template {template!r} has no '{{prompt}}' field")
+        self.template = template
+
+    def _pieces(self, prompts, modal_inputs, answers=None, answer_eos=True):
+        return super()._pieces([self.template.format(prompt=p) for p in prompts], modal_inputs, answers, answer_eos)
 
 
 def _mllm(llm: nn.Module, tokenizer, experts: Sequence[ExpertSource]) -> MultimodalLM:
-    towers, phs = _towers(experts)
+    """The composed model: one tower per expert (by :attr:`ExpertSource.tower_key`), distinct
+    placeholders (:func:`assign_placeholders`), the experts' chat template if they have one."""
+    towers = _towers(experts)
     llm.eval().requires_grad_(False)
+    tokenizer, phs = assign_placeholders(llm, tokenizer, experts)
+    templates = {e.template for e in experts if e.template is not None}
+    if len(templates) > 1:
+        raise ConfigError(f"the experts have different chat templates {sorted(templates)}; compose experts of one family")
+    if templates:
+        return TemplatedMultimodalLM(llm, tokenizer, towers, phs, templates.pop())
     return MultimodalLM(llm, tokenizer, towers, phs)
 
 
@@ -445,18 +556,21 @@ def compose_expert(base: str | Path | nn.Module, expert: ExpertSource, tokenizer
     return _mllm(llm, tokenizer, [expert])
 
 
-def compose_frozen(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer) -> MultimodalLM:
-    """The frozen-LLM composition: θ0 with every expert's tower."""
-    return _mllm(_as_llm(base), tokenizer, experts)
+def compose_frozen(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer, *,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MultimodalLM:
+    """The frozen-LLM composition: θ0 (in ``dtype`` on ``device``) with every expert's tower."""
+    return _mllm(_as_llm(base, dtype, device), tokenizer, experts)
 
 
 def compose_naive_mc(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer, *,
                      coefficients: Sequence[float] | None = None, method: str | Callable = "weight_average",
                      params: Mapping[str, Any] | None = None, keep: Sequence[str] = (),
+                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                      progress: bool = False) -> MultimodalLM:
-    """NaiveMC: the (λ-weighted) average of the experts' LLMs + every tower (see :func:`merge_llm`)."""
+    """NaiveMC: the (λ-weighted) average of the experts' LLMs + every tower (see :func:`merge_llm`;
+    one LLM in memory, in ``dtype`` on ``device``: bfloat16 on a GPU for 7B experts)."""
     llm = merge_llm(base, experts, method=method, params=params, coefficients=coefficients, keep=keep,
-                    progress=progress)
+                    dtype=dtype, device=device, progress=progress)
     return _mllm(llm, tokenizer, experts)
 
 
@@ -779,10 +893,12 @@ def compose_mmer(base: str | Path | nn.Module, experts: Sequence[ExpertSource], 
                  parts: MMERParts | None = None, alpha: float = 1.0, lam: float = 1.0,
                  merge_method: str | Callable = "ties", merge_params: Mapping[str, Any] | None = None,
                  text_route: str = "merged", target_modules: Sequence[str] | None = DEFAULT_LORA_TARGETS,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  progress: bool = False) -> MultimodalLM:
     """MMER composition (see :func:`mmer_parts` and :func:`mmer_llm`); ``parts`` may come from
-    :func:`mmer_parts_from_merge` (the engine's output)."""
-    base_llm = _as_llm(base)
+    :func:`mmer_parts_from_merge` (the engine's output). The base LLM is loaded in ``dtype`` on
+    ``device`` (τ* and the masks are computed in float32 per tensor)."""
+    base_llm = _as_llm(base, dtype, device)
     if parts is None:
         parts = mmer_parts(base_llm, experts, merge_method=merge_method, merge_params=merge_params, lam=lam,
                            progress=progress)
@@ -1012,7 +1128,8 @@ def forgetting_experiment(zoo, expert: str, new_task: str | Sequence[str] = ("fi
 
 
 __all__ = [
-    "CachedTokenizer", "CachedTower", "ExpertSource", "MMERParts", "cached_source", "compose_damc", "compose_expert",
+    "CachedTokenizer", "CachedTower", "ExpertSource", "MMERParts", "TemplatedMultimodalLM", "assign_placeholders",
+    "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",
     "compose_naive_mc", "damc_lambda_from_own_tasks", "damc_lambda_search", "damc_llm", "disk_bytes",
     "forgetting_experiment", "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm", "load_mmer_parts",

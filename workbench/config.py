@@ -38,7 +38,9 @@ class MergeConfig(BaseModel):
         include: regexes of tensors to merge even where the defaults keep them from the base.
         exclude: regexes of tensors kept from the base (wins over ``include``).
         keep_defaults: apply the benchmark's default keep list (vision tower, projector,
-            ``embed_tokens``, ``lm_head``, norms, biases).
+            ``embed_tokens``, ``lm_head``, norms, biases), the model family's (see ``family``).
+        family: the model family whose keep list applies (a name of
+            :data:`workbench.families.FAMILIES`); ``None``: detected from the base's ``config.json``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         seed: seed of the per-tensor generators (DARE etc.).
         dtype: output dtype of merged floating tensors; ``None`` keeps the inputs' dtype.
@@ -58,6 +60,7 @@ class MergeConfig(BaseModel):
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     keep_defaults: bool = True
+    family: Optional[str] = None
     device: str = "auto"
     seed: int = 0
     dtype: Optional[str] = None
@@ -74,6 +77,15 @@ class MergeConfig(BaseModel):
                 re.compile(p)
             except re.error as e:
                 raise ValueError(f"invalid regex {p!r}: {e}") from e
+        return v
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: Optional[str]) -> Optional[str]:
+        from .families import FAMILIES
+
+        if v is not None and v not in FAMILIES:
+            raise ValueError(f"unknown model family {v!r}; known: {', '.join(FAMILIES)}")
         return v
 
     @field_validator("dtype")

@@ -37,6 +37,7 @@ import torch
 from .config import MergeConfig
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, WorkbenchError
+from .families import family_of
 from .io.filters import NameFilter
 from .io.lora import LoraAdapter, is_lora_adapter
 from .io.reader import CheckpointReader
@@ -473,7 +474,8 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         e.validate(base)
     names = base.keys()
     infos = {n: base.info(n) for n in names}
-    flt = NameFilter(cfg.include, cfg.exclude, cfg.keep_defaults).with_overrides(
+    keep = family_of(cfg.base, cfg.family).keep_patterns if cfg.keep_defaults else None
+    flt = NameFilter(cfg.include, cfg.exclude, cfg.keep_defaults, keep).with_overrides(
         tuple(getattr(spec, "include", ()) or ()), tuple(getattr(spec, "exclude", ()) or ()))
     merged_names = [n for n in names if infos[n].dtype.is_floating_point and flt.merged(n)]
     merged_set = set(merged_names)

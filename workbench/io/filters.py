@@ -8,7 +8,8 @@ Precedence, strongest first:
 
 1. ``exclude`` regexes (config or method): a matching tensor is kept from the base;
 2. ``include`` regexes: a matching tensor is merged, even if a default would keep it;
-3. the default keep patterns (:data:`DEFAULT_KEEP`), unless ``keep_defaults=False``;
+3. the keep patterns (``keep``: a model family's list from :mod:`workbench.families`, by default
+   :data:`DEFAULT_KEEP`), unless ``keep_defaults=False``;
 4. everything else is merged.
 
 Patterns are Python regular expressions applied with :func:`re.search` to the full tensor name.
@@ -55,12 +56,15 @@ class NameFilter:
     Args:
         include: regexes of tensors to merge even where a default would keep them.
         exclude: regexes of tensors always kept from the base (wins over ``include``).
-        keep_defaults: apply :data:`DEFAULT_KEEP`; ``False`` merges every tensor not excluded.
+        keep_defaults: apply the keep patterns; ``False`` merges every tensor not excluded.
+        keep: the keep patterns (a family's :attr:`~workbench.families.Family.keep_patterns`);
+            ``None``: :data:`DEFAULT_KEEP`.
     """
 
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
     keep_defaults: bool = True
+    keep: Sequence[str] | None = None
     _inc: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
     _exc: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
     _def: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
@@ -70,7 +74,9 @@ class NameFilter:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "_inc", compile_patterns(self.include, what="include"))
         object.__setattr__(self, "_exc", compile_patterns(self.exclude, what="exclude"))
-        object.__setattr__(self, "_def", compile_patterns(DEFAULT_KEEP if self.keep_defaults else ()))
+        keep = DEFAULT_KEEP if self.keep is None else tuple(self.keep)
+        object.__setattr__(self, "keep", keep)
+        object.__setattr__(self, "_def", compile_patterns(keep if self.keep_defaults else (), what="keep"))
 
     def merged(self, name: str) -> bool:
         """``True`` when tensor ``name`` is merged, ``False`` when it is kept from the base."""
@@ -105,4 +111,4 @@ class NameFilter:
     def with_overrides(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> "NameFilter":
         """A new filter with extra ``include``/``exclude`` patterns (e.g. a method's own)."""
         return NameFilter(tuple(self.include) + tuple(include), tuple(self.exclude) + tuple(exclude),
-                          self.keep_defaults)
+                          self.keep_defaults, self.keep)

@@ -1,0 +1,235 @@
+"""Model families (workbench.families) on tiny random checkpoints of every layout.
+
+Each checkpoint is built with transformers' own config and model classes (workbench.tiny); the
+original LLaVA / InternVL layouts are the same weights renamed. Checked against transformers:
+the language model we extract gives the family class's text logits, our towers give its
+``get_image_features``; merges through the CLI keep exactly the family's kept tensors and load
+back into the family's class, which generates; compositions generate with images in the prompt.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from workbench import compose
+from workbench.cli import main as cli_main
+from workbench.errors import ConfigError
+from workbench.families import FAMILIES, FamilyCheckpoint, detect_family, internvl_original_to_hf
+from workbench.io import CheckpointReader, NameFilter
+from workbench.tiny import IMAGE_SIZE, TINY_KINDS, make_tiny_checkpoint, make_tiny_experts, tiny_model
+
+FAMILY_OF = {"llava": "llava", "llava-original": "llava-original", "qwen2-vl": "qwen2-vl", "qwen2.5-vl": "qwen2-vl",
+             "internvl": "internvl", "internvl-original": "internvl-original"}
+TEXT = torch.tensor([[1, 20, 21, 22, 23, 24]])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Per kind: (base folder, [two experts])."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for k in TINY_KINDS:
+        base = make_tiny_checkpoint(k, root / k / "base", seed=0)
+        out[k] = (base, make_tiny_experts(base, root / k, n=2, seed=1))
+    return out
+
+
+def hf_model(kind: str, folder: Path | None = None):
+    """The family's transformers class holding the folder's weights (seed-0 model if no folder);
+    original layouts are renamed back to transformers' names first."""
+    torch.manual_seed(0)
+    model = tiny_model(kind).eval()
+    if folder is None:
+        return model
+    r = CheckpointReader(folder)
+    sd = {k: r.get(k) for k in r.keys()}
+    if kind == "internvl-original":
+        sd = internvl_original_to_hf(sd)
+    elif kind == "llava-original":
+        sd = {re.sub(r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1.",
+                     re.sub(r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2.",
+                            re.sub(r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower.",
+                                   re.sub(r"^model\.(?!vision_tower|mm_projector)", "model.language_model.", k)))): v
+              for k, v in sd.items()}
+    if kind in ("internvl-original", "llava-original"):
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        assert not unexpected and not [m for m in missing if "lm_head" not in m], (missing, unexpected)
+        return model
+    return type(model).from_pretrained(str(folder)).eval()
+
+
+# ------------------------------------------------------------------------------------ detection
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_detects_every_layout(tiny, kind):
+    assert detect_family(tiny[kind][0]).name == FAMILY_OF[kind]
+
+
+def test_unknown_multimodal_family_is_a_clear_error_and_text_only_is_generic(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        detect_family({"model_type": "fancy_vlm", "architectures": ["FancyVLMForConditionalGeneration"],
+                       "vision_config": {}})
+    msg = str(e.value)
+    assert all(name in msg for name in FAMILIES) and "keep_defaults: false" in msg and "exclude" in msg
+    assert detect_family({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}).name == "generic"
+    assert detect_family(tmp_path).name == "generic"  # no config.json
+
+
+# ------------------------------------------------------------------------------------ parts vs transformers
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_language_model_and_tower_match_the_family_class(tiny, kind):
+    base = tiny[kind][0]
+    ref = hf_model(kind)  # the seed-0 model the base was saved from
+    ck = FamilyCheckpoint(base)
+    lm = ck.language_model()
+    with torch.no_grad():
+        want = ref(input_ids=TEXT).logits
+        got = lm(input_ids=TEXT).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = ck.tower()(img)
+        if kind.startswith("qwen"):
+            tower = ck.tower()
+            enc = tower.processor(img, return_tensors="pt")
+            ref_feats = ref.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output[0]
+        else:
+            ref_feats = ref.model.get_image_features(img[None]).pooler_output[0]
+    assert feats.shape == ref_feats.shape and feats.shape[-1] == 32
+    torch.testing.assert_close(feats, ref_feats, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ merging
+def _merge(tmp_path, base, experts, method, params, family=None, status=0):
+    cfg = {"method": method, "base": str(base), "experts": [str(e) for e in experts], "output": str(tmp_path / "out"),
+           "params": params, "device": "cpu"}
+    if family:
+        cfg["family"] = family
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    y = tmp_path / "merge.yaml"
+    y.write_text(yaml.safe_dump(cfg))
+    assert cli_main(["merge", str(y), "--quiet"]) == status
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("kind,method,params", [(k, "ties", {"density": 0.5}) for k in TINY_KINDS]
+                         + [("qwen2-vl", "optmerge", {"steps": 3}), ("internvl-original", "optmerge", {"steps": 3})])
+def test_cli_merge_keeps_the_family_tensors_and_loads_back(tiny, tmp_path, kind, method, params):
+    base, experts = tiny[kind]
+    out = _merge(tmp_path, base, experts, method, params)
+    b, o = CheckpointReader(base), CheckpointReader(out)
+    assert set(o.keys()) == set(b.keys())
+    fam = FAMILIES[FAMILY_OF[kind]]
+    flt = NameFilter(keep=fam.keep_patterns)
+    tower_like = re.compile(r"(^|\.)(vision_tower|visual|vision_model|mlp1|mm_projector|multi_modal_projector)\.")
+    for name in b.keys():
+        same = torch.equal(o.get(name), b.get(name))
+        if tower_like.search(name) or not flt.merged(name):
+            assert same, f"{name} should be kept from the base"
+        elif name.endswith("proj.weight"):
+            assert not same, f"{name} should be merged"
+    if kind == "internvl-original":  # the projector mlp1.* is kept (the issue's bug)
+        assert any(n.startswith("mlp1.") for n in b.keys()) and not any(flt.merged(n) for n in b.keys()
+                                                                          if n.startswith("mlp1."))
+    model = hf_model(kind, out)
+    ids = model.generate(input_ids=TEXT, max_new_tokens=3, do_sample=False)
+    assert ids.shape == (1, TEXT.shape[1] + 3)
+
+
+def test_family_override_in_the_yaml(tiny, tmp_path, capsys):
+    base, experts = tiny["internvl-original"]
+    out = _merge(tmp_path, base, experts, "ties", {"density": 0.5}, family="generic")
+    # the generic list keeps vision_model.* but merges the InternVL projector mlp1.*
+    assert not torch.equal(CheckpointReader(out).get("mlp1.1.weight"), CheckpointReader(base).get("mlp1.1.weight"))
+    out2 = _merge(tmp_path / "x", base, experts, "ties", {}, family="nope", status=2)
+    assert "unknown model family 'nope'" in capsys.readouterr().err and not out2.exists()
+
+
+def test_unknown_family_refused_before_writing(tiny, tmp_path, capsys):
+    import json
+    import shutil
+
+    base, experts = tiny["qwen2-vl"]
+    odd = tmp_path / "odd"
+    shutil.copytree(base, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["OddVLForConditionalGeneration"], "odd_vl"
+    (odd / "config.json").write_text(json.dumps(cfg))
+    out = _merge(tmp_path / "m", odd, experts, "ties", {}, status=2)
+    err = capsys.readouterr().err
+    assert "unknown family" in err and "qwen2-vl" in err and "keep_defaults: false" in err and not out.exists()
+
+
+# ------------------------------------------------------------------------------------ composition
+def test_compose_llava_experts_sharing_image_gives_distinct_placeholders(tiny):
+    base, experts = tiny["llava"]
+    tok = FamilyCheckpoint(base).tokenizer()
+    n_tok = len(tok)
+    srcs = [compose.family_expert(experts[0]), compose.family_expert(experts[1], key="image_2")]
+    assert srcs[0].placeholder == srcs[1].placeholder == "<image>"
+    model = compose.compose_naive_mc(base, srcs, tok)
+    assert model.placeholders == {"image": "<image>", "image_2": "<image_2>"} and len(tok) == n_tok
+    new_id, old_id = model.tokenizer.convert_tokens_to_ids("<image_2>"), tok.convert_tokens_to_ids("<image>")
+    emb = model.llm.get_input_embeddings().weight
+    assert new_id == n_tok and emb.shape[0] == n_tok + 1 and torch.equal(emb[new_id], emb[old_id])
+    assert torch.equal(model.llm.get_output_embeddings().weight[new_id], model.llm.get_output_embeddings().weight[old_id])
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=g), torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    prompt = "w20 <image> w21 <image_2> w22"
+    emb_, _, routes = model.embed(prompt, {"image": [a], "image_2": [b]})
+    # the template wraps the prompt; each image's 4 tokens are its own tower's, on its own route
+    assert routes.tolist()[0].count(1) == 4 and routes.tolist()[0].count(2) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(emb_[0][routes[0] == 2], srcs[1].tower(b))
+    assert isinstance(model.generate(prompt, {"image": [a], "image_2": [b]}, max_new_tokens=3), str)
+    with pytest.raises(ConfigError, match="distinct names"):
+        compose.compose_frozen(base, [srcs[0], compose.family_expert(experts[1])], tok)
+
+
+def test_chat_template_is_applied(tiny):
+    base, experts = tiny["llava"]
+    tok = FamilyCheckpoint(base).tokenizer()
+    model = compose.compose_frozen(base, [compose.family_expert(experts[0])], tok)
+    plain = compose.compose_frozen(base, [compose.family_expert(experts[0], template="{prompt}")], tok)
+    img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE)
+    e1, _, _ = model.embed("<image> w20", {"image": [img]})
+    e0, _, _ = plain.embed("USER: <image> w20 ASSISTANT:", {"image": [img]})
+    torch.testing.assert_close(e1, e0)
+
+
+@pytest.mark.parametrize("kind", ["qwen2-vl", "internvl-original"])
+def test_compose_mmer_and_naive_mc_generate_with_an_image(tiny, kind):
+    base, experts = tiny[kind]
+    tok = FamilyCheckpoint(base).tokenizer()
+    srcs = [compose.family_expert(experts[0]), compose.family_expert(experts[1], key="chart")]
+    ph = FAMILIES[FAMILY_OF[kind]].placeholder
+    img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    for model in (compose.compose_naive_mc(base, srcs, tok, dtype=torch.bfloat16),
+                  compose.compose_mmer(base, srcs, tok, dtype=torch.bfloat16)):
+        out = model.generate(f"w20 {ph} w21 <chart>", {"image": [img], "chart": [img]}, max_new_tokens=3)
+        assert isinstance(out, str) and next(model.llm.parameters()).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------ analysis
+def test_interference_profile_on_tiny_qwen2_vl(tiny):
+    from workbench.analysis import profile_interference
+
+    base, experts = tiny["qwen2-vl"]
+    flt = NameFilter(keep=FAMILIES["qwen2-vl"].keep_patterns)
+    prof = profile_interference(base, {"a": experts[0], "b": experts[1]}, device="cpu", names=flt, progress=False)
+    names = set(prof.frame("cosine")["tensor"])
+    want = {n for n in CheckpointReader(base).keys() if flt.merged(n)}
+    assert names == want and not any("visual" in n for n in names)
+    cos = prof.frame("cosine")["cosine"].abs().max()
+    assert cos < 0.5  # independent noise experts: near-orthogonal task vectors (the smallest tensor has 256 entries)
+
+
+def test_llava_expert_reads_a_qwen2_vl_folder(tiny):
+    base, experts = tiny["qwen2-vl"]
+    src = compose.llava_expert(experts[0], placeholder="<|image_pad|>")
+    img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(src.tower(img), compose.family_expert(experts[0]).tower(img))
