@@ -19,7 +19,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,6 +29,7 @@ import torch
 
 from ..errors import CheckpointError
 from .reader import SAFE_INDEX, SAFE_SINGLE, TORCH_TO_ST
+from .validate import remove_stale_temporaries
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 TOKENIZER_HINTS = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
@@ -155,13 +158,20 @@ class CheckpointWriter:
         self._buffer_files: list[tuple[str, list[str], int]] = []  # (tmp file name, names, bytes)
         self._shard_files: list[str] = []
         self._open = False
+        self._created: list[Path] = []
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "CheckpointWriter":
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise CheckpointError("output path is an existing file, not a folder; refusing to replace it",
+                                  file=self.out_dir)
         if self.out_dir.exists() and not self.overwrite:
             raise CheckpointError("output folder already exists (set overwrite to replace it)", file=self.out_dir)
+        remove_stale_temporaries(self.out_dir)
         if self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir)
+        # the parents this writer creates, outermost first: removed again if the write fails
+        self._created = [p for p in reversed(self.tmp_dir.parents) if not p.exists()]
         self.tmp_dir.mkdir(parents=True)
         self._open = True
         try:
@@ -291,6 +301,11 @@ class CheckpointWriter:
         self._close_handles()
         self._buffer = {}
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        for p in reversed(self._created):  # innermost first; only while empty (nothing else wrote there)
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
     def _finish(self) -> None:
         weight_map: dict[str, str] = {}
@@ -329,6 +344,18 @@ class CheckpointWriter:
         self._rename_into_place()
 
     def _rename_into_place(self) -> None:
+        """Rename the temporary folder to ``out_dir`` (old one aside first with ``overwrite``), with
+        SIGINT / SIGTERM held back meanwhile (main thread), so an interrupt cannot land between the two renames."""
+        held = {signal.SIGINT, signal.SIGTERM}
+        main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main else None
+        try:
+            self._renames()
+        finally:
+            if before is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+    def _renames(self) -> None:
         if self.out_dir.exists():
             if not self.overwrite:
                 raise CheckpointError("output folder appeared while writing", file=self.out_dir)
