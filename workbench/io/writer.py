@@ -3,6 +3,9 @@
 Everything is written to a sibling temporary folder ``<out>.tmp-<pid>`` and renamed to
 ``<out>`` only when the ``with`` block ends without an exception; on an exception the
 temporary folder is removed, so an interrupted merge never leaves a half-written output.
+Temporary folders of processes that are gone (``kill -9``) are removed on entry
+(:func:`~workbench.io.validate.remove_stale_temporaries`), parent folders the writer created are
+removed again on failure, and an existing regular file at ``<out>`` is refused.
 
 Two ways to add tensors:
 
@@ -15,6 +18,7 @@ Two ways to add tensors:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +27,7 @@ import signal
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -122,6 +126,19 @@ def copy_side_files(src: Path, dst: Path, *, copy_tokenizer: bool = True) -> lis
         shutil.copy2(f, dst / n)
         copied.append(n)
     return copied
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the duration (main thread; elsewhere a no-op): a few renames
+    that must happen together. A signal that arrives meanwhile is delivered when the block ends."""
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if main else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class CheckpointWriter:
@@ -344,16 +361,10 @@ class CheckpointWriter:
         self._rename_into_place()
 
     def _rename_into_place(self) -> None:
-        """Rename the temporary folder to ``out_dir`` (old one aside first with ``overwrite``), with
-        SIGINT / SIGTERM held back meanwhile (main thread), so an interrupt cannot land between the two renames."""
-        held = {signal.SIGINT, signal.SIGTERM}
-        main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-        before = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main else None
-        try:
+        """Rename the temporary folder to ``out_dir`` (the old one aside first with ``overwrite``),
+        signals held so that an interrupt cannot land between the two renames."""
+        with signals_held():
             self._renames()
-        finally:
-            if before is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def _renames(self) -> None:
         if self.out_dir.exists():
