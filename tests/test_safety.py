@@ -397,6 +397,25 @@ def test_kill_9_debris_is_removed_by_the_next_merge(world, tmp_path, capsys):
     assert leftovers(out) == [out]
 
 
+def test_stale_folders_of_dead_processes_only(world, tmp_path, capsys):
+    """Next to the output: a dead process's ``.tmp-`` folder is removed, its ``.old-`` folder (killed
+    between an overwrite's two renames, the output missing) is the previous output and is put back;
+    a live process's temporary folder is left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    (tmp_path / f"out.tmp-{dead.pid}").mkdir()
+    (tmp_path / f"out.old-{dead.pid}").mkdir()
+    (tmp_path / f"out.old-{dead.pid}" / "workbench_merge.json").write_text("{}")
+    live = tmp_path / f"out.tmp-{os.getppid()}"
+    live.mkdir()
+    rc, err = run_inproc(capsys, "merge", write_cfg(tmp_path, world["base"], world["true"], out), "--quiet")
+    assert rc == 2 and "restored the previous output" in err and "removed the stale temporary folder" in err
+    assert "already exists" in err.splitlines()[-1]
+    assert (out / "workbench_merge.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out", live.name]
+
+
 # ------------------------------------------------------------------------------------------ corruption
 _counter = iter(range(10**6))
 

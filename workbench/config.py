@@ -179,8 +179,9 @@ def typed_params(fn: Callable[..., Any], params: dict[str, Any], method: str) ->
     """``params`` checked against (and converted to) the annotations of ``fn``'s keyword
     parameters - the method's signature is the source of truth - before any tensor is read.
 
-    Values are validated strictly by pydantic (no ``True`` for a number, no ``3.5`` for an int),
-    except strings, which may spell a number (PyYAML reads ``1e-5`` as a string). Parameters
+    Values are validated by pydantic, strictly first, then in its lax mode, which converts what
+    is exactly representable (``"1e-5"``, which PyYAML reads as a string; ``3.0`` or a numpy
+    integer for an int) but never a bool for a number nor ``3.5`` for an int. Parameters
     without an annotation pass unchanged.
 
     Raises:
@@ -202,7 +203,7 @@ def typed_params(fn: Callable[..., Any], params: dict[str, Any], method: str) ->
             out[key] = adapter.validate_python(value, strict=True)
         except ValidationError:
             try:
-                if not isinstance(value, str):
+                if isinstance(value, bool):  # True is no number
                     raise
                 out[key] = adapter.validate_python(value)
             except ValidationError:

@@ -2,10 +2,12 @@
 
 ``merge(config)`` does, in order:
 
-1. **validation, before anything is written**: the method and its parameters, the paths (the
-   output is not an input, inside one, or around one), every checkpoint's header (corrupt or
-   truncated files), every expert's tensor names and shapes against the base (LoRA adapters:
-   their targets and delta shapes);
+1. **validation, before anything is written**: the method and its parameters (typed by the
+   method's signature: :func:`workbench.config.typed_params`), the paths (the output is not an
+   input, inside one, or around one; not a file; ``overwrite`` replaces only an earlier output),
+   every checkpoint's header (corrupt or truncated files), every expert's tensor names and shapes
+   against the base (LoRA adapters: their targets and delta shapes, and the base they name) -
+   the checks of :mod:`workbench.io.validate`, shared with ``workbench profile``;
 2. optional **global TIES trimming** (``params: {trim: global}``): streaming passes over the
    merged tensors find, per expert, the exact magnitude threshold that keeps the top
    ``density`` fraction of all its task-vector entries (a histogram of the magnitudes' float32
@@ -15,6 +17,9 @@
    and written at once by a planned :class:`~workbench.io.CheckpointWriter`, so memory holds a
    few tensors, never the model. Tensors the name filter keeps are copied from the base
    bit-identically. Method extras (MMER masks) are bit-packed and saved under ``<output>/mmer/``.
+   What is written is checked finite after the cast to the output dtype, and each expert's
+   ``||tau|| / ||theta_0||`` is tallied: above :data:`~workbench.io.validate.FOREIGN_RATIO` a
+   warning names it (``strict``: the merge fails and nothing is written).
 
 Every random draw uses a generator seeded from ``(seed, tensor name)``, so results do not depend
 on the order tensors are processed in, nor on batching.
@@ -42,7 +47,7 @@ from .io.lora import LoraAdapter, is_lora_adapter
 from .io.reader import CheckpointReader
 from .io.reader import check_finite as _check_finite_io
 from .io.validate import (TaskVectorNorms, check_full_expert, check_lora_base_name, check_lora_expert,
-                          check_output_path, check_output_target)
+                          check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
 from .masks import pack_mask, unpack_mask
 
@@ -422,6 +427,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         if not Path(p).exists():
             raise ConfigError(f"input path does not exist: {p}")
     check_output_path(cfg.output, inputs)
+    remove_stale_temporaries(cfg.output)
     check_output_target(cfg.output, cfg.overwrite)
     try:
         device = resolve_device(cfg.device)
@@ -546,15 +552,13 @@ def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: 
              thresholds: list[float] | None, batched: bool,
              norms: TaskVectorNorms | None = None) -> list[tuple[torch.Tensor, dict]]:
     """Run the method on a unit of merged tensors; returns ``(merged float32, extras)`` per item.
-    ``norms`` receives each expert's ``||tau||^2`` and the base's ``||theta_0||^2`` (matrices only)."""
+    ``norms`` observes each expert's task vector (:meth:`TaskVectorNorms.observe`: the foreign-expert check)."""
     bases, expert_lists = [], []
     for it in items:
         b = it.base.to(device=device, dtype=torch.float32, non_blocking=True)
         ex = [_to_device(x, b, device) for x in it.experts]
-        if norms is not None and b.dim() >= 2:
-            base_sq = float(torch.linalg.vector_norm(b)) ** 2
-            for i, e in enumerate(ex):
-                norms.add(it.name, b.dim(), i, float(torch.linalg.vector_norm(e - b)) ** 2, base_sq)
+        if norms is not None:
+            norms.observe(it.name, b, ex)
         if thresholds is not None:  # global trim: zero the task-vector entries below each expert's threshold
             ex = [_trim_expert(e, b, t) for e, t in zip(ex, thresholds)]
         bases.append(b)
