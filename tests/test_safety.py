@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import perturb_checkpoint, tiny_llama_config, tree_digest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -420,11 +420,12 @@ def test_stale_folders_of_dead_processes_only(world, tmp_path, capsys):
 _counter = iter(range(10**6))
 
 
-@settings(max_examples=20, deadline=None, derandomize=True,
+@settings(max_examples=24, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data(), where=st.sampled_from(["header", "body"]), n=st.integers(1, 4))
+@given(data=st.data(), where=st.sampled_from(["body", "header", "exponent"]), n=st.integers(1, 4))
 def test_random_corruption_never_gives_a_wrong_output(world, tmp_path, capsys, data, where, n):
-    """Random bytes written into an expert's safetensors header or body: the merge either fails
+    """Random bytes written into an expert's safetensors header or body (or into the exponent byte of
+    float32 entries, which makes NaN / Inf likely): the merge either fails
     (exit 2, naming the file, nothing written) or succeeds with exactly the merge of what the
     reference reader (``safetensors.torch.load_file``) reads from the damaged file - never exit 0
     with anything else (e.g. a misread header, or NaN / Inf written)."""
@@ -436,7 +437,12 @@ def test_random_corruption_never_gives_a_wrong_output(world, tmp_path, capsys, d
     head = 8 + int.from_bytes(raw[:8], "little")
     lo, hi = (0, head) if where == "header" else (head, len(raw))
     for _ in range(n):
-        raw[data.draw(st.integers(lo, hi - 1))] = data.draw(st.integers(0, 255))
+        if where == "exponent":  # the top byte of a float32 (little-endian): 0x7f/0xff make NaN or Inf likely
+            at = head + 4 * data.draw(st.integers(0, (len(raw) - head) // 4 - 1)) + 3
+            raw[at] = data.draw(st.sampled_from([0x7F, 0xFF, 0x00, 0x80]))
+            raw[at - 1] |= data.draw(st.sampled_from([0x80, 0x00]))
+        else:
+            raw[data.draw(st.integers(lo, hi - 1))] = data.draw(st.integers(0, 255))
     f.write_bytes(bytes(raw))
     out = case / "out"
     rc, err = run_inproc(capsys, "merge", write_cfg(case, world["base"], [world["true"][0], bad], out,
@@ -445,6 +451,7 @@ def test_random_corruption_never_gives_a_wrong_output(world, tmp_path, capsys, d
         ref = load_file(str(f))
     except Exception:
         ref = None
+    event(f"{where}: exit {rc}, reference reader {'reads' if ref is not None else 'rejects'} the file")
     if rc == 0:
         assert ref is not None, "accepted a file the reference reader rejects"
         got = load_file(str(out / "model.safetensors"))
@@ -456,3 +463,48 @@ def test_random_corruption_never_gives_a_wrong_output(world, tmp_path, capsys, d
     else:
         assert rc == 2 and str(bad) in one_line(err), err
         assert leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------------------ the shared checks
+@pytest.mark.parametrize("named, warns", [(None, False), ("", False), ("BASE", False), ("some-org/base", False),
+                                          ("/elsewhere/other-model", True), ("meta-llama/Llama-2-7b-hf", True)])
+def test_lora_base_name_rules(tiny_llama, tmp_path, named, warns):
+    """The adapter's ``base_model_name_or_path`` matches the base's folder (path or name: a hub id
+    ``org/name`` matches a folder called ``name``); anything else warns, and raises with strict."""
+    from types import SimpleNamespace
+
+    from workbench.errors import CheckpointError, WorkbenchWarning
+    from workbench.io import CheckpointReader
+    from workbench.io.validate import check_lora_base_name
+
+    assert tiny_llama.name == "base"
+    adapter = SimpleNamespace(path=tmp_path, adapter_config={"base_model_name_or_path":
+                                                             str(tiny_llama) if named == "BASE" else named})
+    base = CheckpointReader(tiny_llama)
+    if not warns:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_lora_base_name(adapter, base, strict=True)
+        return
+    with pytest.warns(WorkbenchWarning, match="adapter_config.json"):
+        check_lora_base_name(adapter, base)
+    with pytest.raises(CheckpointError, match="strict"):
+        check_lora_base_name(adapter, base, strict=True)
+
+
+def test_task_vector_norms_ratio_and_rows():
+    """The ratio is sqrt(sum |tau|^2 / sum |theta_0|^2) over matrices only; ``observe`` on every 8th
+    row agrees with the full sums for i.i.d. entries, and an independent same-scale draw gives ~sqrt(2)."""
+    from workbench.io.validate import TaskVectorNorms
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 256, generator=g)
+    near, far = base + 0.1 * torch.randn(512, 256, generator=g), torch.randn(512, 256, generator=g)
+    n = TaskVectorNorms(["near", "far"])
+    n.observe("w", base, [near, far])
+    n.observe("norm", torch.ones(256), [torch.ones(256) * 5, torch.ones(256) * 5])  # vectors are left out
+    assert abs(n.ratio(0) - 0.1) < 0.005 and abs(n.ratio(1) - 2 ** 0.5) < 0.03
+    with pytest.warns(Warning, match="far"):
+        assert n.check() == ["far"]
