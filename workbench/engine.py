@@ -488,7 +488,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     plan = [(n, infos[n].shape, dtype_of(n)) for n in names]
     norms = TaskVectorNorms([str(p) for p in cfg.experts])
 
-    def _stored(t: torch.Tensor, dtype: torch.dtype, name: str, source: str) -> torch.Tensor:
+    def stored(t: torch.Tensor, dtype: torch.dtype, name: str, source: str) -> torch.Tensor:
         """``t`` cast to ``dtype`` on the CPU, checked finite *after* the cast (what is written)."""
         out = t.to(dtype).cpu()
         if not all_finite(out):
@@ -496,6 +496,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                     f"values outside the {str(dtype).replace('torch.', '')} range (Inf after the cast)")
             raise CheckpointError(f"{source} gives {what}; nothing written", file=cfg.output, tensor=name)
         return out
+
     with CheckpointWriter(cfg.output, copy_from=base.folder, max_shard_bytes=cfg.max_shard_bytes, plan=plan,
                           copy_tokenizer=cfg.copy_tokenizer, config_updates=config_updates,
                           overwrite=cfg.overwrite) as w:
@@ -503,15 +504,15 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
             # a function of its own, so that no local outlives the unit (memory stays bounded)
             if not items[0].merged:
                 it = items[0]
-                w.add(it.name, it.base if out_dtype is None else _stored(it.base, dtype_of(it.name), it.name,
-                                                                         "the base's value"))
+                w.add(it.name, it.base if out_dtype is None else stored(it.base, dtype_of(it.name), it.name,
+                                                                        "the base tensor (kept)"))
                 return
             results = _compute(spec, items, device, cfg.seed, params, thresholds, batched, norms)
             for it, (merged, extras) in zip(items, results):
                 if tuple(merged.shape) != tuple(infos[it.name].shape):
                     raise WorkbenchError(f"method {cfg.method!r} returned shape {list(merged.shape)} for tensor "
                                          f"{it.name!r}, expected {list(infos[it.name].shape)}")
-                w.add(it.name, _stored(merged, dtype_of(it.name), it.name, f"method {cfg.method!r}"))
+                w.add(it.name, stored(merged, dtype_of(it.name), it.name, f"method {cfg.method!r}"))
                 for key, value in extras.items():
                     _store_extra(it.name, key, value, masks, mask_meta, densities, kept_totals)
 
