@@ -222,6 +222,7 @@ class TaskVectorNorms:
         self.tau_sq = [0.0] * len(self.experts)
         self.base_sq = [0.0] * len(self.experts)
         self.per_tensor: list[dict[str, float]] = [{} for _ in self.experts]
+        self._pending: list[tuple[str, int, Any]] = []  # (name, ndim, device tensor [base_sq, tau_sq...])
 
     def add(self, name: str, ndim: int, i: int, tau_sq: float, base_sq: float) -> None:
         """Record expert ``i``'s ``||tau||^2`` and the base's ``||theta_0||^2`` on tensor ``name``."""
@@ -243,13 +244,21 @@ class TaskVectorNorms:
         import torch
 
         rows = base.reshape(base.shape[0], -1)[::every]
-        base_sq = float(torch.linalg.vector_norm(rows)) ** 2
-        for i, e in enumerate(experts):
-            tau = e.reshape(e.shape[0], -1)[::every] - rows
-            self.add(name, base.dim(), i, float(torch.linalg.vector_norm(tau)) ** 2, base_sq)
+        sq = [torch.linalg.vector_norm(rows)]
+        sq += [torch.linalg.vector_norm(e.reshape(e.shape[0], -1)[::every] - rows) for e in experts]
+        # kept on the device until needed: no synchronisation per tensor on a GPU
+        self._pending.append((name, base.dim(), torch.stack(sq).double().square()))
+
+    def _flush(self) -> None:
+        for name, ndim, sq in self._pending:
+            base_sq, *taus = sq.tolist()
+            for i, tau_sq in enumerate(taus):
+                self.add(name, ndim, i, tau_sq, base_sq)
+        self._pending = []
 
     def ratio(self, i: int) -> float:
         """``sqrt(sum ||tau_i||^2 / sum ||theta_0||^2)`` (0 when nothing was seen)."""
+        self._flush()
         return math.sqrt(self.tau_sq[i] / self.base_sq[i]) if self.base_sq[i] > 0 else 0.0
 
     def check(self, *, strict: bool = False, threshold: float = FOREIGN_RATIO, files: Sequence[Any] | None = None
