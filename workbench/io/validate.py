@@ -35,6 +35,8 @@ MERGE_MARKER = "workbench_merge.json"
 #: least 1 whatever the other model's scale (sqrt(2) ~ 1.41 at the same scale: the issue measured
 #: 1.43); a fine-tune moves its weights by a fraction of their norm (the issue's true expert: 0.10).
 #: 0.5 sits 5x above the true expert and 2x below the smallest ratio an unrelated model can have.
+#: Measured on the default zoo: full experts 0.087-0.092, LoRA 0.17-0.18 and DAMC 0.024 (over the
+#: matrices they change); the tests' fixture experts (noise as large as the weights) 1.00.
 FOREIGN_RATIO = 0.5
 #: :meth:`TaskVectorNorms.observe` looks at every ROW_STRIDE-th row of each matrix.
 ROW_STRIDE = 8
