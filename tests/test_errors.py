@@ -182,8 +182,15 @@ def test_existing_output_needs_overwrite(tiny_llama, tiny_llama_experts, tmp_pat
     with pytest.raises(ConfigError, match="exists"):
         merge(_cfg(tiny_llama, tiny_llama_experts, out), methods=REG, progress=False)
     assert (out / "keep.txt").read_text() == "x"
+    # overwrite replaces only a folder a merge wrote (or an empty one): never a user's folder
+    with pytest.raises(ConfigError, match="keep.txt"):
+        merge(_cfg(tiny_llama, tiny_llama_experts, out, overwrite=True), methods=REG, progress=False)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
     merge(_cfg(tiny_llama, tiny_llama_experts, out, overwrite=True), methods=REG, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    (out / "stray.txt").write_text("y")  # a previous merge output (workbench_merge.json) is replaced whole
+    merge(_cfg(tiny_llama, tiny_llama_experts, out, overwrite=True), methods=REG, progress=False)
+    assert not (out / "stray.txt").exists() and (out / "model.safetensors").exists()
 
 
 def test_method_failure_mid_merge_leaves_nothing(tiny_llama, tiny_llama_experts, tmp_path):

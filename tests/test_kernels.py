@@ -144,7 +144,7 @@ def test_streamed_stats_from_stored_tensors_equal_tensor_stats(dtype, missing, m
     w2 = (base.float() - torch.randn(shape, generator=g) * 1e-3).to(dtype)
     d3 = (torch.randn(shape, generator=g) * 1e-3).to(dtype)
     raws = [(w1, None, True), (w2, None, True), (d3, None, False), (None if missing else w1, None, True)]
-    _, numel, st, base_sq, _, tau_row = _streamed_stats("t", base, raws, "base.safetensors", ["a", "b", "c", "d"],
+    _, numel, st, base_sq, _, tau_row = _streamed_stats("t", base, raws, ["base.safetensors", "a", "b", "c", "d"], ["a", "b", "c", "d"],
                                                         topk=0.2, dare_p=0.2, dare_seed=5, chunk_size=1 << 19)
     built_by_torch = bool(used)
     taus = torch.stack([w1.float() - base.float(), w2.float() - base.float(), d3.float(),
@@ -176,9 +176,9 @@ def test_worker_threads_give_the_same_counts_and_sums(workers):
     base = (torch.randn(n, generator=g) * 0.02).bfloat16()
     raws = [((base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16(), None, True) for _ in range(3)]
     kw = dict(topk=0.2, dare_p=0.2, dare_seed=9, chunk_size=1 << 19)
-    one = _streamed_stats("t", base, raws, "b", ["a", "b", "c"], **kw)
+    one = _streamed_stats("t", base, raws, ["base", "a", "b", "c"], ["a", "b", "c"], **kw)
     with ThreadPoolExecutor(workers) as pool:
-        two = _streamed_stats("t", base, raws, "b", ["a", "b", "c"], pool=pool, workers=workers, **kw)
+        two = _streamed_stats("t", base, raws, ["base", "a", "b", "c"], ["a", "b", "c"], pool=pool, workers=workers, **kw)
     assert one[3] == pytest.approx(two[3], rel=1e-12)  # |theta_0|^2
     for k, v in one[2].items():
         if k in {"gram", "ties_survived_sq", "ties_share_sq", "dare_kept_sq", "ties_merged_sq", "ta_sq"}:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from .errors import WorkbenchError
+from .errors import WorkbenchError, WorkbenchWarning
 
 
 @dataclass(frozen=True)
@@ -160,19 +163,68 @@ def build_parser(selected: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: commands that write their outputs atomically (a temporary name, renamed at the end): an
+#: interrupt leaves nothing behind, and says so.
+ATOMIC_COMMANDS = ("merge", "profile")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (``signum``); raised in the main thread so that every ``with`` block
+    and ``finally`` clause cleans up, as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _show_warning(command: str):
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, WorkbenchWarning):
+            print(f"workbench {command}: warning: {message}", file=sys.stderr)
+        else:
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+    return show
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit status (0 success, 2 usage or a workbench error)."""
+    """Entry point; returns the exit status (0 success, 2 usage or a workbench error, 128 + the
+    signal's number when interrupted: 130 for Ctrl-C / SIGINT, 143 for SIGTERM).
+
+    SIGTERM (a timeout, a batch scheduler's preemption) is handled like Ctrl-C: the command's
+    clean-up runs (a merge removes its temporary output) and one line is printed, no traceback.
+    :class:`~workbench.errors.WorkbenchWarning`\ s print as one line each.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in LAZY_COMMANDS else None)
     args = parser.parse_args(argv)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        status = args._run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning(args.command)
+            warnings.simplefilter("always", WorkbenchWarning)
+            status = args._run(args)
     except WorkbenchError as e:
         if args.traceback:
             raise
         print(f"workbench {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if args.traceback:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        done = "; nothing written" if args.command in ATOMIC_COMMANDS else ""
+        print(f"workbench {args.command}: interrupted{done}", file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     return 0 if status is None else int(status)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -46,7 +46,10 @@ class MergeConfig(BaseModel):
         dtype: output dtype of merged floating tensors; ``None`` keeps the inputs' dtype.
         max_shard_size: ``"2GB"``-style or bytes.
         copy_tokenizer: copy tokenizer files from the base.
-        overwrite: replace an existing output folder (only once the new one is complete).
+        overwrite: replace an existing output folder (only once the new one is complete; only a
+            folder a merge wrote - it holds ``workbench_merge.json`` - or an empty one).
+        strict: refuse (instead of warning about) experts that look fine-tuned from another base
+            (:data:`workbench.io.validate.FOREIGN_RATIO`) and LoRA adapters naming another base model.
         batch_size: most tensors per batched call of optimisation methods on CUDA (``None``: by memory).
     """
 
@@ -67,6 +70,7 @@ class MergeConfig(BaseModel):
     max_shard_size: Union[int, str] = "2GB"
     copy_tokenizer: bool = True
     overwrite: bool = False
+    strict: bool = False
     batch_size: Optional[int] = Field(default=None, ge=1)
 
     @field_validator("include", "exclude")
@@ -177,6 +181,47 @@ class MergeConfig(BaseModel):
         from .io.writer import parse_size
 
         return parse_size(self.max_shard_size)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+def typed_params(fn: Callable[..., Any], params: dict[str, Any], method: str) -> dict[str, Any]:
+    """``params`` checked against (and converted to) the annotations of ``fn``'s keyword
+    parameters - the method's signature is the source of truth - before any tensor is read.
+
+    Values are validated by pydantic, strictly first, then in its lax mode, which converts what
+    is exactly representable (``"1e-5"``, which PyYAML reads as a string; ``3.0`` or a numpy
+    integer for an int) but never a bool for a number nor ``3.5`` for an int. Parameters
+    without an annotation pass unchanged.
+
+    Raises:
+        ConfigError: naming the parameter, the expected type and the value given.
+    """
+    from pydantic import TypeAdapter
+
+    try:
+        hints = get_type_hints(fn)
+    except Exception:  # unresolvable annotations: nothing to check against
+        hints = {}
+    out = dict(params)
+    for key, value in params.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        adapter = TypeAdapter(hint)
+        try:
+            out[key] = adapter.validate_python(value, strict=True)
+        except ValidationError:
+            try:
+                if isinstance(value, bool):  # True is no number
+                    raise
+                out[key] = adapter.validate_python(value)
+            except ValidationError:
+                raise ConfigError(f"parameter {key!r} of method {method!r} must be {_type_name(hint)}, got "
+                                  f"{value!r} ({type(value).__name__})") from None
+    return out
 
 
 def _resolve(root: Path, p: str | Path) -> Path:

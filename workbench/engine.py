@@ -2,10 +2,12 @@
 
 ``merge(config)`` does, in order:
 
-1. **validation, before anything is written**: the method and its parameters, the paths (the
-   output is not an input, inside one, or around one), every checkpoint's header (corrupt or
-   truncated files), every expert's tensor names and shapes against the base (LoRA adapters:
-   their targets and delta shapes);
+1. **validation, before anything is written**: the method and its parameters (typed by the
+   method's signature: :func:`workbench.config.typed_params`), the paths (the output is not an
+   input, inside one, or around one; not a file; ``overwrite`` replaces only an earlier output),
+   every checkpoint's header (corrupt or truncated files), every expert's tensor names and shapes
+   against the base (LoRA adapters: their targets and delta shapes, and the base they name) -
+   the checks of :mod:`workbench.io.validate`, shared with ``workbench profile``;
 2. optional **global TIES trimming** (``params: {trim: global}``): streaming passes over the
    merged tensors find, per expert, the exact magnitude threshold that keeps the top
    ``density`` fraction of all its task-vector entries (a histogram of the magnitudes' float32
@@ -15,6 +17,9 @@
    and written at once by a planned :class:`~workbench.io.CheckpointWriter`, so memory holds a
    few tensors, never the model. Tensors the name filter keeps are copied from the base
    bit-identically. Method extras (MMER masks) are bit-packed and saved under ``<output>/mmer/``.
+   What is written is checked finite after the cast to the output dtype, and each expert's
+   ``||tau|| / ||theta_0||`` is tallied: above :data:`~workbench.io.validate.FOREIGN_RATIO` a
+   warning names it (``strict``: the merge fails and nothing is written).
 
 Every random draw uses a generator seeded from ``(seed, tensor name)``, so results do not depend
 on the order tensors are processed in, nor on batching.
@@ -34,7 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .config import MergeConfig
+from .config import MergeConfig, typed_params
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, WorkbenchError
 from .families import family_of
@@ -42,6 +47,8 @@ from .io.filters import NameFilter
 from .io.lora import LoraAdapter, is_lora_adapter
 from .io.reader import CheckpointReader
 from .io.reader import check_finite as _check_finite_io
+from .io.validate import (TaskVectorNorms, check_full_expert, check_lora_base_name, check_lora_expert,
+                          check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
 from .masks import pack_mask, unpack_mask
 
@@ -64,23 +71,6 @@ def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -
     g = torch.Generator(device=torch.device(device))
     g.manual_seed(tensor_seed(seed, name))
     return g
-
-
-def _is_inside(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-        return True
-    except ValueError:
-        return False
-
-
-def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
-    """Raise :class:`ConfigError` if ``output`` is an input, lies inside one, or contains one."""
-    out = output.expanduser().resolve()
-    for p in inputs:
-        p = Path(p).expanduser().resolve()
-        if out == p or _is_inside(out, p) or _is_inside(p, out):
-            raise ConfigError(f"output {output} must not be, be inside, or contain the input {p}")
 
 
 def resolve_method(name: str, registry: Mapping[str, Any] | None = None):
@@ -108,20 +98,8 @@ class _FullExpert:
         self.reader = reader
         self.path = reader.path
 
-    def validate(self, base: CheckpointReader) -> None:
-        mine, theirs = set(self.reader.keys()), set(base.keys())
-        missing, extra = sorted(theirs - mine), sorted(mine - theirs)
-        if missing:
-            raise CheckpointError(f"expert lacks {len(missing)} tensor(s) of the base {base.path}",
-                                  file=self.path, tensor=missing[0])
-        if extra:
-            raise CheckpointError(f"expert has {len(extra)} tensor(s) not in the base {base.path}",
-                                  file=self.reader.file_of(extra[0]), tensor=extra[0])
-        for name in base.keys():
-            a, b = self.reader.info(name), base.info(name)
-            if a.shape != b.shape:
-                raise CheckpointError(f"shape {list(a.shape)} differs from the base's {list(b.shape)} "
-                                      f"({b.file})", file=a.file, tensor=name)
+    def validate(self, base: CheckpointReader, strict: bool = False) -> None:
+        check_full_expert(self.reader, base)
 
     def file_of(self, name: str) -> Path:
         return self.reader.file_of(name)
@@ -154,21 +132,9 @@ class _LoraExpert:
         self.adapter = adapter
         self.path = adapter.path
 
-    def validate(self, base: CheckpointReader) -> None:
-        for name in self.adapter.targets() + self.adapter.replaced():
-            if name not in base:
-                raise CheckpointError(f"adapter targets a weight that is not in the base {base.path}",
-                                      file=self.adapter.file, tensor=name)
-        for name in self.adapter.targets():
-            shape, want = self.adapter.delta_shape(name), base.info(name).shape
-            if tuple(shape) != tuple(want):
-                raise CheckpointError(f"LoRA delta shape {list(shape)} differs from the base's {list(want)}",
-                                      file=self.adapter.file, tensor=name)
-        for name in self.adapter.replaced():
-            shape, want = self.adapter.reader.info(self.adapter._replaced[name]).shape, base.info(name).shape
-            if tuple(shape) != tuple(want):
-                raise CheckpointError(f"replacement shape {list(shape)} differs from the base's {list(want)}",
-                                      file=self.adapter.file, tensor=name)
+    def validate(self, base: CheckpointReader, strict: bool = False) -> None:
+        check_lora_expert(self.adapter, base)
+        check_lora_base_name(self.adapter, base, strict=strict)
 
     def file_of(self, name: str) -> Path:
         return self.adapter.file
@@ -201,16 +167,20 @@ class _Item:
 _EXP_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
-def check_finite(t: torch.Tensor, *, file, tensor: str) -> None:
-    """:func:`workbench.io.reader.check_finite` with a cheaper test for 16-bit floats (an entry
-    is NaN/Inf exactly when its exponent bits are all set: one integer pass instead of
-    ``isfinite``, which is slow on bfloat16 on the CPU); the error is the reader's own."""
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN / Inf in ``t``; for 16-bit floats by their exponent bits (an entry is NaN/Inf exactly
+    when they are all set: one integer pass instead of ``isfinite``, slow on bfloat16 on the CPU)."""
     mask = _EXP_BITS.get(t.dtype)
-    if mask is not None and t.numel():
-        if bool(((t.view(torch.int16) & mask) == mask).any()):
-            _check_finite_io(t, file=file, tensor=tensor)
-        return
-    _check_finite_io(t, file=file, tensor=tensor)
+    if mask is not None:
+        return not (t.numel() and bool(((t.view(torch.int16) & mask) == mask).any()))
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def check_finite(t: torch.Tensor, *, file, tensor: str) -> None:
+    """:func:`workbench.io.reader.check_finite` with the cheaper test of :func:`all_finite`; the
+    error is the reader's own."""
+    if not all_finite(t):
+        _check_finite_io(t, file=file, tensor=tensor)
 
 
 def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any]) -> _Item:
@@ -450,7 +420,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     cfg = MergeConfig.coerce(config)
     spec = resolve_method(cfg.method, methods)
     spec.check_params(cfg.params)
-    params = {**dict(getattr(spec, "defaults", {}) or {}), **cfg.params}
+    params = {**dict(getattr(spec, "defaults", {}) or {}), **typed_params(spec.fn, cfg.params, cfg.method)}
 
     # ---- paths
     inputs = [cfg.base, *cfg.experts]
@@ -458,8 +428,8 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         if not Path(p).exists():
             raise ConfigError(f"input path does not exist: {p}")
     check_output_path(cfg.output, inputs)
-    if cfg.output.exists() and not cfg.overwrite:
-        raise ConfigError(f"output {cfg.output} already exists (set overwrite: true to replace it)")
+    remove_stale_temporaries(cfg.output)
+    check_output_target(cfg.output, cfg.overwrite)
     try:
         device = resolve_device(cfg.device)
     except RuntimeError as e:
@@ -471,7 +441,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     base = CheckpointReader(cfg.base, mmap=False)
     experts = [open_expert(p) for p in cfg.experts]
     for e in experts:
-        e.validate(base)
+        e.validate(base, cfg.strict)
     names = base.keys()
     infos = {n: base.info(n) for n in names}
     keep = family_of(cfg.base, cfg.family).keep_patterns if cfg.keep_defaults else None
@@ -518,6 +488,17 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     kept_totals: dict[str, list[int]] = {}
 
     plan = [(n, infos[n].shape, dtype_of(n)) for n in names]
+    norms = TaskVectorNorms([str(p) for p in cfg.experts])
+
+    def stored(t: torch.Tensor, dtype: torch.dtype, name: str, source: str) -> torch.Tensor:
+        """``t`` cast to ``dtype`` on the CPU, checked finite *after* the cast (what is written)."""
+        out = t.to(dtype).cpu()
+        if not all_finite(out):
+            what = ("non-finite values" if not all_finite(t) else
+                    f"values outside the {str(dtype).replace('torch.', '')} range (Inf after the cast)")
+            raise CheckpointError(f"{source} gives {what}; nothing written", file=cfg.output, tensor=name)
+        return out
+
     with CheckpointWriter(cfg.output, copy_from=base.folder, max_shard_bytes=cfg.max_shard_bytes, plan=plan,
                           copy_tokenizer=cfg.copy_tokenizer, config_updates=config_updates,
                           overwrite=cfg.overwrite) as w:
@@ -525,17 +506,15 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
             # a function of its own, so that no local outlives the unit (memory stays bounded)
             if not items[0].merged:
                 it = items[0]
-                w.add(it.name, it.base if out_dtype is None else it.base.to(dtype_of(it.name)))
+                w.add(it.name, it.base if out_dtype is None else stored(it.base, dtype_of(it.name), it.name,
+                                                                        "the base tensor (kept)"))
                 return
-            results = _compute(spec, items, device, cfg.seed, params, thresholds, batched)
+            results = _compute(spec, items, device, cfg.seed, params, thresholds, batched, norms)
             for it, (merged, extras) in zip(items, results):
                 if tuple(merged.shape) != tuple(infos[it.name].shape):
                     raise WorkbenchError(f"method {cfg.method!r} returned shape {list(merged.shape)} for tensor "
                                          f"{it.name!r}, expected {list(infos[it.name].shape)}")
-                if not bool(torch.isfinite(merged).all()):
-                    raise CheckpointError(f"method {cfg.method!r} produced non-finite values",
-                                          file=cfg.output, tensor=it.name)
-                w.add(it.name, merged.to(dtype_of(it.name)).cpu())
+                w.add(it.name, stored(merged, dtype_of(it.name), it.name, f"method {cfg.method!r}"))
                 for key, value in extras.items():
                     _store_extra(it.name, key, value, masks, mask_meta, densities, kept_totals)
 
@@ -545,6 +524,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                     write_unit(items)
                     bar.update(len(items))
                     del items
+        norms.check(strict=cfg.strict, files=[e.path for e in experts])
         if masks:
             overall = {k: v[0] / max(v[1], 1) for k, v in sorted(kept_totals.items())}
             w.save_extra("mmer/masks.safetensors", masks, metadata=mask_meta)
@@ -572,12 +552,16 @@ def _version() -> str:
 
 
 def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: dict,
-             thresholds: list[float] | None, batched: bool) -> list[tuple[torch.Tensor, dict]]:
-    """Run the method on a unit of merged tensors; returns ``(merged float32, extras)`` per item."""
+             thresholds: list[float] | None, batched: bool,
+             norms: TaskVectorNorms | None = None) -> list[tuple[torch.Tensor, dict]]:
+    """Run the method on a unit of merged tensors; returns ``(merged float32, extras)`` per item.
+    ``norms`` observes each expert's task vector (:meth:`TaskVectorNorms.observe`: the foreign-expert check)."""
     bases, expert_lists = [], []
     for it in items:
         b = it.base.to(device=device, dtype=torch.float32, non_blocking=True)
         ex = [_to_device(x, b, device) for x in it.experts]
+        if norms is not None:
+            norms.observe(it.name, b, ex)
         if thresholds is not None:  # global trim: zero the task-vector entries below each expert's threshold
             ex = [_trim_expert(e, b, t) for e, t in zip(ex, thresholds)]
         bases.append(b)

@@ -27,3 +27,8 @@ class CheckpointError(WorkbenchError, ValueError):
 
 class ConfigError(WorkbenchError, ValueError):
     """A merge/compose configuration is invalid (unknown method, unknown parameter, bad path...)."""
+
+
+class WorkbenchWarning(UserWarning):
+    """Something the workbench did on its own, or an input that is suspicious but usable
+    (the command line prints these as one line each)."""

@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="T",
                    help="worker threads on a CPU (default: torch's thread count, i.e. the cores)")
     p.add_argument("--figures", action="store_true", help="also write one heatmap per metric into OUT/figures")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse experts that look fine-tuned from another base and LoRA adapters naming another "
+                        "base model (default: a warning)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if len(experts) != len(args.experts):
         raise ConfigError("expert names must be unique")
     prof = profile_interference(args.base, experts, device=args.device, topk=args.topk, out_dir=args.out,
-                                dare_p=args.dare_p, seed=args.seed, sample=args.sample, threads=args.threads)
+                                dare_p=args.dare_p, seed=args.seed, sample=args.sample, threads=args.threads,
+                                refuse_foreign=args.strict, progress=not args.quiet)
     what = f"sampled estimate ({args.sample} entries per tensor)" if args.sample else "exact profile"
     print(f"{what} of {len(experts)} experts written to {args.out}")
     if args.figures:

@@ -50,6 +50,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,7 @@ from .store import atomic_write, save_frames, save_json
 __all__ = [
     "TaskVectorSource",
     "InterferenceProfile",
+    "foreign_check",
     "METRICS",
     "MetricSpec",
     "open_expert",
@@ -597,7 +599,19 @@ _PARALLEL_MIN = 1 << 18
 _CPU_BLOCK = 1 << 15
 
 
-def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enames: Sequence[str], *,
+def _non_finite_error(name: str, base_t: torch.Tensor, bad: Sequence[int], files: Sequence[Any],
+                      enames: Sequence[str]) -> CheckpointError:
+    """The error for non-finite task vectors of experts ``bad`` (indices) on tensor ``name``: it names
+    the base's file when the base holds the NaN / Inf, else the first such expert's file
+    (``files = [base file, expert files...]`` of this tensor)."""
+    if base_t.is_floating_point() and not bool(torch.isfinite(base_t).all()):
+        return CheckpointError("non-finite values in the base (every task vector is non-finite)", file=files[0],
+                               tensor=name)
+    return CheckpointError(f"non-finite task vector for expert(s) {[enames[i] for i in bad]}",
+                           file=files[1 + bad[0]], tensor=name)
+
+
+def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, files: Sequence[Any], enames: Sequence[str], *,
                     topk: float, dare_p: float | None, dare_seed: int, chunk_size: int,
                     pool: ThreadPoolExecutor | None = None, workers: int = 1):
     """:func:`tensor_stats` of one tensor on the CPU without the ``[N, n]`` float32 task vectors.
@@ -623,7 +637,8 @@ def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enam
     float32 by torch (one row at a time) and, for the sums, chunk by chunk; and with more than 8
     experts, where the sums are torch operations on ``[N, chunk]`` float32 chunks.
 
-    Returns ``(name, numel, stats, base_sq, DAMC other-set deltas, tau_row(i))`` as
+    ``files`` (``[base file, expert files...]`` of this tensor) name the culprit of a non-finite
+    task vector. Returns ``(name, numel, stats, base_sq, DAMC other-set deltas, tau_row(i))`` as
     :func:`profile_interference` consumes them.
     """
     N = len(raws)
@@ -689,11 +704,11 @@ def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, base_path, enam
     by_expert = N >= workers
     for i, v in enumerate(pool.map(threshold, range(N)) if parallel and by_expert else map(threshold, range(N))):
         if v is None:
-            bad.append(enames[i])
+            bad.append(i)
         else:
             thr[i] = v
     if bad:
-        raise CheckpointError(f"non-finite task vector for expert(s) {bad}", file=base_path, tensor=name)
+        raise _non_finite_error(name, base_t, bad, files, enames)
     acc = _StatsAccumulator(N, torch.device("cpu"), dare_p, dare_seed)
     if acc.compiled:
         chunk_size = min(chunk_size, _CPU_BLOCK)
@@ -919,17 +934,35 @@ class InterferenceProfile:
         return summarize(self.frame(metric), metric, tuple(by), exact=exact)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write every frame as CSV and Parquet, the layer x module summaries of every metric, and ``meta.json``."""
-        out = save_frames(out_dir, {name: getattr(self, name) for name in self.FRAMES})
-        parts = []
-        for m in self.metrics():
-            s = self.summary(m).rename(columns={m: "value"})
-            s.insert(0, "metric", m)
-            parts.append(s)
-        summ = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        atomic_write(out / "summary_layer_module.csv", lambda p: summ.to_csv(p, index=False))
-        save_json(out / "meta.json", self.meta)
-        return out
+        """Write every frame as CSV and Parquet, the layer x module summaries of every metric, and ``meta.json``.
+
+        The files are written into a temporary sibling folder ``<out_dir>.tmp-<pid>`` and moved into
+        ``out_dir`` together at the end (signals held), so an interrupt or an error leaves ``out_dir``
+        as it was."""
+        import shutil
+
+        from ..io.writer import signals_held
+
+        final = Path(out_dir)
+        tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            out = save_frames(tmp, {name: getattr(self, name) for name in self.FRAMES})
+            parts = []
+            for m in self.metrics():
+                s = self.summary(m).rename(columns={m: "value"})
+                s.insert(0, "metric", m)
+                parts.append(s)
+            summ = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+            atomic_write(out / "summary_layer_module.csv", lambda p: summ.to_csv(p, index=False))
+            save_json(out / "meta.json", self.meta)
+            with signals_held():
+                final.mkdir(parents=True, exist_ok=True)
+                for f in sorted(tmp.iterdir()):
+                    os.replace(f, final / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "InterferenceProfile":
@@ -1037,6 +1070,7 @@ def iter_task_vectors(
     desc: str = "task vectors",
     meta: dict | None = None,
     sample_index: Callable[[str, int], torch.Tensor | None] | None = None,
+    refuse_foreign: bool = False,
 ):
     """Yield a :class:`TensorBatch` per tensor name: base + every expert's task vector, one name at a time.
 
@@ -1046,13 +1080,16 @@ def iter_task_vectors(
     ``base_path`` and, at the end, ``seconds_waiting_for_io``.
     ``sample_index(name, numel)`` may return sorted flat indices: only those entries are read
     (the batch is then 1-D, of the sample's length); ``None`` reads the whole tensor.
+    The experts are validated against the base first, as ``workbench merge`` does
+    (:mod:`workbench.io.validate`; ``refuse_foreign``: a LoRA adapter naming another base raises).
     """
     dev = resolve_device(device)
     N = len(experts)
     enames = list(experts)
-    for name, base_t, raws, base_path in _raw_stream(base, experts, dev, names=names, damc_set=damc_set,
-                                                       strict=strict, prefetch=prefetch, progress=progress,
-                                                       desc=desc, meta=meta, sample_index=sample_index):
+    for name, base_t, raws, files in _raw_stream(base, experts, dev, names=names, damc_set=damc_set,
+                                                   strict=strict, prefetch=prefetch, progress=progress,
+                                                   desc=desc, meta=meta, sample_index=sample_index,
+                                                   refuse_foreign=refuse_foreign):
         numel = base_t.numel()
         b = base_t.to(dev, non_blocking=True).reshape(-1).to(torch.float32)
         taus = torch.zeros(N, numel, dtype=torch.float32, device=dev)
@@ -1062,9 +1099,9 @@ def iter_task_vectors(
             taus[i].copy_(main.to(dev, non_blocking=True).reshape(-1))
             if is_weight:
                 taus[i].sub_(b)
-        bad = [enames[i] for i in range(N) if not bool(torch.isfinite(taus[i]).all())]
+        bad = [i for i in range(N) if not bool(torch.isfinite(taus[i]).all())]
         if bad:
-            raise CheckpointError(f"non-finite task vector for expert(s) {bad}", file=base_path, tensor=name)
+            raise _non_finite_error(name, base_t, bad, files, enames)
         shape = tuple(base_t.shape)
         raws = [(None, mod, w) for (_, mod, w) in raws]  # the task vectors hold the data now
         del base_t
@@ -1077,10 +1114,40 @@ _PAGE = 4096  # bytes per page touched by _materialize
 _READ_AHEAD = 2
 
 
+def _validate_sources(base_reader: Any, sources: Sequence[TaskVectorSource], *, strict: bool,
+                      refuse_foreign: bool) -> None:
+    """The checks ``workbench merge`` makes (:mod:`workbench.io.validate`): a full expert's names and
+    shapes (``strict``: it holds every base tensor), an adapter's targets and shapes and the base
+    model it names."""
+    from ..io.validate import check_full_expert, check_lora_base_name, check_lora_expert
+
+    for s in sources:
+        if s.kind == "full":
+            check_full_expert(s.reader, base_reader, allow_missing=not strict)
+        for a in (s.adapter, s.modality):
+            if a is not None:
+                check_lora_expert(a, base_reader)
+                check_lora_base_name(a, base_reader, strict=refuse_foreign)
+
+
+def _files_of(name: str, base_reader: Any, sources: Sequence[TaskVectorSource]) -> list[Path]:
+    """``[base file, expert files...]`` holding tensor ``name`` (an adapter's weight file; the
+    expert's folder where it does not touch ``name``)."""
+    out = [base_reader.file_of(name)]
+    for s in sources:
+        if s.kind == "full" and name in s.reader:
+            out.append(s.reader.file_of(name))
+        elif s.adapter is not None:
+            out.append(s.adapter.file)
+        else:
+            out.append(s.path)
+    return out
+
+
 def _raw_stream(base, experts, dev: torch.device, *, names=None, damc_set: str = "text", strict: bool = True,
                 prefetch: bool = True, progress: bool = True, desc: str = "task vectors", meta: dict | None = None,
-                sample_index: Callable[[str, int], torch.Tensor | None] | None = None):
-    """Yield ``(name, base tensor, raws, base path)`` per tensor name, the stored tensors read (and
+                sample_index: Callable[[str, int], torch.Tensor | None] | None = None, refuse_foreign: bool = False):
+    """Yield ``(name, base tensor, raws, files)`` per tensor name (``files``: :func:`_files_of`), the stored tensors read (and
     materialised) one name ahead in a background thread; ``raws`` holds per expert
     ``(weight or delta or None, DAMC other-set delta or None, first_is_weight)`` (CPU, or pinned
     memory for a GPU). :func:`iter_task_vectors` builds its float32 task vectors from these.
@@ -1088,6 +1155,7 @@ def _raw_stream(base, experts, dev: torch.device, *, names=None, damc_set: str =
     sampled entries (read from the memory map: only the pages holding them are touched)."""
     base_reader = _open_base(base)
     sources = [open_expert(n, p, damc_set=damc_set) for n, p in experts.items()]
+    _validate_sources(base_reader, sources, strict=strict, refuse_foreign=refuse_foreign)
     todo = _select_names(base_reader, sources, names)
     enames = [s.name for s in sources]
     if meta is not None:
@@ -1136,7 +1204,7 @@ def _raw_stream(base, experts, dev: torch.device, *, names=None, damc_set: str =
             else:
                 base_t, raws = load(name)
             t_wait += time.perf_counter() - tw
-            yield name, base_t, raws, base_reader.path
+            yield name, base_t, raws, _files_of(name, base_reader, sources)
             del base_t, raws
             bar.update(1)
     finally:
@@ -1164,6 +1232,7 @@ def profile_interference(
     progress: bool = True,
     threads: int | None = None,
     sample: int | None = None,
+    refuse_foreign: bool = False,
 ) -> InterferenceProfile:
     """Stream over the experts' task vectors, one tensor name at a time, and profile their interference.
 
@@ -1220,6 +1289,14 @@ def profile_interference(
             standard error below ``1 / sqrt(m)``. Group summaries pool tensors and shrink these
             (a large tensor still counts ``m`` entries: its weight is its true size). ``meta`` records
             ``sample``; ``tests/test_interference.py`` checks the errors against the exact profile.
+        refuse_foreign: raise (instead of warning) for an expert that looks fine-tuned from another
+            base (``||tau|| / ||theta_0||`` over its matrices above
+            :data:`workbench.io.validate.FOREIGN_RATIO`, as ``workbench merge`` checks) and for a
+            LoRA adapter naming another base model; nothing is written then.
+
+    The experts are validated against the base before any tensor is read, by the checks
+    ``workbench merge`` makes (:mod:`workbench.io.validate`), and ``out_dir`` may not be, lie
+    inside, or contain an input.
     """
     if len(experts) < 2:
         raise ConfigError(f"profile_interference needs at least two experts, got {list(experts)}")
@@ -1229,6 +1306,12 @@ def profile_interference(
         raise ConfigError(f"sample must be a positive number of entries or None, got {sample}")
     if threads is not None and int(threads) < 1:
         raise ConfigError(f"threads must be >= 1 or None, got {threads}")
+    if out_dir is not None:
+        from ..io.validate import check_output_path
+
+        check_output_path(Path(out_dir), [Path(base), *map(Path, experts.values())])
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise ConfigError(f"output {out_dir} exists and is not a folder; refusing to replace it")
     info: dict = {}
     dev = resolve_device(device)
     numels: dict[str, int] = {}
@@ -1240,7 +1323,7 @@ def profile_interference(
         return _stratified_index(numel, int(sample), _seed_for(seed, "sample:" + name))
 
     kw = dict(names=names, damc_set=damc_set, strict=strict, prefetch=prefetch, progress=progress,
-              desc="interference", meta=info, sample_index=sample_index)
+              desc="interference", meta=info, sample_index=sample_index, refuse_foreign=refuse_foreign)
 
     def scaled(name: str, m: int, st: dict, base_sq: float):
         """``(true numel, stats, base_sq, scale)``: sums of a sampled tensor scaled by ``n / m``."""
@@ -1256,9 +1339,9 @@ def profile_interference(
     if dev.type == "cpu":
         # streaming: the [N, n] float32 task vectors are never held; memory ~ the stored tensors
         def streamed():
-            for name, base_t, raws, base_path in _raw_stream(base, experts, dev, **kw):
+            for name, base_t, raws, files in _raw_stream(base, experts, dev, **kw):
                 name, m, st, base_sq, mods, tau_row = _streamed_stats(
-                    name, base_t, raws, base_path, list(experts), topk=topk, dare_p=dare_p,
+                    name, base_t, raws, files, list(experts), topk=topk, dare_p=dare_p,
                     dare_seed=_seed_for(seed, name), chunk_size=chunk_size, pool=pool, workers=workers)
                 yield (name, *scaled(name, m, st, base_sq), mods, tau_row)
         stream = streamed()
@@ -1325,6 +1408,25 @@ def profile_interference(
               "dare_p": dare_p, "seed": seed, "damc_set": damc_set, "sample": sample,
               "threads": threads if dev.type == "cpu" else None, "seconds": round(elapsed, 3)},
     )
+    foreign_check(prof, strict=refuse_foreign)
     if out_dir is not None:
         prof.save(out_dir)
     return prof
+
+
+def foreign_check(prof: "InterferenceProfile", *, strict: bool = False) -> list[str]:
+    """The foreign-expert check of ``workbench merge`` (:class:`workbench.io.validate.TaskVectorNorms`)
+    on a profile's ``tau_sq`` / ``base_sq`` sums per expert and tensor; returns the flagged experts."""
+    from ..io.validate import TaskVectorNorms
+
+    CheckpointReader, _ = _io()
+    meta = prof.meta
+    norms = TaskVectorNorms(prof.experts)
+    index = {e: i for i, e in enumerate(prof.experts)}
+    df = prof.per_expert
+    if len(df):
+        with CheckpointReader(meta["base_path"]) as base:  # headers only: the tensors' dimensions
+            for row in df[["tensor", "expert", "tau_sq", "base_sq"]].itertuples(index=False):
+                norms.add(row.tensor, len(base.info(row.tensor).shape), index[row.expert], row.tau_sq, row.base_sq)
+    paths = meta.get("paths", {})
+    return norms.check(strict=strict, files=[paths.get(e, e) for e in prof.experts])

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, WorkbenchWarning
 
 #: safetensors dtype strings <-> torch dtypes.
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -216,8 +217,46 @@ def _open_file(file: Path, mmap: bool = True):
     raise CheckpointError("unknown checkpoint file type (expected .safetensors or .bin)", file=file)
 
 
+def _index_shards(path: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"unreadable checkpoint index: {e!r}", file=index) from e
+    for f in files:
+        if not (path / f).is_file():
+            raise CheckpointError(f"index names a missing shard {f!r}", file=index)
+    return [path / f for f in files]
+
+
+def _explicit_weights(path: Path) -> str | None:
+    """``config.json``'s ``transformers_weights`` (a file name inside ``path``), which transformers
+    loads before anything else; ``None`` when absent."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        name = json.loads(cfg.read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable config is reported where the config is used
+    if name is None:
+        return None
+    target = (path / str(name)).resolve()
+    if not (isinstance(name, str) and target.is_relative_to(path.resolve())):
+        raise CheckpointError(f"transformers_weights {name!r} must name a file inside the folder", file=cfg)
+    return name
+
+
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The weight files of a checkpoint folder (or ``[path]`` for a single file), in load order.
+
+    A folder is resolved exactly as ``transformers``' ``PreTrainedModel.from_pretrained`` does
+    (``modeling_utils._get_resolved_checkpoint_files``, transformers 5.x; local folder, no
+    variant): ``config.json``'s ``transformers_weights`` if set, else the first present of
+    ``model.safetensors``, ``model.safetensors.index.json``, ``pytorch_model.bin``,
+    ``pytorch_model.bin.index.json``. So the files merged are the files transformers loads; when a
+    single file and an index of the same format are both present (a re-save over a sharded save
+    leaves the old index behind) a :class:`~workbench.errors.WorkbenchWarning` says which one is used.
 
     Raises:
         CheckpointError: when the folder holds no known weight layout, or an index is unreadable
@@ -228,22 +267,27 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise CheckpointError("checkpoint path does not exist", file=path)
-    for index_name, single in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
-        index = path / index_name
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"unreadable checkpoint index: {e!r}", file=index) from e
-            files = sorted(set(weight_map.values()))
-            for f in files:
-                if not (path / f).is_file():
-                    raise CheckpointError(f"index names a missing shard {f!r}", file=index)
-            return [path / f for f in files]
+    explicit = _explicit_weights(path)
+    if explicit is not None:
+        target = path / explicit
+        if not target.is_file():
+            raise CheckpointError(f"config.json names transformers_weights {explicit!r}, which is missing",
+                                  file=target)
+        return _index_shards(path, target) if explicit.endswith(".index.json") else [target]
+    for single, index_name in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
         if (path / single).is_file():
+            if (path / index_name).is_file():
+                warnings.warn(f"{path} holds both {single} and {index_name}: reading {single}, as transformers' "
+                              f"from_pretrained does (the index and its shards are ignored)", WorkbenchWarning,
+                              stacklevel=2)
             return [path / single]
-    if (path / "adapter_model.safetensors").exists() or (path / "adapter_config.json").exists():
+        if (path / index_name).is_file():
+            return _index_shards(path, path / index_name)
+    if (path / "adapter_config.json").is_file():
         raise CheckpointError("this is a LoRA adapter folder; open it with LoraAdapter", file=path)
+    if (path / "adapter_model.safetensors").exists() or (path / "adapter_model.bin").exists():
+        raise CheckpointError("a LoRA adapter folder (adapter_model weights) without its adapter_config.json: "
+                              "the file is missing", file=path / "adapter_config.json")
     shards = sorted(path.glob("*.safetensors"))
     if len(shards) == 1:
         return shards

@@ -3,6 +3,9 @@
 Everything is written to a sibling temporary folder ``<out>.tmp-<pid>`` and renamed to
 ``<out>`` only when the ``with`` block ends without an exception; on an exception the
 temporary folder is removed, so an interrupted merge never leaves a half-written output.
+Temporary folders of processes that are gone (``kill -9``) are removed on entry
+(:func:`~workbench.io.validate.remove_stale_temporaries`), parent folders the writer created are
+removed again on failure, and an existing regular file at ``<out>`` is refused.
 
 Two ways to add tensors:
 
@@ -15,18 +18,22 @@ Two ways to add tensors:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import struct
+import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from ..errors import CheckpointError
 from .reader import SAFE_INDEX, SAFE_SINGLE, TORCH_TO_ST
+from .validate import remove_stale_temporaries
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 TOKENIZER_HINTS = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
@@ -121,6 +128,19 @@ def copy_side_files(src: Path, dst: Path, *, copy_tokenizer: bool = True) -> lis
     return copied
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the duration (main thread; elsewhere a no-op): a few renames
+    that must happen together. A signal that arrives meanwhile is delivered when the block ends."""
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if main else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 class CheckpointWriter:
     """Write a Hugging Face checkpoint folder atomically (see module docstring).
 
@@ -155,13 +175,20 @@ class CheckpointWriter:
         self._buffer_files: list[tuple[str, list[str], int]] = []  # (tmp file name, names, bytes)
         self._shard_files: list[str] = []
         self._open = False
+        self._created: list[Path] = []
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "CheckpointWriter":
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise CheckpointError("output path is an existing file, not a folder; refusing to replace it",
+                                  file=self.out_dir)
         if self.out_dir.exists() and not self.overwrite:
             raise CheckpointError("output folder already exists (set overwrite to replace it)", file=self.out_dir)
+        remove_stale_temporaries(self.out_dir)
         if self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir)
+        # the parents this writer creates, outermost first: removed again if the write fails
+        self._created = [p for p in reversed(self.tmp_dir.parents) if not p.exists()]
         self.tmp_dir.mkdir(parents=True)
         self._open = True
         try:
@@ -291,6 +318,11 @@ class CheckpointWriter:
         self._close_handles()
         self._buffer = {}
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        for p in reversed(self._created):  # innermost first; only while empty (nothing else wrote there)
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
     def _finish(self) -> None:
         weight_map: dict[str, str] = {}
@@ -329,6 +361,12 @@ class CheckpointWriter:
         self._rename_into_place()
 
     def _rename_into_place(self) -> None:
+        """Rename the temporary folder to ``out_dir`` (the old one aside first with ``overwrite``),
+        signals held so that an interrupt cannot land between the two renames."""
+        with signals_held():
+            self._renames()
+
+    def _renames(self) -> None:
         if self.out_dir.exists():
             if not self.overwrite:
                 raise CheckpointError("output folder appeared while writing", file=self.out_dir)
