@@ -45,7 +45,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -81,6 +80,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 #: Seconds allowed for "Run All Cells" to finish (kernel idle, every cell numbered).
 RUN_ALL_TIMEOUT_S = float(os.environ.get("WORKBENCH_BROWSER_RUN_TIMEOUT", "150"))
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(int(RUN_ALL_TIMEOUT_S) + 150)]
 
 # JupyterLab 4 DOM
 CODE_CELL = ".jp-Notebook .jp-CodeCell"

@@ -104,7 +104,7 @@ def label(name: str) -> str:
 # ----------------------------------------------------------------------------------- files
 CAPTION_GID = "wb-caption"
 #: What a caption adds for a preset whose benchmarks are too small to decide anything.
-SMALL_PRESETS = {"tiny": "tiny preset: ~20 items per benchmark, a smoke test - these numbers decide nothing"}
+SMALL_PRESETS = {"tiny": "tiny preset: a smoke-test zoo, ~20 items per benchmark - these numbers decide nothing"}
 
 
 def caption(fig: Figure, preset: str, note: str = "") -> Figure:
@@ -429,6 +429,8 @@ def upset_figure(patterns: pd.DataFrame, experts: Sequence[str], *, max_patterns
         ax_bar.bar(x, df["count"].values, color=ACCENT, width=0.7)
         for xi, c in zip(x, df["count"].values):
             ax_bar.text(xi, c, f"{100 * c / total:.1f}%", ha="center", va="bottom", fontsize=6, rotation=90)
+        if k:
+            ax_bar.set_ylim(0, 1.18 * float(df["count"].max()))  # room for the percentage labels
         ax_bar.set_ylabel("entries (parameters)")
         ax_bar.set_title(title)
         ax_bar.tick_params(axis="x", bottom=False, labelbottom=False)
