@@ -347,12 +347,18 @@ def test_explorer_notebook_runs_and_reacts_in_jupyterlab(lab_server, browser_pag
     shots.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
 
-    page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?reset&token={token}",  # reset: no other tab restored
+    # a workspace of its own per notebook: no tab of an earlier notebook is restored beside it
+    page.goto(f"{base}/lab/workspaces/wb-{NOTEBOOK.stem}/tree/{NOTEBOOK.name}?token={token}",
               wait_until="domcontentloaded")
     n_code = sum(c["cell_type"] == "code" for c in json.loads(NOTEBOOK.read_text())["cells"])
     assert n_code > 0, f"{NOTEBOOK} has no code cell"
     # every cell rendered, and the kernel started and idle, before "Run All Cells"
-    page.wait_for_function(f"() => document.querySelectorAll('{CODE_CELL}').length === {n_code}", timeout=60_000)
+    try:
+        page.wait_for_function(f"() => document.querySelectorAll('{CODE_CELL}').length === {n_code}",
+                               timeout=120_000)
+    except Exception:
+        page.screenshot(path=str(shots / "00_cells_not_rendered.png"))
+        raise
     deadline = time.monotonic() + 60
     while _kernel_status(page) != "Idle":
         assert time.monotonic() < deadline, f"kernel not idle after 60 s: {_kernel_status(page)!r}"

@@ -248,6 +248,13 @@ def _wrap(text: str, width: int = 70) -> str:
     return "\n".join(textwrap.wrap(text, width)) if text else ""
 
 
+def _fit_title(title: str, width_in: float) -> str:
+    """``title`` re-wrapped line by line to what fits ``width_in`` inches at the title font size,
+    so a small figure's title never runs over its colour bar."""
+    chars = max(24, int(width_in * 11))
+    return "\n".join(_wrap(line, chars) or line for line in title.split("\n"))
+
+
 def _filter(df: pd.DataFrame, *, pair: tuple[str, str] | None = None, expert: str | None = None) -> pd.DataFrame:
     if pair is not None and "expert_a" in df.columns:
         a, b = pair
@@ -359,7 +366,7 @@ def heatmap(table: pd.DataFrame, *, title: str = "", cbar_label: str = "", cmap:
             ax.tick_params(axis="y", rotation=0)
             if max((len(str(c)) for c in table.columns), default=0) > 6:  # long labels (expert names)
                 ax.set_xticklabels(ax.get_xticklabels(), rotation=30, ha="right")
-        ax.set_title(title)
+        ax.set_title(_fit_title(title, w - 1.0))  # less the colour bar
     return fig
 
 
@@ -404,7 +411,7 @@ def expert_bars(obj: Any, metric: str, *, layer: int | None = None, module: str 
         if info["bounds"]:
             ax.set_ylim(*info["bounds"])
         where = ", ".join(x for x in (f"layer {layer}" if layer is not None else "", module or "") if x) or "all tensors"
-        ax.set_title(title or _title(info, where))
+        ax.set_title(_fit_title(title or _title(info, where), 1.6 + 0.7 * max(len(order), 1)))
     return fig
 
 
