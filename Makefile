@@ -34,13 +34,22 @@ test-all: venv browser-deps
 zoo: venv
 	$(PY) -m workbench zoo --preset $(PRESET)
 
-# make reproduce [PRESET=tiny] [ONLY=02,03]
+# make reproduce [PRESET=tiny] [ONLY=02,03]: outputs under figures/<preset>/ and data/results/<preset>/;
+# for the default preset the executed notebooks are also published as HTML in docs/notebooks/.
 reproduce: venv
 	$(PY) -m workbench reproduce --preset $(PRESET) $(if $(ONLY),--only $(ONLY))
 
 # JupyterLab on localhost; the ipywidgets lab extension comes with jupyterlab_widgets (no build step).
+# The notebooks read WORKBENCH_PRESET. Without a built default zoo and no PRESET given, they use the
+# tiny preset (a zoo of a few minutes) and say so, instead of a silent ~28-minute build in a first cell.
 lab: venv
-	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 notebooks/
+	@preset="$(PRESET)"; \
+	if [ "$(origin PRESET)" = "file" ] && [ ! -f "$${WORKBENCH_ZOO:-zoo}/default/zoo.json" ]; then \
+	  preset=tiny; \
+	  echo "notice: no default zoo yet ($${WORKBENCH_ZOO:-zoo}/default/zoo.json): the notebooks use the TINY preset"; \
+	  echo "        (~20 items per benchmark: a smoke test). Real numbers: make zoo (~28 min), then make lab."; \
+	fi; \
+	WORKBENCH_PRESET=$$preset $(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 notebooks/
 
 bench: venv
 	$(PY) benchmarks/merge_speed.py

@@ -1,4 +1,4 @@
-"""JupyterLab in a real browser: run an explorer notebook, check its widgets render and react.
+"""JupyterLab in a real browser: run the explorer notebooks, check their figures and widgets render and react.
 
 What it does (marked ``browser``; part of the default ``make test``):
 
@@ -9,17 +9,20 @@ What it does (marked ``browser``; part of the default ``make test``):
    saved into the real notebooks), ``<tmp>/root/figures`` is empty (figures the run saves stay
    there) and every other top-level entry of the repository is a symlink, so the notebooks'
    relative paths (``../data``, ``../zoo``) still work;
-2. opens :data:`NOTEBOOK` in Debian's Chromium (``/usr/bin/chromium``, driven by Playwright; no
-   browser is downloaded) - ``notebooks/08_interference.ipynb`` once it exists, until then the
-   stand-in ``tests/fixtures/explorer_demo.ipynb``;
+2. opens each of :data:`NOTEBOOKS` in Debian's Chromium (``/usr/bin/chromium``, driven by
+   Playwright; no browser is downloaded) - ``notebooks/08_interference.ipynb`` and
+   ``notebooks/09_mask_overlap.ipynb`` once they exist, until then the stand-in
+   ``tests/fixtures/explorer_demo.ipynb``;
 3. runs all cells from the *Run* menu, waits until the kernel is idle and every code cell has an
    execution count;
-4. checks through the page that no cell shows an error, that the widgets rendered (no "Loading
+4. checks through the page that no cell shows an error, that every figure cell (one whose value
+   is a figure, or that calls ``display(fig)``) shows a rendered ``<img>`` and no figure prints as
+   ``<Figure size ...>`` text, that the widgets rendered (no "Loading
    widget..." / "Error displaying widget" placeholder), that the explorer shows an image
    (``img.wb-explorer-image``), and that choosing another option in the ``.wb-control-metric``
    dropdown changes the picture (its ``src`` and its pixels);
 5. checks the error detector itself by running one extra cell that raises;
-6. saves screenshots in ``screenshots/browser/`` (``01_after_run_all.png``,
+6. saves screenshots in ``screenshots/browser/<notebook>/`` (``01_after_run_all.png``,
    ``02_after_widget_change.png``, ``03_error_selfcheck.png``).
 
 The browser and the server are stopped in fixture teardown whatever happens.
@@ -42,26 +45,43 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO / "screenshots" / "browser"
 FIXTURE_NOTEBOOK = REPO / "tests" / "fixtures" / "explorer_demo.ipynb"
-REAL_NOTEBOOK = REPO / "notebooks" / "08_interference.ipynb"
-#: The notebook the test drives: the real interference explorer when present, else the fixture.
-NOTEBOOK = REAL_NOTEBOOK if REAL_NOTEBOOK.exists() else FIXTURE_NOTEBOOK
+REAL_NOTEBOOKS = [REPO / "notebooks" / n for n in ("08_interference.ipynb", "09_mask_overlap.ipynb")]
+#: The notebooks the test drives: the real interference and mask explorers when present, else the fixture.
+NOTEBOOKS = [p for p in REAL_NOTEBOOKS if p.exists()] or [FIXTURE_NOTEBOOK]
 
-#: Controls moved one after the other; after each, the explorer's picture must change. The fixture
-#: has a dropdown and a slider; the InterferenceExplorer of the real notebook a metric dropdown and
-#: view toggle buttons (dropdowns, toggle buttons and sliders are supported).
-CONTROLS_TO_MOVE = ("metric", "view") if NOTEBOOK == REAL_NOTEBOOK else ("metric", "threshold")
+
+def _controls_to_move(notebook: Path) -> tuple[str, ...]:
+    """Controls moved one after the other; after each, the explorer's picture must change. The
+    fixture has a dropdown and a slider; the real explorers a metric dropdown and view toggle
+    buttons (dropdowns, toggle buttons and sliders are supported)."""
+    return ("metric", "threshold") if notebook == FIXTURE_NOTEBOOK else ("metric", "view")
+
+
+def _figure_cells(notebook: Path) -> list[int]:
+    """Indices (among the code cells) of the cells that show a figure: their value is a figure
+    (last line ``fig`` or a ``*_figure(...)`` call) or they call ``display(fig)``."""
+    cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+    out = []
+    for i, c in enumerate(cells):
+        src = "".join(c["source"])
+        lines = [l for l in src.splitlines() if l.strip() and not l.startswith(" ")]
+        last = lines[-1].strip() if lines else ""
+        if last == "fig" or "display(fig)" in src or last.split("(")[0].endswith("_figure"):
+            out.append(i)
+    return out
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 #: Seconds allowed for "Run All Cells" to finish (kernel idle, every cell numbered).
 RUN_ALL_TIMEOUT_S = float(os.environ.get("WORKBENCH_BROWSER_RUN_TIMEOUT", "150"))
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(int(RUN_ALL_TIMEOUT_S) + 150)]
 
 # JupyterLab 4 DOM
 CODE_CELL = ".jp-Notebook .jp-CodeCell"
@@ -91,8 +111,9 @@ def _mirror_repo(root: Path) -> Path:
         shutil.copytree(src, nb_dir, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
     else:
         nb_dir.mkdir()
-    if not (nb_dir / NOTEBOOK.name).exists():
-        shutil.copy2(NOTEBOOK, nb_dir / NOTEBOOK.name)
+    for notebook in NOTEBOOKS:
+        if not (nb_dir / notebook.name).exists():
+            shutil.copy2(notebook, nb_dir / notebook.name)
     return nb_dir
 
 
@@ -163,7 +184,7 @@ def lab_server(tmp_path_factory):
     """A JupyterLab server for this module: ``(base_url, token, notebooks_root)``."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} missing: run `make browser-deps` (installs Debian's chromium package)")
-    if NOTEBOOK == REAL_NOTEBOOK:  # the real notebook reads the tiny zoo: build it (cached) first
+    if NOTEBOOKS != [FIXTURE_NOTEBOOK]:  # the real notebooks read the tiny zoo: build it (cached) first
         from workbench.reproduce import ensure_zoo
 
         ok, msg = ensure_zoo("tiny", log=lambda m: None)
@@ -318,17 +339,26 @@ def _move_control(page, explorer, name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ the test
-def test_explorer_notebook_runs_and_reacts_in_jupyterlab(lab_server, browser_page):
+@pytest.mark.parametrize("NOTEBOOK", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_explorer_notebook_runs_and_reacts_in_jupyterlab(lab_server, browser_page, NOTEBOOK):
     base, token, nb_root = lab_server
     page = browser_page
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shots = SCREENSHOTS / NOTEBOOK.stem
+    shots.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
 
-    page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}", wait_until="domcontentloaded")
+    # a workspace of its own per notebook: no tab of an earlier notebook is restored beside it
+    page.goto(f"{base}/lab/workspaces/wb-{NOTEBOOK.stem}/tree/{NOTEBOOK.name}?token={token}",
+              wait_until="domcontentloaded")
     n_code = sum(c["cell_type"] == "code" for c in json.loads(NOTEBOOK.read_text())["cells"])
     assert n_code > 0, f"{NOTEBOOK} has no code cell"
     # every cell rendered, and the kernel started and idle, before "Run All Cells"
-    page.wait_for_function(f"() => document.querySelectorAll('{CODE_CELL}').length === {n_code}", timeout=60_000)
+    try:
+        page.wait_for_function(f"() => document.querySelectorAll('{CODE_CELL}').length === {n_code}",
+                               timeout=120_000)
+    except Exception:
+        page.screenshot(path=str(shots / "00_cells_not_rendered.png"))
+        raise
     deadline = time.monotonic() + 60
     while _kernel_status(page) != "Idle":
         assert time.monotonic() < deadline, f"kernel not idle after 60 s: {_kernel_status(page)!r}"
@@ -341,11 +371,22 @@ def test_explorer_notebook_runs_and_reacts_in_jupyterlab(lab_server, browser_pag
     errors = _error_outputs(page)
     assert not errors, f"{NOTEBOOK.name}: cells with errors:\n" + "\n---\n".join(e[-1500:] for e in errors)
 
+    # every figure cell shows a rendered picture, none prints as "<Figure size ...>"
+    figure_cells = _figure_cells(NOTEBOOK)
+    assert figure_cells or NOTEBOOK == FIXTURE_NOTEBOOK, f"{NOTEBOOK.name}: no figure cell found"
+    for i in figure_cells:
+        imgs = page.locator(CODE_CELL).nth(i).locator(".jp-OutputArea-output img:not(.wb-explorer-image)")
+        assert imgs.count() > 0, f"{NOTEBOOK.name}: code cell {i} shows no image"
+        assert imgs.first.evaluate("(el) => el.complete && el.naturalWidth > 100"), \
+            f"{NOTEBOOK.name}: code cell {i}'s image did not load"
+    figure_texts = [t for t in page.locator(".jp-OutputArea-output").all_inner_texts() if "<Figure size" in t]
+    assert not figure_texts, f"{NOTEBOOK.name}: figures printed as text: {figure_texts[:3]}"
+
     # widgets rendered by the ipywidgets lab extension, not the placeholder text
     explorer_img = page.locator("img.wb-explorer-image").first
     explorer_img.wait_for(state="visible", timeout=30_000)
     explorer_img.scroll_into_view_if_needed()
-    page.screenshot(path=str(SCREENSHOTS / "01_after_run_all.png"))
+    page.screenshot(path=str(shots / "01_after_run_all.png"))
     views = page.locator(".jp-OutputArea-output .widget-inline-hbox, .jp-OutputArea-output .lm-Widget.widget-vbox, "
                          ".jp-OutputArea-output .jupyter-widgets")
     assert views.count() > 0, "no ipywidgets view in any output"
@@ -354,7 +395,7 @@ def test_explorer_notebook_runs_and_reacts_in_jupyterlab(lab_server, browser_pag
         assert text not in outputs_text, f"widget not rendered: {text!r} shown"
 
     changes = []
-    for i, name in enumerate(CONTROLS_TO_MOVE):
+    for i, name in enumerate(_controls_to_move(NOTEBOOK)):
         explorer = page.locator(".wb-explorer", has=page.locator(f".wb-control-{name}")).first
         assert explorer.count(), f"no explorer (.wb-explorer) with a control wb-control-{name}"
         image_sel = f".wb-explorer:has(.wb-control-{name}) img.wb-explorer-image"
@@ -367,7 +408,7 @@ def test_explorer_notebook_runs_and_reacts_in_jupyterlab(lab_server, browser_pag
         _wait_settled(page, image_sel)  # a slider drag sends several values: compare the final picture
         src_after, pix_after = _image_digest(page, image_sel)
         page.locator(image_sel).first.scroll_into_view_if_needed()
-        page.screenshot(path=str(SCREENSHOTS / f"02_after_widget_change{'' if i == 0 else f'_{name}'}.png"))
+        page.screenshot(path=str(shots / f"02_after_widget_change{'' if i == 0 else f'_{name}'}.png"))
         assert src_after != src_before
         assert pix_after != pix_before, f"{what}: the image src changed but the picture is the same"
         assert not _error_outputs(page), f"{what}: the widget callback raised"
@@ -385,7 +426,7 @@ def test_explorer_notebook_runs_and_reacts_in_jupyterlab(lab_server, browser_pag
         """(sel) => [...document.querySelectorAll(sel)].some(e => e.innerText.includes('wb-browser-selfcheck'))""",
         arg=STDERR_OUTPUT, timeout=30_000)
     page.locator(STDERR_OUTPUT).last.scroll_into_view_if_needed()
-    page.screenshot(path=str(SCREENSHOTS / "03_error_selfcheck.png"))
+    page.screenshot(path=str(shots / "03_error_selfcheck.png"))
     assert any("wb-browser-selfcheck" in e for e in _error_outputs(page))
 
     # nothing was written back into the repository's notebooks
@@ -393,4 +434,4 @@ def test_explorer_notebook_runs_and_reacts_in_jupyterlab(lab_server, browser_pag
     if real.exists():
         assert "wb-browser-selfcheck" not in real.read_text()
     print(f"\nbrowser test: {NOTEBOOK.name} run-all finished after {t_run:.1f} s; {'; '.join(changes)}; "
-          f"total {time.monotonic() - t0:.1f} s; screenshots in {SCREENSHOTS}")
+          f"total {time.monotonic() - t0:.1f} s; screenshots in {shots}")

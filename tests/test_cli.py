@@ -113,6 +113,29 @@ def test_cli_methods_lists_registry(capsys):
         assert name in out
 
 
+def test_cli_methods_name_explains_every_parameter(capsys):
+    from workbench.methods import METHODS
+
+    assert cli.main(["methods", "ties"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS["ties"].defaults:
+        assert f"  {name}: " in out, f"parameter {name} not explained"
+    assert "density: float = 0.2" in out  # type from the signature, default from the registry
+    assert "trim: str = 'per_tensor'  one of 'per_tensor', 'tensor', 'global'" in out  # choices
+    assert "top ``density`` magnitudes" in out  # the docstring's sentence about it
+
+
+def test_cli_version_and_unknown_preset_are_one_line(capsys):
+    import workbench
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"workbench {workbench.__version__}"
+    assert cli.main(["zoo", "--preset", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nope'" in err[0] and "default" in err[0] and "tiny" in err[0]
+
+
 def _every_method():
     from workbench.methods import METHODS
 

@@ -108,6 +108,54 @@ def test_notebook_runs_tiny(notebook, tmp_path, monkeypatch, request):
         "papermill did not inject the parameters"
 
 
+def _outputs_of_other_presets(preset: str) -> dict[Path, tuple[int, int]]:
+    """``path -> (mtime_ns, size)`` of every file under ``figures/``, ``data/results/`` and ``docs/``
+    that does not belong to ``preset``."""
+    own = {REPO / "figures" / preset, REPO / "data" / "results" / preset}
+    out = {}
+    for top in (REPO / "figures", REPO / "data" / "results", REPO / "docs"):
+        for p in top.rglob("*") if top.is_dir() else []:
+            if p.is_file() and not any(o in p.parents for o in own):
+                st = p.stat()
+                out[p] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT_S + 600)
+def test_tiny_run_leaves_default_outputs_alone_and_is_quiet(request, monkeypatch):
+    """The tour on the tiny preset, with the real defaults (no overrides, unlike the runs above):
+    it files everything under ``figures/tiny/`` and ``data/results/tiny/`` - no committed figure,
+    table or HTML view changes -, draws its figure inline, prints at most a handful of warning
+    lines and leaves no temporary folder behind."""
+    import tempfile
+
+    request.getfixturevalue("tiny_zoo")
+    for var in ("WORKBENCH_FIGURES_DIR", "WORKBENCH_RESULTS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    before = _outputs_of_other_presets("tiny")
+    scratch_before = set(Path(tempfile.gettempdir()).glob("workbench-00-*"))
+    df = run_notebooks(preset="tiny", only="00", build_zoo=False, timeout=NOTEBOOK_TIMEOUT_S, log=lambda m: None)
+    assert df.status.tolist() == ["ok"], df.error.tolist()
+    assert _outputs_of_other_presets("tiny") == before, "a tiny run changed outputs of another preset"
+    from workbench import paths
+
+    executed = paths.executed_dir("tiny") / "00_tour.ipynb"
+    assert Path(df.output[0]) == executed and (executed.parent / "00_tour.html").is_file()
+    assert (paths.figures_dir("tiny") / "00_interference_cosine.png").is_file()
+    nb = nbformat.read(executed, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the figure cell shows no image"
+    assert not any("<Figure size" in o.get("data", {}).get("text/plain", "") and "image/png" not in o.get("data", {})
+                   for o in outputs), "a figure printed as text"
+    noise = [line for o in outputs if o.output_type == "stream" and o.name == "stderr"
+             for line in o.text.splitlines() if line.strip()]
+    noise += [line for o in outputs if o.output_type == "stream" and o.name == "stdout"
+              for line in o.text.splitlines() if "Warning" in line]
+    assert len(noise) <= 3, "warning lines in the executed tour:\n" + "\n".join(noise)
+    assert set(Path(tempfile.gettempdir()).glob("workbench-00-*")) == scratch_before, "00 left its temp folder"
+
+
 # ------------------------------------------------------------------------------------ static checks
 def test_notebook_names_ordered_and_unique():
     assert NOTEBOOKS, f"no notebooks NN_*.ipynb in {NOTEBOOKS_DIR}"
@@ -182,7 +230,9 @@ def test_discover_and_select(toy_project):
 
 def test_run_notebooks_runs_all_in_order_and_reports(toy_project, capsys):
     lines: list[str] = []
-    df = run_notebooks(preset="tiny", parameters={"label": "x1"}, build_zoo=False, timeout=120, log=lines.append)
+    df = run_notebooks(preset="tiny", notebooks_dir="notebooks", out_dir="figures/executed", html_dir="html",
+                       watch=("figures", "data/results"), parameters={"label": "x1"}, build_zoo=False, timeout=120,
+                       log=lines.append)
     assert df.notebook.tolist() == ["01_first.ipynb", "02_broken.ipynb", "03_last.ipynb"]
     assert df.status.tolist() == ["ok", "failed", "ok"]  # 03 still ran after 02 failed
     assert "ValueError: deliberate failure in 02" in df.error[1]
@@ -195,6 +245,11 @@ def test_run_notebooks_runs_all_in_order_and_reports(toy_project, capsys):
     assert sorted(p.name for p in executed.iterdir()) == df.notebook.tolist()
     nb = nbformat.read(executed / "01_first.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    # a static HTML view of each executed copy, with the outputs (02's error too)
+    assert sorted(p.name for p in (toy_project / "html").iterdir()) == [n.replace(".ipynb", ".html") for n in
+                                                                         df.notebook]
+    assert "deliberate failure in 02" in (toy_project / "html" / "02_broken.html").read_text()
+    assert df.attrs["html"] and all(Path(p).is_file() for p in df.attrs["html"])
     # one progress line per notebook, then the summary with the new and updated files
     progress = [l for l in lines if l.startswith("[")]
     assert len(progress) == 3 and progress[1].startswith("[2/3] 02_broken.ipynb") and "failed" in progress[1]
@@ -209,10 +264,15 @@ def test_run_notebooks_runs_all_in_order_and_reports(toy_project, capsys):
 def test_cli_run_exit_status(toy_project, capsys):
     parser = argparse.ArgumentParser()
     reproduce.add_arguments(parser)
-    assert reproduce.run(parser.parse_args(["--preset", "tiny", "--only", "02", "--no-zoo"])) == 1
+    local = ["--notebooks-dir", "notebooks", "--out-dir", "figures/executed", "--no-html", "--no-zoo"]
+    assert reproduce.run(parser.parse_args(["--preset", "tiny", "--only", "02", *local])) == 1
     out = capsys.readouterr().out
     assert "[1/1] 02_broken.ipynb" in out and "01_first" not in out
-    assert reproduce.run(parser.parse_args(["--only", "09", "--no-zoo"])) == 2
+    assert reproduce.run(parser.parse_args(["--only", "09", *local])) == 2
+    # from any folder (here the toy project) the default is the repository's notebooks/
+    assert reproduce.run(parser.parse_args(["--only", "99", "--no-zoo"])) == 2
+    err = capsys.readouterr().err
+    assert NOTEBOOKS and all(p.name in err for p in NOTEBOOKS), err
     args = parser.parse_args(["-p", "label=3", "-p", "flag=true"])
     assert dict(args.parameter) == {"label": 3, "flag": True}
 

@@ -127,7 +127,40 @@ def test_save_all_figures(tmp_path, profile, overlap):
     assert all(p.is_file() for p in paths)
 
 
-def test_save_figure_default_dir_follows_env(tmp_path, monkeypatch, profile):
+def test_save_figure_files_each_preset_apart_and_captions_it(tmp_path, monkeypatch, profile):
     monkeypatch.setenv("WORKBENCH_FIGURES_DIR", str(tmp_path / "envfigs"))
-    paths = plots.save_figure(plots.expert_bars(profile, "rel_norm"), "bars")
-    assert [p.parent for p in paths] == [tmp_path / "envfigs"] * 2
+    fig = plots.expert_bars(profile, "rel_norm")
+    tiny = plots.save_figure(fig, "bars", preset="tiny")
+    assert [p.parent for p in tiny] == [tmp_path / "envfigs" / "tiny"] * 2
+    captions = [t.get_text() for t in fig.texts if t.get_gid() == plots.CAPTION_GID]
+    assert len(captions) == 1 and "preset tiny" in captions[0] and "decide nothing" in captions[0]
+    # saved again under another preset: the caption is replaced, not stacked, and nothing else moves
+    default = plots.save_figure(fig, "bars", preset="default")
+    assert [p.parent for p in default] == [tmp_path / "envfigs" / "default"] * 2
+    captions = [t.get_text() for t in fig.texts if t.get_gid() == plots.CAPTION_GID]
+    assert len(captions) == 1 and "preset default" in captions[0] and "decide nothing" not in captions[0]
+    assert "preset default" in default[1].read_text()  # the SVG carries the caption as text
+    with pytest.raises(ConfigError, match="preset"):
+        plots.save_figure(fig, "bars")  # an output always knows whose it is
+
+
+def test_figures_render_inline_in_ipython(profile):
+    """Without pyplot no backend registers a formatter: ``register_inline`` makes a Figure a PNG."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    fig = plots.expert_bars(profile, "rel_norm")
+    assert plots.register_inline(shell)
+    data, _ = shell.display_formatter.format(fig)
+    assert data["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_labels_are_words_and_metric_descriptions_are_shown(profile, overlap):
+    assert plots.label("n_mod") == "modalities composed" and "λ" in plots.label("lambda_1")
+    assert plots.label("unknown_column") == "unknown_column"
+    fig = plots.metric_heatmap(profile, "ties_vs_ta")
+    title = fig.axes[0].get_title()
+    assert "ties_vs_ta" not in title and plots.metric_info("ties_vs_ta")["doc"].split()[0] in title
+    up = plots.upset_figure(overlap.pattern_table(), overlap.experts,
+                            title=plots.overlap_title(type("O", (), {"meta": {"method": "mmer", "lam": 1.0}})()))
+    assert up.axes[0].get_title().startswith("MMER masks (λ = 1)")

@@ -113,13 +113,49 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="show one method's documentation")
 
 
+def _parameter_help(spec) -> list[tuple[str, str, str]]:
+    """``(name, "type = default [choices]", what the docstring says of it)`` per parameter of a
+    registered method: the type from the function's annotations, the default from the registry,
+    the sentences of the function's docstring that name the parameter inside a ````literal````."""
+    import inspect
+    import re
+
+    sig = inspect.signature(spec.fn)
+    text = " ".join((inspect.getdoc(spec.fn) or spec.doc or "").split())
+    sentences = re.split(r"(?<=[.;])\s+", text)
+
+    def names(sentence: str, name: str) -> bool:  # the name as a word inside a ``literal``
+        return any(re.search(rf"\b{re.escape(name)}\b", lit) for lit in re.findall(r"``(.+?)``", sentence))
+
+    rows = []
+    for name, default in spec.defaults.items():
+        param = sig.parameters.get(name)
+        ann = param.annotation if param is not None else inspect.Parameter.empty
+        kind = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+        kind = "" if ann is inspect.Parameter.empty else f"{kind} "
+        choices = spec.choices.get(name)
+        head = f"{kind}= {default!r}" + (f"  one of {', '.join(map(repr, choices))}" if choices else "")
+        said = " ".join(s for s in sentences if names(s, name)) or "(not described in the docstring)"
+        rows.append((name, head, said))
+    return rows
+
+
 def _methods_run(args: argparse.Namespace) -> int:
+    import textwrap
+
     from .methods import METHODS, get_method
 
     if args.name:
         spec = get_method(args.name)
-        print(f"{spec.name}: defaults {dict(spec.defaults)}")
-        print((spec.doc or "").strip())
+        print(f"{spec.name}: {(spec.doc or '').strip()}")
+        print("\nparameters (override with `--set NAME=VALUE` in `workbench merge`, or `params:` in the YAML):")
+        for name, head, said in _parameter_help(spec):
+            print(f"  {name}: {head}")
+            print(textwrap.fill(said, width=100, initial_indent="      ", subsequent_indent="      "))
+        flags = [f for f, on in (("runs batched", spec.batched_fn is not None),
+                                 ("draws random numbers (seeded per tensor)", spec.needs_generator)) if on]
+        if flags:
+            print(f"\n{spec.name} {' and '.join(flags)}.")
         return 0
     width = max(len(n) for n in METHODS) if METHODS else 4
     for name in sorted(METHODS):
@@ -142,7 +178,10 @@ register_command("methods", "list the merge methods and their default parameters
 # ------------------------------------------------------------------------------------ main
 def build_parser(selected: Optional[str] = None) -> argparse.ArgumentParser:
     """The argument parser; the lazy command ``selected`` (if any) gets its real arguments."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="workbench", description="mllm-workbench: merge and compose multimodal LLMs")
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

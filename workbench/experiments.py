@@ -68,6 +68,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .paths import repo_relative, resolve_repo_path
+
 EXPERIMENTS_VERSION = "1"
 
 #: The merge methods of the benchmark tables, in the paper's row order (Iso-CTS is extra).
@@ -278,7 +280,7 @@ def _row(method: str, method_id: str, kind: str, task: str, split: str, lam: flo
             "lambda": float(lam) if lam is not None else math.nan, "searched": bool(searched),
             "selected": bool(selected), "seed": int(seed), "n": n, "n_correct": k, "accuracy": acc,
             "ci_low": lo, "ci_high": hi, "status": status, "error": error, "params": _json(dict(params or {})),
-            "pred_file": (pred.attrs.get("file", "") if pred is not None else "")}
+            "pred_file": (repo_relative(pred.attrs["file"]) if pred is not None and pred.attrs.get("file") else "")}
 
 
 # ============================================================================================ settings
@@ -693,7 +695,7 @@ def capability_merging(zoo, variant: str = "full", methods: Sequence[str] = CAP_
     skipped = []
     if references:
         rows += _capability_references(ev, setting, variant, skipped)
-    attrs = {"experiment": "capability_merging", "variant": variant, "preset": _preset(z), "zoo": str(z.path),
+    attrs = {"experiment": "capability_merging", "variant": variant, "preset": _preset(z), "zoo": repo_relative(z.path),
              "lambdas": list(lambdas), "scoring": scoring, "rescale": rescale, "keep_defaults": keep_defaults,
              "cache_hits": ev.hits, "cache_misses": ev.misses, "timings": timings, "notes": setting.notes,
              "skipped": skipped, "seconds": round(time.time() - t0, 1),
@@ -786,7 +788,7 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
                                         lambda oracle=oracle: z.load_expert(oracle))
             else:
                 skipped.append({"seed": seed, "row": ORACLE_LABEL, "why": f"no oracle {oracle} with {mods}"})
-    attrs = {"experiment": "modality_merging", "preset": _preset(z), "zoo": str(z.path), "lambdas": list(lambdas),
+    attrs = {"experiment": "modality_merging", "preset": _preset(z), "zoo": repo_relative(z.path), "lambdas": list(lambdas),
              "scoring": scoring, "rescale": rescale, "keep_defaults": keep_defaults, "cache_hits": ev.hits,
              "cache_misses": ev.misses, "timings": timings, "notes": setting.notes, "skipped": skipped,
              "seconds": round(time.time() - t0, 1), "modalities": mods,
@@ -1162,10 +1164,11 @@ def item_predictions(df: pd.DataFrame, method: str, split: str = "test") -> pd.D
     d = df[(df["method"] == method) & (df["split"] == split) & df["selected"].astype(bool) & (df["status"] == "ok")]
     frames = []
     for r in d.itertuples():
-        if not r.pred_file or not Path(r.pred_file).is_file():
+        pred_file = resolve_repo_path(r.pred_file) if r.pred_file else None
+        if pred_file is None or not pred_file.is_file():
             raise FileNotFoundError(f"no cached predictions for {method} / {r.task} / seed {r.seed} "
                                     f"(run with a cache): {r.pred_file!r}")
-        p = pd.read_csv(r.pred_file, dtype={"id": str, "gold": str, "pred": str}, keep_default_na=False, na_values=[])
+        p = pd.read_csv(pred_file, dtype={"id": str, "gold": str, "pred": str}, keep_default_na=False, na_values=[])
         p["correct"] = p["correct"].astype(str).str.lower().isin(["true", "1"])
         p["task_set"], p["seed"] = r.task, r.seed
         frames.append(p)
@@ -1304,7 +1307,7 @@ def claim_rows(df: pd.DataFrame, claims: Sequence, published: pd.DataFrame, spli
 
 def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: str = "test",
                       tasks: Sequence[str] | None = None, inert: Mapping[str, str] | None = None,
-                      family: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      family: str | None = None, preset: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Our Avg beside the paper's, and the verdict of each of its claims (:mod:`workbench.statistics`).
 
     Returns ``(cells, verdicts)``. ``cells``: method, published Avg, our mean and interval (our base
@@ -1315,6 +1318,7 @@ def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: s
     ours: beating the best one is necessary for beating all). Effects are paired on the test items
     (:func:`claim_rows`). The published ``"Indiv. (mean)"`` is the mean of the paper's Indiv. rows' Avg.
     ``tasks``: the benchmarks our Avg is over (default :func:`table_tasks`: MCUB-mini for Table 5).
+    ``preset``: a small preset's verdicts carry the caution that they decide nothing.
     """
     from .published import Claim, load_table, side_by_side
     from .statistics import verdict_table
@@ -1351,7 +1355,7 @@ def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: s
     else:
         rows_best = []
     rows = rows_best + claim_rows(df, claims, pub, split, tasks, inert)
-    return cells, verdict_table(rows, family or attrs.get("name", table))
+    return cells, verdict_table(rows, family or attrs.get("name", table), preset=preset)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path, index: bool = False) -> None:

@@ -50,11 +50,11 @@ def _figure_for(obj: Any, metric: str, view: str, *, pair: tuple[str, str] | Non
         where = ", ".join(x for x in (f"layer {layer}" if layer is not None else "", module or "") if x) or "all tensors"
         if info["entity"] == "pair":
             mat = plots.pair_matrix_data(obj, metric, layer=layer, module=module, exact=exact)
-            return plots.pair_matrix_figure(mat, metric, title=f"{metric} - {where}")
+            return plots.pair_matrix_figure(mat, metric, title=plots._title(info, where))
         if info["entity"] == "expert":
             return plots.expert_bars(obj, metric, layer=layer, module=module)
         # a whole-set metric has no pair / expert axis: its layer x module table is the matrix
-        return plots.metric_heatmap(obj, metric, exact=exact, title=f"{metric} - whole set")
+        return plots.metric_heatmap(obj, metric, exact=exact, title=plots._title(info, "whole set"))
     raise ConfigError(f"unknown view {view!r}")
 
 
@@ -90,11 +90,8 @@ def mask_figure(overlap: Any, metric: str = "iou", view: str = "heatmap", *, pai
         raise ConfigError(f"view must be one of {MASK_VIEWS}, got {view!r}")
     if view == "upset":
         where = ", ".join(x for x in (f"layer {layer}" if layer is not None else "", module or "") if x) or "all tensors"
-        method = overlap.meta.get("method", "")
-        lam = overlap.meta.get("lam", "")
-        title = f"{method} masks (lambda {lam}) - {where}" if method else f"mask intersections - {where}"
         return plots.upset_figure(overlap.pattern_table(layer=layer, module=module), overlap.experts,
-                                  max_patterns=max_patterns, title=title)
+                                  max_patterns=max_patterns, title=plots.overlap_title(overlap, where))
     return _figure_for(overlap, metric, view, pair=pair, expert=expert, layer=layer, module=module, exact=exact)
 
 
@@ -102,13 +99,13 @@ def mask_figure(overlap: Any, metric: str = "iou", view: str = "heatmap", *, pai
 class _Explorer:
     """Common machinery: controls dict, image widget, re-render on change."""
 
-    dpi = 90
+    dpi = plots.INLINE_DPI
 
     def __init__(self) -> None:
         import ipywidgets as W
 
         self._W = W
-        self.image = W.Image(format="png")
+        self.image = W.Image(format="png", layout=W.Layout(width="auto", max_width="100%"))  # natural size
         self.image.add_class("wb-explorer-image")
         self.status = W.HTML()
         self.status.add_class("wb-explorer-status")

@@ -1,11 +1,17 @@
-"""Pictures of the analysis, one consistent style, rendered headless and saved as PNG + SVG.
+"""Pictures of the analysis: the one style module of the workbench, rendered headless and saved as PNG + SVG.
 
 Every function returns a :class:`matplotlib.figure.Figure` built without ``pyplot`` (no global
-figure state, no display needed; Jupyter still shows a returned Figure). Data in, figure out:
-the data functions (``layer_module_table``, ``pair_matrix_data``...) are pure and tested on
-their own. ``save_figure(fig, name, dir=None)`` writes ``<dir>/<name>.png`` and ``.svg`` atomically (temp
-name, then rename), with fixed metadata so the files are reproducible; ``dir=None`` is the
-repository's ``figures/`` (or ``WORKBENCH_FIGURES_DIR``).
+figure state, no display needed). Importing this module inside IPython registers a PNG formatter
+for ``Figure`` (:func:`register_inline`), so a figure left as a cell's value or passed to
+``display`` is drawn inline - in JupyterLab and in papermill's executed copies alike - without
+``%matplotlib`` or pyplot. Data in, figure out: the data functions (``layer_module_table``,
+``pair_matrix_data``...) are pure and tested on their own.
+
+Words, not column names: :data:`LABELS` maps the raw names (``n_mod``, ``lambda_1``, ``lam``) to
+axis labels with units, and :func:`metric_info` gives each metric a readable ``label`` and its
+``doc`` (shown as the figure's subtitle). ``save_figure(fig, name, preset=...)`` writes
+``figures/<preset>/<name>.png`` and ``.svg`` atomically (temp name, then rename) with fixed
+metadata, after stamping a caption that names the preset and its zoo (:func:`caption`).
 """
 from __future__ import annotations
 
@@ -21,9 +27,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .errors import ConfigError
+from .statistics import SMALL_PRESETS
 
 __all__ = [
+    "LABELS",
     "STYLE_RC",
+    "caption",
     "expert_bars",
     "fig_to_png",
     "heatmap",
@@ -32,6 +41,7 @@ __all__ = [
     "metric_info",
     "pair_matrix_data",
     "pair_matrix_figure",
+    "register_inline",
     "save_all_figures",
     "save_figure",
     "sweep_figure",
@@ -62,30 +72,86 @@ MAGNITUDE = "mako_r"     # unbounded magnitudes (relative norms)
 ACCENT = "#4C72B0"
 MODULE_ORDER = ("embed", "q", "k", "v", "o", "gate", "up", "down", "norm", "head", "vision", "projector", "other")
 NO_LAYER = "-"           # row label of tensors outside the transformer layers (embed, head, final norm)
+#: Resolution of inline and explorer PNGs (the saved files use :func:`save_figure`'s ``dpi``).
+INLINE_DPI = 110
+#: Axis labels, in words and with units, of the raw column names the tables use.
+LABELS: dict[str, str] = {
+    "lam": "mask threshold λ", "lambda": "scaling λ", "lambda_1": "DAMC λ₁ (weight of the modality parameters)",
+    "n_mod": "modalities composed", "n_experts": "experts merged", "alpha": "MMER α",
+    "layer": "layer", "module": "module type", "expert": "expert", "method": "merge method",
+    "benchmark": "benchmark", "composition": "composition", "k_ratio": "rank ratio k",
+}
+#: Readable names of the interference and overlap metrics (their descriptions come from the registries).
+METRIC_LABELS: dict[str, str] = {
+    "cosine": "task-vector cosine", "conflict": "sign-conflict rate", "conflict_topk": "sign-conflict rate (top-k)",
+    "rel_norm": "relative norm |τ| / |θ₀|", "topk_conflict": "top-k entries opposed",
+    "elect_disagree": "top-k entries against the elected sign", "ties_survival": "entries TIES keeps",
+    "ties_energy": "energy TIES keeps", "ties_share": "share of the TIES merge",
+    "dare_kept": "entries DARE keeps", "dare_energy": "energy DARE keeps",
+    "set_conflict": "entries with mixed signs", "set_elect_disagree": "entries against the elected sign",
+    "ties_vs_ta": "|TIES merge| / |task arithmetic|", "damc_cosine": "DAMC text vs modality cosine",
+    "damc_conflict": "DAMC text vs modality sign conflicts", "density": "mask density",
+    "density_support": "mask density on the support", "iou": "mask IoU (Jaccard)",
+    "overlap_min": "overlap / smaller mask", "share_none": "support used by no expert",
+    "share_one": "support used by exactly one expert", "share_all": "support used by every expert",
+}
+
+
+def label(name: str) -> str:
+    """The axis label of a column or metric name (the name itself when it has none)."""
+    return LABELS.get(name) or METRIC_LABELS.get(name) or str(name)
 
 
 # ----------------------------------------------------------------------------------- files
-def _figures_dir(dir: str | Path | None) -> Path:
-    if dir is not None:
-        return Path(dir)
-    from .paths import figures_dir
-
-    return figures_dir()
+CAPTION_GID = "wb-caption"
+#: What a caption adds for a preset whose benchmarks are too small to decide anything.
 
 
-def save_figure(fig: Figure, name: str, dir: str | Path | None = None, *, formats: Sequence[str] = ("png", "svg"),
-                dpi: int = 150) -> list[Path]:
+def caption(fig: Figure, preset: str, note: str = "") -> Figure:
+    """Stamp (or replace) the grey caption under ``fig``: the preset, its zoo and ``note``.
+
+    Drawn just below the axes, so ``bbox_inches="tight"`` takes it in and it never overlaps them.
+    """
+    from .paths import repo_relative
+
+    try:
+        from .world.zoo import zoo_root
+
+        zoo = repo_relative(zoo_root(preset))
+    except Exception:  # noqa: BLE001 - a caption never stops a figure
+        zoo = f"zoo/{preset}"
+    parts = [f"preset {preset}, zoo {zoo}", SMALL_PRESETS.get(preset, ""), note]
+    for t in [t for t in fig.texts if t.get_gid() == CAPTION_GID]:
+        t.remove()
+    with matplotlib.rc_context(STYLE_RC):
+        fig.text(0.0, 0.0, " · ".join(p for p in parts if p), gid=CAPTION_GID, ha="left", va="top",
+                 fontsize=7, color="#666666")
+    return fig
+
+
+def save_figure(fig: Figure, name: str, dir: str | Path | None = None, *, preset: str | None = None,
+                formats: Sequence[str] = ("png", "svg"), dpi: int = 150) -> list[Path]:
     """Write ``fig`` to ``<dir>/<name>.<fmt>`` for each format (default PNG and SVG); returns the paths.
 
-    ``dir=None`` is the repository's ``figures/`` (:func:`workbench.paths.figures_dir`, which
-    honours ``WORKBENCH_FIGURES_DIR``), whatever the current directory.
+    With ``preset`` the figure first gets its :func:`caption` (preset and zoo) and ``dir=None``
+    is :func:`workbench.paths.figures_dir` of that preset (``figures/<preset>/``, or under
+    ``WORKBENCH_FIGURES_DIR``), whatever the current directory. One of ``dir`` and ``preset``
+    is required: an output always knows whose it is.
 
     Files are written under a temporary name and renamed, so a reader never sees a half file.
     Metadata that changes run to run (dates, software version) is dropped.
     """
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"figure name must be a plain file stem, got {name!r}")
-    out = _figures_dir(dir)
+    if dir is None and preset is None:
+        raise ConfigError(f"save_figure({name!r}): give the preset (figures/<preset>/) or a dir")
+    if preset is not None:
+        caption(fig, preset)
+    if dir is None:
+        from .paths import figures_dir
+
+        dir = figures_dir(preset)
+    out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     meta = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None}, "pdf": {"CreationDate": None}}
@@ -103,12 +169,31 @@ def save_figure(fig: Figure, name: str, dir: str | Path | None = None, *, format
     return paths
 
 
-def fig_to_png(fig: Figure, dpi: int = 100) -> bytes:
-    """PNG bytes of ``fig`` (for an ``ipywidgets.Image``)."""
+def fig_to_png(fig: Figure, dpi: int = INLINE_DPI) -> bytes:
+    """PNG bytes of ``fig`` (inline display, ``ipywidgets.Image``)."""
     buf = io.BytesIO()
     with matplotlib.rc_context(STYLE_RC):
         fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     return buf.getvalue()
+
+
+def register_inline(shell: Any = None) -> bool:
+    """Make IPython draw every :class:`Figure` as a PNG (cell value or ``display(fig)``).
+
+    Without pyplot no backend registers a formatter, and a figure prints as
+    ``<Figure size 770x224 with 2 Axes>``; this registers :func:`fig_to_png` for ``image/png``.
+    ``shell`` defaults to the running IPython; returns ``False`` outside IPython. Called on import.
+    """
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None:
+        return False
+    shell.display_formatter.formatters["image/png"].for_type(Figure, fig_to_png)
+    return True
 
 
 def _styled(fn):
@@ -148,7 +233,26 @@ def metric_info(metric: str) -> dict[str, Any]:
     else:
         cmap, center = MAGNITUDE, None
     entity = {"pairs": "pair", "per_expert": "expert", "density": "expert", "damc": "expert"}.get(frame, "set")
-    return {"frame": frame, "doc": doc, "bounds": bounds, "cmap": cmap, "center": center, "entity": entity}
+    return {"frame": frame, "doc": doc, "label": label(metric), "bounds": bounds, "cmap": cmap, "center": center,
+            "entity": entity}
+
+
+def _title(info: dict[str, Any], who: str) -> str:
+    """Two-line title: the metric's name and for whom, then its description from the registry."""
+    return f"{info['label']} - {who}\n{_wrap(info['doc'])}"
+
+
+def _wrap(text: str, width: int = 70) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) if text else ""
+
+
+def _fit_title(title: str, width_in: float) -> str:
+    """``title`` re-wrapped line by line to what fits ``width_in`` inches at the title font size,
+    so a small figure's title never runs over its colour bar."""
+    chars = max(24, int(width_in * 11))
+    return "\n".join(_wrap(line, chars) or line for line in title.split("\n"))
 
 
 def _filter(df: pd.DataFrame, *, pair: tuple[str, str] | None = None, expert: str | None = None) -> pd.DataFrame:
@@ -251,18 +355,18 @@ def heatmap(table: pd.DataFrame, *, title: str = "", cbar_label: str = "", cmap:
             ax.set_axis_off()
         else:
             if annot is None:
-                annot = table.size <= 120
+                annot = table.size <= 400
             with warnings.catch_warnings():  # seaborn's own use of Colormap.set_bad
                 warnings.simplefilter("ignore", PendingDeprecationWarning)
                 sns.heatmap(table.astype(float), ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, center=center,
                             annot=annot, fmt=fmt, annot_kws={"fontsize": 7}, linewidths=0.4, linecolor="white",
                             square=square, cbar_kws={"label": cbar_label, "shrink": 0.8})
-            ax.set_xlabel(table.columns.name or "")
-            ax.set_ylabel(table.index.name or "")
+            ax.set_xlabel(label(table.columns.name) if table.columns.name else "")
+            ax.set_ylabel(label(table.index.name) if table.index.name else "")
             ax.tick_params(axis="y", rotation=0)
             if max((len(str(c)) for c in table.columns), default=0) > 6:  # long labels (expert names)
                 ax.set_xticklabels(ax.get_xticklabels(), rotation=30, ha="right")
-        ax.set_title(title)
+        ax.set_title(_fit_title(title, w - 1.0))  # less the colour bar
     return fig
 
 
@@ -274,7 +378,7 @@ def metric_heatmap(obj: Any, metric: str, *, pair: tuple[str, str] | None = None
     who = f"{pair[0]} vs {pair[1]}" if pair else (expert if expert else
                                                    {"pair": "mean over pairs", "expert": "mean over experts"}.get(info["entity"], "all experts"))
     lo, hi = info["bounds"] if info["bounds"] else (None, None)
-    return heatmap(t, title=title or f"{metric} - {who}", cbar_label=metric, cmap=info["cmap"],
+    return heatmap(t, title=title or _title(info, who), cbar_label=info["label"], cmap=info["cmap"],
                    vmin=lo, vmax=hi, center=info["center"])
 
 
@@ -284,7 +388,7 @@ def pair_matrix_figure(mat: pd.DataFrame, metric: str, *, title: str | None = No
     lo, hi = info["bounds"] if info["bounds"] else (None, None)
     m = mat.copy()
     m.index.name, m.columns.name = "expert", "expert"
-    return heatmap(m, title=title or f"{metric} - all pairs", cbar_label=metric, cmap=info["cmap"], vmin=lo,
+    return heatmap(m, title=title or _title(info, "all pairs"), cbar_label=info["label"], cmap=info["cmap"], vmin=lo,
                    vmax=hi, center=info["center"], square=True, annot=True)
 
 
@@ -303,11 +407,11 @@ def expert_bars(obj: Any, metric: str, *, layer: int | None = None, module: str 
     with matplotlib.rc_context(STYLE_RC):
         ax.bar(range(len(order)), s[metric].values, color=ACCENT)
         ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(info["label"])
         if info["bounds"]:
             ax.set_ylim(*info["bounds"])
         where = ", ".join(x for x in (f"layer {layer}" if layer is not None else "", module or "") if x) or "all tensors"
-        ax.set_title(title or f"{metric} - {where}")
+        ax.set_title(_fit_title(title or _title(info, where), 1.6 + 0.7 * max(len(order), 1)))
     return fig
 
 
@@ -332,7 +436,9 @@ def upset_figure(patterns: pd.DataFrame, experts: Sequence[str], *, max_patterns
         ax_bar.bar(x, df["count"].values, color=ACCENT, width=0.7)
         for xi, c in zip(x, df["count"].values):
             ax_bar.text(xi, c, f"{100 * c / total:.1f}%", ha="center", va="bottom", fontsize=6, rotation=90)
-        ax_bar.set_ylabel("entries")
+        if k:
+            ax_bar.set_ylim(0, 1.18 * float(df["count"].max()))  # room for the percentage labels
+        ax_bar.set_ylabel("entries (parameters)")
         ax_bar.set_title(title)
         ax_bar.tick_params(axis="x", bottom=False, labelbottom=False)
         for j, e in enumerate(experts):
@@ -374,7 +480,7 @@ def sweep_figure(table: pd.DataFrame, x: str = "lam", metrics: Sequence[str] = (
     colors = sns.color_palette("deep", len(metrics))
     with matplotlib.rc_context(STYLE_RC):
         for c, m in zip(colors, metrics):
-            ax.plot(mean.index, mean[m], marker="o", color=c, label=m)
+            ax.plot(mean.index, mean[m], marker="o", color=c, label=label(m))
             if (hi[m] - lo[m]).abs().max() > 0:
                 ax.fill_between(mean.index, lo[m], hi[m], color=c, alpha=0.15, lw=0)
         if logx if logx is not None else (x == "lam" and len(mean) > 2 and mean.index.min() > 0
@@ -382,34 +488,51 @@ def sweep_figure(table: pd.DataFrame, x: str = "lam", metrics: Sequence[str] = (
             ax.set_xscale("log", base=2)
         if x == "n_experts":
             ax.set_xticks(list(mean.index))
-        ax.set_xlabel({"lam": "threshold lambda", "n_experts": "experts merged"}.get(x, x))
-        ax.set_ylabel("share")
+        ax.set_xlabel(label(x))
+        ax.set_ylabel("share of the entries")
         ax.set_ylim(0, 1)
-        ax.legend(frameon=False)
-        ax.set_title(title or f"mask overlap vs {x}")
+        ax.legend(frameon=False, fontsize=7)
+        ax.set_title(title or f"mask overlap vs {label(x)}")
     return fig
 
 
+def overlap_title(overlap: Any, where: str = "all tensors") -> str:
+    """``"MMER masks (λ = 1) - all tensors"``: the method and threshold of a mask set, from its meta."""
+    method, lam = overlap.meta.get("method", ""), overlap.meta.get("lam", "")
+    if not method:
+        return f"mask intersections - {where}"
+    return f"{str(method).upper()} masks (λ = {lam:g}) - {where}" if isinstance(lam, (int, float)) else \
+        f"{str(method).upper()} masks - {where}"
+
+
 def save_all_figures(profile: Any = None, overlap: Any = None, dir: str | Path | None = None, *, prefix: str = "",
-                     metrics: Sequence[str] | None = None) -> list[Path]:
+                     metrics: Sequence[str] | None = None, preset: str | None = None) -> list[Path]:
     """Every standard picture of a profile and/or a mask overlap, saved as PNG + SVG under ``dir``.
 
     For a profile: a layers x modules heatmap per metric (mean over pairs / experts), the pair
     matrix of each pair metric, one bar chart per per-expert metric. For an overlap: heatmaps of
     density / IoU / shares, the IoU matrix and the UpSet bars. Names: ``<prefix><kind>_<metric>``.
+    ``dir`` and ``preset`` as in :func:`save_figure`.
     """
+    import functools
+
+    save = functools.partial(save_figure, dir=dir, preset=preset)
     paths: list[Path] = []
     if profile is not None:
         for m in (metrics or profile.metrics()):
             info = metric_info(m)
-            paths += save_figure(metric_heatmap(profile, m), f"{prefix}heatmap_{m}", dir)
+            paths += save(metric_heatmap(profile, m), f"{prefix}heatmap_{m}")
             if info["entity"] == "pair":
-                paths += save_figure(pair_matrix_figure(pair_matrix_data(profile, m), m), f"{prefix}pairs_{m}", dir)
+                paths += save(pair_matrix_figure(pair_matrix_data(profile, m), m), f"{prefix}pairs_{m}")
             elif info["entity"] == "expert":
-                paths += save_figure(expert_bars(profile, m), f"{prefix}experts_{m}", dir)
+                paths += save(expert_bars(profile, m), f"{prefix}experts_{m}")
     if overlap is not None:
         for m in ("density_support", "iou", "share_none", "share_one", "share_all"):
-            paths += save_figure(metric_heatmap(overlap, m), f"{prefix}mask_heatmap_{m}", dir)
-        paths += save_figure(pair_matrix_figure(pair_matrix_data(overlap, "iou"), "iou"), f"{prefix}mask_pairs_iou", dir)
-        paths += save_figure(upset_figure(overlap.pattern_table(), overlap.experts), f"{prefix}mask_upset", dir)
+            paths += save(metric_heatmap(overlap, m), f"{prefix}mask_heatmap_{m}")
+        paths += save(pair_matrix_figure(pair_matrix_data(overlap, "iou"), "iou"), f"{prefix}mask_pairs_iou")
+        paths += save(upset_figure(overlap.pattern_table(), overlap.experts, title=overlap_title(overlap)),
+                      f"{prefix}mask_upset")
     return paths
+
+
+register_inline()

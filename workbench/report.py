@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .statistics import small_preset_note
+
 #: Paper names of the workbench's composition labels (``results.COMPOSITIONS``).
 PAPER_NAMES: dict[str, str] = {"naive_mc": "NaiveMC", "damc": "DAMC", "mmer": "MMER", "frozen": "Frozen LLM",
                                "expert": "Single expert", "damc_expert": "DAMC expert", "oracle": "Oracle"}
@@ -204,11 +206,12 @@ def mmer_claims(pred: pd.DataFrame, retention: pd.DataFrame, forgetting: pd.Data
 
 
 # ================================================================================ claims and verdicts
-def verdict_table(sbs: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+def verdict_table(sbs: pd.DataFrame, digits: int = 1, *, preset: str | None = None) -> pd.DataFrame:
     """The reading view of :func:`workbench.published.side_by_side` (with claims; its interval-overlap
     verdicts - the notebooks' verdicts come from :func:`workbench.statistics.verdict_table`): one row per claim,
     ``published`` (the paper's two numbers, or ``-``), ``ours`` (two numbers with intervals),
-    ``verdict``, ``reason``, ``source``."""
+    ``verdict``, ``reason``, ``source``. For a small ``preset`` (``tiny``) a ``caution`` column
+    says on every row that its ~20 items decide nothing (:func:`small_preset_note`)."""
     def pub(r):
         if any(pd.isna(r[c]) for c in ("published_lhs", "published_rhs")):
             return "-"
@@ -218,11 +221,16 @@ def verdict_table(sbs: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
         return (f"{fmt_interval(r['ours_lhs_mean'], r['ours_lhs_ci_low'], r['ours_lhs_ci_high'], digits)} vs "
                 f"{fmt_interval(r['ours_rhs_mean'], r['ours_rhs_ci_low'], r['ours_rhs_ci_high'], digits)}")
 
+    note = small_preset_note(preset)
     if len(sbs) == 0:
-        return pd.DataFrame(columns=["claim", "published", "published_holds", "ours", "verdict", "reason", "source"])
-    return pd.DataFrame({"claim": sbs["claim"], "published": [pub(r) for _, r in sbs.iterrows()],
-                         "published_holds": sbs["published_holds"], "ours": [ours(r) for _, r in sbs.iterrows()],
-                         "verdict": sbs["verdict"], "reason": sbs["reason"], "source": sbs["source"]})
+        cols = ["claim", "published", "published_holds", "ours", "verdict", "reason", "source"]
+        return pd.DataFrame(columns=cols + (["caution"] if note else []))
+    table = pd.DataFrame({"claim": sbs["claim"], "published": [pub(r) for _, r in sbs.iterrows()],
+                          "published_holds": sbs["published_holds"], "ours": [ours(r) for _, r in sbs.iterrows()],
+                          "verdict": sbs["verdict"], "reason": sbs["reason"], "source": sbs["source"]})
+    if note:
+        table.insert(table.columns.get_loc("verdict") + 1, "caution", note)
+    return table
 
 
 def verdict_counts(*tables: pd.DataFrame) -> dict[str, int]:
@@ -239,7 +247,9 @@ def verdict_sentence(*tables: pd.DataFrame, preset: str | None = None) -> str:
     c = verdict_counts(*tables)
     n = sum(c.values())
     where = f" (preset {preset})" if preset else ""
-    return f"Of {n} claim(s){where}: " + ", ".join(f"{k} {v}" for v, k in c.items()) + "."
+    note = small_preset_note(preset)
+    return f"Of {n} claim(s){where}: " + ", ".join(f"{k} {v}" for v, k in c.items()) + "." + \
+        (f" Caution - {note}." if note else "")
 
 
 def readme_claims(out, scoring: str = "generate") -> str:
@@ -358,12 +368,17 @@ def accuracy_figure(table: pd.DataFrame, *, x: str = "benchmark", hue: str = "me
     import matplotlib
     from matplotlib.figure import Figure
 
-    from .plots import STYLE_RC
+    from .plots import STYLE_RC, label
 
     xs = list(order) if order is not None else list(dict.fromkeys(table[x]))
     hs = list(hue_order) if hue_order is not None else list(dict.fromkeys(table[hue]))
+    # many categories (a method per row): a horizontal forest plot, so long names never collide
+    horizontal = len(xs) > 5 or max((len(str(v)) for v in xs), default=0) > 14
     with matplotlib.rc_context(STYLE_RC):
-        fig = Figure(figsize=(1.6 + 1.1 * max(len(xs), 1), 3.2))
+        if horizontal:
+            fig = Figure(figsize=(6.0, 1.2 + 0.32 * max(len(xs), 1) * max(1, len(hs) ** 0.5)), layout="constrained")
+        else:
+            fig = Figure(figsize=(2.2 + 1.1 * max(len(xs), 1), 3.2), layout="constrained")
         ax = fig.add_subplot()
         width = 0.7 / max(len(hs), 1)
         for k, h in enumerate(hs):
@@ -372,14 +387,27 @@ def accuracy_figure(table: pd.DataFrame, *, x: str = "benchmark", hue: str = "me
             m = d["mean"].to_numpy(float)
             lo = np.nan_to_num(m - d["ci_low"].to_numpy(float), nan=0.0)
             hi = np.nan_to_num(d["ci_high"].to_numpy(float) - m, nan=0.0)
-            ax.errorbar(pos, m, yerr=[lo, hi], fmt="o", capsize=3, label=str(h))
-        if chance is not None:
-            ax.axhline(chance, ls="--", color="grey", lw=0.8)
-        ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
-        ax.set_xlabel(x)
-        ax.set_ylabel(ylabel)
+            if horizontal:
+                ax.errorbar(m, pos, xerr=[lo, hi], fmt="o", capsize=3, label=str(h))
+            else:
+                ax.errorbar(pos, m, yerr=[lo, hi], fmt="o", capsize=3, label=str(h))
+        ticks, names = np.arange(len(xs)), [str(v) for v in xs]
+        if horizontal:
+            if chance is not None:
+                ax.axvline(chance, ls="--", color="grey", lw=0.8)
+            ax.set_yticks(ticks, names)
+            ax.invert_yaxis()
+            ax.set_ylabel(label(x))
+            ax.set_xlabel(ylabel)
+        else:
+            if chance is not None:
+                ax.axhline(chance, ls="--", color="grey", lw=0.8)
+            ax.set_xticks(ticks, names)
+            ax.set_xlabel(label(x))
+            ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(loc="best", frameon=False)
+        if len(hs) > 1 or hue != "benchmark":
+            ax.legend(loc="best", frameon=False, title=label(hue))
     return fig
 
 
@@ -394,7 +422,7 @@ def modality_examples_figure(examples: Mapping[str, Any], *, title: str = ""):
 
     keys = list(examples)
     with matplotlib.rc_context(STYLE_RC):
-        fig = Figure(figsize=(3.0 * len(keys), 3.0))
+        fig = Figure(figsize=(3.0 * len(keys), 3.2), layout="constrained")  # the suptitle gets its own row
         for i, k in enumerate(keys):
             a = np.asarray(examples[k], dtype=float)
             ax = fig.add_subplot(1, len(keys), i + 1)

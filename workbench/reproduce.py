@@ -4,10 +4,14 @@
 :data:`workbench.cli.LAZY_COMMANDS`) builds the zoo of the preset if needed, then executes every
 ``notebooks/NN_*.ipynb`` in order with papermill (kernel ``python3``, working directory
 ``notebooks/`` so relative paths work), injecting ``preset`` (and any ``-p KEY=VALUE``) into the
-cell tagged ``parameters``. Executed copies go to ``figures/executed/``. It prints one line per
-notebook and a summary (what ran, how long, which files under ``figures/`` and ``data/results/``
-are new or updated). A failing notebook does not stop the others; the exit status is 1 if any
-notebook (or the zoo build) failed.
+cell tagged ``parameters``. Every output is filed under the preset (:mod:`workbench.paths`):
+executed copies go to ``figures/<preset>/executed/`` and their HTML views (nbconvert) to
+:func:`workbench.paths.html_dir` - ``docs/notebooks/`` for the ``default`` preset, so a reader
+of the repository page sees the results while the stored notebooks stay without outputs. It
+prints one line per notebook and a summary (what ran, how long, which files under
+``figures/<preset>/`` and ``data/results/<preset>/`` are new or updated). A failing notebook
+does not stop the others; the exit status is 1 if any notebook (or the zoo build) failed. The
+repository's ``notebooks/`` are found from any working directory.
 
 From Python::
 
@@ -34,8 +38,6 @@ HELP = "run the notebooks in order (papermill), after building the zoo if needed
 
 #: ``NN_name.ipynb``: two digits, an underscore, a name.
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[^/]+\.ipynb$")
-#: Folders whose new or updated files the summary lists (relative to the working directory).
-WATCHED = ("figures", "data/results")
 #: Default per-cell timeout (seconds) for papermill.
 CELL_TIMEOUT_S = 3 * 3600
 
@@ -128,6 +130,34 @@ def ensure_zoo(preset: str, log: Callable[[str], None] = print) -> tuple[bool, s
     return True, msg
 
 
+def export_html(notebook: PathLike, html_dir: PathLike) -> Path:
+    """Write ``html_dir/<stem>.html``, nbconvert's static HTML view of an executed ``notebook``
+    (figures embedded as PNG, widgets as their last state); temp name, then rename."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook, html_dir = Path(notebook), Path(html_dir)
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    html_dir.mkdir(parents=True, exist_ok=True)
+    out = html_dir / f"{notebook.stem}.html"
+    tmp = html_dir / f".{out.name}.tmp-{os.getpid()}"
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _ipc_kernel_manager():
+    """nbclient's kernel manager on local IPC sockets instead of TCP: nothing listens on a port,
+    and the kernel has no reason to warn "running over TCP without encryption"."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IPCKernelManager
+
+
 def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapping[str, Any]] = None,
                      cwd: Optional[PathLike] = None, timeout: Optional[float] = CELL_TIMEOUT_S,
                      kernel_name: str = "python3") -> dict:
@@ -146,7 +176,8 @@ def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapp
     try:
         pm.execute_notebook(str(path), str(output), parameters=dict(parameters or {}), kernel_name=kernel_name,
                             cwd=str(cwd if cwd is not None else path.parent), execution_timeout=timeout,
-                            progress_bar=False, log_output=False, report_mode=False)
+                            progress_bar=False, log_output=False, report_mode=False,
+                            kernel_manager_class=_ipc_kernel_manager())
     except pm.PapermillExecutionError as e:
         error = f"{e.ename}: {e.evalue} (cell {e.exec_count})"
     except Exception as e:  # noqa: BLE001 - timeouts, dead kernels, bad notebooks: reported per notebook
@@ -156,11 +187,12 @@ def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapp
             "output": str(output), "error": error}
 
 
-def run_notebooks(preset: str = "default", notebooks_dir: PathLike = "notebooks",
-                  out_dir: PathLike = "figures/executed", only: Union[None, str, Iterable[str]] = None,
+def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = None,
+                  out_dir: Optional[PathLike] = None, only: Union[None, str, Iterable[str]] = None,
                   parameters: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = CELL_TIMEOUT_S,
                   build_zoo: bool = True, kernel_name: str = "python3",
-                  watch: Sequence[PathLike] = WATCHED, log: Callable[[str], None] = print) -> pd.DataFrame:
+                  watch: Optional[Sequence[PathLike]] = None, html_dir: Union[None, bool, PathLike] = None,
+                  log: Callable[[str], None] = print) -> pd.DataFrame:
     """Execute ``notebooks_dir/NN_*.ipynb`` in order; one row per notebook.
 
     Columns: ``notebook, status ("ok" | "failed"), seconds, output, error``. ``parameters`` are
@@ -168,13 +200,23 @@ def run_notebooks(preset: str = "default", notebooks_dir: PathLike = "notebooks"
     in seconds (None: no limit). ``build_zoo`` first calls :func:`ensure_zoo`. ``watch`` are the
     folders whose new or updated files are listed in the summary.
 
+    Defaults come from :mod:`workbench.paths`: the repository's ``notebooks/``, executed copies in
+    ``figures/<preset>/executed/``, watched ``figures/<preset>/`` and ``data/results/<preset>/``,
+    HTML views in :func:`~workbench.paths.html_dir` (``html_dir=False``: none).
+
     ``df.attrs``: ``preset``, ``seconds`` (total), ``zoo`` (message), ``zoo_ok``, ``new_files``,
-    ``updated_files`` (lists of paths), ``failed`` (notebook names), ``out_dir``.
+    ``updated_files`` (lists of paths), ``failed`` (notebook names), ``out_dir``, ``html`` (paths).
     Raises ``FileNotFoundError`` if there is no notebook to run.
     """
+    from . import paths
+
     t_start = time.perf_counter()
-    nb_dir = Path(notebooks_dir).resolve()
-    out = Path(out_dir).resolve()
+    nb_dir = Path(notebooks_dir if notebooks_dir is not None else paths.notebooks_dir()).resolve()
+    out = Path(out_dir if out_dir is not None else paths.executed_dir(preset)).resolve()
+    if watch is None:
+        watch = (paths.figures_dir(preset), paths.results_dir(preset))
+    if html_dir is None or html_dir is True:
+        html_dir = paths.html_dir(preset)
     notebooks = select_notebooks(discover_notebooks(nb_dir), only)
     if not notebooks:
         raise FileNotFoundError(f"no notebooks NN_*.ipynb in {nb_dir}")
@@ -197,6 +239,13 @@ def run_notebooks(preset: str = "default", notebooks_dir: PathLike = "notebooks"
                 line += f"  ({row['error'][:300]})"
             log(line)
 
+    html = []
+    if html_dir is not False:
+        for row in rows:
+            if Path(row["output"]).is_file():
+                html.append(str(export_html(row["output"], html_dir)))
+        if html:
+            log(f"html: {len(html)} view(s) in {_rel(Path(html_dir))}/")
     after = _snapshot(watched, exclude=out)
     new = sorted(p for p in after if p not in before)
     updated = sorted(p for p in after if p in before and after[p] != before[p])
@@ -205,7 +254,7 @@ def run_notebooks(preset: str = "default", notebooks_dir: PathLike = "notebooks"
     failed = df.loc[df.status != "ok", "notebook"].tolist()
     df.attrs.update(preset=preset, seconds=round(total, 2), zoo=zoo_msg, zoo_ok=zoo_ok,
                     new_files=[str(p) for p in new], updated_files=[str(p) for p in updated],
-                    failed=failed, out_dir=str(out))
+                    failed=failed, out_dir=str(out), html=html, watched=[str(w) for w in watched])
     _summary(df, new, updated, log)
     return df
 
@@ -237,7 +286,7 @@ def _summary(df: pd.DataFrame, new: list[Path], updated: list[Path], log: Callab
         if len(files) > max_files:
             log(f"    ... and {len(files) - max_files} more")
     if not new and not updated:
-        log(f"  no file under {', '.join(WATCHED)} was created or changed")
+        log(f"  no file under {', '.join(_rel(Path(w)) + '/' for w in a['watched'])} was created or changed")
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -255,8 +304,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default",
                         help="zoo/notebook preset injected as `preset` (default: default; e.g. tiny)")
     parser.add_argument("--only", help="comma-separated notebook numbers or names, e.g. 02,03")
-    parser.add_argument("--notebooks-dir", default="notebooks", help="folder of NN_*.ipynb (default: notebooks)")
-    parser.add_argument("--out-dir", default="figures/executed", help="where executed copies go")
+    parser.add_argument("--notebooks-dir", default=None,
+                        help="folder of NN_*.ipynb (default: the repository's notebooks/, from any folder)")
+    parser.add_argument("--out-dir", default=None, help="where executed copies go (default: figures/<preset>/executed)")
+    parser.add_argument("--no-html", action="store_true",
+                        help="no HTML views (default: docs/notebooks/ for the default preset, else next to the copies)")
     parser.add_argument("-p", "--parameter", action="append", default=[], type=_parse_parameter,
                         metavar="KEY=VALUE", help="extra notebook parameter (YAML value); repeatable")
     parser.add_argument("--timeout", type=float, default=CELL_TIMEOUT_S, help="per-cell timeout in seconds")
@@ -268,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         df = run_notebooks(preset=args.preset, notebooks_dir=args.notebooks_dir, out_dir=args.out_dir,
                            only=args.only, parameters=dict(args.parameter), timeout=args.timeout,
-                           build_zoo=not args.no_zoo)
+                           build_zoo=not args.no_zoo, html_dir=False if args.no_html else None)
     except (FileNotFoundError, ValueError) as e:
         print(f"workbench reproduce: {e}", file=sys.stderr)
         return 2

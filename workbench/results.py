@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from .paths import results_dir
+from .paths import repo_relative, results_dir
 from .evaluate import CachedInputs, code_digest, predict, scorer_key, shared_prefix_enabled
 from .statistics import mcnemar_exact, summarize
 
@@ -454,7 +454,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
     retention.to_csv(out / "retention.csv", index=False)
     paired.to_csv(out / "paired.csv", index=False)
     storage_df.to_csv(out / "storage.csv", index=False)
-    run = {"preset": preset, "zoo": str(z.path), "seeds": seeds, "methods": list(methods),
+    run = {"preset": preset, "zoo": repo_relative(z.path), "seeds": seeds, "methods": list(methods),
            "benchmarks": list(bench_recs), "own_tasks": list(own), "scorings": list(scorings),
            "expert_kind": expert_kind, "search": search, "max_items": max_items, "evaluated": n_eval,
            "cached": n_cached, "skipped": skipped, "notes": notes, "seconds": round(time.time() - t0, 1),

@@ -32,6 +32,14 @@ import pandas as pd
 from scipy import stats
 
 ALPHA = 0.05
+
+# presets whose samples are too small for any verdict: the note every table and figure of theirs carries
+SMALL_PRESETS = {"tiny": "tiny preset: a smoke-test zoo, ~20 items per benchmark - these numbers decide nothing"}
+
+
+def small_preset_note(preset: str | None) -> str:
+    """What a result of ``preset`` can decide, said plainly (``""`` for a full-size preset)."""
+    return SMALL_PRESETS.get(preset or "", "")
 #: Bootstrap resamples and the seed of their generator (every interval is reproducible).
 N_BOOT = 2000
 BOOT_SEED = 0
@@ -364,13 +372,16 @@ def verdict(effect: float, ci_low: float, ci_high: float, p_holm: float, relatio
     return INCONCLUSIVE, f"p_holm {p_holm:.2g}"
 
 
-def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: float = ALPHA) -> pd.DataFrame:
+def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: float = ALPHA, *,
+                  preset: str | None = None) -> pd.DataFrame:
     """Holm over the ``family`` of claim rows (:func:`compare` / :func:`compare_level`), then the
     verdict of each; :data:`TABLE_COLUMNS`. Inert claims are not tested and do not count in the family.
-    ``items_80`` is kept for inconclusive claims only (the items at the family's Bonferroni level)."""
+    ``items_80`` is kept for inconclusive claims only (the items at the family's Bonferroni level).
+    For a small ``preset`` (:data:`SMALL_PRESETS`) a ``caution`` column says on every row that its items
+    decide nothing."""
     df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows).copy()
     if len(df) == 0:
-        return pd.DataFrame(columns=TABLE_COLUMNS)
+        return _with_caution(pd.DataFrame(columns=TABLE_COLUMNS), preset)
     df = df.reindex(columns=list(dict.fromkeys([*df.columns, *TABLE_COLUMNS])))
     text = {"inert": "", "relation": ">", "p_per_seed": "", "source": "", "comparison": "", "power_model": ""}
     df = df.fillna({c: v for c, v in text.items()}).astype({c: str for c in text})
@@ -384,7 +395,14 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
     df["family"] = f"{family} ({m} tested claims)"
     df["items_80"] = [_items_80(r, alpha / max(m, 1)) if v == INCONCLUSIVE else math.nan
                       for r, (v, _) in zip(records, out)]
-    return df[TABLE_COLUMNS].reset_index(drop=True)
+    return _with_caution(df[TABLE_COLUMNS].reset_index(drop=True), preset)
+
+
+def _with_caution(table: pd.DataFrame, preset: str | None) -> pd.DataFrame:
+    note = small_preset_note(preset)
+    if note:
+        table.insert(table.columns.get_loc("verdict") + 1, "caution", note)
+    return table
 
 
 def _items_80(r: Mapping, alpha: float) -> float:
@@ -409,7 +427,8 @@ def verdict_view(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
                          "p": table["p"].map(lambda x: f"{x:.2g}" if np.isfinite(x) else "-"),
                          "p_holm": table["p_holm"].map(lambda x: f"{x:.2g}" if np.isfinite(x) else "-"),
                          "verdict": table["verdict"], "reason": table["reason"],
-                         "items_80": table["items_80"].map(lambda x: f"{x:.0f}" if np.isfinite(x) else "")})
+                         "items_80": table["items_80"].map(lambda x: f"{x:.0f}" if np.isfinite(x) else ""),
+                         **({"caution": table["caution"]} if "caution" in table else {})})
 
 
 def verdict_counts(*tables: pd.DataFrame) -> dict[str, int]:

@@ -63,6 +63,7 @@ import pandas as pd
 import torch
 
 from ..device import resolve_device
+from ..paths import repo_relative
 from .. import masks as M
 from ..errors import CheckpointError, ConfigError
 from . import kernels as K
@@ -1160,8 +1161,8 @@ def _raw_stream(base, experts, dev: torch.device, *, names=None, damc_set: str =
     enames = [s.name for s in sources]
     if meta is not None:
         meta.update({"experts": enames, "kinds": {s.name: s.kind for s in sources},
-                     "paths": {s.name: str(s.path) for s in sources}, "device": str(dev),
-                     "n_tensors": len(todo), "base_path": str(base_reader.path), "sources": sources})
+                     "paths": {s.name: repo_relative(s.path) for s in sources}, "device": str(dev),
+                     "n_tensors": len(todo), "base_path": repo_relative(base_reader.path), "sources": sources})
 
     pin = dev.type == "cuda"
 
@@ -1404,7 +1405,7 @@ def profile_interference(
         per_expert=frame(exp_rows, "per_expert", ("tau_sq", "base_sq")),
         tensors=frame(set_rows, "tensors", ("set_conflicts", "multi_nonzero")),
         damc=frame(damc_rows, "damc", ("dot", "sq_text", "sq_mod")),
-        meta={"base": str(base), **{k: v for k, v in info.items() if k != "sources"}, "topk": topk,
+        meta={"base": repo_relative(base), **{k: v for k, v in info.items() if k != "sources"}, "topk": topk,
               "dare_p": dare_p, "seed": seed, "damc_set": damc_set, "sample": sample,
               "threads": threads if dev.type == "cpu" else None, "seconds": round(elapsed, 3)},
     )
