@@ -384,6 +384,9 @@ class MergeReport:
     seconds: float
     device: str
     thresholds: list[float] | None = None
+    #: per merged tensor, the method's report facts (WUDI / OptMerge: objective start / end,
+    #: gradient ratio, converged; :func:`workbench.methods.objective_report`); empty for others
+    objectives: dict[str, dict] = field(default_factory=dict)
 
 
 def _call_method(spec, base: torch.Tensor, experts: list[torch.Tensor], name: str, device: torch.device,
@@ -514,6 +517,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     mask_meta: dict[str, str] = {}
     densities: dict[str, dict[str, float]] = {}
     kept_totals: dict[str, list[int]] = {}
+    objectives: dict[str, dict] = {}
 
     plan = [(n, infos[n].shape, dtype_of(n)) for n in names]
     with CheckpointWriter(cfg.output, copy_from=base.folder, max_shard_bytes=cfg.max_shard_bytes, plan=plan,
@@ -526,7 +530,9 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                 w.add(it.name, it.base if out_dtype is None else it.base.to(dtype_of(it.name)))
                 return
             results = _compute(spec, items, device, cfg.seed, params, thresholds, batched)
-            for it, (merged, extras) in zip(items, results):
+            for it, (merged, extras, facts) in zip(items, results):
+                if facts:
+                    objectives[it.name] = facts
                 if tuple(merged.shape) != tuple(infos[it.name].shape):
                     raise WorkbenchError(f"method {cfg.method!r} returned shape {list(merged.shape)} for tensor "
                                          f"{it.name!r}, expected {list(infos[it.name].shape)}")
@@ -551,11 +557,12 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                                            "format": "keys '<tensor>::<extra>'; bool masks packed with "
                                                      "workbench.masks.pack_mask (MSB first), shape in metadata"})
         report = MergeReport(cfg.output, cfg.method, params_asked, merged_names,
-                             [n for n in names if n not in merged_set], 0.0, str(device), thresholds)
+                             [n for n in names if n not in merged_set], 0.0, str(device), thresholds, objectives)
         w.save_json("workbench_merge.json", {
             "config": cfg.model_dump(mode="json"), "params_used": params_asked, "device": str(device),
             "n_merged": len(merged_names), "n_kept": len(names) - len(merged_names), "kept": report.kept,
-            "global_trim_thresholds": thresholds, "workbench_version": _version()})
+            "global_trim_thresholds": thresholds, **_objective_summary(objectives),
+            "workbench_version": _version()})
     report.seconds = time.perf_counter() - t0
     base.close()
     for e in experts:
@@ -569,9 +576,28 @@ def _version() -> str:
     return __version__
 
 
+def _objective_summary(objectives: Mapping[str, dict]) -> dict:
+    """The report's ``objectives`` (per tensor) and their totals (absent for methods without them)."""
+    if not objectives:
+        return {}
+    facts = list(objectives.values())
+    return {"objective_summary": {
+        "n_tensors": len(facts), "n_converged": sum(bool(f["converged"]) for f in facts),
+        "objective_start_total": sum(f["objective_start"] for f in facts),
+        "objective_end_total": sum(f["objective_end"] for f in facts)},
+        "objectives": dict(objectives)}
+
+
+def _report_facts(spec, base: torch.Tensor, experts: Sequence[torch.Tensor], merged: torch.Tensor,
+                  params: dict) -> dict:
+    fn = getattr(spec, "report_fn", None)
+    return fn(base, experts, merged, params) if fn is not None else {}
+
+
 def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: dict,
-             thresholds: list[float] | None, batched: bool) -> list[tuple[torch.Tensor, dict]]:
-    """Run the method on a unit of merged tensors; returns ``(merged float32, extras)`` per item."""
+             thresholds: list[float] | None, batched: bool) -> list[tuple[torch.Tensor, dict, dict]]:
+    """Run the method on a unit of merged tensors; returns ``(merged float32, extras, report facts)``
+    per item (facts: ``spec.report_fn``'s, e.g. WUDI's objective start / end)."""
     bases, expert_lists = [], []
     for it in items:
         b = it.base.to(device=device, dtype=torch.float32, non_blocking=True)
@@ -587,12 +613,15 @@ def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: 
         expert_stacks = [torch.stack([ex[i] for ex in expert_lists]) for i in range(len(expert_lists[0]))]
         del bases, expert_lists
         out = spec.batched_fn(base_stack, expert_stacks, names=names, generators=gens, **params)
-        extras: list[dict] = [{} for _ in items]
         if hasattr(out, "merged") and hasattr(out, "extras"):
             out = out.merged
-        return [(out[i], extras[i]) for i in range(len(items))]
-    return [_call_method(spec, b, ex, it.name, device, seed, params)
-            for it, b, ex in zip(items, bases, expert_lists)]
+        return [(out[i], {}, _report_facts(spec, base_stack[i], [x[i] for x in expert_stacks], out[i], params))
+                for i in range(len(items))]
+    results = []
+    for it, b, ex in zip(items, bases, expert_lists):
+        merged, extras = _call_method(spec, b, ex, it.name, device, seed, params)
+        results.append((merged, extras, _report_facts(spec, b, ex, merged, params)))
+    return results
 
 
 def _trim_expert(e: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
