@@ -230,6 +230,23 @@ def test_scale_aware_lr_moves_where_the_paper_setting_does_not():
     assert rep["exact"]["converged"] and rep["exact"]["grad_ratio"] < 1e-6
 
 
+@pytest.mark.parametrize("method, params", [("wudi", {}), ("optmerge", {"preset": "full_ft"}),
+                                            ("optmerge", {"preset": "modality"})])
+def test_relative_lr_is_per_tensor_in_a_batch(method, params):
+    """The batched solver scales each tensor's step by its own task vectors: a batch of two
+    tensors of very different scale gives what each gives alone."""
+    spec = get_method(method)
+    tensors = [_experts(13, 3, 10, 14, std=0.1), _experts(14, 3, 10, 14, std=1e-3)]
+    base = torch.stack([b for b, _ in tensors])
+    experts = torch.stack([torch.stack([ex[i] for _, ex in tensors]) for i in range(3)])
+    batched = spec.batched_fn(base, experts, lr_scale="relative", lr=0.5 if params.get("preset") == "modality"
+                              else 0.1, steps=50, **params)
+    for j, (b, ex) in enumerate(tensors):
+        alone = spec.fn(b, ex, lr_scale="relative", lr=0.5 if params.get("preset") == "modality" else 0.1,
+                        steps=50, **params)
+        torch.testing.assert_close(batched[j], alone, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------ the merge report
 def test_merge_report_has_per_tensor_objectives(tiny_llama, tiny_llama_experts, tmp_path):
     out = tmp_path / "merged"

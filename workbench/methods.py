@@ -7,8 +7,9 @@ Every method has the signature::
 ``base`` is ``theta_0`` and ``experts`` the ``theta_i`` of one tensor, float32 on the compute
 device; the result is the merged weight ``theta = theta_0 + scale * tau_m`` (float32, same device),
 ``tau_i = theta_i - theta_0``. Inputs are never modified. The formulas follow
-``shared/reference/methods.md`` sections 3 and 4; where the public record is silent the choice is
-a named parameter and the docstring says **unverified**.
+``shared/reference/methods.md`` sections 3 and 4, and for WUDI / OptMerge the authors' released
+code where it says more (docs/METHODS.md); where the public record is silent the choice is a
+named parameter and the docstring says **unverified**.
 
 ``METHODS`` maps a name to a :class:`MethodSpec`; :func:`get_method` looks one up. The two
 optimisation methods (``wudi``, ``optmerge``) also have a ``batched_fn`` that optimises ``B``
