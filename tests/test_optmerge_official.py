@@ -248,19 +248,30 @@ def test_relative_lr_is_per_tensor_in_a_batch(method, params):
 
 
 # ------------------------------------------------------------------------------------ the merge report
-def test_merge_report_has_per_tensor_objectives(tiny_llama, tiny_llama_experts, tmp_path):
+@pytest.mark.parametrize("params", [{"steps": 20}, {"solver": "exact", "preset": "lora"}])
+def test_merge_report_has_per_tensor_objectives(params, tiny_llama, tiny_llama_experts, tmp_path):
+    """workbench_merge.json carries, per 2-D tensor, the solver's objective start / end (computed
+    on the solver's own system) - equal to objective_report's rebuild from the checkpoints."""
     out = tmp_path / "merged"
     rep = merge_with_report({"method": "optmerge", "base": str(tiny_llama),
                              "experts": [str(e) for e in tiny_llama_experts], "output": str(out),
-                             "device": "cpu", "params": {"steps": 20}}, progress=False)
+                             "device": "cpu", "params": params}, progress=False)
     saved = json.loads((out / "workbench_merge.json").read_text())
     objectives = saved["objectives"]
-    reader = CheckpointReader(out)
-    two_d = [n for n in rep.merged if len(reader.info(n).shape) == 2]
+    merged, base = CheckpointReader(out), CheckpointReader(tiny_llama)
+    experts = [CheckpointReader(e) for e in tiny_llama_experts]
+    two_d = [n for n in rep.merged if len(merged.info(n).shape) == 2]
     assert sorted(objectives) == sorted(two_d) and two_d
     for name, f in objectives.items():
-        assert f["objective_end"] <= f["objective_start"] and f["solver"] == "iterative"
+        assert f["objective_end"] <= f["objective_start"] and f["solver"] == params.get("solver", "iterative")
         assert f["converged"] == (f["grad_ratio"] <= CONVERGED_GRAD_RATIO)
+        b = base.get(name).float()
+        again = objective_report("optmerge", b, [e.get(name).float() for e in experts], merged.get(name).float(),
+                                 params)
+        assert f["objective_start"] == pytest.approx(again["objective_start"], rel=1e-6)
+        assert f["objective_end"] == pytest.approx(again["objective_end"], rel=1e-3, abs=1e-9 * f["objective_start"])
+        if params.get("solver") == "exact":
+            assert f["converged"] and again["converged"]
     s = saved["objective_summary"]
     assert s["n_tensors"] == len(objectives)
     assert s["objective_end_total"] == pytest.approx(sum(f["objective_end"] for f in objectives.values()))

@@ -384,15 +384,16 @@ class MergeReport:
     seconds: float
     device: str
     thresholds: list[float] | None = None
-    #: per merged tensor, the method's report facts (WUDI / OptMerge: objective start / end,
-    #: gradient ratio, converged; :func:`workbench.methods.objective_report`); empty for others
+    #: per merged 2-D tensor, the method's report facts (WUDI / OptMerge: objective start / end,
+    #: gradient ratio, converged; see ``workbench.methods._solve``); empty for other methods
     objectives: dict[str, dict] = field(default_factory=dict)
 
 
 def _call_method(spec, base: torch.Tensor, experts: list[torch.Tensor], name: str, device: torch.device,
-                 seed: int, params: dict):
+                 seed: int, params: dict, report: list | None = None):
     gen = tensor_generator(seed, name, device)
-    out = spec.fn(base, experts, name=name, generator=gen, **params)
+    extra = {"report": report} if report is not None else {}
+    out = spec.fn(base, experts, name=name, generator=gen, **params, **extra)
     if hasattr(out, "merged") and hasattr(out, "extras"):
         return out.merged, dict(out.extras or {})
     return out, {}
@@ -588,16 +589,12 @@ def _objective_summary(objectives: Mapping[str, dict]) -> dict:
         "objectives": dict(objectives)}
 
 
-def _report_facts(spec, base: torch.Tensor, experts: Sequence[torch.Tensor], merged: torch.Tensor,
-                  params: dict) -> dict:
-    fn = getattr(spec, "report_fn", None)
-    return fn(base, experts, merged, params) if fn is not None else {}
-
-
 def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: dict,
              thresholds: list[float] | None, batched: bool) -> list[tuple[torch.Tensor, dict, dict]]:
     """Run the method on a unit of merged tensors; returns ``(merged float32, extras, report facts)``
-    per item (facts: ``spec.report_fn``'s, e.g. WUDI's objective start / end)."""
+    per item (facts: what a method with ``spec.reports`` appends to its ``report`` list, e.g.
+    WUDI's objective start / end; ``{}`` otherwise)."""
+    reports = bool(getattr(spec, "reports", False))
     bases, expert_lists = [], []
     for it in items:
         b = it.base.to(device=device, dtype=torch.float32, non_blocking=True)
@@ -612,15 +609,17 @@ def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: 
         base_stack = torch.stack(bases)
         expert_stacks = [torch.stack([ex[i] for ex in expert_lists]) for i in range(len(expert_lists[0]))]
         del bases, expert_lists
-        out = spec.batched_fn(base_stack, expert_stacks, names=names, generators=gens, **params)
+        facts: list[dict] = []
+        out = spec.batched_fn(base_stack, expert_stacks, names=names, generators=gens, **params,
+                              **({"report": facts} if reports else {}))
         if hasattr(out, "merged") and hasattr(out, "extras"):
             out = out.merged
-        return [(out[i], {}, _report_facts(spec, base_stack[i], [x[i] for x in expert_stacks], out[i], params))
-                for i in range(len(items))]
+        return [(out[i], {}, facts[i] if facts else {}) for i in range(len(items))]
     results = []
     for it, b, ex in zip(items, bases, expert_lists):
-        merged, extras = _call_method(spec, b, ex, it.name, device, seed, params)
-        results.append((merged, extras, _report_facts(spec, b, ex, merged, params)))
+        facts = [] if reports else None
+        merged, extras = _call_method(spec, b, ex, it.name, device, seed, params, facts)
+        results.append((merged, extras, facts[0] if facts else {}))
     return results
 
 

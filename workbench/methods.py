@@ -66,8 +66,9 @@ class MethodSpec:
             generators=None, **params) -> Tensor[B, m, n]`` or ``None``.
         needs_generator: the method draws random numbers (seeded per tensor by the engine).
         choices: allowed values of string parameters (checked by :meth:`check_params`).
-        report_fn: ``fn(base, experts, merged, params) -> dict`` of per-tensor facts for the merge
-            report (WUDI / OptMerge: :func:`objective_report`) or ``None``.
+        reports: ``fn`` and ``batched_fn`` take ``report=<list>`` and append one dict of facts
+            per merged 2-D tensor to it, for the merge report (WUDI / OptMerge: objective start /
+            end and convergence, see :func:`_solve`).
     """
 
     name: str
@@ -77,7 +78,7 @@ class MethodSpec:
     batched_fn: Callable[..., Any] | None = None
     needs_generator: bool = False
     choices: dict = field(default_factory=dict)
-    report_fn: Callable[..., dict] | None = None
+    reports: bool = False
 
     def check_params(self, params: Mapping[str, Any] | None) -> dict:
         """``defaults`` updated with ``params``.
@@ -458,7 +459,9 @@ class _System:
     gradient ``2 (X A - C)`` (cost ``m n^2`` per step). Factored form: ``Pp [B, K, n]`` and
     ``Rp [B, m, K]``, the blocks ``sqrt(w_i) P_i`` and ``sqrt(w_i) T_i P_i^T`` stacked, so the
     objective is ``||X Pp^T - Rp||_F^2`` and the gradient ``2 (X Pp^T - Rp) Pp`` (cost ``2 m n K``).
-    ``K_eff [B]``: summed rank bound of the experts with non-zero weight.
+    ``K_eff [B]``: summed rank bound of the experts with non-zero weight. ``c0 [B]``: the
+    constant ``sum_i w_i ||T_i P_i^T||_F^2`` of the Gram form's objective
+    ``tr(X A X^T) - 2 tr(X C^T) + c0``.
     """
 
     K_eff: Tensor
@@ -466,6 +469,19 @@ class _System:
     C: Tensor | None = None
     Pp: Tensor | None = None
     Rp: Tensor | None = None
+    c0: Tensor | None = None
+
+    def objective_and_grad_norm(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        """The objective and the norm of its gradient at ``X [B, m, n]`` (float64, ``[B]`` each)."""
+        X = X.to(torch.float64)
+        if self.A is not None:
+            XA = torch.bmm(X, self.A.to(torch.float64))
+            C = self.C.to(torch.float64)
+            f = (XA * X).sum((-2, -1)) - 2.0 * (X * C).sum((-2, -1)) + self.c0.to(torch.float64)
+            return f.clamp_min(0.0), 2.0 * torch.linalg.matrix_norm(XA - C)
+        Pp = self.Pp.to(torch.float64)
+        r = torch.bmm(X, Pp.transpose(-1, -2)) - self.Rp.to(torch.float64)
+        return r.pow(2).sum((-2, -1)), 2.0 * torch.linalg.matrix_norm(torch.bmm(r, Pp))
 
 
 def _as_targets(k: int | None | Targets) -> Targets:
@@ -503,7 +519,8 @@ def _factors(tau: Tensor, t: Targets, mean: Tensor | None = None) -> tuple[Tenso
 
 def _system(taus: Tensor, t: Targets | int | None, *, form: str | None = None,
             dtype: torch.dtype = torch.float32) -> _System:
-    """Build :class:`_System` for ``taus [N, B, m, n]`` (``t`` an int k: OptMerge's truncated targets) with ``w_i = 1 / ||tau_i||_F^2`` (0 for an
+    """Build :class:`_System` for ``taus [N, B, m, n]`` (``t`` an int k: OptMerge's truncated
+    targets) with ``w_i = 1 / ||tau_i||_F^2`` (0 for an
     all-zero ``tau_i``; the mean of ``target="centred"`` is over all N experts, as the official code).
     ``form=None`` picks the cheaper per-step gradient: Gram unless ``n > 2 K``. One expert at a
     time, so the workspace stays near one ``[B, m, n]`` per expert."""
@@ -520,6 +537,7 @@ def _system(taus: Tensor, t: Targets | int | None, *, form: str | None = None,
     if form == "gram":
         A = torch.zeros(B, n, n, dtype=dtype, device=taus.device)
         C = torch.zeros(B, m, n, dtype=dtype, device=taus.device)
+        c0 = torch.zeros(B, dtype=torch.float64, device=taus.device)
         for i in range(N):
             tau = taus[i].to(dtype)
             wi = w[i][:, None, None]
@@ -527,11 +545,13 @@ def _system(taus: Tensor, t: Targets | int | None, *, form: str | None = None,
                 G = tau.transpose(-1, -2) @ tau
                 A.add_(wi * G)
                 C.add_(wi * (tau @ G))
+                c0.add_(w[i].double() * G.double().pow(2).sum((-2, -1)))  # ||tau tau^T||_F = ||tau^T tau||_F
             else:
                 P, R = _factors(tau, t, mean)
                 A.add_(wi * (P.transpose(-1, -2) @ P))
                 C.add_(wi * (R @ P))
-        return _System(K_eff=K_eff, A=A, C=C)
+                c0.add_(w[i].double() * R.double().pow(2).sum((-2, -1)))
+        return _System(K_eff=K_eff, A=A, C=C, c0=c0)
     Ps, Rs = [], []
     for i in range(N):
         P, R = _factors(taus[i].to(dtype), t, mean)
@@ -554,7 +574,7 @@ def quadratic_merge_loss(tau_m: Tensor, taus: Tensor | Sequence[Tensor], k: int 
     return loss[0] if single else loss
 
 
-def _exact_solve(taus: Tensor, t: Targets, X0: Tensor, eps: float) -> Tensor:
+def _exact_solve(taus: Tensor, t: Targets, X0: Tensor, eps: float, s: _System | None = None) -> Tensor:
     """The minimiser of the objective nearest ``X0`` (float64, result in ``taus``' dtype).
 
     Every minimiser solves ``X A = C`` (Gram form). Where ``A`` is singular (``N * rank < n``:
@@ -564,9 +584,9 @@ def _exact_solve(taus: Tensor, t: Targets, X0: Tensor, eps: float) -> Tensor:
     descent (and SGD with momentum) from ``X0`` converges, since its steps ``-(X A - C)`` lie in
     that span. (Adam's per-entry scaling leaves the span, so its limit is near this, not equal.)
     ``A^+`` is the pseudo-inverse from ``eigh``, eigenvalues at most ``eps * max eigenvalue``
-    treated as 0 (``A = 0``, every ``tau_i = 0``: ``X0``).
+    treated as 0 (``A = 0``, every ``tau_i = 0``: ``X0``). ``s``: the float64 Gram system, if built.
     """
-    s = _system(taus, t, form="gram", dtype=torch.float64)
+    s = s if s is not None else _system(taus, t, form="gram", dtype=torch.float64)
     A, C = s.A, s.C
     evals, Q = torch.linalg.eigh(A)
     top = evals.amax(-1, keepdim=True)
@@ -858,31 +878,53 @@ def _check_solver(solver: str) -> None:
 
 
 def _solve(taus: Tensor, t: Targets, *, solver: str, init: str, optimizer: str, lr: float, momentum: float,
-           steps: int, lr_scale: str, eps: float, precision: str) -> Tensor:
-    """The WUDI / OptMerge ``tau_m`` of ``taus [N, B, m, n]``: the iterative solve or the exact one."""
+           steps: int, lr_scale: str, eps: float, precision: str, report: list | None = None) -> Tensor:
+    """The WUDI / OptMerge ``tau_m`` of ``taus [N, B, m, n]``: the iterative solve or the exact one.
+
+    ``report``: a list to which one dict per tensor of the batch is appended: ``objective_start``
+    (at the initialisation), ``objective_end``, ``grad_ratio`` (gradient norm at the end over the
+    one at the start), ``converged`` (``grad_ratio <= CONVERGED_GRAD_RATIO``) and ``solver``,
+    evaluated in float64 on the system the solver built (no second SVD);
+    :func:`objective_report` computes the same from the inputs alone.
+    """
     _check_solver(solver)
     _check_precision(precision)
     X0 = _init(taus, init)
     if solver == "exact":
-        return _exact_solve(taus, t, X0, eps)
-    s = _system(taus, t)
-    return _iterate(X0, s, optimizer=optimizer, lr=_scaled_lr(lr, lr_scale, optimizer, taus, s), steps=int(steps),
-                    momentum=float(momentum), precision=precision)
+        s = _system(taus, t, form="gram", dtype=torch.float64)
+        X = _exact_solve(taus, t, X0, eps, s)
+    else:
+        s = _system(taus, t)
+        X = _iterate(X0, s, optimizer=optimizer, lr=_scaled_lr(lr, lr_scale, optimizer, taus, s), steps=int(steps),
+                     momentum=float(momentum), precision=precision)
+    if report is not None:
+        (f0, g0), (f1, g1) = s.objective_and_grad_norm(X0), s.objective_and_grad_norm(X)
+        for j in range(X.shape[0]):
+            report.append(_facts(float(f0[j]), float(g0[j]), float(f1[j]), float(g1[j]), solver))
+    return X
+
+
+def _facts(f0: float, g0: float, f1: float, g1: float, solver: str) -> dict[str, Any]:
+    ratio = g1 / g0 if g0 > 0 else 0.0
+    return {"objective_start": f0, "objective_end": f1, "grad_ratio": ratio,
+            "converged": bool(ratio <= CONVERGED_GRAD_RATIO), "solver": solver}
 
 
 def wudi_batched(base: Tensor, experts, *, names=None, generators=None, scale: float = 1.0,
                  solver: str = "iterative", lr: float = 1e-5, steps: int = 300, init: str = "sum",
-                 lr_scale: str = "absolute", eps: float = 1e-12, precision: str = "fp32") -> Tensor:
+                 lr_scale: str = "absolute", eps: float = 1e-12, precision: str = "fp32",
+                 report: list | None = None) -> Tensor:
     """:func:`wudi` on ``B`` same-shape 2-D tensors at once (``base [B, m, n]``, ``experts [N, B, m, n]``)."""
     b, taus = _batched_inputs(base, experts)
     X = _solve(taus, Targets(), solver=solver, init=init, optimizer="adam", lr=lr, momentum=0.0, steps=steps,
-               lr_scale=lr_scale, eps=eps, precision=precision)
+               lr_scale=lr_scale, eps=eps, precision=precision, report=report)
     return _finish(b, X, scale)
 
 
 def wudi(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
          solver: str = "iterative", lr: float = 1e-5, steps: int = 300, init: str = "sum",
-         lr_scale: str = "absolute", eps: float = 1e-12, precision: str = "fp32") -> Tensor:
+         lr_scale: str = "absolute", eps: float = 1e-12, precision: str = "fp32",
+         report: list | None = None) -> Tensor:
     """WUDI (Cheng et al. 2025): ``min_tau_m sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2``.
 
     ``solver="iterative"`` (the paper's and the official code's): Adam, ``lr = 1e-5``,
@@ -894,7 +936,8 @@ def wudi(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
     initialisation, ``C A^+ + init (I - A A^+)`` with ``A = sum_i w_i G_i``,
     ``C = sum_i w_i tau_i G_i`` (float64; :func:`_exact_solve`, ``eps`` its eigenvalue cutoff):
     the limit the iterative method moves towards. Non-2-D tensors: mean of the ``tau_i`` (as
-    the official code).
+    the official code). ``report``: a list that receives the 2-D tensor's solve facts
+    (objective start / end, convergence; see :func:`_solve`); the merge engine passes one.
 
     ``precision`` (iterative solver only): ``"fp32"`` (default) float32 throughout, as the paper
     (CUDA matmuls follow torch's global TF32 setting, off by default). ``"bf16"``: each step's
@@ -918,7 +961,8 @@ def wudi(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
     if base.dim() != 2:
         return _finish(base, taus.mean(0), scale)
     return wudi_batched(base[None], _expert_batch(base, experts), scale=scale, solver=solver,
-                        lr=lr, steps=steps, init=init, lr_scale=lr_scale, eps=eps, precision=precision)[0]
+                        lr=lr, steps=steps, init=init, lr_scale=lr_scale, eps=eps, precision=precision,
+                        report=report)[0]
 
 
 def optmerge_settings(N: int, m: int, n: int, preset: str = "full_ft", **overrides) -> tuple[Targets, dict]:
@@ -941,13 +985,13 @@ def optmerge_batched(base: Tensor, experts, *, names=None, generators=None, scal
                      target: str | None = None, projection: str | None = None,
                      init: str | None = None, optimizer: str | None = None, lr: float | None = None,
                      momentum: float | None = None, steps: int | None = None, lr_scale: str = "absolute",
-                     eps: float = 1e-12, precision: str = "fp32") -> Tensor:
+                     eps: float = 1e-12, precision: str = "fp32", report: list | None = None) -> Tensor:
     """:func:`optmerge` on ``B`` same-shape 2-D tensors at once (``base [B, m, n]``, ``experts [N, B, m, n]``)."""
     b, taus = _batched_inputs(base, experts)
     N, _, m, n = taus.shape
     t, run = optmerge_settings(N, m, n, preset, k_ratio=k_ratio, target=target, projection=projection, init=init,
                                optimizer=optimizer, lr=lr, momentum=momentum, steps=steps)
-    X = _solve(taus, t, solver=solver, lr_scale=lr_scale, eps=eps, precision=precision, **run)
+    X = _solve(taus, t, solver=solver, lr_scale=lr_scale, eps=eps, precision=precision, report=report, **run)
     return _finish(b, X, scale)
 
 
@@ -956,7 +1000,7 @@ def optmerge(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generat
              target: str | None = None, projection: str | None = None,
              init: str | None = None, optimizer: str | None = None, lr: float | None = None,
              momentum: float | None = None, steps: int | None = None, lr_scale: str = "absolute",
-             eps: float = 1e-12, precision: str = "fp32") -> Tensor:
+             eps: float = 1e-12, precision: str = "fp32", report: list | None = None) -> Tensor:
     """OptMerge (Wei et al., ICLR 2026): ``min_tau_m sum_i ||(tau_m - T_i) P_i^T||_F^2 / ||tau_i||_F^2``,
     built as the authors' code builds it (docs/METHODS.md).
 
@@ -974,7 +1018,7 @@ def optmerge(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generat
 
     ``target`` / ``projection`` override the preset's (:data:`TARGETS`, :data:`PROJECTIONS`).
     The loss is the *sum* over experts, weights ``1/||tau_i||_F^2`` of the uncentred ``tau_i`` (as
-    the code). ``lr_scale``, ``solver="exact"``, ``eps`` and ``precision``: as in :func:`wudi`
+    the code). ``lr_scale``, ``solver="exact"``, ``eps``, ``precision`` and ``report``: as in :func:`wudi`
     (the SVDs are float32 in every mode). With ``k`` the full rank, truncated targets and rank-k
     ``P_i`` OptMerge is WUDI. Non-2-D tensors: mean of the ``tau_i``. Deliberate differences from
     the official code: float32 throughout (the LoRA and modality code cast targets and iterate
@@ -988,7 +1032,7 @@ def optmerge(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generat
     return optmerge_batched(base[None], _expert_batch(base, experts), scale=scale, preset=preset, solver=solver,
                             k_ratio=k_ratio, target=target, projection=projection, init=init, optimizer=optimizer,
                             lr=lr, momentum=momentum, steps=steps, lr_scale=lr_scale, eps=eps,
-                            precision=precision)[0]
+                            precision=precision, report=report)[0]
 
 
 def objective_report(method: str, base: Tensor, experts: Sequence[Tensor], merged: Tensor,
@@ -1028,9 +1072,7 @@ def objective_report(method: str, base: Tensor, experts: Sequence[Tensor], merge
     f0, g0 = value_and_grad(_init(taus, init))
     X = (merged.to(device=base.device, dtype=torch.float64) - base.to(torch.float64)) / scale
     f1, g1 = value_and_grad(X[None])
-    ratio = g1 / g0 if g0 > 0 else 0.0
-    return {"objective_start": f0, "objective_end": f1, "grad_ratio": ratio,
-            "converged": bool(ratio <= CONVERGED_GRAD_RATIO), "solver": p["solver"]}
+    return _facts(f0, g0, f1, g1, p["solver"])
 
 
 def mmer(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
@@ -1055,14 +1097,14 @@ def mmer(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
 
 # ========================================================================================= the registry
 def _spec(name: str, fn, doc: str, *, batched_fn=None, needs_generator: bool = False,
-          choices: dict | None = None, report_fn=None) -> MethodSpec:
+          choices: dict | None = None, reports: bool = False) -> MethodSpec:
     import inspect
 
     sig = inspect.signature(fn)
     defaults = {p.name: p.default for p in sig.parameters.values()
-                if p.kind == p.KEYWORD_ONLY and p.name not in ("name", "generator")}
+                if p.kind == p.KEYWORD_ONLY and p.name not in ("name", "generator", "report")}
     return MethodSpec(name=name, fn=fn, defaults=defaults, doc=doc, batched_fn=batched_fn,
-                      needs_generator=needs_generator, choices=choices or {}, report_fn=report_fn)
+                      needs_generator=needs_generator, choices=choices or {}, reports=reports)
 
 
 _TRIM = {"trim": ("per_tensor", "tensor", "global")}
@@ -1078,15 +1120,13 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _spec("iso_cts", iso_cts, "Iso-CTS: common subspace (80%) + task-specific directions, isotropic"),
     _spec("wudi", wudi, "WUDI: min sum ||(tau_m - tau_i) tau_i^T||^2/||tau_i||^2 (Adam 1e-5 x300 or exact)",
           batched_fn=wudi_batched, choices={"solver": ("iterative", "exact"), "init": ("sum", "mean"),
-                                            "lr_scale": LR_SCALES, "precision": PRECISIONS},
-          report_fn=lambda base, experts, merged, params: objective_report("wudi", base, experts, merged, params)),
+                                            "lr_scale": LR_SCALES, "precision": PRECISIONS}, reports=True),
     _spec("optmerge", optmerge, "OptMerge: WUDI objective on rank-k targets; presets full_ft/lora/modality",
           batched_fn=optmerge_batched, choices={"solver": ("iterative", "exact"), "preset": tuple(OPTMERGE_PRESETS),
                                                 "target": (None, *TARGETS), "projection": (None, *PROJECTIONS),
                                                 "init": (None, "sum", "mean"), "optimizer": (None, "adam", "sgd"),
                                                 "lr_scale": LR_SCALES, "precision": PRECISIONS},
-          report_fn=lambda base, experts, merged, params: objective_report("optmerge", base, experts, merged,
-                                                                           params)),
+          reports=True),
     _spec("mmer", mmer, "MMER: tau* = TIES merge; masks m_i = |tau_i| > lam |tau_i - tau*| (unverified reading)"),
 )}
 
