@@ -276,3 +276,20 @@ def test_merge_report_has_per_tensor_objectives(params, tiny_llama, tiny_llama_e
     assert s["n_tensors"] == len(objectives)
     assert s["objective_end_total"] == pytest.approx(sum(f["objective_end"] for f in objectives.values()))
     assert rep.objectives == objectives
+
+
+def test_merge_report_same_on_the_batched_path(tiny_llama, tiny_llama_experts, tmp_path, monkeypatch):
+    """The GPU path (same-shape tensors solved as one batch) reports each tensor's own facts."""
+    from workbench import engine
+
+    def run(out, batched):
+        monkeypatch.setattr(engine, "use_batched", lambda spec, device: batched)
+        return merge_with_report({"method": "wudi", "base": str(tiny_llama), "device": "cpu",
+                                  "experts": [str(e) for e in tiny_llama_experts], "output": str(out),
+                                  "params": {"steps": 20, "lr": 1e-3}, "batch_size": 3}, progress=False).objectives
+
+    per_tensor, batched = run(tmp_path / "a", False), run(tmp_path / "b", True)
+    assert sorted(per_tensor) == sorted(batched) and per_tensor
+    for name, f in per_tensor.items():
+        for key in ("objective_start", "objective_end", "grad_ratio"):
+            assert batched[name][key] == pytest.approx(f[key], rel=1e-4), (name, key)
