@@ -99,6 +99,12 @@ def test_default_entries_use_the_scale_aware_step_unless_told():
     assert paper == {"lr_scale": "absolute", "lr": 1e-5}
 
 
+def test_cache_key_carries_the_method_revision():
+    """Cached predictions of WUDI / OptMerge made before their fix are not reused; others' are."""
+    assert E.MergeEntry("OptMerge", "optmerge", {"preset": "lora"}).key["revision"] == E.METHOD_REVISION["optmerge"]
+    assert E.MergeEntry("TIES", "ties", {}).key == {"method": "ties", "params": {}}
+
+
 def test_full_rank_optmerge_objective_is_wudi():
     """The +SGD/+Initialization steps use optmerge with k_ratio=1 as 'the WUDI objective': check
     that its exact minimiser equals WUDI's on random tensors."""

@@ -95,6 +95,10 @@ OPTMERGE_PRESET_OF: dict[str, str] = {"full": "full_ft", "lora": "lora", "modali
 #: (docs/METHODS.md); on synthetic low-rank task vectors these values close >= 99% of the gap
 #: between the initial and the minimal objective in the paper's 300 steps.
 SCALE_AWARE_LR: dict[str, float] = {"adam": 0.1, "sgd": 1.0}
+#: Bumped when a method's results change for the same parameters; part of the evaluation cache
+#: key (other methods' cached predictions stay valid). wudi / optmerge 2: presets as the authors'
+#: code, the init-anchored exact solve (docs/METHODS.md).
+METHOD_REVISION: dict[str, int] = {"wudi": 2, "optmerge": 2}
 
 
 def scale_aware_params(method: str, preset: str | None = None) -> dict:
@@ -449,7 +453,8 @@ class MergeEntry:
 
     @property
     def key(self) -> dict:
-        return {"method": self.method, "params": self.params}
+        rev = METHOD_REVISION.get(self.method)
+        return {"method": self.method, "params": self.params, **({"revision": rev} if rev else {})}
 
 
 def default_entries(methods: Sequence[str], setting: str, method_params: Mapping[str, Mapping] | None = None
