@@ -207,10 +207,9 @@ def test_exact_solve_agrees_with_a_long_iterative_run(method, preset):
     params = {"solver": "exact"} if method == "wudi" else {"solver": "exact", "preset": preset}
     exact = get_method(method).fn(base, experts, **params) - base
     assert _rel(exact.double(), X.detach()) < 1e-4
-    # the library's own iterative solver, scale-aware and long, lands there too
-    it_params = {"optimizer": "sgd", "momentum": 0.9} if method == "optmerge" else {}
-    if method == "optmerge":
-        long = optmerge(base, experts, preset=preset, lr=0.5, lr_scale="relative", steps=3000, **it_params) - base
+    if method == "optmerge":  # the library's own iterative solver (scale-aware SGD), run long, lands there too
+        long = optmerge(base, experts, preset=preset, optimizer="sgd", momentum=0.9, lr=0.5, lr_scale="relative",
+                        steps=3000) - base
         assert _rel(long, exact) < 1e-3
 
 
