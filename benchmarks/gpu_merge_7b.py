@@ -100,15 +100,16 @@ def run_keys(labels: list[str], precisions: list[str]) -> list[tuple[str, str, s
     return out
 
 
-def _objective_setup(method: str, params: dict, N: int, m: int, n: int) -> tuple[int | None, str]:
-    """The rank ``k`` of the objective (``None``: WUDI) and the solver's initialisation."""
-    from workbench.methods import OPTMERGE_PRESETS, _rank_k
+def _objective_setup(method: str, params: dict, N: int, m: int, n: int):
+    """The objective (``None``: WUDI; else :class:`workbench.methods.Targets`) and the solver's
+    initialisation."""
+    from workbench.methods import optmerge_settings
 
     if method == "wudi":
         return None, params.get("init", "sum")
-    preset = OPTMERGE_PRESETS[params.get("preset", "full_ft")]
-    k_ratio = params.get("k_ratio", preset["k_ratio"])
-    return _rank_k(m, n, N, k_ratio), params.get("init") or preset["init"]
+    targets, run = optmerge_settings(N, m, n, params.get("preset", "full_ft"),
+                                     **{key: params.get(key) for key in ("k_ratio", "target", "projection", "init")})
+    return targets, run["init"]
 
 
 def precision_check(folders: list[Path], method: str, params: dict, precisions: list[str], device: str,

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workbench.errors import ConfigError
-from workbench.methods import (METHODS, MergeOutput, OPTMERGE_PRESETS, dare_drop, get_method, global_trim_thresholds,
+from workbench.methods import (METHODS, MergeOutput, OPTMERGE_PRESETS, Targets, dare_drop, get_method, global_trim_thresholds,
                                iso_c_merge_tau, iso_cts_merge_tau, optmerge, optmerge_batched, quadratic_merge_loss,
                                ties, ties_merge_tau, trim_topk, tsv_merge_tau, wudi, wudi_batched)
 from workbench.masks import mmer_masks, unpack_mask
@@ -302,17 +302,27 @@ def test_iso_cts_matches_step_by_step_reference(shape):
 
 
 # ----------------------------------------------------------------------------------------- WUDI / OptMerge
-def ref_loss(tau_m: torch.Tensor, taus: torch.Tensor, k: int | None = None) -> torch.Tensor:
-    """The objective written out term by term (independent of the library's block form)."""
+def ref_loss(tau_m: torch.Tensor, taus: torch.Tensor, k=None) -> torch.Tensor:
+    """The objective written out term by term (independent of the library's block form). ``k``:
+    None (WUDI), an int (truncated targets, rank-k P) or a :class:`workbench.methods.Targets`."""
+    if isinstance(k, Targets):
+        k, target, projection = k.k, k.target, k.projection
+    else:
+        target, projection = "truncated", "rank_k"
     total = tau_m.new_zeros(())
+    mean = taus.mean(0)
     for t in taus:
         w = 1.0 / t.pow(2).sum()
         if k is None:
             T, P = t, t
         else:
             U, S, Vh = torch.linalg.svd(t, full_matrices=False)
-            T = U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
-            P = torch.diag(S[:k]) @ Vh[:k]
+            P = torch.diag(S[:k]) @ Vh[:k] if projection == "rank_k" else t
+            if target == "truncated":
+                T = U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
+            else:
+                Uc, Sc, Vhc = torch.linalg.svd(t - mean, full_matrices=False)
+                T = Uc[:, :k] @ torch.diag(Sc[:k]) @ Vhc[:k] + mean
         total = total + w * ((tau_m - T) @ P.T).pow(2).sum()
     return total
 
@@ -336,7 +346,7 @@ def test_optmerge_exact_gradient_zero():
     base, experts = setup(18, n=3, shape=(9, 12))
     taus = torch.stack([e - base for e in experts])
     k = 9 // 3
-    tau_m = run("optmerge", base, experts, solver="exact") - base
+    tau_m = run("optmerge", base, experts, solver="exact", target="truncated") - base
     g_sol, g_init = grad_at(tau_m, taus, k), grad_at(taus.sum(0), taus, k)
     assert g_sol.norm() < 1e-4 * g_init.norm()
     torch.testing.assert_close(quadratic_merge_loss(tau_m, taus, k).double(), ref_loss(tau_m, taus, k).double(),
@@ -348,11 +358,13 @@ def test_optmerge_exact_gradient_zero():
 def test_zero_task_vector_gets_zero_weight(name, solver):
     """An expert equal to the base has ||tau|| = 0: weight 0 (not inf); all-zero -> the base."""
     base, experts = setup(31, n=2, shape=(6, 9))
-    out = run(name, base, [base.clone(), *experts], solver=solver)
+    # truncated targets: centred ones depend on the mean over all experts, the zero one included
+    kw = {"target": "truncated"} if name == "optmerge" else {}
+    out = run(name, base, [base.clone(), *experts], solver=solver, **kw)
     assert torch.isfinite(out).all()
-    if solver == "exact":  # the zero expert drops out of the objective entirely
+    if solver == "exact":  # the zero expert drops out of the objective entirely (same init: the sum)
         torch.testing.assert_close(out, run(name, base, experts, solver="exact", **(
-            {"k_ratio": 6 // 3 / 6} if name == "optmerge" else {})), rtol=1e-4, atol=1e-5)
+            {"k_ratio": 6 // 3 / 6, **kw} if name == "optmerge" else {})), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(run(name, base, [base.clone(), base.clone()], solver=solver), base)
 
 
@@ -409,8 +421,11 @@ def test_optmerge_presets():
     assert OPTMERGE_PRESETS["modality"]["k_ratio"] == 0.2 and OPTMERGE_PRESETS["modality"]["lr"] == 5e-2
     base, experts = setup(23)
     a = run("optmerge", base, experts, preset="lora")
-    b = run("optmerge", base, experts, preset="full_ft", init="mean", optimizer="sgd", lr=1e-4, momentum=0.9)
+    b = run("optmerge", base, experts, preset="full_ft", init="mean", optimizer="sgd", lr=1e-4, momentum=0.9,
+            target="truncated")
     assert torch.equal(a, b)
+    assert not torch.equal(a, run("optmerge", base, experts, preset="full_ft", init="mean", optimizer="sgd",
+                                  lr=1e-4, momentum=0.9))  # full_ft's centred targets differ
 
 
 @pytest.mark.parametrize("fn, bfn, params", [
@@ -602,11 +617,14 @@ def _precision_inputs(N, m, n, seed=0, std=0.02, device="cpu"):
 
 
 def _objective_rank(method, params, N, m, n):
+    """The objective's :class:`Targets` (None for WUDI): k as the paper's rule, target and
+    projection as the preset."""
     if method == "wudi":
         return None
-    r = params.get("k_ratio", OPTMERGE_PRESETS[params.get("preset", "full_ft")]["k_ratio"])
+    P = {**OPTMERGE_PRESETS[params.get("preset", "full_ft")], **params}
+    r = P["k_ratio"]
     q = min(m, n)
-    return max(1, q // N) if r is None else max(1, int(r * q + 1e-9))
+    return Targets(max(1, q // N) if r is None else max(1, int(r * q + 1e-9)), P["target"], P["projection"])
 
 
 def precision_gap(method, base, experts, *, precision="bf16", steps=50, **params) -> dict:

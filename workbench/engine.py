@@ -355,12 +355,16 @@ class MergeReport:
     seconds: float
     device: str
     thresholds: list[float] | None = None
+    #: per merged 2-D tensor, the method's report facts (WUDI / OptMerge: objective start / end,
+    #: gradient ratio, converged; see ``workbench.methods._solve``); empty for other methods
+    objectives: dict[str, dict] = field(default_factory=dict)
 
 
 def _call_method(spec, base: torch.Tensor, experts: list[torch.Tensor], name: str, device: torch.device,
-                 seed: int, params: dict):
+                 seed: int, params: dict, report: list | None = None):
     gen = tensor_generator(seed, name, device)
-    out = spec.fn(base, experts, name=name, generator=gen, **params)
+    extra = {"report": report} if report is not None else {}
+    out = spec.fn(base, experts, name=name, generator=gen, **params, **extra)
     if hasattr(out, "merged") and hasattr(out, "extras"):
         return out.merged, dict(out.extras or {})
     return out, {}
@@ -486,6 +490,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     mask_meta: dict[str, str] = {}
     densities: dict[str, dict[str, float]] = {}
     kept_totals: dict[str, list[int]] = {}
+    objectives: dict[str, dict] = {}
 
     plan = [(n, infos[n].shape, dtype_of(n)) for n in names]
     norms = TaskVectorNorms([str(p) for p in cfg.experts])
@@ -510,7 +515,9 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                                                                         "the base tensor (kept)"))
                 return
             results = _compute(spec, items, device, cfg.seed, params, thresholds, batched, norms)
-            for it, (merged, extras) in zip(items, results):
+            for it, (merged, extras, facts) in zip(items, results):
+                if facts:
+                    objectives[it.name] = facts
                 if tuple(merged.shape) != tuple(infos[it.name].shape):
                     raise WorkbenchError(f"method {cfg.method!r} returned shape {list(merged.shape)} for tensor "
                                          f"{it.name!r}, expected {list(infos[it.name].shape)}")
@@ -533,11 +540,12 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                                            "format": "keys '<tensor>::<extra>'; bool masks packed with "
                                                      "workbench.masks.pack_mask (MSB first), shape in metadata"})
         report = MergeReport(cfg.output, cfg.method, params_asked, merged_names,
-                             [n for n in names if n not in merged_set], 0.0, str(device), thresholds)
+                             [n for n in names if n not in merged_set], 0.0, str(device), thresholds, objectives)
         w.save_json("workbench_merge.json", {
             "config": cfg.model_dump(mode="json"), "params_used": params_asked, "device": str(device),
             "n_merged": len(merged_names), "n_kept": len(names) - len(merged_names), "kept": report.kept,
-            "global_trim_thresholds": thresholds, "workbench_version": _version()})
+            "global_trim_thresholds": thresholds, **_objective_summary(objectives),
+            "workbench_version": _version()})
     report.seconds = time.perf_counter() - t0
     base.close()
     for e in experts:
@@ -551,11 +559,26 @@ def _version() -> str:
     return __version__
 
 
+def _objective_summary(objectives: Mapping[str, dict]) -> dict:
+    """The report's ``objectives`` (per tensor) and their totals (absent for methods without them)."""
+    if not objectives:
+        return {}
+    facts = list(objectives.values())
+    return {"objective_summary": {
+        "n_tensors": len(facts), "n_converged": sum(bool(f["converged"]) for f in facts),
+        "objective_start_total": sum(f["objective_start"] for f in facts),
+        "objective_end_total": sum(f["objective_end"] for f in facts)},
+        "objectives": dict(objectives)}
+
+
 def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: dict,
              thresholds: list[float] | None, batched: bool,
-             norms: TaskVectorNorms | None = None) -> list[tuple[torch.Tensor, dict]]:
-    """Run the method on a unit of merged tensors; returns ``(merged float32, extras)`` per item.
-    ``norms`` observes each expert's task vector (:meth:`TaskVectorNorms.observe`: the foreign-expert check)."""
+             norms: TaskVectorNorms | None = None) -> list[tuple[torch.Tensor, dict, dict]]:
+    """Run the method on a unit of merged tensors; returns ``(merged float32, extras, report facts)``
+    per item (facts: what a method with ``spec.reports`` appends to its ``report`` list, e.g.
+    WUDI's objective start / end; ``{}`` otherwise). ``norms`` observes each expert's task vector
+    (:meth:`TaskVectorNorms.observe`: the foreign-expert check)."""
+    reports = bool(getattr(spec, "reports", False))
     bases, expert_lists = [], []
     for it in items:
         b = it.base.to(device=device, dtype=torch.float32, non_blocking=True)
@@ -572,13 +595,18 @@ def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: 
         base_stack = torch.stack(bases)
         expert_stacks = [torch.stack([ex[i] for ex in expert_lists]) for i in range(len(expert_lists[0]))]
         del bases, expert_lists
-        out = spec.batched_fn(base_stack, expert_stacks, names=names, generators=gens, **params)
-        extras: list[dict] = [{} for _ in items]
+        facts: list[dict] = []
+        out = spec.batched_fn(base_stack, expert_stacks, names=names, generators=gens, **params,
+                              **({"report": facts} if reports else {}))
         if hasattr(out, "merged") and hasattr(out, "extras"):
             out = out.merged
-        return [(out[i], extras[i]) for i in range(len(items))]
-    return [_call_method(spec, b, ex, it.name, device, seed, params)
-            for it, b, ex in zip(items, bases, expert_lists)]
+        return [(out[i], {}, facts[i] if facts else {}) for i in range(len(items))]
+    results = []
+    for it, b, ex in zip(items, bases, expert_lists):
+        facts = [] if reports else None
+        merged, extras = _call_method(spec, b, ex, it.name, device, seed, params, facts)
+        results.append((merged, extras, facts[0] if facts else {}))
+    return results
 
 
 def _trim_expert(e: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -7,8 +7,9 @@ Every method has the signature::
 ``base`` is ``theta_0`` and ``experts`` the ``theta_i`` of one tensor, float32 on the compute
 device; the result is the merged weight ``theta = theta_0 + scale * tau_m`` (float32, same device),
 ``tau_i = theta_i - theta_0``. Inputs are never modified. The formulas follow
-``shared/reference/methods.md`` sections 3 and 4; where the public record is silent the choice is
-a named parameter and the docstring says **unverified**.
+``shared/reference/methods.md`` sections 3 and 4, and for WUDI / OptMerge the authors' released
+code where it says more (docs/METHODS.md); where the public record is silent the choice is a
+named parameter and the docstring says **unverified**.
 
 ``METHODS`` maps a name to a :class:`MethodSpec`; :func:`get_method` looks one up. The two
 optimisation methods (``wudi``, ``optmerge``) also have a ``batched_fn`` that optimises ``B``
@@ -33,7 +34,8 @@ __all__ = [
     # building blocks
     "stack_task_vectors", "trim_topk", "elect_sign", "disjoint_mean", "ties_merge_tau", "dare_drop",
     "tsv_merge_tau", "iso_c_merge_tau", "iso_cts_merge_tau", "quadratic_merge_loss", "wudi_exact",
-    "optmerge_exact", "OPTMERGE_PRESETS", "PRECISIONS",
+    "optmerge_exact", "OPTMERGE_PRESETS", "PRECISIONS", "TARGETS", "PROJECTIONS", "LR_SCALES", "Targets",
+    "optmerge_settings", "objective_report", "CONVERGED_GRAD_RATIO",
     # methods
     "weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv", "iso_c", "iso_cts",
     "wudi", "wudi_batched", "optmerge", "optmerge_batched", "mmer",
@@ -64,6 +66,9 @@ class MethodSpec:
             generators=None, **params) -> Tensor[B, m, n]`` or ``None``.
         needs_generator: the method draws random numbers (seeded per tensor by the engine).
         choices: allowed values of string parameters (checked by :meth:`check_params`).
+        reports: ``fn`` and ``batched_fn`` take ``report=<list>`` and append one dict of facts
+            per merged 2-D tensor to it, for the merge report (WUDI / OptMerge: objective start /
+            end and convergence, see :func:`_solve`).
     """
 
     name: str
@@ -73,6 +78,7 @@ class MethodSpec:
     batched_fn: Callable[..., Any] | None = None
     needs_generator: bool = False
     choices: dict = field(default_factory=dict)
+    reports: bool = False
 
     def check_params(self, params: Mapping[str, Any] | None) -> dict:
         """``defaults`` updated with ``params``.
@@ -387,12 +393,46 @@ def iso_cts_merge_tau(taus: Tensor, common_space_fraction: float = 0.8) -> Tenso
 
 
 # ========================================================================================= WUDI / OptMerge blocks
-#: OptMerge settings by setting (methods.md section 4 table). ``k_ratio=None``: k = floor(min(m,n)/N).
+#: OptMerge settings by setting (methods.md section 4 table, checked against the authors' code:
+#: ``InternVL/internvl_chat/model_merging.py`` for ``full_ft``, ``LLaMA-Factory/model_merging.py`` for
+#: ``lora``, ``ModelCompose/scripts/model_composition/ties_merging.py`` for ``modality``; see
+#: docs/METHODS.md). ``k_ratio=None``: k = floor(min(m,n)/N). ``target``: ``"centred"``
+#: ``T_i = trunc_k(tau_i - mean_j tau_j) + mean_j tau_j`` (the InternVL code's "demeaned SVD") or
+#: ``"truncated"`` ``T_i = trunc_k(tau_i)``. ``projection``: ``"rank_k"`` ``P_i = S_k V_k^T`` or
+#: ``"full"`` ``P_i = tau_i`` (WUDI's Gram, as the modality code).
 OPTMERGE_PRESETS: dict[str, dict[str, Any]] = {
-    "full_ft": {"init": "sum", "optimizer": "adam", "lr": 1e-5, "momentum": 0.0, "steps": 300, "k_ratio": None},
-    "lora": {"init": "mean", "optimizer": "sgd", "lr": 1e-4, "momentum": 0.9, "steps": 300, "k_ratio": None},
-    "modality": {"init": "mean", "optimizer": "sgd", "lr": 5e-2, "momentum": 0.9, "steps": 300, "k_ratio": 0.2},
+    "full_ft": {"init": "sum", "optimizer": "adam", "lr": 1e-5, "momentum": 0.0, "steps": 300, "k_ratio": None,
+                "target": "centred", "projection": "rank_k"},
+    "lora": {"init": "mean", "optimizer": "sgd", "lr": 1e-4, "momentum": 0.9, "steps": 300, "k_ratio": None,
+             "target": "truncated", "projection": "rank_k"},
+    "modality": {"init": "mean", "optimizer": "sgd", "lr": 5e-2, "momentum": 0.9, "steps": 300, "k_ratio": 0.2,
+                 "target": "truncated", "projection": "full"},
 }
+TARGETS = ("centred", "truncated")
+PROJECTIONS = ("rank_k", "full")
+#: ``lr_scale`` values of the iterative solver: ``"absolute"`` (the paper's: ``lr`` as given) or
+#: ``"relative"`` (ours, for models whose weights are not at 7B scale; see :func:`wudi`).
+LR_SCALES = ("absolute", "relative")
+#: The iterative solve counts as converged when the gradient norm at its end is at most this
+#: fraction of the gradient norm at its initialisation (:func:`objective_report`).
+CONVERGED_GRAD_RATIO = 1e-2
+
+
+@dataclass(frozen=True)
+class Targets:
+    """How one tensor's objective ``sum_i w_i ||(X - T_i) P_i^T||_F^2`` is built from the ``tau_i``.
+
+    ``k=None``: WUDI (``T_i = P_i = tau_i``). Otherwise OptMerge with rank ``k``; ``target`` and
+    ``projection`` as in :data:`OPTMERGE_PRESETS`.
+    """
+
+    k: int | None = None
+    target: str = "truncated"
+    projection: str = "rank_k"
+
+    def rows(self, m: int, n: int) -> int:
+        """Rows of each ``P_i`` (the number of directions it contributes)."""
+        return m if self.k is None or self.projection == "full" else min(int(self.k), m, n)
 
 
 def _as_expert_stack(experts: Tensor | Sequence[Tensor]) -> Tensor:
@@ -419,7 +459,9 @@ class _System:
     gradient ``2 (X A - C)`` (cost ``m n^2`` per step). Factored form: ``Pp [B, K, n]`` and
     ``Rp [B, m, K]``, the blocks ``sqrt(w_i) P_i`` and ``sqrt(w_i) T_i P_i^T`` stacked, so the
     objective is ``||X Pp^T - Rp||_F^2`` and the gradient ``2 (X Pp^T - Rp) Pp`` (cost ``2 m n K``).
-    ``K_eff [B]``: summed rank bound of the experts with non-zero weight.
+    ``K_eff [B]``: summed rank bound of the experts with non-zero weight. ``c0 [B]``: the
+    constant ``sum_i w_i ||T_i P_i^T||_F^2`` of the Gram form's objective
+    ``tr(X A X^T) - 2 tr(X C^T) + c0``.
     """
 
     K_eff: Tensor
@@ -427,87 +469,131 @@ class _System:
     C: Tensor | None = None
     Pp: Tensor | None = None
     Rp: Tensor | None = None
+    c0: Tensor | None = None
+
+    def objective_and_grad_norm(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        """The objective and the norm of its gradient at ``X [B, m, n]`` (float64, ``[B]`` each)."""
+        X = X.to(torch.float64)
+        if self.A is not None:
+            XA = torch.bmm(X, self.A.to(torch.float64))
+            C = self.C.to(torch.float64)
+            f = (XA * X).sum((-2, -1)) - 2.0 * (X * C).sum((-2, -1)) + self.c0.to(torch.float64)
+            return f.clamp_min(0.0), 2.0 * torch.linalg.matrix_norm(XA - C)
+        Pp = self.Pp.to(torch.float64)
+        r = torch.bmm(X, Pp.transpose(-1, -2)) - self.Rp.to(torch.float64)
+        return r.pow(2).sum((-2, -1)), 2.0 * torch.linalg.matrix_norm(torch.bmm(r, Pp))
 
 
-def _factors(tau: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
-    """``(P_i, T_i P_i^T)`` of one expert's ``[B, m, n]`` task vectors.
+def _as_targets(k: int | None | Targets) -> Targets:
+    return k if isinstance(k, Targets) else Targets(k=None if k is None else int(k))
 
-    WUDI (``k=None``): ``T_i = P_i = tau_i``. OptMerge: ``T_i = U_k S_k V_k^T``, ``P_i = S_k V_k^T``,
-    so ``T_i P_i^T = U_k S_k^2`` (sign choices of the SVD cancel).
+
+def _factors(tau: Tensor, t: Targets, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(P_i, T_i P_i^T)`` of one expert's ``[B, m, n]`` task vectors (``mean``: the experts'
+    mean ``[B, m, n]``, needed by ``target="centred"``).
+
+    WUDI (``t.k=None``): ``T_i = P_i = tau_i``. OptMerge, rank k, ``tau_i = U S V^T``:
+    ``P_i = S_k V_k^T`` (``projection="rank_k"``) or ``tau_i`` (``"full"``); ``T_i = U_k S_k V_k^T``
+    (``target="truncated"``) or ``trunc_k(tau_i - mean) + mean`` (``"centred"``, the truncation of
+    the centred vector by its own SVD). Truncated and rank-k: ``T_i P_i^T = U_k S_k^2`` (the sign
+    choices of the SVD cancel).
     """
-    if k is None:
+    if t.k is None:
         return tau, tau @ tau.transpose(-1, -2)
-    U, S, Vh = torch.linalg.svd(tau, full_matrices=False)
-    U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
-    return S[..., :, None] * Vh, U * S.pow(2)[..., None, :]
+    k = int(t.k)
+    if t.projection == "rank_k" or t.target == "truncated":
+        U, S, Vh = torch.linalg.svd(tau, full_matrices=False)
+        U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
+    P = S[..., :, None] * Vh if t.projection == "rank_k" else tau
+    if t.target == "truncated":
+        if t.projection == "rank_k":
+            return P, U * S.pow(2)[..., None, :]
+        T = (U * S[..., None, :]) @ Vh
+    else:
+        if mean is None:
+            raise ConfigError("target='centred' needs the experts' mean task vector")
+        Uc, Sc, Vhc = torch.linalg.svd(tau - mean, full_matrices=False)
+        T = (Uc[..., :k] * Sc[..., None, :k]) @ Vhc[..., :k, :] + mean
+    return P, T @ P.transpose(-1, -2)
 
 
-def _system(taus: Tensor, k: int | None, *, form: str | None = None, dtype: torch.dtype = torch.float32) -> _System:
-    """Build :class:`_System` for ``taus [N, B, m, n]`` with ``w_i = 1 / ||tau_i||_F^2`` (0 for an
-    all-zero ``tau_i``). ``form=None`` picks the cheaper per-step gradient: Gram unless
-    ``n > 2 K``. One expert at a time, so the workspace stays near one ``[B, m, n]`` per expert."""
+def _system(taus: Tensor, t: Targets | int | None, *, form: str | None = None,
+            dtype: torch.dtype = torch.float32) -> _System:
+    """Build :class:`_System` for ``taus [N, B, m, n]`` (``t`` an int k: OptMerge's truncated
+    targets) with ``w_i = 1 / ||tau_i||_F^2`` (0 for an
+    all-zero ``tau_i``; the mean of ``target="centred"`` is over all N experts, as the official code).
+    ``form=None`` picks the cheaper per-step gradient: Gram unless ``n > 2 K``. One expert at a
+    time, so the workspace stays near one ``[B, m, n]`` per expert."""
     N, B, m, n = taus.shape
-    rank = min(m, n) if k is None else int(k)
-    K = N * (m if k is None else rank)
+    t = _as_targets(t)
+    rank = t.rows(m, n)
+    K = N * rank
     if form is None:
         form = "gram" if n <= 2 * K else "factored"
     sq = taus.to(dtype).pow(2).sum((-2, -1))  # [N, B]
     w = torch.where(sq > 0, 1.0 / sq.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(sq))
     K_eff = (sq > 0).sum(0) * rank
+    mean = taus.to(dtype).mean(0) if t.k is not None and t.target == "centred" else None
     if form == "gram":
         A = torch.zeros(B, n, n, dtype=dtype, device=taus.device)
         C = torch.zeros(B, m, n, dtype=dtype, device=taus.device)
+        c0 = torch.zeros(B, dtype=torch.float64, device=taus.device)
         for i in range(N):
             tau = taus[i].to(dtype)
             wi = w[i][:, None, None]
-            if k is None:
+            if t.k is None:
                 G = tau.transpose(-1, -2) @ tau
                 A.add_(wi * G)
                 C.add_(wi * (tau @ G))
+                c0.add_(w[i].double() * G.double().pow(2).sum((-2, -1)))  # ||tau tau^T||_F = ||tau^T tau||_F
             else:
-                P, R = _factors(tau, k)
+                P, R = _factors(tau, t, mean)
                 A.add_(wi * (P.transpose(-1, -2) @ P))
                 C.add_(wi * (R @ P))
-        return _System(K_eff=K_eff, A=A, C=C)
+                c0.add_(w[i].double() * R.double().pow(2).sum((-2, -1)))
+        return _System(K_eff=K_eff, A=A, C=C, c0=c0)
     Ps, Rs = [], []
     for i in range(N):
-        P, R = _factors(taus[i].to(dtype), k)
+        P, R = _factors(taus[i].to(dtype), t, mean)
         ws = w[i].sqrt()[:, None, None]
         Ps.append(ws * P)
         Rs.append(ws * R)
     return _System(K_eff=K_eff, Pp=torch.cat(Ps, dim=1), Rp=torch.cat(Rs, dim=2))
 
 
-def quadratic_merge_loss(tau_m: Tensor, taus: Tensor | Sequence[Tensor], k: int | None = None) -> Tensor:
-    """WUDI's (``k=None``) or OptMerge's (rank ``k``) objective ``sum_i w_i ||(tau_m - T_i) P_i^T||_F^2``
-    for one 2-D tensor (``taus`` ``[N, m, n]``) or a batch (``tau_m [B, m, n]``, ``taus [N, B, m, n]``)."""
+def quadratic_merge_loss(tau_m: Tensor, taus: Tensor | Sequence[Tensor], k: int | None | Targets = None) -> Tensor:
+    """WUDI's (``k=None``) or OptMerge's (rank ``k``, truncated targets, rank-k ``P_i``; or any
+    :class:`Targets`) objective ``sum_i w_i ||(tau_m - T_i) P_i^T||_F^2`` for one 2-D tensor
+    (``taus`` ``[N, m, n]``) or a batch (``tau_m [B, m, n]``, ``taus [N, B, m, n]``)."""
     taus = _as_expert_stack(taus)
     single = tau_m.dim() == 2
     if single:
         tau_m, taus = tau_m[None], taus[:, None]
-    s = _system(taus, k, form="factored")
-    loss = (tau_m @ s.Pp.transpose(-1, -2) - s.Rp).pow(2).sum((-2, -1))
+    s = _system(taus, _as_targets(k), form="factored")
+    loss = (tau_m.to(s.Pp.dtype) @ s.Pp.transpose(-1, -2) - s.Rp).pow(2).sum((-2, -1))
     return loss[0] if single else loss
 
 
-def _exact_solve(taus: Tensor, k: int | None, eps: float) -> Tensor:
-    """Minimiser of the objective: ``X A = C`` (Gram form, built and solved by Cholesky in float64).
-    Where ``A`` is singular (fewer stacked directions than columns, or the Cholesky factorisation
-    fails) a ridge ``eps * mean(diag A) * I`` is added (``1.0 * I`` if ``A = 0``, where ``C = 0``)."""
-    s = _system(taus, k, form="gram", dtype=torch.float64)
+def _exact_solve(taus: Tensor, t: Targets, X0: Tensor, eps: float, s: _System | None = None) -> Tensor:
+    """The minimiser of the objective nearest ``X0`` (float64, result in ``taus``' dtype).
+
+    Every minimiser solves ``X A = C`` (Gram form). Where ``A`` is singular (``N * rank < n``:
+    GQA k/v projections, down projections, any ``m < n``) they form the affine set
+    ``C A^+ + Y (I - A A^+)``; this returns ``X0 + (C - X0 A) A^+ = C A^+ + X0 (I - A A^+)``: the
+    part of the initialisation outside the span of the ``P_i`` is kept, which is where gradient
+    descent (and SGD with momentum) from ``X0`` converges, since its steps ``-(X A - C)`` lie in
+    that span. (Adam's per-entry scaling leaves the span, so its limit is near this, not equal.)
+    ``A^+`` is the pseudo-inverse from ``eigh``, eigenvalues at most ``eps * max eigenvalue``
+    treated as 0 (``A = 0``, every ``tau_i = 0``: ``X0``). ``s``: the float64 Gram system, if built.
+    """
+    s = s if s is not None else _system(taus, t, form="gram", dtype=torch.float64)
     A, C = s.A, s.C
-    n = A.shape[-1]
-    L, info = torch.linalg.cholesky_ex(A)
-    singular = (s.K_eff.to(info.device) < n) | (info != 0)
-    if bool(singular.any()):
-        mean_diag = A.diagonal(dim1=-2, dim2=-1).mean(-1)
-        ridge = torch.where(mean_diag > 0, float(eps) * mean_diag, torch.ones_like(mean_diag))
-        ridge = torch.where(singular, ridge, torch.zeros_like(ridge))
-        A = A + ridge[:, None, None] * torch.eye(n, dtype=A.dtype, device=A.device)
-        L, info = torch.linalg.cholesky_ex(A)
-        if bool((info != 0).any()):
-            raise ConfigError(f"exact solve failed even with ridge eps={eps}; increase eps")
-    X = torch.cholesky_solve(C.transpose(-1, -2), L).transpose(-1, -2)
+    evals, Q = torch.linalg.eigh(A)
+    top = evals.amax(-1, keepdim=True)
+    inv = torch.where(evals > float(eps) * top, 1.0 / evals, torch.zeros_like(evals))
+    X0 = X0.to(torch.float64)
+    R = C - torch.bmm(X0, A)
+    X = X0 + torch.bmm(torch.bmm(R, Q) * inv[:, None, :], Q.transpose(-1, -2))
     return X.to(taus.dtype)
 
 
@@ -544,7 +630,32 @@ def _cuda_matmul_flags(precision: str, device: torch.device):
         setattr(m, key, old)
 
 
-def _iterate(X0: Tensor, s: _System, *, optimizer: str, lr: float, steps: int, momentum: float = 0.0,
+def _scaled_lr(lr: float, lr_scale: str, optimizer: str, taus: Tensor, s: _System) -> float | Tensor:
+    """The step size the iterative solver uses: ``lr`` itself (``lr_scale="absolute"``, the
+    paper's), or per tensor of the batch (``[B, 1, 1]``) for ``"relative"`` (ours):
+
+    - Adam moves every entry by about ``lr`` per step whatever the gradient's size, so its
+      natural unit is the size of the entries: ``lr * RMS(tau_1..tau_N)``.
+    - SGD's step is ``lr`` times the gradient ``2 (X A - C)``; it is stable for
+      ``lr < (1 + momentum) / lambda_max(A)``, so its natural unit is the curvature:
+      ``lr / lambda_max(A)`` (an SVD of ``A`` or of the stacked ``P_i``).
+
+    0 where the scale is 0 (all ``tau_i = 0``: nothing to move).
+    """
+    if lr_scale == "absolute":
+        return float(lr)
+    if lr_scale != "relative":
+        raise ConfigError(f"lr_scale must be one of {', '.join(map(repr, LR_SCALES))}, got {lr_scale!r}")
+    if optimizer == "adam":
+        unit = taus.pow(2).mean((0, 2, 3)).sqrt()
+    else:
+        top = (torch.linalg.matrix_norm(s.A, ord=2) if s.A is not None
+               else torch.linalg.matrix_norm(s.Pp, ord=2).pow(2))
+        unit = torch.where(top > 0, 1.0 / top.clamp_min(torch.finfo(top.dtype).tiny), torch.zeros_like(top))
+    return (float(lr) * unit).to(torch.float32)[:, None, None]
+
+
+def _iterate(X0: Tensor, s: _System, *, optimizer: str, lr: float | Tensor, steps: int, momentum: float = 0.0,
              betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, precision: str = "fp32") -> Tensor:
     """``steps`` steps of Adam or SGD from ``X0`` on the objective of ``s`` (gradient in closed
     form), with torch.optim's update rules (Adam: bias-corrected, no weight decay, ``eps`` added
@@ -555,7 +666,8 @@ def _iterate(X0: Tensor, s: _System, *, optimizer: str, lr: float, steps: int, m
     and ``r Pp``), added to the float32 residual at ``X0`` (``X0 A - C``, resp. ``X0 Pp^T - Rp``,
     computed once in float32), so the rounding error scales with the update, not with ``X``;
     ``X``, the optimiser state and the sums stay float32. ``tf32``: the float32 code with TF32
-    matmuls on CUDA (on the CPU it is ``fp32``, bit for bit)."""
+    matmuls on CUDA (on the CPU it is ``fp32``, bit for bit). ``lr``: a number, or ``[B, 1, 1]``
+    per tensor (:func:`_scaled_lr`)."""
     _check_precision(precision)
     X = X0.clone()
     if steps <= 0:
@@ -591,7 +703,7 @@ def _iterate(X0: Tensor, s: _System, *, optimizer: str, lr: float, steps: int, m
                          adam_eps=adam_eps)
 
 
-def _optimise(X: Tensor, grad: Callable[[Tensor], Tensor], *, optimizer: str, lr: float, steps: int,
+def _optimise(X: Tensor, grad: Callable[[Tensor], Tensor], *, optimizer: str, lr: float | Tensor, steps: int,
               momentum: float, betas: tuple[float, float], adam_eps: float) -> Tensor:
     """The Adam / SGD loop of :func:`_iterate`, updating ``X`` in place (float32 state)."""
     if optimizer == "adam":
@@ -604,7 +716,10 @@ def _optimise(X: Tensor, grad: Callable[[Tensor], Tensor], *, optimizer: str, lr
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
             denom = (v.sqrt() / math.sqrt(bc2)).add_(adam_eps)
-            X.addcdiv_(m1, denom, value=-lr / bc1)
+            if isinstance(lr, Tensor):
+                X.sub_(m1.div(denom).mul_(lr / bc1))
+            else:
+                X.addcdiv_(m1, denom, value=-lr / bc1)
     elif optimizer == "sgd":
         buf = None
         for _ in range(int(steps)):
@@ -612,7 +727,10 @@ def _optimise(X: Tensor, grad: Callable[[Tensor], Tensor], *, optimizer: str, lr
             if momentum:
                 buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
                 g = buf
-            X.add_(g, alpha=-lr)
+            if isinstance(lr, Tensor):
+                X.sub_(g * lr)
+            else:
+                X.add_(g, alpha=-lr)
     else:
         raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     return X
@@ -626,20 +744,23 @@ def _init(taus: Tensor, init: str) -> Tensor:
     raise ConfigError(f"init must be 'sum' or 'mean', got {init!r}")
 
 
-def wudi_exact(taus: Tensor, eps: float = 1e-8) -> Tensor:
+def wudi_exact(taus: Tensor, eps: float = 1e-12, init: str = "sum") -> Tensor:
     """Closed-form WUDI ``tau_m`` of stacked 2-D task vectors ``[N, m, n]`` (or ``[N, B, m, n]``):
-    ``tau_m (sum_i w_i G_i) = sum_i w_i tau_i G_i``, ``G_i = tau_i^T tau_i`` (ridge: see ``eps``)."""
+    the solution of ``tau_m (sum_i w_i G_i) = sum_i w_i tau_i G_i``, ``G_i = tau_i^T tau_i``,
+    nearest the ``init`` (see :func:`_exact_solve`)."""
     single = taus.dim() == 3
     t = taus[:, None] if single else taus
-    X = _exact_solve(t, None, eps)
+    X = _exact_solve(t, Targets(), _init(t, init), eps)
     return X[0] if single else X
 
 
-def optmerge_exact(taus: Tensor, k: int, eps: float = 1e-8) -> Tensor:
-    """Closed-form OptMerge ``tau_m`` (``G_i = P_i^T P_i``, right side ``sum_i w_i T_i G_i``), rank ``k``."""
+def optmerge_exact(taus: Tensor, k: int, eps: float = 1e-12, init: str = "sum", target: str = "truncated",
+                   projection: str = "rank_k") -> Tensor:
+    """Closed-form OptMerge ``tau_m`` (``G_i = P_i^T P_i``, right side ``sum_i w_i T_i G_i``), rank ``k``,
+    nearest the ``init`` (see :func:`_exact_solve`)."""
     single = taus.dim() == 3
     t = taus[:, None] if single else taus
-    X = _exact_solve(t, int(k), eps)
+    X = _exact_solve(t, Targets(int(k), target, projection), _init(t, init), eps)
     return X[0] if single else X
 
 
@@ -756,32 +877,67 @@ def _check_solver(solver: str) -> None:
         raise ConfigError(f"solver must be 'iterative' or 'exact', got {solver!r}")
 
 
-def wudi_batched(base: Tensor, experts, *, names=None, generators=None, scale: float = 1.0,
-                 solver: str = "iterative", lr: float = 1e-5, steps: int = 300, init: str = "sum",
-                 eps: float = 1e-8, precision: str = "fp32") -> Tensor:
-    """:func:`wudi` on ``B`` same-shape 2-D tensors at once (``base [B, m, n]``, ``experts [N, B, m, n]``)."""
+def _solve(taus: Tensor, t: Targets, *, solver: str, init: str, optimizer: str, lr: float, momentum: float,
+           steps: int, lr_scale: str, eps: float, precision: str, report: list | None = None) -> Tensor:
+    """The WUDI / OptMerge ``tau_m`` of ``taus [N, B, m, n]``: the iterative solve or the exact one.
+
+    ``report``: a list to which one dict per tensor of the batch is appended: ``objective_start``
+    (at the initialisation), ``objective_end``, ``grad_ratio`` (gradient norm at the end over the
+    one at the start), ``converged`` (``grad_ratio <= CONVERGED_GRAD_RATIO``) and ``solver``,
+    evaluated in float64 on the system the solver built (no second SVD);
+    :func:`objective_report` computes the same from the inputs alone.
+    """
     _check_solver(solver)
     _check_precision(precision)
-    b, taus = _batched_inputs(base, experts)
+    X0 = _init(taus, init)
     if solver == "exact":
-        X = _exact_solve(taus, None, eps)
+        s = _system(taus, t, form="gram", dtype=torch.float64)
+        X = _exact_solve(taus, t, X0, eps, s)
     else:
-        X = _iterate(_init(taus, init), _system(taus, None), optimizer="adam", lr=float(lr), steps=int(steps),
-                     precision=precision)
+        s = _system(taus, t)
+        X = _iterate(X0, s, optimizer=optimizer, lr=_scaled_lr(lr, lr_scale, optimizer, taus, s), steps=int(steps),
+                     momentum=float(momentum), precision=precision)
+    if report is not None:
+        (f0, g0), (f1, g1) = s.objective_and_grad_norm(X0), s.objective_and_grad_norm(X)
+        for j in range(X.shape[0]):
+            report.append(_facts(float(f0[j]), float(g0[j]), float(f1[j]), float(g1[j]), solver))
+    return X
+
+
+def _facts(f0: float, g0: float, f1: float, g1: float, solver: str) -> dict[str, Any]:
+    ratio = g1 / g0 if g0 > 0 else 0.0
+    return {"objective_start": f0, "objective_end": f1, "grad_ratio": ratio,
+            "converged": bool(ratio <= CONVERGED_GRAD_RATIO), "solver": solver}
+
+
+def wudi_batched(base: Tensor, experts, *, names=None, generators=None, scale: float = 1.0,
+                 solver: str = "iterative", lr: float = 1e-5, steps: int = 300, init: str = "sum",
+                 lr_scale: str = "absolute", eps: float = 1e-12, precision: str = "fp32",
+                 report: list | None = None) -> Tensor:
+    """:func:`wudi` on ``B`` same-shape 2-D tensors at once (``base [B, m, n]``, ``experts [N, B, m, n]``)."""
+    b, taus = _batched_inputs(base, experts)
+    X = _solve(taus, Targets(), solver=solver, init=init, optimizer="adam", lr=lr, momentum=0.0, steps=steps,
+               lr_scale=lr_scale, eps=eps, precision=precision, report=report)
     return _finish(b, X, scale)
 
 
 def wudi(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
          solver: str = "iterative", lr: float = 1e-5, steps: int = 300, init: str = "sum",
-         eps: float = 1e-8, precision: str = "fp32") -> Tensor:
+         lr_scale: str = "absolute", eps: float = 1e-12, precision: str = "fp32",
+         report: list | None = None) -> Tensor:
     """WUDI (Cheng et al. 2025): ``min_tau_m sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2``.
 
-    ``solver="iterative"`` (the paper's): Adam, ``lr = 1e-5``, ``steps = 300``, from
-    ``init = sum_i tau_i``; the loss is the sum over experts; the gradient is computed in closed
-    form (``2 (tau_m A - C)``, same update rule as ``torch.optim.Adam``). ``solver="exact"``: the
-    minimiser ``tau_m (sum_i w_i G_i) = sum_i w_i tau_i G_i`` (methods.md note) in float64, with
-    a ridge ``eps * mean(diag)`` only where the n x n system is singular (fewer stacked rows than
-    columns or Cholesky fails). Non-2-D tensors: mean of the ``tau_i`` (as the paper).
+    ``solver="iterative"`` (the paper's and the official code's): Adam, ``lr = 1e-5``,
+    ``steps = 300``, from ``init = sum_i tau_i``; the loss is the sum over experts; the gradient
+    is computed in closed form (``2 (tau_m A - C)``, same update rule as ``torch.optim.Adam``).
+    ``lr_scale="relative"`` (ours, not the paper's) makes ``lr`` a fraction of the task vectors'
+    RMS (:func:`_scaled_lr`): the paper's 1e-5 was chosen for 7B weights, and on small models
+    300 such steps hardly move (docs/METHODS.md). ``solver="exact"``: the minimiser nearest the
+    initialisation, ``C A^+ + init (I - A A^+)`` with ``A = sum_i w_i G_i``,
+    ``C = sum_i w_i tau_i G_i`` (float64; :func:`_exact_solve`, ``eps`` its eigenvalue cutoff):
+    the limit the iterative method moves towards. Non-2-D tensors: mean of the ``tau_i`` (as
+    the official code). ``report``: a list that receives the 2-D tensor's solve facts
+    (objective start / end, convergence; see :func:`_solve`); the merge engine passes one.
 
     ``precision`` (iterative solver only): ``"fp32"`` (default) float32 throughout, as the paper
     (CUDA matmuls follow torch's global TF32 setting, off by default). ``"bf16"``: each step's
@@ -805,65 +961,118 @@ def wudi(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
     if base.dim() != 2:
         return _finish(base, taus.mean(0), scale)
     return wudi_batched(base[None], _expert_batch(base, experts), scale=scale, solver=solver,
-                        lr=lr, steps=steps, init=init, eps=eps, precision=precision)[0]
+                        lr=lr, steps=steps, init=init, lr_scale=lr_scale, eps=eps, precision=precision,
+                        report=report)[0]
 
 
-def _optmerge_settings(N: int, m: int, n: int, preset: str, k_ratio, init, optimizer, lr, momentum, steps):
+def optmerge_settings(N: int, m: int, n: int, preset: str = "full_ft", **overrides) -> tuple[Targets, dict]:
+    """The objective (:class:`Targets`) and solver settings (``init``, ``optimizer``, ``lr``,
+    ``momentum``, ``steps``) of OptMerge's ``preset`` for ``N`` experts' ``m x n`` tensors, with
+    the ``overrides`` that are not ``None`` (also ``k_ratio``, ``target``, ``projection``)."""
     if preset not in OPTMERGE_PRESETS:
         raise ConfigError(f"preset must be one of {', '.join(OPTMERGE_PRESETS)}, got {preset!r}")
-    p = OPTMERGE_PRESETS[preset]
-    pick = lambda v, key: p[key] if v is None else v  # noqa: E731
-    return (_rank_k(m, n, N, pick(k_ratio, "k_ratio")),
-            pick(init, "init"), pick(optimizer, "optimizer"), float(pick(lr, "lr")), float(pick(momentum, "momentum")),
-            int(pick(steps, "steps")))
+    p = {**OPTMERGE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    for key, allowed in (("target", TARGETS), ("projection", PROJECTIONS)):
+        if p[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {p[key]!r}")
+    t = Targets(_rank_k(m, n, N, p["k_ratio"]), p["target"], p["projection"])
+    return t, {"init": p["init"], "optimizer": p["optimizer"], "lr": float(p["lr"]),
+               "momentum": float(p["momentum"]), "steps": int(p["steps"])}
 
 
 def optmerge_batched(base: Tensor, experts, *, names=None, generators=None, scale: float = 1.0,
                      preset: str = "full_ft", solver: str = "iterative", k_ratio: float | None = None,
+                     target: str | None = None, projection: str | None = None,
                      init: str | None = None, optimizer: str | None = None, lr: float | None = None,
-                     momentum: float | None = None, steps: int | None = None, eps: float = 1e-8,
-                     precision: str = "fp32") -> Tensor:
+                     momentum: float | None = None, steps: int | None = None, lr_scale: str = "absolute",
+                     eps: float = 1e-12, precision: str = "fp32", report: list | None = None) -> Tensor:
     """:func:`optmerge` on ``B`` same-shape 2-D tensors at once (``base [B, m, n]``, ``experts [N, B, m, n]``)."""
-    _check_solver(solver)
-    _check_precision(precision)
     b, taus = _batched_inputs(base, experts)
     N, _, m, n = taus.shape
-    k, init, optimizer, lr, momentum, steps = _optmerge_settings(N, m, n, preset, k_ratio, init, optimizer, lr,
-                                                                momentum, steps)
-    if solver == "exact":
-        X = _exact_solve(taus, k, eps)
-    else:
-        X = _iterate(_init(taus, init), _system(taus, k), optimizer=optimizer, lr=lr, steps=steps,
-                     momentum=momentum, precision=precision)
+    t, run = optmerge_settings(N, m, n, preset, k_ratio=k_ratio, target=target, projection=projection, init=init,
+                               optimizer=optimizer, lr=lr, momentum=momentum, steps=steps)
+    X = _solve(taus, t, solver=solver, lr_scale=lr_scale, eps=eps, precision=precision, report=report, **run)
     return _finish(b, X, scale)
 
 
 def optmerge(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
              preset: str = "full_ft", solver: str = "iterative", k_ratio: float | None = None,
+             target: str | None = None, projection: str | None = None,
              init: str | None = None, optimizer: str | None = None, lr: float | None = None,
-             momentum: float | None = None, steps: int | None = None, eps: float = 1e-8,
-             precision: str = "fp32") -> Tensor:
+             momentum: float | None = None, steps: int | None = None, lr_scale: str = "absolute",
+             eps: float = 1e-12, precision: str = "fp32", report: list | None = None) -> Tensor:
     """OptMerge (Wei et al., ICLR 2026): ``min_tau_m sum_i ||(tau_m - T_i) P_i^T||_F^2 / ||tau_i||_F^2``,
-    ``T_i = U_k S_k V_k^T`` (rank-k truncation of ``tau_i``), ``P_i = S_k V_k^T``.
+    built as the authors' code builds it (docs/METHODS.md).
 
-    ``preset`` fills the parameters left ``None`` (methods.md 4 table, :data:`OPTMERGE_PRESETS`):
-    ``full_ft``: init ``sum``, Adam lr 1e-5, 300 steps, ``k = floor(min(m,n)/N)``; ``lora``: init
-    ``mean``, SGD lr 1e-4 momentum 0.9, 300 steps, same k (the table gives no k for LoRA:
-    **unverified**); ``modality``: init ``mean``, SGD lr 5e-2 momentum 0.9, 300 steps,
-    ``k = floor(min(m,n)/5)`` (``k_ratio = 0.2``). ``k_ratio`` gives ``k = floor(k_ratio * min(m,n))``.
-    The loss is the *sum* over experts (SGD, unlike Adam, depends on that normalisation:
-    **unverified**). ``solver="exact"``: see :func:`wudi` (``G_i = P_i^T P_i``, right side
-    ``sum_i w_i T_i G_i``). With ``k`` the full rank, OptMerge is WUDI. Non-2-D tensors: mean of the ``tau_i``.
-    ``precision`` (``"fp32"``, ``"bf16"``, ``"tf32"``; iterative solver only): as in :func:`wudi`
-    (the rank-k SVD is float32 in every mode).
+    ``preset`` fills the parameters left ``None`` (:data:`OPTMERGE_PRESETS`), k from
+    ``floor(min(m,n)/N)`` or ``k_ratio``:
+
+    - ``full_ft`` (``InternVL/internvl_chat/model_merging.py``): centred targets
+      ``T_i = trunc_k(tau_i - mean_j tau_j) + mean_j tau_j``, ``P_i = S_k V_k^T`` of the uncentred
+      ``tau_i``; init ``sum``, Adam lr 1e-5, 300 steps.
+    - ``lora`` (``LLaMA-Factory/model_merging.py``): ``T_i = U_k S_k V_k^T``, ``P_i = S_k V_k^T``;
+      init ``mean``, SGD lr 1e-4 momentum 0.9, 300 steps.
+    - ``modality`` (ModelCompose's ``ties_merging.py``): ``T_i = trunc_k(tau_i)`` with
+      ``k = floor(min(m,n)/5)`` (``k_ratio = 0.2``), ``P_i = tau_i`` (the full task vector,
+      WUDI's Gram); init ``mean``, SGD lr 5e-2 momentum 0.9, 300 steps.
+
+    ``target`` / ``projection`` override the preset's (:data:`TARGETS`, :data:`PROJECTIONS`).
+    The loss is the *sum* over experts, weights ``1/||tau_i||_F^2`` of the uncentred ``tau_i`` (as
+    the code). ``lr_scale``, ``solver="exact"``, ``eps``, ``precision`` and ``report``: as in :func:`wudi`
+    (the SVDs are float32 in every mode). With ``k`` the full rank, truncated targets and rank-k
+    ``P_i`` OptMerge is WUDI. Non-2-D tensors: mean of the ``tau_i``. Deliberate differences from
+    the official code: float32 throughout (the LoRA and modality code cast targets and iterate
+    in the checkpoint's half precision), LoRA experts merged as their product ``B A`` (the
+    modality code merges the ``A`` and ``B`` factors as separate tensors).
     """
     _check_precision(precision)
     taus = stack_task_vectors(base, experts)
     if base.dim() != 2:
         return _finish(base, taus.mean(0), scale)
-    return optmerge_batched(base[None], _expert_batch(base, experts), scale=scale,
-                            preset=preset, solver=solver, k_ratio=k_ratio, init=init, optimizer=optimizer, lr=lr,
-                            momentum=momentum, steps=steps, eps=eps, precision=precision)[0]
+    return optmerge_batched(base[None], _expert_batch(base, experts), scale=scale, preset=preset, solver=solver,
+                            k_ratio=k_ratio, target=target, projection=projection, init=init, optimizer=optimizer,
+                            lr=lr, momentum=momentum, steps=steps, lr_scale=lr_scale, eps=eps,
+                            precision=precision, report=report)[0]
+
+
+def objective_report(method: str, base: Tensor, experts: Sequence[Tensor], merged: Tensor,
+                     params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """How far WUDI's / OptMerge's solve went on one 2-D tensor (``{}`` for other tensors).
+
+    Rebuilds the objective of ``method`` with ``params`` (float64, from the inputs, independent
+    of the solver's own arithmetic) and evaluates it at the initialisation and at
+    ``tau_m = (merged - base) / scale``: ``objective_start``, ``objective_end``, the gradient
+    norm ratio ``grad_ratio = ||grad(end)|| / ||grad(start)||`` and ``converged``
+    (``grad_ratio <= CONVERGED_GRAD_RATIO``; an exact solve has ratio ~0). The objective's
+    minimum itself is not computed (an ``n x n`` eigendecomposition; use ``solver="exact"``).
+    """
+    if method not in ("wudi", "optmerge"):
+        raise ConfigError(f"objective_report covers 'wudi' and 'optmerge', not {method!r}")
+    if base.dim() != 2:
+        return {}
+    spec = get_method(method)
+    p = spec.check_params(params)
+    taus = stack_task_vectors(base, experts).to(torch.float64)[:, None]
+    N, _, m, n = taus.shape
+    if method == "wudi":
+        t, init = Targets(), p["init"]
+    else:
+        keys = ("k_ratio", "target", "projection", "init", "optimizer", "lr", "momentum", "steps")
+        t, run = optmerge_settings(N, m, n, p["preset"], **{k: p[k] for k in keys})
+        init = run["init"]
+    scale = float(p["scale"])
+    if scale == 0:
+        raise ConfigError("objective_report needs a non-zero scale")
+    s = _system(taus, t, form="factored", dtype=torch.float64)
+
+    def value_and_grad(X: Tensor) -> tuple[float, float]:
+        r = torch.bmm(X, s.Pp.transpose(-1, -2)) - s.Rp
+        return float(r.pow(2).sum()), float(torch.bmm(r, s.Pp).mul_(2.0).norm())
+
+    f0, g0 = value_and_grad(_init(taus, init))
+    X = (merged.to(device=base.device, dtype=torch.float64) - base.to(torch.float64)) / scale
+    f1, g1 = value_and_grad(X[None])
+    return _facts(f0, g0, f1, g1, p["solver"])
 
 
 def mmer(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
@@ -888,14 +1097,14 @@ def mmer(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
 
 # ========================================================================================= the registry
 def _spec(name: str, fn, doc: str, *, batched_fn=None, needs_generator: bool = False,
-          choices: dict | None = None) -> MethodSpec:
+          choices: dict | None = None, reports: bool = False) -> MethodSpec:
     import inspect
 
     sig = inspect.signature(fn)
     defaults = {p.name: p.default for p in sig.parameters.values()
-                if p.kind == p.KEYWORD_ONLY and p.name not in ("name", "generator")}
+                if p.kind == p.KEYWORD_ONLY and p.name not in ("name", "generator", "report")}
     return MethodSpec(name=name, fn=fn, defaults=defaults, doc=doc, batched_fn=batched_fn,
-                      needs_generator=needs_generator, choices=choices or {})
+                      needs_generator=needs_generator, choices=choices or {}, reports=reports)
 
 
 _TRIM = {"trim": ("per_tensor", "tensor", "global")}
@@ -911,11 +1120,13 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _spec("iso_cts", iso_cts, "Iso-CTS: common subspace (80%) + task-specific directions, isotropic"),
     _spec("wudi", wudi, "WUDI: min sum ||(tau_m - tau_i) tau_i^T||^2/||tau_i||^2 (Adam 1e-5 x300 or exact)",
           batched_fn=wudi_batched, choices={"solver": ("iterative", "exact"), "init": ("sum", "mean"),
-                                            "precision": PRECISIONS}),
-    _spec("optmerge", optmerge, "OptMerge: WUDI objective on rank-k truncations; presets full_ft/lora/modality",
+                                            "lr_scale": LR_SCALES, "precision": PRECISIONS}, reports=True),
+    _spec("optmerge", optmerge, "OptMerge: WUDI objective on rank-k targets; presets full_ft/lora/modality",
           batched_fn=optmerge_batched, choices={"solver": ("iterative", "exact"), "preset": tuple(OPTMERGE_PRESETS),
+                                                "target": (None, *TARGETS), "projection": (None, *PROJECTIONS),
                                                 "init": (None, "sum", "mean"), "optimizer": (None, "adam", "sgd"),
-                                                "precision": PRECISIONS}),
+                                                "lr_scale": LR_SCALES, "precision": PRECISIONS},
+          reports=True),
     _spec("mmer", mmer, "MMER: tau* = TIES merge; masks m_i = |tau_i| > lam |tau_i - tau*| (unverified reading)"),
 )}
 
