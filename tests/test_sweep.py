@@ -49,7 +49,9 @@ def local_table(tiny_zoo, tmp_path_factory):  # noqa: F811
 def ray_cluster():
     """A local Ray cluster of 2 CPUs for this module; its workers import this checkout's workbench."""
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # a loaded 2-core box can take over Ray's default 60 s to start a worker process: allow 10 min
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _system_config={"worker_register_timeout_seconds": 600})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -168,3 +170,24 @@ def test_killed_driver_rerun_computes_only_missing_cells(tiny_zoo, ray_cluster, 
     pd.testing.assert_frame_equal(_table(df), local_table)
     written = pd.read_csv(out / "capability_full.csv")
     assert len(written) == len(df)
+
+
+# ------------------------------------------------------------------------------------------ SWEEP.yaml errors
+@pytest.mark.parametrize("text, match", [
+    ("experiment: table9\nzoo: tiny\n", "experiment must be one of"),
+    ("experiment: capability_merging\n", "'zoo'"),
+    ("experiment: capability_merging\nzoo: tiny\nargs: {executor: ray}\n", "set by the command line"),
+    ("experiment: capability_merging\nzoo: tiny\nlambda: [1]\n", "unknown key"),
+    ("[1, 2]\n", "expected a mapping"),
+])
+def test_sweep_file_errors_name_the_file(tmp_path, text, match, capsys):
+    from workbench.cli import main
+    from workbench.errors import ConfigError
+
+    f = tmp_path / "SWEEP.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        sweep.run_file(f)
+    assert str(f) in str(err.value)
+    assert main(["sweep", str(f)]) == 2
+    assert str(f) in capsys.readouterr().err
