@@ -7,7 +7,7 @@ cell, so N cells run at once) and the time is taken around the sweep only (not t
 start). The in-process executor (``local``) runs first as the baseline, and the tables of the
 three runs are compared (they must be identical).
 
-    python benchmarks/sweep_scaling.py                    # tiny zoo, 6 methods, λ 0.5 / 1.0
+    python benchmarks/sweep_scaling.py                    # tiny zoo, 6 methods, the paper's λ grid
     python benchmarks/sweep_scaling.py --preset default --methods weight_average,ties,tsv,iso_c
 
 What scales: independent cells, each a merge plus its evaluations, one per worker. What does not:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", help="zoo preset (or a zoo folder); default tiny")
     ap.add_argument("--methods", default="weight_average,task_arithmetic,ties,dare_linear,tsv,iso_c")
-    ap.add_argument("--lambdas", default="0.5,1.0")
+    ap.add_argument("--lambdas", default="0.1,0.3,0.5,0.7,1.0,1.5")
     ap.add_argument("--workers", default="1,2", help="Ray cluster sizes to time (CPUs = concurrent cells)")
     args = ap.parse_args(argv)
 

@@ -83,6 +83,9 @@ def test_run_sweep_local_resumes_from_store(tmp_path):
     store.path("b").unlink()
     again = sweep.run_sweep([1, 2, 3], square, keys=["a", "b", "c"], store=store, progress=False)
     assert again.results == [1, 4, 9] and again.fresh == [1] and calls == [1, 2, 3, 2]
+    odd_only = sweep.run_sweep([5, 6], square, keys=["d", "e"], store=store, progress=False,
+                               storable=lambda r: r % 2 == 1)
+    assert odd_only.results == [25, 36] and store.get("d") == 25 and store.get("e") is None
     with pytest.raises(ValueError, match="executor"):
         sweep.run_sweep([1], square, executor="dask")
 
@@ -91,6 +94,19 @@ def test_second_local_run_reads_every_cell_from_the_store(tiny_zoo, tmp_path):  
     first = _grid(tiny_zoo, cache=tmp_path)
     again = _grid(tiny_zoo, cache=tmp_path)
     assert again.attrs["cells"] == {"total": len(METHODS), "computed": 0, "stored": len(METHODS)}
+    pd.testing.assert_frame_equal(_table(again), _table(first))
+
+
+def test_failed_cell_is_not_stored_and_keep_merged_keeps_the_checkpoint(tiny_zoo, tmp_path):  # noqa: F811
+    kw = dict(device="cpu", references=False, progress=False, cache=tmp_path / "cache",
+              method_params={"ties": {"density": 2.0}})
+    first = E.capability_merging(tiny_zoo, "full", ["ties", "weight_average"], (1.0,), **kw,
+                                 keep_merged=tmp_path / "kept")
+    assert (first.loc[first["method_id"] == "ties", "status"] == "failed").all()
+    kept = list((tmp_path / "kept").glob("weight_average-*/merge-*/model*.safetensors"))
+    assert len(kept) == 1  # the merged checkpoint of the ok cell, left where asked
+    again = E.capability_merging(tiny_zoo, "full", ["ties", "weight_average"], (1.0,), **kw)
+    assert again.attrs["cells"] == {"total": 2, "computed": 1, "stored": 1}  # the failed cell is tried again
     pd.testing.assert_frame_equal(_table(again), _table(first))
 
 

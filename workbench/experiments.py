@@ -30,7 +30,10 @@ How a merged model is made (the benchmark's protocol, methods.md section 4):
   Weight Average ignores λ and runs once (``lambda = 1``, ``searched = False``);
 * temporary merged models live in a temporary folder that is deleted after evaluation; only the
   per-item predictions are kept, in a cache keyed by a hash of the inputs (the zoo's model hashes,
-  method, parameters, λ, seed, records, scoring) under ``data/results/<preset>/cache/experiments/``.
+  method, parameters, λ, seed, records, scoring) under ``data/results/<preset>/cache/experiments/``;
+* each method x seed is one *cell* (:mod:`workbench.sweep`): run in this process or as a Ray task
+  (``executor="ray"``), its rows stored under ``cache/experiments/cells/`` as it finishes, so a
+  re-run computes only the missing cells.
 
 Selection is honest: for each method and seed the λ with the highest *mean over tasks* of the
 validation accuracies is chosen (ties: the smaller λ), and only that λ is evaluated on the test

@@ -97,10 +97,12 @@ def ray_init(address: str | None = None):
 def run_sweep(cells: Sequence[Any], cell_fn: Callable[[Any], Any], *, keys: Sequence[str] | None = None,
               store: CellStore | None = None, executor: str = "local", address: str | None = None,
               num_cpus: float = 1, num_gpus: float | None = None, max_retries: int = 3, progress: bool = True,
-              desc: str = "sweep", label: Callable[[Any], str] = str) -> SweepResult:
+              desc: str = "sweep", label: Callable[[Any], str] = str,
+              storable: Callable[[Any], bool] = lambda result: True) -> SweepResult:
     """``[cell_fn(c) for c in cells]``, on ``executor``, skipping the cells already in ``store``.
 
-    ``keys``: one store key per cell (needed with ``store``; results must be JSON values).
+    ``keys``: one store key per cell (needed with ``store``; results must be JSON values);
+    ``storable(result)``: whether a result is stored (a failed cell is not, so a re-run retries it).
     ``executor="ray"``: each cell is a Ray task with ``num_cpus`` and ``num_gpus`` (``None``: 1 if
     the cluster has a GPU, else 0), retried up to ``max_retries`` times if its worker dies (an
     exception raised by ``cell_fn`` is not retried: it is raised here). ``cell_fn`` and the cells
@@ -124,7 +126,7 @@ def run_sweep(cells: Sequence[Any], cell_fn: Callable[[Any], Any], *, keys: Sequ
 
     def finish(i: int, result: Any) -> None:
         results[i] = result
-        if store is not None:
+        if store is not None and storable(result):
             store.put(keys[i], result)
         bar.update(1)
 
@@ -244,7 +246,8 @@ def merge_grid(setting, entries: Sequence, lambdas: Sequence[float], ev, *, resc
                num_cpus: float = 1, num_gpus: float | None = None, max_retries: int = 3
                ) -> tuple[list[dict], list[dict], dict]:
     """Every seed x entry of ``setting`` as a :class:`MergeCell`, run by :func:`run_sweep`, stored
-    under ``<prediction cache>/cells/`` (no store without a cache). Returns ``(rows, timings,
+    under ``<prediction cache>/cells/`` (no store without a cache; a cell with a failed row is not
+    stored: a re-run tries it again). Returns ``(rows, timings,
     counts)``. The local executor uses ``setting`` and ``ev`` themselves (their in-memory caches,
     today's loop); the Ray executor rebuilds them on each worker from ``setting.recipe``."""
     cache_dir = str(ev.cache_dir) if ev.cache_dir is not None else None
@@ -265,7 +268,8 @@ def merge_grid(setting, entries: Sequence, lambdas: Sequence[float], ev, *, resc
     keys = [merge_cell_key(setting, c) for c in cells]
     try:
         res = run_sweep(cells, cell_fn, keys=keys if store else None, store=store, executor=executor, address=address,
-                        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, progress=progress, desc=desc)
+                        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, progress=progress, desc=desc,
+                        storable=lambda r: all(row["status"] == "ok" for row in r["rows"]))
     finally:
         _LIVE.pop(context, None)
     rows, timings = [], []
