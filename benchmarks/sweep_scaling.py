@@ -21,7 +21,6 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 
 def _load() -> str:

@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 EXECUTORS = ("local", "ray")
 
@@ -247,9 +246,9 @@ def merge_grid(setting, entries: Sequence, lambdas: Sequence[float], ev, *, resc
                ) -> tuple[list[dict], list[dict], dict]:
     """Every seed x entry of ``setting`` as a :class:`MergeCell`, run by :func:`run_sweep`, stored
     under ``<prediction cache>/cells/`` (no store without a cache; a cell with a failed row is not
-    stored: a re-run tries it again). Returns ``(rows, timings,
-    counts)``. The local executor uses ``setting`` and ``ev`` themselves (their in-memory caches,
-    today's loop); the Ray executor rebuilds them on each worker from ``setting.recipe``."""
+    stored: a re-run tries it again). Returns ``(rows, timings, counts)``. The local executor uses
+    ``setting`` and ``ev`` themselves (their in-memory caches, today's loop); the Ray executor
+    rebuilds them on each worker from ``setting.recipe``."""
     cache_dir = str(ev.cache_dir) if ev.cache_dir is not None else None
     device = str(ev.device)
     context = ""
