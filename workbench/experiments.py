@@ -31,7 +31,10 @@ How a merged model is made (the benchmark's protocol, methods.md section 4):
 * temporary merged models live in a temporary folder that is deleted after evaluation; only the
   per-item predictions are kept, in a cache keyed by a hash of the inputs (the zoo's model hashes,
   method, parameters, λ, seed, records, scoring) and of the code that produced them
-  (:func:`workbench.evaluate.code_digest`) under ``data/results/<preset>/cache/experiments/``.
+  (:func:`workbench.evaluate.code_digest`) under ``data/results/<preset>/cache/experiments/``;
+* each method x seed is one *cell* (:mod:`workbench.sweep`): run in this process or as a Ray task
+  (``executor="ray"``), its rows stored under ``cache/experiments/cells/`` as it finishes, so a
+  re-run computes only the missing cells.
 
 Selection is honest: for each method and seed the λ with the highest *mean over tasks* of the
 validation accuracies is chosen (ties: the smaller λ), and only that λ is evaluated on the test
@@ -378,7 +381,10 @@ def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None =
 
     bh = {"base": _base_hash(z), "capability-base": z.info("capability-base").get("hash"),
           "split": [val_fraction, split_seed]}
-    return _Setting(z, f"capability-{variant}", experts, paths, val, test, build, bh, notes)
+    setting = _Setting(z, f"capability-{variant}", experts, paths, val, test, build, bh, notes)
+    setting.recipe = ("capability_setting", {"zoo": str(z.path), "variant": variant, "seeds": seeds, "tasks": tasks,
+                                             "val_fraction": val_fraction, "split_seed": split_seed})
+    return setting
 
 
 def modality_setting(zoo, seeds: Sequence[int] | None = None, modalities: Sequence[str] | None = None,
@@ -436,6 +442,9 @@ def modality_setting(zoo, seeds: Sequence[int] | None = None, modalities: Sequen
                        {"base": _base_hash(z), "mods": mods, "max_items": max_items},
                        {"towers": "every modality expert's own tower (encoder + its projector)"})
     setting.sources = sources  # type: ignore[attr-defined]
+    setting.recipe = ("modality_setting", {"zoo": str(z.path), "seeds": seeds, "modalities": mods, "kind": kind,
+                                           "benchmarks": list(benchmarks), "own_tasks": own_tasks,
+                                           "max_items": max_items})
     return setting
 
 
@@ -486,9 +495,10 @@ class _MergedLLM:
     """A merge of one entry and seed, made lazily (only when an evaluation misses the cache)."""
 
     def __init__(self, setting: _Setting, entry: MergeEntry, seed: int, device: torch.device, workdir: Path,
-                 rescale: str, keep_defaults: bool, progress: bool) -> None:
+                 rescale: str, keep_defaults: bool, progress: bool, keep_merged: bool = False) -> None:
         self.setting, self.entry, self.seed, self.device = setting, entry, seed, device
         self.workdir, self.rescale, self.keep_defaults, self.progress = workdir, rescale, keep_defaults, progress
+        self.keep_merged = keep_merged  # leave the merged checkpoints in workdir (else removed once loaded)
         self._theta1: dict[str, torch.Tensor] | None = None
         self._merged_names: list[str] = []
         self.seconds: float | None = None
@@ -522,13 +532,15 @@ class _MergedLLM:
             try:
                 return load_causal_lm(folder)
             finally:
-                shutil.rmtree(folder, ignore_errors=True)
+                if not self.keep_merged:
+                    shutil.rmtree(folder, ignore_errors=True)
         if self._theta1 is None:
             folder = self._merge(1.0)
             try:
                 llm1 = load_causal_lm(folder)
             finally:
-                shutil.rmtree(folder, ignore_errors=True)
+                if not self.keep_merged:
+                    shutil.rmtree(folder, ignore_errors=True)
             sd = llm1.state_dict()
             missing = [n for n in self._merged_names if n not in sd]
             if missing:
@@ -576,11 +588,12 @@ def _eval_sets(ev: _Evaluator, setting: _Setting, key: str, sets: Mapping[str, l
 
 
 def _run_entry(ev: _Evaluator, setting: _Setting, entry: MergeEntry, seed: int, lambdas: Sequence[float],
-               workdir: Path, rescale: str, keep_defaults: bool, progress: bool, timings: list) -> list[dict]:
+               workdir: Path, rescale: str, keep_defaults: bool, progress: bool, timings: list,
+               keep_merged: bool = False) -> list[dict]:
     """Validation over λ, choice, test at the chosen λ; rows (failed rows on an exception)."""
     rows: list[dict] = []
     lams = list(lambdas) if entry.searched else [1.0]
-    mm = _MergedLLM(setting, entry, seed, ev.device, workdir, rescale, keep_defaults, progress)
+    mm = _MergedLLM(setting, entry, seed, ev.device, workdir, rescale, keep_defaults, progress, keep_merged)
     merge_key = {"entry": entry.key, "keep_defaults": keep_defaults, "rescale": rescale}
     try:
         val_rows = []
@@ -672,24 +685,23 @@ def _context(z, device: str, cache: bool | str | Path, out, write: bool, scoring
         cache_dir = search_cache = None
     ev = _Evaluator(z, cache_dir, scoring, dev, progress=progress)
     ev.search_cache = search_cache
+    ev.device_request = device  # what a Ray worker resolves for itself (workbench.sweep)
     return ev, (base_out if write else None)
 
 
 def _merge_grid(setting: _Setting, entries: Sequence[MergeEntry], lambdas: Sequence[float], ev: _Evaluator,
-                rescale: str, keep_defaults: bool, progress: bool, desc: str) -> tuple[list[dict], list[dict]]:
-    from tqdm.auto import tqdm
+                rescale: str, keep_defaults: bool, progress: bool, desc: str, executor: str = "local",
+                ray_address: str | None = None, keep_merged: str | Path | None = None
+                ) -> tuple[list[dict], list[dict], dict]:
+    """Every entry x seed of ``setting`` as one cell each (:func:`workbench.sweep.merge_grid`:
+    executor ``local`` or ``ray``, finished cells stored in the cache and not recomputed).
+    Returns ``(rows, timings, cell counts)``."""
+    from .sweep import merge_grid
 
     if rescale not in ("interpolate", "remerge"):
         raise ValueError(f"rescale must be 'interpolate' or 'remerge', got {rescale!r}")
-    rows, timings = [], []
-    jobs = [(s, e) for s in setting.experts for e in entries]
-    with tempfile.TemporaryDirectory(prefix="wb-merge-") as tmp:
-        bar = tqdm(jobs, desc=desc, disable=not progress)
-        for seed, entry in bar:
-            bar.set_postfix_str(f"s{seed} {entry.label}")
-            torch.manual_seed(seed)
-            rows += _run_entry(ev, setting, entry, seed, lambdas, Path(tmp), rescale, keep_defaults, False, timings)
-    return rows, timings
+    return merge_grid(setting, entries, lambdas, ev, rescale=rescale, keep_defaults=keep_defaults, progress=progress,
+                      desc=desc, executor=executor, address=ray_address, keep_merged=keep_merged)
 
 
 # ============================================================================================ Tables 2 and 3
@@ -700,7 +712,8 @@ def capability_merging(zoo, variant: str = "full", methods: Sequence[str] = CAP_
                        references: bool = True, scoring: str = "loglik", val_fraction: float = 0.5,
                        split_seed: int = 0, rescale: str = "interpolate", keep_defaults: bool = True,
                        cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
-                       progress: bool = True) -> pd.DataFrame:
+                       progress: bool = True, executor: str = "local", ray_address: str | None = None,
+                       keep_merged: str | Path | None = None) -> pd.DataFrame:
     """Tables 2 (``variant="full"``) and 3 (``"lora"``) on the zoo's capability family.
 
     For each seed and method: the experts ``capability-<task>-<variant>-s<seed>`` merged by the
@@ -712,22 +725,28 @@ def capability_merging(zoo, variant: str = "full", methods: Sequence[str] = CAP_
     have none - ``attrs["skipped"]`` says so). ``tasks`` restricts both the merged experts and the
     tasks. Returns the tidy rows (module docstring); ``write=True`` also writes
     ``<out>/capability_<variant>.csv`` (``out`` default ``data/results/<preset>/``). ``attrs``:
-    ``cache_hits``, ``cache_misses``, ``timings`` (merge seconds), ``notes``, ``skipped``.
+    ``cache_hits``, ``cache_misses``, ``timings`` (merge seconds), ``notes``, ``skipped``, ``cells``
+    (the merge cells: total, computed, stored).
+
+    ``executor``: ``"local"`` (in this process) or ``"ray"`` (one Ray task per method x seed, on the
+    cluster at ``ray_address``; :mod:`workbench.sweep`); finished cells are stored in the cache and
+    a re-run computes only the missing ones. ``keep_merged``: a folder to keep the merged
+    checkpoints in (default: removed after evaluation).
     """
     z = _zoo(zoo)
     t0 = time.time()
     setting = capability_setting(z, variant, seeds, tasks, val_fraction, split_seed)
     ev, out_dir = _context(z, device, cache, out, write, scoring, progress)
     entries = default_entries(methods, variant, method_params)
-    rows, timings = _merge_grid(setting, entries, lambdas, ev, rescale, keep_defaults, progress,
-                                f"capability merging ({variant})")
+    rows, timings, cells = _merge_grid(setting, entries, lambdas, ev, rescale, keep_defaults, progress,
+                                       f"capability merging ({variant})", executor, ray_address, keep_merged)
     skipped = []
     if references:
         rows += _capability_references(ev, setting, variant, skipped)
     attrs = {"experiment": "capability_merging", "variant": variant, "preset": _preset(z), "zoo": repo_relative(z.path),
              "lambdas": list(lambdas), "scoring": scoring, "rescale": rescale, "keep_defaults": keep_defaults,
              "cache_hits": ev.hits, "cache_misses": ev.misses, "timings": timings, "notes": setting.notes,
-             "skipped": skipped, "seconds": round(time.time() - t0, 1),
+             "skipped": skipped, "seconds": round(time.time() - t0, 1), "cells": cells,
              "selection": "lambda = argmax over lambdas of the mean validation accuracy over tasks (ties: smaller)"}
     return _finish(rows, attrs, out_dir, f"capability_{variant}.csv")
 
@@ -764,7 +783,8 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
                      modalities: Sequence[str] | None = None, references: bool = True, scoring: str = "loglik",
                      max_items: int | None = None, rescale: str = "interpolate", keep_defaults: bool = True,
                      cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
-                     progress: bool = True) -> pd.DataFrame:
+                     progress: bool = True, executor: str = "local", ray_address: str | None = None,
+                     keep_merged: str | Path | None = None) -> pd.DataFrame:
     """Table 5 on the modality family: the full-FT modality experts' LLMs merged by every method
     (OptMerge preset ``modality``), each merged LLM composed with every expert's tower; λ chosen on
     MCUB-mini's validation split; tested on MCUB-mini 2/3/4 and each modality's own tasks.
@@ -775,6 +795,8 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
     the zoo lacks DAMC experts. ``references``: the frozen base LLM with every tower (``"Base"``),
     each expert's LLM with every tower (``"Indiv. <modality>"``: the paper's Vision/Audio/Video
     columns) and the jointly trained oracle (``"Mixture Training"``) where the zoo has one.
+    ``executor``, ``ray_address``, ``keep_merged``: the merge cells' executor, as in
+    :func:`capability_merging` (the compositions and references run here).
     """
     from .results import ZooComposer
 
@@ -783,7 +805,8 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
     setting = modality_setting(z, seeds, modalities, "full", max_items=max_items)
     ev, out_dir = _context(z, device, cache, out, write, scoring, progress)
     entries = default_entries(methods, "modality", method_params)
-    rows, timings = _merge_grid(setting, entries, lambdas, ev, rescale, keep_defaults, progress, "modality merging")
+    rows, timings, cells = _merge_grid(setting, entries, lambdas, ev, rescale, keep_defaults, progress,
+                                       "modality merging", executor, ray_address, keep_merged)
     skipped = []
     mods = setting.base_hash["mods"]
     for seed in setting.experts:
@@ -820,7 +843,7 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
     attrs = {"experiment": "modality_merging", "preset": _preset(z), "zoo": repo_relative(z.path), "lambdas": list(lambdas),
              "scoring": scoring, "rescale": rescale, "keep_defaults": keep_defaults, "cache_hits": ev.hits,
              "cache_misses": ev.misses, "timings": timings, "notes": setting.notes, "skipped": skipped,
-             "seconds": round(time.time() - t0, 1), "modalities": mods,
+             "seconds": round(time.time() - t0, 1), "modalities": mods, "cells": cells,
              "selection": "lambda = argmax of MCUB-mini validation accuracy (ties: smaller)"}
     return _finish(rows, attrs, out_dir, "modality_merging.csv")
 
@@ -865,14 +888,16 @@ def _family(zoo, family: str, seeds, tasks, max_items):
 
 
 def _run_entries(zoo, family, entries, lambdas, seeds, device, tasks, max_items, scoring, rescale, cache, out,
-                 write, progress, experiment, filename, extra_attrs=None) -> pd.DataFrame:
+                 write, progress, experiment, filename, extra_attrs=None, executor="local", ray_address=None
+                 ) -> pd.DataFrame:
     z = _zoo(zoo)
     t0 = time.time()
     setting, _ = _family(z, family, seeds, tasks, max_items)
     ev, out_dir = _context(z, device, cache, out, write, scoring, progress)
-    rows, timings = _merge_grid(setting, entries, lambdas, ev, rescale, True, progress, experiment)
+    rows, timings, cells = _merge_grid(setting, entries, lambdas, ev, rescale, True, progress, experiment, executor,
+                                       ray_address)
     attrs = {"experiment": experiment, "family": family, "preset": _preset(z), "lambdas": list(lambdas),
-             "scoring": scoring, "cache_hits": ev.hits, "cache_misses": ev.misses, "timings": timings,
+             "scoring": scoring, "cache_hits": ev.hits, "cache_misses": ev.misses, "timings": timings, "cells": cells,
              "entries": [e.__dict__ for e in entries], "seconds": round(time.time() - t0, 1), **(extra_attrs or {})}
     return _finish(rows, attrs, out_dir, filename)
 
@@ -882,13 +907,14 @@ def optmerge_ablation(zoo, family: str = "lora", lambdas: Sequence[float] = LAMB
                       seeds: Sequence[int] | None = None, device: str = "auto", *, tasks: Sequence[str] | None = None,
                       max_items: int | None = None, scoring: str = "loglik", rescale: str = "interpolate",
                       cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
-                      progress: bool = True) -> pd.DataFrame:
+                      progress: bool = True, executor: str = "local", ray_address: str | None = None) -> pd.DataFrame:
     """Table 4: WUDI -> +SGD -> +Initialization -> +Low-rank (:func:`ablation_entries`) on the
     capability experts (``family="full"`` or ``"lora"``; the paper's column is Qwen2-VL LoRA) or
     the modality experts (``"modality"``; the paper's Vicuna-7B column). Same protocol and rows as
     :func:`capability_merging` (``method`` = the step)."""
     return _run_entries(zoo, family, ablation_entries(family), lambdas, seeds, device, tasks, max_items, scoring,
-                        rescale, cache, out, write, progress, "optmerge_ablation", f"optmerge_ablation_{family}.csv")
+                        rescale, cache, out, write, progress, "optmerge_ablation", f"optmerge_ablation_{family}.csv",
+                        executor=executor, ray_address=ray_address)
 
 
 @_quiet
@@ -896,14 +922,16 @@ def rank_ratio_sweep(zoo, family: str = "full", k_ratios: Sequence[float] = (0.1
                      lambdas: Sequence[float] = LAMBDAS, seeds: Sequence[int] | None = None, device: str = "auto", *,
                      tasks: Sequence[str] | None = None, max_items: int | None = None, scoring: str = "loglik",
                      rescale: str = "interpolate", cache: bool | str | Path = True, out: str | Path | None = None,
-                     write: bool = False, progress: bool = True) -> pd.DataFrame:
+                     write: bool = False, progress: bool = True, executor: str = "local",
+                     ray_address: str | None = None) -> pd.DataFrame:
     """Table 8: OptMerge (preset of ``family``, our scale-aware step: :func:`scale_aware_params`)
     with ``k = floor(k_ratio * min(m, n))``; rows' ``method`` is ``"k=<ratio>"``."""
     preset = OPTMERGE_PRESET_OF[family]
     entries = [MergeEntry(f"k={r:g}", "optmerge", {"preset": preset, "k_ratio": float(r),
                                                    **scale_aware_params("optmerge", preset)}) for r in k_ratios]
     return _run_entries(zoo, family, entries, lambdas, seeds, device, tasks, max_items, scoring, rescale, cache, out,
-                        write, progress, "rank_ratio_sweep", f"rank_ratio_{family}.csv")
+                        write, progress, "rank_ratio_sweep", f"rank_ratio_{family}.csv", executor=executor,
+                        ray_address=ray_address)
 
 
 def solver_inert(costs: pd.DataFrame, solver: str = "iterative") -> dict[str, str]:
@@ -935,7 +963,8 @@ def solver_comparison(zoo, family: str = "full", methods: Sequence[str] = ("wudi
                       lambdas: Sequence[float] = LAMBDAS, seeds: Sequence[int] | None = None, device: str = "auto", *,
                       tasks: Sequence[str] | None = None, max_items: int | None = None, scoring: str = "loglik",
                       cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
-                      progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      progress: bool = True, executor: str = "local", ray_address: str | None = None
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Iterative (the paper's settings), iterative (our scale-aware step, :func:`scale_aware_params`)
     and exact (the init-anchored closed-form minimiser) solve of WUDI / OptMerge.
 
@@ -956,7 +985,8 @@ def solver_comparison(zoo, family: str = "full", methods: Sequence[str] = ("wudi
             p = {**base_params, "solver": solver.split(",")[0], **extra}
             entries.append(MergeEntry(f"{method_label(m)} ({solver})", m, p))
     rows = _run_entries(zoo, family, entries, lambdas, seeds, device, tasks, max_items, scoring, "interpolate",
-                        cache, out, write, progress, "solver_comparison", f"solver_comparison_{family}.csv")
+                        cache, out, write, progress, "solver_comparison", f"solver_comparison_{family}.csv",
+                        executor=executor, ray_address=ray_address)
     z = _zoo(zoo)
     setting, _ = _family(z, family, seeds, tasks, max_items)
     costs = []
