@@ -225,9 +225,10 @@ def run_merge_cell(cell: MergeCell) -> dict:
 
 def merge_cell_key(setting, cell: MergeCell) -> str:
     """The store key of a cell: a hash of everything its rows depend on (the zoo's model hashes,
-    the records, method, parameters, λ grid, seed, scoring and the scorer's code version)."""
+    the records, method, parameters, λ grid, seed, scoring, the scorer's code version and the digest of
+    the code that produces the numbers, :func:`workbench.evaluate.code_digest`)."""
     from . import experiments as E
-    from .evaluate import scorer_key
+    from .evaluate import code_digest, scorer_key
 
     sets = {split: {t: E.records_digest(r) for t, r in s.items()}
             for split, s in (("val", setting.val_sets), ("test", setting.test_sets))}
@@ -236,7 +237,7 @@ def merge_cell_key(setting, cell: MergeCell) -> str:
                               "entry": cell.entry.key, "label": cell.entry.label, "searched": cell.entry.searched,
                               "lambdas": [float(x) for x in cell.lambdas], "rescale": cell.rescale,
                               "keep_defaults": cell.keep_defaults, "scoring": cell.scoring, "records": sets,
-                              **scorer_key()})
+                              "code": code_digest(), **scorer_key()})
 
 
 def merge_grid(setting, entries: Sequence, lambdas: Sequence[float], ev, *, rescale: str, keep_defaults: bool,
