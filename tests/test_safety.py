@@ -289,6 +289,22 @@ def test_profile_shows_the_same_foreign_warning(world, tmp_path, capsys):
     assert leftovers(tmp_path / "strict") == []
 
 
+def test_profile_foreign_check_reads_repo_relative_paths(world, tmp_path, monkeypatch):
+    """Result files name files relative to the repository (``paths.repo_relative``); the profile's
+    foreign check reads the base back from its meta, so a checkout-internal base must still resolve
+    (whatever the working directory, as in a notebook run from ``notebooks/``)."""
+    import workbench.paths as paths
+    from workbench.analysis import profile_interference
+
+    repo = tmp_path / "repo"
+    base = shutil.copytree(world["base"], repo / "zoo" / "base")
+    monkeypatch.setattr(paths, "REPO_ROOT", repo)
+    monkeypatch.chdir(tmp_path)
+    prof = profile_interference(base, {"a": world["true"][0], "b": world["true"][1]}, device="cpu", progress=False)
+    assert prof.meta["base_path"] == "zoo/base"  # stored relative, read back from the repository root
+    assert len(prof.per_expert) > 0
+
+
 def _renamed_adapter(src: Path, dst: Path, base_name: str) -> Path:
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "adapter_config.json").read_text())

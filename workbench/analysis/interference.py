@@ -63,7 +63,7 @@ import pandas as pd
 import torch
 
 from ..device import resolve_device
-from ..paths import repo_relative
+from ..paths import repo_relative, resolve_repo_path
 from .. import masks as M
 from ..errors import CheckpointError, ConfigError
 from . import kernels as K
@@ -1426,7 +1426,8 @@ def foreign_check(prof: "InterferenceProfile", *, strict: bool = False) -> list[
     index = {e: i for i, e in enumerate(prof.experts)}
     df = prof.per_expert
     if len(df):
-        with CheckpointReader(meta["base_path"]) as base:  # headers only: the tensors' dimensions
+        # headers only: the tensors' dimensions (meta names files relative to the repository)
+        with CheckpointReader(resolve_repo_path(meta["base_path"])) as base:
             for row in df[["tensor", "expert", "tau_sq", "base_sq"]].itertuples(index=False):
                 norms.add(row.tensor, len(base.info(row.tensor).shape), index[row.expert], row.tau_sq, row.base_sq)
     paths = meta.get("paths", {})
