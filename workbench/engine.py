@@ -181,11 +181,12 @@ class _LoraExpert:
         return on  # a replacement, or None: unchanged, equal to the base
 
 
-def open_expert(path: str | Path):
-    """A full checkpoint or a LoRA adapter folder, whichever ``path`` is (read without mmap)."""
+def open_expert(path: str | Path, *, mmap: bool = False):
+    """A full checkpoint or a LoRA adapter folder, whichever ``path`` is (read without mmap, or
+    memory-mapped for the compiled CPU path)."""
     if is_lora_adapter(path):
         return _LoraExpert(LoraAdapter(path, mmap=False))
-    return _FullExpert(CheckpointReader(path, mmap=False))
+    return _FullExpert(CheckpointReader(path, mmap=mmap))
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -212,16 +213,19 @@ def check_finite(t: torch.Tensor, *, file, tensor: str) -> None:
     _check_finite_io(t, file=file, tensor=tensor)
 
 
-def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any]) -> _Item:
-    """Read one tensor of the base (and of the experts when it is merged), checking finiteness."""
+def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any], check: bool = True) -> _Item:
+    """Read one tensor of the base (and of the experts when it is merged), checking finiteness
+    (``check=False``: the compiled merge checks every entry as it reads it)."""
     b = base.get(name)
-    check_finite(b, file=base.file_of(name), tensor=name)
+    if check:
+        check_finite(b, file=base.file_of(name), tensor=name)
     item = _Item(name, merged, b)
     if merged:
         for e in experts:
             x = e.read(name)
             if isinstance(x, torch.Tensor):
-                check_finite(x, file=e.file_of(name), tensor=name)
+                if check:
+                    check_finite(x, file=e.file_of(name), tensor=name)
             elif isinstance(x, _LoraPiece):
                 for t in (x.a, x.b) if x.on is None else (x.a, x.b, x.on):
                     check_finite(t, file=e.file_of(name), tensor=name)
@@ -384,6 +388,7 @@ class MergeReport:
     seconds: float
     device: str
     thresholds: list[float] | None = None
+    path: str = "torch"  # "compiled": the fused CPU kernels of workbench.merge_kernels ran
 
 
 def _call_method(spec, base: torch.Tensor, experts: list[torch.Tensor], name: str, device: torch.device,
@@ -467,8 +472,9 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     # ---- checkpoints: headers, names, shapes
     if is_lora_adapter(cfg.base):
         raise ConfigError(f"the base {cfg.base} is a LoRA adapter; give the full base model")
-    base = CheckpointReader(cfg.base, mmap=False)
-    experts = [open_expert(p) for p in cfg.experts]
+    compiled = compiled_merge_available(cfg.method, params, device, cfg.experts, methods)
+    base = CheckpointReader(cfg.base, mmap=compiled)
+    experts = [open_expert(p, mmap=compiled) for p in cfg.experts]
     for e in experts:
         e.validate(base)
     names = base.keys()
@@ -484,7 +490,9 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         return out_dtype if (out_dtype is not None and d.is_floating_point) else d
 
     def read(n: str, m: bool) -> _Item:
-        return _read_item(n, m, base, experts)
+        return _read_item(n, m, base, experts, check=not (compiled and m))
+
+    pool = _compiled_pool() if compiled else (None, 1)  # (threads or None, workers)
 
     # ---- global trim (TIES over all parameters)
     params_asked = dict(params)
@@ -493,8 +501,16 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         # the experts are trimmed here (before the method runs: before DARE's drop in dare_ties),
         # then the method runs without a trim of its own
         density = float(params.get("density", params.get("k", 0.2)))
-        thresholds = global_trim_thresholds([[(n, True)] for n in merged_names], read, len(experts), density,
-                                            device, progress)
+        if compiled:
+            try:
+                thresholds = _compiled_global_trim(merged_names, base, experts, density, pool, progress)
+            except BaseException:
+                if pool[0] is not None:
+                    pool[0].shutdown()
+                raise
+        else:
+            thresholds = global_trim_thresholds([[(n, True)] for n in merged_names], read, len(experts), density,
+                                                device, progress)
         params = {**params, "trim": "tensor", "density": 1.0}
 
     # ---- schedule: units of names read together
@@ -515,8 +531,9 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     densities: dict[str, dict[str, float]] = {}
     kept_totals: dict[str, list[int]] = {}
 
+    compiled_settings = _compiled_settings(cfg.method, params, len(experts), thresholds) if compiled else None
     plan = [(n, infos[n].shape, dtype_of(n)) for n in names]
-    with CheckpointWriter(cfg.output, copy_from=base.folder, max_shard_bytes=cfg.max_shard_bytes, plan=plan,
+    with pool[0] or contextlib.nullcontext(), CheckpointWriter(cfg.output, copy_from=base.folder, max_shard_bytes=cfg.max_shard_bytes, plan=plan,
                           copy_tokenizer=cfg.copy_tokenizer, config_updates=config_updates,
                           overwrite=cfg.overwrite) as w:
         def write_unit(items: list[_Item]) -> None:
@@ -524,6 +541,9 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
             if not items[0].merged:
                 it = items[0]
                 w.add(it.name, it.base if out_dtype is None else it.base.to(dtype_of(it.name)))
+                return
+            if compiled:
+                _compiled_write(w, items[0], cfg, compiled_settings, dtype_of(items[0].name), base, experts, pool)
                 return
             results = _compute(spec, items, device, cfg.seed, params, thresholds, batched)
             for it, (merged, extras) in zip(items, results):
@@ -551,16 +571,76 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                                            "format": "keys '<tensor>::<extra>'; bool masks packed with "
                                                      "workbench.masks.pack_mask (MSB first), shape in metadata"})
         report = MergeReport(cfg.output, cfg.method, params_asked, merged_names,
-                             [n for n in names if n not in merged_set], 0.0, str(device), thresholds)
+                             [n for n in names if n not in merged_set], 0.0, str(device), thresholds,
+                             "compiled" if compiled else "torch")
         w.save_json("workbench_merge.json", {
             "config": cfg.model_dump(mode="json"), "params_used": params_asked, "device": str(device),
             "n_merged": len(merged_names), "n_kept": len(names) - len(merged_names), "kept": report.kept,
-            "global_trim_thresholds": thresholds, "workbench_version": _version()})
+            "global_trim_thresholds": thresholds, "path": report.path, "workbench_version": _version()})
     report.seconds = time.perf_counter() - t0
     base.close()
     for e in experts:
         (e.reader if isinstance(e, _FullExpert) else e.adapter.reader).close()
     return report
+
+
+# ---------------------------------------------------------------------------------------- compiled CPU path
+# The fused CPU kernels of workbench.merge_kernels: the same values as the torch methods (tested bit
+# for bit), one pass per row chunk over the memory-mapped inputs. Everything here is dispatch.
+def compiled_merge_available(method: str, params: dict, device: torch.device, expert_paths: Sequence[Path],
+                             methods: Mapping[str, Any] | None = None) -> bool:
+    """Whether the merge runs on the compiled CPU path (:func:`workbench.merge_kernels.compiled_merge_available`;
+    never with a test registry of other methods)."""
+    if methods is not None:
+        return False
+    from .merge_kernels import compiled_merge_available as available
+
+    return available(method, params, device, len(expert_paths), not any(is_lora_adapter(p) for p in expert_paths))
+
+
+def _compiled_pool():
+    """``(threads, workers)``: a thread pool over column ranges, one worker per torch thread
+    (``(None, 1)`` with one thread); the caller shuts it down (``with``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = torch.get_num_threads()
+    return (ThreadPoolExecutor(workers, thread_name_prefix="workbench-merge"), workers) if workers > 1 else (None, 1)
+
+
+def _compiled_settings(method: str, params: dict, n: int, thresholds):
+    from .merge_kernels import merge_settings
+
+    return merge_settings(method, params, n, thresholds)
+
+
+def _raise_nonfinite(name: str, base: CheckpointReader, experts: Sequence[Any], output: Path, method: str):
+    """The compiled kernel met a non-finite value: name the input that holds it, else the result."""
+    _read_item(name, True, base, experts, check=True)
+    raise CheckpointError(f"method {method!r} produced non-finite values", file=output, tensor=name)
+
+
+def _compiled_global_trim(names: list[str], base: CheckpointReader, experts: Sequence[Any], density: float,
+                          pool, progress: bool) -> list[float]:
+    from .merge_kernels import global_trim_thresholds as compiled_thresholds
+
+    out = compiled_thresholds(lambda: ((base.get(n), [e.read(n) for e in experts]) for n in names), len(experts),
+                              density, pool=pool[0], workers=pool[1], progress=progress)
+    if out is None:
+        for n in names:
+            _read_item(n, True, base, experts, check=True)
+        raise CheckpointError("non-finite task vector in the global trim", file=base.path)
+    return out
+
+
+def _compiled_write(w: CheckpointWriter, it: _Item, cfg: MergeConfig, settings, dtype: torch.dtype,
+                    base: CheckpointReader, experts: Sequence[Any], pool) -> None:
+    from .merge_kernels import merge_tensor
+
+    ok = []
+    w.add_parts(it.name, lambda write: ok.append(merge_tensor(
+        settings, it.base, it.experts, dtype, tensor_seed(cfg.seed, it.name), write, pool=pool[0], workers=pool[1])))
+    if not ok[0]:
+        _raise_nonfinite(it.name, base, experts, cfg.output, cfg.method)
 
 
 def _version() -> str:
