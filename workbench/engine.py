@@ -15,6 +15,10 @@
    and written at once by a planned :class:`~workbench.io.CheckpointWriter`, so memory holds a
    few tensors, never the model. Tensors the name filter keeps are copied from the base
    bit-identically. Method extras (MMER masks) are bit-packed and saved under ``<output>/mmer/``.
+   On a CPU, weight average, task arithmetic, DARE linear, TIES and DARE-TIES run instead as the
+   compiled, row-chunked kernels of :mod:`workbench.merge_kernels` over memory-mapped inputs (the
+   same values; ``WORKBENCH_COMPILED_MERGE=0`` runs the torch methods; the report's ``path`` says
+   which ran).
 
 Every random draw uses a generator seeded from ``(seed, tensor name)``, so results do not depend
 on the order tensors are processed in, nor on batching.
@@ -636,11 +640,12 @@ def _compiled_write(w: CheckpointWriter, it: _Item, cfg: MergeConfig, settings, 
                     base: CheckpointReader, experts: Sequence[Any], pool) -> None:
     from .merge_kernels import merge_tensor
 
-    ok = []
-    w.add_parts(it.name, lambda write: ok.append(merge_tensor(
-        settings, it.base, it.experts, dtype, tensor_seed(cfg.seed, it.name), write, pool=pool[0], workers=pool[1])))
-    if not ok[0]:
-        _raise_nonfinite(it.name, base, experts, cfg.output, cfg.method)
+    def parts(write) -> None:
+        if not merge_tensor(settings, it.base, it.experts, dtype, tensor_seed(cfg.seed, it.name), write,
+                            pool=pool[0], workers=pool[1]):
+            _raise_nonfinite(it.name, base, experts, cfg.output, cfg.method)
+
+    w.add_parts(it.name, parts)
 
 
 def _version() -> str:

@@ -20,7 +20,10 @@ multiply-add). The per-tensor TIES thresholds are the exact ``k``-th largest ``|
 (``k = round(density * numel)``, as :func:`workbench.methods._trim_`), the global ones the exact
 ``ceil(density * total)``-th largest non-zero ``|tau_i|`` over all merged tensors (as
 :func:`workbench.engine.global_trim_thresholds`), both by :func:`kernels.kth_from_hist`.
-``tests/test_merge_kernels.py`` checks all of it against the torch methods.
+``tests/test_merge_kernels.py`` checks all of it against the torch methods. One exception: from
+five experts on, torch sums over the experts in an order of its own (not sequential), so the float32
+sums, and then the outputs, may differ in the last bit (tested: within one unit in the last place of
+the output dtype); up to four experts the two paths are bit-identical.
 
 **Memory**: inputs are read through the memory maps (page cache, not anonymous memory); the work
 goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a tensor needs is one
@@ -183,11 +186,16 @@ def drop_hist(m, b, pos0, dare, ka, kb, shift, pu, keep, skip_zeros, low, hbin, 
 '''
 
 
-def _kernel_source(N: int, combine: str, gtrim: bool, dare: bool, helpers: str) -> str:
-    """Source of ``kernel(m_0 .. m_{N-1}, base, out, pos0, gthr, thr, keys, p_int, keep, coef, scale,
-    do_scale) -> int`` (the number of non-finite inputs and outputs) for one chunk: every argument
-    array is the chunk (``c`` entries; inputs float32 or bfloat16 bits; ``out`` float32 or
-    bfloat16 bits), ``pos0`` the tensor position of its first entry (DARE)."""
+_MODES = {"mean": 0, "sum": 1, "ties": 2}
+
+
+def _kernel_source(N: int, helpers: str) -> str:
+    """Source of ``kernel(m_0 .. m_{N-1}, base, out, mode, gtrim, dare, pos0, gthr, thr, keys, p_int, keep,
+    coef, scale, do_scale) -> int`` (the number of non-finite inputs and outputs) for one chunk of
+    ``N`` experts: every argument array is the chunk (``c`` entries; inputs float32 or bfloat16
+    bits; ``out`` float32 or bfloat16 bits), ``mode`` :data:`_MODES`, ``pos0`` the tensor position of
+    the chunk's first entry (DARE). One kernel per ``N`` (the flags are loop-invariant branches that
+    LLVM takes out of the loop), so that few variants are ever compiled."""
     r = range(N)
     L: list[str] = []
     A = L.append
@@ -196,8 +204,8 @@ def _kernel_source(N: int, combine: str, gtrim: bool, dare: bool, helpers: str) 
     A(f"from {helpers} import ld, st")
     A("")
     A("@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')")
-    A("def kernel(" + ", ".join(f"m{i}" for i in r) + ", base, out, pos0, gthr, thr, keys, p_int, keep, coef, "
-      "scale, do_scale):")
+    A("def kernel(" + ", ".join(f"m{i}" for i in r) + ", base, out, mode, gtrim, dare, pos0, gthr, thr, keys, "
+      "p_int, keep, coef, scale, do_scale):")
     A("    c = base.shape[0]")
     A("    bad = 0")
     A("    pu = np.uint32(p_int)")
@@ -212,44 +220,44 @@ def _kernel_source(N: int, combine: str, gtrim: bool, dare: bool, helpers: str) 
     for i in r:
         A(f"        v{i} = ld(m{i}, col)")
         A(f"        bad += np.int32((v{i} - v{i}) != z)")
-    if combine == "mean":
-        A("        acc = " + " + ".join(f"v{i}" for i in r))
-        A(f"        res = acc / np.float32({N})")
-    else:
-        for i in r:
-            A(f"        x{i} = v{i} - bv")
-            if gtrim:  # the engine's _trim_expert: theta_0 + where(|tau| >= t, tau, 0), then minus theta_0
-                A(f"        if gt{i} > z:")
-                A(f"            x{i} = x{i} * np.float32(abs(x{i}) >= gt{i}) + z")
-                A(f"        x{i} = (x{i} + bv) - bv")
-        if dare:
-            A("        pp = np.uint32(pos0 + col)")
-            for m in range((N + 1) // 2):
-                A(f"        h = np.uint32(np.uint32(pp * ka{m}) + kb{m})")
-                A("        h = np.uint32(h ^ (h >> np.uint32(16)))")
-                A("        h = np.uint32(h * np.uint32(0x85EBCA6B))")
-                A("        h = np.uint32(h ^ (h >> np.uint32(13)))")
-                A("        h = np.uint32(h * np.uint32(0xC2B2AE35))")
-                A("        h = np.uint32(h ^ (h >> np.uint32(16)))")
-                for i in (2 * m, 2 * m + 1):
-                    if i < N:
-                        A(f"        x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"
-                          f" >= pu)) / keep")
-        if combine == "sum":
-            A("        acc = " + " + ".join(f"x{i} * c{i}" for i in r))
-        else:  # ties: trim, elected sign of the sum, disjoint mean
-            for i in r:
-                A(f"        x{i} = x{i} * np.float32(abs(x{i}) >= th{i})")
-            A("        ts = " + " + ".join(f"x{i}" for i in r))
-            A("        g = np.float32(ts > z) - np.float32(ts < z)")
-            for i in r:
-                A(f"        y{i} = x{i} * g")
-            A("        cnt = " + " + ".join(f"np.int32(y{i} > z)" for i in r))
-            A("        tot = " + " + ".join(f"(y{i} if y{i} > z else z)" for i in r))
-            A("        acc = (tot * g + z) / np.float32(max(cnt, 1))")
-        A("        if do_scale:")
-        A("            acc = acc * scale")
-        A("        res = acc + bv")
+    A("        if mode == 0:  # the mean of the theta_i")
+    A("            res = (" + " + ".join(f"v{i}" for i in r) + f") / np.float32({N})")
+    A("        else:")
+    for i in r:
+        A(f"            x{i} = v{i} - bv")
+    A("            if gtrim:  # the engine's _trim_expert: theta_0 + where(|tau| >= t, tau, 0), minus theta_0")
+    for i in r:
+        A(f"                if gt{i} > z:")
+        A(f"                    x{i} = x{i} * np.float32(abs(x{i}) >= gt{i}) + z")
+        A(f"                x{i} = (x{i} + bv) - bv")
+    A("            if dare:")
+    A("                pp = np.uint32(pos0 + col)")
+    for m in range((N + 1) // 2):
+        A(f"                h = np.uint32(np.uint32(pp * ka{m}) + kb{m})")
+        A("                h = np.uint32(h ^ (h >> np.uint32(16)))")
+        A("                h = np.uint32(h * np.uint32(0x85EBCA6B))")
+        A("                h = np.uint32(h ^ (h >> np.uint32(13)))")
+        A("                h = np.uint32(h * np.uint32(0xC2B2AE35))")
+        A("                h = np.uint32(h ^ (h >> np.uint32(16)))")
+        for i in (2 * m, 2 * m + 1):
+            if i < N:
+                A(f"                x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"
+                  f" >= pu)) / keep")
+    A("            if mode == 1:  # weighted sum")
+    A("                acc = " + " + ".join(f"x{i} * c{i}" for i in r))
+    A("            else:  # ties: trim, elected sign of the sum, disjoint mean")
+    for i in r:
+        A(f"                x{i} = x{i} * np.float32(abs(x{i}) >= th{i})")
+    A("                ts = " + " + ".join(f"x{i}" for i in r))
+    A("                g = np.float32(ts > z) - np.float32(ts < z)")
+    for i in r:
+        A(f"                y{i} = x{i} * g")
+    A("                cnt = " + " + ".join(f"np.int32(y{i} > z)" for i in r))
+    A("                tot = " + " + ".join(f"(y{i} if y{i} > z else z)" for i in r))
+    A("                acc = (tot * g + z) / np.float32(max(cnt, 1))")
+    A("            if do_scale:")
+    A("                acc = acc * scale")
+    A("            res = acc + bv")
     A("        bad += np.int32((res - res) != z)")
     A("        st(out, col, res)")
     A("    return bad")
@@ -262,11 +270,10 @@ def _helpers():
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(N: int, combine: str, gtrim: bool, dare: bool):
+def _kernel(N: int):
     if not 1 <= N <= K.MAX_KERNEL_EXPERTS:
         raise ValueError(f"the compiled merge handles 1..{K.MAX_KERNEL_EXPERTS} experts, got {N}")
-    src = _kernel_source(N, combine, gtrim, dare, _helpers().__name__)
-    return K._load_module(f"merge_n{N}_{combine}{'_g' if gtrim else ''}{'_d' if dare else ''}", src).kernel
+    return K._load_module(f"merge_n{N}", _kernel_source(N, _helpers().__name__)).kernel
 
 
 # ---------------------------------------------------------------------------------------- tensors
@@ -337,7 +344,8 @@ def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.T
     except FloatingPointError:
         return False
     gthr = s.gthr if s.gthr is not None else np.zeros(N, np.float32)
-    kern = _kernel(N, s.combine, s.gthr is not None, s.dare)
+    kern = _kernel(N)
+    mode, gtrim = _MODES[s.combine], s.gthr is not None
     row = int(base.shape[-1]) if base.dim() > 1 and base.shape[-1] > 0 else 1
     step = max(row, CHUNK_ENTRIES // row * row)
     direct = out_dtype in (torch.bfloat16, torch.float32)
@@ -352,8 +360,8 @@ def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.T
         args = [_chunk(x, lo, hi, st) for x, st in zip([*mains, b], [*stages[1:], stages[0]])]
         ranges = K.column_ranges(hi - lo, pool, workers)
         counts = K.run_ranges(pool, lambda j, a, ln: kern(
-            *[x[a:a + ln] for x in args], out_k[a:a + ln], lo + a, gthr, thr, keys, s.p_int, s.keep, s.coef,
-            s.scale, s.do_scale), ranges)
+            *[x[a:a + ln] for x in args], out_k[a:a + ln], mode, gtrim, s.dare, lo + a, gthr, thr, keys, s.p_int,
+            s.keep, s.coef, s.scale, s.do_scale), ranges)
         bad += sum(counts)
         if not direct:
             out[:hi - lo].copy_(stage_out[:hi - lo])

@@ -714,7 +714,8 @@ def ties(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
 def dare_linear(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
                 drop_rate: float = 0.2) -> Tensor:
     """TA w/ DARE: ``tau_m = sum_i dare_drop(tau_i, p)`` (drop with prob. ``p``, rescale ``1/(1-p)``),
-    one mask per expert drawn in expert order from ``generator``."""
+    one mask per expert: :func:`dare_keep` (counter-based, seeded by ``generator``; the compiled CPU
+    merge of :mod:`workbench.merge_kernels` draws the same)."""
     taus = stack_task_vectors(base, experts)
     return _finish_(base, _dare_drop_(taus, drop_rate, generator).sum(0), scale)
 
