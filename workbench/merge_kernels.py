@@ -29,7 +29,9 @@ the output dtype); up to four experts the two paths are bit-identical.
 goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a tensor needs is one
 output chunk (``CHUNK_ENTRIES`` x 4 bytes = 4 MiB, plus a float32 staging chunk per input that is
 neither bfloat16 nor float32), written to the output file chunk by chunk
-(:meth:`workbench.io.writer.CheckpointWriter.add_parts`), whatever the tensor's size.
+(:meth:`workbench.io.writer.CheckpointWriter.add_parts`), whatever the tensor's size. (Checkpoints
+stored in float16 or float64 are the exception for TIES: its threshold passes read a float32 copy of
+the tensor's rows.)
 
 **DARE**: the keep draw is :mod:`workbench.analysis.kernels`' counter-based draw (seed = the
 tensor's :func:`workbench.engine.tensor_seed`, position = the flat index), identical on every device;
