@@ -19,8 +19,8 @@ it touched) and peak anonymous RSS (its own allocations, sampled from ``/proc/<p
 printed with the ratio to the floor: ``--repeats`` rounds (3) of the floor and every method,
 interleaved; a method's time is the median of its rounds, its ratio the median over the fastest floor
 and, printed as ``paired``, the median of its rounds' ratios to the floor of the same round.
-``--rss-params`` repeats the floor and every method on a larger model of the same tensor shapes (more layers) to show that peak memory does not grow
-with the model. Results go to ``data/benchmarks/merge_speed_<params>_<device>.{json,csv}``.
+``--rss-params`` repeats the floor and every method on a larger model of the same tensor shapes
+(more layers) to show that peak memory does not grow with the model. Results go to ``data/benchmarks/merge_speed_<params>_<device>.{json,csv}``.
 
     python benchmarks/merge_speed.py                                  # 272M, bf16, 200MB shards, 3 experts
     python benchmarks/merge_speed.py --methods +tsv,wudi,optmerge     # the defaults plus these
