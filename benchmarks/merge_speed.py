@@ -16,9 +16,11 @@ shards), then, in the same run, each measurement in a fresh child process:
 Each child's time (measured inside it, around the work, and as the process's wall time) and peak
 RSS (``os.wait4``'s ``ru_maxrss`` of that child alone: it counts the memory-mapped checkpoint pages
 it touched) and peak anonymous RSS (its own allocations, sampled from ``/proc/<pid>/status``) are
-printed with the ratio to the floor. ``--rss-params`` repeats the floor, task arithmetic and TIES
-on a larger model of the same tensor shapes (more layers) to show that peak memory does not grow
-with the model. Results go to ``data/benchmarks/merge_speed_<params>_<device>.{json,csv}``.
+printed with the ratio to the floor: ``--repeats`` rounds (3) of the floor and every method,
+interleaved; a method's time is the median of its rounds, its ratio the median over the fastest floor
+and, printed as ``paired``, the median of its rounds' ratios to the floor of the same round.
+``--rss-params`` repeats the floor and every method on a larger model of the same tensor shapes
+(more layers) to show that peak memory does not grow with the model. Results go to ``data/benchmarks/merge_speed_<params>_<device>.{json,csv}``.
 
     python benchmarks/merge_speed.py                                  # 272M, bf16, 200MB shards, 3 experts
     python benchmarks/merge_speed.py --methods +tsv,wudi,optmerge     # the defaults plus these
@@ -37,6 +39,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,8 +59,10 @@ OPTIONAL_METHODS = ["tsv", "wudi", "optmerge"]
 #: parameters of each method in the benchmark (the issue's settings).
 METHOD_PARAMS = {"ties": {"density": 0.2}, "dare_linear": {"drop_rate": 0.2},
                  "dare_ties": {"drop_rate": 0.2, "density": 0.2}}
-#: CPU targets: method time / I/O floor.
-TARGETS = {"weight_average": 1.2, "task_arithmetic": 1.2, "ties": 3.0, "dare_linear": 3.0, "dare_ties": 3.0}
+#: CPU targets (issue 20): method time / I/O floor.
+TARGETS = {"weight_average": 1.3, "task_arithmetic": 1.3, "ties": 3.0, "dare_linear": 3.0, "dare_ties": 3.0}
+#: peak anonymous memory target of every method, MB (issue 20), at both model sizes
+ANON_TARGET_MB = 300
 #: mergekit equivalents: (merge_method, per-model parameters, global parameters).
 MERGEKIT = {"task_arithmetic": ("task_arithmetic", {"weight": 1.0}, {"normalize": False}),
             "ties": ("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True})}
@@ -219,7 +224,18 @@ def run_child(spec: dict, env: dict | None = None) -> dict:
         raise RuntimeError(f"{spec.get('method', spec['mode'])} child failed (rc {r['rc']}):\n{r['stderr'][-4000:]}")
     res = json.loads(r["stdout"].strip().splitlines()[-1])
     res.update({k: r[k] for k in ("wall_s", "cpu_s", "maxrss_mb", "peak_anon_mb")})
+    res["loadavg_1m"] = os.getloadavg()[0]
     return res
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median ``seconds`` (its own memory and CPU), with every run's seconds and load."""
+    order = sorted(runs, key=lambda r: r["seconds"])
+    med = dict(order[(len(order) - 1) // 2])
+    med["runs_s"] = [r["seconds"] for r in runs]
+    med["runs_loadavg_1m"] = [r.get("loadavg_1m") for r in runs]
+    med["peak_anon_mb_max"] = max(r["peak_anon_mb"] for r in runs)
+    return med
 
 
 # ---------------------------------------------------------------------------------------- mergekit
@@ -344,8 +360,10 @@ def parse_methods(s: str) -> list[str]:
 def fmt_row(label: str, r: dict, floor: dict, target: float | None = None) -> str:
     ratio = r["seconds"] / floor["seconds"]
     t = ""
+    if r.get("paired_ratio_median") is not None:
+        t += f"  paired {r['paired_ratio_median']:5.2f}x"
     if target is not None:
-        t = f"  target <= {target:.1f}x: {'met' if ratio <= target else 'MISSED'}"
+        t += f"  target <= {target:.1f}x: {'met' if ratio <= target else 'MISSED'}"
     cpu = ""
     if r.get("cpu_s") and floor.get("cpu_s"):
         cpu = f"  CPU {r['cpu_s']:6.1f} s ({r['cpu_s'] / floor['cpu_s']:5.2f}x)"
@@ -355,24 +373,33 @@ def fmt_row(label: str, r: dict, floor: dict, target: float | None = None) -> st
 
 def measure_size(shape: LlamaShape, folders: list[Path], work: Path, methods: list[str], args, env: dict,
                  log) -> dict:
-    """Floor (before and after) and every method on one set of checkpoints."""
+    """``--repeats`` rounds of (floor, every method), interleaved so that each round's numbers share
+    the machine's load; then one more floor. The floor is the fastest floor run (a quiet moment
+    favours the floor, never us); each method is the median of its rounds."""
     common = {"folders": [str(f) for f in folders], "shard_bytes": args.shard_size, "threads": args.threads}
     floor_spec = {**common, "mode": "floor", "output": str(work / "out_floor")}
-    rows = {}
-    floors = [run_child(floor_spec, env)]
-    log(f"  io_floor (1st)  {floors[0]['seconds']:.2f} s")
-    for m in methods:
-        spec = {**common, "mode": "merge", "method": m, "params": METHOD_PARAMS.get(m, {}), "device": args.device,
-                "keep_defaults": args.keep_defaults, "output": str(work / f"out_{m}"),
-                "profile": m in args.profile}
-        rows[m] = run_child(spec, env)
-        log(f"  {m:<15} {rows[m]['seconds']:.2f} s")
-        if rows[m].get("profile"):
-            log(f"---- cProfile of {m} (main thread, by own time) ----\n{rows[m]['profile']}")
+    runs: dict[str, list] = {m: [] for m in methods}
+    floors = []
+    for rnd in range(args.repeats):
+        floors.append(run_child(floor_spec, env))
+        log(f"  round {rnd + 1}: io_floor {floors[-1]['seconds']:.2f} s (load {floors[-1]['loadavg_1m']:.2f})")
+        for m in methods:
+            spec = {**common, "mode": "merge", "method": m, "params": METHOD_PARAMS.get(m, {}), "device": args.device,
+                    "keep_defaults": args.keep_defaults, "output": str(work / f"out_{m}"),
+                    "profile": m in args.profile}
+            r = run_child(spec, env)
+            runs[m].append(r)
+            log(f"  round {rnd + 1}: {m:<15} {r['seconds']:.2f} s (anon {r['peak_anon_mb']:.0f} MB, "
+                f"load {r['loadavg_1m']:.2f})")
+            if r.get("profile"):
+                log(f"---- cProfile of {m} (main thread, by own time) ----\n{r['profile']}")
     floors.append(run_child(floor_spec, env))
-    log(f"  io_floor (2nd)  {floors[1]['seconds']:.2f} s")
+    log(f"  io_floor (last) {floors[-1]['seconds']:.2f} s")
     floor = min(floors, key=lambda r: r["seconds"])
-    return {"floor": floor, "floor_runs_s": [f["seconds"] for f in floors], "methods": rows}
+    out = {m: median_run(rs) for m, rs in runs.items()}
+    for m, rs in runs.items():  # each run over the floor of its own round (the same load)
+        out[m]["paired_ratio_median"] = statistics.median(r["seconds"] / f["seconds"] for r, f in zip(rs, floors))
+    return {"floor": floor, "floor_runs_s": [f["seconds"] for f in floors], "methods": out}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -387,7 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rss-params", default="2x",
                     help="a second model size (same tensor shapes, more layers) for the peak-RSS check: '2x' "
                          "(default), a count like 544M, or 'none'")
-    ap.add_argument("--rss-methods", type=parse_methods, default=["task_arithmetic", "ties"])
+    ap.add_argument("--rss-methods", type=parse_methods, default=list(DEFAULT_METHODS))
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of (floor, methods); medians are reported (3)")
+    ap.add_argument("--mergekit-repeats", type=int, default=3, help="runs of each mergekit merge (median; 3)")
     ap.add_argument("--device", default="cpu", help="device of our merges (cpu, cuda, auto)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every child (0: torch's default)")
     ap.add_argument("--keep-defaults", action="store_true",
@@ -446,6 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "machine": info, "dtype": dtype_name, "shard_bytes": args.shard_size, "experts": args.experts,
                     "device": args.device, "threads": args.threads or None, "keep_defaults": args.keep_defaults,
                     "method_params": {m: METHOD_PARAMS.get(m, {}) for m in args.methods}, "targets": TARGETS,
+                    "anon_target_mb": ANON_TARGET_MB, "repeats": args.repeats,
                     "sizes": []}
     try:
         for si, shp in enumerate(sizes):
@@ -484,8 +514,13 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"\nmergekit {ver} ({mk_exe}), same checkpoints, every tensor merged, time of its run_merge:")
                 for m in mk_methods:
                     try:
-                        r = run_mergekit(mk_exe, m, folders, work, dtype_name, args.shard_size, env,
-                                         args.mergekit_timeout)
+                        mk_runs = []
+                        for _ in range(max(1, args.mergekit_repeats)):
+                            mk_runs.append(run_mergekit(mk_exe, m, folders, work, dtype_name, args.shard_size, env,
+                                                        args.mergekit_timeout))
+                            mk_runs[-1]["loadavg_1m"] = os.getloadavg()[0]
+                            log(f"  mergekit {m}: {mk_runs[-1]['seconds']:.2f} s (load {mk_runs[-1]['loadavg_1m']:.2f})")
+                        r = median_run(mk_runs)
                     except RuntimeError as e:
                         log(f"  mergekit {m}: FAILED: {str(e)[-800:]}")
                         entry["mergekit"][m] = {"error": str(e)[-2000:]}
@@ -516,6 +551,9 @@ def main(argv: list[str] | None = None) -> dict:
                 cells += [f"{m} {r['maxrss_mb']:.0f}/{r['peak_anon_mb']:.0f}" for m, r in e["methods"].items()
                           if m in args.rss_methods]
                 log(f"  {e['params'] / 1e6:7.1f}M params ({e['shape']['layers']} layers): " + ", ".join(cells))
+            worst = max(r["peak_anon_mb_max"] for e in result["sizes"] for r in e["methods"].values())
+            log(f"  largest peak anonymous memory of any merge run: {worst:.0f} MB (target <= {ANON_TARGET_MB} MB: "
+                f"{'met' if worst <= ANON_TARGET_MB else 'MISSED'})")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -217,7 +217,7 @@ def test_threshold_split_in_column_ranges_is_exact(workers):
     assert K.tau_hist(mk, bk, True, one)
     with ThreadPoolExecutor(workers) as pool:
         split = np.zeros(1 << 15, np.int64)
-        assert len(K._ranges(n, pool, workers)) == workers
+        assert len(K.column_ranges(n, pool, workers)) == workers
         assert K.tau_hist(mk, bk, True, split, pool=pool, workers=workers)
         assert np.array_equal(one, split)
         for k in (1, n // 5, n // 2, n):

@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workbench.errors import ConfigError
-from workbench.methods import (METHODS, MergeOutput, OPTMERGE_PRESETS, Targets, dare_drop, get_method, global_trim_thresholds,
+from workbench.methods import (METHODS, MergeOutput, OPTMERGE_PRESETS, Targets, dare_drop, dare_keep, get_method,
+                               global_trim_thresholds,
                                iso_c_merge_tau, iso_cts_merge_tau, optmerge, optmerge_batched, quadratic_merge_loss,
                                ties, ties_merge_tau, trim_topk, tsv_merge_tau, wudi, wudi_batched)
 from workbench.masks import mmer_masks, unpack_mask
@@ -133,32 +134,61 @@ def test_ties_matches_peft(density):
                                rtol=1e-6, atol=1e-7)
 
 
-def test_dare_linear_matches_peft_same_mask():
-    """Same mask: peft draws ``bernoulli(density)`` per task vector, in order, from the global RNG;
-    ours draws the same from the generator (``density = 1 - drop_rate``). Both rescale by
-    ``1/(1-p)`` (peft >= 0.19; earlier versions did not). With the same seed the outputs are the
-    same bit for bit."""
+def _peft_with_our_masks(monkeypatch, shape, n, p, seed):
+    """peft draws its DARE masks with ``torch.bernoulli`` per task vector, in order; ours are the
+    counter-based draw (:func:`dare_keep`). Hand peft our masks, in expert order, so that its own
+    arithmetic (``tau * mask / density``, the sum or the sign election) can be compared bit for bit."""
+    masks = iter(dare_keep(shape, n, p, gen(seed)).unbind(0))
+    def ours(probs, *a, **k):
+        m = next(masks)
+        assert tuple(m.shape) == tuple(probs.shape) and torch.all(probs == 1 - p)
+        return m.to(probs.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", ours)
+
+
+def test_dare_linear_matches_peft_same_mask(monkeypatch):
+    """Same mask (ours, handed to peft): peft's ``dare_linear`` (``tau * mask / (1-p)``, summed,
+    peft >= 0.19) equals ours bit for bit."""
     from peft.utils.merge_utils import dare_linear as peft_dare
 
     base, experts = setup(6, shape=(20, 30))
     taus = [e - base for e in experts]
-    torch.manual_seed(123)
+    _peft_with_our_masks(monkeypatch, (20, 30), 3, 0.3, 123)
     want = peft_dare(taus, torch.ones(3), density=0.7)
     got = run("dare_linear", base, experts, seed=123, drop_rate=0.3)
     torch.testing.assert_close(got - base, want, rtol=1e-6, atol=1e-7)
 
 
-def test_dare_ties_matches_peft_without_trim():
+def test_dare_ties_matches_peft_without_trim(monkeypatch):
     """peft's ``dare_ties`` = DARE drop + rescale, then sign election and disjoint mean with no
-    magnitude trim: ours with ``density = 1`` (our default 0.2 also trims, as methods.md reads TIES)."""
+    magnitude trim: ours with ``density = 1`` (our default 0.2 also trims, as methods.md reads TIES);
+    the same masks handed to peft."""
     from peft.utils.merge_utils import dare_ties as peft_dare_ties
 
     base, experts = setup(7, shape=(20, 30))
     taus = [e - base for e in experts]
-    torch.manual_seed(5)
+    _peft_with_our_masks(monkeypatch, (20, 30), 3, 0.2, 5)
     want = peft_dare_ties(taus, torch.ones(3), density=0.8, majority_sign_method="total")
     got = run("dare_ties", base, experts, seed=5, drop_rate=0.2, density=1.0)
     torch.testing.assert_close(got - base, want, rtol=1e-6, atol=1e-7)
+
+
+def test_dare_keep_is_distributed_as_peft_draw():
+    """The counter-based keep mask against peft's ``bernoulli(1 - p)`` draw, distributionally: keep
+    rates within 6 sigma of ``1 - p`` for both, experts and neighbouring entries uncorrelated
+    (|r| < 6 / sqrt(n)); a different seed gives a different mask."""
+    n, p = 200_000, 0.3
+    ours = dare_keep((n,), 3, p, gen(0))
+    peft = torch.bernoulli(torch.full((3, n), 1 - p), generator=gen(0))
+    sigma = math.sqrt(p * (1 - p) / n)
+    for m in (ours, peft):
+        assert (m.mean(1) - (1 - p)).abs().max() < 6 * sigma
+    r = torch.corrcoef(ours)
+    assert (r - torch.eye(3)).abs().max() < 6 / math.sqrt(n)
+    lag = torch.corrcoef(torch.stack([ours[0, :-1], ours[0, 1:]]))[0, 1]
+    assert abs(float(lag)) < 6 / math.sqrt(n)
+    assert not torch.equal(ours, dare_keep((n,), 3, p, gen(1)))
 
 
 def test_dare_statistics():
@@ -576,9 +606,14 @@ def test_dare_fast_paths_are_the_reference_draws():
     base = torch.randn(30, 40, generator=g)
     experts = [base + torch.randn(30, 40, generator=g) for _ in range(3)]
     taus = torch.stack([e - base for e in experts])
+    from workbench.analysis.kernels import dare_draw, dare_keep_threshold, dare_keys
+
+    keys = dare_keys(torch.Generator().manual_seed(9).initial_seed(), 3)
     for p in (0.0, 0.2, 0.5):
-        gen = torch.Generator().manual_seed(9)
-        dropped = torch.stack([t * torch.bernoulli(torch.full(t.shape, 1 - p), generator=gen) / (1 - p) for t in taus])
+        # the reference draw: plain-integer hashes of (seed, expert, position), kernels.dare_draw
+        p_int = dare_keep_threshold(p)
+        keep = torch.tensor([[float(dare_draw(j, i, keys) >= p_int) for j in range(30 * 40)] for i in range(3)])
+        dropped = torch.stack([t * keep[i].reshape(30, 40) / (1 - p) for i, t in enumerate(taus)])
         got = dare_ties(base, experts, drop_rate=p, density=0.3, generator=torch.Generator().manual_seed(9))
         assert torch.equal(_bits(got), _bits(base + _ties_reference(dropped, 0.3)))
         got = dare_linear(base, experts, drop_rate=p, generator=torch.Generator().manual_seed(9))

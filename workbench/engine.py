@@ -20,6 +20,10 @@
    What is written is checked finite after the cast to the output dtype, and each expert's
    ``||tau|| / ||theta_0||`` is tallied: above :data:`~workbench.io.validate.FOREIGN_RATIO` a
    warning names it (``strict``: the merge fails and nothing is written).
+   On a CPU, weight average, task arithmetic, DARE linear, TIES and DARE-TIES run instead as the
+   compiled, row-chunked kernels of :mod:`workbench.merge_kernels` over memory-mapped inputs (the
+   same values; ``WORKBENCH_COMPILED_MERGE=0`` runs the torch methods; the report's ``path`` says
+   which ran); the same finiteness and foreign-expert checks apply.
 
 Every random draw uses a generator seeded from ``(seed, tensor name)``, so results do not depend
 on the order tensors are processed in, nor on batching.
@@ -47,7 +51,7 @@ from .io.filters import NameFilter
 from .io.lora import LoraAdapter, is_lora_adapter
 from .io.reader import CheckpointReader
 from .io.reader import check_finite as _check_finite_io
-from .io.validate import (TaskVectorNorms, check_full_expert, check_lora_base_name, check_lora_expert,
+from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_full_expert, check_lora_base_name, check_lora_expert,
                           check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
 from .masks import pack_mask, unpack_mask
@@ -148,11 +152,12 @@ class _LoraExpert:
         return on  # a replacement, or None: unchanged, equal to the base
 
 
-def open_expert(path: str | Path):
-    """A full checkpoint or a LoRA adapter folder, whichever ``path`` is (read without mmap)."""
+def open_expert(path: str | Path, *, mmap: bool = False):
+    """A full checkpoint or a LoRA adapter folder, whichever ``path`` is (read without mmap, or
+    memory-mapped for the compiled CPU path)."""
     if is_lora_adapter(path):
         return _LoraExpert(LoraAdapter(path, mmap=False))
-    return _FullExpert(CheckpointReader(path, mmap=False))
+    return _FullExpert(CheckpointReader(path, mmap=mmap))
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -183,16 +188,19 @@ def check_finite(t: torch.Tensor, *, file, tensor: str) -> None:
         _check_finite_io(t, file=file, tensor=tensor)
 
 
-def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any]) -> _Item:
-    """Read one tensor of the base (and of the experts when it is merged), checking finiteness."""
+def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any], check: bool = True) -> _Item:
+    """Read one tensor of the base (and of the experts when it is merged), checking finiteness
+    (``check=False``: the compiled merge checks every entry as it reads it)."""
     b = base.get(name)
-    check_finite(b, file=base.file_of(name), tensor=name)
+    if check:
+        check_finite(b, file=base.file_of(name), tensor=name)
     item = _Item(name, merged, b)
     if merged:
         for e in experts:
             x = e.read(name)
             if isinstance(x, torch.Tensor):
-                check_finite(x, file=e.file_of(name), tensor=name)
+                if check:
+                    check_finite(x, file=e.file_of(name), tensor=name)
             elif isinstance(x, _LoraPiece):
                 for t in (x.a, x.b) if x.on is None else (x.a, x.b, x.on):
                     check_finite(t, file=e.file_of(name), tensor=name)
@@ -358,6 +366,7 @@ class MergeReport:
     #: per merged 2-D tensor, the method's report facts (WUDI / OptMerge: objective start / end,
     #: gradient ratio, converged; see ``workbench.methods._solve``); empty for other methods
     objectives: dict[str, dict] = field(default_factory=dict)
+    path: str = "torch"  # "compiled": the fused CPU kernels of workbench.merge_kernels ran
 
 
 def _call_method(spec, base: torch.Tensor, experts: list[torch.Tensor], name: str, device: torch.device,
@@ -442,8 +451,9 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     # ---- checkpoints: headers, names, shapes
     if is_lora_adapter(cfg.base):
         raise ConfigError(f"the base {cfg.base} is a LoRA adapter; give the full base model")
-    base = CheckpointReader(cfg.base, mmap=False)
-    experts = [open_expert(p) for p in cfg.experts]
+    compiled = compiled_merge_available(cfg.method, params, device, cfg.experts, methods)
+    base = CheckpointReader(cfg.base, mmap=compiled)
+    experts = [open_expert(p, mmap=compiled) for p in cfg.experts]
     for e in experts:
         e.validate(base, cfg.strict)
     names = base.keys()
@@ -460,7 +470,9 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         return out_dtype if (out_dtype is not None and d.is_floating_point) else d
 
     def read(n: str, m: bool) -> _Item:
-        return _read_item(n, m, base, experts)
+        return _read_item(n, m, base, experts, check=not (compiled and m))
+
+    pool = _compiled_pool() if compiled else (None, 1)  # (threads or None, workers)
 
     # ---- global trim (TIES over all parameters)
     params_asked = dict(params)
@@ -469,8 +481,16 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         # the experts are trimmed here (before the method runs: before DARE's drop in dare_ties),
         # then the method runs without a trim of its own
         density = float(params.get("density", params.get("k", 0.2)))
-        thresholds = global_trim_thresholds([[(n, True)] for n in merged_names], read, len(experts), density,
-                                            device, progress)
+        if compiled:
+            try:
+                thresholds = _compiled_global_trim(merged_names, base, experts, density, pool, progress)
+            except BaseException:
+                if pool[0] is not None:
+                    pool[0].shutdown()
+                raise
+        else:
+            thresholds = global_trim_thresholds([[(n, True)] for n in merged_names], read, len(experts), density,
+                                                device, progress)
         params = {**params, "trim": "tensor", "density": 1.0}
 
     # ---- schedule: units of names read together
@@ -492,6 +512,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     kept_totals: dict[str, list[int]] = {}
     objectives: dict[str, dict] = {}
 
+    compiled_settings = _compiled_settings(cfg.method, params, len(experts), thresholds) if compiled else None
     plan = [(n, infos[n].shape, dtype_of(n)) for n in names]
     norms = TaskVectorNorms([str(p) for p in cfg.experts])
 
@@ -499,12 +520,11 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         """``t`` cast to ``dtype`` on the CPU, checked finite *after* the cast (what is written)."""
         out = t.to(dtype).cpu()
         if not all_finite(out):
-            what = ("non-finite values" if not all_finite(t) else
-                    f"values outside the {str(dtype).replace('torch.', '')} range (Inf after the cast)")
-            raise CheckpointError(f"{source} gives {what}; nothing written", file=cfg.output, tensor=name)
+            raise CheckpointError(f"{source} gives {_nonfinite_what(t, dtype)}; nothing written", file=cfg.output,
+                                  tensor=name)
         return out
 
-    with CheckpointWriter(cfg.output, copy_from=base.folder, max_shard_bytes=cfg.max_shard_bytes, plan=plan,
+    with pool[0] or contextlib.nullcontext(), CheckpointWriter(cfg.output, copy_from=base.folder, max_shard_bytes=cfg.max_shard_bytes, plan=plan,
                           copy_tokenizer=cfg.copy_tokenizer, config_updates=config_updates,
                           overwrite=cfg.overwrite) as w:
         def write_unit(items: list[_Item]) -> None:
@@ -513,6 +533,10 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                 it = items[0]
                 w.add(it.name, it.base if out_dtype is None else stored(it.base, dtype_of(it.name), it.name,
                                                                         "the base tensor (kept)"))
+                return
+            if compiled:
+                _compiled_write(w, items[0], cfg, compiled_settings, dtype_of(items[0].name), base, experts, pool,
+                                norms)
                 return
             results = _compute(spec, items, device, cfg.seed, params, thresholds, batched, norms)
             for it, (merged, extras, facts) in zip(items, results):
@@ -540,17 +564,96 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                                            "format": "keys '<tensor>::<extra>'; bool masks packed with "
                                                      "workbench.masks.pack_mask (MSB first), shape in metadata"})
         report = MergeReport(cfg.output, cfg.method, params_asked, merged_names,
-                             [n for n in names if n not in merged_set], 0.0, str(device), thresholds, objectives)
+                             [n for n in names if n not in merged_set], 0.0, str(device), thresholds, objectives,
+                             "compiled" if compiled else "torch")
         w.save_json("workbench_merge.json", {
             "config": cfg.model_dump(mode="json"), "params_used": params_asked, "device": str(device),
             "n_merged": len(merged_names), "n_kept": len(names) - len(merged_names), "kept": report.kept,
-            "global_trim_thresholds": thresholds, **_objective_summary(objectives),
+            "global_trim_thresholds": thresholds, **_objective_summary(objectives), "path": report.path,
             "workbench_version": _version()})
     report.seconds = time.perf_counter() - t0
     base.close()
     for e in experts:
         (e.reader if isinstance(e, _FullExpert) else e.adapter.reader).close()
     return report
+
+
+# ---------------------------------------------------------------------------------------- compiled CPU path
+# The fused CPU kernels of workbench.merge_kernels: the same values as the torch methods (tested bit
+# for bit), one pass per row chunk over the memory-mapped inputs. Everything here is dispatch.
+def compiled_merge_available(method: str, params: dict, device: torch.device, expert_paths: Sequence[Path],
+                             methods: Mapping[str, Any] | None = None) -> bool:
+    """Whether the merge runs on the compiled CPU path (:func:`workbench.merge_kernels.compiled_merge_available`;
+    never with a test registry of other methods)."""
+    if methods is not None:
+        return False
+    from .merge_kernels import compiled_merge_available as available
+
+    return available(method, params, device, len(expert_paths), not any(is_lora_adapter(p) for p in expert_paths))
+
+
+def _compiled_pool():
+    """``(threads, workers)``: a thread pool over column ranges, one worker per torch thread
+    (``(None, 1)`` with one thread); the caller shuts it down (``with``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = torch.get_num_threads()
+    return (ThreadPoolExecutor(workers, thread_name_prefix="workbench-merge"), workers) if workers > 1 else (None, 1)
+
+
+def _compiled_settings(method: str, params: dict, n: int, thresholds):
+    from .merge_kernels import merge_settings
+
+    return merge_settings(method, params, n, thresholds)
+
+
+def _raise_nonfinite(name: str, base: CheckpointReader, experts: Sequence[Any], output: Path, method: str,
+                     dtype: torch.dtype):
+    """The compiled kernel met a non-finite value: name the input that holds it, else the result
+    (non-finite in float32, or past the range of the output ``dtype``)."""
+    _read_item(name, True, base, experts, check=True)
+    if dtype == torch.float32:
+        what = "non-finite values"
+    else:  # the float32 result was finite: the kernel counts the cast's overflow (float16 / bfloat16)
+        what = f"non-finite values or values outside the {str(dtype).replace('torch.', '')} range (Inf after the cast)"
+    raise CheckpointError(f"method {method!r} gives {what}; nothing written", file=output, tensor=name)
+
+
+def _compiled_global_trim(names: list[str], base: CheckpointReader, experts: Sequence[Any], density: float,
+                          pool, progress: bool) -> list[float]:
+    from .merge_kernels import global_trim_thresholds as compiled_thresholds
+
+    out = compiled_thresholds(lambda: ((base.get(n), [e.read(n) for e in experts]) for n in names), len(experts),
+                              density, pool=pool[0], workers=pool[1], progress=progress)
+    if out is None:
+        for n in names:
+            _read_item(n, True, base, experts, check=True)
+        raise CheckpointError("non-finite task vector in the global trim", file=base.path)
+    return out
+
+
+def _compiled_write(w: CheckpointWriter, it: _Item, cfg: MergeConfig, settings, dtype: torch.dtype,
+                    base: CheckpointReader, experts: Sequence[Any], pool, norms: TaskVectorNorms | None = None
+                    ) -> None:
+    from .merge_kernels import merge_tensor
+
+    if norms is not None and it.base.dim() >= 2:  # the foreign-expert tally, as _compute's (strided rows)
+        rows = lambda t: t.reshape(t.shape[0], -1)[::ROW_STRIDE].float()  # noqa: E731
+        norms.observe(it.name, rows(it.base), [rows(e) for e in it.experts], every=1)
+
+    def parts(write) -> None:
+        if not merge_tensor(settings, it.base, it.experts, dtype, tensor_seed(cfg.seed, it.name), write,
+                            pool=pool[0], workers=pool[1]):
+            _raise_nonfinite(it.name, base, experts, cfg.output, cfg.method, dtype)
+
+    w.add_parts(it.name, parts)
+
+
+def _nonfinite_what(t: torch.Tensor | None, dtype: torch.dtype) -> str:
+    """Why a written tensor is not finite: the values themselves, or the cast to ``dtype``."""
+    if t is not None and all_finite(t):
+        return f"values outside the {str(dtype).replace('torch.', '')} range (Inf after the cast)"
+    return "non-finite values"
 
 
 def _version() -> str:

@@ -27,12 +27,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .errors import ConfigError
-from .masks import dare_keep_mask, kth_largest, mmer_masks, pack_mask, threshold_keep_mask, topk_keep_mask
+from .masks import kth_largest, mmer_masks, pack_mask, threshold_keep_mask, topk_keep_mask
 
 __all__ = [
     "METHODS", "MergeOutput", "MethodSpec", "get_method", "global_trim_thresholds",
     # building blocks
-    "stack_task_vectors", "trim_topk", "elect_sign", "disjoint_mean", "ties_merge_tau", "dare_drop",
+    "stack_task_vectors", "trim_topk", "elect_sign", "disjoint_mean", "ties_merge_tau", "dare_keep", "dare_drop",
     "tsv_merge_tau", "iso_c_merge_tau", "iso_cts_merge_tau", "quadratic_merge_loss", "wudi_exact",
     "optmerge_exact", "OPTMERGE_PRESETS", "PRECISIONS", "TARGETS", "PROJECTIONS", "LR_SCALES", "Targets",
     "optmerge_settings", "objective_report", "CONVERGED_GRAD_RATIO",
@@ -268,24 +268,44 @@ def _ties_merge_tau_(taus: Tensor, density: float = 0.2, *, thresholds: Sequence
     return _disjoint_mean_(_trim_(taus, _check_density(density), thresholds))
 
 
+def dare_keep(shape: Sequence[int] | torch.Size, n_experts: int, p: float, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> Tensor:
+    """``[n_experts, *shape]`` float32 DARE keep masks (1 = kept): the counter-based draw of
+    :mod:`workbench.analysis.kernels` (expert ``i``, flat position ``j``; seed
+    ``generator.initial_seed()``, which the engine sets to the tensor's seed), identical on every
+    device and in the compiled CPU merge (:mod:`workbench.merge_kernels`). Each entry is kept with
+    probability ``1 - ceil(p * 2**16) / 2**16`` (``1 - p`` within ``1.6e-5``).
+
+    This replaces peft's ``random_pruning`` draw (``torch.bernoulli`` on the generator) used
+    before: DARE merges changed value (not distribution) with it; the mask is still applied as
+    peft applies it (:func:`dare_drop`). Without a generator the seed comes from torch's global RNG.
+    """
+    from .analysis.kernels import dare_keep_threshold, dare_keep_torch, dare_keys
+
+    p_int = dare_keep_threshold(_check_drop(p))
+    seed = generator.initial_seed() if generator is not None else int(torch.randint(0, 2 ** 62, ()))
+    dev = torch.device(device) if device is not None else (generator.device if generator is not None else "cpu")
+    n = math.prod(int(s) for s in shape)
+    keys = dare_keys(seed, n_experts)
+    return dare_keep_torch(0, n, keys, p_int, dev, n_experts=n_experts).reshape(n_experts, *shape)
+
+
 def dare_drop(tau: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
     """DARE (Yu et al. 2024): drop each entry with probability ``p``, rescale the rest by ``1/(1-p)``.
 
-    The mask is :func:`workbench.masks.dare_keep_mask` (peft's ``random_pruning`` draw), computed
-    as ``tau * keep / (1 - p)`` in that order, as peft does.
+    The mask is :func:`dare_keep` (expert 0's draw), applied as peft's ``random_pruning`` does:
+    ``tau * keep / (1 - p)`` in that order.
     """
     p = _check_drop(p)
-    keep = dare_keep_mask(tau.shape, p, generator, device=tau.device)
+    keep = dare_keep(tau.shape, 1, p, generator, device=tau.device)[0]
     return (tau * keep).div_(1.0 - p)
 
 
 def _dare_drop_(taus: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
-    """:func:`dare_drop` of each ``taus[i]`` in expert order, in place (same draws, same values)."""
+    """:func:`dare_drop` of each ``taus[i]`` with expert ``i``'s draw of :func:`dare_keep`, in place."""
     p = _check_drop(p)
-    for i in range(taus.shape[0]):
-        keep = dare_keep_mask(taus.shape[1:], p, generator, device=taus.device)
-        taus[i].mul_(keep).div_(1.0 - p)
-    return taus
+    keep = dare_keep(taus.shape[1:], taus.shape[0], p, generator, device=taus.device)
+    return taus.mul_(keep).div_(1.0 - p)
 
 
 def global_trim_thresholds(taus_by_tensor: Iterable[Tensor | Sequence[Tensor]], density: float) -> list[float]:
@@ -815,7 +835,8 @@ def ties(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
 def dare_linear(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
                 drop_rate: float = 0.2) -> Tensor:
     """TA w/ DARE: ``tau_m = sum_i dare_drop(tau_i, p)`` (drop with prob. ``p``, rescale ``1/(1-p)``),
-    one mask per expert drawn in expert order from ``generator``."""
+    one mask per expert: :func:`dare_keep` (counter-based, seeded by ``generator``; the compiled CPU
+    merge of :mod:`workbench.merge_kernels` draws the same)."""
     taus = stack_task_vectors(base, experts)
     return _finish_(base, _dare_drop_(taus, drop_rate, generator).sum(0), scale)
 

@@ -52,7 +52,7 @@ from ..errors import ConfigError
 
 __all__ = ["MAX_KERNEL_EXPERTS", "dare_keys", "dare_keep_threshold", "dare_keep_torch",
            "fmix32", "dare_draw", "check_positions", "chunk_kernel", "count_codes", "as_kernel_array", "tau_hist",
-           "tau_kth_largest"]
+           "tau_kth_largest", "kth_from_hist", "column_ranges", "run_ranges", "helpers_module"]
 
 #: the generated kernel handles this many experts (the code histograms of the accumulator)
 MAX_KERNEL_EXPERTS = 8
@@ -385,6 +385,12 @@ def _helpers():
     return _load_module("helpers", _HELPERS_SOURCE)
 
 
+def helpers_module():
+    """The compiled helpers module (``ld``: a stored entry as float32, ``f32_to_bits``, the
+    histogram passes), for other generated kernels to import (:mod:`workbench.merge_kernels`)."""
+    return _helpers()
+
+
 def count_codes(codes: np.ndarray, hist: np.ndarray) -> None:
     """``hist[codes[j]] += 1`` for every ``j`` (int32 codes, int64 histogram)."""
     _helpers().count_codes(codes, hist)
@@ -401,7 +407,7 @@ def as_kernel_array(t: torch.Tensor) -> np.ndarray | None:
     return None
 
 
-def _ranges(n: int, pool, workers: int) -> list[tuple[int, int]]:
+def column_ranges(n: int, pool, workers: int) -> list[tuple[int, int]]:
     """``(lo, length)`` column ranges: one, or ``workers`` of them (multiples of 4096 entries) with a pool."""
     if pool is None or workers <= 1 or n < 2 * 4096:
         return [(0, n)]
@@ -409,7 +415,7 @@ def _ranges(n: int, pool, workers: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + step) - lo) for lo in range(0, n, step)]
 
 
-def _run(pool, fn, ranges: list[tuple[int, int]]) -> list:
+def run_ranges(pool, fn, ranges: list[tuple[int, int]]) -> list:
     """``fn(j, lo, length)`` for every range ``j``, on the pool when there are several."""
     calls = [(j, lo, ln) for j, (lo, ln) in enumerate(ranges)]
     return list(pool.map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*calls[0])]
@@ -423,9 +429,9 @@ def tau_hist(main: np.ndarray, base: np.ndarray, is_weight: bool, hist: np.ndarr
     histogram is incomplete). ``main``/``base`` from :func:`as_kernel_array`. With a thread
     ``pool``, ``workers`` column ranges are histogrammed side by side and added."""
     w = np.float32(1.0 if is_weight else 0.0)
-    ranges = _ranges(main.shape[0], pool, workers)
+    ranges = column_ranges(main.shape[0], pool, workers)
     hists = [hist] + [np.zeros_like(hist) for _ in ranges[1:]]
-    ok = _run(pool, lambda j, lo, ln: _helpers().tau_hist(main, base, w, lo, ln, hists[j], bool(do_hist)), ranges)
+    ok = run_ranges(pool, lambda j, lo, ln: _helpers().tau_hist(main, base, w, lo, ln, hists[j], bool(do_hist)), ranges)
     for h in hists[1:]:
         hist += h
     return all(bool(x) for x in ok)
@@ -441,17 +447,28 @@ def tau_kth_largest(main: np.ndarray, base: np.ndarray, is_weight: bool, k: int,
     n = main.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
+    w = np.float32(1.0 if is_weight else 0.0)
+    ranges = column_ranges(n, pool, workers)
+
+    def low_hist(b: int) -> np.ndarray:
+        h2s = [np.zeros(1 << 16, np.int64) for _ in ranges]
+        run_ranges(pool, lambda j, lo, ln: _helpers().tau_low_hist(main, base, w, lo, ln, b, h2s[j]), ranges)
+        return np.sum(h2s, axis=0)
+
+    return kth_from_hist(hist, k, low_hist)
+
+
+def kth_from_hist(hist: np.ndarray, k: int, low_hist) -> float:
+    """The ``k``-th largest of non-negative float32 values (``1 <= k <=`` their count) from ``hist``
+    (``2**15`` int64 bins of their high 16 bits) and ``low_hist(b)`` (``2**16`` bins of the low 16
+    bits of the values whose high bits are ``b``: one more pass): the value whose bit pattern is
+    ``(b << 16) | low``. Non-negative float32 values order like their bit patterns as integers."""
     above = np.cumsum(hist[::-1])[::-1]  # above[b] = #entries whose high bits are >= b
     b = int((above >= k).sum()) - 1
     rest = k - (int(above[b + 1]) if b + 1 < hist.shape[0] else 0)  # its rank inside bin b (1 = largest)
-    w = np.float32(1.0 if is_weight else 0.0)
-    ranges = _ranges(n, pool, workers)
-    h2s = [np.zeros(1 << 16, np.int64) for _ in ranges]
-    _run(pool, lambda j, lo, ln: _helpers().tau_low_hist(main, base, w, lo, ln, b, h2s[j]), ranges)
-    h2 = np.sum(h2s, axis=0)
+    h2 = low_hist(b)
     seen = np.cumsum(h2[::-1])  # seen[j]: entries of bin b with low bits >= 65535 - j
     if seen[-1] < rest:
         raise ValueError("hist does not describe tau (a stale histogram?)")
     low = 65535 - int(np.argmax(seen >= rest))
     return float(np.array([(b << 16) | low], np.int32).view(np.float32)[0])
-

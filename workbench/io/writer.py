@@ -27,7 +27,7 @@ import signal
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -257,6 +257,33 @@ class CheckpointWriter:
             f = self._handles[si] = open(self.tmp_dir / fname, "r+b")
         f.seek(offset)
         f.write(_tensor_bytes(tensor))
+        self._written.add(name)
+
+    def add_parts(self, name: str, parts: Callable[[Callable[[torch.Tensor], None]], Any]) -> None:
+        """Write a planned tensor piece by piece: ``parts(write)`` calls ``write(piece)`` with
+        consecutive flat pieces of the tensor (in its planned dtype, each written at once, so the
+        caller may reuse its buffer); together they must fill it exactly. Planned mode only."""
+        entry = self._entries.get(name) if self._plan is not None else None
+        if entry is None:
+            raise CheckpointError("tensor not in the writer's plan", file=self.out_dir, tensor=name)
+        si, fname, offset, shape, dtype = entry
+        if name in self._written:
+            raise CheckpointError("tensor written twice", file=self.out_dir / fname, tensor=name)
+        f = self._handles.get(si)
+        if f is None:
+            f = self._handles[si] = open(self.tmp_dir / fname, "r+b")
+        f.seek(offset)
+        want, got = tensor_nbytes(shape, dtype), 0
+
+        def write(piece: torch.Tensor) -> None:
+            nonlocal got
+            if piece.dtype != dtype:
+                raise CheckpointError(f"piece is {piece.dtype}, planned {dtype}", file=self.out_dir / fname, tensor=name)
+            got += f.write(_tensor_bytes(piece))
+
+        parts(write)
+        if got != want:
+            raise CheckpointError(f"pieces filled {got} of {want} bytes", file=self.out_dir / fname, tensor=name)
         self._written.add(name)
 
     # ------------------------------------------------------------------ buffered mode

@@ -1,0 +1,438 @@
+"""Compiled CPU merges: weight average, task arithmetic, DARE linear, TIES and DARE-TIES as one
+fused pass per row chunk, reading the stored tensors straight from their memory maps.
+
+The torch methods (:mod:`workbench.methods`) are the reference and the GPU path; on a CPU each of
+their steps (bf16 -> fp32 copies of whole stacked tensors, ``|tau|``, the masks, the elected sign,
+the mean) is a separate pass over ``[N, numel]`` float32 temporaries. Here, as in the interference
+profile's kernels (:mod:`workbench.analysis.kernels`, whose machinery this reuses: the generated
+source per number of experts cached on disk, ``ld`` reading bfloat16 as its uint16 bits, the exact
+top-k threshold from two 16-bit histograms, the counter-based DARE draw, threads over column
+ranges), every output entry is computed in one loop iteration with ``N`` unrolled, and written
+straight into the output dtype (bfloat16 rounded to nearest even, as torch; float32 as is; other
+dtypes through a float32 chunk and torch's cast).
+
+**The same values as the torch path, bit for bit**: every float32 operation is the torch path's, in
+its order (``tau_i = theta_i - theta_0``; the global trim's ``theta_0 + where(|tau| >= t, tau, 0)``
+round trip; DARE's ``tau * keep / (1 - p)``; the trim ``tau * (|tau| >= t)``; the elected sign of
+the sequential sum; the disjoint mean ``(sum_i max(tau_i gamma, 0)) gamma / count``; the weighted
+sum; ``scale * tau_m + theta_0``), compiled without fast-math (no reassociation, no fused
+multiply-add). The per-tensor TIES thresholds are the exact ``k``-th largest ``|tau_i|``
+(``k = round(density * numel)``, as :func:`workbench.methods._trim_`), the global ones the exact
+``ceil(density * total)``-th largest non-zero ``|tau_i|`` over all merged tensors (as
+:func:`workbench.engine.global_trim_thresholds`), both by :func:`kernels.kth_from_hist`.
+``tests/test_merge_kernels.py`` checks all of it against the torch methods. One exception: from
+five experts on, torch sums over the experts in an order of its own (not sequential), so the float32
+sums, and then the outputs, may differ in the last bit (tested: within one unit in the last place of
+the output dtype); up to four experts the two paths are bit-identical.
+
+**Memory**: inputs are read through the memory maps (page cache, not anonymous memory); the work
+goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a tensor needs is one
+output chunk (``CHUNK_ENTRIES`` x 4 bytes = 4 MiB, plus a float32 staging chunk per input that is
+neither bfloat16 nor float32), written to the output file chunk by chunk
+(:meth:`workbench.io.writer.CheckpointWriter.add_parts`), whatever the tensor's size. (Checkpoints
+stored in float16 or float64 are the exception for TIES: its threshold passes read a float32 copy of
+the tensor's rows.)
+
+**DARE**: the keep draw is :mod:`workbench.analysis.kernels`' counter-based draw (seed = the
+tensor's :func:`workbench.engine.tensor_seed`, position = the flat index), identical on every device;
+the torch methods draw the same (:func:`workbench.methods.dare_drop`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .analysis import kernels as K
+from .errors import ConfigError
+
+__all__ = ["COMPILED_METHODS", "CHUNK_ENTRIES", "compiled_merge_available", "MergeSettings", "merge_settings",
+           "merge_tensor", "global_trim_thresholds", "kernel_view"]
+
+#: methods with a compiled CPU path
+COMPILED_METHODS = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+#: entries per row chunk (whole rows where a row is shorter): 4 MiB of float32 output
+CHUNK_ENTRIES = 1 << 20
+#: ``WORKBENCH_COMPILED_MERGE=0`` turns the compiled path off (the torch methods run instead)
+ENV_SWITCH = "WORKBENCH_COMPILED_MERGE"
+
+
+def compiled_merge_available(method: str, params: dict, device: torch.device, n_experts: int,
+                             all_full: bool) -> bool:
+    """Whether :func:`merge_tensor` can run this merge: a CPU device, a method of
+    :data:`COMPILED_METHODS` with full-checkpoint experts (no LoRA adapter), at most
+    :data:`kernels.MAX_KERNEL_EXPERTS` experts, numba importable, not switched off by
+    ``WORKBENCH_COMPILED_MERGE=0``."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or device.type != "cpu" or method not in COMPILED_METHODS:
+        return False
+    if not all_full or not 1 <= n_experts <= K.MAX_KERNEL_EXPERTS:
+        return False
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------- settings
+class MergeSettings:
+    """One method's parameters as the kernel takes them (built once per merge)."""
+
+    def __init__(self, combine: str, n: int, *, scale: float = 1.0, coef: Sequence[float] | None = None,
+                 density: float = 1.0, drop_rate: float = 0.0, dare: bool = False,
+                 global_thresholds: Sequence[float] | None = None):
+        self.combine = combine  # "mean" | "sum" | "ties"
+        self.n = n
+        self.scale = np.float32(scale)
+        self.do_scale = float(scale) != 1.0
+        self.coef = np.asarray([1.0] * n if coef is None else coef, np.float32)
+        self.density = float(density)
+        self.dare = bool(dare)
+        self.p_int = K.dare_keep_threshold(drop_rate) if dare else 0
+        self.keep = np.float32(1.0 - float(drop_rate))  # torch's div_(1 - p) of a float32 tensor
+        self.gthr = None if global_thresholds is None else np.asarray(global_thresholds, np.float32)
+
+
+def merge_settings(method: str, params: dict, n: int, global_thresholds: Sequence[float] | None) -> MergeSettings:
+    """:class:`MergeSettings` of a method of :data:`COMPILED_METHODS` with checked ``params``
+    (the same checks and defaults as the torch methods)."""
+    from . import methods as M
+
+    scale = float(params.get("scale", 1.0))
+    if method in ("weight_average", "task_arithmetic"):
+        weights = params.get("weights")
+        if method == "weight_average" and weights is None and scale == 1.0:
+            return MergeSettings("mean", n)
+        default = 1.0 / n if method == "weight_average" else 1.0
+        coef = M._weights(weights, n, default, "cpu").numpy()
+        return MergeSettings("sum", n, scale=scale, coef=coef)
+    if method == "dare_linear":
+        return MergeSettings("sum", n, scale=scale, drop_rate=M._check_drop(params.get("drop_rate", 0.2)), dare=True)
+    # ties / dare_ties: the engine passes global thresholds with density 1 (global trim)
+    M._ties_thresholds(str(params.get("trim", "per_tensor")), global_thresholds if params.get("trim") == "global"
+                       else None)
+    density = M._check_density(params.get("density", 0.2))
+    dare = method == "dare_ties"
+    drop = M._check_drop(params.get("drop_rate", 0.2)) if dare else 0.0
+    if global_thresholds is not None and len(global_thresholds) != n:
+        raise ConfigError(f"{len(global_thresholds)} trim thresholds for {n} experts")
+    return MergeSettings("ties", n, scale=scale, density=density, drop_rate=drop, dare=dare,
+                         global_thresholds=global_thresholds)
+
+
+# ---------------------------------------------------------------------------------------- sources
+_HELPERS = '''import numpy as np
+from numba import njit
+from numba.core import types
+from numba.extending import overload
+from {helpers} import ld, f32_to_bits
+
+
+def st(a, j, v):
+    """Store float32 ``v`` as entry ``j``: bfloat16 (uint16 bits) rounded to nearest even, as torch."""
+
+
+@overload(st, inline="always")
+def _st(a, j, v):
+    if a.dtype == types.uint16:
+        def impl(a, j, v):
+            u = np.uint32(f32_to_bits(v))
+            a[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        return impl
+
+    def impl32(a, j, v):
+        a[j] = v
+    return impl32
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def drop_hist(m, b, pos0, dare, ka, kb, shift, pu, keep, skip_zeros, low, hbin, hist):
+    """Histogram of ``|x|``, ``x = m - b`` (DARE-dropped: ``x * keep_draw / keep`` when ``dare``):
+    ``hist[bits >> 16] += 1``, or when ``low``, ``hist[bits & 0xFFFF] += 1`` for the entries with
+    ``bits >> 16 == hbin``; exact zeros left out when ``skip_zeros``. Returns whether every ``x``
+    is finite (when not, the histogram is incomplete)."""
+    buf = np.empty(4096, np.int32)
+    n = m.shape[0]
+    top = 0
+    for s in range(0, n, 4096):
+        e = min(n, s + 4096)
+        for j in range(e - s):
+            x = ld(m, s + j) - ld(b, s + j)
+            if dare:
+                h = np.uint32(np.uint32(np.uint32(pos0 + s + j) * ka) + kb)
+                h = np.uint32(h ^ (h >> np.uint32(16)))
+                h = np.uint32(h * np.uint32(0x85EBCA6B))
+                h = np.uint32(h ^ (h >> np.uint32(13)))
+                h = np.uint32(h * np.uint32(0xC2B2AE35))
+                h = np.uint32(h ^ (h >> np.uint32(16)))
+                x = (x * np.float32(((h >> shift) & np.uint32(0xFFFF)) >= pu)) / keep
+            a = f32_to_bits(x) & 0x7FFFFFFF
+            buf[j] = a
+            top = max(top, a)
+        if top >= 0x7F800000:
+            return False
+        for j in range(e - s):
+            a = buf[j]
+            if skip_zeros and a == 0:
+                continue
+            if low:
+                if (a >> 16) == hbin:
+                    hist[a & 0xFFFF] += 1
+            else:
+                hist[a >> 16] += 1
+    return True
+'''
+
+
+_MODES = {"mean": 0, "sum": 1, "ties": 2}
+
+
+def _kernel_source(N: int, helpers: str) -> str:
+    """Source of ``kernel(m_0 .. m_{N-1}, base, out, mode, gtrim, dare, pos0, gthr, thr, keys, p_int, keep,
+    coef, scale, do_scale) -> int`` (the number of non-finite inputs and outputs) for one chunk of
+    ``N`` experts: every argument array is the chunk (``c`` entries; inputs float32 or bfloat16
+    bits; ``out`` float32 or bfloat16 bits), ``mode`` :data:`_MODES`, ``pos0`` the tensor position of
+    the chunk's first entry (DARE). One kernel per ``N`` (the flags are loop-invariant branches that
+    LLVM takes out of the loop), so that few variants are ever compiled."""
+    r = range(N)
+    L: list[str] = []
+    A = L.append
+    A("import numpy as np")
+    A("from numba import njit")
+    A(f"from {helpers} import ld, st")
+    A("")
+    A("@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')")
+    A("def kernel(" + ", ".join(f"m{i}" for i in r) + ", base, out, mode, gtrim, dare, pos0, gthr, thr, keys, "
+      "p_int, keep, coef, scale, do_scale):")
+    A("    c = base.shape[0]")
+    A("    bad = 0")
+    A("    pu = np.uint32(p_int)")
+    A("    z = np.float32(0.0)")
+    for i in r:
+        A(f"    gt{i} = gthr[{i}]; th{i} = thr[{i}]; c{i} = coef[{i}]")
+    for m in range((N + 1) // 2):
+        A(f"    ka{m} = np.uint32(keys[{m}, 0]); kb{m} = np.uint32(keys[{m}, 1])")
+    A("    for col in range(c):")
+    A("        bv = ld(base, col)")
+    A("        bad += np.int32((bv - bv) != z)")
+    for i in r:
+        A(f"        v{i} = ld(m{i}, col)")
+        A(f"        bad += np.int32((v{i} - v{i}) != z)")
+    A("        if mode == 0:  # the mean of the theta_i")
+    A("            res = (" + " + ".join(f"v{i}" for i in r) + f") / np.float32({N})")
+    A("        else:")
+    for i in r:
+        A(f"            x{i} = v{i} - bv")
+    A("            if gtrim:  # the engine's _trim_expert: theta_0 + where(|tau| >= t, tau, 0), minus theta_0")
+    for i in r:
+        A(f"                if gt{i} > z:")
+        A(f"                    x{i} = x{i} * np.float32(abs(x{i}) >= gt{i}) + z")
+        A(f"                x{i} = (x{i} + bv) - bv")
+    A("            if dare:")
+    A("                pp = np.uint32(pos0 + col)")
+    for m in range((N + 1) // 2):
+        A(f"                h = np.uint32(np.uint32(pp * ka{m}) + kb{m})")
+        A("                h = np.uint32(h ^ (h >> np.uint32(16)))")
+        A("                h = np.uint32(h * np.uint32(0x85EBCA6B))")
+        A("                h = np.uint32(h ^ (h >> np.uint32(13)))")
+        A("                h = np.uint32(h * np.uint32(0xC2B2AE35))")
+        A("                h = np.uint32(h ^ (h >> np.uint32(16)))")
+        for i in (2 * m, 2 * m + 1):
+            if i < N:
+                A(f"                x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"
+                  f" >= pu)) / keep")
+    A("            if mode == 1:  # weighted sum")
+    A("                acc = " + " + ".join(f"x{i} * c{i}" for i in r))
+    A("            else:  # ties: trim, elected sign of the sum, disjoint mean")
+    for i in r:
+        A(f"                x{i} = x{i} * np.float32(abs(x{i}) >= th{i})")
+    A("                ts = " + " + ".join(f"x{i}" for i in r))
+    A("                g = np.float32(ts > z) - np.float32(ts < z)")
+    for i in r:
+        A(f"                y{i} = x{i} * g")
+    A("                cnt = " + " + ".join(f"np.int32(y{i} > z)" for i in r))
+    A("                tot = " + " + ".join(f"(y{i} if y{i} > z else z)" for i in r))
+    A("                acc = (tot * g + z) / np.float32(max(cnt, 1))")
+    A("            if do_scale:")
+    A("                acc = acc * scale")
+    A("            res = acc + bv")
+    A("        bad += np.int32((res - res) != z)")
+    A("        st(out, col, res)")
+    A("    return bad")
+    return "\n".join(L) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _helpers():
+    return K._load_module("merge_helpers", _HELPERS.format(helpers=K.helpers_module().__name__))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(N: int):
+    if not 1 <= N <= K.MAX_KERNEL_EXPERTS:
+        raise ValueError(f"the compiled merge handles 1..{K.MAX_KERNEL_EXPERTS} experts, got {N}")
+    return K._load_module(f"merge_n{N}", _kernel_source(N, _helpers().__name__)).kernel
+
+
+# ---------------------------------------------------------------------------------------- tensors
+def kernel_view(t: torch.Tensor) -> np.ndarray | torch.Tensor:
+    """A stored CPU tensor as the kernels read it: flat float32 or bfloat16 bits (numpy, no copy);
+    other dtypes as the flat torch tensor (staged chunk by chunk to float32)."""
+    a = K.as_kernel_array(t)
+    return a if a is not None else t.reshape(-1)
+
+
+def _chunk(src, lo: int, hi: int, stage: np.ndarray | None) -> np.ndarray:
+    if isinstance(src, np.ndarray):
+        return src[lo:hi]
+    out = torch.from_numpy(stage[:hi - lo])
+    out.copy_(src[lo:hi])  # exact: every float16 (or float64 -> float32 as torch's .to) value
+    return out.numpy()
+
+
+def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, workers: int) -> np.ndarray:
+    """Per-tensor TIES thresholds: expert i's exact ``k``-th largest ``|tau_i|`` (after DARE's drop),
+    ``k = max(1, min(n, round(density * n)))``; 0 (keep all) when ``k = n`` or the value is 0."""
+    n = int(base.shape[0])
+    N = len(mains)
+    thr = np.zeros(N, np.float32)
+    k = max(1, min(n, int(round(s.density * n)))) if n else n
+    if s.combine != "ties" or s.gthr is not None or k == n:
+        return thr
+    staged = not isinstance(base, np.ndarray) or any(not isinstance(m, np.ndarray) for m in mains)
+    for i in range(N):
+        if staged:  # a float32 copy of the two rows (only for float16 / float64 checkpoints)
+            mi = _chunk(mains[i], 0, n, np.empty(n, np.float32)).copy()
+            bi = _chunk(base, 0, n, np.empty(n, np.float32))
+        else:
+            mi, bi = mains[i], base
+        ka, kb = (np.uint32(x) for x in keys[i // 2])
+        shift = np.uint32(16 * (i % 2))
+        ranges = K.column_ranges(n, pool, workers)
+
+        def hist_pass(low: bool, hbin: int, size: int) -> np.ndarray:
+            hs = [np.zeros(size, np.int64) for _ in ranges]
+            ok = K.run_ranges(pool, lambda j, lo, ln: _helpers().drop_hist(
+                mi[lo:lo + ln], bi[lo:lo + ln], lo, s.dare, ka, kb, shift, np.uint32(s.p_int), s.keep, False, low,
+                hbin, hs[j]), ranges)
+            if not all(ok):
+                raise FloatingPointError
+            return np.sum(hs, axis=0)
+
+        t = K.kth_from_hist(hist_pass(False, 0, 1 << 15), k, lambda b: hist_pass(True, b, 1 << 16))
+        thr[i] = t if t > 0 else 0.0
+    return thr
+
+
+def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.Tensor], out_dtype: torch.dtype,
+                 seed: int, write: Callable[[Any], None], *, pool=None, workers: int = 1) -> bool:
+    """Merge one tensor: ``write(part)`` receives the output's flat parts in order (numpy arrays or
+    torch tensors of ``out_dtype``, at most :data:`CHUNK_ENTRIES` entries each). ``seed``: the
+    tensor's DARE seed (:func:`workbench.engine.tensor_seed`). Returns ``False`` (after writing
+    garbage) when an input or the result is not finite (the result as written, after the cast to
+    ``out_dtype``): the caller then finds the culprit and raises."""
+    n = base.numel()
+    N = len(experts)
+    if s.dare:
+        K.check_positions(n)
+    b = kernel_view(base)
+    mains = [kernel_view(e) for e in experts]
+    keys = K.dare_keys(seed, N) if s.dare else np.zeros(((N + 1) // 2, 2), np.uint32)
+    try:
+        thr = _thresholds(s, b, mains, keys, pool, workers)
+    except FloatingPointError:
+        return False
+    gthr = s.gthr if s.gthr is not None else np.zeros(N, np.float32)
+    kern = _kernel(N)
+    mode, gtrim = _MODES[s.combine], s.gthr is not None
+    row = int(base.shape[-1]) if base.dim() > 1 and base.shape[-1] > 0 else 1
+    step = max(row, CHUNK_ENTRIES // row * row)
+    direct = out_dtype in (torch.bfloat16, torch.float32)
+    out = torch.empty(min(step, n), dtype=out_dtype)
+    stage_out = out if direct else torch.empty(min(step, n), dtype=torch.float32)
+    out_k = stage_out.view(torch.int16).numpy().view(np.uint16) if stage_out.dtype == torch.bfloat16 \
+        else stage_out.numpy()
+    stages = [None if isinstance(x, np.ndarray) else np.empty(min(step, n), np.float32) for x in [b, *mains]]
+    bad = 0
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        args = [_chunk(x, lo, hi, st) for x, st in zip([*mains, b], [*stages[1:], stages[0]])]
+        ranges = K.column_ranges(hi - lo, pool, workers)
+        counts = K.run_ranges(pool, lambda j, a, ln: kern(
+            *[x[a:a + ln] for x in args], out_k[a:a + ln], mode, gtrim, s.dare, lo + a, gthr, thr, keys, s.p_int,
+            s.keep, s.coef, s.scale, s.do_scale), ranges)
+        bad += sum(counts)
+        if not direct:
+            out[:hi - lo].copy_(stage_out[:hi - lo])
+        if out_dtype != torch.float32 and not bool(torch.isfinite(out[:hi - lo]).all()):
+            bad += 1  # finite in float32 but past the output dtype's range: checked after the cast
+        write(out[:hi - lo])
+    return bad == 0
+
+
+def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: float, *, pool=None,
+                           workers: int = 1, progress: bool = True) -> list[float] | None:
+    """TIES' global trim thresholds (:func:`workbench.engine.global_trim_thresholds`' definition:
+    per expert the exact ``ceil(density * total)``-th largest non-zero ``|tau_i|`` over all merged
+    tensors, 0.0 when fewer are non-zero), by two histogram passes. ``tensors()`` yields
+    ``(base, [experts])`` torch tensors (memory-mapped) once per call. Returns ``None`` when a
+    task vector is not finite (the caller finds it and raises)."""
+    from tqdm.auto import tqdm
+
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"density must be in (0, 1], got {density}")
+    h = _helpers()
+    u0 = np.uint32(0)
+
+    def each(desc: str):
+        for base, experts in tqdm(tensors(), desc=desc, disable=not progress, leave=False):
+            b = kernel_view(base)
+            ms = [kernel_view(e) for e in experts]
+            n = base.numel()
+            if not isinstance(b, np.ndarray) or any(not isinstance(m, np.ndarray) for m in ms):
+                b = _chunk(b, 0, n, np.empty(n, np.float32)).copy()
+                ms = [_chunk(m, 0, n, np.empty(n, np.float32)).copy() for m in ms]
+            yield n, b, ms
+
+    def pass_(desc: str, low: bool, bins: list[int]) -> tuple[list[np.ndarray], int] | None:
+        hists = [np.zeros(1 << (16 if low else 15), np.int64) for _ in range(n_experts)]
+        total = 0
+        for n, b, ms in each(desc):
+            total += n
+            ranges = K.column_ranges(n, pool, workers)
+            for i, m in enumerate(ms):
+                if low and bins[i] < 0:
+                    continue
+                hs = [np.zeros_like(hists[i]) for _ in ranges]
+                ok = K.run_ranges(pool, lambda j, lo, ln: h.drop_hist(
+                    m[lo:lo + ln], b[lo:lo + ln], 0, False, u0, u0, u0, u0, np.float32(1.0), True, low,
+                    bins[i] if low else 0, hs[j]), ranges)
+                if not all(ok):
+                    return None
+                hists[i] += np.sum(hs, axis=0)
+        return hists, total
+
+    first = pass_("global trim 1/2", False, [])
+    if first is None:
+        return None
+    hists, total = first
+    k = max(1, math.ceil(density * total))
+    targets = []
+    for hist in hists:
+        if int(hist.sum()) < k:
+            targets.append(None)
+            continue
+        above = np.cumsum(hist[::-1])[::-1]
+        targets.append(int((above >= k).sum()) - 1)
+    lows: list[np.ndarray] = [np.zeros(0)] * n_experts
+    if any(t is not None for t in targets):
+        second = pass_("global trim 2/2", True, [-1 if t is None else t for t in targets])
+        if second is None:
+            return None
+        lows = second[0]
+    return [0.0 if t is None else K.kth_from_hist(hists[i], k, lambda b, i=i: lows[i])
+            for i, t in enumerate(targets)]
