@@ -219,7 +219,7 @@ def test_failing_method_is_reported(tiny_zoo, tmp_path):
 
 
 def test_summarise_and_published(cap_run, tiny_zoo):
-    from workbench.published import VERDICTS
+    from workbench.statistics import VERDICTS
 
     wide = E.summarise(cap_run)
     labels = [E.TASK_LABELS[t] for t in _tasks(tiny_zoo)]

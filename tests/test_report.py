@@ -9,7 +9,8 @@ import pytest
 from matplotlib.figure import Figure
 
 from workbench import report
-from workbench.published import Claim, side_by_side
+from workbench import statistics
+from workbench.published import side_by_side
 
 
 def _summary():
@@ -43,19 +44,23 @@ def test_pick_interval_auto_t_or_wilson():
 def test_ours_table_renames_selects_and_feeds_side_by_side():
     ours = report.ours_table(_summary(), methods={"naive_mc": "NaiveMC", "damc": "DAMC"})
     assert set(ours["method"]) == {"NaiveMC", "DAMC"} and len(ours) == 2  # loglik only, frozen dropped
-    pub = pd.DataFrame({"benchmark": ["Avg", "Avg"], "method": ["NaiveMC", "DAMC"], "score": [66.88, 66.79]})
+    pub = pd.DataFrame({"benchmark": ["mcub-2", "mcub-2"], "method": ["NaiveMC", "DAMC"], "score": [66.88, 66.79]})
     pub.attrs["name"] = "optmerge_table5"
-    rel = report.relabel_published(pub, {"mcub-2": "Avg"})
-    assert rel["benchmark"].tolist() == ["mcub-2", "mcub-2"] and rel["published_from"].tolist() == ["Avg", "Avg"]
-    assert rel.attrs["name"] == "optmerge_table5"
-    sbs = side_by_side(rel, ours, claim_rules=[Claim.better_than("DAMC", "NaiveMC", benchmark="mcub-2")])
-    v = report.verdict_table(sbs)
-    assert v.loc[0, "verdict"] == "reproduced"
-    assert v.loc[0, "published"] == "66.8 vs 66.9" and bool(v.loc[0, "published_holds"]) is False
-    assert v.loc[0, "ours"] == "70.0 [65.0, 75.0] vs 50.0 [45.0, 55.0]"
+    cells = side_by_side(pub, ours).set_index("method")
+    assert cells.loc["DAMC", "published"] == 66.79 and cells.loc["DAMC", "ours_mean"] == 70.0
+    assert cells.loc["NaiveMC", ["ours_ci_low", "ours_ci_high"]].tolist() == [45.0, 55.0]
+    assert "verdict" not in cells.columns  # verdicts come from workbench.statistics only
+
+
+def test_verdict_counts_and_sentence_read_the_statistics_table():
+    ids = [f"q{i}" for i in range(100)]
+    a = pd.DataFrame({"seed": 0, "id": ids, "correct": [i < 80 for i in range(100)]})
+    b = pd.DataFrame({"seed": 0, "id": ids, "correct": [i < 40 for i in range(100)]})  # A right on 40 more
+    v = statistics.verdict_table([statistics.compare(a, b, "A > B"), statistics.compare(a, a.copy(), "A > A'")], "t")
+    assert v["verdict"].tolist() == [statistics.REPRODUCED, statistics.NOT_TESTABLE]  # identical: inert
     counts = report.verdict_counts(v)
-    assert counts["reproduced"] == 1 and sum(counts.values()) == 1
-    assert report.verdict_sentence(v, preset="tiny").startswith("Of 1 claim(s) (preset tiny): 1 reproduced")
+    assert counts["reproduced"] == 1 and counts["not testable here"] == 1 and sum(counts.values()) == 2
+    assert report.verdict_sentence(v, preset="tiny").startswith("Of 2 claim(s) (preset tiny): 1 reproduced")
 
 
 def test_interval_table_wide_strings():
@@ -193,10 +198,7 @@ def test_published_long_and_stepwise_claims():
     claims = report.stepwise_claims(pub, ["WUDI", "+SGD", "+Initialization", "+Low-rank"])
     assert [c.text for c in claims] == ["+SGD < WUDI on Avg", "+Initialization > +SGD on Avg",
                                         "+Low-rank > +Initialization on Avg", "+Low-rank > WUDI on Avg"]
-    ours = pd.DataFrame({"method": pub["method"], "benchmark": "Avg", "mean": [50.0, 40.0, 60.0, 61.0],
-                         "ci_low": [45.0, 35.0, 55.0, 56.0], "ci_high": [55.0, 44.0, 65.0, 66.0]})
-    v = side_by_side(pub, ours, claim_rules=claims)
-    assert v["verdict"].tolist()[:2] == ["reproduced", "reproduced"]
+    assert [c.relation for c in claims] == ["<", ">", ">", ">"] and {c.source for c in claims} == {"optmerge_table4"}
     assert report.stepwise_claims(pub.iloc[:1], ["WUDI", "+SGD"]) == []
 
 

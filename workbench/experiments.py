@@ -1214,16 +1214,17 @@ def paper_claims(table: str = "optmerge_table2"):
     the headline claims of ``published.PAPER_CLAIMS`` (OptMerge > TA / WUDI / TIES, TIES and TA >
     Weight Average), merging beats the individual experts' mean and the base; for Table 5 DAMC >
     NaiveMC and OptMerge > NaiveMC / Weight Average."""
+    from dataclasses import replace
+
     from .published import PAPER_CLAIMS, Claim
 
     if table in ("optmerge_table5", "table5"):
-        claims = [Claim(c.text, c.lhs, c.rhs, c.relation, c.testable, c.reason, c.margin, "optmerge_table5")
-                  for c in PAPER_CLAIMS if c.source == "optmerge_table5"]
+        claims = [replace(c, source="optmerge_table5") for c in PAPER_CLAIMS if c.source == "optmerge_table5"]
         claims += [Claim.better_than("OptMerge", "NaiveMC", source="optmerge_table5"),
                    Claim.better_than("OptMerge", "Weight Average", source="optmerge_table5")]
         return claims
     claims = [c for c in PAPER_CLAIMS if c.source == "optmerge_table2"]
-    claims = [Claim(c.text, c.lhs, c.rhs, c.relation, c.testable, c.reason, c.margin, table) for c in claims]
+    claims = [replace(c, source=table) for c in claims]
     claims.append(Claim("merging (OptMerge) beats the individual experts' average", {"method": "OptMerge",
                         "benchmark": "Avg"}, {"method": INDIV_MEAN, "benchmark": "Avg"}, ">", source=table))
     claims.append(Claim.better_than("OptMerge", BASE_LABEL, text="OptMerge beats the base model", source=table))

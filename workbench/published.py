@@ -1,4 +1,4 @@
-"""The papers' published tables, with their source, and side-by-side claim checks against ours.
+"""The papers' published tables, with their source, shown side by side with ours; the papers' claims.
 
 The tables live in ``data/published/*.csv``: ordinary CSV files that start with ``# key: value``
 comment lines (``source``, ``table``, ``units``, ``copied-from``). :func:`load_table` returns the
@@ -13,27 +13,23 @@ comment lines in ``df.attrs`` - ``df.attrs["source"]`` is always the citation.
 'Wei et al., ...'
 
 :func:`side_by_side` puts published numbers next to the workbench's own (a mean and a 95%
-confidence interval per cell) and judges explicit :class:`Claim` s - see its docstring for the
-exact rule. Published and measured numbers are never mixed: they sit in separate columns, and a
-verdict is decided by *our* intervals only (the published values are shown, and
-``published_holds`` says whether the paper's own numbers show the claimed direction).
+confidence interval per cell), cell by cell; the two are never mixed (separate columns, never
+subtracted across). :class:`Claim` *describes* a paper's claim (which two cells, which direction);
+claims are judged by the one rule of :mod:`workbench.statistics` (paired effects, Holm,
+``VERDICT_RULE``), not here.
 """
 from __future__ import annotations
 
 import io
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 
 #: Folder of the published CSV files (``data/published`` of the repository).
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "published"
-
-#: The verdicts (one set, defined in :mod:`workbench.statistics`).
-from .statistics import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, VERDICTS  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -125,7 +121,7 @@ def load_table(name: str, long: bool = False, data_dir: Union[str, Path, None] =
     - ``damc_mmer_thirdparty``: stored long: ``source, method, benchmark, score, note``
 
     A long table also has ``attrs["value_column"]`` (``score`` or ``value``), which
-    :func:`side_by_side` uses by default.
+    :func:`side_by_side` and :func:`workbench.experiments.claim_rows` use by default.
     """
     spec = _resolve(name)
     folder = Path(data_dir) if data_dir is not None else DATA_DIR
@@ -169,13 +165,13 @@ def summarise(results: pd.DataFrame, by: Sequence[str], value: str = "accuracy",
 # ------------------------------------------------------------------------------------ claims
 @dataclass(frozen=True)
 class Claim:
-    """A directional claim of a paper: ``lhs`` *relation* ``rhs``.
+    """A directional claim of a paper: ``lhs`` *relation* ``rhs`` - a description, not a verdict.
 
-    ``lhs`` and ``rhs`` select one row each by the join keys, e.g.
-    ``{"method": "OptMerge", "benchmark": "Avg"}``. ``relation`` is ``">"`` (lhs higher) or
-    ``"<"`` (lhs lower). ``testable=False`` (with ``reason``) marks a claim the miniature world
-    cannot test (e.g. GPU hours at 7B scale). ``margin`` (in the units of ours) is how far apart
-    the intervals must be; 0 by default. ``source`` names the table the claim comes from.
+    ``lhs`` and ``rhs`` select one cell each, e.g. ``{"method": "OptMerge", "benchmark": "Avg"}``.
+    ``relation`` is ``">"`` (lhs higher) or ``"<"`` (lhs lower). ``testable=False`` (with ``reason``)
+    marks a claim the miniature world cannot test (e.g. GPU hours at 7B scale). ``source`` names the
+    table the claim comes from. Claims are judged by :mod:`workbench.statistics` (the one verdict
+    rule; :func:`workbench.experiments.claim_rows` turns claims into its rows).
     """
 
     text: str
@@ -184,14 +180,11 @@ class Claim:
     relation: str = ">"
     testable: bool = True
     reason: str = ""
-    margin: float = 0.0
     source: str = ""
 
     def __post_init__(self):
         if self.relation not in (">", "<"):
             raise ValueError(f"claim {self.text!r}: relation must be '>' or '<', got {self.relation!r}")
-        if self.margin < 0:
-            raise ValueError(f"claim {self.text!r}: margin must be >= 0")
 
     @classmethod
     def better_than(cls, a: str, b: str, benchmark: str = "Avg", **kw) -> "Claim":
@@ -199,20 +192,9 @@ class Claim:
         text = kw.pop("text", None) or f"{a} > {b} on {benchmark}"
         return cls(text, {"method": a, "benchmark": benchmark}, {"method": b, "benchmark": benchmark}, ">", **kw)
 
-    @classmethod
-    def parse(cls, text: str, benchmark: str = "Avg", **kw) -> "Claim":
-        """``"A > B"`` or ``"A < B on BENCH"`` (methods A, B; benchmark default ``benchmark``)."""
-        m = re.fullmatch(r"\s*(.+?)\s*([<>])\s*(.+?)\s*(?:\bon\s+(.+?))?\s*", text)
-        if not m:
-            raise ValueError(f"cannot parse claim {text!r}: expected 'A > B' or 'A > B on BENCHMARK'")
-        a, rel, b, bench = m.groups()
-        bench = bench or benchmark
-        return cls(text, {"method": a, "benchmark": bench}, {"method": b, "benchmark": bench}, rel, **kw)
 
-
-#: Headline claims of the papers, with the table each comes from (``claim.source``; pick the claims
-#: of one table for one :func:`side_by_side` call). The cost claim needs GPUs at 1B-7B scale and is
-#: marked not testable here.
+#: Headline claims of the papers, with the table each comes from (``claim.source``). The cost claim
+#: needs GPUs at 1B-7B scale and is marked not testable here.
 PAPER_CLAIMS: tuple[Claim, ...] = (
     Claim.better_than("OptMerge", "Task Arithmetic", source="optmerge_table2"),
     Claim.better_than("OptMerge", "WUDI", source="optmerge_table2"),
@@ -222,58 +204,24 @@ PAPER_CLAIMS: tuple[Claim, ...] = (
     Claim.better_than("DAMC", "NaiveMC", source="optmerge_table5"),
     Claim("OptMerge takes fewer GPU hours than mixture training (Qwen2-VL-7B)",
           {"setting": "Qwen2-VL-7B", "method": "OptMerge", "quantity": "hours"},
-          {"setting": "Qwen2-VL-7B", "method": "Mixture Training", "quantity": "hours"}, "<", testable=False, reason="GPU hours and memory of 1B-7B models; no mixture-training baseline at this scale",
+          {"setting": "Qwen2-VL-7B", "method": "Mixture Training", "quantity": "hours"}, "<", testable=False,
+          reason="GPU hours and memory of 1B-7B models; no mixture-training baseline at this scale",
           source="optmerge_table7"),
 )
 
 
-def _select(frame: pd.DataFrame, sel: Mapping[str, Any], what: str) -> Optional[pd.Series]:
-    missing = [k for k in sel if k not in frame.columns]
-    if missing:
-        return None
-    mask = pd.Series(True, index=frame.index)
-    for k, v in sel.items():
-        mask &= frame[k] == v
-    hits = frame[mask]
-    if len(hits) > 1:
-        raise ValueError(f"{what}: {dict(sel)} matches {len(hits)} rows; give one row per key (see summarise())")
-    return None if hits.empty else hits.iloc[0]
+def side_by_side(published: pd.DataFrame, ours: pd.DataFrame, on: Sequence[str] = ("method", "benchmark"), *,
+                 value: Optional[str] = None, mean: str = "mean", low: str = "ci_low",
+                 high: str = "ci_high") -> pd.DataFrame:
+    """Published numbers beside ours, cell by cell: ``[*on, published, ours_mean, ours_ci_low,
+    ours_ci_high]`` (outer join; a cell missing on one side has NaN there).
 
-
-def _label(sel: Mapping[str, Any]) -> str:
-    return " @ ".join(str(v) for v in sel.values())
-
-
-def judge(lhs: tuple[float, float], rhs: tuple[float, float], relation: str = ">", margin: float = 0.0) -> str:
-    """The verdict on ``lhs relation rhs`` from two confidence intervals ``(low, high)``.
-
-    For ``">"``: :data:`REPRODUCED` if ``lhs.low > rhs.high + margin`` (the intervals are apart in
-    the claimed direction), :data:`NOT_REPRODUCED` if ``rhs.low > lhs.high + margin`` (apart in the
-    opposite direction), :data:`INCONCLUSIVE` otherwise (they overlap or touch, or a bound is NaN).
-    ``"<"`` is the same with the sides swapped.
-    """
-    if relation == "<":
-        lhs, rhs = rhs, lhs
-    elif relation != ">":
-        raise ValueError(f"relation must be '>' or '<', got {relation!r}")
-    (l_lo, l_hi), (r_lo, r_hi) = lhs, rhs
-    if any(math.isnan(float(x)) for x in (l_lo, l_hi, r_lo, r_hi)):
-        return INCONCLUSIVE
-    if l_lo > r_hi + margin:
-        return REPRODUCED
-    if r_lo > l_hi + margin:
-        return NOT_REPRODUCED
-    return INCONCLUSIVE
-
-
-def join_published(published: pd.DataFrame, ours: pd.DataFrame, on: Sequence[str] = ("method", "benchmark"),
-                   value: Optional[str] = None, mean: str = "mean", low: str = "ci_low",
-                   high: str = "ci_high") -> pd.DataFrame:
-    """Cell by cell: ``[*on, published, ours_mean, ours_ci_low, ours_ci_high]`` (outer join).
-
-    ``published`` is a long-form table (``load_table(name, long=True)``); ``ours`` has one row per
-    key with ``mean`` and its interval. A cell missing on one side has NaN there. ``value`` is the
-    published number's column (default: ``published.attrs["value_column"]``, else ``score``).
+    ``published`` is a long-form table (``load_table(name, long=True)``) with the number in ``value``
+    (default ``published.attrs["value_column"]``, else ``score``); ``ours`` has one row per key in
+    ``on`` with ``mean`` and the bounds of its 95% interval (:func:`summarise` makes them from per-seed
+    rows). The two may use different units and scales: they are shown side by side, never subtracted
+    here, and no verdict is made (that is :mod:`workbench.statistics`). ``attrs`` (the citation) are
+    kept.
     """
     on = list(on)
     value = value or published.attrs.get("value_column", "score")
@@ -286,85 +234,5 @@ def join_published(published: pd.DataFrame, ours: pd.DataFrame, on: Sequence[str
     for c in cols.values():
         if c not in out.columns:
             out[c] = math.nan
-    out.attrs = dict(published.attrs)
-    return out
-
-
-def side_by_side(published: pd.DataFrame, ours: pd.DataFrame, on: Sequence[str] = ("method", "benchmark"),
-                 claim_rules: Optional[Iterable[Union[Claim, str]]] = None, *, value: Optional[str] = None,
-                 mean: str = "mean", low: str = "ci_low", high: str = "ci_high") -> pd.DataFrame:
-    """Published numbers beside ours, and a verdict for every claim.
-
-    Inputs
-        ``published``: a long-form published table (``load_table(name, long=True)``), one row per
-        key in ``on`` with the number in ``value`` (default ``published.attrs["value_column"]``). ``ours``: one row per key with ``mean`` and the
-        bounds of its 95% confidence interval (``ci_low``, ``ci_high``; :func:`summarise` makes them
-        from per-seed rows). The two may use different units (accuracy % vs fraction): numbers are
-        shown side by side, never subtracted across the two.
-
-    Without ``claim_rules``: the cell-by-cell join of :func:`join_published`.
-
-    With ``claim_rules`` (:class:`Claim` objects, or strings ``"A > B [on BENCH]"`` parsed by
-    :meth:`Claim.parse`): one row per claim with ``claim, lhs, rhs, relation, published_lhs,
-    published_rhs, published_holds, ours_lhs_mean, ours_lhs_ci_low, ours_lhs_ci_high, ours_rhs_mean,
-    ours_rhs_ci_low, ours_rhs_ci_high, verdict, reason, source``. The verdict of claim
-    ``lhs > rhs`` (``<`` is symmetric) is decided on *ours* only:
-
-    - ``"not testable here"``: the claim is marked ``testable=False``, or ours has no row
-      for one of its sides (the method or benchmark does not exist in the miniature world);
-    - ``"reproduced"``: ours' intervals do not overlap and lie in the claimed direction:
-      ``lhs.ci_low > rhs.ci_high + margin``;
-    - ``"not reproduced"``: they do not overlap and lie in the opposite direction:
-      ``rhs.ci_low > lhs.ci_high + margin``;
-    - ``"inconclusive"``: anything else - the intervals overlap or touch, or an interval is
-      missing (a single seed).
-
-    Two separate 95% intervals that do not overlap is a conservative test (for equal standard
-    errors it corresponds to p of about 0.006 for the difference): "inconclusive" means "not
-    shown at this sample size", not "false". ``published_holds`` tells whether the paper's own
-    numbers show the claimed direction (None where the paper has no such cell) - a claim can be
-    reproduced here that the table itself does not support; it is reported, not hidden.
-    """
-    on = list(on)
-    if claim_rules is None:
-        return join_published(published, ours, on, value=value, mean=mean, low=low, high=high)
-    value = value or published.attrs.get("value_column", "score")
-    claims = [c if isinstance(c, Claim) else Claim.parse(c) for c in claim_rules]
-    if ours.duplicated([k for k in on if k in ours.columns]).any():
-        raise ValueError(f"ours has several rows for some keys {on}; give one row per key (see summarise())")
-    rows = []
-    for c in claims:
-        p_l, p_r = _select(published, c.lhs, "published"), _select(published, c.rhs, "published")
-        o_l, o_r = _select(ours, c.lhs, "ours"), _select(ours, c.rhs, "ours")
-        pub_l = float(p_l[value]) if p_l is not None else math.nan
-        pub_r = float(p_r[value]) if p_r is not None else math.nan
-        holds = None
-        if not (math.isnan(pub_l) or math.isnan(pub_r)):
-            holds = bool(pub_l > pub_r) if c.relation == ">" else bool(pub_l < pub_r)
-
-        def num(row, col):
-            return float(row[col]) if row is not None and col in row.index and pd.notna(row[col]) else math.nan
-
-        ol = (num(o_l, mean), num(o_l, low), num(o_l, high))
-        orr = (num(o_r, mean), num(o_r, low), num(o_r, high))
-        if not c.testable:
-            verdict, reason = NOT_TESTABLE, c.reason or "marked not testable at this scale"
-        elif o_l is None or o_r is None:
-            side = _label(c.lhs) if o_l is None else _label(c.rhs)
-            verdict, reason = NOT_TESTABLE, f"no result of ours for {side}"
-        else:
-            verdict = judge(ol[1:], orr[1:], c.relation, c.margin)
-            if verdict == INCONCLUSIVE and any(math.isnan(x) for x in (*ol[1:], *orr[1:])):
-                reason = "no interval on one side (a single seed?)"
-            else:
-                reason = {REPRODUCED: "intervals apart in the claimed direction",
-                          NOT_REPRODUCED: "intervals apart in the opposite direction",
-                          INCONCLUSIVE: "intervals overlap"}[verdict]
-        rows.append({"claim": c.text, "lhs": _label(c.lhs), "rhs": _label(c.rhs), "relation": c.relation,
-                     "published_lhs": pub_l, "published_rhs": pub_r, "published_holds": holds,
-                     "ours_lhs_mean": ol[0], "ours_lhs_ci_low": ol[1], "ours_lhs_ci_high": ol[2],
-                     "ours_rhs_mean": orr[0], "ours_rhs_ci_low": orr[1], "ours_rhs_ci_high": orr[2],
-                     "verdict": verdict, "reason": reason, "source": c.source or published.attrs.get("name", "")})
-    out = pd.DataFrame(rows)
     out.attrs = dict(published.attrs)
     return out

@@ -13,6 +13,9 @@ Conventions:
 - figures are built without ``pyplot`` (as in :mod:`workbench.plots`) and saved with
   :func:`workbench.plots.save_figure`.
 
+Verdicts are made by :mod:`workbench.statistics` only (its one rule); here they are counted and
+put into sentences.
+
 Sections: formatting; ours in the published schema; claims and verdicts; paired tests; zoo
 manifest views; figures. (A second helper appends its functions at the END of the file, in a
 clearly marked section.)
@@ -32,8 +35,8 @@ PAPER_NAMES: dict[str, str] = {"naive_mc": "NaiveMC", "damc": "DAMC", "mmer": "M
                                "expert": "Single expert", "damc_expert": "DAMC expert", "oracle": "Oracle"}
 
 __all__ = [
-    "PAPER_NAMES", "fmt_interval", "pick_interval", "ours_table", "interval_table", "relabel_published",
-    "paired_difference", "verdict_table", "verdict_counts", "verdict_sentence", "paired_view",
+    "PAPER_NAMES", "fmt_interval", "pick_interval", "ours_table", "interval_table",
+    "paired_difference", "verdict_counts", "verdict_sentence", "paired_view",
     "zoo_models_table", "expert_gap_table", "build_times_table", "accuracy_figure", "modality_examples_figure",
     "density_table", "naivemc_claims", "damc_claims", "mmer_claims", "readme_claims",
 ]
@@ -100,23 +103,6 @@ def interval_table(summary: pd.DataFrame, *, rows: str = "method", cols: str = "
     if col_order is not None:
         t = t.reindex(columns=[c for c in col_order if c in t.columns])
     return t.fillna("-")
-
-
-def relabel_published(published: pd.DataFrame, mapping: Mapping[str, str], key: str = "benchmark") -> pd.DataFrame:
-    """Published rows copied under ours' labels: ``mapping[our_label] = published_label``.
-
-    Lets a claim be judged on ours' benchmark names (e.g. ``mcub-4``) while showing the paper's
-    number for the benchmark it comes from (e.g. ``Avg`` of Table 5); the ``published_from`` column
-    says which. ``attrs`` are kept (the citation)."""
-    parts = []
-    for ours_label, pub_label in mapping.items():
-        p = published[published[key] == pub_label].copy()
-        p["published_from"] = pub_label
-        p[key] = ours_label
-        parts.append(p)
-    out = pd.concat(parts, ignore_index=True) if parts else published.iloc[:0].copy()
-    out.attrs = dict(published.attrs)
-    return out
 
 
 def paired_difference(pred: pd.DataFrame, a: str, b: str, *, by: str = "benchmark", scoring: str = "loglik",
@@ -206,35 +192,9 @@ def mmer_claims(pred: pd.DataFrame, retention: pd.DataFrame, forgetting: pd.Data
 
 
 # ================================================================================ claims and verdicts
-def verdict_table(sbs: pd.DataFrame, digits: int = 1, *, preset: str | None = None) -> pd.DataFrame:
-    """The reading view of :func:`workbench.published.side_by_side` (with claims; its interval-overlap
-    verdicts - the notebooks' verdicts come from :func:`workbench.statistics.verdict_table`): one row per claim,
-    ``published`` (the paper's two numbers, or ``-``), ``ours`` (two numbers with intervals),
-    ``verdict``, ``reason``, ``source``. For a small ``preset`` (``tiny``) a ``caution`` column
-    says on every row that its ~20 items decide nothing (:func:`small_preset_note`)."""
-    def pub(r):
-        if any(pd.isna(r[c]) for c in ("published_lhs", "published_rhs")):
-            return "-"
-        return f"{r['published_lhs']:.{digits}f} vs {r['published_rhs']:.{digits}f}"
-
-    def ours(r):
-        return (f"{fmt_interval(r['ours_lhs_mean'], r['ours_lhs_ci_low'], r['ours_lhs_ci_high'], digits)} vs "
-                f"{fmt_interval(r['ours_rhs_mean'], r['ours_rhs_ci_low'], r['ours_rhs_ci_high'], digits)}")
-
-    note = small_preset_note(preset)
-    if len(sbs) == 0:
-        cols = ["claim", "published", "published_holds", "ours", "verdict", "reason", "source"]
-        return pd.DataFrame(columns=cols + (["caution"] if note else []))
-    table = pd.DataFrame({"claim": sbs["claim"], "published": [pub(r) for _, r in sbs.iterrows()],
-                          "published_holds": sbs["published_holds"], "ours": [ours(r) for _, r in sbs.iterrows()],
-                          "verdict": sbs["verdict"], "reason": sbs["reason"], "source": sbs["source"]})
-    if note:
-        table.insert(table.columns.get_loc("verdict") + 1, "caution", note)
-    return table
-
-
 def verdict_counts(*tables: pd.DataFrame) -> dict[str, int]:
-    """``{verdict: count}`` over verdict tables (:func:`workbench.statistics.verdict_counts`)."""
+    """``{verdict: count}`` over the verdict tables of :func:`workbench.statistics.verdict_table`
+    (:func:`workbench.statistics.verdict_counts`)."""
     from .statistics import verdict_counts as counts
 
     return counts(*tables)
@@ -480,7 +440,8 @@ def numeric_wide(wide: pd.DataFrame, drop: Sequence[str] = ("lambda",)) -> pd.Da
 def published_long(name: str, *, method: str, column: str, value: str, benchmark: str = "Avg",
                    labels: Mapping[Any, str] | None = None) -> pd.DataFrame:
     """One column of a long published table as ``method, benchmark, score`` rows for
-    :func:`workbench.published.side_by_side`: the rows of ``load_table(name, long=True)`` whose
+    :func:`workbench.published.side_by_side` and :func:`workbench.experiments.claim_rows`: the rows of
+    ``load_table(name, long=True)`` whose
     ``column`` equals ``value`` (e.g. ``column="model", value="Qwen2-VL"``; ``column=None`` keeps all),
     ``method`` taken from the table's ``method`` column (renamed by ``labels``), all under ``benchmark``.
     The table's attrs are kept (``value_column`` = ``"score"``)."""
@@ -500,7 +461,8 @@ def stepwise_claims(published: pd.DataFrame, order: Sequence[str], *, benchmark:
                     first_vs_last: bool = True) -> list:
     """Claims read off a published sequence (an ablation, a parameter sweep): for each consecutive pair
     of ``order`` (and, with ``first_vs_last``, the last vs the first) a :class:`~workbench.published.Claim`
-    in the direction of the *published* numbers (``"+SGD < WUDI"`` where the paper's +SGD is lower).
+    in the direction of the *published* numbers (``"+SGD < WUDI"`` where the paper's +SGD is lower), to be
+    judged by :func:`workbench.experiments.claim_rows` and :func:`workbench.statistics.verdict_table`.
     Pairs the paper has no number for, or equal numbers, give no claim."""
     from .published import Claim
 
