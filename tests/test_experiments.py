@@ -341,3 +341,28 @@ def test_modality_damc_search_shared_with_run_results(tiny_zoo, tmp_path, monkey
     assert calls == []
     run = __import__("json").loads((out / "run.json").read_text())
     assert comp.notes["damc_lambda"] == run["notes"]["s0"]["damc_lambda"]
+
+
+def test_naive_mc_one_definition_for_notebooks_02_and_06(tiny_zoo):
+    """NaiveMC is built by one function (ZooComposer.build): notebook 06 composes the experts every merged row
+    is built from (all modalities), notebook 02 each record's modalities; in both, the LLM equals θ0 + the mean
+    of the experts' task vectors computed here from their LLM files, with every one of their towers."""
+    from workbench.results import ZooComposer
+
+    seed = tiny_zoo.manifest["config"]["seeds"][0]
+    setting = E.modality_setting(tiny_zoo, [seed], max_items=2)
+    mods = list(setting.base_hash["mods"])
+    comp = ZooComposer(tiny_zoo, seed, expert_kind="full", search=False, val_records=[])
+    assert comp.members("naive_mc", mods) == setting.experts[seed]  # 06: the merged rows' experts
+    base = tiny_zoo.load_base_llm().state_dict()
+    for subset in (mods, mods[:1]):  # all of them (06; an MCUB record of every modality in 02), one alone
+        names = comp.members("naive_mc", subset)
+        llms = [tiny_zoo.load_llm(n).state_dict() for n in names]
+        model = comp.build("naive_mc", subset)
+        got = model.llm.state_dict()
+        assert set(got) == set(base)
+        for k, b in base.items():
+            want = b.float() + sum(sd[k].float() - b.float() for sd in llms) / len(llms)
+            torch.testing.assert_close(got[k].float(), want, rtol=1e-5, atol=1e-6, msg=f"{subset}: {k}")
+        assert set(model.towers) == set(subset)
+    assert any(not torch.equal(got[k], base[k]) for k in base)  # the experts moved the LLM: the check bites

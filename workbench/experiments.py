@@ -789,8 +789,9 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
     (OptMerge preset ``modality``), each merged LLM composed with every expert's tower; λ chosen on
     MCUB-mini's validation split; tested on MCUB-mini 2/3/4 and each modality's own tasks.
 
-    Beside them (``compositions``): NaiveMC (:func:`workbench.compose.compose_naive_mc`: the average
-    of the *whole* LLMs, embeddings and norms included, as the original) and DAMC (λ searched by
+    Beside them (``compositions``): NaiveMC (defined in :meth:`workbench.results.ZooComposer.build`),
+    composed here from *all* the modality experts - the experts every merged row is built from, as
+    Table 5 compares one model per method - and DAMC (λ searched by
     :class:`workbench.results.ZooComposer` on the same validation split), skipped with a note where
     the zoo lacks DAMC experts. ``references``: the frozen base LLM with every tower (``"Base"``),
     each expert's LLM with every tower (``"Indiv. <modality>"``: the paper's Vision/Audio/Video

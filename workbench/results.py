@@ -251,7 +251,16 @@ class ZooComposer:
 
     # ---- building
     def build(self, method: str, mods: Sequence[str]):
-        """The composed :class:`MultimodalLM` over ``mods`` (``None`` if the zoo lacks a member)."""
+        """The composed :class:`MultimodalLM` over ``mods`` (``None`` if the zoo lacks a member).
+
+        ``naive_mc`` is NaiveMC, one definition for every study: the composition of the experts a model
+        is built from - here the ``expert_kind`` experts of ``mods`` - whose LLM is the mean of their
+        LLMs, θ = θ0 + (1/N) Σ τi (the whole LLM, embeddings and norms too), with every one of their
+        towers unchanged (:func:`workbench.compose.compose_naive_mc`; Chen et al., ACL 2024, NaiveMC,
+        θ_merge = Σ λi θi with λi = 1/N; methods.md section 1). Which experts is the study's choice:
+        :func:`run_results` (notebooks 02-04, the DAMC paper's MCUB protocol) passes each record's
+        modalities; :func:`workbench.experiments.modality_merging` (notebook 06, OptMerge Table 5) passes
+        all of them, the experts every merged row is built from."""
         from . import compose as C
 
         names = self.members(method, mods)
