@@ -235,12 +235,7 @@ def _kernel_source(N: int, helpers: str) -> str:
     A("            if dare:")
     A("                pp = np.uint32(pos0 + col)")
     for m in range((N + 1) // 2):
-        A(f"                h = np.uint32(np.uint32(pp * ka{m}) + kb{m})")
-        A("                h = np.uint32(h ^ (h >> np.uint32(16)))")
-        A("                h = np.uint32(h * np.uint32(0x85EBCA6B))")
-        A("                h = np.uint32(h ^ (h >> np.uint32(13)))")
-        A("                h = np.uint32(h * np.uint32(0xC2B2AE35))")
-        A("                h = np.uint32(h ^ (h >> np.uint32(16)))")
+        L.extend(K.dare_hash_source(m, " " * 16))
         for i in (2 * m, 2 * m + 1):
             if i < N:
                 A(f"                x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"

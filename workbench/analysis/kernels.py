@@ -137,6 +137,18 @@ def dare_keep_torch(pos0: int, width: int, keys: np.ndarray, p_int: int, device:
 
 
 # ----------------------------------------------------------------------------------- generated kernel
+
+def dare_hash_source(m: int, indent: str) -> list[str]:
+    """Generated-kernel source lines that set ``h``, the 32-bit hash of the position ``pp`` for the
+    expert pair ``m`` (keys ``ka<m>``, ``kb<m>``: :func:`dare_keys`; the MurmurHash3 finaliser): its low and
+    high 16 bits are the two experts' DARE draws. One definition for every kernel that draws DARE."""
+    return [f"{indent}h = np.uint32(np.uint32(pp * ka{m}) + kb{m})",
+            f"{indent}h = np.uint32(h ^ (h >> np.uint32(16)))",
+            f"{indent}h = np.uint32(h * np.uint32(0x85EBCA6B))",
+            f"{indent}h = np.uint32(h ^ (h >> np.uint32(13)))",
+            f"{indent}h = np.uint32(h * np.uint32(0xC2B2AE35))",
+            f"{indent}h = np.uint32(h ^ (h >> np.uint32(16)))"]
+
 def _kernel_source(N: int, helpers: str) -> str:
     """Source of ``kernel(m_0, .., m_{N-1}, w, base, lo, c, pos0, thr, keys, p_int, dare, sums, codes_u,
     codes_t)`` for ``N`` experts.
@@ -214,12 +226,7 @@ def _kernel_source(N: int, helpers: str) -> str:
     A("        if dare:")
     A("            pp = np.uint32(pos0 + col)")
     for m in range((N + 1) // 2):
-        A(f"            h = np.uint32(np.uint32(pp * ka{m}) + kb{m})")
-        A("            h = np.uint32(h ^ (h >> np.uint32(16)))")
-        A("            h = np.uint32(h * np.uint32(0x85EBCA6B))")
-        A("            h = np.uint32(h ^ (h >> np.uint32(13)))")
-        A("            h = np.uint32(h * np.uint32(0xC2B2AE35))")
-        A("            h = np.uint32(h ^ (h >> np.uint32(16)))")
+        L.extend(dare_hash_source(m, " " * 12))
         for i in (2 * m, 2 * m + 1):
             if i >= N:
                 continue
