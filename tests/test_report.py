@@ -210,3 +210,5 @@ def test_readme_claims_come_from_the_verdict_files():
     text = report.readme_claims(root / "data" / "results" / "default")
     assert "NaiveMC > Frozen LLM on mcub-2" in text
     assert " ".join(text.split()) in " ".join((root / "README.md").read_text().split())
+    tally = report.readme_verdict_counts(root / "data" / "results" / "default")
+    assert tally.startswith("Of ") and " ".join(tally.split()) in " ".join((root / "README.md").read_text().split())

@@ -38,7 +38,7 @@ __all__ = [
     "PAPER_NAMES", "fmt_interval", "pick_interval", "ours_table", "interval_table",
     "paired_difference", "verdict_counts", "verdict_sentence", "paired_view",
     "zoo_models_table", "expert_gap_table", "build_times_table", "accuracy_figure", "modality_examples_figure",
-    "density_table", "naivemc_claims", "damc_claims", "mmer_claims", "readme_claims",
+    "density_table", "naivemc_claims", "damc_claims", "mmer_claims", "readme_claims", "readme_verdict_counts",
 ]
 
 
@@ -227,6 +227,15 @@ def readme_claims(out, scoring: str = "generate") -> str:
         t = pd.read_csv(out / f"{name}_verdicts_{scoring}.csv")
         parts.append(claims_sentence(t[t["claim"].str.startswith(prefix)]))
     return " ".join(parts)
+
+
+def readme_verdict_counts(out) -> str:
+    """The README's tally: :func:`verdict_sentence` over every verdict table of notebooks 02-07 in
+    ``out`` (``0[2-7]_*verdicts*.csv``), so the count the README gives is the tables' own."""
+    from pathlib import Path
+
+    files = sorted(Path(out).glob("0[2-7]_*verdicts*.csv"))
+    return verdict_sentence(*[pd.read_csv(f) for f in files])
 
 
 # ================================================================================ paired tests
