@@ -313,7 +313,7 @@ def run_mergekit(exe: Path, method: str, folders: list[Path], work: Path, dtype:
         raise RuntimeError(f"mergekit {method} failed (rc {r['rc']}):\n{r['stderr'][-3000:]}")
     res = json.loads(r["stdout"].strip().splitlines()[-1])
     res.update({"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "maxrss_mb": r["maxrss_mb"], "peak_anon_mb": r["peak_anon_mb"],
-                "cli": f"{exe} {cfg.name} OUT --no-copy-tokenizer --out-shard-size {shard_params}"})
+                "cli": f"{Path(exe).name} {cfg.name} OUT --no-copy-tokenizer --out-shard-size {shard_params}"})
     return res
 
 
