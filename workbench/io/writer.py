@@ -242,37 +242,40 @@ class CheckpointWriter:
                 self._entries[name] = (si, self._shard_files[si], len(head) + layout[name][2],
                                        tuple(int(s) for s in shape), dtype)
 
-    def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
-        entry = self._entries.get(name)
+    def _planned_entry(self, name: str) -> tuple:
+        """``(shard index, file name, offset, shape, dtype)`` of a planned tensor not yet written."""
+        entry = self._entries.get(name) if self._plan is not None else None
         if entry is None:
             raise CheckpointError("tensor not in the writer's plan", file=self.out_dir, tensor=name)
-        si, fname, offset, shape, dtype = entry
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise CheckpointError(f"tensor is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}",
-                                  file=self.out_dir / fname, tensor=name)
+        return entry
+
+    def _planned_file(self, name: str, entry: tuple):
+        """The shard's open file, positioned at the tensor's offset (refuses a second write)."""
+        si, fname, offset, _, _ = entry
         if name in self._written:
             raise CheckpointError("tensor written twice", file=self.out_dir / fname, tensor=name)
         f = self._handles.get(si)
         if f is None:
             f = self._handles[si] = open(self.tmp_dir / fname, "r+b")
         f.seek(offset)
-        f.write(_tensor_bytes(tensor))
+        return f
+
+    def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
+        entry = self._planned_entry(name)
+        _, fname, _, shape, dtype = entry
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(f"tensor is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}",
+                                  file=self.out_dir / fname, tensor=name)
+        self._planned_file(name, entry).write(_tensor_bytes(tensor))
         self._written.add(name)
 
     def add_parts(self, name: str, parts: Callable[[Callable[[torch.Tensor], None]], Any]) -> None:
         """Write a planned tensor piece by piece: ``parts(write)`` calls ``write(piece)`` with
         consecutive flat pieces of the tensor (in its planned dtype, each written at once, so the
         caller may reuse its buffer); together they must fill it exactly. Planned mode only."""
-        entry = self._entries.get(name) if self._plan is not None else None
-        if entry is None:
-            raise CheckpointError("tensor not in the writer's plan", file=self.out_dir, tensor=name)
-        si, fname, offset, shape, dtype = entry
-        if name in self._written:
-            raise CheckpointError("tensor written twice", file=self.out_dir / fname, tensor=name)
-        f = self._handles.get(si)
-        if f is None:
-            f = self._handles[si] = open(self.tmp_dir / fname, "r+b")
-        f.seek(offset)
+        entry = self._planned_entry(name)
+        _, fname, _, shape, dtype = entry
+        f = self._planned_file(name, entry)
         want, got = tensor_nbytes(shape, dtype), 0
 
         def write(piece: torch.Tensor) -> None:
