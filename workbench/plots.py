@@ -27,7 +27,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .errors import ConfigError
-from .statistics import SMALL_PRESETS
+from .statistics import small_preset_note
 
 __all__ = [
     "LABELS",
@@ -120,7 +120,7 @@ def caption(fig: Figure, preset: str, note: str = "") -> Figure:
         zoo = repo_relative(zoo_root(preset))
     except Exception:  # noqa: BLE001 - a caption never stops a figure
         zoo = f"zoo/{preset}"
-    parts = [f"preset {preset}, zoo {zoo}", SMALL_PRESETS.get(preset, ""), note]
+    parts = [f"preset {preset}, zoo {zoo}", small_preset_note(preset), note]
     for t in [t for t in fig.texts if t.get_gid() == CAPTION_GID]:
         t.remove()
     with matplotlib.rc_context(STYLE_RC):
