@@ -101,9 +101,9 @@ def run_keys(labels: list[str], precisions: list[str]) -> list[tuple[str, str, s
 
 
 def _objective_setup(method: str, params: dict, N: int, m: int, n: int):
-    """The objective (``None``: WUDI; else :class:`workbench.methods.Targets`) and the solver's
+    """The objective (``None``: WUDI; else :class:`workbench.merging.Targets`) and the solver's
     initialisation."""
-    from workbench.methods import optmerge_settings
+    from workbench.merging import optmerge_settings
 
     if method == "wudi":
         return None, params.get("init", "sum")
@@ -121,7 +121,7 @@ def precision_check(folders: list[Path], method: str, params: dict, precisions: 
     import torch
 
     from workbench.io import CheckpointReader
-    from workbench.methods import get_method, quadratic_merge_loss
+    from workbench.merging import get_method, quadratic_merge_loss
 
     fn = get_method(method).fn
     dev = torch.device(device)

@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     args.profile = [m for m in args.profile.split(",") if m]
-    from workbench.methods import METHODS
+    from workbench.merging import METHODS
 
     for m in args.methods + args.rss_methods:
         if m not in METHODS:

@@ -206,7 +206,7 @@ def model_config_of(folder: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# A minimal stand-in method registry, so engine tests do not depend on workbench.methods' numerics.
+# A minimal stand-in method registry, so engine tests do not depend on workbench.merging's numerics.
 class StandInSpec:
     """Duck-typed ``MethodSpec`` (name, fn, defaults, doc, batched_fn, needs_generator, check_params)."""
 

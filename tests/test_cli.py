@@ -105,16 +105,17 @@ def test_lazy_command_missing_module_is_clear(monkeypatch):
 
 
 def test_cli_methods_lists_registry(capsys):
-    from workbench.methods import METHODS
+    from workbench.merging import METHODS
 
     assert cli.main(["methods"]) == 0
     out = capsys.readouterr().out
     for name in METHODS:
         assert name in out
+        assert f"{METHODS[name].pretty_name}: " in out and METHODS[name].reference in out  # display name, citation
 
 
 def test_cli_methods_name_explains_every_parameter(capsys):
-    from workbench.methods import METHODS
+    from workbench.merging import METHODS
 
     assert cli.main(["methods", "ties"]) == 0
     out = capsys.readouterr().out
@@ -137,7 +138,7 @@ def test_cli_version_and_unknown_preset_are_one_line(capsys):
 
 
 def _every_method():
-    from workbench.methods import METHODS
+    from workbench.merging import METHODS
 
     return sorted(METHODS)
 
@@ -172,7 +173,7 @@ def test_every_method_end_to_end_llava(method, tiny_llava, tiny_llava_experts, t
 
 
 def test_real_weight_average_equals_direct_mean_via_subprocess(tiny_llama, tiny_llama_experts, tmp_path):
-    from workbench.methods import METHODS
+    from workbench.merging import METHODS
 
     name = "weight_average"
     assert name in METHODS

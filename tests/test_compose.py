@@ -19,7 +19,7 @@ from workbench.compose import (MMERParts, compose_damc, compose_expert, compose_
                                storage_comparison, ExpertSource)
 from workbench.errors import CheckpointError, ConfigError
 from workbench.llava import LlavaCheckpoint
-from workbench.masks import pack_mask
+from workbench.merging import pack_mask
 from workbench.routing import (add_lora_routes, materialize_route, route_parameters, routed_modules,
                                save_route_adapter, token_routes)
 
@@ -94,9 +94,9 @@ def test_naive_mc_full_equals_direct_mean(tiny_llama, tiny_llama_experts):
 
 
 def test_naive_mc_matches_registry_weight_average(tiny_llama, tiny_llama_experts):
-    from workbench import methods
+    from workbench import merging
     ours = merge_llm(tiny_llama, tiny_llama_experts)
-    theirs = merge_llm(tiny_llama, tiny_llama_experts, method=lambda b, e, **kw: methods.get_method("weight_average").fn(b, e, **kw))
+    theirs = merge_llm(tiny_llama, tiny_llama_experts, method=lambda b, e, **kw: merging.get_method("weight_average").fn(b, e, **kw))
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(v, theirs.state_dict()[k], rtol=0, atol=1e-6)
 
@@ -424,7 +424,7 @@ def test_llava_experts_naive_mmer_damc_generate_two_modalities(tiny_llava, tiny_
 
 def test_mmer_default_parts_equal_registry_mmer_method(tiny_llama, tiny_llama_experts):
     """The in-memory path (TIES τ*, masks) and the engine's `mmer` method agree tensor by tensor."""
-    from workbench.methods import get_method
+    from workbench.merging import get_method
 
     parts = mmer_parts(tiny_llama, tiny_llama_experts, lam=1.5)  # default: registry TIES, density 0.2
     base, exps = state_dict_of(tiny_llama), [state_dict_of(p) for p in tiny_llama_experts]

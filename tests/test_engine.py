@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from workbench import engine
 from workbench.engine import load_masks, merge, merge_with_report, prefetch, tensor_generator
-from workbench.masks import pack_mask, unpack_mask
+from workbench.merging import pack_mask, unpack_mask
 from workbench.io import CheckpointReader, CheckpointWriter, NameFilter
 
 REG = standin_methods()
@@ -351,7 +351,7 @@ def test_lora_modules_to_save_and_embedding(tiny_llama, tiny_lora_adapters, tmp_
 
 
 # ------------------------------------------------------------------------------ with the real registry
-from workbench import methods as real_methods
+from workbench import merging
 
 
 def test_real_ties_global_trim_matches_methods_reference(tiny_llama, tiny_llama_experts, tmp_path):
@@ -361,17 +361,17 @@ def test_real_ties_global_trim_matches_methods_reference(tiny_llama, tiny_llama_
     base = state_dict_of(tiny_llama)
     exps = [state_dict_of(e) for e in tiny_llama_experts]
     names = rep.merged
-    ref = real_methods.global_trim_thresholds(([e[n] - base[n] for e in exps] for n in names), density)
+    ref = merging.global_trim_thresholds(([e[n] - base[n] for e in exps] for n in names), density)
     assert rep.thresholds == ref  # two independent exact computations
     got = state_dict_of(rep.output)
     for n in names[:4]:
-        want = real_methods.ties(base[n], [e[n] for e in exps], density=density, trim="global", thresholds=ref)
+        want = merging.ties(base[n], [e[n] for e in exps], density=density, trim="global", thresholds=ref)
         assert torch.allclose(got[n], want, atol=1e-6), n
     assert json.loads((rep.output / "workbench_merge.json").read_text())["params_used"]["trim"] == "global"
 
 
 def test_real_mmer_masks_saved(tiny_llava, tiny_llava_experts, tmp_path):
-    from workbench.masks import mmer_masks, unpack_mask
+    from workbench.merging import mmer_masks, unpack_mask
 
     out = merge(_cfg(tiny_llava, tiny_llava_experts, tmp_path / "m", method="mmer"), progress=False)
     masks = load_masks(out)
@@ -381,7 +381,7 @@ def test_real_mmer_masks_saved(tiny_llava, tiny_llava_experts, tmp_path):
     assert {k.split("::")[0] for k in masks} == set(merged)
     n = merged[5]
     taus = torch.stack([e[n] - base[n] for e in exps])
-    star = real_methods.ties_merge_tau(taus, 0.2)
+    star = merging.ties_merge_tau(taus, 0.2)
     want = mmer_masks(taus, star, 1.0)
     for i in range(3):
         assert torch.equal(masks[f"{n}::mask_{i}"], want[i])
@@ -409,7 +409,7 @@ def test_real_dare_ties_global_trim_runs_and_is_seeded(tiny_llama, tiny_llama_ex
 def test_batched_path_equals_per_tensor_on_cpu(method, tiny_llama, tiny_llama_experts, tmp_path, monkeypatch):
     """The CUDA batching logic (grouping by shape, batch size, batched_fn) exercised on CPU."""
     calls = []
-    spec = real_methods.get_method(method)
+    spec = merging.get_method(method)
     orig = spec.batched_fn
 
     def spy(base, experts, **kw):
@@ -433,7 +433,7 @@ def test_batched_path_equals_per_tensor_on_cpu(method, tiny_llama, tiny_llama_ex
 def test_global_trim_expert_and_thresholds_are_exact():
     """The engine's in-place global trim is bit-identical to ``b + where(|e - b| >= t, e - b, 0)``, and its
     streaming thresholds (bit-pattern histogram) equal the exact reference, subnormals and ties included."""
-    from workbench import methods as M
+    from workbench import merging as M
     from workbench.engine import _Item, _trim_expert, global_trim_thresholds
 
     g = torch.Generator().manual_seed(0)

@@ -71,7 +71,7 @@ def test_choose_lambda_mean_over_tasks_ties_smaller():
 
 
 def test_ablation_entries_are_valid_registry_params():
-    from workbench.methods import OPTMERGE_PRESETS, get_method
+    from workbench.merging import OPTMERGE_PRESETS, get_method
 
     for fam in ("full", "lora", "modality"):
         entries = E.ablation_entries(fam)
@@ -108,7 +108,7 @@ def test_cache_key_carries_the_method_revision():
 def test_full_rank_optmerge_objective_is_wudi():
     """The +SGD/+Initialization steps use optmerge with k_ratio=1 as 'the WUDI objective': check
     that its exact minimiser equals WUDI's on random tensors."""
-    from workbench.methods import optmerge, wudi
+    from workbench.merging import optmerge, wudi
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(12, 8, generator=g)

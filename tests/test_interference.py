@@ -468,7 +468,7 @@ def test_kth_largest_equals_numpy_partition():
     bf16-like values (many exact ties), a constant row, k = 1 and k = n, and rows on both sides of
     the size where the histogram path starts."""
     import workbench.analysis.interference as I
-    import workbench.masks as M
+    import workbench.merging.masks as M
 
     rng = np.random.default_rng(0)
     n = M.RADIX_MIN + 12345
@@ -503,7 +503,7 @@ def test_kth_largest_equals_numpy_partition():
 def test_topk_threshold_equals_partition_of_signed_rows():
     """Signed rows (negative values, -0.0, ties): the threshold is the k-th largest |tau|; k = n gives 0."""
     import workbench.analysis.interference as I
-    import workbench.masks as M
+    import workbench.merging.masks as M
 
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(3, M.RADIX_MIN + 999, generator=g) * 3).round() / 3
@@ -523,7 +523,7 @@ def test_topk_threshold_equals_partition_of_signed_rows():
 def test_streamed_radix_path_equals_materialised_task_vectors(world, monkeypatch):
     """Force the histogram select (and several histogram pieces) on the small world's tensors: the
     streamed profile still equals tensor_stats over the full task vectors."""
-    import workbench.masks as M
+    import workbench.merging.masks as M
 
     monkeypatch.setattr(M, "RADIX_MIN", 8)
     monkeypatch.setattr(M, "RADIX_PIECE", 40)
@@ -556,7 +556,7 @@ def test_threads_setting_is_restored_and_counts_do_not_depend_on_it(world):
 # ----------------------------------------------------------------------------------- sampled estimate
 def test_stratified_index_one_entry_per_stratum():
     import workbench.analysis.interference as I
-    import workbench.masks as M
+    import workbench.merging.masks as M
 
     for n, m in ((10, 3), (1000, 1000), (12345, 100), (2**24 + 7, 4096)):
         idx = I._stratified_index(n, m, seed=5)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.masks import (dare_keep_mask, mask_density, mmer_masks, pack_mask, tall_masks, ties_keep_masks,
+from workbench.merging.masks import (dare_keep_mask, mask_density, mmer_masks, pack_mask, tall_masks, ties_keep_masks,
                              topk_keep_mask, unpack_mask)
 
 SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=3)
@@ -131,7 +131,7 @@ def test_topk_keep_mask_equals_kthvalue_definition(dtype, density):
     k = max(1, min(n, int(round(density * n))))
     t = torch.kthvalue(flat, n - k + 1).values if k < n else torch.zeros((), dtype=dtype)
     assert torch.equal(topk_keep_mask(tau, density), (tau.abs() >= t) & (tau != 0))
-    from workbench.masks import kth_largest
+    from workbench.merging.masks import kth_largest
     for kk in (1, 2, k, n):
         assert kth_largest(flat, kk) == float(torch.kthvalue(flat, n - kk + 1).values)
 
@@ -148,7 +148,7 @@ def test_kth_largest_radix_path_equals_numpy_partition():
     """``kth_largest`` on a large non-negative float32 tensor (the TIES trim's |tau|) takes the radix
     select and returns numpy.partition's value; signed values, -0.0 and float64 take numpy.partition."""
     import numpy as np
-    from workbench.masks import RADIX_MIN, kth_largest
+    from workbench.merging.masks import RADIX_MIN, kth_largest
 
     g = torch.Generator().manual_seed(5)
     n = RADIX_MIN * 3 + 17

@@ -1,6 +1,6 @@
-"""The compiled CPU merges (workbench.merge_kernels) against the torch methods (the reference):
+"""The compiled CPU merges (workbench.merging.kernels) against the torch methods (the reference):
 bit-identical outputs and TIES thresholds on random shapes, dtypes, zeros and ties at the threshold;
-the global trim against methods.global_trim_thresholds (torch.kthvalue); the engine's compiled output
+the global trim against merging.global_trim_thresholds (torch.kthvalue); the engine's compiled output
 folder against its torch output folder; non-finite inputs named."""
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from workbench import merge_kernels as MK
 from workbench.analysis.kernels import dare_keys
 from workbench.engine import merge_with_report, tensor_generator, tensor_seed
 from workbench.errors import CheckpointError
-from workbench.masks import kth_largest
-from workbench.methods import dare_keep, get_method
-from workbench.methods import global_trim_thresholds as torch_global_thresholds
+from workbench.merging import dare_keep, get_method, kth_largest
+from workbench.merging import global_trim_thresholds as torch_global_thresholds
+from workbench.merging import kernels as MK
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CASES = [("weight_average", {}), ("weight_average", {"scale": 0.7, "weights": [0.5, 0.3, 0.9, 0.1, 0.2]}),
@@ -109,7 +108,7 @@ def test_many_experts_equal_torch_within_rounding(n, dtype):
 @pytest.mark.parametrize("method,params", [c for c in CASES if c[0] in ("ties", "dare_ties")])
 def test_ties_thresholds_are_the_torch_kth_largest(method, params):
     """The per-tensor thresholds from the two 16-bit histograms are the exact k-th largest |tau_i|
-    (after DARE's drop) of workbench.masks.kth_largest, with k = round(density * n), on a grid of
+    (after DARE's drop) of workbench.merging.kth_largest, with k = round(density * n), on a grid of
     repeated magnitudes and many zeros."""
     base, experts = _inputs(3, (40, 33), 4, torch.bfloat16, 0.4, True)
     s = MK.merge_settings(method, get_method(method).check_params(params), 4, None)
@@ -139,7 +138,7 @@ def test_threads_and_long_rows_equal_torch(monkeypatch):
 
 
 def test_global_trim_thresholds_equal_torch_kthvalue():
-    """The streaming compiled global thresholds equal methods.global_trim_thresholds (torch.kthvalue
+    """The streaming compiled global thresholds equal merging.global_trim_thresholds (torch.kthvalue
     over the concatenated non-zero magnitudes), including an expert with fewer non-zeros than k."""
     tensors = [_inputs(s, shape, 3, torch.bfloat16, 0.3, s % 2 == 0) for s, shape in
                enumerate([(20, 30), (7,), (64, 9)])]

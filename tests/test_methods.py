@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workbench.errors import ConfigError
-from workbench.methods import (METHODS, MergeOutput, OPTMERGE_PRESETS, Targets, dare_drop, dare_keep, get_method,
+from workbench.merging import (METHODS, MergeOutput, OPTMERGE_PRESETS, Targets, dare_drop, dare_keep, get_method,
                                global_trim_thresholds,
                                iso_c_merge_tau, iso_cts_merge_tau, optmerge, optmerge_batched, quadratic_merge_loss,
-                               ties, ties_merge_tau, trim_topk, tsv_merge_tau, wudi, wudi_batched)
-from workbench.masks import mmer_masks, unpack_mask
+                               mmer_masks, ties, ties_merge_tau, trim_topk, tsv_merge_tau, unpack_mask, wudi,
+                               wudi_batched)
 
 torch.set_num_threads(1)
 
@@ -53,6 +53,26 @@ def test_registry_names_and_unknown_method():
     assert want <= set(METHODS)
     with pytest.raises(ConfigError, match="known: .*ties"):
         get_method("nope")
+
+
+def test_registry_order_display_names_and_citations():
+    """Every family file registers its methods with a display name and a citation; the order is the
+    families' (linear, TIES/DARE, SVD, quadratic, MMER), and the tables' row labels are the display names."""
+    from workbench.experiments import CAP_METHODS, MODALITY_METHODS, method_label
+    from workbench.merging import merge_method
+
+    assert list(METHODS) == ["weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv", "iso_c",
+                             "iso_cts", "wudi", "optmerge", "mmer"]
+    for name, spec in METHODS.items():
+        assert spec.name == name and spec.pretty_name.strip() and spec.doc.strip(), name
+        assert "arXiv:" in spec.reference and " et al., " in spec.reference, name
+    for name in ("wudi", "optmerge"):  # the official code the implementation follows (docs/METHODS.md)
+        assert "github.com/WalkerWorldPeace/MLLMerging" in METHODS[name].reference
+    for name in (*CAP_METHODS, *MODALITY_METHODS):
+        assert method_label(name) == METHODS[name].pretty_name
+    assert [method_label(c) for c in ("naive_mc", "damc")] == ["NaiveMC", "DAMC"]
+    with pytest.raises(ConfigError, match="registered twice"):
+        merge_method("ties", "TIES again", "-", doc="-")(lambda base, experts: base)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -334,7 +354,7 @@ def test_iso_cts_matches_step_by_step_reference(shape):
 # ----------------------------------------------------------------------------------------- WUDI / OptMerge
 def ref_loss(tau_m: torch.Tensor, taus: torch.Tensor, k=None) -> torch.Tensor:
     """The objective written out term by term (independent of the library's block form). ``k``:
-    None (WUDI), an int (truncated targets, rank-k P) or a :class:`workbench.methods.Targets`."""
+    None (WUDI), an int (truncated targets, rank-k P) or a :class:`workbench.merging.Targets`."""
     if isinstance(k, Targets):
         k, target, projection = k.k, k.target, k.projection
     else:
@@ -546,7 +566,7 @@ def test_batched_cuda_matches_cpu(bfn, solver):
 # ----------------------------------------------------------------------------------- fast paths = reference formulas
 def _ties_reference(taus, density, thresholds=None):
     """The straightforward TIES (where-masks, kthvalue), as the methods were first written."""
-    from workbench.masks import threshold_keep_mask, topk_keep_mask
+    from workbench.merging import threshold_keep_mask, topk_keep_mask
 
     if thresholds is not None:
         keep = torch.stack([threshold_keep_mask(taus[i], thresholds[i]) for i in range(taus.shape[0])])
@@ -574,7 +594,7 @@ def _bits(x):
 def test_ties_fast_path_is_bit_identical_to_reference(case, density):
     """Trim by selection + in-place elect/mean: the same bits (zeros' signs included) as the
     where-mask formulation, with repeated magnitudes, exact zeros, cancelling experts and -0.0."""
-    from workbench.methods import ties_merge_tau
+    from workbench.merging import ties_merge_tau
 
     g = torch.Generator().manual_seed(case)
     shape = [(37, 53), (1000,), (4, 5, 6), (64, 64)][case]
@@ -600,7 +620,7 @@ def test_ties_fast_path_is_bit_identical_to_reference(case, density):
 
 
 def test_dare_fast_paths_are_the_reference_draws():
-    from workbench.methods import dare_linear, dare_ties
+    from workbench.merging import dare_linear, dare_ties
 
     g = torch.Generator().manual_seed(4)
     base = torch.randn(30, 40, generator=g)
@@ -681,7 +701,7 @@ def precision_gap(method, base, experts, *, precision="bf16", steps=50, **params
 
 def _fp32_reference(base, experts, k, init, optimizer, lr, steps, momentum=0.0):
     """The float32 iterative solver as it was before ``precision`` existed (its loop copied)."""
-    from workbench.methods import _init, _system
+    from workbench.merging.quadratic import _init, _system
 
     taus = torch.stack([e - base for e in experts])[:, None]
     s = _system(taus, k)
@@ -771,7 +791,7 @@ def test_precision_parameter_checked_and_exact_solver_ignores_it(name):
 def test_cuda_matmul_flags_restored():
     """The context manager sets the global CUDA matmul flags and restores them, also on an error
     (the flags can be set without a GPU); off CUDA it touches nothing."""
-    from workbench.methods import _cuda_matmul_flags
+    from workbench.merging.quadratic import _cuda_matmul_flags
 
     m = torch.backends.cuda.matmul
     key = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"

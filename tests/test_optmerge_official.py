@@ -19,7 +19,7 @@ import torch
 
 from workbench.engine import merge_with_report
 from workbench.io import CheckpointReader
-from workbench.methods import CONVERGED_GRAD_RATIO, get_method, objective_report, optmerge, wudi
+from workbench.merging import CONVERGED_GRAD_RATIO, get_method, objective_report, optmerge, wudi
 
 
 def _experts(seed: int, N: int, m: int, n: int, std: float = 0.1):

@@ -276,13 +276,24 @@ def test_composition_claims_from_predictions():
 def test_cache_keys_carry_the_code_digest(tmp_path, monkeypatch):
     from workbench import evaluate, results
 
-    for name in evaluate.PREDICTION_CODE:
-        (tmp_path / name).write_text(f"# {name}\n")
+    def write_code(folder, fixed=False):  # files as named; a folder entry (the merge methods) with two modules
+        folder.mkdir(exist_ok=True)
+        for name in evaluate.PREDICTION_CODE:
+            if name.endswith(".py"):
+                (folder / name).write_text(f"# {name}\n")
+            else:
+                (folder / name).mkdir()
+                (folder / name / "linear.py").write_text("# linear\n")
+                (folder / name / "ties_dare.py").write_text("# ties\n" + ("fixed = True\n" if fixed else ""))
+                (folder / name / "notes.txt").write_text("not code")
+
+    write_code(tmp_path)
     before = evaluate.code_digest(str(tmp_path))
     assert before == evaluate.code_digest(str(tmp_path)) and len(before) == 16
-    (tmp_path / "sub").mkdir()
-    for name in evaluate.PREDICTION_CODE:
-        (tmp_path / "sub" / name).write_text(f"# {name}\n" + ("fixed = True\n" if name == "methods.py" else ""))
+    (tmp_path / "merging" / "notes.txt").write_text("edited, still not code")
+    evaluate.code_digest.cache_clear()
+    assert evaluate.code_digest(str(tmp_path)) == before  # a folder entry hashes its *.py files only
+    write_code(tmp_path / "sub", fixed=True)
     assert evaluate.code_digest(str(tmp_path / "sub")) != before  # one edited method -> another digest
     key = results.cache_key({"a": 1})
     monkeypatch.setattr(results, "code_digest", lambda: "0" * 16)

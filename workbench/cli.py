@@ -144,11 +144,12 @@ def _parameter_help(spec) -> list[tuple[str, str, str]]:
 def _methods_run(args: argparse.Namespace) -> int:
     import textwrap
 
-    from .methods import METHODS, get_method
+    from .merging import METHODS, get_method
 
     if args.name:
         spec = get_method(args.name)
-        print(f"{spec.name}: {(spec.doc or '').strip()}")
+        print(f"{spec.name} ({spec.pretty_name}): {(spec.doc or '').strip()}")
+        print(textwrap.fill(f"reference: {spec.reference}", width=100, subsequent_indent="    ", break_on_hyphens=False))
         print("\nparameters (override with `--set NAME=VALUE` in `workbench merge`, or `params:` in the YAML):")
         for name, head, said in _parameter_help(spec):
             print(f"  {name}: {head}")
@@ -168,12 +169,13 @@ def _methods_run(args: argparse.Namespace) -> int:
         if getattr(spec, "needs_generator", False):
             flags.append("seeded")
         extra = f" [{', '.join(flags)}]" if flags else ""
-        print(f"{name:<{width}}  {dict(spec.defaults)}{extra}  {doc[0] if doc else ''}")
+        print(f"{name:<{width}}  {spec.pretty_name}: {dict(spec.defaults)}{extra}  {doc[0] if doc else ''}")
+        print(f"{'':<{width}}  {spec.reference}")
     return 0
 
 
 register_command("merge", "merge experts into one model from a YAML config", _merge_args, _merge_run)
-register_command("methods", "list the merge methods and their default parameters", _methods_args, _methods_run)
+register_command("methods", "list the merge methods (display name, citation, default parameters)", _methods_args, _methods_run)
 
 
 # ------------------------------------------------------------------------------------ main

@@ -20,7 +20,7 @@ Compositions (methods.md sections 1-3):
 - :func:`compose_naive_mc`: NaiveMC. θ = θ0 + Σ λi τi with λi = 1/N (the weight average); LoRA experts
   contribute their product delta ``s · Bi Ai`` (never A and B averaged separately); projector-only
   experts contribute τ = 0. Streamed tensor by tensor (:func:`merge_llm`): memory holds the base
-  model and one tensor of each expert. Any method of :mod:`workbench.methods` can replace the average.
+  model and one tensor of each expert. Any method of :mod:`workbench.merging` can replace the average.
 - :func:`compose_damc`: text tokens use W0 + Σ λi si Bi^t Ai^t, tokens of modality m use
   W0 + μ_m sm Bm^mod Am^mod (μ = 1); λ is searched with :func:`damc_lambda_search` (grid on a
   multi-modality validation split, CSV) or :func:`damc_lambda_from_own_tasks` (the fallback; rule
@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .masks import pack_mask, unpack_mask
+from .merging.masks import pack_mask, unpack_mask
 from .mllm import MultimodalLM
 from .routing import (DEFAULT_LORA_TARGETS, Dense, LowRank, Masked, apply_routes, load_route_adapter,
                       route_components, set_route_coefficients)
@@ -422,7 +422,7 @@ def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str
     """Merge the experts' LLMs into a copy of the base, streaming tensor by tensor.
 
     ``method="weight_average"``: θ = θ0 + Σ λi τi, λ = ``coefficients`` (default 1/N: the plain
-    average of the θi). Any other name is looked up in :mod:`workbench.methods` (or pass a callable
+    average of the θi). Any other name is looked up in :mod:`workbench.merging` (or pass a callable
     ``fn(base, experts, name=, generator=, **params)``) and gets the experts' θi = θ0 + τi of each
     tensor (LoRA experts: θ0 + s·B@A; projector-only experts: θ0). ``keep``: regexes of tensors left
     at θ0. Memory: the base model (loaded in ``dtype`` on ``device``; the arithmetic is float32 per
@@ -726,8 +726,8 @@ def damc_lambda_from_own_tasks(model: MultimodalLM, own_records: Mapping[str, Se
 def mmer_mask(tau: torch.Tensor, tau_star: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """MMER's mask for one expert (methods.md section 3, **unverified** reading, λ a parameter):
     ``m = 1[|τi| > λ · |τi − τ*|]``; λ = 1 is the element-wise minimiser of ‖θi − (θ0 + m ⊙ τ*)‖₁.
-    Delegates to :func:`workbench.masks.mmer_masks` (the rule the engine's ``mmer`` method uses)."""
-    from .masks import mmer_masks
+    Delegates to :func:`workbench.merging.mmer_masks` (the rule the engine's ``mmer`` method uses)."""
+    from .merging.masks import mmer_masks
 
     return mmer_masks([tau], tau_star, lam)[0]
 
@@ -737,7 +737,7 @@ class MMERParts:
     """τ* per tensor and one packed mask per expert per tensor (what MMER stores).
 
     ``tau_star[name]``: τ* (``dtype``); ``masks[name][i]``: packed uint8 mask of expert ``i``
-    (:func:`workbench.masks.pack_mask`, MSB first); ``shapes[name]``.
+    (:func:`workbench.merging.pack_mask`, MSB first); ``shapes[name]``.
     """
 
     tau_star: dict[str, torch.Tensor]

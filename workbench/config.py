@@ -30,7 +30,7 @@ class MergeConfig(BaseModel):
     """Everything :func:`workbench.engine.merge` needs.
 
     Attributes:
-        method: a name of :data:`workbench.methods.METHODS`.
+        method: a name of :data:`workbench.merging.METHODS`.
         base: the shared base model folder (θ0).
         experts: expert model folders or peft LoRA adapter folders (θi).
         output: the merged model folder to create.

@@ -21,7 +21,7 @@
    ``||tau|| / ||theta_0||`` is tallied: above :data:`~workbench.io.validate.FOREIGN_RATIO` a
    warning names it (``strict``: the merge fails and nothing is written).
    On a CPU, weight average, task arithmetic, DARE linear, TIES and DARE-TIES run instead as the
-   compiled, row-chunked kernels of :mod:`workbench.merge_kernels` over memory-mapped inputs (the
+   compiled, row-chunked kernels of :mod:`workbench.merging.kernels` over memory-mapped inputs (the
    same values; ``WORKBENCH_COMPILED_MERGE=0`` runs the torch methods; the report's ``path`` says
    which ran); the same finiteness and foreign-expert checks apply.
 
@@ -54,7 +54,7 @@ from .io.reader import check_finite as _check_finite_io
 from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_full_expert, check_lora_base_name, check_lora_expert,
                           check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
-from .masks import pack_mask, unpack_mask
+from .merging.masks import pack_mask, unpack_mask
 
 #: tensors read ahead of the one being computed.
 PREFETCH_DEPTH = 2
@@ -78,13 +78,13 @@ def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -
 
 
 def resolve_method(name: str, registry: Mapping[str, Any] | None = None):
-    """The :class:`MethodSpec` of ``name`` from ``registry`` or :mod:`workbench.methods`.
+    """The :class:`MethodSpec` of ``name`` from ``registry`` or :mod:`workbench.merging`.
 
     Raises:
         ConfigError: for an unknown method (listing the known ones).
     """
     if registry is None:
-        from .methods import get_method
+        from .merging import get_method
 
         return get_method(name)
     if name not in registry:
@@ -364,9 +364,9 @@ class MergeReport:
     device: str
     thresholds: list[float] | None = None
     #: per merged 2-D tensor, the method's report facts (WUDI / OptMerge: objective start / end,
-    #: gradient ratio, converged; see ``workbench.methods._solve``); empty for other methods
+    #: gradient ratio, converged; see ``workbench.merging.quadratic._solve``); empty for other methods
     objectives: dict[str, dict] = field(default_factory=dict)
-    path: str = "torch"  # "compiled": the fused CPU kernels of workbench.merge_kernels ran
+    path: str = "torch"  # "compiled": the fused CPU kernels of workbench.merging.kernels ran
 
 
 def _call_method(spec, base: torch.Tensor, experts: list[torch.Tensor], name: str, device: torch.device,
@@ -413,7 +413,7 @@ def merge(config: MergeConfig | dict | str | Path, *, methods: Mapping[str, Any]
 
     Args:
         config: a :class:`MergeConfig`, a dict, or a YAML path.
-        methods: a registry to use instead of :data:`workbench.methods.METHODS` (tests).
+        methods: a registry to use instead of :data:`workbench.merging.METHODS` (tests).
         progress: show tqdm bars.
 
     Raises:
@@ -579,15 +579,15 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
 
 
 # ---------------------------------------------------------------------------------------- compiled CPU path
-# The fused CPU kernels of workbench.merge_kernels: the same values as the torch methods (tested bit
+# The fused CPU kernels of workbench.merging.kernels: the same values as the torch methods (tested bit
 # for bit), one pass per row chunk over the memory-mapped inputs. Everything here is dispatch.
 def compiled_merge_available(method: str, params: dict, device: torch.device, expert_paths: Sequence[Path],
                              methods: Mapping[str, Any] | None = None) -> bool:
-    """Whether the merge runs on the compiled CPU path (:func:`workbench.merge_kernels.compiled_merge_available`;
+    """Whether the merge runs on the compiled CPU path (:func:`workbench.merging.kernels.compiled_merge_available`;
     never with a test registry of other methods)."""
     if methods is not None:
         return False
-    from .merge_kernels import compiled_merge_available as available
+    from .merging.kernels import compiled_merge_available as available
 
     return available(method, params, device, len(expert_paths), not any(is_lora_adapter(p) for p in expert_paths))
 
@@ -602,7 +602,7 @@ def _compiled_pool():
 
 
 def _compiled_settings(method: str, params: dict, n: int, thresholds):
-    from .merge_kernels import merge_settings
+    from .merging.kernels import merge_settings
 
     return merge_settings(method, params, n, thresholds)
 
@@ -621,7 +621,7 @@ def _raise_nonfinite(name: str, base: CheckpointReader, experts: Sequence[Any], 
 
 def _compiled_global_trim(names: list[str], base: CheckpointReader, experts: Sequence[Any], density: float,
                           pool, progress: bool) -> list[float]:
-    from .merge_kernels import global_trim_thresholds as compiled_thresholds
+    from .merging.kernels import global_trim_thresholds as compiled_thresholds
 
     out = compiled_thresholds(lambda: ((base.get(n), [e.read(n) for e in experts]) for n in names), len(experts),
                               density, pool=pool[0], workers=pool[1], progress=progress)
@@ -635,7 +635,7 @@ def _compiled_global_trim(names: list[str], base: CheckpointReader, experts: Seq
 def _compiled_write(w: CheckpointWriter, it: _Item, cfg: MergeConfig, settings, dtype: torch.dtype,
                     base: CheckpointReader, experts: Sequence[Any], pool, norms: TaskVectorNorms | None = None
                     ) -> None:
-    from .merge_kernels import merge_tensor
+    from .merging.kernels import merge_tensor
 
     if norms is not None and it.base.dim() >= 2:  # the foreign-expert tally, as _compute's (strided rows)
         rows = lambda t: t.reshape(t.shape[0], -1)[::ROW_STRIDE].float()  # noqa: E731

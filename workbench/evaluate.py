@@ -129,24 +129,33 @@ def scorer_key() -> dict:
     return {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
 
 
-#: The modules whose code produces a cached prediction: the compositions, the merge methods and their
-#: engine, this scorer and the model's option scorer (``mllm.py``). Their digest is part of every
-#: results-cache key (:mod:`workbench.results`, :mod:`workbench.experiments`), so a fixed method never
-#: reuses predictions of the old code.
-PREDICTION_CODE = ("compose.py", "methods.py", "engine.py", "evaluate.py", "mllm.py")
+#: The modules whose code produces a cached prediction: the compositions, the merge methods
+#: (the ``merging`` package) and their engine, this scorer and the model's option scorer (``mllm.py``).
+#: Their digest is part of every results-cache key (:mod:`workbench.results`,
+#: :mod:`workbench.experiments`), so a fixed method never reuses predictions of the old code.
+PREDICTION_CODE = ("compose.py", "merging", "engine.py", "evaluate.py", "mllm.py")
 
 
 @functools.lru_cache(maxsize=None)
 def code_digest(root: str | Path | None = None, files: tuple[str, ...] = PREDICTION_CODE) -> str:
     """sha256 (16 hex digits) over the names and bytes of ``files`` in ``root`` (default: this package);
-    read once per process."""
+    a folder entry stands for every ``*.py`` directly in it, sorted by name (each hashed under its path
+    ``folder/file.py``); read once per process."""
     folder = Path(root) if root is not None else Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for name in files:
-        f = folder / name
-        if not f.is_file():
-            raise FileNotFoundError(f"code_digest: {f} is missing")
-        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for entry in files:
+        path = folder / entry
+        if path.is_dir():
+            members = [f"{entry}/{f.name}" for f in sorted(path.glob("*.py"), key=lambda f: f.name)]
+            if not members:
+                raise FileNotFoundError(f"code_digest: {path} holds no *.py file")
+        else:
+            members = [entry]
+        for name in members:
+            f = folder / name
+            if not f.is_file():
+                raise FileNotFoundError(f"code_digest: {f} is missing")
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -84,18 +84,12 @@ MODALITY_METHODS: tuple[str, ...] = ("weight_average", "task_arithmetic", "ties"
 LAMBDAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 #: Methods whose result does not depend on λ (run once).
 NO_LAMBDA: frozenset = frozenset({"weight_average"})
-#: Registry name -> the paper's row label.
-DISPLAY: dict[str, str] = {
-    "weight_average": "Weight Average", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
-    "dare_linear": "TA w/ DARE", "dare_ties": "TIES w/ DARE", "tsv": "TSV", "iso_c": "Iso-C", "iso_cts": "Iso-CTS",
-    "wudi": "WUDI", "optmerge": "OptMerge", "naive_mc": "NaiveMC", "damc": "DAMC",
-}
 TASK_LABELS: dict[str, str] = {"vqa": "VQA", "geometry": "Geometry", "chart": "Chart", "ocr": "OCR",
                                "grounding": "Grounding"}
 #: OptMerge's preset for each setting.
 OPTMERGE_PRESET_OF: dict[str, str] = {"full": "full_ft", "lora": "lora", "modality": "modality"}
 #: Ours, not the paper's: the iterative WUDI / OptMerge solver's relative step per optimiser
-#: (``lr_scale="relative"``, :func:`workbench.methods.wudi`): Adam 0.1 x the task vectors' RMS,
+#: (``lr_scale="relative"``, :func:`workbench.merging.wudi`): Adam 0.1 x the task vectors' RMS,
 #: SGD 1.0 / lambda_max of the system (stable below 1.9 with momentum 0.9). The paper's absolute
 #: steps (Adam 1e-5, SGD 1e-4) were set for 7B weights and hardly move the mini zoo's merge
 #: (docs/METHODS.md); on synthetic low-rank task vectors these values close >= 99% of the gap
@@ -111,7 +105,7 @@ def scale_aware_params(method: str, preset: str | None = None) -> dict:
     """The registry parameters of our scale-aware iterative solve for ``method`` (``wudi`` or
     ``optmerge`` with ``preset``): ``lr_scale="relative"`` and :data:`SCALE_AWARE_LR` of the
     optimiser the paper's settings use; ``{}`` for other methods."""
-    from .methods import OPTMERGE_PRESETS
+    from .merging import OPTMERGE_PRESETS
 
     if method == "wudi":
         return {"lr_scale": "relative", "lr": SCALE_AWARE_LR["adam"]}
@@ -150,7 +144,12 @@ def default_out(z) -> Path:
 
 
 def method_label(method_id: str) -> str:
-    return DISPLAY.get(method_id, method_id)
+    """The row label of ``method_id``: a merge method's registry ``pretty_name``, a composition's
+    paper name (:data:`workbench.report.PAPER_NAMES`: NaiveMC, DAMC), else the id itself."""
+    from .merging import METHODS
+    from .report import PAPER_NAMES
+
+    return METHODS[method_id].pretty_name if method_id in METHODS else PAPER_NAMES.get(method_id, method_id)
 
 
 def _json(obj: Any) -> str:
@@ -476,7 +475,7 @@ def default_entries(methods: Sequence[str], setting: str, method_params: Mapping
     (``full``/``lora``/``modality``), WUDI and OptMerge our scale-aware step
     (:func:`scale_aware_params`; ``method_params`` overrides it, e.g. ``{"lr_scale": "absolute",
     "lr": 1e-5}`` for the paper's), Weight Average is not searched."""
-    from .methods import get_method
+    from .merging import get_method
 
     out = []
     for m in methods:
@@ -862,7 +861,7 @@ def ablation_entries(setting: str = "lora") -> list[MergeEntry]:
     4. ``+Low-rank``: OptMerge's rank-k truncation (P's k; k = floor(min(m,n)/N) unless P sets
        ``k_ratio``) - for ``lora``/``modality`` this is exactly the OptMerge preset.
     """
-    from .methods import OPTMERGE_PRESETS
+    from .merging import OPTMERGE_PRESETS
 
     preset = OPTMERGE_PRESET_OF[setting]
     P = OPTMERGE_PRESETS[preset]
@@ -972,7 +971,7 @@ def solver_comparison(zoo, family: str = "full", methods: Sequence[str] = ("wudi
     Returns ``(rows, costs)``: the usual rows (``method`` = ``"<Label> (<solver>)"``, solver
     ``iterative``, ``iterative, scale-aware`` or ``exact``) and one row per method x solver x seed
     with ``merge_seconds`` (an engine merge at scale 1, timed here, not cached) and, from that
-    merge's report (:func:`workbench.methods.objective_report`, summed over the 2-D tensors),
+    merge's report (:func:`workbench.merging.objective_report`, summed over the 2-D tensors),
     ``objective_start``, ``objective`` (at the end) and ``converged`` (the fraction of tensors
     whose gradient fell to ``CONVERGED_GRAD_RATIO`` of its start)."""
     from .engine import merge_with_report
@@ -1207,7 +1206,7 @@ def paired_tests(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], split: str 
 # ============================================================================================ published
 #: The paper's base-model row name per published table.
 PUBLISHED_BASE = {"optmerge_table2": "InternVL2.5-Instruct", "optmerge_table3": "Qwen2-VL-Base"}
-MERGE_LABELS = tuple(DISPLAY[m] for m in CAP_METHODS)
+MERGE_LABELS = tuple(method_label(m) for m in CAP_METHODS)
 
 
 def paper_claims(table: str = "optmerge_table2"):
@@ -1392,7 +1391,7 @@ def write_tables(df: pd.DataFrame, name: str, out: str | Path, table: str | None
     return paths
 
 
-__all__ = ["CAP_METHODS", "MODALITY_METHODS", "LAMBDAS", "DISPLAY", "MergeEntry", "ablation_entries",
+__all__ = ["CAP_METHODS", "MODALITY_METHODS", "LAMBDAS", "MergeEntry", "ablation_entries",
            "capability_merging", "capability_setting", "choose_lambda", "compare_published", "default_entries",
            "claim_rows", "item_predictions", "modality_merging", "modality_setting", "optmerge_ablation",
            "paired_tests", "paper_claims", "rank_ratio_sweep", "scale_aware_params", "SCALE_AWARE_LR",

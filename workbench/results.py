@@ -133,7 +133,7 @@ def paired_table(pred: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFAULT_
 # ============================================================================================ caching
 def cache_key(parts: Mapping) -> str:
     """A short sha256 of a JSON-serialisable mapping (sorted keys) and of the code that produces the
-    numbers (:func:`workbench.evaluate.code_digest`: compose, methods, engine, evaluate, the model's scorer)."""
+    numbers (:func:`workbench.evaluate.code_digest`: compose, merging, engine, evaluate, the model's scorer)."""
     blob = json.dumps({"v": RESULTS_VERSION, "code": code_digest(), **parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

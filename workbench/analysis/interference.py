@@ -64,7 +64,7 @@ import torch
 
 from ..device import resolve_device
 from ..paths import repo_relative, resolve_repo_path
-from .. import masks as M
+from ..merging import masks as M
 from ..errors import CheckpointError, ConfigError
 from . import kernels as K
 from .store import atomic_write, save_frames, save_json
@@ -244,7 +244,7 @@ def topk_threshold(abs_tau: torch.Tensor, topk: float) -> torch.Tensor:
 
     ``abs_tau`` is ``[N, n]`` (magnitudes; signed values work too, the absolute value is taken row by row); ``k = max(1, round(topk * n))``. An entry is in the top-k when
     ``|tau| >= threshold`` and ``tau != 0`` (ties at the threshold are all kept). On CPU the
-    selection is an exact radix select (:func:`workbench.masks.kth_largest_nonneg`: a histogram of the float32 bit
+    selection is an exact radix select (:func:`workbench.merging.kth_largest_nonneg`: a histogram of the float32 bit
     patterns' high half, then ``numpy.partition`` of the one bin that holds the k-th largest -
     the same value as ``numpy.partition`` of the row, several times faster) one row at a time
     (one row of extra memory); on other devices ``torch.kthvalue``.

@@ -394,7 +394,7 @@ def _helpers():
 
 def helpers_module():
     """The compiled helpers module (``ld``: a stored entry as float32, ``f32_to_bits``, the
-    histogram passes), for other generated kernels to import (:mod:`workbench.merge_kernels`)."""
+    histogram passes), for other generated kernels to import (:mod:`workbench.merging.kernels`)."""
     return _helpers()
 
 

@@ -350,23 +350,23 @@ def compute_masks(
     dare_p: float = 0.2,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-expert masks ``[N, n]`` of one tensor and their support ``[n]`` (built by :mod:`workbench.masks`).
+    """Per-expert masks ``[N, n]`` of one tensor and their support ``[n]`` (built by :mod:`workbench.merging.masks`).
 
-    - ``"mmer"``: ``tau* =`` TIES merge (:func:`workbench.methods.ties_merge_tau`, keep ``density``);
-      ``m_i = |tau_i| > lam * |tau_i - tau*|`` (:func:`workbench.masks.mmer_masks`; the Manhattan-distance
+    - ``"mmer"``: ``tau* =`` TIES merge (:func:`workbench.merging.ties_merge_tau`, keep ``density``);
+      ``m_i = |tau_i| > lam * |tau_i - tau*|`` (:func:`workbench.merging.mmer_masks`; the Manhattan-distance
       minimiser when ``lam = 1``); support ``tau* != 0``.
     - ``"tall"``: ``tau_MT = sum_i tau_i``; ``m_i = |tau_i| >= lam * |tau_MT - tau_i|`` and ``tau_i != 0``
-      (:func:`workbench.masks.tall_masks` with ``nonzero_only``); support ``tau_MT != 0``.
+      (:func:`workbench.merging.tall_masks` with ``nonzero_only``); support ``tau_MT != 0``.
     - ``"ties"``: TIES keep-masks (top-k and agreeing with the elected sign,
-      :func:`workbench.masks.ties_keep_masks`); support: entries some expert keeps (``tau_m != 0``).
-    - ``"dare"``: DARE keep-masks (:func:`workbench.masks.dare_keep_mask`, kept with probability
+      :func:`workbench.merging.ties_keep_masks`); support: entries some expert keeps (``tau_m != 0``).
+    - ``"dare"``: DARE keep-masks (:func:`workbench.merging.dare_keep_mask`, kept with probability
       ``1 - dare_p``); support: every entry.
 
     Args:
         taus: ``[N, n]`` float32 task vectors.
     """
-    from .. import masks as M
-    from ..methods import ties_merge_tau
+    from ..merging import masks as M
+    from ..merging import ties_merge_tau
 
     if method == "mmer":
         tau_star = ties_merge_tau(taus, density)
@@ -492,7 +492,7 @@ def sweep_table(results: Mapping[tuple, MaskOverlap]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------------- MMER masks on disk
 def _unpack(packed: torch.Tensor, shape: Sequence[int], *, file: Path, tensor: str) -> torch.Tensor:
-    from ..masks import unpack_mask
+    from ..merging import unpack_mask
 
     try:
         return unpack_mask(packed, tuple(shape))

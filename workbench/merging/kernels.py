@@ -1,7 +1,7 @@
 """Compiled CPU merges: weight average, task arithmetic, DARE linear, TIES and DARE-TIES as one
 fused pass per row chunk, reading the stored tensors straight from their memory maps.
 
-The torch methods (:mod:`workbench.methods`) are the reference and the GPU path; on a CPU each of
+The torch methods (:mod:`workbench.merging`) are the reference and the GPU path; on a CPU each of
 their steps (bf16 -> fp32 copies of whole stacked tensors, ``|tau|``, the masks, the elected sign,
 the mean) is a separate pass over ``[N, numel]`` float32 temporaries. Here, as in the interference
 profile's kernels (:mod:`workbench.analysis.kernels`, whose machinery this reuses: the generated
@@ -17,7 +17,7 @@ round trip; DARE's ``tau * keep / (1 - p)``; the trim ``tau * (|tau| >= t)``; th
 the sequential sum; the disjoint mean ``(sum_i max(tau_i gamma, 0)) gamma / count``; the weighted
 sum; ``scale * tau_m + theta_0``), compiled without fast-math (no reassociation, no fused
 multiply-add). The per-tensor TIES thresholds are the exact ``k``-th largest ``|tau_i|``
-(``k = round(density * numel)``, as :func:`workbench.methods._trim_`), the global ones the exact
+(``k = round(density * numel)``, as :func:`workbench.merging.ties_dare._trim_`), the global ones the exact
 ``ceil(density * total)``-th largest non-zero ``|tau_i|`` over all merged tensors (as
 :func:`workbench.engine.global_trim_thresholds`), both by :func:`kernels.kth_from_hist`.
 ``tests/test_merge_kernels.py`` checks all of it against the torch methods. One exception: from
@@ -35,7 +35,7 @@ the tensor's rows.)
 
 **DARE**: the keep draw is :mod:`workbench.analysis.kernels`' counter-based draw (seed = the
 tensor's :func:`workbench.engine.tensor_seed`, position = the flat index), identical on every device;
-the torch methods draw the same (:func:`workbench.methods.dare_drop`).
+the torch methods draw the same (:func:`workbench.merging.dare_drop`).
 """
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .analysis import kernels as K
-from .errors import ConfigError
+from ..analysis import kernels as K
+from ..errors import ConfigError
+from .common import check_density, check_drop_rate, expert_weights
+from .ties_dare import check_trim
 
 __all__ = ["COMPILED_METHODS", "CHUNK_ENTRIES", "compiled_merge_available", "MergeSettings", "merge_settings",
            "merge_tensor", "global_trim_thresholds", "kernel_view"]
@@ -100,7 +102,6 @@ class MergeSettings:
 def merge_settings(method: str, params: dict, n: int, global_thresholds: Sequence[float] | None) -> MergeSettings:
     """:class:`MergeSettings` of a method of :data:`COMPILED_METHODS` with checked ``params``
     (the same checks and defaults as the torch methods)."""
-    from . import methods as M
 
     scale = float(params.get("scale", 1.0))
     if method in ("weight_average", "task_arithmetic"):
@@ -108,16 +109,15 @@ def merge_settings(method: str, params: dict, n: int, global_thresholds: Sequenc
         if method == "weight_average" and weights is None and scale == 1.0:
             return MergeSettings("mean", n)
         default = 1.0 / n if method == "weight_average" else 1.0
-        coef = M._weights(weights, n, default, "cpu").numpy()
+        coef = expert_weights(weights, n, default, "cpu").numpy()
         return MergeSettings("sum", n, scale=scale, coef=coef)
     if method == "dare_linear":
-        return MergeSettings("sum", n, scale=scale, drop_rate=M._check_drop(params.get("drop_rate", 0.2)), dare=True)
+        return MergeSettings("sum", n, scale=scale, drop_rate=check_drop_rate(params.get("drop_rate", 0.2)), dare=True)
     # ties / dare_ties: the engine passes global thresholds with density 1 (global trim)
-    M._ties_thresholds(str(params.get("trim", "per_tensor")), global_thresholds if params.get("trim") == "global"
-                       else None)
-    density = M._check_density(params.get("density", 0.2))
+    check_trim(str(params.get("trim", "per_tensor")), global_thresholds if params.get("trim") == "global" else None)
+    density = check_density(params.get("density", 0.2))
     dare = method == "dare_ties"
-    drop = M._check_drop(params.get("drop_rate", 0.2)) if dare else 0.0
+    drop = check_drop_rate(params.get("drop_rate", 0.2)) if dare else 0.0
     if global_thresholds is not None and len(global_thresholds) != n:
         raise ConfigError(f"{len(global_thresholds)} trim thresholds for {n} experts")
     return MergeSettings("ties", n, scale=scale, density=density, drop_rate=drop, dare=dare,

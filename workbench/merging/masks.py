@@ -190,7 +190,7 @@ def ties_keep_masks(taus: torch.Tensor | Sequence[torch.Tensor], density: float 
     Trim: :func:`topk_keep_mask` per expert (or :func:`threshold_keep_mask` with
     ``thresholds[i]`` for global trimming). Elect: ``gamma = sign(sum_i trimmed tau_i)``. Kept:
     trimmed entries whose sign equals ``gamma`` (none where ``gamma == 0``). The TIES merge is the
-    mean of the kept entries (:func:`workbench.methods.ties_merge_tau`).
+    mean of the kept entries (:func:`workbench.merging.ties_merge_tau`).
     """
     t = _stack(taus)
     if thresholds is not None:

@@ -1,418 +1,34 @@
-"""Merge methods: pure functions over ONE tensor, and their registry.
+"""WUDI and OptMerge: the quadratic objective ``sum_i w_i ||(tau_m - T_i) P_i^T||_F^2`` per 2-D
+tensor (:class:`Targets`, OptMerge's presets), its iterative (Adam / SGD) and exact solvers, the
+methods ``wudi`` / ``optmerge`` with their batched forms, and :func:`objective_report`.
 
-Every method has the signature::
-
-    fn(base, experts, *, name="", generator=None, **params) -> Tensor | MergeOutput
-
-``base`` is ``theta_0`` and ``experts`` the ``theta_i`` of one tensor, float32 on the compute
-device; the result is the merged weight ``theta = theta_0 + scale * tau_m`` (float32, same device),
-``tau_i = theta_i - theta_0``. Inputs are never modified. The formulas follow
-``shared/reference/methods.md`` sections 3 and 4, and for WUDI / OptMerge the authors' released
-code where it says more (docs/METHODS.md); where the public record is silent the choice is a
-named parameter and the docstring says **unverified**.
-
-``METHODS`` maps a name to a :class:`MethodSpec`; :func:`get_method` looks one up. The two
-optimisation methods (``wudi``, ``optmerge``) also have a ``batched_fn`` that optimises ``B``
-same-shape 2-D tensors at once (``bmm``) for the GPU path of :mod:`workbench.engine`; it runs
-the same code as the per-tensor function (which calls it with ``B = 1``). Their ``precision``
-parameter (:data:`PRECISIONS`) picks the arithmetic of the iterative solver's per-step matmuls.
+The batched forms (``wudi_batched``, ``optmerge_batched``) optimise ``B`` same-shape 2-D tensors
+at once (``bmm``) for the GPU path of :mod:`workbench.engine`; they run the same code as the
+per-tensor functions (which call them with ``B = 1``). The ``precision`` parameter
+(:data:`PRECISIONS`) picks the arithmetic of the iterative solver's per-step matmuls.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError
-from .masks import kth_largest, mmer_masks, pack_mask, threshold_keep_mask, topk_keep_mask
-
-__all__ = [
-    "METHODS", "MergeOutput", "MethodSpec", "get_method", "global_trim_thresholds",
-    # building blocks
-    "stack_task_vectors", "trim_topk", "elect_sign", "disjoint_mean", "ties_merge_tau", "dare_keep", "dare_drop",
-    "tsv_merge_tau", "iso_c_merge_tau", "iso_cts_merge_tau", "quadratic_merge_loss", "wudi_exact",
-    "optmerge_exact", "OPTMERGE_PRESETS", "PRECISIONS", "TARGETS", "PROJECTIONS", "LR_SCALES", "Targets",
-    "optmerge_settings", "objective_report", "CONVERGED_GRAD_RATIO",
-    # methods
-    "weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv", "iso_c", "iso_cts",
-    "wudi", "wudi_batched", "optmerge", "optmerge_batched", "mmer",
-]
+from ..errors import ConfigError
+from .common import finish, stack_task_vectors
+from .registry import get_method, merge_method
 
 Tensor = torch.Tensor
 
+#: the paper of OptMerge and the benchmark, and its official code (which also holds the WUDI
+#: implementation followed here: ``wudi_merging``; docs/METHODS.md)
+OPTMERGE_PAPER = ("Wei et al., ICLR 2026, Unifying Multimodal Large Language Model Capabilities and Modalities via "
+                  "Model Merging, arXiv:2505.19892")
+OFFICIAL_CODE = "https://github.com/WalkerWorldPeace/MLLMerging"
 
-# ========================================================================================= registry
-@dataclass
-class MergeOutput:
-    """A merged weight with side outputs (e.g. MMER's masks, keyed ``mask_<i>``)."""
 
-    merged: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered merge method.
-
-    Attributes:
-        name: registry key.
-        fn: the per-tensor function.
-        defaults: every parameter the method accepts, with its default.
-        doc: one paragraph: the formula and its source.
-        batched_fn: ``fn(base[B, m, n], experts[N, B, m, n] | list of N [B, m, n], *, names=None,
-            generators=None, **params) -> Tensor[B, m, n]`` or ``None``.
-        needs_generator: the method draws random numbers (seeded per tensor by the engine).
-        choices: allowed values of string parameters (checked by :meth:`check_params`).
-        reports: ``fn`` and ``batched_fn`` take ``report=<list>`` and append one dict of facts
-            per merged 2-D tensor to it, for the merge report (WUDI / OptMerge: objective start /
-            end and convergence, see :func:`_solve`).
-    """
-
-    name: str
-    fn: Callable[..., Any]
-    defaults: dict
-    doc: str
-    batched_fn: Callable[..., Any] | None = None
-    needs_generator: bool = False
-    choices: dict = field(default_factory=dict)
-    reports: bool = False
-
-    def check_params(self, params: Mapping[str, Any] | None) -> dict:
-        """``defaults`` updated with ``params``.
-
-        Raises:
-            ConfigError: an unknown parameter (the valid ones are listed) or a value outside
-                :attr:`choices`.
-        """
-        params = dict(params or {})
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            raise ConfigError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for method {self.name!r}; "
-                              f"valid: {', '.join(sorted(self.defaults)) or '(none)'}")
-        out = {**self.defaults, **params}
-        for key, allowed in self.choices.items():
-            if out.get(key) not in allowed:
-                raise ConfigError(f"parameter {key!r} of method {self.name!r} must be one of "
-                                  f"{', '.join(map(repr, allowed))}, got {out.get(key)!r}")
-        return out
-
-
-# ========================================================================================= helpers
-def stack_task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
-    """``[N, *shape]`` float32 task vectors ``theta_i - theta_0`` (on ``base``'s device).
-
-    Raises:
-        ConfigError: no experts, or an expert whose shape differs from the base's.
-    """
-    _check_shapes(base, experts)
-    base = base.to(torch.float32)
-    # written into one preallocated stack (no per-expert temporaries): the same values as
-    # torch.stack([e.float() - base for e in experts])
-    out = torch.empty((len(experts), *base.shape), dtype=torch.float32, device=base.device)
-    for i, e in enumerate(experts):
-        torch.sub(e.to(device=base.device, dtype=torch.float32), base, out=out[i])
-    return out
-
-
-def _check_shapes(base: Tensor, experts: Sequence[Tensor]) -> None:
-    if len(experts) == 0:
-        raise ConfigError("a merge needs at least one expert")
-    for i, e in enumerate(experts):
-        if tuple(e.shape) != tuple(base.shape):
-            raise ConfigError(f"expert {i} has shape {list(e.shape)}, the base {list(base.shape)}")
-
-
-def _finish(base: Tensor, tau_m: Tensor, scale: float) -> Tensor:
-    return base.to(torch.float32) + float(scale) * tau_m
-
-
-def _finish_(base: Tensor, tau_m: Tensor, scale: float) -> Tensor:
-    """:func:`_finish` writing into ``tau_m`` (a temporary the caller owns): the same values
-    (``scale * tau_m`` then ``+ base``; float addition is commutative)."""
-    if float(scale) != 1.0:
-        tau_m.mul_(float(scale))
-    return tau_m.add_(base.to(torch.float32))
-
-
-def _check_density(density: float, what: str = "density") -> float:
-    d = float(density)
-    if not 0.0 < d <= 1.0:
-        raise ConfigError(f"{what} must be in (0, 1], got {density}")
-    return d
-
-
-def _check_drop(p: float) -> float:
-    p = float(p)
-    if not 0.0 <= p < 1.0:
-        raise ConfigError(f"drop_rate must be in [0, 1), got {p}")
-    return p
-
-
-def _weights(weights: Sequence[float] | None, n: int, default: float, device) -> Tensor:
-    if weights is None:
-        return torch.full((n,), float(default), dtype=torch.float32, device=device)
-    if len(weights) != n:
-        raise ConfigError(f"{len(weights)} weights given for {n} experts")
-    return torch.tensor([float(w) for w in weights], dtype=torch.float32, device=device)
-
-
-def _weighted_sum(taus: Tensor, w: Tensor) -> Tensor:
-    return (taus * w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
-
-
-def _weighted_sum_(taus: Tensor, w: Tensor) -> Tensor:
-    """:func:`_weighted_sum` scaling ``taus`` (a temporary the caller owns) in place: same values."""
-    return taus.mul_(w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
-
-
-# ========================================================================================= TIES / DARE blocks
-def trim_topk(tau: Tensor, density: float) -> Tensor:
-    """``tau`` with all but its top ``density`` fraction of magnitudes set to 0 (see
-    :func:`workbench.masks.topk_keep_mask` for k and ties)."""
-    keep = topk_keep_mask(tau, _check_density(density))
-    return torch.where(keep, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
-
-
-def elect_sign(taus: Tensor) -> Tensor:
-    """TIES' elected sign ``gamma = sign(sum_i tau_i)`` of stacked (already trimmed) task vectors
-    (peft's ``majority_sign_method="total"``; where the sum is 0, ``gamma = 0`` and no entry is kept)."""
-    return torch.sign(taus.sum(0))
-
-
-def disjoint_mean(taus: Tensor, gamma: Tensor) -> Tensor:
-    """Mean, per entry, of the non-zero ``tau_i`` whose sign equals ``gamma`` (0 where none does)."""
-    agree = (torch.sign(taus) == gamma) & (taus != 0) & (gamma != 0)
-    total = torch.where(agree, taus, torch.zeros((), dtype=taus.dtype, device=taus.device)).sum(0)
-    return total / agree.sum(0).clamp_min(1).to(taus.dtype)
-
-
-def ties_merge_tau(taus: Tensor, density: float = 0.2, *, thresholds: Sequence[float] | None = None) -> Tensor:
-    """TIES (Yadav et al. 2023) on stacked task vectors ``[N, *shape]``: trim, elect, disjoint mean.
-
-    Trim keeps each ``tau_i``'s top ``density`` magnitudes within this tensor, or, when
-    ``thresholds`` is given (global trimming), its entries with ``|tau_i| >= thresholds[i]``.
-    ``taus`` is not modified (the work happens on one copy; see :func:`_ties_merge_tau_`).
-    """
-    return _ties_merge_tau_(taus.clone(memory_format=torch.contiguous_format), density, thresholds=thresholds)
-
-
-def _trim_(taus: Tensor, density: float, thresholds: Sequence[float] | None = None) -> Tensor:
-    """TIES' trim of stacked task vectors, in place: the values of ``torch.where(keep, taus, 0)``
-    with ``keep`` = :func:`topk_keep_mask` (or :func:`threshold_keep_mask` with ``thresholds``).
-
-    One expert at a time: ``|tau_i|`` into a buffer, the threshold by selection
-    (:func:`workbench.masks.kth_largest`, computed once and used for the mask), and ``tau_i``
-    multiplied by the keep mask ``|tau_i| >= t`` (nothing to do when ``t <= 0``: every non-zero
-    entry is kept). Dropped negative entries become -0 instead of +0; no result of
-    :func:`_disjoint_mean_` depends on the sign of a zero. Extra memory: a few rows.
-    """
-    N = taus.shape[0]
-    if thresholds is not None and len(thresholds) != N:
-        raise ConfigError(f"{len(thresholds)} trim thresholds for {N} experts")
-    flat = taus.view(N, -1)  # contiguous: a view, so the trim lands in taus
-    n = flat.shape[1]
-    if n == 0:
-        return taus
-    k = max(1, min(n, int(round(float(density) * n))))
-    a = torch.empty(n, dtype=taus.dtype, device=taus.device)
-    keep = torch.empty(n, dtype=torch.bool, device=taus.device)
-    for i in range(N):
-        if thresholds is not None:
-            t = float(thresholds[i])
-            if t <= 0:
-                continue
-            torch.abs(flat[i], out=a)
-        elif k == n:
-            continue
-        else:
-            torch.abs(flat[i], out=a)
-            t = kth_largest(a, k)
-            if t <= 0:
-                continue
-        torch.ge(a, t, out=keep)  # as threshold_keep_mask / topk_keep_mask compare
-        flat[i].mul_(keep)
-    return taus
-
-
-def _disjoint_mean_(trimmed: Tensor) -> Tensor:
-    """``disjoint_mean(trimmed, elect_sign(trimmed))`` consuming ``trimmed`` (overwritten).
-
-    ``tau_i * gamma > 0`` is exactly "non-zero, sign equal to gamma, gamma != 0"; the agreeing
-    entries all have gamma's sign, so their sum is ``gamma * sum |tau_i|`` (float addition is
-    symmetric under negation): bit-identical to the masked sum, with one ``[N, ...]`` buffer.
-    """
-    gamma = torch.sign(trimmed.sum(0))
-    trimmed.mul_(gamma)
-    N = trimmed.shape[0]
-    count = torch.zeros(trimmed.shape[1:], dtype=torch.uint8 if N < 256 else torch.int32, device=trimmed.device)
-    agree = torch.empty(trimmed.shape[1:], dtype=torch.bool, device=trimmed.device)
-    for i in range(N):  # small-integer counts: much cheaper than a bool -> int64 sum over dim 0
-        count.add_(torch.gt(trimmed[i], 0, out=agree))
-    del agree
-    # where nothing agrees the sum is +-0: "+ 0.0" makes it +0, as the masked sum gives (x + 0 = x otherwise)
-    total = trimmed.clamp_min_(0).sum(0).mul_(gamma).add_(0.0)
-    return total.div_(count.clamp_min_(1).to(total.dtype))
-
-
-def _ties_merge_tau_(taus: Tensor, density: float = 0.2, *, thresholds: Sequence[float] | None = None) -> Tensor:
-    """:func:`ties_merge_tau` on a stack the caller owns (it is overwritten): trim, elect, mean in place."""
-    if thresholds is not None and len(thresholds) != taus.shape[0]:
-        raise ConfigError(f"{len(thresholds)} trim thresholds for {taus.shape[0]} experts")
-    if taus.shape[0] == 0 or taus[0].numel() == 0:
-        trimmed = torch.stack([trim_topk(t, density) for t in taus.unbind(0)]) if thresholds is None else taus
-        return disjoint_mean(trimmed, elect_sign(trimmed))
-    taus = taus.contiguous()  # _trim_ works on a flat view
-    return _disjoint_mean_(_trim_(taus, _check_density(density), thresholds))
-
-
-def dare_keep(shape: Sequence[int] | torch.Size, n_experts: int, p: float, generator: torch.Generator | None = None,
-              device: torch.device | str | None = None) -> Tensor:
-    """``[n_experts, *shape]`` float32 DARE keep masks (1 = kept): the counter-based draw of
-    :mod:`workbench.analysis.kernels` (expert ``i``, flat position ``j``; seed
-    ``generator.initial_seed()``, which the engine sets to the tensor's seed), identical on every
-    device and in the compiled CPU merge (:mod:`workbench.merge_kernels`). Each entry is kept with
-    probability ``1 - ceil(p * 2**16) / 2**16`` (``1 - p`` within ``1.6e-5``).
-
-    This replaces peft's ``random_pruning`` draw (``torch.bernoulli`` on the generator) used
-    before: DARE merges changed value (not distribution) with it; the mask is still applied as
-    peft applies it (:func:`dare_drop`). Without a generator the seed comes from torch's global RNG.
-    """
-    from .analysis.kernels import dare_keep_threshold, dare_keep_torch, dare_keys
-
-    p_int = dare_keep_threshold(_check_drop(p))
-    seed = generator.initial_seed() if generator is not None else int(torch.randint(0, 2 ** 62, ()))
-    dev = torch.device(device) if device is not None else (generator.device if generator is not None else "cpu")
-    n = math.prod(int(s) for s in shape)
-    keys = dare_keys(seed, n_experts)
-    return dare_keep_torch(0, n, keys, p_int, dev, n_experts=n_experts).reshape(n_experts, *shape)
-
-
-def dare_drop(tau: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
-    """DARE (Yu et al. 2024): drop each entry with probability ``p``, rescale the rest by ``1/(1-p)``.
-
-    The mask is :func:`dare_keep` (expert 0's draw), applied as peft's ``random_pruning`` does:
-    ``tau * keep / (1 - p)`` in that order.
-    """
-    p = _check_drop(p)
-    keep = dare_keep(tau.shape, 1, p, generator, device=tau.device)[0]
-    return (tau * keep).div_(1.0 - p)
-
-
-def _dare_drop_(taus: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
-    """:func:`dare_drop` of each ``taus[i]`` with expert ``i``'s draw of :func:`dare_keep`, in place."""
-    p = _check_drop(p)
-    keep = dare_keep(taus.shape[1:], taus.shape[0], p, generator, device=taus.device)
-    return taus.mul_(keep).div_(1.0 - p)
-
-
-def global_trim_thresholds(taus_by_tensor: Iterable[Tensor | Sequence[Tensor]], density: float) -> list[float]:
-    """Per expert, the magnitude threshold of TIES' *global* trim over many tensors (exact).
-
-    ``taus_by_tensor`` yields, per tensor, the experts' task vectors (a ``[N, ...]`` stack or a
-    sequence of N tensors). For expert i, ``k = ceil(density * total entries)`` and the threshold
-    is the k-th largest non-zero ``|tau_i|`` over all tensors (``0.0`` when fewer than ``k``
-    entries are non-zero: keep everything); :func:`ties` keeps ``|tau_i| >= threshold``.
-
-    This one is exact by ``torch.kthvalue`` over the concatenated magnitudes, so it holds all of
-    one expert's ``|tau|`` in CPU memory: for tests and small models. The streaming version for
-    real checkpoints, with the same definition (a histogram of bit patterns locates the threshold's bin, a
-    second pass sorts that bin only: also exact) is :func:`workbench.engine.global_trim_thresholds`.
-    """
-    d = _check_density(density)
-    pools: list[list[Tensor]] = []
-    total = 0
-    for taus in taus_by_tensor:
-        seq = list(taus.unbind(0)) if isinstance(taus, Tensor) else list(taus)
-        if not pools:
-            pools = [[] for _ in seq]
-        if len(seq) != len(pools):
-            raise ConfigError(f"{len(seq)} task vectors for a tensor, {len(pools)} before")
-        total += seq[0].numel()
-        for i, t in enumerate(seq):
-            a = t.detach().reshape(-1).abs().to(device="cpu", dtype=torch.float32)
-            pools[i].append(a[a > 0])
-    k = max(1, math.ceil(d * total))
-    out = []
-    for pool in pools:
-        vals = torch.cat(pool) if pool else torch.zeros(0)
-        if vals.numel() < k:
-            out.append(0.0)
-        else:
-            out.append(float(torch.kthvalue(vals, vals.numel() - k + 1).values))
-    return out
-
-
-# ========================================================================================= SVD blocks
-def _whiten(M: Tensor) -> Tensor:
-    """The orthogonal factor ``P Q^T`` of ``M = P S Q^T`` (nearest matrix with orthonormal columns)."""
-    P, _, Qh = torch.linalg.svd(M, full_matrices=False)
-    return P @ Qh
-
-
-def tsv_merge_tau(taus: Tensor, rank: int | None = None) -> Tensor:
-    """TSV-M (Gargiulo et al. 2025) on stacked 2-D task vectors ``[N, m, n]``.
-
-    Each ``tau_i = U_i S_i V_i^T`` keeps its top ``r`` triplets (``r = max(1, floor(min(m,n)/N))``
-    unless ``rank`` is given); the ``U``s, singular values and ``V``s are concatenated; ``U_cat``
-    and ``V_cat`` are replaced by their orthogonal factors (``P Q^T`` from their SVDs); the result
-    is ``U_perp diag(s_cat) V_perp^T``.
-    """
-    N, m, n = taus.shape
-    r = int(rank) if rank is not None else max(1, min(m, n) // N)
-    r = max(1, min(r, min(m, n)))
-    U, S, Vh = torch.linalg.svd(taus, full_matrices=False)  # [N,m,q], [N,q], [N,q,n]
-    U_cat = U[:, :, :r].permute(1, 0, 2).reshape(m, N * r)
-    S_cat = S[:, :r].reshape(N * r)
-    V_cat = Vh[:, :r, :].reshape(N * r, n).T
-    return _whiten(U_cat) @ torch.diag(S_cat) @ _whiten(V_cat).T
-
-
-def iso_c_merge_tau(taus: Tensor) -> Tensor:
-    """Iso-C (Marczak et al. 2025): SVD of ``sum_i tau_i`` with every singular value replaced by
-    their mean (over all ``min(m, n)`` of them)."""
-    U, S, Vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
-    return (U * S.mean()) @ Vh
-
-
-def iso_cts_merge_tau(taus: Tensor, common_space_fraction: float = 0.8) -> Tensor:
-    """Iso-CTS (Marczak et al. 2025, "No task left behind: isotropic model merging with common and
-    task-specific subspaces") on stacked 2-D task vectors ``[N, m, n]``.
-
-    With ``q = min(m, n)``: the common subspace is the top ``k`` singular triplets of
-    ``sum_i tau_i``, ``k = q - N * round((q - floor(fraction * q)) / N)`` (the task-specific
-    budget is rounded to a multiple of N, as in the authors' code); each task gets
-    ``s = (q - k) / N`` directions: the top ``s`` singular triplets of ``tau_i`` projected out
-    of the common left subspace (``tau_i - U_c U_c^T tau_i``). The ``U``s and ``V``s are
-    concatenated and orthogonalised (``P Q^T``), and every singular value is replaced by the mean
-    of the concatenated ones. ``common_space_fraction = 0.8`` is the paper's default.
-    """
-    N, m, n = taus.shape
-    frac = float(common_space_fraction)
-    if not 0.0 <= frac <= 1.0:
-        raise ConfigError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
-    q = min(m, n)
-    k = int(q * frac)
-    ts_total = int(round((q - k) / N)) * N
-    k = q - ts_total
-    s = ts_total // N
-    U, S, Vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
-    us, ss, vs = [U[:, :k]], [S[:k]], [Vh[:k, :].T]
-    if s > 0:
-        Uc = U[:, :k]
-        proj = taus - Uc @ (Uc.T @ taus)  # [N, m, n]
-        Ut, St, Vht = torch.linalg.svd(proj, full_matrices=False)
-        for i in range(N):
-            us.append(Ut[i, :, :s])
-            ss.append(St[i, :s])
-            vs.append(Vht[i, :s, :].T)
-    U_all, S_all, V_all = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
-    return (_whiten(U_all) * S_all.mean()) @ _whiten(V_all).T
-
-
-# ========================================================================================= WUDI / OptMerge blocks
 #: OptMerge settings by setting (methods.md section 4 table, checked against the authors' code:
 #: ``InternVL/internvl_chat/model_merging.py`` for ``full_ft``, ``LLaMA-Factory/model_merging.py`` for
 #: ``lora``, ``ModelCompose/scripts/model_composition/ties_merging.py`` for ``modality``; see
@@ -784,102 +400,6 @@ def optmerge_exact(taus: Tensor, k: int, eps: float = 1e-12, init: str = "sum", 
     return X[0] if single else X
 
 
-# ========================================================================================= methods
-def weight_average(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None,
-                   scale: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
-    """NaiveMC / Weight Average: ``theta = theta_0 + scale * sum_i w_i tau_i``, ``w_i = 1/N`` by default.
-
-    With the defaults this is the mean of the ``theta_i`` (computed directly as their mean). With
-    ``weights`` summing to 1 it is ``sum_i w_i theta_i``; DAMC's searched lambdas need not sum to 1
-    (methods.md 2), hence the task-vector form.
-    """
-    if weights is None and float(scale) == 1.0:
-        _check_shapes(base, experts)
-        return torch.stack([e.to(device=base.device, dtype=torch.float32) for e in experts]).mean(0)
-    taus = stack_task_vectors(base, experts)
-    return _finish_(base, _weighted_sum_(taus, _weights(weights, len(experts), 1.0 / len(experts), base.device)),
-                    scale)
-
-
-def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None,
-                    scale: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
-    """Task Arithmetic (Ilharco et al. 2023): ``tau_m = sum_i w_i tau_i`` (``w_i = 1``), ``theta = theta_0 + scale tau_m``."""
-    taus = stack_task_vectors(base, experts)
-    return _finish_(base, _weighted_sum_(taus, _weights(weights, len(experts), 1.0, base.device)), scale)
-
-
-def _ties_thresholds(trim: str, thresholds):
-    if trim == "global" and thresholds is None:
-        raise ConfigError("trim: global needs per-expert thresholds over all tensors (the engine computes "
-                          "them; or pass thresholds from methods.global_trim_thresholds)")
-    if trim not in ("per_tensor", "tensor", "global"):
-        raise ConfigError(f"trim must be 'per_tensor' or 'global', got {trim!r}")
-    return thresholds
-
-
-def ties(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
-         density: float = 0.2, trim: str = "per_tensor", thresholds: Sequence[float] | None = None) -> Tensor:
-    """TIES: trim each ``tau_i`` to its top ``density`` magnitudes, elect ``gamma = sign(sum trimmed)``,
-    mean of the entries agreeing with ``gamma``; ``theta = theta_0 + scale * tau_m``.
-
-    ``trim="per_tensor"`` (alias ``"tensor"``) ranks magnitudes within this tensor;
-    ``trim="global"`` uses ``thresholds[i]`` (keep ``|tau_i| >= thresholds[i]``), the per-expert
-    thresholds over all merged tensors from :func:`global_trim_thresholds` (or the engine's
-    streaming equivalent). Given ``thresholds`` are used whatever ``trim`` says.
-    """
-    thresholds = _ties_thresholds(trim, thresholds)
-    taus = stack_task_vectors(base, experts)
-    return _finish_(base, _ties_merge_tau_(taus, _check_density(density), thresholds=thresholds), scale)
-
-
-def dare_linear(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
-                drop_rate: float = 0.2) -> Tensor:
-    """TA w/ DARE: ``tau_m = sum_i dare_drop(tau_i, p)`` (drop with prob. ``p``, rescale ``1/(1-p)``),
-    one mask per expert: :func:`dare_keep` (counter-based, seeded by ``generator``; the compiled CPU
-    merge of :mod:`workbench.merge_kernels` draws the same)."""
-    taus = stack_task_vectors(base, experts)
-    return _finish_(base, _dare_drop_(taus, drop_rate, generator).sum(0), scale)
-
-
-def dare_ties(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
-              drop_rate: float = 0.2, density: float = 0.2, trim: str = "per_tensor",
-              thresholds: Sequence[float] | None = None) -> Tensor:
-    """TIES w/ DARE: DARE drop + rescale of each ``tau_i``, then TIES (trim to ``density``, elect, mean).
-
-    methods.md reads "then TIES" with TIES' 20% trim; peft's and mergekit's ``dare_ties`` skip the
-    magnitude trim (here ``density=1``) - **unverified** which the benchmark used. With global trim
-    the engine trims before this function runs (so the trim precedes the drop there).
-    """
-    thresholds = _ties_thresholds(trim, thresholds)
-    taus = stack_task_vectors(base, experts)
-    dropped = _dare_drop_(taus, drop_rate, generator)
-    return _finish_(base, _ties_merge_tau_(dropped, _check_density(density), thresholds=thresholds), scale)
-
-
-def tsv(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
-        rank: int | None = None) -> Tensor:
-    """TSV-M, the correct version (methods.md 4): :func:`tsv_merge_tau` on 2-D tensors; other
-    tensors get the mean of the ``tau_i``. ``rank`` overrides ``floor(min(m, n) / N)``."""
-    taus = stack_task_vectors(base, experts)
-    tau_m = tsv_merge_tau(taus, rank) if base.dim() == 2 else taus.mean(0)
-    return _finish(base, tau_m, scale)
-
-
-def iso_c(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0) -> Tensor:
-    """Iso-C: :func:`iso_c_merge_tau` on 2-D tensors; other tensors get the mean of the ``tau_i``."""
-    taus = stack_task_vectors(base, experts)
-    return _finish(base, iso_c_merge_tau(taus) if base.dim() == 2 else taus.mean(0), scale)
-
-
-def iso_cts(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
-            common_space_fraction: float = 0.8) -> Tensor:
-    """Iso-CTS: :func:`iso_cts_merge_tau` on 2-D tensors (``common_space_fraction = 0.8``, the
-    paper's default); other tensors get the mean of the ``tau_i``."""
-    taus = stack_task_vectors(base, experts)
-    tau_m = iso_cts_merge_tau(taus, common_space_fraction) if base.dim() == 2 else taus.mean(0)
-    return _finish(base, tau_m, scale)
-
-
 def _batched_inputs(base: Tensor, experts) -> tuple[Tensor, Tensor]:
     ex = _as_expert_stack(experts)
     if base.dim() != 3 or ex.dim() != 4 or tuple(ex.shape[1:]) != tuple(base.shape):
@@ -939,9 +459,15 @@ def wudi_batched(base: Tensor, experts, *, names=None, generators=None, scale: f
     b, taus = _batched_inputs(base, experts)
     X = _solve(taus, Targets(), solver=solver, init=init, optimizer="adam", lr=lr, momentum=0.0, steps=steps,
                lr_scale=lr_scale, eps=eps, precision=precision, report=report)
-    return _finish(b, X, scale)
+    return finish(b, X, scale)
 
 
+@merge_method("wudi", "WUDI",
+              "Cheng et al., ICML 2025, Whoever Started the Interference Should End It: Guiding Data-Free Model "
+              f"Merging via Task Vectors, arXiv:2503.08099; code followed: {OFFICIAL_CODE} (wudi_merging)",
+              doc="WUDI: min sum ||(tau_m - tau_i) tau_i^T||^2/||tau_i||^2 (Adam 1e-5 x300 or exact)",
+              batched_fn=wudi_batched, choices={"solver": ("iterative", "exact"), "init": ("sum", "mean"),
+                                                "lr_scale": LR_SCALES, "precision": PRECISIONS}, reports=True)
 def wudi(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
          solver: str = "iterative", lr: float = 1e-5, steps: int = 300, init: str = "sum",
          lr_scale: str = "absolute", eps: float = 1e-12, precision: str = "fp32",
@@ -980,7 +506,7 @@ def wudi(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
     _check_precision(precision)
     taus = stack_task_vectors(base, experts)
     if base.dim() != 2:
-        return _finish(base, taus.mean(0), scale)
+        return finish(base, taus.mean(0), scale)
     return wudi_batched(base[None], _expert_batch(base, experts), scale=scale, solver=solver,
                         lr=lr, steps=steps, init=init, lr_scale=lr_scale, eps=eps, precision=precision,
                         report=report)[0]
@@ -1013,9 +539,17 @@ def optmerge_batched(base: Tensor, experts, *, names=None, generators=None, scal
     t, run = optmerge_settings(N, m, n, preset, k_ratio=k_ratio, target=target, projection=projection, init=init,
                                optimizer=optimizer, lr=lr, momentum=momentum, steps=steps)
     X = _solve(taus, t, solver=solver, lr_scale=lr_scale, eps=eps, precision=precision, report=report, **run)
-    return _finish(b, X, scale)
+    return finish(b, X, scale)
 
 
+@merge_method("optmerge", "OptMerge", f"{OPTMERGE_PAPER}; code followed: {OFFICIAL_CODE} (wudi_merging2)",
+              doc="OptMerge: WUDI objective on rank-k targets; presets full_ft/lora/modality",
+              batched_fn=optmerge_batched,
+              choices={"solver": ("iterative", "exact"), "preset": tuple(OPTMERGE_PRESETS),
+                       "target": (None, *TARGETS), "projection": (None, *PROJECTIONS),
+                       "init": (None, "sum", "mean"), "optimizer": (None, "adam", "sgd"),
+                       "lr_scale": LR_SCALES, "precision": PRECISIONS},
+              reports=True)
 def optmerge(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
              preset: str = "full_ft", solver: str = "iterative", k_ratio: float | None = None,
              target: str | None = None, projection: str | None = None,
@@ -1049,7 +583,7 @@ def optmerge(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generat
     _check_precision(precision)
     taus = stack_task_vectors(base, experts)
     if base.dim() != 2:
-        return _finish(base, taus.mean(0), scale)
+        return finish(base, taus.mean(0), scale)
     return optmerge_batched(base[None], _expert_batch(base, experts), scale=scale, preset=preset, solver=solver,
                             k_ratio=k_ratio, target=target, projection=projection, init=init, optimizer=optimizer,
                             lr=lr, momentum=momentum, steps=steps, lr_scale=lr_scale, eps=eps,
@@ -1094,71 +628,3 @@ def objective_report(method: str, base: Tensor, experts: Sequence[Tensor], merge
     X = (merged.to(device=base.device, dtype=torch.float64) - base.to(torch.float64)) / scale
     f1, g1 = value_and_grad(X[None])
     return _facts(f0, g0, f1, g1, p["solver"])
-
-
-def mmer(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=None, scale: float = 1.0,
-         density: float = 0.2, lam: float = 1.0, pack_masks: bool = False) -> MergeOutput:
-    """MMER (Li et al., ACL 2025), reconstructed (methods.md 3; the paper's text was not read).
-
-    ``tau* = `` TIES merge of the ``tau_i`` (trim to ``density = 0.2``, elect, disjoint mean) -
-    **unverified** which merge the paper uses and its trim ratio. Per expert i the mask
-    ``m_i = 1[|tau_i| > lam * |tau_i - tau*|]`` (``lam = 1``: the L1-distance minimiser; the
-    ``lam`` generalisation and its default are an **unverified** reading). Returns
-    ``MergeOutput(merged = theta_0 + scale * tau*, extras = {"mask_<i>": m_i})`` with boolean masks
-    (the engine bit-packs boolean extras itself); ``pack_masks=True`` returns them packed with
-    :func:`workbench.masks.pack_mask` (uint8, shape = the tensor's) instead. Modality i's model is
-    then ``theta_0 + alpha * m_i * tau*`` (see :mod:`workbench.compose`).
-    """
-    taus = stack_task_vectors(base, experts)
-    tau_star = ties_merge_tau(taus, _check_density(density))
-    masks = mmer_masks(taus, tau_star, lam)
-    extras = {f"mask_{i}": (pack_mask(m) if pack_masks else m) for i, m in enumerate(masks)}
-    return MergeOutput(merged=_finish(base, tau_star, scale), extras=extras)
-
-
-# ========================================================================================= the registry
-def _spec(name: str, fn, doc: str, *, batched_fn=None, needs_generator: bool = False,
-          choices: dict | None = None, reports: bool = False) -> MethodSpec:
-    import inspect
-
-    sig = inspect.signature(fn)
-    defaults = {p.name: p.default for p in sig.parameters.values()
-                if p.kind == p.KEYWORD_ONLY and p.name not in ("name", "generator", "report")}
-    return MethodSpec(name=name, fn=fn, defaults=defaults, doc=doc, batched_fn=batched_fn,
-                      needs_generator=needs_generator, choices=choices or {}, reports=reports)
-
-
-_TRIM = {"trim": ("per_tensor", "tensor", "global")}
-METHODS: dict[str, MethodSpec] = {s.name: s for s in (
-    _spec("weight_average", weight_average, "mean of the theta_i (NaiveMC); theta_0 + scale * sum w_i tau_i"),
-    _spec("task_arithmetic", task_arithmetic, "theta_0 + scale * sum_i tau_i"),
-    _spec("ties", ties, "TIES: trim to top density, elect sign, disjoint mean (per tensor or global trim)",
-          choices=_TRIM),
-    _spec("dare_linear", dare_linear, "DARE drop p, rescale 1/(1-p), then task arithmetic", needs_generator=True),
-    _spec("dare_ties", dare_ties, "DARE drop p, rescale 1/(1-p), then TIES", needs_generator=True, choices=_TRIM),
-    _spec("tsv", tsv, "TSV-M: per-task top-r SVD, concatenated and whitened; non-2-D averaged"),
-    _spec("iso_c", iso_c, "Iso-C: SVD of sum tau_i, singular values replaced by their mean"),
-    _spec("iso_cts", iso_cts, "Iso-CTS: common subspace (80%) + task-specific directions, isotropic"),
-    _spec("wudi", wudi, "WUDI: min sum ||(tau_m - tau_i) tau_i^T||^2/||tau_i||^2 (Adam 1e-5 x300 or exact)",
-          batched_fn=wudi_batched, choices={"solver": ("iterative", "exact"), "init": ("sum", "mean"),
-                                            "lr_scale": LR_SCALES, "precision": PRECISIONS}, reports=True),
-    _spec("optmerge", optmerge, "OptMerge: WUDI objective on rank-k targets; presets full_ft/lora/modality",
-          batched_fn=optmerge_batched, choices={"solver": ("iterative", "exact"), "preset": tuple(OPTMERGE_PRESETS),
-                                                "target": (None, *TARGETS), "projection": (None, *PROJECTIONS),
-                                                "init": (None, "sum", "mean"), "optimizer": (None, "adam", "sgd"),
-                                                "lr_scale": LR_SCALES, "precision": PRECISIONS},
-          reports=True),
-    _spec("mmer", mmer, "MMER: tau* = TIES merge; masks m_i = |tau_i| > lam |tau_i - tau*| (unverified reading)"),
-)}
-
-
-def get_method(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` registered as ``name``.
-
-    Raises:
-        ConfigError: unknown name (the known ones are listed).
-    """
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None
