@@ -149,7 +149,8 @@ def _methods_run(args: argparse.Namespace) -> int:
     if args.name:
         spec = get_method(args.name)
         print(f"{spec.name} ({spec.pretty_name}): {(spec.doc or '').strip()}")
-        print(textwrap.fill(f"reference: {spec.reference}", width=100, subsequent_indent="    ", break_on_hyphens=False))
+        print(textwrap.fill(f"reference: {spec.reference}", width=100, subsequent_indent="    ",
+                            break_on_hyphens=False))
         print("\nparameters (override with `--set NAME=VALUE` in `workbench merge`, or `params:` in the YAML):")
         for name, head, said in _parameter_help(spec):
             print(f"  {name}: {head}")
@@ -175,7 +176,8 @@ def _methods_run(args: argparse.Namespace) -> int:
 
 
 register_command("merge", "merge experts into one model from a YAML config", _merge_args, _merge_run)
-register_command("methods", "list the merge methods (display name, citation, default parameters)", _methods_args, _methods_run)
+register_command("methods", "list the merge methods (display name, citation, default parameters)", _methods_args,
+                 _methods_run)
 
 
 # ------------------------------------------------------------------------------------ main

@@ -11,12 +11,8 @@ from .registry import merge_method
 Tensor = torch.Tensor
 
 
-def _weighted_sum(taus: Tensor, w: Tensor) -> Tensor:
-    return (taus * w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
-
-
 def _weighted_sum_(taus: Tensor, w: Tensor) -> Tensor:
-    """:func:`_weighted_sum` scaling ``taus`` (a temporary the caller owns) in place: same values."""
+    """``sum_i w_i taus[i]``, scaling ``taus`` (a temporary the caller owns) in place."""
     return taus.mul_(w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
 
 
@@ -37,8 +33,8 @@ def weight_average(base: Tensor, experts: Sequence[Tensor], *, name: str = "", g
         check_shapes(base, experts)
         return torch.stack([e.to(device=base.device, dtype=torch.float32) for e in experts]).mean(0)
     taus = stack_task_vectors(base, experts)
-    return finish_in_place(base, _weighted_sum_(taus, expert_weights(weights, len(experts), 1.0 / len(experts), base.device)),
-                    scale)
+    w = expert_weights(weights, len(experts), 1.0 / len(experts), base.device)
+    return finish_in_place(base, _weighted_sum_(taus, w), scale)
 
 
 @merge_method("task_arithmetic", "Task Arithmetic",
@@ -48,4 +44,5 @@ def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, name: str = "", 
                     scale: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
     """Task Arithmetic (Ilharco et al. 2023): ``tau_m = sum_i w_i tau_i`` (``w_i = 1``), ``theta = theta_0 + scale tau_m``."""
     taus = stack_task_vectors(base, experts)
-    return finish_in_place(base, _weighted_sum_(taus, expert_weights(weights, len(experts), 1.0, base.device)), scale)
+    w = expert_weights(weights, len(experts), 1.0, base.device)
+    return finish_in_place(base, _weighted_sum_(taus, w), scale)
