@@ -24,8 +24,8 @@ Tensor = torch.Tensor
 
 #: the paper of OptMerge and the benchmark, and its official code (which also holds the WUDI
 #: implementation followed here: ``wudi_merging``; docs/METHODS.md)
-OPTMERGE_PAPER = ("Wei et al., ICLR 2026, Unifying Multimodal Large Language Model Capabilities and Modalities via "
-                  "Model Merging, arXiv:2505.19892")
+OPTMERGE_PAPER = ("Wei et al., ICLR 2026, OptMerge: Unifying Multimodal LLM Capabilities and Modalities via Model "
+                  "Merging, arXiv:2505.19892")
 OFFICIAL_CODE = "https://github.com/WalkerWorldPeace/MLLMerging"
 
 
