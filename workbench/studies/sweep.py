@@ -3,7 +3,7 @@
 A *cell* is one unit of the merging benchmark's grid: one setting (capability-full, capability-lora,
 modality) x one method with its parameters x one seed, with the λ grid searched inside the cell
 (validation for every λ, the choice, the test at the chosen λ: the benchmark's protocol, see
-:mod:`workbench.experiments`). :func:`run_sweep` maps a cell function over the cells with
+:mod:`workbench.studies.merging`). :func:`run_sweep` maps a cell function over the cells with
 
 - executor ``"local"``: today's loop, in this process (no Ray needed);
 - executor ``"ray"``: one Ray core task per cell (https://docs.ray.io/en/latest/ray-core/tasks.html)
@@ -17,7 +17,7 @@ driver died computes only the cells that are missing. Ray is used as the engine,
 scheduling, resources and retries are Ray's; this module only builds the cells and keeps the store.
 
 :func:`merge_grid` is the merging benchmark's use of it (called by
-:func:`workbench.experiments.capability_merging` and the other table functions); ``python -m
+:func:`workbench.studies.merging.capability_merging` and the other table functions); ``python -m
 workbench sweep SWEEP.yaml --executor ray --address auto`` runs one of those functions from a shell
 (:func:`run_file`). docs/DISTRIBUTED.md says how to run it on a cluster.
 """
@@ -154,12 +154,12 @@ def run_sweep(cells: Sequence[Any], cell_fn: Callable[[Any], Any], *, keys: Sequ
 @dataclass(frozen=True)
 class MergeCell:
     """One cell of the merging benchmark: ``entry`` (label, method, params) x ``seed`` of the
-    setting made by ``recipe`` (``(constructor name in workbench.experiments, kwargs)``), with its
+    setting made by ``recipe`` (``(constructor name in workbench.studies.merging, kwargs)``), with its
     λ grid and how it is evaluated. Plain data: it travels to a Ray worker, which rebuilds the
     setting from the recipe (once per worker process)."""
 
     recipe: tuple
-    entry: Any                      # workbench.experiments.MergeEntry
+    entry: Any                      # workbench.studies.merging.MergeEntry
     seed: int
     lambdas: tuple
     rescale: str
@@ -184,8 +184,8 @@ def _context_key(recipe: tuple, cache_dir: str | None, scoring: str, device: str
 
 
 def _live(cell: MergeCell) -> tuple:
-    from . import experiments as E
-    from .device import resolve_device
+    from . import merging as E
+    from ..device import resolve_device
 
     key = cell.context or _context_key(cell.recipe, cell.cache_dir, cell.scoring, cell.device)
     if key not in _LIVE:
@@ -198,13 +198,13 @@ def _live(cell: MergeCell) -> tuple:
 
 
 def run_merge_cell(cell: MergeCell) -> dict:
-    """Merge, evaluate over the λ grid, choose, test (:func:`workbench.experiments._run_entry`):
+    """Merge, evaluate over the λ grid, choose, test (:func:`workbench.studies.merging._run_entry`):
     ``{"rows", "timings", "hits", "misses"}`` (the prediction cache's hits and misses of this cell).
     The merged checkpoints live in a per-cell temporary folder, removed after evaluation, unless
     ``cell.keep_merged`` names a folder to keep them in."""
     import torch
 
-    from . import experiments as E
+    from . import merging as E
 
     setting, ev = _live(cell)
     hits, misses = ev.hits, ev.misses
@@ -227,8 +227,8 @@ def merge_cell_key(setting, cell: MergeCell) -> str:
     """The store key of a cell: a hash of everything its rows depend on (the zoo's model hashes,
     the records, method, parameters, λ grid, seed, scoring, the scorer's code version and the digest of
     the code that produces the numbers, :func:`workbench.evaluate.code_digest`)."""
-    from . import experiments as E
-    from .evaluate import code_digest, scorer_key
+    from . import merging as E
+    from ..evaluate import code_digest, scorer_key
 
     sets = {split: {t: E.records_digest(r) for t, r in s.items()}
             for split, s in (("val", setting.val_sets), ("test", setting.test_sets))}
@@ -283,7 +283,7 @@ def merge_grid(setting, entries: Sequence, lambdas: Sequence[float], ev, *, resc
 
 
 # ============================================================================================ SWEEP.yaml
-#: The table functions of :mod:`workbench.experiments` a SWEEP.yaml may name.
+#: The table functions of :mod:`workbench.studies.merging` a SWEEP.yaml may name.
 EXPERIMENTS = ("capability_merging", "modality_merging", "optmerge_ablation", "rank_ratio_sweep", "solver_comparison")
 
 
@@ -302,8 +302,8 @@ def run_file(path: str | Path, executor: str = "local", address: str | None = No
     with ``write=True`` (the function's CSV lands in ``out``). Returns what the function returns."""
     import yaml
 
-    from . import experiments as E
-    from .errors import ConfigError
+    from . import merging as E
+    from ..errors import ConfigError
 
     path = Path(path)
     try:
@@ -334,7 +334,7 @@ HELP = "run a merging-benchmark sweep from a YAML file, in this process or on a 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="SWEEP.yaml (experiment, zoo, args, out: see workbench.sweep.run_file)")
+    p.add_argument("file", help="SWEEP.yaml (experiment, zoo, args, out: see workbench.studies.sweep.run_file)")
     p.add_argument("--executor", choices=EXECUTORS, default="local", help="where the cells run (default: local)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address ('auto': the cluster of `ray start` on this node; default: a new "
@@ -344,11 +344,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .experiments import summarise
+    from .tables import merge_table
 
     res = run_file(args.file, args.executor, args.address, args.out, progress=not args.quiet)
     df = res[0] if isinstance(res, tuple) else res
-    print(summarise(df, fmt=True).to_string())
+    print(merge_table(df, fmt=True).to_string())
     cells = df.attrs.get("cells", {})
     print(f"cells: {cells.get('total', 0)} ({cells.get('computed', 0)} computed, {cells.get('stored', 0)} from the "
           f"store); executor {args.executor}")
