@@ -544,7 +544,7 @@ def _base_llm_copy(setting: _Setting):
 
 def _model_key(setting: _Setting, seed: int, what: Mapping) -> str:
     return digest({"setting": setting.name, "base": setting.base_hash, "experts": setting.expert_hashes(seed),
-                  "seed": seed, **what})
+                   "seed": seed, **what})
 
 
 def _eval_sets(ev: _Evaluator, setting: _Setting, key: str, sets: Mapping[str, list], model_fn

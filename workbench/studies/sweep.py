@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .cache import digest, records_digest
+
 EXECUTORS = ("local", "ray")
 
 
@@ -212,7 +214,7 @@ def run_merge_cell(cell: MergeCell) -> dict:
     torch.manual_seed(cell.seed)
     with E._quiet_loading():
         if cell.keep_merged:
-            workdir = Path(cell.keep_merged) / f"{cell.entry.method}-{E._hash({'e': cell.entry.key})[:8]}-s{cell.seed}"
+            workdir = Path(cell.keep_merged) / f"{cell.entry.method}-{digest({'e': cell.entry.key})[:8]}-s{cell.seed}"
             workdir.mkdir(parents=True, exist_ok=True)
             rows = E._run_entry(ev, setting, cell.entry, cell.seed, cell.lambdas, workdir, cell.rescale,
                                 cell.keep_defaults, False, timings, keep_merged=True)
@@ -227,17 +229,16 @@ def merge_cell_key(setting, cell: MergeCell) -> str:
     """The store key of a cell: a hash of everything its rows depend on (the zoo's model hashes,
     the records, method, parameters, λ grid, seed, scoring, the scorer's code version and the digest of
     the code that produces the numbers, :func:`workbench.evaluate.code_digest`)."""
-    from . import merging as E
     from ..evaluate import code_digest, scorer_key
 
-    sets = {split: {t: E.records_digest(r) for t, r in s.items()}
+    sets = {split: {t: records_digest(r) for t, r in s.items()}
             for split, s in (("val", setting.val_sets), ("test", setting.test_sets))}
-    return "cell-" + E._hash({"setting": setting.name, "base": setting.base_hash,
-                              "experts": setting.expert_hashes(cell.seed), "seed": cell.seed,
-                              "entry": cell.entry.key, "label": cell.entry.label, "searched": cell.entry.searched,
-                              "lambdas": [float(x) for x in cell.lambdas], "rescale": cell.rescale,
-                              "keep_defaults": cell.keep_defaults, "scoring": cell.scoring, "records": sets,
-                              "code": code_digest(), **scorer_key()})
+    return "cell-" + digest({"setting": setting.name, "base": setting.base_hash,
+                            "experts": setting.expert_hashes(cell.seed), "seed": cell.seed,
+                            "entry": cell.entry.key, "label": cell.entry.label, "searched": cell.entry.searched,
+                            "lambdas": [float(x) for x in cell.lambdas], "rescale": cell.rescale,
+                            "keep_defaults": cell.keep_defaults, "scoring": cell.scoring, "records": sets,
+                            "code": code_digest(), **scorer_key()})
 
 
 def merge_grid(setting, entries: Sequence, lambdas: Sequence[float], ev, *, rescale: str, keep_defaults: bool,
