@@ -11,6 +11,7 @@ import torch
 torch.set_num_threads(1)
 
 from workbench.studies import merging as E  # noqa: E402
+from workbench.studies import protocol as P  # noqa: E402
 from workbench.studies import tables as T  # noqa: E402
 
 METHODS = ["weight_average", "task_arithmetic"]
@@ -50,14 +51,14 @@ def _tasks(z):
 def test_split_records_disjoint_covering_order_free():
     recs = [{"id": f"r{i:03d}", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "A"}]}
             for i in range(41)]
-    val, test = E.split_records(recs, 0.5, seed=0)
+    val, test = P.split_records(recs, 0.5, seed=0)
     ids_v, ids_t = {r["id"] for r in val}, {r["id"] for r in test}
     assert not ids_v & ids_t
     assert ids_v | ids_t == {r["id"] for r in recs}
     assert len(val) == round(0.5 * 41)
-    val2, _ = E.split_records(list(reversed(recs)), 0.5, seed=0)
+    val2, _ = P.split_records(list(reversed(recs)), 0.5, seed=0)
     assert [r["id"] for r in val2] == [r["id"] for r in val]
-    val3, _ = E.split_records(recs, 0.5, seed=1)
+    val3, _ = P.split_records(recs, 0.5, seed=1)
     assert [r["id"] for r in val3] != [r["id"] for r in val]
 
 
@@ -66,9 +67,9 @@ def test_choose_lambda_mean_over_tasks_ties_smaller():
                          "task": ["a", "b"] * 3,
                          # per-task best differs (a: 1.0, b: 0.1), mean best: 0.5 and 1.0 tie at 60
                          "accuracy": [40.0, 70.0, 50.0, 70.0, 80.0, 40.0]})
-    assert E.choose_lambda(rows) == 0.5
+    assert P.choose_lambda(rows) == 0.5
     with pytest.raises(ValueError):
-        E.choose_lambda(pd.DataFrame({"lambda": [0.1], "task": ["a"], "accuracy": [math.nan]}))
+        P.choose_lambda(pd.DataFrame({"lambda": [0.1], "task": ["a"], "accuracy": [math.nan]}))
 
 
 def test_ablation_entries_are_valid_registry_params():
@@ -174,7 +175,7 @@ def test_task_arithmetic_lambda0_reproduces_base(cap_run):
 def test_lambda0_weights_equal_base_exactly(tiny_zoo, tmp_path):
     setting = E.capability_setting(tiny_zoo, "full")
     seed = next(iter(setting.experts))
-    mm = E._MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
+    mm = P.MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
                       "interpolate", True, False)
     base = tiny_zoo.load_base_llm().state_dict()
     m0 = mm.llm(0.0).state_dict()
@@ -182,7 +183,7 @@ def test_lambda0_weights_equal_base_exactly(tiny_zoo, tmp_path):
     m1 = mm.llm(1.0).state_dict()
     assert any(not torch.equal(m1[k], base[k]) for k in base)
     # the interpolated lambda = 0.5 matches the engine run with scale = 0.5
-    mr = E._MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
+    mr = P.MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
                       "remerge", True, False)
     half_i, half_r = mm.llm(0.5).state_dict(), mr.llm(0.5).state_dict()
     assert max(float((half_i[k] - half_r[k]).abs().max()) for k in base) < 1e-6
@@ -302,7 +303,7 @@ def test_ablation_and_rank_sweep_run(tiny_zoo, cache_dir):
 
 def test_base_llm_copy_is_fresh_and_equal(tiny_zoo):
     setting = E.modality_setting(tiny_zoo, seeds=[0], max_items=4)
-    a, b = E._base_llm_copy(setting), E._base_llm_copy(setting)
+    a, b = P._base_llm_copy(setting), P._base_llm_copy(setting)
     ref = tiny_zoo.load_base_llm().state_dict()
     assert a is not b
     for k, v in ref.items():
@@ -310,7 +311,7 @@ def test_base_llm_copy_is_fresh_and_equal(tiny_zoo):
     k0 = next(iter(ref))
     with torch.no_grad():
         a.state_dict()[k0].add_(1.0)  # a copy: the cached base and the other copies are untouched
-    assert torch.equal(b.state_dict()[k0], ref[k0]) and torch.equal(E._base_llm_copy(setting).state_dict()[k0], ref[k0])
+    assert torch.equal(b.state_dict()[k0], ref[k0]) and torch.equal(P._base_llm_copy(setting).state_dict()[k0], ref[k0])
     # the merged models' towers are shared and cached
     from workbench.compose import CachedTower
 

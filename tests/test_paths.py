@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from workbench import paths
-from workbench.studies import merging as E
+from workbench.studies import protocol as P
 from workbench.studies import tables as T
 
 
@@ -40,7 +40,7 @@ def test_result_rows_name_prediction_files_relative_to_the_repository(tmp_path, 
     pred = pd.DataFrame({"id": ["1", "2"], "gold": ["A", "B"], "pred": ["A", "C"], "correct": [True, False]})
     pred.to_csv(f, index=False)
     pred.attrs["file"] = str(f)
-    row = E._row("Task Arithmetic", "task_arithmetic", "merge", "vqa", "test", 1.0, 0, pred, selected=True)
+    row = P.result_row("Task Arithmetic", "task_arithmetic", "merge", "vqa", "test", 1.0, 0, pred, selected=True)
     assert row["pred_file"] == "data/results/default/cache/p.csv"
     back = T.item_predictions(pd.DataFrame([row]), "Task Arithmetic")
     assert back["correct"].tolist() == [True, False] and back["task_set"].tolist() == ["vqa", "vqa"]

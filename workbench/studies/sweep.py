@@ -186,42 +186,43 @@ def _context_key(recipe: tuple, cache_dir: str | None, scoring: str, device: str
 
 
 def _live(cell: MergeCell) -> tuple:
-    from . import merging as E
     from ..device import resolve_device
+    from . import merging as E
+    from . import protocol as P
 
     key = cell.context or _context_key(cell.recipe, cell.cache_dir, cell.scoring, cell.device)
     if key not in _LIVE:
         constructor, kwargs = cell.recipe
         setting = getattr(E, constructor)(**kwargs)
-        ev = E._Evaluator(setting.z, Path(cell.cache_dir) if cell.cache_dir else None, cell.scoring,
-                          resolve_device(cell.device))
+        ev = P.Evaluator(setting.z, Path(cell.cache_dir) if cell.cache_dir else None, cell.scoring,
+                         resolve_device(cell.device))
         _LIVE[key] = (setting, ev)
     return _LIVE[key]
 
 
 def run_merge_cell(cell: MergeCell) -> dict:
-    """Merge, evaluate over the λ grid, choose, test (:func:`workbench.studies.merging._run_entry`):
+    """Merge, evaluate over the λ grid, choose, test (:func:`workbench.studies.protocol.run_entry`):
     ``{"rows", "timings", "hits", "misses"}`` (the prediction cache's hits and misses of this cell).
     The merged checkpoints live in a per-cell temporary folder, removed after evaluation, unless
     ``cell.keep_merged`` names a folder to keep them in."""
     import torch
 
-    from . import merging as E
+    from . import protocol as P
 
     setting, ev = _live(cell)
     hits, misses = ev.hits, ev.misses
     timings: list = []
     torch.manual_seed(cell.seed)
-    with E._quiet_loading():
+    with P.quiet_loading():
         if cell.keep_merged:
             workdir = Path(cell.keep_merged) / f"{cell.entry.method}-{digest({'e': cell.entry.key})[:8]}-s{cell.seed}"
             workdir.mkdir(parents=True, exist_ok=True)
-            rows = E._run_entry(ev, setting, cell.entry, cell.seed, cell.lambdas, workdir, cell.rescale,
-                                cell.keep_defaults, False, timings, keep_merged=True)
+            rows = P.run_entry(ev, setting, cell.entry, cell.seed, cell.lambdas, workdir, cell.rescale,
+                               cell.keep_defaults, False, timings, keep_merged=True)
         else:
             with tempfile.TemporaryDirectory(prefix="wb-cell-") as tmp:
-                rows = E._run_entry(ev, setting, cell.entry, cell.seed, cell.lambdas, Path(tmp), cell.rescale,
-                                    cell.keep_defaults, False, timings)
+                rows = P.run_entry(ev, setting, cell.entry, cell.seed, cell.lambdas, Path(tmp), cell.rescale,
+                                   cell.keep_defaults, False, timings)
     return {"rows": rows, "timings": timings, "hits": ev.hits - hits, "misses": ev.misses - misses}
 
 

@@ -22,7 +22,8 @@ import pandas as pd
 
 from ..paths import resolve_repo_path
 from .cache import read_predictions
-from .merging import BASE_LABEL, CAP_METHODS, DISPLAY, INDIV_MEAN, INDIV_OWN, TASK_LABELS, wilson
+from .merging import BASE_LABEL, CAP_METHODS, DISPLAY, INDIV_MEAN, INDIV_OWN, TASK_LABELS
+from .protocol import wilson
 
 
 # ============================================================================================ tables
