@@ -204,7 +204,7 @@ def test_tiny_zoo_damc_job_compose_and_score_mcub2(tiny_zoo_with_damc):
 
 @pytest.mark.slow
 def test_tiny_zoo_forgetting_experiment(tiny_zoo_with_damc, tmp_path):
-    from workbench.compose import forgetting_experiment
+    from workbench.studies.composition import forgetting_experiment
 
     r = forgetting_experiment(tiny_zoo_with_damc, "image-full-s0", ("first", "last"), steps=8, batch_size=8,
                               n_eval=16, workdir=tmp_path)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.evaluate import (first_letter, generated_letter, mcnemar_exact, paired_test, predict, summarize, t_interval,
-                                wilson_interval)
+from workbench.evaluate import (accuracy_intervals, first_letter, generated_letter, mcnemar_exact, paired_test, predict,
+                                t_interval, wilson_interval)
 
 
 def test_wilson_hand_computed():
@@ -103,7 +103,7 @@ def test_summarize_and_paired():
             rows.append({"id": f"q{i}", "subset": "s", "gold": "A", "pred": "B", "correct": i == 0,
                          "method": "b", "seed": seed, "scoring": "loglik"})
     df = pd.DataFrame(rows)
-    s = summarize(df)
+    s = accuracy_intervals(df)
     a = s[s.method == "a"].iloc[0]
     assert a.acc == pytest.approx(87.5) and a.n_seeds == 2 and a.n_items == 8
     lo, hi = wilson_interval(7, 8)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workbench.analysis.interference import (METRICS, InterferenceProfile, profile_interference, summarize,
+from workbench.analysis.interference import (METRICS, InterferenceProfile, profile_interference, metric_by_group,
                                              tensor_stats, topk_threshold)
 from workbench.errors import CheckpointError, ConfigError
 
@@ -369,7 +369,7 @@ def test_metric_registry_consistency():
     for m, spec in METRICS.items():
         assert spec.frame in ("pairs", "per_expert", "tensors", "damc"), m
     with pytest.raises(ConfigError):
-        summarize(pd.DataFrame({"a": [1]}), "nope")
+        metric_by_group(pd.DataFrame({"a": [1]}), "nope")
 
 
 @pytest.mark.gpu

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from workbench import experiments as E
 from workbench import paths
+from workbench.studies import protocol as P
+from workbench.studies import tables as T
 
 
 def test_each_preset_has_its_own_outputs(monkeypatch, tmp_path):
@@ -39,7 +40,7 @@ def test_result_rows_name_prediction_files_relative_to_the_repository(tmp_path, 
     pred = pd.DataFrame({"id": ["1", "2"], "gold": ["A", "B"], "pred": ["A", "C"], "correct": [True, False]})
     pred.to_csv(f, index=False)
     pred.attrs["file"] = str(f)
-    row = E._row("Task Arithmetic", "task_arithmetic", "merge", "vqa", "test", 1.0, 0, pred, selected=True)
+    row = P.result_row("Task Arithmetic", "task_arithmetic", "merge", "vqa", "test", 1.0, 0, pred, selected=True)
     assert row["pred_file"] == "data/results/default/cache/p.csv"
-    back = E.item_predictions(pd.DataFrame([row]), "Task Arithmetic")
+    back = T.item_predictions(pd.DataFrame([row]), "Task Arithmetic")
     assert back["correct"].tolist() == [True, False] and back["task_set"].tolist() == ["vqa", "vqa"]

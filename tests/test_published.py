@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workbench.published import (PAPER_CLAIMS, Claim, list_tables, load_table, read_published_csv, side_by_side,
-                                 summarise)
+from workbench.studies.published import (PAPER_CLAIMS, Claim, list_tables, load_table, mean_intervals,
+                                         read_published_csv, side_by_side)
 
 NAMES = ["damc_mmer_thirdparty", "optmerge_table2", "optmerge_table3", "optmerge_table4", "optmerge_table5",
          "optmerge_table7", "optmerge_table8"]
@@ -140,19 +140,19 @@ def test_side_by_side_joins_cells_and_judges_nothing():
     assert math.isnan(b.published) and b.ours_ci_high == 0.5
 
 
-# ------------------------------------------------------------------------------------ summarise
+# ------------------------------------------------------------------------------------ mean_intervals
 def test_summarise_t_interval():
     from scipy import stats
 
     df = pd.DataFrame({"method": ["A"] * 3 + ["B"], "benchmark": "Avg", "accuracy": [0.5, 0.6, 0.7, 0.4]})
-    s = summarise(df, by=["method", "benchmark"])
+    s = mean_intervals(df, by=["method", "benchmark"])
     a = s.set_index("method").loc["A"]
     half = stats.t.ppf(0.975, 2) * np.std([0.5, 0.6, 0.7], ddof=1) / np.sqrt(3)
     assert a["mean"] == pytest.approx(0.6) and a["n"] == 3
     assert a.ci_low == pytest.approx(0.6 - half) and a.ci_high == pytest.approx(0.6 + half)
     b = s.set_index("method").loc["B"]
     assert b["n"] == 1 and math.isnan(b.ci_low)
-    # summarise output feeds side_by_side directly
+    # mean_intervals output feeds side_by_side directly
     out = side_by_side(load_table("table2", long=True), s.replace({"A": "OptMerge", "B": "TIES"}))
     row = out[(out.method == "OptMerge") & (out.benchmark == "Avg")].iloc[0]
     assert row.published == 57.44 and row.ours_mean == pytest.approx(0.6) and row.ours_ci_low == pytest.approx(a.ci_low)

@@ -1,4 +1,4 @@
-"""workbench.report: formatting and reshaping for the notebooks (small hand-made frames)."""
+"""workbench.studies.report: formatting and reshaping for the notebooks (small hand-made frames)."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from workbench import report
 from workbench import statistics
-from workbench.published import side_by_side
+from workbench.studies import report
+from workbench.studies.published import side_by_side
 
 
 def _summary():

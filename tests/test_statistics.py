@@ -178,9 +178,9 @@ def test_compare_rejects_bad_input():
 
 # ------------------------------------------------------------------ the merging benchmark's claims (no zoo needed)
 def _experiment(tmp_path, cached=True):
-    """Experiment rows (workbench.experiments.ROW_COLUMNS) of a synthetic Table 2 with cached item predictions:
+    """Experiment rows (workbench.studies.merging.ROW_COLUMNS) of a synthetic Table 2 with cached item predictions:
     OptMerge 20 points above the others, WUDI's predictions identical to OptMerge's."""
-    from workbench import experiments as E
+    from workbench.studies import merging as E
 
     rng = np.random.default_rng(0)
     n, rows = 60, []
@@ -203,10 +203,10 @@ def _experiment(tmp_path, cached=True):
 
 
 def test_compare_published_paired_and_inert(tmp_path):
-    from workbench import experiments as E
+    from workbench.studies import tables as T
 
     df = _experiment(tmp_path)
-    cells, v = E.compare_published(df, "optmerge_table2")
+    cells, v = T.compare_published(df, "optmerge_table2")
     v = v.set_index("claim")
     assert v.loc["OptMerge > Task Arithmetic on Avg", "verdict"] == S.REPRODUCED
     assert v.loc["OptMerge > Task Arithmetic on Avg", "comparison"] == "paired"
@@ -216,10 +216,10 @@ def test_compare_published_paired_and_inert(tmp_path):
     assert v.loc["merging (OptMerge) beats the individual experts' average", "verdict"] == S.REPRODUCED
     assert v["family"].iloc[0].startswith("optmerge_table2")
     # the optimiser check found by the caller makes its claims not testable
-    _, v2 = E.compare_published(df, "optmerge_table2", inert={"TIES": "objective barely moved"})
+    _, v2 = T.compare_published(df, "optmerge_table2", inert={"TIES": "objective barely moved"})
     assert v2.set_index("claim").loc["OptMerge > TIES on Avg", "verdict"] == S.NOT_TESTABLE
     # without cached predictions: the unpaired comparison, labelled so
-    _, v3 = E.compare_published(_experiment(tmp_path, cached=False), "optmerge_table2")
+    _, v3 = T.compare_published(_experiment(tmp_path, cached=False), "optmerge_table2")
     row = v3.set_index("claim").loc["OptMerge > Task Arithmetic on Avg"]
     assert row["comparison"].startswith("unpaired") and row["verdict"] == S.REPRODUCED
     indiv = v3.set_index("claim").loc["merging (OptMerge) beats the individual experts' average"]
@@ -228,12 +228,12 @@ def test_compare_published_paired_and_inert(tmp_path):
     # the notebook's path: one family over two tables, written through write_tables
     fam = S.verdict_table(pd.concat([v.reset_index(), v3], ignore_index=True), "05")
     assert fam["family"].iloc[0] == f"05 ({int(fam['p_holm'].notna().sum())} tested claims)"
-    paths = E.write_tables(df, "05_capability_full", tmp_path / "out", "optmerge_table2", verdicts=fam)
+    paths = T.write_tables(df, "05_capability_full", tmp_path / "out", "optmerge_table2", verdicts=fam)
     assert len(pd.read_csv(paths["verdicts"])) == len(fam)
 
 
 def test_solver_inert_reads_the_costs_table():
-    from workbench import experiments as E
+    from workbench.studies import merging as E
 
     costs = pd.DataFrame([
         {"method_id": "wudi", "solver": "iterative", "seed": 0, "objective": 32.0, "objective_start": 40.0, "status": "ok"},
@@ -248,7 +248,7 @@ def test_solver_inert_reads_the_costs_table():
 
 def test_composition_claims_from_predictions():
     """Notebooks 02/03's claim builders on a synthetic predictions.csv: planted NaiveMC > frozen, DAMC < NaiveMC."""
-    from workbench import report
+    from workbench.studies import report
 
     rng = np.random.default_rng(5)
     acc = {"naive_mc": 0.6, "frozen": 0.3, "damc": 0.45, "expert": 0.7}
@@ -274,7 +274,8 @@ def test_composition_claims_from_predictions():
 
 
 def test_cache_keys_carry_the_code_digest(tmp_path, monkeypatch):
-    from workbench import evaluate, results
+    from workbench import evaluate
+    from workbench.studies import cache
 
     def write_code(folder, fixed=False):  # files as named; a folder entry (the merge methods) with two modules
         folder.mkdir(exist_ok=True)
@@ -295,8 +296,8 @@ def test_cache_keys_carry_the_code_digest(tmp_path, monkeypatch):
     assert evaluate.code_digest(str(tmp_path)) == before  # a folder entry hashes its *.py files only
     write_code(tmp_path / "sub", fixed=True)
     assert evaluate.code_digest(str(tmp_path / "sub")) != before  # one edited method -> another digest
-    key = results.cache_key({"a": 1})
-    monkeypatch.setattr(results, "code_digest", lambda: "0" * 16)
-    assert results.cache_key({"a": 1}) != key
+    key = cache.result_key({"a": 1})
+    monkeypatch.setattr(cache, "code_digest", lambda: "0" * 16)
+    assert cache.result_key({"a": 1}) != key
     with pytest.raises(FileNotFoundError, match="missing"):
         evaluate.code_digest(str(tmp_path / "nowhere"))

@@ -1,4 +1,4 @@
-"""Tests of workbench.sweep: the merging benchmark's cells on the local executor and on a local
+"""Tests of workbench.studies.sweep: the merging benchmark's cells on the local executor and on a local
 Ray cluster started here (2 CPUs, no dashboard, no network), with a worker and a driver killed."""
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import yaml
 
 torch.set_num_threads(1)
 
-from test_experiments import tiny_zoo  # noqa: E402,F401  (the tiny-zoo fixture)
-from workbench import experiments as E  # noqa: E402
-from workbench import sweep  # noqa: E402
+from test_merging_study import tiny_zoo  # noqa: E402,F401  (the tiny-zoo fixture)
+from workbench.studies import merging as E  # noqa: E402
+from workbench.studies import sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["weight_average", "task_arithmetic", "ties", "dare_linear", "tsv", "iso_c"]

@@ -43,7 +43,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("workbench.world.cli", "build or inspect the miniature world's model zoo"),
     "reproduce": ("workbench.reproduce", "run the notebooks in order (papermill)"),
     "profile": ("workbench.analysis.cli", "interference profile of experts vs their base"),
-    "sweep": ("workbench.sweep", "run a merging-benchmark sweep (local or on Ray) from a YAML file"),
+    "sweep": ("workbench.studies.sweep", "run a merging-benchmark sweep (local or on Ray) from a YAML file"),
 }
 
 

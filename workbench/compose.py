@@ -32,8 +32,8 @@ Compositions (methods.md sections 1-3):
   take the text route's value. The parts can also come from the engine's output folder
   (:func:`mmer_parts_from_merge`: merged θ0+τ* and ``mmer/masks.safetensors``).
 
-Storage (:func:`disk_bytes`, :func:`save_mmer_parts`, :func:`storage_comparison`) and forgetting
-(:func:`forgetting_experiment`) are here too; tables are in :mod:`workbench.results`.
+Storage (:func:`disk_bytes`, :func:`save_mmer_parts`, :func:`storage_comparison`) is here too; the
+studies that use these compositions are in :mod:`workbench.studies.composition`.
 """
 from __future__ import annotations
 
@@ -1043,96 +1043,12 @@ def storage_comparison(mmer_paths: Sequence[str | Path], expert_paths: Sequence[
             "ratio": mm / ex if ex else float("nan"), "saving": 1 - mm / ex if ex else float("nan")}
 
 
-# ================================================================================================ forgetting
-def forgetting_experiment(zoo, expert: str, new_task: str | Sequence[str] = ("first", "last"), *,
-                          old_tasks: Sequence[str] | None = None, steps: int = 120, batch_size: int = 32,
-                          lr: float = 1e-3, n_eval: int = 96, lam: float = 1.0, alpha: float = 1.0,
-                          merge_method: str | Callable = "ties", seed: int = 0, scoring: str = "loglik",
-                          workdir: str | Path | None = None, progress: bool = False) -> dict:
-    """Forgetting, then decoupling (MMER's retention claim on a new task; methods.md section 3).
-
-    1. the zoo expert (full fine-tuning) is scored on its old tasks and on the new task(s);
-    2. its LLM is fine-tuned on the new task(s) only (the world's :func:`train_mllm`, projector
-       frozen) -> θ_new; old and new tasks are scored again (the drop on old tasks = forgetting);
-    3. decoupled: τ_old = θ_old − θ0 and τ_new = θ_new − θ0 are merged into τ* with one mask each
-       (:func:`mmer_parts`); old-task inputs use the old route (their modality tokens on
-       θ0 + α m_old ⊙ τ*), new-task inputs the new route; text tokens θ0 + τ* (as MMER).
-
-    Returns a dict of accuracies (percent): ``before_old``, ``before_new``, ``after_old``,
-    ``after_new``, ``decoupled_old``, ``decoupled_new`` and the settings.
-    """
-    import tempfile
-
-    import numpy as np
-
-    from .evaluate import accuracy, predict
-    from .world import Zoo
-    from .world.tasks import batches, example_modal_inputs, modality_question, OWN_TASKS
-    from .world.training import seed_everything, train_mllm
-
-    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
-    src = zoo_expert(z, expert)
-    if src.kind != "full":
-        raise ConfigError(f"forgetting_experiment needs a full fine-tuned expert, {expert!r} is {src.kind}")
-    m = src.modality
-    new = [new_task] if isinstance(new_task, str) else list(new_task)
-    old = list(old_tasks or [t for t in OWN_TASKS[m] if t not in new])
-    tok = z.tokenizer()
-
-    def examples(tasks, n, s):
-        rng = np.random.default_rng(s)
-        return [modality_question(m, tasks[i % len(tasks)], rng) for i in range(n)]
-
-    def as_records(exs, tag):
-        return [{"id": f"{tag}-{i}", "conversations": [{"from": "human", "value": e.prompt},
-                                                       {"from": "gpt", "value": e.letter if e.choices else e.answer}],
-                 "choices": list(e.choices) or None, "options": list(e.options) or None, "task": e.task,
-                 "_inputs": example_modal_inputs(e)} for i, e in enumerate(exs)]
-
-    old_recs = as_records(examples(old, n_eval, 90_000 + seed), "old")
-    new_recs = as_records(examples(new, n_eval, 91_000 + seed), "new")
-    load = lambda r: r["_inputs"]  # noqa: E731
-
-    def score(model, recs):
-        return accuracy(predict(model, recs, load, scoring=scoring))
-
-    old_model = _mllm(load_causal_lm(src.llm), tok, [src])
-    res = {"expert": expert, "modality": m, "old_tasks": old, "new_tasks": new, "steps": steps, "lam": lam,
-           "alpha": alpha, "scoring": scoring, "seed": seed,
-           "before_old": score(old_model, old_recs), "before_new": score(old_model, new_recs)}
-    # fine-tune on the new task(s) only
-    seed_everything(7000 + seed)
-    llm_new = load_causal_lm(src.llm)
-    llm_new.requires_grad_(True)
-    ft = MultimodalLM(llm_new, tok, {m: src.tower}, {m: src.placeholder})
-    sampler = lambda r: modality_question(m, new[int(r.integers(len(new)))], r)  # noqa: E731
-    log = train_mllm(ft, batches(sampler, batch_size, 7000 + seed), [{"params": list(llm_new.parameters()), "lr": lr}],
-                     steps, desc=f"forgetting {expert}", progress=progress)
-    llm_new.eval().requires_grad_(False)
-    res["after_old"], res["after_new"] = score(ft, old_recs), score(ft, new_recs)
-    res["finetune_seconds"] = round(log["seconds"], 1)
-    # decouple with masks: save θ_new, then MMER over (θ_old, θ_new)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        new_dir = Path(tmp) / "new"
-        llm_new.save_pretrained(str(new_dir))
-        base_llm = z.load_base_llm()
-        parts = mmer_parts(base_llm, [src.llm, new_dir], merge_method=merge_method, lam=lam)
-        res["mask_density_old"], res["mask_density_new"] = parts.density()
-        for label, route_i, recs in (("decoupled_old", 0, old_recs), ("decoupled_new", 1, new_recs)):
-            sub = MMERParts(parts.tau_star, {n: [ms[route_i]] for n, ms in parts.masks.items()}, 1, parts.params)
-            llm = mmer_llm(base_llm, sub, alpha=alpha)
-            res[label] = score(_mllm(llm, tok, [src]), recs)
-    res["forgetting"] = res["before_old"] - res["after_old"]
-    res["recovered"] = res["decoupled_old"] - res["after_old"]
-    return res
-
-
 __all__ = [
     "CachedTokenizer", "CachedTower", "ExpertSource", "MMERParts", "TemplatedMultimodalLM", "assign_placeholders",
     "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",
     "compose_naive_mc", "damc_lambda_from_own_tasks", "damc_lambda_search", "damc_llm", "disk_bytes",
-    "forgetting_experiment", "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm", "load_mmer_parts",
+    "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm", "load_mmer_parts",
     "merge_llm", "mmer_llm", "mmer_mask", "mmer_parts", "mmer_parts_from_merge", "mmer_search", "remask",
     "save_mmer_parts", "set_damc_coefficients", "set_mmer_alpha", "set_mmer_masks", "storage_comparison",
     "zoo_expert", "zoo_expert_model",

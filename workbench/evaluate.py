@@ -14,7 +14,7 @@ turn the gold answer. Multiple-choice records (gold is a letter A-D) are scored
 Open-answer records (the capability family; ``"options"`` lists the candidate answers) are scored by
 log-likelihood over the candidates, or by exact match of the greedy output.
 
-The statistics (intervals, McNemar, :func:`summarize`) live in :mod:`workbench.statistics`; they are
+The statistics (intervals, McNemar, :func:`accuracy_intervals`) live in :mod:`workbench.statistics`; they are
 imported here under their old names.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from .statistics import mcnemar_exact, summarize, t_interval, wilson_interval  # noqa: F401  (one statistics module)
+from .statistics import accuracy_intervals, mcnemar_exact, t_interval, wilson_interval  # noqa: F401  (one statistics module)
 
 LETTERS = ("A", "B", "C", "D")
 PRED_COLUMNS = ["id", "subset", "gold", "pred", "correct", "method", "seed", "scoring"]
@@ -129,10 +129,10 @@ def scorer_key() -> dict:
     return {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
 
 
-#: The modules whose code produces a cached prediction: the compositions, the merge methods
-#: (the ``merging`` package) and their engine, this scorer and the model's option scorer (``mllm.py``).
-#: Their digest is part of every results-cache key (:mod:`workbench.results`,
-#: :mod:`workbench.experiments`), so a fixed method never reuses predictions of the old code.
+#: The modules whose code produces a cached prediction: the compositions, the merge methods (the
+#: ``merging`` package) and their engine, this scorer and the model's option scorer (``mllm.py``). Their digest is part of every
+#: results-cache key (:mod:`workbench.studies.composition`, :mod:`workbench.studies.merging`), so a fixed method never
+#: reuses predictions of the old code.
 PREDICTION_CODE = ("compose.py", "merging", "engine.py", "evaluate.py", "mllm.py")
 
 

@@ -307,10 +307,10 @@ def _over_tensors(obj: Any, metric: str, info: dict[str, Any], *, layer: int | N
         df = df[df["layer"] == layer]
     if module is not None:
         df = df[df["module"] == module]
-    from .analysis.interference import METRICS, summarize
+    from .analysis.interference import METRICS, metric_by_group
     from .analysis.overlap import _summarize
 
-    return summarize(df, metric, (), exact=exact) if metric in METRICS else _summarize(df, metric, (), exact)
+    return metric_by_group(df, metric, (), exact=exact) if metric in METRICS else _summarize(df, metric, (), exact)
 
 
 def pair_matrix_data(obj: Any, metric: str, *, layer: int | None = None, module: str | None = None,

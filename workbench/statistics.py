@@ -2,7 +2,7 @@
 
 One module, one rule (:data:`VERDICT_RULE`, printed under every verdict table of notebooks 02-07).
 
-- **Per-group accuracy** (:func:`summarize`): mean over seeds with a Student-t interval, and the
+- **Per-group accuracy** (:func:`accuracy_intervals`): mean over seeds with a Student-t interval, and the
   Wilson interval of the pooled counts (:func:`wilson_interval`, :func:`t_interval`).
 - **Effects** (:func:`compare`): a claim "A > B" (or "<") is judged on the *difference* A - B in
   points. Paired (both sides scored on the same items of the same seeds): the per-seed mean paired
@@ -98,7 +98,7 @@ def t_interval(values: Sequence[float], conf: float = 0.95) -> tuple[float, floa
     return m, m - half, m + half
 
 
-def summarize(df: pd.DataFrame, by: Iterable[str] = ("method", "subset", "scoring"), conf: float = 0.95,
+def accuracy_intervals(df: pd.DataFrame, by: Iterable[str] = ("method", "subset", "scoring"), conf: float = 0.95,
               value: str = "correct") -> pd.DataFrame:
     """Per group: the mean of ``value`` per seed (x100 for the 0/1 ``correct``), then the mean with a
     t-interval over seeds, plus (for ``correct``) the Wilson interval of the pooled counts. Columns:
@@ -454,7 +454,7 @@ def claims_sentence(table: pd.DataFrame, claims: Sequence[str] | None = None, di
 
 
 __all__ = ["ALPHA", "BOOT_SEED", "INCONCLUSIVE", "ITEM_COLUMNS", "NOT_REPRODUCED", "NOT_TESTABLE", "N_BOOT", "POWER",
-           "REPRODUCED", "SOLVER_SHARE", "TABLE_COLUMNS", "VERDICTS", "VERDICT_RULE", "claims_sentence", "compare",
-           "compare_level", "hierarchical_bootstrap", "holm", "items_for_power", "mcnemar_exact", "optimiser_inert",
-           "paired_items", "summarize", "sweep_inert", "t_interval", "verdict", "verdict_counts", "verdict_table",
-           "verdict_view", "wilson_interval"]
+           "REPRODUCED", "SOLVER_SHARE", "TABLE_COLUMNS", "VERDICTS", "VERDICT_RULE", "accuracy_intervals",
+           "claims_sentence", "compare", "compare_level", "hierarchical_bootstrap", "holm", "items_for_power",
+           "mcnemar_exact", "optimiser_inert", "paired_items", "sweep_inert", "t_interval", "verdict", "verdict_counts",
+           "verdict_table", "verdict_view", "wilson_interval"]

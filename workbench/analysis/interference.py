@@ -856,7 +856,7 @@ def _add_derived(frame: str, df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def summarize(df: pd.DataFrame, metric: str, by: Sequence[str] = ("layer", "module"), *, exact: bool = True) -> pd.DataFrame:
+def metric_by_group(df: pd.DataFrame, metric: str, by: Sequence[str] = ("layer", "module"), *, exact: bool = True) -> pd.DataFrame:
     """Aggregate ``metric`` of a profile frame over groups ``by`` (plus the frame's entity columns).
 
     ``exact=True`` sums the metric's numerator/denominator columns in each group and forms the
@@ -931,8 +931,8 @@ class InterferenceProfile:
                 and all(c in getattr(self, s.frame).columns for c in s.columns)]
 
     def summary(self, metric: str, by: Sequence[str] = ("layer", "module"), *, exact: bool = True) -> pd.DataFrame:
-        """``metric`` aggregated per group ``by`` (and per pair/expert for pair/expert metrics). See :func:`summarize`."""
-        return summarize(self.frame(metric), metric, tuple(by), exact=exact)
+        """``metric`` aggregated per group ``by`` (and per pair/expert for pair/expert metrics). See :func:`metric_by_group`."""
+        return metric_by_group(self.frame(metric), metric, tuple(by), exact=exact)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write every frame as CSV and Parquet, the layer x module summaries of every metric, and ``meta.json``.

@@ -1,4 +1,4 @@
-"""Tests of workbench.experiments on the tiny zoo (built with the world's API if missing)."""
+"""Tests of workbench.studies.merging on the tiny zoo (built with the world's API if missing)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,9 @@ import torch
 
 torch.set_num_threads(1)
 
-from workbench import experiments as E  # noqa: E402
+from workbench.studies import merging as E  # noqa: E402
+from workbench.studies import protocol as P  # noqa: E402
+from workbench.studies import tables as T  # noqa: E402
 
 METHODS = ["weight_average", "task_arithmetic"]
 LAMBDAS = (0.0, 1.0)
@@ -49,14 +51,14 @@ def _tasks(z):
 def test_split_records_disjoint_covering_order_free():
     recs = [{"id": f"r{i:03d}", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "A"}]}
             for i in range(41)]
-    val, test = E.split_records(recs, 0.5, seed=0)
+    val, test = P.split_records(recs, 0.5, seed=0)
     ids_v, ids_t = {r["id"] for r in val}, {r["id"] for r in test}
     assert not ids_v & ids_t
     assert ids_v | ids_t == {r["id"] for r in recs}
     assert len(val) == round(0.5 * 41)
-    val2, _ = E.split_records(list(reversed(recs)), 0.5, seed=0)
+    val2, _ = P.split_records(list(reversed(recs)), 0.5, seed=0)
     assert [r["id"] for r in val2] == [r["id"] for r in val]
-    val3, _ = E.split_records(recs, 0.5, seed=1)
+    val3, _ = P.split_records(recs, 0.5, seed=1)
     assert [r["id"] for r in val3] != [r["id"] for r in val]
 
 
@@ -65,9 +67,9 @@ def test_choose_lambda_mean_over_tasks_ties_smaller():
                          "task": ["a", "b"] * 3,
                          # per-task best differs (a: 1.0, b: 0.1), mean best: 0.5 and 1.0 tie at 60
                          "accuracy": [40.0, 70.0, 50.0, 70.0, 80.0, 40.0]})
-    assert E.choose_lambda(rows) == 0.5
+    assert P.choose_lambda(rows) == 0.5
     with pytest.raises(ValueError):
-        E.choose_lambda(pd.DataFrame({"lambda": [0.1], "task": ["a"], "accuracy": [math.nan]}))
+        P.choose_lambda(pd.DataFrame({"lambda": [0.1], "task": ["a"], "accuracy": [math.nan]}))
 
 
 def test_ablation_entries_are_valid_registry_params():
@@ -173,7 +175,7 @@ def test_task_arithmetic_lambda0_reproduces_base(cap_run):
 def test_lambda0_weights_equal_base_exactly(tiny_zoo, tmp_path):
     setting = E.capability_setting(tiny_zoo, "full")
     seed = next(iter(setting.experts))
-    mm = E._MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
+    mm = P.MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
                       "interpolate", True, False)
     base = tiny_zoo.load_base_llm().state_dict()
     m0 = mm.llm(0.0).state_dict()
@@ -181,7 +183,7 @@ def test_lambda0_weights_equal_base_exactly(tiny_zoo, tmp_path):
     m1 = mm.llm(1.0).state_dict()
     assert any(not torch.equal(m1[k], base[k]) for k in base)
     # the interpolated lambda = 0.5 matches the engine run with scale = 0.5
-    mr = E._MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
+    mr = P.MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
                       "remerge", True, False)
     half_i, half_r = mm.llm(0.5).state_dict(), mr.llm(0.5).state_dict()
     assert max(float((half_i[k] - half_r[k]).abs().max()) for k in base) < 1e-6
@@ -214,14 +216,14 @@ def test_failing_method_is_reported(tiny_zoo, tmp_path):
     assert len(ties) > 0 and (ties["status"] == "failed").all()
     assert ties["error"].str.contains("density").all()
     assert (df.loc[df["method_id"] == "task_arithmetic", "status"] == "ok").all()
-    table = E.summarise(df)
+    table = T.merge_table(df)
     assert (table.loc["TIES"].drop("lambda") == "failed").all()
 
 
 def test_summarise_and_published(cap_run, tiny_zoo):
     from workbench.statistics import VERDICTS
 
-    wide = E.summarise(cap_run)
+    wide = T.merge_table(cap_run)
     labels = [E.TASK_LABELS[t] for t in _tasks(tiny_zoo)]
     assert list(wide.columns) == labels + ["Avg", "lambda"]
     assert {"Base", "Weight Average", "Task Arithmetic", E.INDIV_MEAN, E.INDIV_OWN} <= set(wide.index)
@@ -232,14 +234,14 @@ def test_summarise_and_published(cap_run, tiny_zoo):
     for t in _tasks(tiny_zoo):
         own = test[(test["method"] == f"Indiv. {E.TASK_LABELS[t]}") & (test["task"] == t)]["accuracy"].iloc[0]
         assert math.isclose(float(wide.loc[E.INDIV_OWN, E.TASK_LABELS[t]]), own)
-    assert isinstance(E.summarise(cap_run, fmt=True).loc["Base", "Avg"], str)
-    cells, verdicts = E.compare_published(cap_run, "optmerge_table2")
+    assert isinstance(T.merge_table(cap_run, fmt=True).loc["Base", "Avg"], str)
+    cells, verdicts = T.compare_published(cap_run, "optmerge_table2")
     assert set(verdicts["verdict"]) <= set(VERDICTS)
     row = verdicts[verdicts["claim"] == "Task Arithmetic > Weight Average on Avg"].iloc[0]
     # paired on the cached test items; the paper's effect beside ours, both in points
     assert row["comparison"] == "paired" and row["n_items"] > 0
     assert math.isclose(row["published_effect"], 56.18 - 49.12)
-    long = E.summary_long(cap_run)
+    long = T.summary_long(cap_run)
     avg = long[long["benchmark"] == "Avg"].set_index("method")
     assert math.isclose(row["ours_lhs"] - row["ours_rhs"], avg.loc["Task Arithmetic", "mean"]
                         - avg.loc["Weight Average", "mean"], abs_tol=1e-6)
@@ -248,7 +250,7 @@ def test_summarise_and_published(cap_run, tiny_zoo):
 
 
 def test_paired_tests_consistent_with_counts(cap_run):
-    t = E.paired_tests(cap_run, [("Task Arithmetic", "Base"), ("Weight Average", "Weight Average")])
+    t = T.paired_tests(cap_run, [("Task Arithmetic", "Base"), ("Weight Average", "Weight Average")])
     assert set(t["task"]) >= {"All"}
     for r in t.itertuples():
         assert math.isclose(r.acc_a - r.acc_b, 100.0 * (r.b - r.c) / r.n, abs_tol=1e-9)
@@ -256,7 +258,7 @@ def test_paired_tests_consistent_with_counts(cap_run):
     assert (same["b"] == 0).all() and (same["c"] == 0).all() and (same["pvalue"] == 1.0).all()
     test = cap_run[(cap_run["split"] == "test") & (cap_run["method"] == "Base")]
     assert int(t[(t["method_a"] == "Task Arithmetic") & (t["task"] == "All")]["n"].iloc[0]) == int(test["n"].sum())
-    _, verdicts = E.compare_published(cap_run)
+    _, verdicts = T.compare_published(cap_run)
     row = verdicts[verdicts["claim"] == "Task Arithmetic > Weight Average on Avg"].iloc[0]
     assert 0.0 <= row["p"] <= 1.0
 
@@ -266,7 +268,7 @@ def test_write_csv(tiny_zoo, cache_dir, tmp_path):
                               references=False, out=tmp_path, write=True, progress=False)
     back = pd.read_csv(tmp_path / "capability_full.csv")
     assert len(back) == len(df) and list(back.columns) == E.ROW_COLUMNS
-    paths = E.write_tables(df, "capability_full", tmp_path, table="optmerge_table2")
+    paths = T.write_tables(df, "capability_full", tmp_path, table="optmerge_table2")
     assert all(p.is_file() for p in paths.values())
 
 
@@ -274,7 +276,7 @@ def test_modality_and_solver_smoke(tiny_zoo, cache_dir):
     df = E.modality_merging(tiny_zoo, ["task_arithmetic"], (1.0,), device="cpu", cache=cache_dir, progress=False)
     assert (df["status"] == "ok").all()
     assert {"Task Arithmetic", "NaiveMC", "Base"} <= set(df["method"])
-    assert "Avg" in E.summarise(df).columns and not E.summarise(df)["Avg"].isna().any()
+    assert "Avg" in T.merge_table(df).columns and not T.merge_table(df)["Avg"].isna().any()
     rows, costs = E.solver_comparison(tiny_zoo, "full", lambdas=(1.0,), device="cpu", cache=cache_dir,
                                       progress=False)
     assert (costs["status"] == "ok").all()
@@ -296,12 +298,12 @@ def test_ablation_and_rank_sweep_run(tiny_zoo, cache_dir):
     assert list(dict.fromkeys(a["method"])) == ["WUDI", "+SGD", "+Initialization", "+Low-rank"]
     r = E.rank_ratio_sweep(tiny_zoo, "full", (0.1, 0.5), (1.0,), device="cpu", cache=cache_dir, progress=False)
     assert (r["status"] == "ok").all() and set(r["method"]) == {"k=0.1", "k=0.5"}
-    assert list(E.summarise(r).index) == ["k=0.1", "k=0.5"]
+    assert list(T.merge_table(r).index) == ["k=0.1", "k=0.5"]
 
 
 def test_base_llm_copy_is_fresh_and_equal(tiny_zoo):
     setting = E.modality_setting(tiny_zoo, seeds=[0], max_items=4)
-    a, b = E._base_llm_copy(setting), E._base_llm_copy(setting)
+    a, b = P._base_llm_copy(setting), P._base_llm_copy(setting)
     ref = tiny_zoo.load_base_llm().state_dict()
     assert a is not b
     for k, v in ref.items():
@@ -309,7 +311,7 @@ def test_base_llm_copy_is_fresh_and_equal(tiny_zoo):
     k0 = next(iter(ref))
     with torch.no_grad():
         a.state_dict()[k0].add_(1.0)  # a copy: the cached base and the other copies are untouched
-    assert torch.equal(b.state_dict()[k0], ref[k0]) and torch.equal(E._base_llm_copy(setting).state_dict()[k0], ref[k0])
+    assert torch.equal(b.state_dict()[k0], ref[k0]) and torch.equal(P._base_llm_copy(setting).state_dict()[k0], ref[k0])
     # the merged models' towers are shared and cached
     from workbench.compose import CachedTower
 
@@ -321,7 +323,7 @@ def test_modality_damc_search_shared_with_run_results(tiny_zoo, tmp_path, monkey
     """modality_merging's DAMC row reuses the λ search run_results stored under out/cache/search
     (the same composition on the same validation split): the same λ, no second search."""
     from workbench import compose as C
-    from workbench.results import ZooComposer, run_results
+    from workbench.studies.composition import ZooComposer, run_results
 
     mods = list(tiny_zoo.modalities)
     if ZooComposer(tiny_zoo, 0).members("damc", mods) is None:
@@ -347,7 +349,7 @@ def test_naive_mc_one_definition_for_notebooks_02_and_06(tiny_zoo):
     """NaiveMC is built by one function (ZooComposer.build): notebook 06 composes the experts every merged row
     is built from (all modalities), notebook 02 each record's modalities; in both, the LLM equals θ0 + the mean
     of the experts' task vectors computed here from their LLM files, with every one of their towers."""
-    from workbench.results import ZooComposer
+    from workbench.studies.composition import ZooComposer
 
     seed = tiny_zoo.manifest["config"]["seeds"][0]
     setting = E.modality_setting(tiny_zoo, [seed], max_items=2)

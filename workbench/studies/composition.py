@@ -1,4 +1,5 @@
-"""Every composition x benchmark x seed of a zoo, as tidy CSV tables (what the notebooks read).
+"""The composition study: every composition x benchmark x seed of a zoo, as tidy CSV tables (what the
+notebooks read).
 
 :func:`run_results` evaluates, for every seed of the zoo,
 
@@ -17,7 +18,7 @@ Tables written to ``out`` (default ``data/results/<preset>/``):
 
 - ``predictions.csv`` - one row per item x method x seed x scoring (``benchmark``, ``combo``);
 - ``summary.csv`` - accuracy per method x benchmark x scoring: mean over seeds with a Student-t
-  interval, and the Wilson interval of the pooled counts (:func:`workbench.statistics.summarize`);
+  interval, and the Wilson interval of the pooled counts (:func:`workbench.statistics.accuracy_intervals`);
 - ``retention.csv`` - each composition's own-task accuracy as a percentage of the expert's
   (``damc`` against ``damc_expert``, the others against ``expert``), per modality and seed;
 - ``paired.csv`` - exact McNemar tests between compositions on the same items (pooled over seeds);
@@ -25,13 +26,12 @@ Tables written to ``out`` (default ``data/results/<preset>/``):
 - ``search/*.csv`` - the DAMC λ grid and the MMER (λ, α) grid of every composition;
 - ``run.json`` - settings, what was skipped, seconds.
 
-Predictions are cached under ``out/cache/`` by a hash of their inputs (the zoo's model hashes, the
-composition settings, the records, the scoring) and of the code that computes them
-(:func:`workbench.evaluate.code_digest`), so a re-run only evaluates what changed.
+Predictions are cached under ``out/cache/`` (:mod:`workbench.studies.cache`) by a hash of their inputs
+(the zoo's model hashes, the composition settings, the records, the scoring) and of the code that
+computes them (:func:`workbench.evaluate.code_digest`), so a re-run only evaluates what changed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -40,11 +40,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from .paths import repo_relative, results_dir
-from .evaluate import CachedInputs, code_digest, predict, scorer_key, shared_prefix_enabled
-from .statistics import mcnemar_exact, summarize
-
-RESULTS_VERSION = "1"
+from ..evaluate import CachedInputs, predict, scorer_key, shared_prefix_enabled
+from ..paths import repo_relative, results_dir
+from ..statistics import accuracy_intervals, mcnemar_exact
+from .cache import CACHE_VERSION, cached, records_digest, result_key
 COMPOSITIONS = ("expert", "damc_expert", "frozen", "naive_mc", "damc", "mmer", "oracle")
 OWN_ONLY = ("expert", "damc_expert")
 BENCHMARKS = ("mcub-2", "mcub-3", "mcub-4")
@@ -78,7 +77,7 @@ def summary_table(pred: pd.DataFrame, by: Sequence[str] = ("method", "benchmark"
     if len(pred) == 0:
         return pd.DataFrame(columns=list(by) + ["n_seeds", "n_items", "acc", "t_low", "t_high", "wilson_low",
                                                 "wilson_high"])
-    return summarize(pred, by=by, conf=conf).sort_values(list(by)).reset_index(drop=True)
+    return accuracy_intervals(pred, by=by, conf=conf).sort_values(list(by)).reset_index(drop=True)
 
 
 def retention_table(pred: pd.DataFrame, reference: Mapping[str, str] | None = None) -> pd.DataFrame:
@@ -130,34 +129,6 @@ def paired_table(pred: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFAULT_
     return pd.DataFrame(rows, columns=cols)
 
 
-# ============================================================================================ caching
-def cache_key(parts: Mapping) -> str:
-    """A short sha256 of a JSON-serialisable mapping (sorted keys) and of the code that produces the
-    numbers (:func:`workbench.evaluate.code_digest`: compose, merging, engine, evaluate, the model's scorer)."""
-    blob = json.dumps({"v": RESULTS_VERSION, "code": code_digest(), **parts}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def cached(cache_dir: Path | None, parts: Mapping, compute: Callable[[], pd.DataFrame]) -> tuple[pd.DataFrame, bool]:
-    """``compute()`` unless ``cache_dir/<key>.csv`` exists; returns (frame, was_cached)."""
-    if cache_dir is None:
-        return compute(), False
-    f = Path(cache_dir) / f"{cache_key(parts)}.csv"
-    if f.is_file():
-        return pd.read_csv(f, dtype={"id": str, "gold": str, "pred": str}, keep_default_na=False,
-                           na_values=[]), True
-    df = compute()
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(f)
-    return df, False
-
-
-def records_digest(records: Sequence[Mapping]) -> str:
-    return hashlib.sha256(json.dumps([(r["id"], r["conversations"][1]["value"]) for r in records]).encode()).hexdigest()[:16]
-
-
 # ============================================================================================ compositions
 class ZooComposer:
     """Builds the compositions of one zoo and seed (see the module docstring)."""
@@ -168,8 +139,8 @@ class ZooComposer:
                  mmer_alphas: Sequence[float] = (0.5, 1.0, 1.5), mmer_merge: str = "ties",
                  progress: bool = False, load_inputs: Callable | None = None,
                  search_cache: Path | None = None) -> None:
-        from . import compose as C
-        from .world import Zoo
+        from .. import compose as C
+        from ..world import Zoo
 
         self.zoo = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
         self.seed, self.expert_kind, self.search = seed, expert_kind, search
@@ -190,7 +161,7 @@ class ZooComposer:
 
     def source(self, name: str):
         """The zoo expert ``name`` (:func:`workbench.compose.zoo_expert`) with a cached tower, loaded once."""
-        from . import compose as C
+        from .. import compose as C
 
         if name not in self._sources:
             self._sources[name] = C.cached_source(C.zoo_expert(self.zoo, name))
@@ -199,7 +170,7 @@ class ZooComposer:
     def base_llm(self):
         """The base LLM θ0, read once (:func:`workbench.compose.load_causal_lm`, as the compositions
         would read it from ``zoo.base_path``)."""
-        from . import compose as C
+        from .. import compose as C
 
         if self._base is None:
             self._base = C.load_causal_lm(self.zoo.base_path)
@@ -259,9 +230,9 @@ class ZooComposer:
         towers unchanged (:func:`workbench.compose.compose_naive_mc`; Chen et al., ACL 2024, NaiveMC,
         θ_merge = Σ λi θi with λi = 1/N; methods.md section 1). Which experts is the study's choice:
         :func:`run_results` (notebooks 02-04, the DAMC paper's MCUB protocol) passes each record's
-        modalities; :func:`workbench.experiments.modality_merging` (notebook 06, OptMerge Table 5) passes
+        modalities; :func:`workbench.studies.merging.modality_merging` (notebook 06, OptMerge Table 5) passes
         all of them, the experts every merged row is built from."""
-        from . import compose as C
+        from .. import compose as C
 
         names = self.members(method, mods)
         if names is None:
@@ -322,11 +293,11 @@ class ZooComposer:
         their search. A hit leaves the model at the same λ and writes the same CSV."""
         import io
 
-        from . import compose as C
+        from .. import compose as C
 
         f = None
         if self.search_cache is not None:
-            key = cache_key({"kind": "damc_lambda_search", "zoo": self.model_hashes("damc", mods),
+            key = result_key({"kind": "damc_lambda_search", "zoo": self.model_hashes("damc", mods),
                              "mods": list(mods), "route_order": list(model.route_order), "val": records_digest(val),
                              "grid": [list(g) for g in grid], "scoring": "loglik", **scorer_key()})
             f = self.search_cache / f"damc-{key}.json"
@@ -361,8 +332,8 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
     """
     from tqdm.auto import tqdm
 
-    from . import compose as C
-    from .world import Zoo
+    from .. import compose as C
+    from ..world import Zoo
 
     t0 = time.time()
     torch.manual_seed(0)
@@ -468,7 +439,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
            "expert_kind": expert_kind, "search": search, "max_items": max_items, "evaluated": n_eval,
            "cached": n_cached, "skipped": skipped, "notes": notes, "seconds": round(time.time() - t0, 1),
            "shared_prefix": shared_prefix_enabled(),
-           "results_version": RESULTS_VERSION}
+           "results_version": CACHE_VERSION}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
     return {"predictions": pred, "summary": summary, "retention": retention, "paired": paired,
             "storage": storage_df, "run": run}
@@ -486,7 +457,7 @@ def _per_combo_head(recs: Sequence[dict], n: int) -> list[dict]:
 
 def _storage_row(z, comp: ZooComposer, mods: Sequence[str], out: Path, seed: int) -> dict | None:
     """Save MMER's parts for ``mods`` and compare their bytes with the experts' LLM folders."""
-    from . import compose as C
+    from .. import compose as C
 
     names = comp.members("mmer", mods)
     if names is None:
@@ -504,11 +475,97 @@ def _storage_row(z, comp: ZooComposer, mods: Sequence[str], out: Path, seed: int
             "mask_bytes": C.disk_bytes(folder / "masks.safetensors"), **rep}
 
 
+def forgetting_experiment(zoo, expert: str, new_task: str | Sequence[str] = ("first", "last"), *,
+                          old_tasks: Sequence[str] | None = None, steps: int = 120, batch_size: int = 32,
+                          lr: float = 1e-3, n_eval: int = 96, lam: float = 1.0, alpha: float = 1.0,
+                          merge_method: str | Callable = "ties", seed: int = 0, scoring: str = "loglik",
+                          workdir: str | Path | None = None, progress: bool = False) -> dict:
+    """Forgetting, then decoupling (MMER's retention claim on a new task; methods.md section 3).
+
+    1. the zoo expert (full fine-tuning) is scored on its old tasks and on the new task(s);
+    2. its LLM is fine-tuned on the new task(s) only (the world's :func:`workbench.world.training.train_mllm`, projector
+       frozen) -> θ_new; old and new tasks are scored again (the drop on old tasks = forgetting);
+    3. decoupled: τ_old = θ_old − θ0 and τ_new = θ_new − θ0 are merged into τ* with one mask each
+       (:func:`workbench.compose.mmer_parts`); old-task inputs use the old route (their modality tokens on
+       θ0 + α m_old ⊙ τ*), new-task inputs the new route; text tokens θ0 + τ* (as MMER).
+
+    Returns a dict of accuracies (percent): ``before_old``, ``before_new``, ``after_old``,
+    ``after_new``, ``decoupled_old``, ``decoupled_new`` and the settings.
+    """
+    import tempfile
+
+    import numpy as np
+
+    from .. import compose as C
+    from ..errors import ConfigError
+    from ..evaluate import accuracy
+    from ..mllm import MultimodalLM
+    from ..world import Zoo
+    from ..world.tasks import batches, example_modal_inputs, modality_question, OWN_TASKS
+    from ..world.training import seed_everything, train_mllm
+
+    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+    src = C.zoo_expert(z, expert)
+    if src.kind != "full":
+        raise ConfigError(f"forgetting_experiment needs a full fine-tuned expert, {expert!r} is {src.kind}")
+    m = src.modality
+    new = [new_task] if isinstance(new_task, str) else list(new_task)
+    old = list(old_tasks or [t for t in OWN_TASKS[m] if t not in new])
+    tok = z.tokenizer()
+
+    def examples(tasks, n, s):
+        rng = np.random.default_rng(s)
+        return [modality_question(m, tasks[i % len(tasks)], rng) for i in range(n)]
+
+    def as_records(exs, tag):
+        return [{"id": f"{tag}-{i}", "conversations": [{"from": "human", "value": e.prompt},
+                                                       {"from": "gpt", "value": e.letter if e.choices else e.answer}],
+                 "choices": list(e.choices) or None, "options": list(e.options) or None, "task": e.task,
+                 "_inputs": example_modal_inputs(e)} for i, e in enumerate(exs)]
+
+    old_recs = as_records(examples(old, n_eval, 90_000 + seed), "old")
+    new_recs = as_records(examples(new, n_eval, 91_000 + seed), "new")
+    load = lambda r: r["_inputs"]  # noqa: E731
+
+    def score(model, recs):
+        return accuracy(predict(model, recs, load, scoring=scoring))
+
+    old_model = C._mllm(C.load_causal_lm(src.llm), tok, [src])
+    res = {"expert": expert, "modality": m, "old_tasks": old, "new_tasks": new, "steps": steps, "lam": lam,
+           "alpha": alpha, "scoring": scoring, "seed": seed,
+           "before_old": score(old_model, old_recs), "before_new": score(old_model, new_recs)}
+    # fine-tune on the new task(s) only
+    seed_everything(7000 + seed)
+    llm_new = C.load_causal_lm(src.llm)
+    llm_new.requires_grad_(True)
+    ft = MultimodalLM(llm_new, tok, {m: src.tower}, {m: src.placeholder})
+    sampler = lambda r: modality_question(m, new[int(r.integers(len(new)))], r)  # noqa: E731
+    log = train_mllm(ft, batches(sampler, batch_size, 7000 + seed), [{"params": list(llm_new.parameters()), "lr": lr}],
+                     steps, desc=f"forgetting {expert}", progress=progress)
+    llm_new.eval().requires_grad_(False)
+    res["after_old"], res["after_new"] = score(ft, old_recs), score(ft, new_recs)
+    res["finetune_seconds"] = round(log["seconds"], 1)
+    # decouple with masks: save θ_new, then MMER over (θ_old, θ_new)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        new_dir = Path(tmp) / "new"
+        llm_new.save_pretrained(str(new_dir))
+        base_llm = z.load_base_llm()
+        parts = C.mmer_parts(base_llm, [src.llm, new_dir], merge_method=merge_method, lam=lam)
+        res["mask_density_old"], res["mask_density_new"] = parts.density()
+        for label, route_i, recs in (("decoupled_old", 0, old_recs), ("decoupled_new", 1, new_recs)):
+            sub = C.MMERParts(parts.tau_star, {n: [ms[route_i]] for n, ms in parts.masks.items()}, 1, parts.params)
+            llm = C.mmer_llm(base_llm, sub, alpha=alpha)
+            res[label] = score(C._mllm(llm, tok, [src]), recs)
+    res["forgetting"] = res["before_old"] - res["after_old"]
+    res["recovered"] = res["decoupled_old"] - res["after_old"]
+    return res
+
+
 def run_forgetting(preset: str = "tiny", *, zoo=None, out: str | Path | None = None,
                    experts: Sequence[str] | None = None, new_tasks: Sequence[str] = ("first", "last"),
                    steps: int = 120, n_eval: int = 96, lam: float = 1.0, alpha: float = 1.0,
                    scoring: str = "loglik", use_cache: bool = True, progress: bool = True) -> pd.DataFrame:
-    """Forgetting and its repair by mask decoupling (:func:`workbench.compose.forgetting_experiment`)
+    """Forgetting and its repair by mask decoupling (:func:`forgetting_experiment`)
     for every full expert whose modality does not already train on ``new_tasks`` (the world's image
     and point experts for the default ``first``/``last``); one row per expert, cached by inputs,
     written to ``forgetting.csv``. Columns: accuracies before / after fine-tuning / decoupled on the
@@ -516,9 +573,8 @@ def run_forgetting(preset: str = "tiny", *, zoo=None, out: str | Path | None = N
     (decoupled_old - after_old), in points."""
     from tqdm.auto import tqdm
 
-    from .compose import forgetting_experiment
-    from .world import Zoo
-    from .world.tasks import OWN_TASKS
+    from ..world import Zoo
+    from ..world.tasks import OWN_TASKS
 
     z = zoo if hasattr(zoo, "manifest") else Zoo(zoo) if zoo is not None else Zoo.for_preset(preset)
     out = Path(out) if out is not None else default_out(preset)
@@ -555,6 +611,6 @@ def load_results(preset: str = "tiny", out: str | Path | None = None) -> dict:
     return res
 
 
-__all__ = ["BENCHMARKS", "COMPOSITIONS", "ZooComposer", "cache_key", "cached", "combo_tag", "default_out",
+__all__ = ["BENCHMARKS", "COMPOSITIONS", "ZooComposer", "combo_tag", "default_out", "forgetting_experiment",
            "load_results", "paired_table", "record_modalities", "retention_table", "run_forgetting", "run_results",
            "summary_table"]

@@ -5,7 +5,7 @@ comment lines (``source``, ``table``, ``units``, ``copied-from``). :func:`load_t
 table as published (wide, as in the paper) or in long form (``long=True``), and keeps the
 comment lines in ``df.attrs`` - ``df.attrs["source"]`` is always the citation.
 
->>> from workbench.published import list_tables, load_table
+>>> from workbench.studies.published import list_tables, load_table
 >>> list_tables()                                    # doctest: +ELLIPSIS
 ['damc_mmer_thirdparty', 'optmerge_table2', ...]
 >>> t2 = load_table("optmerge_table2")               # or "table2"
@@ -28,8 +28,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 
-#: Folder of the published CSV files (``data/published`` of the repository).
-DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "published"
+from ..paths import published_dir
 
 
 @dataclass(frozen=True)
@@ -121,10 +120,10 @@ def load_table(name: str, long: bool = False, data_dir: Union[str, Path, None] =
     - ``damc_mmer_thirdparty``: stored long: ``source, method, benchmark, score, note``
 
     A long table also has ``attrs["value_column"]`` (``score`` or ``value``), which
-    :func:`side_by_side` and :func:`workbench.experiments.claim_rows` use by default.
+    :func:`side_by_side` and :func:`workbench.studies.tables.claim_rows` use by default.
     """
     spec = _resolve(name)
-    folder = Path(data_dir) if data_dir is not None else DATA_DIR
+    folder = Path(data_dir) if data_dir is not None else published_dir()
     path = folder / spec.file
     if not path.exists():
         raise FileNotFoundError(f"published table {spec.name!r}: {path} is missing")
@@ -144,13 +143,13 @@ def load_table(name: str, long: bool = False, data_dir: Union[str, Path, None] =
 
 
 # ------------------------------------------------------------------------------------ ours
-def summarise(results: pd.DataFrame, by: Sequence[str], value: str = "accuracy", level: float = 0.95) -> pd.DataFrame:
+def mean_intervals(results: pd.DataFrame, by: Sequence[str], value: str = "accuracy", level: float = 0.95) -> pd.DataFrame:
     """Per-group mean and a Student-t confidence interval of the mean over the rows (e.g. seeds).
 
     Returns ``[*by, mean, ci_low, ci_high, n]``. One row in a group gives ``n=1`` and NaN bounds
     (no interval from one seed).
     """
-    from .statistics import t_interval
+    from ..statistics import t_interval
 
     rows = []
     for key, g in results.groupby(list(by), sort=True, dropna=False):
@@ -171,7 +170,7 @@ class Claim:
     ``relation`` is ``">"`` (lhs higher) or ``"<"`` (lhs lower). ``testable=False`` (with ``reason``)
     marks a claim the miniature world cannot test (e.g. GPU hours at 7B scale). ``source`` names the
     table the claim comes from. Claims are judged by :mod:`workbench.statistics` (the one verdict
-    rule; :func:`workbench.experiments.claim_rows` turns claims into its rows).
+    rule; :func:`workbench.studies.tables.claim_rows` turns claims into its rows).
     """
 
     text: str
@@ -218,7 +217,7 @@ def side_by_side(published: pd.DataFrame, ours: pd.DataFrame, on: Sequence[str] 
 
     ``published`` is a long-form table (``load_table(name, long=True)``) with the number in ``value``
     (default ``published.attrs["value_column"]``, else ``score``); ``ours`` has one row per key in
-    ``on`` with ``mean`` and the bounds of its 95% interval (:func:`summarise` makes them from per-seed
+    ``on`` with ``mean`` and the bounds of its 95% interval (:func:`mean_intervals` makes them from per-seed
     rows). The two may use different units and scales: they are shown side by side, never subtracted
     here, and no verdict is made (that is :mod:`workbench.statistics`). ``attrs`` (the citation) are
     kept.
@@ -229,7 +228,7 @@ def side_by_side(published: pd.DataFrame, ours: pd.DataFrame, on: Sequence[str] 
     cols = {mean: "ours_mean", low: "ours_ci_low", high: "ours_ci_high"}
     mine = ours[on + [c for c in cols if c in ours.columns]].rename(columns=cols)
     if mine.duplicated(on).any():
-        raise ValueError(f"ours has several rows for some keys {on}; give one row per key (see summarise())")
+        raise ValueError(f"ours has several rows for some keys {on}; give one row per key (see mean_intervals())")
     out = pub.merge(mine, on=on, how="outer")
     for c in cols.values():
         if c not in out.columns:

@@ -3,7 +3,7 @@
 A *cell* is one unit of the merging benchmark's grid: one setting (capability-full, capability-lora,
 modality) x one method with its parameters x one seed, with the λ grid searched inside the cell
 (validation for every λ, the choice, the test at the chosen λ: the benchmark's protocol, see
-:mod:`workbench.experiments`). :func:`run_sweep` maps a cell function over the cells with
+:mod:`workbench.studies.merging`). :func:`run_sweep` maps a cell function over the cells with
 
 - executor ``"local"``: today's loop, in this process (no Ray needed);
 - executor ``"ray"``: one Ray core task per cell (https://docs.ray.io/en/latest/ray-core/tasks.html)
@@ -17,7 +17,7 @@ driver died computes only the cells that are missing. Ray is used as the engine,
 scheduling, resources and retries are Ray's; this module only builds the cells and keeps the store.
 
 :func:`merge_grid` is the merging benchmark's use of it (called by
-:func:`workbench.experiments.capability_merging` and the other table functions); ``python -m
+:func:`workbench.studies.merging.capability_merging` and the other table functions); ``python -m
 workbench sweep SWEEP.yaml --executor ray --address auto`` runs one of those functions from a shell
 (:func:`run_file`). docs/DISTRIBUTED.md says how to run it on a cluster.
 """
@@ -30,6 +30,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from .cache import digest, records_digest
 
 EXECUTORS = ("local", "ray")
 
@@ -154,12 +156,12 @@ def run_sweep(cells: Sequence[Any], cell_fn: Callable[[Any], Any], *, keys: Sequ
 @dataclass(frozen=True)
 class MergeCell:
     """One cell of the merging benchmark: ``entry`` (label, method, params) x ``seed`` of the
-    setting made by ``recipe`` (``(constructor name in workbench.experiments, kwargs)``), with its
+    setting made by ``recipe`` (``(constructor name in workbench.studies.merging, kwargs)``), with its
     λ grid and how it is evaluated. Plain data: it travels to a Ray worker, which rebuilds the
     setting from the recipe (once per worker process)."""
 
     recipe: tuple
-    entry: Any                      # workbench.experiments.MergeEntry
+    entry: Any                      # workbench.studies.merging.MergeEntry
     seed: int
     lambdas: tuple
     rescale: str
@@ -184,42 +186,43 @@ def _context_key(recipe: tuple, cache_dir: str | None, scoring: str, device: str
 
 
 def _live(cell: MergeCell) -> tuple:
-    from . import experiments as E
-    from .device import resolve_device
+    from ..device import resolve_device
+    from . import merging as E
+    from . import protocol as P
 
     key = cell.context or _context_key(cell.recipe, cell.cache_dir, cell.scoring, cell.device)
     if key not in _LIVE:
         constructor, kwargs = cell.recipe
         setting = getattr(E, constructor)(**kwargs)
-        ev = E._Evaluator(setting.z, Path(cell.cache_dir) if cell.cache_dir else None, cell.scoring,
-                          resolve_device(cell.device))
+        ev = P.Evaluator(setting.z, Path(cell.cache_dir) if cell.cache_dir else None, cell.scoring,
+                         resolve_device(cell.device))
         _LIVE[key] = (setting, ev)
     return _LIVE[key]
 
 
 def run_merge_cell(cell: MergeCell) -> dict:
-    """Merge, evaluate over the λ grid, choose, test (:func:`workbench.experiments._run_entry`):
+    """Merge, evaluate over the λ grid, choose, test (:func:`workbench.studies.protocol.run_entry`):
     ``{"rows", "timings", "hits", "misses"}`` (the prediction cache's hits and misses of this cell).
     The merged checkpoints live in a per-cell temporary folder, removed after evaluation, unless
     ``cell.keep_merged`` names a folder to keep them in."""
     import torch
 
-    from . import experiments as E
+    from . import protocol as P
 
     setting, ev = _live(cell)
     hits, misses = ev.hits, ev.misses
     timings: list = []
     torch.manual_seed(cell.seed)
-    with E._quiet_loading():
+    with P.quiet_loading():
         if cell.keep_merged:
-            workdir = Path(cell.keep_merged) / f"{cell.entry.method}-{E._hash({'e': cell.entry.key})[:8]}-s{cell.seed}"
+            workdir = Path(cell.keep_merged) / f"{cell.entry.method}-{digest({'e': cell.entry.key})[:8]}-s{cell.seed}"
             workdir.mkdir(parents=True, exist_ok=True)
-            rows = E._run_entry(ev, setting, cell.entry, cell.seed, cell.lambdas, workdir, cell.rescale,
-                                cell.keep_defaults, False, timings, keep_merged=True)
+            rows = P.run_entry(ev, setting, cell.entry, cell.seed, cell.lambdas, workdir, cell.rescale,
+                               cell.keep_defaults, False, timings, keep_merged=True)
         else:
             with tempfile.TemporaryDirectory(prefix="wb-cell-") as tmp:
-                rows = E._run_entry(ev, setting, cell.entry, cell.seed, cell.lambdas, Path(tmp), cell.rescale,
-                                    cell.keep_defaults, False, timings)
+                rows = P.run_entry(ev, setting, cell.entry, cell.seed, cell.lambdas, Path(tmp), cell.rescale,
+                                   cell.keep_defaults, False, timings)
     return {"rows": rows, "timings": timings, "hits": ev.hits - hits, "misses": ev.misses - misses}
 
 
@@ -227,17 +230,16 @@ def merge_cell_key(setting, cell: MergeCell) -> str:
     """The store key of a cell: a hash of everything its rows depend on (the zoo's model hashes,
     the records, method, parameters, λ grid, seed, scoring, the scorer's code version and the digest of
     the code that produces the numbers, :func:`workbench.evaluate.code_digest`)."""
-    from . import experiments as E
-    from .evaluate import code_digest, scorer_key
+    from ..evaluate import code_digest, scorer_key
 
-    sets = {split: {t: E.records_digest(r) for t, r in s.items()}
+    sets = {split: {t: records_digest(r) for t, r in s.items()}
             for split, s in (("val", setting.val_sets), ("test", setting.test_sets))}
-    return "cell-" + E._hash({"setting": setting.name, "base": setting.base_hash,
-                              "experts": setting.expert_hashes(cell.seed), "seed": cell.seed,
-                              "entry": cell.entry.key, "label": cell.entry.label, "searched": cell.entry.searched,
-                              "lambdas": [float(x) for x in cell.lambdas], "rescale": cell.rescale,
-                              "keep_defaults": cell.keep_defaults, "scoring": cell.scoring, "records": sets,
-                              "code": code_digest(), **scorer_key()})
+    return "cell-" + digest({"setting": setting.name, "base": setting.base_hash,
+                            "experts": setting.expert_hashes(cell.seed), "seed": cell.seed,
+                            "entry": cell.entry.key, "label": cell.entry.label, "searched": cell.entry.searched,
+                            "lambdas": [float(x) for x in cell.lambdas], "rescale": cell.rescale,
+                            "keep_defaults": cell.keep_defaults, "scoring": cell.scoring, "records": sets,
+                            "code": code_digest(), **scorer_key()})
 
 
 def merge_grid(setting, entries: Sequence, lambdas: Sequence[float], ev, *, rescale: str, keep_defaults: bool,
@@ -283,7 +285,7 @@ def merge_grid(setting, entries: Sequence, lambdas: Sequence[float], ev, *, resc
 
 
 # ============================================================================================ SWEEP.yaml
-#: The table functions of :mod:`workbench.experiments` a SWEEP.yaml may name.
+#: The table functions of :mod:`workbench.studies.merging` a SWEEP.yaml may name.
 EXPERIMENTS = ("capability_merging", "modality_merging", "optmerge_ablation", "rank_ratio_sweep", "solver_comparison")
 
 
@@ -302,8 +304,8 @@ def run_file(path: str | Path, executor: str = "local", address: str | None = No
     with ``write=True`` (the function's CSV lands in ``out``). Returns what the function returns."""
     import yaml
 
-    from . import experiments as E
-    from .errors import ConfigError
+    from . import merging as E
+    from ..errors import ConfigError
 
     path = Path(path)
     try:
@@ -334,7 +336,7 @@ HELP = "run a merging-benchmark sweep from a YAML file, in this process or on a 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="SWEEP.yaml (experiment, zoo, args, out: see workbench.sweep.run_file)")
+    p.add_argument("file", help="SWEEP.yaml (experiment, zoo, args, out: see workbench.studies.sweep.run_file)")
     p.add_argument("--executor", choices=EXECUTORS, default="local", help="where the cells run (default: local)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address ('auto': the cluster of `ray start` on this node; default: a new "
@@ -344,11 +346,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .experiments import summarise
+    from .tables import merge_table
 
     res = run_file(args.file, args.executor, args.address, args.out, progress=not args.quiet)
     df = res[0] if isinstance(res, tuple) else res
-    print(summarise(df, fmt=True).to_string())
+    print(merge_table(df, fmt=True).to_string())
     cells = df.attrs.get("cells", {})
     print(f"cells: {cells.get('total', 0)} ({cells.get('computed', 0)} computed, {cells.get('stored', 0)} from the "
           f"store); executor {args.executor}")

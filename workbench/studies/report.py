@@ -1,6 +1,6 @@
 """Presentation helpers for the notebooks: published-vs-ours tables, verdicts, small figures.
 
-Nothing here computes a result of the workbench (that is :mod:`workbench.results` and the stage
+Nothing here computes a result of the workbench (that is :mod:`workbench.studies.composition` and the stage
 modules); these functions *reshape and format* result tables so a notebook cell stays short.
 Every function takes and returns plain DataFrames / Figures and is tested in
 ``tests/test_report.py``.
@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .statistics import small_preset_note
+from ..statistics import small_preset_note
 
 #: Paper names of the workbench's composition labels (``results.COMPOSITIONS``).
 PAPER_NAMES: dict[str, str] = {"naive_mc": "NaiveMC", "damc": "DAMC", "mmer": "MMER", "frozen": "Frozen LLM",
@@ -53,7 +53,7 @@ def fmt_interval(mean: float, low: float, high: float, digits: int = 1) -> str:
 
 
 def pick_interval(summary: pd.DataFrame, interval: str = "auto") -> pd.DataFrame:
-    """``summary`` (from :func:`workbench.results.summary_table`: ``acc, t_low, t_high, wilson_low,
+    """``summary`` (from :func:`workbench.studies.composition.summary_table`: ``acc, t_low, t_high, wilson_low,
     wilson_high, n_seeds``) with ``mean, ci_low, ci_high, interval`` added.
 
     ``interval``: ``"t"`` (over seeds), ``"wilson"`` (pooled counts) or ``"auto"`` (t with >= 2 seeds,
@@ -73,7 +73,7 @@ def pick_interval(summary: pd.DataFrame, interval: str = "auto") -> pd.DataFrame
 def ours_table(summary: pd.DataFrame, *, scoring: str | None = "loglik", methods: Mapping[str, str] | None = None,
                benchmarks: Mapping[str, str] | None = None, interval: str = "auto") -> pd.DataFrame:
     """One row per (method, benchmark) with ``mean, ci_low, ci_high`` - the ``ours`` argument of
-    :func:`workbench.published.side_by_side`.
+    :func:`workbench.studies.published.side_by_side`.
 
     ``methods`` / ``benchmarks`` rename (and select: only the keys given are kept) the workbench's
     labels to the paper's (default :data:`PAPER_NAMES` for methods, benchmarks unchanged).
@@ -110,7 +110,7 @@ def paired_difference(pred: pd.DataFrame, a: str, b: str, *, by: str = "benchmar
     """Accuracy difference ``a - b`` (points) per ``by`` group on the same items, with the 95%
     hierarchical-bootstrap interval of :func:`workbench.statistics.compare` (seeds, then items).
     Rows: ``method`` (``label``, default ``"a - b"``), ``by``, ``mean, ci_low, ci_high, n_seeds, n_items``."""
-    from .statistics import compare
+    from ..statistics import compare
 
     rows = []
     for key, g in pred[(pred["scoring"] == scoring) & pred["method"].isin([a, b])].groupby(by):
@@ -137,7 +137,7 @@ def naivemc_claims(pred: pd.DataFrame, scoring: str = "generate") -> list[dict]:
     """Notebook 02's claims (DAMC paper, NaiveMC) as rows of :func:`workbench.statistics.compare`:
     NaiveMC > frozen LLM on each MCUB-mini benchmark (paired), NaiveMC on MCUB-3/4 > MCUB-2 (unpaired:
     different items), single expert > NaiveMC on each own task (paired). ``pred``: ``predictions.csv``."""
-    from .statistics import compare
+    from ..statistics import compare
 
     mcub, own = _bench(pred, "mcub-"), _bench(pred, "own:")
     rows = [compare(_items(pred, "naive_mc", b, scoring), _items(pred, "frozen", b, scoring),
@@ -156,7 +156,7 @@ def damc_claims(pred: pd.DataFrame, scoring: str = "generate", published: tuple[
     paper's (DAMC, NaiveMC) numbers, default Table 5's Avg of the merging benchmark), and "the gap
     grows with modalities" (the paired gap on MCUB-3/4 > on MCUB-2; unpaired: different items)."""
     from .published import load_table
-    from .statistics import compare, paired_items
+    from ..statistics import compare, paired_items
 
     if published is None:
         t5 = load_table("optmerge_table5").set_index("benchmark")
@@ -176,7 +176,7 @@ def mmer_claims(pred: pd.DataFrame, retention: pd.DataFrame, forgetting: pd.Data
     """Notebook 04's claims: MMER retains >= 99% of each expert's own-task accuracy (level, over
     seeds), MMER retains more than NaiveMC (paired on the own-task items: both are divided by the
     same expert's accuracy), fine-tuning forgets and the masks recover (levels 0, over experts)."""
-    from .statistics import compare, compare_level
+    from ..statistics import compare, compare_level
 
     ret = retention[(retention["scoring"] == scoring) & (retention["method"] == "mmer")]
     rows = [compare_level(g.rename(columns={"retention": "value"}), 99.0, f"MMER retains >= 99% ({m})",
@@ -195,7 +195,7 @@ def mmer_claims(pred: pd.DataFrame, retention: pd.DataFrame, forgetting: pd.Data
 def verdict_counts(*tables: pd.DataFrame) -> dict[str, int]:
     """``{verdict: count}`` over the verdict tables of :func:`workbench.statistics.verdict_table`
     (:func:`workbench.statistics.verdict_counts`)."""
-    from .statistics import verdict_counts as counts
+    from ..statistics import verdict_counts as counts
 
     return counts(*tables)
 
@@ -218,7 +218,7 @@ def readme_claims(out, scoring: str = "generate") -> str:
     frozen, DAMC > NaiveMC, MMER retains more than NaiveMC - so the README states what the tables show."""
     from pathlib import Path
 
-    from .statistics import claims_sentence
+    from ..statistics import claims_sentence
 
     out = Path(out)
     parts = []
@@ -241,7 +241,7 @@ def readme_verdict_counts(out) -> str:
 # ================================================================================ paired tests
 def paired_view(paired: pd.DataFrame, *, alpha: float = 0.05, scoring: str | None = "loglik",
                 names: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """McNemar rows of :func:`workbench.results.paired_table` for reading: accuracies, the discordant
+    """McNemar rows of :func:`workbench.studies.composition.paired_table` for reading: accuracies, the discordant
     counts (``a_only`` = items only A got right, ``b_only``), the p-value and a ``reading``:
     ``"A better"`` / ``"B better"`` when p < ``alpha``, else ``"no significant difference"``."""
     p = paired if scoring is None or "scoring" not in paired.columns else paired[paired["scoring"] == scoring]
@@ -337,7 +337,7 @@ def accuracy_figure(table: pd.DataFrame, *, x: str = "benchmark", hue: str = "me
     import matplotlib
     from matplotlib.figure import Figure
 
-    from .plots import STYLE_RC, label
+    from ..plots import STYLE_RC, label
 
     xs = list(order) if order is not None else list(dict.fromkeys(table[x]))
     hs = list(hue_order) if hue_order is not None else list(dict.fromkeys(table[hue]))
@@ -387,7 +387,7 @@ def modality_examples_figure(examples: Mapping[str, Any], *, title: str = ""):
     import matplotlib
     from matplotlib.figure import Figure
 
-    from .plots import STYLE_RC
+    from ..plots import STYLE_RC
 
     keys = list(examples)
     with matplotlib.rc_context(STYLE_RC):
@@ -424,7 +424,7 @@ def modality_examples_figure(examples: Mapping[str, Any], *, title: str = ""):
 # --- merging-benchmark notebooks ---
 # Helpers of notebooks 05-09 (capability / modality merging, OptMerge ablations, interference, mask overlap).
 def published_vs_ours(cells: pd.DataFrame, digits: int = 1, order: Sequence[str] | None = None) -> pd.DataFrame:
-    """The ``cells`` of :func:`workbench.experiments.compare_published` (``method, benchmark, published,
+    """The ``cells`` of :func:`workbench.studies.tables.compare_published` (``method, benchmark, published,
     ours_mean, ours_ci_low, ours_ci_high``) for reading: ``method, benchmark, published, ours`` with ours
     as ``"mean [low, high]"`` and ``published`` rounded (``"-"`` where the paper has no number).
     ``order``: methods listed first, in this order (the others after, as they come)."""
@@ -440,7 +440,7 @@ def published_vs_ours(cells: pd.DataFrame, digits: int = 1, order: Sequence[str]
 
 
 def numeric_wide(wide: pd.DataFrame, drop: Sequence[str] = ("lambda",)) -> pd.DataFrame:
-    """A wide table of :func:`workbench.experiments.summarise` (``fmt=False``) as floats for a heatmap:
+    """A wide table of :func:`workbench.studies.tables.merge_table` (``fmt=False``) as floats for a heatmap:
     the ``drop`` columns removed, ``"failed"`` / empty cells as NaN."""
     keep = [c for c in wide.columns if c not in set(drop)]
     return wide[keep].apply(pd.to_numeric, errors="coerce").astype(float)
@@ -449,7 +449,7 @@ def numeric_wide(wide: pd.DataFrame, drop: Sequence[str] = ("lambda",)) -> pd.Da
 def published_long(name: str, *, method: str, column: str, value: str, benchmark: str = "Avg",
                    labels: Mapping[Any, str] | None = None) -> pd.DataFrame:
     """One column of a long published table as ``method, benchmark, score`` rows for
-    :func:`workbench.published.side_by_side` and :func:`workbench.experiments.claim_rows`: the rows of
+    :func:`workbench.studies.published.side_by_side` and :func:`workbench.studies.tables.claim_rows`: the rows of
     ``load_table(name, long=True)`` whose
     ``column`` equals ``value`` (e.g. ``column="model", value="Qwen2-VL"``; ``column=None`` keeps all),
     ``method`` taken from the table's ``method`` column (renamed by ``labels``), all under ``benchmark``.
@@ -469,9 +469,9 @@ def published_long(name: str, *, method: str, column: str, value: str, benchmark
 def stepwise_claims(published: pd.DataFrame, order: Sequence[str], *, benchmark: str = "Avg", source: str = "",
                     first_vs_last: bool = True) -> list:
     """Claims read off a published sequence (an ablation, a parameter sweep): for each consecutive pair
-    of ``order`` (and, with ``first_vs_last``, the last vs the first) a :class:`~workbench.published.Claim`
+    of ``order`` (and, with ``first_vs_last``, the last vs the first) a :class:`~workbench.studies.published.Claim`
     in the direction of the *published* numbers (``"+SGD < WUDI"`` where the paper's +SGD is lower), to be
-    judged by :func:`workbench.experiments.claim_rows` and :func:`workbench.statistics.verdict_table`.
+    judged by :func:`workbench.studies.tables.claim_rows` and :func:`workbench.statistics.verdict_table`.
     Pairs the paper has no number for, or equal numbers, give no claim."""
     from .published import Claim
 

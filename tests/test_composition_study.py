@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from workbench.results import (cached, combo_tag, paired_table, record_modalities, retention_table, run_results,
-                               summary_table)
+from workbench.studies.cache import cached
+from workbench.studies.composition import (combo_tag, paired_table, record_modalities, retention_table, run_results,
+                                           summary_table)
 
 SEEDS = (0, 1, 2)
 P = {"expert": 0.8, "naive_mc": 0.5, "mmer": 0.75, "damc_expert": 0.7, "damc": 0.6}
@@ -134,7 +135,7 @@ def test_tiny_zoo_composer_shares_experts_and_caches_damc_search(tmp_path, monke
     """One ZooComposer loads each expert once (a cached tower); the DAMC λ search is kept under
     ``search_cache`` and a second composer (notebook 06) gets the same λ and CSV without searching."""
     from workbench import compose as C
-    from workbench.results import ZooComposer
+    from workbench.studies.composition import ZooComposer
     from workbench.world import ensure_zoo
 
     z = ensure_zoo("tiny")
