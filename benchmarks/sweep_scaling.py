@@ -1,6 +1,6 @@
 """The same merging-benchmark sweep on a local Ray cluster of 1 and of 2 workers: wall time and speed-up.
 
-The sweep is :func:`workbench.studies.merging.capability_merging` (no reference rows: only the merge
+The sweep is :func:`workbench.studies.merging_benchmark.capability_merging` (no reference rows: only the merge
 cells, one per method x seed) on a zoo preset, with a fresh prediction cache per run so every
 cell is computed. Each run starts its own local cluster (``ray.init(num_cpus=N)``, one CPU per
 cell, so N cells run at once) and the time is taken around the sweep only (not the cluster's
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from workbench.studies import merging as E
+    from workbench.studies import merging_benchmark as E
 
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]

@@ -58,7 +58,7 @@ def test_registry_names_and_unknown_method():
 def test_registry_order_display_names_and_citations():
     """Every family file registers its methods with a display name and a citation; the order is the
     families' (linear, TIES/DARE, SVD, quadratic, MMER), and the tables' row labels are the display names."""
-    from workbench.studies.merging import CAP_METHODS, MODALITY_METHODS, method_label
+    from workbench.studies.merging_benchmark import CAP_METHODS, MODALITY_METHODS, method_label
     from workbench.merging import merge_method
 
     assert list(METHODS) == ["weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv", "iso_c",

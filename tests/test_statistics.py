@@ -178,9 +178,9 @@ def test_compare_rejects_bad_input():
 
 # ------------------------------------------------------------------ the merging benchmark's claims (no zoo needed)
 def _experiment(tmp_path, cached=True):
-    """Experiment rows (workbench.studies.merging.ROW_COLUMNS) of a synthetic Table 2 with cached item predictions:
+    """Experiment rows (workbench.studies.merging_benchmark.ROW_COLUMNS) of a synthetic Table 2 with cached item predictions:
     OptMerge 20 points above the others, WUDI's predictions identical to OptMerge's."""
-    from workbench.studies import merging as E
+    from workbench.studies import merging_benchmark as E
 
     rng = np.random.default_rng(0)
     n, rows = 60, []
@@ -233,7 +233,7 @@ def test_compare_published_paired_and_inert(tmp_path):
 
 
 def test_solver_inert_reads_the_costs_table():
-    from workbench.studies import merging as E
+    from workbench.studies import merging_benchmark as E
 
     costs = pd.DataFrame([
         {"method_id": "wudi", "solver": "iterative", "seed": 0, "objective": 32.0, "objective_start": 40.0, "status": "ok"},

@@ -19,8 +19,8 @@ import yaml
 
 torch.set_num_threads(1)
 
-from test_merging_study import tiny_zoo  # noqa: E402,F401  (the tiny-zoo fixture)
-from workbench.studies import merging as E  # noqa: E402
+from test_merging_benchmark import tiny_zoo  # noqa: E402,F401  (the tiny-zoo fixture)
+from workbench.studies import merging_benchmark as E  # noqa: E402
 from workbench.studies import sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -131,7 +131,7 @@ def scorer_key() -> dict:
 
 #: The modules whose code produces a cached prediction: the compositions, the merge methods (the
 #: ``merging`` package) and their engine, this scorer and the model's option scorer (``mllm.py``). Their digest is part of every
-#: results-cache key (:mod:`workbench.studies.composition`, :mod:`workbench.studies.merging`), so a fixed method never
+#: results-cache key (:mod:`workbench.studies.composition`, :mod:`workbench.studies.merging_benchmark`), so a fixed method never
 #: reuses predictions of the old code.
 PREDICTION_CODE = ("compose.py", "merging", "engine.py", "evaluate.py", "mllm.py")
 

@@ -2,7 +2,7 @@
 
 - :mod:`~workbench.studies.composition` - the composition study (DAMC / MMER papers): NaiveMC, DAMC,
   MMER, the experts and the oracle on MCUB-mini and the experts' own tasks, every seed; forgetting;
-- :mod:`~workbench.studies.merging` - the merging benchmark (OptMerge paper): capability and modality
+- :mod:`~workbench.studies.merging_benchmark` - the merging benchmark (OptMerge paper): capability and modality
   merging, OptMerge's ablations, λ chosen on validation, reported on test;
 - :mod:`~workbench.studies.protocol` - the merging benchmark's protocol: split, λ choice, cached
   evaluation, the merged model at λ, one cell's rows;

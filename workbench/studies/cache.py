@@ -1,6 +1,6 @@
 """The studies' prediction cache: keys, and per-item prediction tables read and written as CSV.
 
-Both studies (:mod:`workbench.studies.composition`, :mod:`workbench.studies.merging`) keep what they
+Both studies (:mod:`workbench.studies.composition`, :mod:`workbench.studies.merging_benchmark`) keep what they
 evaluate under ``data/results/<preset>/cache/`` (the composition study in ``cache/``, the merging
 benchmark in ``cache/experiments/``), one CSV per evaluation, named by a hash of its inputs:
 

@@ -230,7 +230,7 @@ class ZooComposer:
         towers unchanged (:func:`workbench.compose.compose_naive_mc`; Chen et al., ACL 2024, NaiveMC,
         θ_merge = Σ λi θi with λi = 1/N; methods.md section 1). Which experts is the study's choice:
         :func:`run_results` (notebooks 02-04, the DAMC paper's MCUB protocol) passes each record's
-        modalities; :func:`workbench.studies.merging.modality_merging` (notebook 06, OptMerge Table 5) passes
+        modalities; :func:`workbench.studies.merging_benchmark.modality_merging` (notebook 06, OptMerge Table 5) passes
         all of them, the experts every merged row is built from."""
         from .. import compose as C
 

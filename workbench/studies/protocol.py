@@ -9,7 +9,7 @@
 - :func:`run_entry` - one cell: validation over λ, the choice, the test at the chosen λ, as rows
   (:func:`result_row`; failed rows on an exception); :func:`reference_rows` - a fixed model's rows.
 
-The settings, entries and table functions that use them are in :mod:`workbench.studies.merging`;
+The settings, entries and table functions that use them are in :mod:`workbench.studies.merging_benchmark`;
 :mod:`workbench.studies.sweep` runs :func:`run_entry` per cell, locally or on Ray.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..paths import repo_relative
 from .cache import digest, read_predictions, records_digest, result_key, write_frame
 
 if TYPE_CHECKING:
-    from .merging import MergeEntry, _Setting
+    from .merging_benchmark import MergeEntry, _Setting
 
 
 def _json(obj: Any) -> str:

@@ -3,7 +3,7 @@
 A *cell* is one unit of the merging benchmark's grid: one setting (capability-full, capability-lora,
 modality) x one method with its parameters x one seed, with the λ grid searched inside the cell
 (validation for every λ, the choice, the test at the chosen λ: the benchmark's protocol, see
-:mod:`workbench.studies.merging`). :func:`run_sweep` maps a cell function over the cells with
+:mod:`workbench.studies.merging_benchmark`). :func:`run_sweep` maps a cell function over the cells with
 
 - executor ``"local"``: today's loop, in this process (no Ray needed);
 - executor ``"ray"``: one Ray core task per cell (https://docs.ray.io/en/latest/ray-core/tasks.html)
@@ -17,7 +17,7 @@ driver died computes only the cells that are missing. Ray is used as the engine,
 scheduling, resources and retries are Ray's; this module only builds the cells and keeps the store.
 
 :func:`merge_grid` is the merging benchmark's use of it (called by
-:func:`workbench.studies.merging.capability_merging` and the other table functions); ``python -m
+:func:`workbench.studies.merging_benchmark.capability_merging` and the other table functions); ``python -m
 workbench sweep SWEEP.yaml --executor ray --address auto`` runs one of those functions from a shell
 (:func:`run_file`). docs/DISTRIBUTED.md says how to run it on a cluster.
 """
@@ -156,12 +156,12 @@ def run_sweep(cells: Sequence[Any], cell_fn: Callable[[Any], Any], *, keys: Sequ
 @dataclass(frozen=True)
 class MergeCell:
     """One cell of the merging benchmark: ``entry`` (label, method, params) x ``seed`` of the
-    setting made by ``recipe`` (``(constructor name in workbench.studies.merging, kwargs)``), with its
+    setting made by ``recipe`` (``(constructor name in workbench.studies.merging_benchmark, kwargs)``), with its
     λ grid and how it is evaluated. Plain data: it travels to a Ray worker, which rebuilds the
     setting from the recipe (once per worker process)."""
 
     recipe: tuple
-    entry: Any                      # workbench.studies.merging.MergeEntry
+    entry: Any                      # workbench.studies.merging_benchmark.MergeEntry
     seed: int
     lambdas: tuple
     rescale: str
@@ -187,7 +187,7 @@ def _context_key(recipe: tuple, cache_dir: str | None, scoring: str, device: str
 
 def _live(cell: MergeCell) -> tuple:
     from ..device import resolve_device
-    from . import merging as E
+    from . import merging_benchmark as E
     from . import protocol as P
 
     key = cell.context or _context_key(cell.recipe, cell.cache_dir, cell.scoring, cell.device)
@@ -285,7 +285,7 @@ def merge_grid(setting, entries: Sequence, lambdas: Sequence[float], ev, *, resc
 
 
 # ============================================================================================ SWEEP.yaml
-#: The table functions of :mod:`workbench.studies.merging` a SWEEP.yaml may name.
+#: The table functions of :mod:`workbench.studies.merging_benchmark` a SWEEP.yaml may name.
 EXPERIMENTS = ("capability_merging", "modality_merging", "optmerge_ablation", "rank_ratio_sweep", "solver_comparison")
 
 
@@ -304,7 +304,7 @@ def run_file(path: str | Path, executor: str = "local", address: str | None = No
     with ``write=True`` (the function's CSV lands in ``out``). Returns what the function returns."""
     import yaml
 
-    from . import merging as E
+    from . import merging_benchmark as E
     from ..errors import ConfigError
 
     path = Path(path)

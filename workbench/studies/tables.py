@@ -1,4 +1,4 @@
-"""The merging benchmark's tables, from the rows of :mod:`workbench.studies.merging`.
+"""The merging benchmark's tables, from the rows of :mod:`workbench.studies.merging_benchmark`.
 
 - :func:`summary_long` - one row per method x benchmark (each task and ``Avg``) with its interval;
   :func:`merge_table` - the Table-2-shaped wide table (methods x tasks + Avg, with intervals);
@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..paths import resolve_repo_path
 from .cache import read_predictions
-from .merging import BASE_LABEL, CAP_METHODS, INDIV_MEAN, INDIV_OWN, TASK_LABELS, method_label
+from .merging_benchmark import BASE_LABEL, CAP_METHODS, INDIV_MEAN, INDIV_OWN, TASK_LABELS, method_label
 from .protocol import wilson
 
 

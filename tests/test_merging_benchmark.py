@@ -1,4 +1,4 @@
-"""Tests of workbench.studies.merging on the tiny zoo (built with the world's API if missing)."""
+"""Tests of workbench.studies.merging_benchmark on the tiny zoo (built with the world's API if missing)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from workbench.studies import merging as E  # noqa: E402
+from workbench.studies import merging_benchmark as E  # noqa: E402
 from workbench.studies import protocol as P  # noqa: E402
 from workbench.studies import tables as T  # noqa: E402
 
