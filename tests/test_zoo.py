@@ -4,8 +4,12 @@
 or via ``workbench.world.ensure_zoo("tiny")``, which is instant once built)."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +111,80 @@ def test_second_build_waits_for_the_first(tiny_zoo):
         lock.close()
     t.join(60)
     assert finished.is_set()
+
+
+# ---- the job cache key: recipe version + the source of the training path only
+def _tiny_keys() -> dict[str, str]:
+    from workbench.world.zoo import job_hash
+
+    hashes: dict[str, str] = {}
+    for j in plan_jobs("tiny"):  # dependencies come first in the plan
+        hashes[j.name] = job_hash(j, hashes)
+    return hashes
+
+
+def test_every_training_path_entry_exists():
+    """Each declared entry resolves to source text (a renamed function fails here instead of
+    silently leaving the key), and each kind's path holds the training loop it runs."""
+    from workbench.world.zoo import RECIPES, path_entry_source
+
+    plan_jobs("tiny")  # loads the job-kind plugins (DAMC)
+    assert {"tokenizer", "data", "encoder", "base", "projector", "full", "lora", "oracle", "damc"} <= set(RECIPES)
+    for kind, recipe in RECIPES.items():
+        assert len(set(recipe.training_path)) == len(recipe.training_path), kind
+        for entry in recipe.training_path:
+            assert path_entry_source(entry).strip(), (kind, entry)
+        if kind not in ("tokenizer", "data"):
+            assert "workbench.world.training:train_mllm" in recipe.training_path, kind
+    assert "workbench.routing:add_lora_routes" in RECIPES["damc"].training_path
+    with pytest.raises(AttributeError):
+        path_entry_source("workbench.world.training:no_such_function")
+
+
+def test_job_key_follows_the_training_path_only(monkeypatch, tmp_path):
+    """An edit inside a training function changes the key of every job that runs it (and of the
+    jobs that depend on them); an edit outside the training path (generation, the zoo reader) or a
+    move of a function does not."""
+    from workbench import mllm
+    from workbench.world import training
+    from workbench.world.zoo import RECIPES
+
+    before = _tiny_keys()
+    assert _tiny_keys() == before  # stable across calls
+
+    def generate(self, prompt, modal_inputs=None, max_new_tokens=8):  # not on the training path
+        return "edited"
+
+    def summary(self, scoring="generate"):  # the zoo reader
+        return None
+
+    monkeypatch.setattr(mllm.MultimodalLM, "generate", generate)
+    monkeypatch.setattr(Zoo, "summary", summary)
+    assert _tiny_keys() == before
+
+    source = inspect.getsource(training._lr_at)
+    edited = source.replace("0.1 + 0.9", "0.2 + 0.8")  # one token of the learning-rate schedule
+    assert edited != source
+    (tmp_path / "edited_training.py").write_text("import math\n\n\n" + edited)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(training, "_lr_at", importlib.import_module("edited_training")._lr_at)
+    after = _tiny_keys()
+    assert after["tokenizer"] == before["tokenizer"] and after["data"] == before["data"]
+    assert after["image-full-s0"] != before["image-full-s0"] and after["base"] != before["base"]
+    monkeypatch.undo()
+
+    # a recipe version bump changes the kind's keys and those of the jobs downstream only
+    monkeypatch.setitem(RECIPES, "projector", dataclasses.replace(RECIPES["projector"], version=2))
+    bumped = _tiny_keys()
+    assert bumped["base"] == before["base"] and bumped["image-projector-s0"] != before["image-projector-s0"]
+    assert bumped["image-full-s0"] != before["image-full-s0"]
+
+
+def test_job_keys_are_the_same_in_another_process():
+    import subprocess
+    import sys
+
+    code = ("import json; from tests.test_zoo import _tiny_keys; print(json.dumps(_tiny_keys()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == _tiny_keys()

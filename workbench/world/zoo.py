@@ -17,16 +17,30 @@ Layout (``zoo/<preset>/``, env ``WORKBENCH_ZOO`` overrides the parent folder)::
 
 Generated inputs and evaluation records live under ``data/generated/<preset>/``.
 
-Job registry: :func:`register_job_kind` adds a kind (e.g. ``"damc"``) with a build function and a
+Job registry: :func:`register_job_kind` adds a kind (e.g. ``"damc"``) with its :class:`Recipe` and a
 planner that returns the kind's jobs for a preset; :func:`build_zoo` runs every planned job whose
-hash changed, in parallel worker processes (one thread each).
+key changed, in parallel worker processes (one thread each).
+
+Cache key (:func:`job_hash`): a job is rebuilt when its key changes. The key holds the job's
+declared recipe - its kind, the recipe's ``version`` (an explicit number, bumped by hand when a
+recipe changes meaning without its source changing), its configuration - the keys of the jobs it
+depends on, and the digest of its *training path* (:func:`training_path_digest`): the source text
+of the build function and of each function, class, method or constant the recipe declares as
+what the job runs to produce its weights (``Recipe.training_path``, ``"module:qualname"``
+entries, each hashed on its own with ``inspect.getsource``). Hence moving a function to another
+file, editing a docstring of a module, or editing code off the path (``MultimodalLM.generate``,
+the :class:`Zoo` reader, evaluation) keeps every key, while an edit inside a training function
+rebuilds the jobs that run it and those downstream. A declared entry that no longer exists is an
+error, not a silent omission. When a recipe starts to use a new function, add it to the path.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import functools
 import hashlib
+import inspect
 import json
 import multiprocessing as mp
 import os
@@ -114,49 +128,98 @@ class Job:
 
 BuildFn = Callable[[Job, dict], dict]
 PlanFn = Callable[[str, dict], list[Job]]
-JOB_KINDS: dict[str, BuildFn] = {}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a job kind makes its models: ``build`` (runs in a worker), ``version`` (bumped by hand when
+    the recipe changes meaning without its training path's source changing, e.g. a new library
+    release) and ``training_path``: the ``"module:qualname"`` of every function, class, method and
+    constant the job runs to produce its weights (see :func:`training_path_digest`)."""
+    build: BuildFn
+    version: int
+    training_path: tuple[str, ...]
+
+
+RECIPES: dict[str, Recipe] = {}
 PLANNERS: dict[str, PlanFn] = {}
 
 
-def register_job_kind(kind: str, build_fn: BuildFn, plan_fn: PlanFn | None = None) -> None:
+def register_job_kind(kind: str, build_fn: BuildFn, plan_fn: PlanFn | None = None, *, version: int,
+                      training_path: Sequence[str]) -> None:
     """Register a job kind. ``build_fn(job, ctx) -> result dict`` runs in a worker and writes into
     ``ctx["root"] / job.out``; ``ctx`` holds ``root`` (zoo dir), ``data`` (data dir), ``preset``,
     ``cfg`` (the preset config), ``results`` (finished jobs' results by name). ``plan_fn(preset, cfg)``
-    returns the kind's jobs; their results with a ``"manifest"`` entry are listed in ``zoo.json``."""
-    JOB_KINDS[kind] = build_fn
+    returns the kind's jobs; their results with a ``"manifest"`` entry are listed in ``zoo.json``.
+    ``version`` and ``training_path`` key the kind's jobs (:class:`Recipe`)."""
+    RECIPES[kind] = Recipe(build_fn, int(version), tuple(training_path))
     if plan_fn is not None:
         PLANNERS[kind] = plan_fn
 
 
-_CODE_FILES = ("concepts.py", "generators.py", "tasks.py", "encoders.py", "training.py", "tokenizer.py",
-               "mcub.py")
-_HELPERS = ("_evaluate", "_sampler_mix", "_modality_model", "_cap_model", "_lora_config", "_load_llm", "_save_llm",
-            "_trainable_llm", "_save_tuned_llm")
+def resolve_path_entry(entry: str):
+    """The object a training-path entry ``"package.module:Qual.name"`` names (a property: its getter).
+    Raises if it does not exist, so a renamed function cannot silently leave the key."""
+    import importlib
+    module, _, qualname = entry.partition(":")
+    if not qualname:
+        raise ValueError(f"training path entry {entry!r} is not 'module:qualname'")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = inspect.getattr_static(obj, part) if isinstance(obj, type) else getattr(obj, part)
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    if isinstance(obj, property):
+        obj = obj.fget
+    return obj
 
 
-def code_hash(kind: str | None = None) -> str:
-    """Hash of the world's source (generators, tasks, training, ...), ``workbench/mllm.py`` and
-    ``workbench/routing.py`` (DAMC trains routed layers), the
-    zoo's shared job helpers and the build function of ``kind``: a code change invalidates the
-    cached models it could change (models are functions of code + config + seeds)."""
-    import inspect
+def path_entry_source(entry: str) -> str:
+    """The source text of a training-path entry: a function, class or method's own source
+    (``inspect.getsource``), or a module-level constant's assignment statement."""
+    obj = resolve_path_entry(entry)
+    if inspect.isfunction(obj) or inspect.isclass(obj):
+        return inspect.getsource(obj)
+    module, _, name = entry.partition(":")
+    assignments = _module_assignments(module)
+    if name not in assignments:
+        raise TypeError(f"training path entry {entry!r} is neither a function, a class nor a module constant")
+    return assignments[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _module_assignments(module: str) -> dict[str, str]:
+    """``{name: source of its assignment}`` of the module-level constants of ``module`` (as imported)."""
+    import importlib
+    text = inspect.getsource(importlib.import_module(module))
+    out = {}
+    for node in ast.parse(text).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name):
+                out[t.id] = ast.get_source_segment(text, node)
+    return out
+
+
+def training_path_digest(kind: str) -> str:
+    """Hash of the source text of the build function of ``kind`` and of every entry of its training
+    path, in no particular order: independent of the files they live in and of everything else in
+    those files."""
+    recipe = RECIPES[kind]
+    sources = sorted([inspect.getsource(recipe.build)] + [path_entry_source(e) for e in recipe.training_path])
     h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for f in [here / n for n in _CODE_FILES] + [here.parent / "mllm.py", here.parent / "routing.py"]:
-        h.update(f.read_bytes())
-    for name in _HELPERS:
-        h.update(inspect.getsource(globals()[name]).encode())
-    if kind is not None and kind in JOB_KINDS:
-        try:
-            h.update(inspect.getsource(JOB_KINDS[kind]).encode())
-        except (OSError, TypeError):
-            h.update(kind.encode())
+    for src in sources:
+        h.update(hashlib.sha256(src.encode()).digest())
     return h.hexdigest()[:16]
 
 
-def job_hash(job: Job, dep_hashes: Mapping[str, str]) -> str:
-    blob = json.dumps({"v": WORLD_VERSION, "code": code_hash(job.kind), "kind": job.kind, "config": job.config,
-                       "deps": {d: dep_hashes[d] for d in sorted(job.deps)}}, sort_keys=True)
+def job_hash(job: Job, dep_hashes: Mapping[str, str], digest: str | None = None) -> str:
+    """The cache key of ``job``: the world version, its kind's recipe version and training-path
+    digest (``digest``, computed when not given), its configuration and its dependencies' keys."""
+    digest = training_path_digest(job.kind) if digest is None else digest
+    blob = json.dumps({"v": WORLD_VERSION, "kind": job.kind, "recipe": RECIPES[job.kind].version, "code": digest,
+                       "config": job.config, "deps": {d: dep_hashes[d] for d in sorted(job.deps)}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -579,10 +642,53 @@ def _job_cap_expert(job: Job, ctx: dict) -> dict:
     return {"manifest": info}
 
 
-for _k, _f in {"tokenizer": _job_tokenizer, "data": _job_data, "encoder": _job_encoder, "base": _job_base,
-               "projector": _job_projector, "full": _job_expert, "lora": _job_expert, "oracle": _job_oracle,
-               "cap_encoder": _job_cap_encoder, "cap_base": _job_cap_base, "cap_full": _job_cap_expert, "cap_lora": _job_cap_expert}.items():
-    register_job_kind(_k, _f)
+def _entries(module: str, names: str) -> tuple[str, ...]:
+    """``"module:name"`` for each of the space-separated ``names``."""
+    return tuple(f"{module}:{n}" for n in names.split())
+
+
+# The training path of the world's jobs: what they run to produce their weights. Not on it: what
+# only evaluates (``_evaluate``, ``evaluate.predict``, ``MultimodalLM.score_*``/``generate*``) or
+# describes (``expert.json``, ``zoo.json``): the scores in ``zoo.json`` are those of the build.
+CONCEPTS_PATH = _entries("workbench.world.concepts", "CONCEPTS N_CONCEPTS N_SLOTS MODALITIES PLACEHOLDERS "
+                         "RECORD_KEYS RECORD_KEY_TO_MODALITY LETTERS COUNT_WORDS CAP_COLORS CAP_SHAPES CAP_SIDES "
+                         "CAP_VALUES CAP_CHARS CAP_ROWS CAP_COLS CAP_TASKS TEMPLATE_WORDS CONTENT_WORDS "
+                         "SPECIAL_TOKENS PUNCT vocabulary")
+TOKENIZER_PATH = CONCEPTS_PATH + _entries("workbench.world.tokenizer", "build_tokenizer save_tokenizer load_tokenizer")
+SCENES_PATH = (_entries("workbench.world.generators", "IMAGE_SIZE AUDIO_LEN AUDIO_SEG VIDEO_FRAMES VIDEO_SIZE "
+                          "N_POINTS RAW_SHAPES _PALETTE3 _CAP_RGB _shape_mask render_image _audio_tones AUDIO_TONES "
+                          "render_audio _VIDEO_DIRS render_video _POINT_CENTERS _POINT_RGB _sample_shape render_point "
+                          "RENDERERS render _FONT _polygon_mask render_capability")
+               + _entries("workbench.world.tasks", "COMMON_Q OWN_TASKS Example options_text _mc sample_scene "
+                          "scene_concepts _words _seed modality_question common_scenes multimodal_common TEXT_MIX "
+                          "text_question CAP_QUESTIONS capability_question mixture own_task_sampler batches "
+                          "example_modal_inputs"))
+DATA_PATH = CONCEPTS_PATH + SCENES_PATH + _entries(
+    "workbench.world.mcub", "SHORT MCUB3 MCUB2 Turn MCUBRecord validate_record save_input example_to_record _write "
+    "build_datasets")
+MODEL_PATH = (TOKENIZER_PATH + SCENES_PATH
+              + _entries("workbench.world.encoders", "D_ENC _Encoder ImageEncoder AudioEncoder VideoEncoder "
+                         "PointEncoder CapabilityEncoder ENCODER_CLASSES MODALITY_ENCODERS Projector Tower "
+                         "save_module _read load_encoder load_projector")
+              + _entries("workbench.world.training", "seed_everything new_llm _lr_at train_mllm pretrain_base "
+                         "_scene_targets pretrain_encoder pretrain_capability_encoder")
+              + _entries("workbench.mllm", "_ALIASES _norm_inputs MultimodalLM.__init__ MultimodalLM.device "
+                         "MultimodalLM._encode_towers MultimodalLM._pieces MultimodalLM._pad MultimodalLM.forward "
+                         "_Loss")
+              + _entries("workbench.routing", "RoutedModule token_routes _named_routed RoutedLinear")
+              + _entries(__name__, "_tok _load_llm _save_llm _sampler_mix _modality_model _cap_model _lora_config "
+                         "_trainable_llm _save_tuned_llm"))
+
+#: job kind -> (build function, recipe version, training path)
+_KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 1, DATA_PATH),
+          "encoder": (_job_encoder, 1, MODEL_PATH), "base": (_job_base, 1, MODEL_PATH),
+          "projector": (_job_projector, 1, MODEL_PATH), "full": (_job_expert, 1, MODEL_PATH),
+          "lora": (_job_expert, 1, MODEL_PATH), "oracle": (_job_oracle, 1, MODEL_PATH),
+          "cap_encoder": (_job_cap_encoder, 1, MODEL_PATH + _entries(__name__, "_CAP_INK _cap_patch_labels")),
+          "cap_base": (_job_cap_base, 1, MODEL_PATH), "cap_full": (_job_cap_expert, 1, MODEL_PATH),
+          "cap_lora": (_job_cap_expert, 1, MODEL_PATH)}
+for _kind, (_build, _version, _path) in _KINDS.items():
+    register_job_kind(_kind, _build, version=_version, training_path=_path)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -676,7 +782,7 @@ def get_preset(preset: str) -> dict:
 def _run_job(kind: str, job: Job, ctx: dict) -> tuple[dict, float]:
     _threads()
     t0 = time.time()
-    res = JOB_KINDS[kind](job, ctx)
+    res = RECIPES[kind].build(job, ctx)
     return res, time.time() - t0
 
 
@@ -732,13 +838,17 @@ def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, 
         for d in j.deps:
             if d not in by_name:
                 raise ValueError(f"job {j.name!r} depends on unknown job {d!r}")
+    for j in plan:
+        if j.kind not in RECIPES:
+            raise ValueError(f"job {j.name!r}: unknown kind {j.kind!r}")
+    digests = {kind: training_path_digest(kind) for kind in {j.kind for j in plan}}
     hashes: dict[str, str] = {}
     pending = list(plan)
     while pending:  # topological hash computation
         progressed = False
         for j in list(pending):
             if all(d in hashes for d in j.deps):
-                hashes[j.name] = job_hash(j, hashes)
+                hashes[j.name] = job_hash(j, hashes, digests[j.kind])
                 pending.remove(j)
                 progressed = True
         if not progressed:
@@ -771,8 +881,6 @@ def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, 
                 if len(running) >= max(1, jobs):
                     break
                 if all(d in done for d in j.deps):
-                    if j.kind not in JOB_KINDS:
-                        raise ValueError(f"job {j.name!r}: unknown kind {j.kind!r}")
                     running[ex.submit(_run_job, j.kind, j, dict(ctx, results=dict(results)))] = j
                     todo.remove(j)
             if not running:
