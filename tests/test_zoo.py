@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from workbench.world import Zoo, ensure_zoo
-from workbench.world.zoo import build_zoo, plan_jobs, PRESETS
+from workbench.world import PRESETS, build_zoo, plan_jobs
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def test_plan_default_has_everything():
 def test_scheduler_starts_the_critical_path_first():
     """Jobs with more (transitive) dependents start first: the base LLM, on which every expert waits,
     before the encoders; counts match a direct closure over the dependency lists."""
-    from workbench.world.zoo import _n_dependents
+    from workbench.world.scheduler import _n_dependents
 
     plan = plan_jobs("default")
     nd = _n_dependents(plan)
@@ -115,7 +115,7 @@ def test_second_build_waits_for_the_first(tiny_zoo):
 
 # ---- the job cache key: recipe version + the source of the training path only
 def _tiny_keys() -> dict[str, str]:
-    from workbench.world.zoo import job_hash
+    from workbench.world.scheduler import job_hash
 
     hashes: dict[str, str] = {}
     for j in plan_jobs("tiny"):  # dependencies come first in the plan
@@ -126,7 +126,7 @@ def _tiny_keys() -> dict[str, str]:
 def test_every_training_path_entry_exists():
     """Each declared entry resolves to source text (a renamed function fails here instead of
     silently leaving the key), and each kind's path holds the training loop it runs."""
-    from workbench.world.zoo import RECIPES, path_entry_source
+    from workbench.world.scheduler import RECIPES, path_entry_source
 
     plan_jobs("tiny")  # loads the job-kind plugins (DAMC)
     assert {"tokenizer", "data", "encoder", "base", "projector", "full", "lora", "oracle", "damc"} <= set(RECIPES)
@@ -147,7 +147,7 @@ def test_job_key_follows_the_training_path_only(monkeypatch, tmp_path):
     move of a function does not."""
     from workbench import mllm
     from workbench.world import training
-    from workbench.world.zoo import RECIPES
+    from workbench.world.scheduler import RECIPES
 
     before = _tiny_keys()
     assert _tiny_keys() == before  # stable across calls

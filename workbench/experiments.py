@@ -130,11 +130,7 @@ ROW_COLUMNS = ["method", "method_id", "kind", "task", "split", "lambda", "search
 def _zoo(zoo):
     from .world import Zoo
 
-    if hasattr(zoo, "manifest"):
-        return zoo
-    if isinstance(zoo, (str, Path)) and Path(zoo).is_dir():
-        return Zoo(zoo)
-    return Zoo.for_preset(str(zoo))
+    return Zoo.coerce(zoo)
 
 
 def _preset(z) -> str:

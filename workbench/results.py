@@ -171,7 +171,7 @@ class ZooComposer:
         from . import compose as C
         from .world import Zoo
 
-        self.zoo = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+        self.zoo = Zoo.coerce(zoo)
         self.seed, self.expert_kind, self.search = seed, expert_kind, search
         self.search_dir = search_dir
         self.search_cache = Path(search_cache) if search_cache is not None else None
@@ -366,7 +366,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
 
     t0 = time.time()
     torch.manual_seed(0)
-    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo) if zoo is not None else Zoo.for_preset(preset)
+    z = Zoo.coerce(zoo, preset)
     out = Path(out) if out is not None else default_out(preset)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / "cache" if use_cache else None
@@ -520,7 +520,7 @@ def run_forgetting(preset: str = "tiny", *, zoo=None, out: str | Path | None = N
     from .world import Zoo
     from .world.tasks import OWN_TASKS
 
-    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo) if zoo is not None else Zoo.for_preset(preset)
+    z = Zoo.coerce(zoo, preset)
     out = Path(out) if out is not None else default_out(preset)
     out.mkdir(parents=True, exist_ok=True)
     if experts is None:
