@@ -188,3 +188,20 @@ def test_job_keys_are_the_same_in_another_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert json.loads(out.stdout.strip().splitlines()[-1]) == _tiny_keys()
+
+
+def test_zoo_coerce_takes_a_zoo_its_folder_or_a_preset(tmp_path, monkeypatch):
+    """One way to open a zoo from what a caller passes: a :class:`Zoo` as is, a folder, a preset name
+    (its ``zoo_root``), or ``None`` with a preset."""
+    monkeypatch.setenv("WORKBENCH_ZOO", str(tmp_path))
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "zoo.json").write_text(json.dumps({"data_dir": str(tmp_path / "data"), "models": {}}))
+    z = Zoo.coerce(folder)
+    assert z.path == folder and Zoo.coerce(z) is z
+    assert Zoo.coerce(str(folder)).path == folder
+    assert Zoo.coerce("tiny").path == folder and Zoo.coerce(None, "tiny").path == folder
+    with pytest.raises(ValueError):
+        Zoo.coerce(None)
+    with pytest.raises(FileNotFoundError):
+        Zoo.coerce(tmp_path / "nowhere")
