@@ -205,3 +205,16 @@ def test_zoo_coerce_takes_a_zoo_its_folder_or_a_preset(tmp_path, monkeypatch):
         Zoo.coerce(None)
     with pytest.raises(FileNotFoundError):
         Zoo.coerce(tmp_path / "nowhere")
+
+
+def test_llm_folders_name_the_weights_of_each_kind(tmp_path):
+    models = {"a-full": "llm", "a-lora": "adapter", "a-damc": "adapter_text adapter_modality",
+              "a-damc-full": "llm_text llm_modality", "a-projector": ""}
+    for name, subs in models.items():
+        for sub in subs.split() + ["projector"]:
+            (tmp_path / "experts" / name / sub).mkdir(parents=True)
+    (tmp_path / "zoo.json").write_text(json.dumps({"data_dir": str(tmp_path / "data"), "models": {
+        name: {"path": f"experts/{name}"} for name in models}}))
+    z = Zoo(tmp_path)
+    for name, subs in models.items():
+        assert z.llm_folders(name) == {s: tmp_path / "experts" / name / s for s in subs.split()}, name

@@ -1,7 +1,8 @@
 """The model zoo as built on disk (``zoo/<preset>/``): :class:`Zoo` reads its manifest ``zoo.json``,
-names its experts and loads them (LLM, towers, tokenizer, evaluation records);
-:func:`ensure_zoo` builds a preset's zoo first where needed (:mod:`workbench.world.scheduler`).
-The only place outside the recipes that knows the zoo's folder layout."""
+names its experts, says which folder holds what (:meth:`Zoo.llm_folders`) and loads them (LLM,
+towers, tokenizer, evaluation records); :func:`ensure_zoo` builds a preset's zoo first where
+needed (:mod:`workbench.world.scheduler`). The layout itself is written by the recipes
+(:mod:`workbench.world.recipes`, :mod:`workbench.world.damc`)."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,10 @@ def _load_llm(path: Path):
     llm.eval()
     return llm
 
+
+
+#: the sub-folders of an expert that can hold its LLM weights (see :meth:`Zoo.llm_folders`)
+LLM_FOLDERS = ("llm", "adapter", "adapter_text", "adapter_modality", "llm_text", "llm_modality")
 
 
 class Zoo:
@@ -105,6 +110,15 @@ class Zoo:
         if self.info(name).get("kind") in ("projector", "base-vlm"):
             return self.base_path
         raise FileNotFoundError(f"{p} has no llm/ folder (LoRA experts: adapter_path)")
+
+    def llm_folders(self, name: str) -> dict[str, Path]:
+        """The folders holding the LLM weights of expert ``name``, by role (the keyword names of
+        :class:`workbench.compose.ExpertSource`): ``llm`` (full fine-tuning, an HF Llama folder),
+        ``adapter`` (a peft LoRA folder), ``adapter_text`` + ``adapter_modality`` (DAMC's two LoRA
+        routes) or ``llm_text`` + ``llm_modality`` (DAMC's full-weight option); none for a
+        projector-only expert (its LLM is ``base/``)."""
+        p = self.expert_path(name)
+        return {role: p / role for role in LLM_FOLDERS if (p / role).is_dir()}
 
     def adapter_path(self, name: str) -> Path:
         p = self.expert_path(name) / "adapter"
