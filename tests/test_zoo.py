@@ -141,6 +141,73 @@ def test_every_training_path_entry_exists():
         path_entry_source("workbench.world.training:no_such_function")
 
 
+def _named_workbench_objects(obj) -> list[tuple[str, object]]:
+    """``("module:qualname", object)`` of each workbench function, class or module constant the
+    source of ``obj`` names (its globals and its imports; annotations aside)."""
+    import ast
+    import importlib.util
+    import sys
+    import textwrap
+
+    from workbench.world.scheduler import _module_assignments
+
+    module = sys.modules[obj.__module__]
+    names, imports = set(), []
+
+    class Visitor(ast.NodeVisitor):
+        def visit_arg(self, node):  # annotations
+            pass
+
+        def visit_AnnAssign(self, node):
+            if node.value is not None:
+                self.visit(node.value)
+
+        def visit_FunctionDef(self, node):
+            for child in node.decorator_list + node.args.defaults + [d for d in node.args.kw_defaults if d] + node.body:
+                self.visit(child)
+
+        def visit_Name(self, node):
+            if isinstance(node.ctx, ast.Load):
+                names.add(node.id)
+
+        def visit_ImportFrom(self, node):
+            imports.append(node)
+
+    Visitor().visit(ast.parse(textwrap.dedent(inspect.getsource(obj))))
+    out = []
+    for node in imports:
+        name = importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__)
+        if name.startswith("workbench"):
+            src = importlib.import_module(name)
+            out += [(f"{name}:{a.name}", getattr(src, a.name)) for a in node.names]
+    for n in names & set(module.__dict__):
+        ref = module.__dict__[n]
+        if inspect.isfunction(ref) or inspect.isclass(ref):
+            out.append((f"{ref.__module__}:{ref.__qualname__}", ref))
+        elif not inspect.ismodule(ref):  # a constant: where it is assigned
+            out += [(f"{m}:{n}", ref) for m, mod in list(sys.modules.items())
+                    if m.startswith("workbench") and getattr(mod, n, None) is ref and n in _module_assignments(m)]
+    return [(key, ref) for key, ref in out if not inspect.ismodule(ref) and key.startswith("workbench")]
+
+
+def test_training_paths_hold_what_their_code_names():
+    """Each workbench function, class or constant that a kind's build function or training-path
+    entry names is on that path too (or declared off it, ``recipes.OFF_PATH``): a helper a training
+    function starts to call cannot stay outside the key."""
+    from workbench.world.recipes import OFF_PATH
+    from workbench.world.scheduler import RECIPES, resolve_path_entry
+
+    plan_jobs("tiny")
+    for kind, recipe in RECIPES.items():
+        known = set(recipe.training_path) | set(OFF_PATH)
+        # a class when some of its methods are on the path ("module:Class.method" -> "module:Class")
+        known |= {e.partition(":")[0] + ":" + e.partition(":")[2].split(".")[0] for e in recipe.training_path}
+        code = [recipe.build] + [resolve_path_entry(e) for e in recipe.training_path]
+        missing = {(key, f.__qualname__) for f in code if inspect.isfunction(f) or inspect.isclass(f)
+                   for key, ref in _named_workbench_objects(f) if key not in known and ref is not recipe.build}
+        assert not missing, (kind, sorted(missing))
+
+
 def test_job_key_follows_the_training_path_only(monkeypatch, tmp_path):
     """An edit inside a training function changes the key of every job that runs it (and of the
     jobs that depend on them); an edit outside the training path (generation, the zoo reader) or a

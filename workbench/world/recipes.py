@@ -471,10 +471,19 @@ MODEL_PATH = (TOKENIZER_PATH + SCENES_PATH
               + _entries("workbench.mllm", "_ALIASES _norm_inputs MultimodalLM.__init__ MultimodalLM.device "
                          "MultimodalLM._encode_towers MultimodalLM._pieces MultimodalLM._pad MultimodalLM.forward "
                          "_Loss")
-              + _entries("workbench.routing", "RoutedModule token_routes _named_routed RoutedLinear")
+              + _entries("workbench.routing", "RoutedModule token_routes _named_routed RoutedLinear LowRank Dense "
+                         "_Component _LowRankC _DenseOwnC _Route _route_plan _PLAN_LOCAL")
               + _entries("workbench.world.zoo", "_load_llm")
               + _entries(__name__, "_tok _save_llm _sampler_mix _modality_model _cap_model _lora_config "
                          "_trainable_llm _save_tuned_llm"))
+
+#: What training functions name but what shapes no weights (checked by the tests: every other
+#: workbench function, class or constant a training-path entry names is on the path itself):
+#: evaluation and bookkeeping, error classes, and the routes only composition builds (MMER's masked
+#: and shared deltas).
+OFF_PATH = (_entries(__name__, "_evaluate _own_records _cap_records _write_expert_json _n_params")
+            + _entries("workbench.world.mcub", "read_records") + _entries("workbench.errors", "ConfigError")
+            + _entries("workbench.routing", "Masked _DenseSharedC _MaskedC"))
 
 #: job kind -> (build function, recipe version, training path)
 _KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 1, DATA_PATH),

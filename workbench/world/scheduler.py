@@ -42,6 +42,7 @@ from .presets import data_root, get_preset, zoo_root
 
 if TYPE_CHECKING:
     from .zoo import Zoo
+
 WORLD_VERSION = "1"
 
 
