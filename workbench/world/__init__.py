@@ -11,5 +11,5 @@ from .scheduler import Job, build_zoo, register_job_kind
 from .zoo import Zoo, ensure_zoo, load_expert, load_tower
 
 __all__ = ["CONCEPTS", "MODALITIES", "PLACEHOLDERS", "MCUBRecord", "load_modal_input", "record_inputs",
-           "validate_record", "train_mllm", "PRESETS", "Job", "Zoo", "build_zoo", "ensure_zoo", "load_expert", "load_tower",
-           "plan_jobs", "register_job_kind", "zoo_root"]
+           "validate_record", "train_mllm", "PRESETS", "Job", "Zoo", "build_zoo", "ensure_zoo", "load_expert",
+           "load_tower", "plan_jobs", "register_job_kind", "zoo_root"]

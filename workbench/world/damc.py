@@ -207,14 +207,14 @@ def plan_damc(preset: str, cfg: dict) -> list:
 
 
 def _register() -> None:
-    from .recipes import MODEL_PATH, _entries
+    from .recipes import MODEL_PATH, path_entries
     from .scheduler import register_job_kind
 
     path = (MODEL_PATH
-            + _entries("workbench.routing", "_module_name _matches _get_parent routed_linear routed_modules "
+            + path_entries("workbench.routing", "_module_name _matches _get_parent routed_linear routed_modules "
                        "linear_names DEFAULT_LORA_TARGETS _new_route_targets add_lora_routes add_dense_routes "
                        "route_parameters remove_routes materialize_route save_route_adapter")
-            + _entries(__name__, "N_PREFIX N_SUFFIX TEXT_LR_RATIO DamcProjector build_damc_model save_damc_llm"))
+            + path_entries(__name__, "N_PREFIX N_SUFFIX TEXT_LR_RATIO DamcProjector build_damc_model save_damc_llm"))
     register_job_kind("damc", _job_damc, plan_damc, version=1, training_path=path)
 
 

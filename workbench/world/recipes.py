@@ -438,7 +438,7 @@ def _job_cap_expert(job: Job, ctx: dict) -> dict:
     return {"manifest": info}
 
 
-def _entries(module: str, names: str) -> tuple[str, ...]:
+def path_entries(module: str, names: str) -> tuple[str, ...]:
     """``"module:name"`` for each of the space-separated ``names``."""
     return tuple(f"{module}:{n}" for n in names.split())
 
@@ -446,51 +446,56 @@ def _entries(module: str, names: str) -> tuple[str, ...]:
 # The training path of the world's jobs: what they run to produce their weights. Not on it: what
 # only evaluates (``_evaluate``, ``evaluate.predict``, ``MultimodalLM.score_*``/``generate*``) or
 # describes (``expert.json``, ``zoo.json``): the scores in ``zoo.json`` are those of the build.
-CONCEPTS_PATH = _entries("workbench.world.concepts", "CONCEPTS N_CONCEPTS N_SLOTS MODALITIES PLACEHOLDERS "
-                         "RECORD_KEYS RECORD_KEY_TO_MODALITY LETTERS COUNT_WORDS CAP_COLORS CAP_SHAPES CAP_SIDES "
-                         "CAP_VALUES CAP_CHARS CAP_ROWS CAP_COLS CAP_TASKS TEMPLATE_WORDS CONTENT_WORDS "
-                         "SPECIAL_TOKENS PUNCT vocabulary")
-TOKENIZER_PATH = CONCEPTS_PATH + _entries("workbench.world.tokenizer", "build_tokenizer save_tokenizer load_tokenizer")
-SCENES_PATH = (_entries("workbench.world.generators", "IMAGE_SIZE AUDIO_LEN AUDIO_SEG VIDEO_FRAMES VIDEO_SIZE "
-                          "N_POINTS RAW_SHAPES _PALETTE3 _CAP_RGB _shape_mask render_image _audio_tones AUDIO_TONES "
-                          "render_audio _VIDEO_DIRS render_video _POINT_CENTERS _POINT_RGB _sample_shape render_point "
-                          "RENDERERS render _FONT _polygon_mask render_capability")
-               + _entries("workbench.world.tasks", "COMMON_Q OWN_TASKS Example options_text _mc sample_scene "
-                          "scene_concepts _words _seed modality_question common_scenes multimodal_common TEXT_MIX "
-                          "text_question CAP_QUESTIONS capability_question mixture own_task_sampler batches "
-                          "example_modal_inputs"))
-DATA_PATH = CONCEPTS_PATH + SCENES_PATH + _entries(
-    "workbench.world.mcub", "SHORT MCUB3 MCUB2 Turn MCUBRecord validate_record save_input example_to_record _write "
-    "build_datasets")
-MODEL_PATH = (TOKENIZER_PATH + SCENES_PATH
-              + _entries("workbench.world.encoders", "D_ENC _Encoder ImageEncoder AudioEncoder VideoEncoder "
-                         "PointEncoder CapabilityEncoder ENCODER_CLASSES MODALITY_ENCODERS Projector Tower "
-                         "save_module _read load_encoder load_projector")
-              + _entries("workbench.world.training", "seed_everything new_llm _lr_at train_mllm pretrain_base "
-                         "_scene_targets pretrain_encoder pretrain_capability_encoder")
-              + _entries("workbench.mllm", "_ALIASES _norm_inputs MultimodalLM.__init__ MultimodalLM.device "
-                         "MultimodalLM._encode_towers MultimodalLM._pieces MultimodalLM._pad MultimodalLM.forward "
-                         "_Loss")
-              + _entries("workbench.routing", "RoutedModule token_routes _named_routed RoutedLinear LowRank Dense "
-                         "_Component _LowRankC _DenseOwnC _Route _route_plan _PLAN_LOCAL")
-              + _entries("workbench.world.zoo", "_load_llm")
-              + _entries(__name__, "_tok _save_llm _sampler_mix _modality_model _cap_model _lora_config "
-                         "_trainable_llm _save_tuned_llm"))
+CONCEPTS_PATH = path_entries(
+    "workbench.world.concepts",
+    "CONCEPTS N_CONCEPTS N_SLOTS MODALITIES PLACEHOLDERS RECORD_KEYS RECORD_KEY_TO_MODALITY LETTERS COUNT_WORDS "
+    "CAP_COLORS CAP_SHAPES CAP_SIDES CAP_VALUES CAP_CHARS CAP_ROWS CAP_COLS CAP_TASKS TEMPLATE_WORDS CONTENT_WORDS "
+    "SPECIAL_TOKENS PUNCT vocabulary")
+TOKENIZER_PATH = CONCEPTS_PATH + path_entries("workbench.world.tokenizer",
+                                              "build_tokenizer save_tokenizer load_tokenizer")
+SCENES_PATH = path_entries(
+    "workbench.world.generators",
+    "IMAGE_SIZE AUDIO_LEN AUDIO_SEG VIDEO_FRAMES VIDEO_SIZE N_POINTS RAW_SHAPES _PALETTE3 _CAP_RGB _shape_mask "
+    "render_image _audio_tones AUDIO_TONES render_audio _VIDEO_DIRS render_video _POINT_CENTERS _POINT_RGB "
+    "_sample_shape render_point RENDERERS render _FONT _polygon_mask render_capability") + path_entries(
+    "workbench.world.tasks",
+    "COMMON_Q OWN_TASKS Example options_text _mc sample_scene scene_concepts _words _seed modality_question "
+    "common_scenes multimodal_common TEXT_MIX text_question CAP_QUESTIONS capability_question mixture "
+    "own_task_sampler batches example_modal_inputs")
+DATA_PATH = CONCEPTS_PATH + SCENES_PATH + path_entries(
+    "workbench.world.mcub",
+    "SHORT MCUB3 MCUB2 Turn MCUBRecord validate_record save_input example_to_record _write build_datasets")
+MODEL_PATH = TOKENIZER_PATH + SCENES_PATH + path_entries(
+    "workbench.world.encoders",
+    "D_ENC _Encoder ImageEncoder AudioEncoder VideoEncoder PointEncoder CapabilityEncoder ENCODER_CLASSES "
+    "MODALITY_ENCODERS Projector Tower save_module _read load_encoder load_projector") + path_entries(
+    "workbench.world.training",
+    "seed_everything new_llm _lr_at train_mllm pretrain_base _scene_targets pretrain_encoder "
+    "pretrain_capability_encoder") + path_entries(
+    "workbench.mllm",
+    "_ALIASES _norm_inputs MultimodalLM.__init__ MultimodalLM.device MultimodalLM._encode_towers "
+    "MultimodalLM._pieces MultimodalLM._pad MultimodalLM.forward _Loss") + path_entries(
+    "workbench.routing",
+    "RoutedModule token_routes _named_routed RoutedLinear LowRank Dense _Component _LowRankC _DenseOwnC _Route "
+    "_route_plan _PLAN_LOCAL") + path_entries(
+    "workbench.world.zoo", "_load_llm") + path_entries(
+    __name__,
+    "_tok _save_llm _sampler_mix _modality_model _cap_model _lora_config _trainable_llm _save_tuned_llm")
 
 #: What training functions name but what shapes no weights (checked by the tests: every other
 #: workbench function, class or constant a training-path entry names is on the path itself):
 #: evaluation and bookkeeping, error classes, and the routes only composition builds (MMER's masked
 #: and shared deltas).
-OFF_PATH = (_entries(__name__, "_evaluate _own_records _cap_records _write_expert_json _n_params")
-            + _entries("workbench.world.mcub", "read_records") + _entries("workbench.errors", "ConfigError")
-            + _entries("workbench.routing", "Masked _DenseSharedC _MaskedC"))
+OFF_PATH = (path_entries(__name__, "_evaluate _own_records _cap_records _write_expert_json _n_params")
+            + path_entries("workbench.world.mcub", "read_records") + path_entries("workbench.errors", "ConfigError")
+            + path_entries("workbench.routing", "Masked _DenseSharedC _MaskedC"))
 
 #: job kind -> (build function, recipe version, training path)
 _KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 1, DATA_PATH),
           "encoder": (_job_encoder, 1, MODEL_PATH), "base": (_job_base, 1, MODEL_PATH),
           "projector": (_job_projector, 1, MODEL_PATH), "full": (_job_expert, 1, MODEL_PATH),
           "lora": (_job_expert, 1, MODEL_PATH), "oracle": (_job_oracle, 1, MODEL_PATH),
-          "cap_encoder": (_job_cap_encoder, 1, MODEL_PATH + _entries(__name__, "_CAP_INK _cap_patch_labels")),
+          "cap_encoder": (_job_cap_encoder, 1, MODEL_PATH + path_entries(__name__, "_CAP_INK _cap_patch_labels")),
           "cap_base": (_job_cap_base, 1, MODEL_PATH), "cap_full": (_job_cap_expert, 1, MODEL_PATH),
           "cap_lora": (_job_cap_expert, 1, MODEL_PATH)}
 for _kind, (_build, _version, _path) in _KINDS.items():
