@@ -115,12 +115,9 @@ def test_second_build_waits_for_the_first(tiny_zoo):
 
 # ---- the job cache key: recipe version + the source of the training path only
 def _tiny_keys() -> dict[str, str]:
-    from workbench.world.scheduler import job_hash
+    from workbench.world.scheduler import job_keys
 
-    hashes: dict[str, str] = {}
-    for j in plan_jobs("tiny"):  # dependencies come first in the plan
-        hashes[j.name] = job_hash(j, hashes)
-    return hashes
+    return job_keys(plan_jobs("tiny"))
 
 
 def test_every_training_path_entry_exists():

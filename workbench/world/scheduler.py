@@ -166,6 +166,31 @@ def job_hash(job: Job, dep_hashes: Mapping[str, str], digest: str | None = None)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def job_keys(plan: Sequence[Job]) -> dict[str, str]:
+    """The cache key (:func:`job_hash`) of every job of ``plan``, dependencies first; each kind's
+    training path is hashed once."""
+    by_name = {j.name: j for j in plan}
+    for j in plan:
+        for d in j.deps:
+            if d not in by_name:
+                raise ValueError(f"job {j.name!r} depends on unknown job {d!r}")
+        if j.kind not in RECIPES:
+            raise ValueError(f"job {j.name!r}: unknown kind {j.kind!r}")
+    digests = {kind: training_path_digest(kind) for kind in {j.kind for j in plan}}
+    hashes: dict[str, str] = {}
+    pending = list(plan)
+    while pending:  # topological hash computation
+        progressed = False
+        for j in list(pending):
+            if all(d in hashes for d in j.deps):
+                hashes[j.name] = job_hash(j, hashes, digests[j.kind])
+                pending.remove(j)
+                progressed = True
+        if not progressed:
+            raise ValueError(f"dependency cycle among {[j.name for j in pending]}")
+    return hashes
+
+
 def _threads() -> None:
     torch.set_num_threads(1)
     try:
@@ -218,10 +243,10 @@ def _build_lock(root: Path):
 
 
 def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, root: Path) -> "Zoo":
-    droot = data_root(preset) if out is None else Path(out) / "data"
     from .recipes import plan_jobs
     from .zoo import Zoo
 
+    droot = data_root(preset) if out is None else Path(out) / "data"
     plan = plan_jobs(preset, cfg)
     if only:
         keep = set(only)
@@ -233,26 +258,7 @@ def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, 
                     keep.update(j.deps)
             changed = len(keep) != before
         plan = [j for j in plan if j.name in keep]
-    by_name = {j.name: j for j in plan}
-    for j in plan:
-        for d in j.deps:
-            if d not in by_name:
-                raise ValueError(f"job {j.name!r} depends on unknown job {d!r}")
-    for j in plan:
-        if j.kind not in RECIPES:
-            raise ValueError(f"job {j.name!r}: unknown kind {j.kind!r}")
-    digests = {kind: training_path_digest(kind) for kind in {j.kind for j in plan}}
-    hashes: dict[str, str] = {}
-    pending = list(plan)
-    while pending:  # topological hash computation
-        progressed = False
-        for j in list(pending):
-            if all(d in hashes for d in j.deps):
-                hashes[j.name] = job_hash(j, hashes, digests[j.kind])
-                pending.remove(j)
-                progressed = True
-        if not progressed:
-            raise ValueError(f"dependency cycle among {[j.name for j in pending]}")
+    hashes = job_keys(plan)
     state_dir = root / ".jobs"
     state_dir.mkdir(exist_ok=True)
     results: dict[str, dict] = {}
