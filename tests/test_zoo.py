@@ -210,7 +210,7 @@ def test_job_key_follows_the_training_path_only(monkeypatch, tmp_path):
     jobs that depend on them); an edit outside the training path (generation, the zoo reader) or a
     move of a function does not."""
     from workbench import mllm
-    from workbench.world import training
+    from workbench.world import recipes, training
     from workbench.world.scheduler import RECIPES
 
     before = _tiny_keys()
@@ -226,11 +226,21 @@ def test_job_key_follows_the_training_path_only(monkeypatch, tmp_path):
     monkeypatch.setattr(Zoo, "summary", summary)
     assert _tiny_keys() == before
 
+    # a move: the base LLM's build function in another module, its imports made absolute
+    source = inspect.getsource(recipes._job_base)
+    moved = source.replace("from .training import", "from workbench.world.training import").replace(
+        "from .tasks import", "from workbench.world.tasks import").replace("from ..mllm import", "from workbench.mllm import")
+    assert moved.count("from workbench.") == 3
+    (tmp_path / "moved_recipes.py").write_text("from __future__ import annotations\n\n\n" + moved)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(RECIPES, "base", dataclasses.replace(
+        RECIPES["base"], build=importlib.import_module("moved_recipes")._job_base))
+    assert _tiny_keys() == before
+
     source = inspect.getsource(training._lr_at)
     edited = source.replace("0.1 + 0.9", "0.2 + 0.8")  # one token of the learning-rate schedule
     assert edited != source
     (tmp_path / "edited_training.py").write_text("import math\n\n\n" + edited)
-    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(training, "_lr_at", importlib.import_module("edited_training")._lr_at)
     after = _tiny_keys()
     assert after["tokenizer"] == before["tokenizer"] and after["data"] == before["data"]
