@@ -228,8 +228,9 @@ def test_job_key_follows_the_training_path_only(monkeypatch, tmp_path):
 
     # a move: the base LLM's build function in another module, its imports made absolute
     source = inspect.getsource(recipes._job_base)
-    moved = source.replace("from .training import", "from workbench.world.training import").replace(
-        "from .tasks import", "from workbench.world.tasks import").replace("from ..mllm import", "from workbench.mllm import")
+    moved = (source.replace("from .training import", "from workbench.world.training import")
+             .replace("from .tasks import", "from workbench.world.tasks import")
+             .replace("from ..mllm import", "from workbench.mllm import"))
     assert moved.count("from workbench.") == 3
     (tmp_path / "moved_recipes.py").write_text("from __future__ import annotations\n\n\n" + moved)
     monkeypatch.syspath_prepend(str(tmp_path))
