@@ -26,7 +26,6 @@ def _load_llm(path: Path):
     return llm
 
 
-
 #: the sub-folders of an expert that can hold its LLM weights (see :meth:`Zoo.llm_folders`)
 LLM_FOLDERS = ("llm", "adapter", "adapter_text", "adapter_modality", "llm_text", "llm_modality")
 
