@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,7 +161,6 @@ def test_two_trained_damc_experts_compose_and_generate(world, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- tiny zoo
-TINY = Path(__file__).resolve().parents[1] / "zoo" / "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +172,9 @@ def tiny_zoo_with_damc(tmp_path_factory):
 
     from workbench.world import ensure_zoo
 
-    ensure_zoo("tiny")
+    tiny = ensure_zoo("tiny")
     root = tmp_path_factory.mktemp("ztiny") / "tiny"
-    shutil.copytree(TINY, root)
+    shutil.copytree(tiny.path, root)
     return build_zoo("tiny", out=root, jobs=1, progress=False)
 
 
