@@ -210,7 +210,7 @@ def _run_job(kind: str, job: Job, ctx: dict) -> tuple[dict, float]:
 
 def build_zoo(preset: str = "default", out: str | Path | None = None, jobs: int = 2, progress: bool = True,
               only: Sequence[str] | None = None, cfg: dict | None = None) -> "Zoo":
-    """Build (or update) the zoo of ``preset``: runs each job whose configuration hash changed, in up
+    """Build (or update) the zoo of ``preset``: runs each job whose key (:func:`job_hash`) changed, in up
     to ``jobs`` worker processes; writes ``zoo.json``; returns the :class:`Zoo`."""
     cfg = copy.deepcopy(cfg or get_preset(preset))
     # import everything the jobs use before forking workers: jobs then run the code that was hashed

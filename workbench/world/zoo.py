@@ -214,7 +214,7 @@ class Zoo:
 
 
 def ensure_zoo(preset: str = "tiny", out: str | Path | None = None, jobs: int = 2) -> Zoo:
-    """The zoo of ``preset``, built if missing or stale (instant when every job's hash matches).
+    """The zoo of ``preset``, built if missing or stale (instant when every job's key matches).
     Tests and notebooks use this (``ensure_zoo("tiny")``)."""
     from .scheduler import build_zoo
 
