@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,8 @@ from workbench.world.encoders import ImageEncoder, Projector, Tower, save_module
 from workbench.world.tasks import batches, example_modal_inputs, modality_question
 from workbench.world.tokenizer import build_tokenizer
 from workbench.world.training import new_llm, train_mllm
-from workbench.world.zoo import JOB_KINDS, PLANNERS, PRESETS
+from workbench.world.presets import PRESETS
+from workbench.world.scheduler import PLANNERS, RECIPES
 
 torch.set_num_threads(1)
 
@@ -56,7 +56,7 @@ def test_settings_and_registration():
     c = damc_settings(PRESETS["tiny"])
     assert c["text_lr_ratio"] == 0.1 and c["n_prefix"] == 5 and c["n_suffix"] == 5 and c["decouple"] == "lora"
     assert c["r"] == PRESETS["tiny"]["lora"]["r"]
-    assert "damc" in JOB_KINDS and "damc" in PLANNERS
+    assert "damc" in RECIPES and "damc" in PLANNERS
     jobs = plan_damc("tiny", copy.deepcopy(PRESETS["tiny"]))
     assert [j.name for j in jobs] == ["image-damc-s0", "audio-damc-s0"]
     assert jobs[0].deps[-1] == "image-projector-s0" and jobs[0].out == "experts/image-damc-s0"
@@ -161,7 +161,6 @@ def test_two_trained_damc_experts_compose_and_generate(world, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- tiny zoo
-TINY = Path(__file__).resolve().parents[1] / "zoo" / "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +168,13 @@ def tiny_zoo_with_damc(tmp_path_factory):
     """A copy of the tiny zoo with its DAMC experts built by the zoo job (the shared zoo is not touched)."""
     import shutil
 
-    from workbench.world.zoo import build_zoo
+    from workbench.world import build_zoo
 
     from workbench.world import ensure_zoo
 
-    ensure_zoo("tiny")
+    tiny = ensure_zoo("tiny")
     root = tmp_path_factory.mktemp("ztiny") / "tiny"
-    shutil.copytree(TINY, root)
+    shutil.copytree(tiny.path, root)
     return build_zoo("tiny", out=root, jobs=1, progress=False)
 
 

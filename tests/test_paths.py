@@ -9,9 +9,12 @@ from workbench.studies import tables as T
 
 
 def test_each_preset_has_its_own_outputs(monkeypatch, tmp_path):
-    for var in ("WORKBENCH_FIGURES_DIR", "WORKBENCH_RESULTS_DIR"):
+    from workbench.world.presets import data_root, zoo_root
+
+    for var in ("WORKBENCH_FIGURES_DIR", "WORKBENCH_RESULTS_DIR", "WORKBENCH_ZOO"):
         monkeypatch.delenv(var, raising=False)
     root = paths.repo_root()
+    assert zoo_root("tiny") == root / "zoo" / "tiny" and data_root("tiny") == root / "data" / "generated" / "tiny"
     assert paths.figures_dir("tiny") == root / "figures" / "tiny"
     assert paths.executed_dir("tiny") == root / "figures" / "tiny" / "executed"
     assert paths.html_dir("default") == root / "docs" / "notebooks"  # published: the repository page shows it

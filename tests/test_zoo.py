@@ -4,14 +4,18 @@
 or via ``workbench.world.ensure_zoo("tiny")``, which is instant once built)."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from workbench.world import Zoo, ensure_zoo
-from workbench.world.zoo import build_zoo, plan_jobs, PRESETS
+from workbench.world import PRESETS, build_zoo, plan_jobs
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +39,7 @@ def test_plan_default_has_everything():
 def test_scheduler_starts_the_critical_path_first():
     """Jobs with more (transitive) dependents start first: the base LLM, on which every expert waits,
     before the encoders; counts match a direct closure over the dependency lists."""
-    from workbench.world.zoo import _n_dependents
+    from workbench.world.scheduler import _n_dependents
 
     plan = plan_jobs("default")
     nd = _n_dependents(plan)
@@ -107,3 +111,185 @@ def test_second_build_waits_for_the_first(tiny_zoo):
         lock.close()
     t.join(60)
     assert finished.is_set()
+
+
+# ---- the job cache key: recipe version + the source of the training path only
+def _tiny_keys() -> dict[str, str]:
+    from workbench.world.scheduler import job_keys
+
+    return job_keys(plan_jobs("tiny"))
+
+
+def test_every_training_path_entry_exists():
+    """Each declared entry resolves to source text (a renamed function fails here instead of
+    silently leaving the key), and each kind's path holds the training loop it runs."""
+    from workbench.world.scheduler import RECIPES, path_entry_source
+
+    plan_jobs("tiny")  # loads the job-kind plugins (DAMC)
+    assert {"tokenizer", "data", "encoder", "base", "projector", "full", "lora", "oracle", "damc"} <= set(RECIPES)
+    for kind, recipe in RECIPES.items():
+        assert len(set(recipe.training_path)) == len(recipe.training_path), kind
+        for entry in recipe.training_path:
+            assert path_entry_source(entry).strip(), (kind, entry)
+        if kind not in ("tokenizer", "data"):
+            assert "workbench.world.training:train_mllm" in recipe.training_path, kind
+    assert "workbench.routing:add_lora_routes" in RECIPES["damc"].training_path
+    with pytest.raises(AttributeError):
+        path_entry_source("workbench.world.training:no_such_function")
+
+
+def _named_workbench_objects(obj) -> list[tuple[str, object]]:
+    """``("module:qualname", object)`` of each workbench function, class or module constant the
+    source of ``obj`` names (its globals and its imports; annotations aside)."""
+    import ast
+    import importlib.util
+    import sys
+    import textwrap
+
+    from workbench.world.scheduler import _module_assignments
+
+    module = sys.modules[obj.__module__]
+    names, imports = set(), []
+
+    class Visitor(ast.NodeVisitor):
+        def visit_arg(self, node):  # annotations
+            pass
+
+        def visit_AnnAssign(self, node):
+            if node.value is not None:
+                self.visit(node.value)
+
+        def visit_FunctionDef(self, node):
+            for child in node.decorator_list + node.args.defaults + [d for d in node.args.kw_defaults if d] + node.body:
+                self.visit(child)
+
+        def visit_Name(self, node):
+            if isinstance(node.ctx, ast.Load):
+                names.add(node.id)
+
+        def visit_ImportFrom(self, node):
+            imports.append(node)
+
+    Visitor().visit(ast.parse(textwrap.dedent(inspect.getsource(obj))))
+    out = []
+    for node in imports:
+        name = importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__)
+        if name.startswith("workbench"):
+            src = importlib.import_module(name)
+            out += [(f"{name}:{a.name}", getattr(src, a.name)) for a in node.names]
+    for n in names & set(module.__dict__):
+        ref = module.__dict__[n]
+        if inspect.isfunction(ref) or inspect.isclass(ref):
+            out.append((f"{ref.__module__}:{ref.__qualname__}", ref))
+        elif not inspect.ismodule(ref):  # a constant: where it is assigned
+            out += [(f"{m}:{n}", ref) for m, mod in list(sys.modules.items())
+                    if m.startswith("workbench") and getattr(mod, n, None) is ref and n in _module_assignments(m)]
+    return [(key, ref) for key, ref in out if not inspect.ismodule(ref) and key.startswith("workbench")]
+
+
+def test_training_paths_hold_what_their_code_names():
+    """Each workbench function, class or constant that a kind's build function or training-path
+    entry names is on that path too (or declared off it, ``recipes.OFF_PATH``): a helper a training
+    function starts to call cannot stay outside the key."""
+    from workbench.world.recipes import OFF_PATH
+    from workbench.world.scheduler import RECIPES, resolve_path_entry
+
+    plan_jobs("tiny")
+    for kind, recipe in RECIPES.items():
+        known = set(recipe.training_path) | set(OFF_PATH)
+        # a class when some of its methods are on the path ("module:Class.method" -> "module:Class")
+        known |= {e.partition(":")[0] + ":" + e.partition(":")[2].split(".")[0] for e in recipe.training_path}
+        code = [recipe.build] + [resolve_path_entry(e) for e in recipe.training_path]
+        missing = {(key, f.__qualname__) for f in code if inspect.isfunction(f) or inspect.isclass(f)
+                   for key, ref in _named_workbench_objects(f) if key not in known and ref is not recipe.build}
+        assert not missing, (kind, sorted(missing))
+
+
+def test_job_key_follows_the_training_path_only(monkeypatch, tmp_path):
+    """An edit inside a training function changes the key of every job that runs it (and of the
+    jobs that depend on them); an edit outside the training path (generation, the zoo reader) or a
+    move of a function does not."""
+    from workbench import mllm
+    from workbench.world import recipes, training
+    from workbench.world.scheduler import RECIPES
+
+    before = _tiny_keys()
+    assert _tiny_keys() == before  # stable across calls
+
+    def generate(self, prompt, modal_inputs=None, max_new_tokens=8):  # not on the training path
+        return "edited"
+
+    def summary(self, scoring="generate"):  # the zoo reader
+        return None
+
+    monkeypatch.setattr(mllm.MultimodalLM, "generate", generate)
+    monkeypatch.setattr(Zoo, "summary", summary)
+    assert _tiny_keys() == before
+
+    # a move: the base LLM's build function in another module, its imports made absolute
+    source = inspect.getsource(recipes._job_base)
+    moved = (source.replace("from .training import", "from workbench.world.training import")
+             .replace("from .tasks import", "from workbench.world.tasks import")
+             .replace("from ..mllm import", "from workbench.mllm import"))
+    assert moved.count("from workbench.") == 3
+    (tmp_path / "moved_recipes.py").write_text("from __future__ import annotations\n\n\n" + moved)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(RECIPES, "base", dataclasses.replace(
+        RECIPES["base"], build=importlib.import_module("moved_recipes")._job_base))
+    assert _tiny_keys() == before
+
+    source = inspect.getsource(training._lr_at)
+    edited = source.replace("0.1 + 0.9", "0.2 + 0.8")  # one token of the learning-rate schedule
+    assert edited != source
+    (tmp_path / "edited_training.py").write_text("import math\n\n\n" + edited)
+    monkeypatch.setattr(training, "_lr_at", importlib.import_module("edited_training")._lr_at)
+    after = _tiny_keys()
+    assert after["tokenizer"] == before["tokenizer"] and after["data"] == before["data"]
+    assert after["image-full-s0"] != before["image-full-s0"] and after["base"] != before["base"]
+    monkeypatch.undo()
+
+    # a recipe version bump changes the kind's keys and those of the jobs downstream only
+    monkeypatch.setitem(RECIPES, "projector", dataclasses.replace(RECIPES["projector"], version=2))
+    bumped = _tiny_keys()
+    assert bumped["base"] == before["base"] and bumped["image-projector-s0"] != before["image-projector-s0"]
+    assert bumped["image-full-s0"] != before["image-full-s0"]
+
+
+def test_job_keys_are_the_same_in_another_process():
+    import subprocess
+    import sys
+
+    code = ("import json; from tests.test_zoo import _tiny_keys; print(json.dumps(_tiny_keys()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == _tiny_keys()
+
+
+def test_zoo_coerce_takes_a_zoo_its_folder_or_a_preset(tmp_path, monkeypatch):
+    """One way to open a zoo from what a caller passes: a :class:`Zoo` as is, a folder, a preset name
+    (its ``zoo_root``), or ``None`` with a preset."""
+    monkeypatch.setenv("WORKBENCH_ZOO", str(tmp_path))
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "zoo.json").write_text(json.dumps({"data_dir": str(tmp_path / "data"), "models": {}}))
+    z = Zoo.coerce(folder)
+    assert z.path == folder and Zoo.coerce(z) is z
+    assert Zoo.coerce(str(folder)).path == folder
+    assert Zoo.coerce("tiny").path == folder and Zoo.coerce(None, "tiny").path == folder
+    with pytest.raises(ValueError):
+        Zoo.coerce(None)
+    with pytest.raises(FileNotFoundError):
+        Zoo.coerce(tmp_path / "nowhere")
+
+
+def test_llm_folders_name_the_weights_of_each_kind(tmp_path):
+    models = {"a-full": "llm", "a-lora": "adapter", "a-damc": "adapter_text adapter_modality",
+              "a-damc-full": "llm_text llm_modality", "a-projector": ""}
+    for name, subs in models.items():
+        for sub in subs.split() + ["projector"]:
+            (tmp_path / "experts" / name / sub).mkdir(parents=True)
+    (tmp_path / "zoo.json").write_text(json.dumps({"data_dir": str(tmp_path / "data"), "models": {
+        name: {"path": f"experts/{name}"} for name in models}}))
+    z = Zoo(tmp_path)
+    for name, subs in models.items():
+        assert z.llm_folders(name) == {s: tmp_path / "experts" / name / s for s in subs.split()}, name

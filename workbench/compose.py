@@ -258,7 +258,7 @@ def zoo_expert(zoo, name: str) -> ExpertSource:
     """An expert of the miniature zoo (:class:`workbench.world.Zoo` or its path) by name."""
     from .world import PLACEHOLDERS, Zoo
 
-    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+    z = Zoo.coerce(zoo)
     info = z.info(name)
     kind = info.get("kind")
     path = z.expert_path(name)
@@ -291,7 +291,7 @@ def zoo_expert_model(zoo, name: str) -> MultimodalLM:
     route, λ = 1) - what ``Zoo.load_expert`` can return for kind ``"damc"``."""
     from .world import Zoo
 
-    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+    z = Zoo.coerce(zoo)
     return compose_expert(z.base_path, zoo_expert(z, name), z.tokenizer())
 
 

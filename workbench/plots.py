@@ -115,7 +115,7 @@ def caption(fig: Figure, preset: str, note: str = "") -> Figure:
     from .paths import repo_relative
 
     try:
-        from .world.zoo import zoo_root
+        from .world.presets import zoo_root
 
         zoo = repo_relative(zoo_root(preset))
     except Exception:  # noqa: BLE001 - a caption never stops a figure

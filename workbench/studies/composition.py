@@ -142,7 +142,7 @@ class ZooComposer:
         from .. import compose as C
         from ..world import Zoo
 
-        self.zoo = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+        self.zoo = Zoo.coerce(zoo)
         self.seed, self.expert_kind, self.search = seed, expert_kind, search
         self.search_dir = search_dir
         self.search_cache = Path(search_cache) if search_cache is not None else None
@@ -337,7 +337,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
 
     t0 = time.time()
     torch.manual_seed(0)
-    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo) if zoo is not None else Zoo.for_preset(preset)
+    z = Zoo.coerce(zoo, preset)
     out = Path(out) if out is not None else default_out(preset)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / "cache" if use_cache else None
@@ -504,7 +504,7 @@ def forgetting_experiment(zoo, expert: str, new_task: str | Sequence[str] = ("fi
     from ..world.tasks import batches, example_modal_inputs, modality_question, OWN_TASKS
     from ..world.training import seed_everything, train_mllm
 
-    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+    z = Zoo.coerce(zoo)
     src = C.zoo_expert(z, expert)
     if src.kind != "full":
         raise ConfigError(f"forgetting_experiment needs a full fine-tuned expert, {expert!r} is {src.kind}")
@@ -576,7 +576,7 @@ def run_forgetting(preset: str = "tiny", *, zoo=None, out: str | Path | None = N
     from ..world import Zoo
     from ..world.tasks import OWN_TASKS
 
-    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo) if zoo is not None else Zoo.for_preset(preset)
+    z = Zoo.coerce(zoo, preset)
     out = Path(out) if out is not None else default_out(preset)
     out.mkdir(parents=True, exist_ok=True)
     if experts is None:

@@ -67,6 +67,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from ..paths import repo_relative
+from ..world import Zoo
 from .protocol import Evaluator, quiet_loading, reference_rows, split_records
 
 #: The merge methods of the benchmark tables, in the paper's row order (Iso-CTS is extra).
@@ -115,16 +116,6 @@ ROW_COLUMNS = ["method", "method_id", "kind", "task", "split", "lambda", "search
 
 
 # ============================================================================================ small helpers
-def _zoo(zoo):
-    from ..world import Zoo
-
-    if hasattr(zoo, "manifest"):
-        return zoo
-    if isinstance(zoo, (str, Path)) and Path(zoo).is_dir():
-        return Zoo(zoo)
-    return Zoo.for_preset(str(zoo))
-
-
 def _preset(z) -> str:
     return str(z.manifest.get("preset", z.path.name))
 
@@ -178,7 +169,7 @@ def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None =
     from ..mllm import MultimodalLM
     from ..world import PLACEHOLDERS
 
-    z = _zoo(zoo)
+    z = Zoo.coerce(zoo)
     if variant not in ("full", "lora"):
         raise ValueError(f"variant must be 'full' or 'lora', got {variant!r}")
     cap = z.manifest["config"].get("capability", {})
@@ -230,7 +221,7 @@ def modality_setting(zoo, seeds: Sequence[int] | None = None, modalities: Sequen
     every expert's tower. Validation: ``mcub/val.json``; test: MCUB-mini 2/3/4 and ``own:<m>``."""
     from .. import compose as C
 
-    z = _zoo(zoo)
+    z = Zoo.coerce(zoo)
     mods = list(modalities) if modalities is not None else list(z.modalities)
     seeds = list(seeds) if seeds is not None else list(z.manifest["config"]["seeds"])
     experts, paths = {}, {}
@@ -413,7 +404,7 @@ def capability_merging(zoo, variant: str = "full", methods: Sequence[str] = CAP_
     a re-run computes only the missing ones. ``keep_merged``: a folder to keep the merged
     checkpoints in (default: removed after evaluation).
     """
-    z = _zoo(zoo)
+    z = Zoo.coerce(zoo)
     t0 = time.time()
     setting = capability_setting(z, variant, seeds, tasks, val_fraction, split_seed)
     ev, out_dir = _context(z, device, cache, out, write, scoring, progress)
@@ -481,7 +472,7 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
     """
     from .composition import ZooComposer
 
-    z = _zoo(zoo)
+    z = Zoo.coerce(zoo)
     t0 = time.time()
     setting = modality_setting(z, seeds, modalities, "full", max_items=max_items)
     ev, out_dir = _context(z, device, cache, out, write, scoring, progress)
@@ -571,7 +562,7 @@ def _family(zoo, family: str, seeds, tasks, max_items):
 def _run_entries(zoo, family, entries, lambdas, seeds, device, tasks, max_items, scoring, rescale, cache, out,
                  write, progress, experiment, filename, extra_attrs=None, executor="local", ray_address=None
                  ) -> pd.DataFrame:
-    z = _zoo(zoo)
+    z = Zoo.coerce(zoo)
     t0 = time.time()
     setting, _ = _family(z, family, seeds, tasks, max_items)
     ev, out_dir = _context(z, device, cache, out, write, scoring, progress)
@@ -668,7 +659,7 @@ def solver_comparison(zoo, family: str = "full", methods: Sequence[str] = ("wudi
     rows = _run_entries(zoo, family, entries, lambdas, seeds, device, tasks, max_items, scoring, "interpolate",
                         cache, out, write, progress, "solver_comparison", f"solver_comparison_{family}.csv",
                         executor=executor, ray_address=ray_address)
-    z = _zoo(zoo)
+    z = Zoo.coerce(zoo)
     setting, _ = _family(z, family, seeds, tasks, max_items)
     costs = []
     with tempfile.TemporaryDirectory(prefix="wb-solver-") as tmp:

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from .zoo import PRESETS, build_zoo
+    from .presets import PRESETS
+    from .scheduler import build_zoo
     if args.preset not in PRESETS:
         print(f"workbench zoo: unknown preset {args.preset!r}; the presets are: {', '.join(PRESETS)}", file=sys.stderr)
         return 2

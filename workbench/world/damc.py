@@ -91,7 +91,7 @@ def load_damc_tower(zoo, name: str) -> Tower:
     """The tower (frozen encoder + DAMC projector with prefix/suffix) of a zoo DAMC expert."""
     from .zoo import Zoo
 
-    z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
+    z = Zoo.coerce(zoo)
     info = z.info(name)
     t = Tower(z.load_encoder(info["modality"]), load_damc_projector(z.expert_path(name) / "projector"))
     return t.eval().requires_grad_(False)
@@ -155,7 +155,8 @@ def _job_damc(job, ctx: dict) -> dict:
     """Zoo job: DAMC decoupled training of one modality expert (see the module docstring)."""
     from .tasks import batches
     from .training import seed_everything, train_mllm
-    from .zoo import _evaluate, _load_llm, _n_params, _own_records, _sampler_mix, _tok, _write_expert_json
+    from .recipes import _evaluate, _n_params, _own_records, _sampler_mix, _tok, _write_expert_json
+    from .zoo import _load_llm
 
     c = job.config
     m, seed = c["modality"], c["seed"]
@@ -190,7 +191,7 @@ def _job_damc(job, ctx: dict) -> dict:
 
 def plan_damc(preset: str, cfg: dict) -> list:
     """One DAMC job per modality and seed of the preset (none if ``cfg["damc"]["enabled"]`` is false)."""
-    from .zoo import Job
+    from .scheduler import Job
 
     d = damc_settings(cfg)
     if not d.get("enabled", True):
@@ -206,9 +207,15 @@ def plan_damc(preset: str, cfg: dict) -> list:
 
 
 def _register() -> None:
-    from .zoo import register_job_kind
+    from .recipes import MODEL_PATH, path_entries
+    from .scheduler import register_job_kind
 
-    register_job_kind("damc", _job_damc, plan_damc)
+    path = (MODEL_PATH
+            + path_entries("workbench.routing", "_module_name _matches _get_parent routed_linear routed_modules "
+                       "linear_names DEFAULT_LORA_TARGETS _new_route_targets add_lora_routes add_dense_routes "
+                       "route_parameters remove_routes materialize_route save_route_adapter")
+            + path_entries(__name__, "N_PREFIX N_SUFFIX TEXT_LR_RATIO DamcProjector build_damc_model save_damc_llm"))
+    register_job_kind("damc", _job_damc, plan_damc, version=1, training_path=path)
 
 
 _register()

@@ -1,0 +1,73 @@
+"""The presets of the miniature world (what each zoo holds and how long it trains) and where a
+preset's zoo and generated inputs live (``zoo/<preset>/``, env ``WORKBENCH_ZOO`` overrides the
+parent folder; ``data/generated/<preset>/``)."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from ..paths import repo_root
+from .concepts import CAP_TASKS, MODALITIES
+
+PRESETS: dict[str, dict] = {
+    "default": {
+        "modalities": list(MODALITIES),
+        "seeds": [0, 1, 2],
+        "arch": {"hidden": 128, "layers": 4, "heads": 4, "ffn": 384},
+        "base": {"steps": 500, "batch": 64, "lr": 2e-3, "seed": 0},
+        "encoder": {"steps": {"image": 500, "audio": 200, "video": 250, "point": 400}, "batch": 64, "lr": 2e-3,
+                    "seed": 0},
+        # steps sized for the 30-minute build budget on 2 cores (issue #3). Until 2026-11-23 the
+        # preset used projector 120, expert 300, oracle 450, capability 300 / 250 caption steps
+        # (86 min). Measured from nothing since: expert 180, oracle 270, projector 80 with the
+        # capability family at 180 / 150: 23.8 min, but its VQA expert only 3 points above the base
+        # VLM (38.7 vs 35.3); the same with capability 300 / 250: 30.0 min. Hence these values.
+        "projector": {"steps": 60, "batch": 64, "lr": 3e-3},
+        "expert": {"steps": 165, "batch": 64, "lr_llm": 5e-4, "lr_proj": 1e-3, "replay": 0.25, "caption": 0.1},
+        # LoRA modality experts: seed 0 only (no table reports them with intervals; 08/09 can profile them)
+        "lora": {"enabled": True, "r": 16, "alpha": 32, "lr": 2e-3, "seeds": [0]},
+        "oracle": {"seeds": [0, 1, 2], "steps": 210, "batch": 64, "multimodal": 0.25, "replay": 0.2},
+        "capability": {"tasks": list(CAP_TASKS), "seeds": [0], "lora": True, "enc_steps": 300,
+                       "caption_steps": 220, "steps": 270, "batch": 64, "lr_llm": 1e-3, "lr_proj": 2e-3,
+                       "train_projector": False},
+        "data": {"n_per_subset": 60, "n_own": 200, "n_val": 120, "n_capability": 150, "seed": 12345},
+        "eval_generate": True,
+    },
+    "tiny": {
+        "modalities": ["image", "audio"],
+        "seeds": [0],
+        "arch": {"hidden": 64, "layers": 2, "heads": 2, "ffn": 192},
+        "base": {"steps": 250, "batch": 32, "lr": 3e-3, "seed": 0},
+        "encoder": {"steps": {"image": 250, "audio": 100}, "batch": 32, "lr": 3e-3, "seed": 0},
+        "projector": {"steps": 40, "batch": 32, "lr": 3e-3},
+        "expert": {"steps": 120, "batch": 32, "lr_llm": 1e-3, "lr_proj": 2e-3, "replay": 0.25, "caption": 0.1},
+        "lora": {"enabled": False, "r": 8, "alpha": 16, "lr": 3e-3},
+        "oracle": {"seeds": [], "steps": 150, "batch": 32, "multimodal": 0.25, "replay": 0.2},
+        "capability": {"tasks": ["vqa", "chart"], "seeds": [0], "lora": False, "enc_steps": 100,
+                       "caption_steps": 60, "steps": 120, "batch": 32, "lr_llm": 1e-3, "lr_proj": 3e-3,
+                       "train_projector": False},
+        "data": {"n_per_subset": 20, "n_own": 60, "n_val": 20, "n_capability": 40, "seed": 12345},
+        "eval_generate": True,
+    },
+}
+
+
+def zoo_root(preset: str, out: str | Path | None = None) -> Path:
+    """The zoo folder of ``preset`` (``out`` when given)."""
+    if out is not None:
+        return Path(out)
+    parent = os.environ.get("WORKBENCH_ZOO")
+    return (Path(parent) if parent else repo_root() / "zoo") / preset
+
+
+def data_root(preset: str) -> Path:
+    """The folder of the generated inputs and evaluation records of ``preset``."""
+    return repo_root() / "data" / "generated" / preset
+
+
+def get_preset(preset: str) -> dict:
+    """A copy of the configuration of ``preset``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[preset])
