@@ -323,71 +323,23 @@ def _as_llm(base: str | Path | nn.Module, dtype: torch.dtype = torch.float32,
     return load_causal_lm(base, dtype, device)
 
 
-class _TauReader:
-    """Task vectors τ = θi − θ0 of one expert's LLM, one tensor at a time (float32)."""
+def _open_llm(src: ExpertSource | str | Path | None):
+    """The :class:`~workbench.io.experts.Expert` of an expert's LLM (its task vectors ``tau``): a
+    full or multimodal folder, a LoRA adapter, or ``None`` / a projector-only expert (``tau = 0``)."""
+    from .io.experts import open_expert
 
-    def __init__(self, src: ExpertSource | str | Path | None, kind: str | None = None) -> None:
-        from .families import FamilyCheckpoint, is_mllm_folder
-        from .io import CheckpointReader, LoraAdapter, is_lora_adapter
-        from .llava import LlavaCheckpoint, is_llava_folder
-
-        self.kind, self.reader, self.llava, self.adapter = "zero", None, None, None
-        self._targets: set[str] = set()
-        self._replaced: set[str] = set()
-        path = None
-        if isinstance(src, ExpertSource):
-            if src.kind == "full":
-                path = src.llm
-            elif src.kind == "lora":
-                path = src.adapter
-            elif src.kind == "projector":
-                path = None
-            else:
-                raise ConfigError(f"expert {src.name!r} is a {src.kind} expert: its LLM is decoupled into text and "
-                                  "modality parameters and has no single task vector (use compose_damc)")
-        elif src is not None:
-            path = Path(src)
-        if path is None:
-            return
-        self.path = Path(path)
-        if is_lora_adapter(path):
-            self.kind, self.adapter = "lora", LoraAdapter(path)
-            self._targets, self._replaced = set(self.adapter.targets()), set(self.adapter.replaced())
-        elif is_mllm_folder(path):
-            self.kind, self.llava = "llava", FamilyCheckpoint(path)
-        elif is_llava_folder(path):
-            self.kind, self.llava = "llava", LlavaCheckpoint(path)
-        else:
-            self.kind, self.reader = "full", CheckpointReader(path)
-
-    def tau(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        """τ for tensor ``name`` (``None``: equal to the base)."""
-        if self.kind == "zero":
-            return None
-        if self.kind == "lora":
-            if name in self._targets:
-                d = self.adapter.delta(name).to(base.device)
-            elif name in self._replaced:
-                d = self.adapter.get_replaced(name).to(base.device).float() - base.float()
-            else:
-                return None
-        else:
-            if self.kind == "llava":
-                if not self.llava.has_lm_tensor(name):
-                    raise CheckpointError("expert lacks a tensor of the base LLM", file=self.path, tensor=name)
-                t = self.llava.lm_tensor(name)
-            else:
-                if name not in self.reader:
-                    raise CheckpointError("expert lacks a tensor of the base LLM", file=self.path, tensor=name)
-                t = self.reader.get(name)
-            if tuple(t.shape) != tuple(base.shape):
-                raise CheckpointError(f"shape {list(t.shape)} differs from the base's {list(base.shape)}",
-                                      file=self.path, tensor=name)
-            d = t.to(base.device).float() - base.float()
-        if tuple(d.shape) != tuple(base.shape):
-            raise CheckpointError(f"delta shape {list(d.shape)} differs from the base's {list(base.shape)}",
-                                  file=getattr(self, "path", None), tensor=name)
-        return d
+    path = None
+    if isinstance(src, ExpertSource):
+        if src.kind == "full":
+            path = src.llm
+        elif src.kind == "lora":
+            path = src.adapter
+        elif src.kind != "projector":
+            raise ConfigError(f"expert {src.name!r} is a {src.kind} expert: its LLM is decoupled into text and "
+                              "modality parameters and has no single task vector (use compose_damc)")
+    elif src is not None:
+        path = Path(src)
+    return open_expert(path, language_model=True)
 
 
 def _llm_tensors(llm: nn.Module, keep: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
@@ -431,7 +383,7 @@ def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str
     from tqdm.auto import tqdm
 
     llm = _as_llm(base, dtype, device)
-    readers = [_TauReader(e) for e in experts]
+    readers = [_open_llm(e) for e in experts]
     n = len(readers)
     if n == 0:
         raise ConfigError("merge_llm needs at least one expert")
@@ -769,7 +721,7 @@ def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | st
     from tqdm.auto import tqdm
 
     llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
-    readers = [_TauReader(e) for e in experts]
+    readers = [_open_llm(e) for e in experts]
     if merge_method == "weight_average":
         fn, params = None, {}
     else:
@@ -939,7 +891,7 @@ def remask(parts: MMERParts, base: str | Path | nn.Module, experts: Sequence[Exp
            lam: float, mask_fn: Callable | None = None) -> MMERParts:
     """The same τ* with masks recomputed for threshold ``lam`` (streams the experts again)."""
     llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
-    readers = [_TauReader(e) for e in experts]
+    readers = [_open_llm(e) for e in experts]
     params = dict(llm.named_parameters())
     mask_fn = mask_fn or mmer_mask
     masks = {}

@@ -47,12 +47,12 @@ from .config import MergeConfig, typed_params
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, WorkbenchError
 from .families import family_of
+from .io.experts import LoraPiece, open_expert
 from .io.filters import NameFilter
-from .io.lora import LoraAdapter, is_lora_adapter
+from .io.lora import is_lora_adapter
 from .io.reader import CheckpointReader
 from .io.reader import check_finite as _check_finite_io
-from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_full_expert, check_lora_base_name, check_lora_expert,
-                          check_output_path, check_output_target, remove_stale_temporaries)
+from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
 from .masks import pack_mask, unpack_mask
 
@@ -92,81 +92,13 @@ def resolve_method(name: str, registry: Mapping[str, Any] | None = None):
     return registry[name]
 
 
-# ---------------------------------------------------------------------------------------- experts
-class _FullExpert:
-    """An expert stored as a complete checkpoint."""
-
-    kind = "full"
-
-    def __init__(self, reader: CheckpointReader):
-        self.reader = reader
-        self.path = reader.path
-
-    def validate(self, base: CheckpointReader, strict: bool = False) -> None:
-        check_full_expert(self.reader, base)
-
-    def file_of(self, name: str) -> Path:
-        return self.reader.file_of(name)
-
-    def read(self, name: str):
-        return self.reader.get(name)
-
-
-@dataclass
-class _LoraPiece:
-    """LoRA factors of one expert on one tensor, applied on the compute device."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float
-    transpose: bool
-    on: torch.Tensor | None = None  # replacement of the base weight the delta applies to, if any
-
-    def delta(self, device: torch.device) -> torch.Tensor:
-        d = self.scale * (self.b.to(device, torch.float32) @ self.a.to(device, torch.float32))
-        return d.T if self.transpose else d
-
-
-class _LoraExpert:
-    """An expert given as a peft LoRA adapter on the base: θi = θ0 + s·B@A on its targets."""
-
-    kind = "lora"
-
-    def __init__(self, adapter: LoraAdapter):
-        self.adapter = adapter
-        self.path = adapter.path
-
-    def validate(self, base: CheckpointReader, strict: bool = False) -> None:
-        check_lora_expert(self.adapter, base)
-        check_lora_base_name(self.adapter, base, strict=strict)
-
-    def file_of(self, name: str) -> Path:
-        return self.adapter.file
-
-    def read(self, name: str):
-        on = self.adapter.get_replaced(name) if name in self.adapter._replaced else None
-        if name in self.adapter._factors:
-            a, b, s = self.adapter.factors(name)
-            kind = self.adapter._factors[name]["kind"]
-            return _LoraPiece(a, b, s, kind == "embedding" or self.adapter.fan_in_fan_out, on)
-        return on  # a replacement, or None: unchanged, equal to the base
-
-
-def open_expert(path: str | Path, *, mmap: bool = False):
-    """A full checkpoint or a LoRA adapter folder, whichever ``path`` is (read without mmap, or
-    memory-mapped for the compiled CPU path)."""
-    if is_lora_adapter(path):
-        return _LoraExpert(LoraAdapter(path, mmap=False))
-    return _FullExpert(CheckpointReader(path, mmap=mmap))
-
-
 # ---------------------------------------------------------------------------------------- reading
 @dataclass
 class _Item:
     name: str
     merged: bool
     base: torch.Tensor
-    experts: list = field(default_factory=list)  # Tensor | _LoraPiece | None (= base)
+    experts: list = field(default_factory=list)  # Tensor | LoraPiece | None (= base)
 
 
 _EXP_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
@@ -201,7 +133,7 @@ def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequenc
             if isinstance(x, torch.Tensor):
                 if check:
                     check_finite(x, file=e.file_of(name), tensor=name)
-            elif isinstance(x, _LoraPiece):
+            elif isinstance(x, LoraPiece):
                 for t in (x.a, x.b) if x.on is None else (x.a, x.b, x.on):
                     check_finite(t, file=e.file_of(name), tensor=name)
             item.experts.append(x)
@@ -262,7 +194,7 @@ def _to_device(x, base_dev: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Expert value -> float32 tensor on ``device`` (``None`` is the base, LoRA adds its delta)."""
     if x is None:
         return base_dev.clone()
-    if isinstance(x, _LoraPiece):
+    if isinstance(x, LoraPiece):
         on = base_dev if x.on is None else x.on.to(device=device, dtype=torch.float32)
         return on + x.delta(device)
     return x.to(device=device, dtype=torch.float32, non_blocking=True)
@@ -455,7 +387,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     base = CheckpointReader(cfg.base, mmap=compiled)
     experts = [open_expert(p, mmap=compiled) for p in cfg.experts]
     for e in experts:
-        e.validate(base, cfg.strict)
+        e.validate(base, refuse_foreign=cfg.strict)
     names = base.keys()
     infos = {n: base.info(n) for n in names}
     keep = family_of(cfg.base, cfg.family).keep_patterns if cfg.keep_defaults else None
@@ -574,7 +506,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     report.seconds = time.perf_counter() - t0
     base.close()
     for e in experts:
-        (e.reader if isinstance(e, _FullExpert) else e.adapter.reader).close()
+        e.close()
     return report
 
 
