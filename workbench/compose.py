@@ -32,14 +32,14 @@ Compositions (methods.md sections 1-3):
   take the text route's value. The parts can also come from the engine's output folder
   (:func:`mmer_parts_from_merge`: merged θ0+τ* and ``mmer/masks.safetensors``).
 
-Storage (:func:`disk_bytes`, :func:`save_mmer_parts`, :func:`storage_comparison`) and forgetting
+Storage (:func:`disk_bytes`, :func:`storage_comparison`; MMER's parts are saved by
+:func:`workbench.io.mmer_store.write_parts`) and forgetting
 (:func:`forgetting_experiment`) are here too; tables are in :mod:`workbench.results`.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
@@ -50,7 +50,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .masks import pack_mask, unpack_mask
+from .io.mmer_store import MMERParts
+from .masks import pack_mask
 from .mllm import MultimodalLM
 from .routing import (DEFAULT_LORA_TARGETS, Dense, LowRank, Masked, apply_routes, load_route_adapter,
                       route_components, set_route_coefficients)
@@ -684,31 +685,6 @@ def mmer_mask(tau: torch.Tensor, tau_star: torch.Tensor, lam: float = 1.0) -> to
     return mmer_masks([tau], tau_star, lam)[0]
 
 
-@dataclass
-class MMERParts:
-    """τ* per tensor and one packed mask per expert per tensor (what MMER stores).
-
-    ``tau_star[name]``: τ* (``dtype``); ``masks[name][i]``: packed uint8 mask of expert ``i``
-    (:func:`workbench.masks.pack_mask`, MSB first); ``shapes[name]``.
-    """
-
-    tau_star: dict[str, torch.Tensor]
-    masks: dict[str, list[torch.Tensor]]
-    n_experts: int
-    params: dict = field(default_factory=dict)
-
-    def mask(self, name: str, i: int) -> torch.Tensor:
-        return unpack_mask(self.masks[name][i], self.tau_star[name].shape)
-
-    def density(self) -> list[float]:
-        """Per expert, the fraction of τ*'s non-zero entries its mask keeps (over all masked tensors;
-        entries where τ* = 0 do not count - the mask is irrelevant there)."""
-        nz = {n: self.tau_star[n] != 0 for n in self.masks}
-        tot = sum(int(v.sum()) for v in nz.values())
-        return [sum(int((self.mask(n, i) & nz[n]).sum()) for n in self.masks) / max(tot, 1)
-                for i in range(self.n_experts)]
-
-
 @torch.no_grad()
 def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
                merge_method: str | Callable = "ties", merge_params: Mapping[str, Any] | None = None,
@@ -749,45 +725,14 @@ def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | st
 @torch.no_grad()
 def mmer_parts_from_merge(output: str | Path, base: str | Path | nn.Module, n_experts: int | None = None,
                           dtype: torch.dtype = torch.float32) -> MMERParts:
-    """MMERParts from the engine's output folder: τ* = merged − θ0 per merged tensor, masks from
-    ``<output>/mmer/masks.safetensors`` (keys ``<tensor>::mask_<i>``, packed)."""
-    from safetensors import safe_open
+    """MMERParts from the engine's output folder: its MMER store ``<output>/mmer/``
+    (:func:`workbench.io.mmer_store.read_parts`), τ* = merged − θ0 per masked tensor."""
+    from .io.mmer_store import MMER_DIR, MMERStore, read_parts
 
-    from .io import CheckpointReader
-
-    out = Path(output)
-    mfile = out / "mmer" / "masks.safetensors"
-    if not mfile.is_file():
-        raise CheckpointError("no MMER masks in the merge output (run the engine with an MMER method)", file=mfile)
+    MMERStore(Path(output) / MMER_DIR)  # the masks are there, before the base LLM is loaded
     llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
-    merged = CheckpointReader(out)
-    params = {n: p for n, p in llm.named_parameters()}
-    raw: dict[str, dict[int, torch.Tensor]] = {}
-    with safe_open(str(mfile), framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            name, _, extra = k.partition("::")
-            m = re.fullmatch(r"mask_(\d+)", extra)
-            if m is None:
-                continue
-            info = json.loads(meta.get(k, "{}"))
-            if name not in params:
-                raise CheckpointError("mask for a tensor the base does not have", file=mfile, tensor=k)
-            t = f.get_tensor(k)
-            if not info.get("packed", t.dtype == torch.uint8):
-                t = pack_mask(t.bool())
-            raw.setdefault(name, {})[int(m.group(1))] = t
-    n = n_experts if n_experts is not None else 1 + max(i for d in raw.values() for i in d)
-    tau_star, masks = {}, {}
-    for name, d in raw.items():
-        if sorted(d) != list(range(n)):
-            raise CheckpointError(f"expected masks 0..{n - 1}, found {sorted(d)}", file=mfile, tensor=name)
-        b = params[name].detach().float()
-        tau_star[name] = (merged.get(name).float() - b).to(dtype)
-        masks[name] = [d[i] for i in range(n)]
-    js = out / "mmer" / "mmer.json"
-    prm = json.loads(js.read_text()).get("params", {}) if js.is_file() else {}
-    return MMERParts(tau_star, masks, n, {"from": str(out), **prm})
+    return read_parts(Path(output) / MMER_DIR, base=dict(llm.named_parameters()), merged=output,
+                      n_experts=n_experts, dtype=dtype)
 
 
 def _is_routable(llm: nn.Module, name: str, target_modules: Sequence[str] | None) -> bool:
@@ -947,45 +892,6 @@ def disk_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def save_mmer_parts(parts: MMERParts, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``tau_star.safetensors`` (τ*, in ``dtype`` or as held), ``masks.safetensors`` (packed
-    uint8, keys ``<tensor>::mask_<i>``, shapes in the metadata) and ``mmer.json``."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    ts = {n: (t.to(dtype) if dtype else t).contiguous() for n, t in parts.tau_star.items()}
-    save_file(ts, str(folder / "tau_star.safetensors"), metadata={"format": "pt"})
-    masks, meta = {}, {}
-    for n, ms in parts.masks.items():
-        for i, m in enumerate(ms):
-            k = f"{n}::mask_{i}"
-            masks[k] = m.contiguous()
-            meta[k] = json.dumps({"shape": list(parts.tau_star[n].shape), "dtype": "bool", "packed": True})
-    save_file(masks, str(folder / "masks.safetensors"), metadata=meta)
-    (folder / "mmer.json").write_text(json.dumps({"n_experts": parts.n_experts, "params": parts.params,
-                                                  "density": parts.density()}, indent=2, default=str))
-    return folder
-
-
-def load_mmer_parts(folder: str | Path) -> MMERParts:
-    """Inverse of :func:`save_mmer_parts`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    ts = load_file(str(folder / "tau_star.safetensors"))
-    info = json.loads((folder / "mmer.json").read_text())
-    masks: dict[str, list] = {}
-    with safe_open(str(folder / "masks.safetensors"), framework="pt") as f:
-        for k in f.keys():
-            n, _, extra = k.partition("::")
-            i = int(extra.split("_")[1])
-            lst = masks.setdefault(n, [None] * info["n_experts"])
-            lst[i] = f.get_tensor(k)
-    return MMERParts(ts, masks, info["n_experts"], info.get("params", {}))
-
-
 def storage_comparison(mmer_paths: Sequence[str | Path], expert_paths: Sequence[str | Path]) -> dict:
     """Bytes on disk: MMER's stored parts (τ* + packed masks: the files/folders in ``mmer_paths``)
     vs. the N experts' LLMs (``expert_paths``). Returns the sizes and their ratio."""
@@ -1080,12 +986,12 @@ def forgetting_experiment(zoo, expert: str, new_task: str | Sequence[str] = ("fi
 
 
 __all__ = [
-    "CachedTokenizer", "CachedTower", "ExpertSource", "MMERParts", "TemplatedMultimodalLM", "assign_placeholders",
+    "CachedTokenizer", "CachedTower", "ExpertSource", "TemplatedMultimodalLM", "assign_placeholders",
     "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",
     "compose_naive_mc", "damc_lambda_from_own_tasks", "damc_lambda_search", "damc_llm", "disk_bytes",
-    "forgetting_experiment", "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm", "load_mmer_parts",
+    "forgetting_experiment", "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm",
     "merge_llm", "mmer_llm", "mmer_mask", "mmer_parts", "mmer_parts_from_merge", "mmer_search", "remask",
-    "save_mmer_parts", "set_damc_coefficients", "set_mmer_alpha", "set_mmer_masks", "storage_comparison",
+    "set_damc_coefficients", "set_mmer_alpha", "set_mmer_masks", "storage_comparison",
     "zoo_expert", "zoo_expert_model",
 ]

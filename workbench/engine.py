@@ -16,7 +16,8 @@
    current ones are computed in float32 on the device; each result is cast to the stored dtype
    and written at once by a planned :class:`~workbench.io.CheckpointWriter`, so memory holds a
    few tensors, never the model. Tensors the name filter keeps are copied from the base
-   bit-identically. Method extras (MMER masks) are bit-packed and saved under ``<output>/mmer/``.
+   bit-identically. Method extras (MMER masks) are bit-packed and saved under ``<output>/mmer/``
+   (the MMER store: :mod:`workbench.io.mmer_store`).
    What is written is checked finite after the cast to the output dtype, and each expert's
    ``||tau|| / ||theta_0||`` is tallied: above :data:`~workbench.io.validate.FOREIGN_RATIO` a
    warning names it (``strict``: the merge fails and nothing is written).
@@ -49,12 +50,12 @@ from .errors import CheckpointError, ConfigError, WorkbenchError
 from .families import family_of
 from .io.experts import LoraPiece, open_expert
 from .io.filters import NameFilter
+from .io.mmer_store import ExtrasRecorder
 from .io.lora import is_lora_adapter
 from .io.reader import CheckpointReader
 from .io.reader import check_finite as _check_finite_io
 from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
-from .masks import pack_mask, unpack_mask
 
 #: tensors read ahead of the one being computed.
 PREFETCH_DEPTH = 2
@@ -438,10 +439,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         config_updates["torch_dtype"] = cfg.dtype
         if base.config and "dtype" in base.config:
             config_updates["dtype"] = cfg.dtype
-    masks: dict[str, torch.Tensor] = {}
-    mask_meta: dict[str, str] = {}
-    densities: dict[str, dict[str, float]] = {}
-    kept_totals: dict[str, list[int]] = {}
+    extras = ExtrasRecorder()
     objectives: dict[str, dict] = {}
 
     compiled_settings = _compiled_settings(cfg.method, params, len(experts), thresholds) if compiled else None
@@ -471,15 +469,15 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                                 norms)
                 return
             results = _compute(spec, items, device, cfg.seed, params, thresholds, batched, norms)
-            for it, (merged, extras, facts) in zip(items, results):
+            for it, (merged, method_extras, facts) in zip(items, results):
                 if facts:
                     objectives[it.name] = facts
                 if tuple(merged.shape) != tuple(infos[it.name].shape):
                     raise WorkbenchError(f"method {cfg.method!r} returned shape {list(merged.shape)} for tensor "
                                          f"{it.name!r}, expected {list(infos[it.name].shape)}")
                 w.add(it.name, stored(merged, dtype_of(it.name), it.name, f"method {cfg.method!r}"))
-                for key, value in extras.items():
-                    _store_extra(it.name, key, value, masks, mask_meta, densities, kept_totals)
+                for key, value in method_extras.items():
+                    extras.add(it.name, key, value)
 
         with tqdm(total=len(names), desc=f"merge {cfg.method}", unit="tensor", disable=not progress) as bar:
             with contextlib.closing(prefetch(units, read)) as stream:  # stops the reader thread on errors
@@ -488,13 +486,8 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                     bar.update(len(items))
                     del items
         norms.check(strict=cfg.strict, files=[e.path for e in experts])
-        if masks:
-            overall = {k: v[0] / max(v[1], 1) for k, v in sorted(kept_totals.items())}
-            w.save_extra("mmer/masks.safetensors", masks, metadata=mask_meta)
-            w.save_json("mmer/mmer.json", {"method": cfg.method, "params": params_asked, "density": overall,
-                                           "density_per_tensor": densities,
-                                           "format": "keys '<tensor>::<extra>'; bool masks packed with "
-                                                     "workbench.masks.pack_mask (MSB first), shape in metadata"})
+        if extras:
+            extras.save(w, cfg.method, params_asked)
         report = MergeReport(cfg.output, cfg.method, params_asked, merged_names,
                              [n for n in names if n not in merged_set], 0.0, str(device), thresholds, objectives,
                              "compiled" if compiled else "torch")
@@ -651,35 +644,3 @@ def _trim_expert(e: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
         # kept entries are non-zero (|d| >= t > 0); dropped ones become +-0, and "+ 0.0" makes them +0
         d.mul_(d.abs() >= t).add_(0.0)
     return d.add_(b)
-
-
-def _store_extra(name: str, key: str, value: torch.Tensor, masks: dict, meta: dict, densities: dict,
-                 totals: dict) -> None:
-    """Pack a boolean extra (mask) or keep a numeric one, recording shapes and densities."""
-    full = f"{name}::{key}"
-    if value.dtype == torch.bool:
-        masks[full] = pack_mask(value).cpu()
-        kept = int(value.sum())
-        densities.setdefault(key, {})[name] = kept / max(value.numel(), 1)
-        t = totals.setdefault(key, [0, 0])
-        t[0] += kept
-        t[1] += value.numel()
-    else:
-        masks[full] = value.detach().cpu().contiguous()
-    meta[full] = json.dumps({"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
-                             "packed": value.dtype == torch.bool})
-
-
-def load_masks(output: str | Path) -> dict[str, torch.Tensor]:
-    """Read ``<output>/mmer/masks.safetensors`` back as unpacked tensors keyed ``<tensor>::<extra>``."""
-    from safetensors import safe_open
-
-    file = Path(output) / "mmer" / "masks.safetensors"
-    out = {}
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            info = json.loads(meta[k])
-            t = f.get_tensor(k)
-            out[k] = unpack_mask(t, info["shape"]) if info["packed"] else t
-    return out
