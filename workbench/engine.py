@@ -582,9 +582,10 @@ def _nonfinite_what(t: torch.Tensor | None, dtype: torch.dtype) -> str:
 
 
 def _version() -> str:
-    from . import __version__
+    """The installed package's version (from its metadata: ``pyproject.toml``)."""
+    from importlib.metadata import version
 
-    return __version__
+    return version("mllm-workbench")
 
 
 def _objective_summary(objectives: Mapping[str, dict]) -> dict:
