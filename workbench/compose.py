@@ -326,8 +326,11 @@ def _as_llm(base: str | Path | nn.Module, dtype: torch.dtype = torch.float32,
 
 def _open_llm(src: ExpertSource | str | Path | None):
     """The :class:`~workbench.io.experts.Expert` of an expert's LLM (its task vectors ``tau``): a
-    full or multimodal folder, a LoRA adapter, or ``None`` / a projector-only expert (``tau = 0``)."""
-    from .io.experts import open_expert
+    full folder, the language model of a multimodal folder (a known family's or LLaVA-style), a
+    LoRA adapter, or ``None`` / a projector-only expert (``tau = 0``)."""
+    from .families import FamilyCheckpoint, is_mllm_folder
+    from .io.experts import Expert, open_expert
+    from .llava import LlavaCheckpoint, is_llava_folder
 
     path = None
     if isinstance(src, ExpertSource):
@@ -340,7 +343,11 @@ def _open_llm(src: ExpertSource | str | Path | None):
                               "modality parameters and has no single task vector (use compose_damc)")
     elif src is not None:
         path = Path(src)
-    return open_expert(path, language_model=True)
+    if path is not None and is_mllm_folder(path):
+        return Expert("mllm", Path(path), checkpoint=FamilyCheckpoint(path))
+    if path is not None and is_llava_folder(path):
+        return Expert("mllm", Path(path), checkpoint=LlavaCheckpoint(path))
+    return open_expert(path)
 
 
 def _llm_tensors(llm: nn.Module, keep: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:

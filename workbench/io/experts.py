@@ -8,9 +8,10 @@ Kinds (``Expert.kind``):
   (:func:`workbench.io.lora.lora_delta`), replacement weights (``modules_to_save``) elsewhere;
 - ``"damc"``: a DAMC expert (text and modality adapters); ``damc_set`` picks the adapter whose
   product is the task vector, the other one is :attr:`Expert.other`;
-- ``"mllm"``: the language model of a multimodal folder of a known family
-  (:mod:`workbench.families`) or LLaVA-style (:mod:`workbench.llava`), by its causal-LM names
-  (``language_model=True`` only);
+- ``"mllm"``: the language model of a multimodal folder, by its causal-LM names, read through a
+  ``checkpoint`` with ``has_lm_tensor`` / ``lm_tensor`` (:class:`workbench.families.FamilyCheckpoint`,
+  :class:`workbench.llava.LlavaCheckpoint`; the composition, which knows the families, builds it:
+  ``Expert("mllm", path, checkpoint=...)``);
 - ``"frozen"``: a projector-only expert (or no expert: ``path=None``): its LLM is the base, ``tau = 0``.
 
 Every read is lazy (one tensor at a time, memory-mapped by default). The three users read an
@@ -216,8 +217,8 @@ def expert_folder_layout(folder: Path) -> tuple[str, dict[str, Path]] | None:
     return None
 
 
-def open_expert(path: str | Path | None, *, name: str | None = None, mmap: bool = True, damc_set: str = "text",
-                language_model: bool = False) -> Expert:
+def open_expert(path: str | Path | None, *, name: str | None = None, mmap: bool = True,
+                damc_set: str = "text") -> Expert:
     """Open an expert, whatever its kind (see the module docstring).
 
     Args:
@@ -226,8 +227,6 @@ def open_expert(path: str | Path | None, *, name: str | None = None, mmap: bool 
         name: a label for the expert (:attr:`Expert.name`; default: the path's name).
         mmap: memory-map the tensors (as :class:`CheckpointReader`).
         damc_set: for a DAMC expert, ``"text"`` or ``"modality"``: whose product is the task vector.
-        language_model: read a multimodal folder (known family or LLaVA-style) as its language
-            model, by causal-LM names (kind ``"mllm"``); otherwise it is read as a checkpoint.
 
     Raises:
         CheckpointError: the path does not exist, or is not readable as a checkpoint.
@@ -255,13 +254,4 @@ def open_expert(path: str | Path | None, *, name: str | None = None, mmap: bool 
             return Expert("full", p, name=name, reader=CheckpointReader(parts["llm"], mmap=mmap))
         if is_lora_adapter(p):
             return Expert("lora", p, name=name, adapter=LoraAdapter(p, mmap=mmap))
-        if language_model:
-            # the readers of multimodal folders live with the families that define them
-            from ..families import FamilyCheckpoint, is_mllm_folder
-            from ..llava import LlavaCheckpoint, is_llava_folder
-
-            if is_mllm_folder(p):
-                return Expert("mllm", p, name=name, checkpoint=FamilyCheckpoint(p))
-            if is_llava_folder(p):
-                return Expert("mllm", p, name=name, checkpoint=LlavaCheckpoint(p))
     return Expert("full", p, name=name, reader=CheckpointReader(p, mmap=mmap))
