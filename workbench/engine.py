@@ -52,8 +52,7 @@ from .io.experts import LoraPiece, open_expert
 from .io.filters import NameFilter
 from .io.mmer_store import ExtrasRecorder
 from .io.lora import is_lora_adapter
-from .io.reader import CheckpointReader
-from .io.reader import check_finite as _check_finite_io
+from .io.reader import CheckpointReader, all_finite, check_finite
 from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
 
@@ -100,25 +99,6 @@ class _Item:
     merged: bool
     base: torch.Tensor
     experts: list = field(default_factory=list)  # Tensor | LoraPiece | None (= base)
-
-
-_EXP_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN / Inf in ``t``; for 16-bit floats by their exponent bits (an entry is NaN/Inf exactly
-    when they are all set: one integer pass instead of ``isfinite``, slow on bfloat16 on the CPU)."""
-    mask = _EXP_BITS.get(t.dtype)
-    if mask is not None:
-        return not (t.numel() and bool(((t.view(torch.int16) & mask) == mask).any()))
-    return not t.is_floating_point() or bool(torch.isfinite(t).all())
-
-
-def check_finite(t: torch.Tensor, *, file, tensor: str) -> None:
-    """:func:`workbench.io.reader.check_finite` with the cheaper test of :func:`all_finite`; the
-    error is the reader's own."""
-    if not all_finite(t):
-        _check_finite_io(t, file=file, tensor=tensor)
 
 
 def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any], check: bool = True) -> _Item:
