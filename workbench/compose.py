@@ -257,6 +257,7 @@ def family_expert(folder: str | Path, *, modality: str = "image", key: str | Non
 
 def zoo_expert(zoo, name: str) -> ExpertSource:
     """An expert of the miniature zoo (:class:`workbench.world.Zoo` or its path) by name."""
+    from .io.experts import expert_folder_layout
     from .world import PLACEHOLDERS, Zoo
 
     z = zoo if hasattr(zoo, "manifest") else Zoo(zoo)
@@ -268,22 +269,23 @@ def zoo_expert(zoo, name: str) -> ExpertSource:
     else:
         modality = info["modality"]
     ph = PLACEHOLDERS.get(modality, f"<{modality}>")
+    llm_kind, llm = expert_folder_layout(path) or (None, {})
     if kind == "damc":
         from .world.damc import load_damc_tower
 
         tower = load_damc_tower(z, name)
-        if (path / "adapter_text").exists():
-            return ExpertSource(name, modality, "damc", tower, ph, adapter_text=path / "adapter_text",
-                                adapter_modality=path / "adapter_modality", info=info)
-        return ExpertSource(name, modality, "damc-full", tower, ph, llm_text=path / "llm_text",
-                            llm_modality=path / "llm_modality", info=info)
+        if llm_kind == "damc":
+            return ExpertSource(name, modality, "damc", tower, ph, adapter_text=llm["text"],
+                                adapter_modality=llm["modality"], info=info)
+        return ExpertSource(name, modality, "damc-full", tower, ph, llm_text=llm.get("text"),
+                            llm_modality=llm.get("modality"), info=info)
     tower = z.load_tower(name)
     if kind == "projector":
         return ExpertSource(name, modality, "projector", tower, ph, info=info)
-    if (path / "adapter").exists():
-        return ExpertSource(name, modality, "lora", tower, ph, adapter=path / "adapter", info=info)
-    if (path / "llm").exists():
-        return ExpertSource(name, modality, "full", tower, ph, llm=path / "llm", info=info)
+    if llm_kind == "lora":
+        return ExpertSource(name, modality, "lora", tower, ph, adapter=llm["adapter"], info=info)
+    if llm_kind == "full":
+        return ExpertSource(name, modality, "full", tower, ph, llm=llm["llm"], info=info)
     raise CheckpointError(f"zoo expert {name!r} of kind {kind!r} has neither llm/ nor adapter/", file=path)
 
 

@@ -188,18 +188,22 @@ class Expert:
 
 # ---------------------------------------------------------------------------------------- opening
 def expert_folder_layout(folder: Path) -> tuple[str, dict[str, Path]] | None:
-    """The LLM parts of a zoo expert folder (the layout :mod:`workbench.world.zoo` writes):
-    ``("frozen", {})`` for a projector-only expert (``expert.json`` kind ``projector``, or no LLM
-    folder), ``("damc", {"text": ..., "modality": ...})`` for ``adapter_text/`` +
-    ``adapter_modality/`` (also under ``llm/``), ``("lora", {"adapter": ...})`` for ``adapter/``
-    (or ``llm/`` holding an adapter), ``("full", {"llm": ...})`` for ``llm/``; ``None`` when
-    ``folder`` is not such a folder (a plain checkpoint or adapter folder)."""
+    """The LLM parts of a zoo expert folder (the layout :mod:`workbench.world.zoo` writes; the one
+    place its folder names are read): ``("damc-full", {"text": ..., "modality": ...})`` for
+    ``llm_text/`` + ``llm_modality/`` (DAMC's full-weight option), ``("frozen", {})`` for a
+    projector-only expert (``expert.json`` kind ``projector``, or no LLM folder), ``("damc",
+    {"text": ..., "modality": ...})`` for ``adapter_text/`` + ``adapter_modality/`` (also under
+    ``llm/``), ``("lora", {"adapter": ...})`` for ``adapter/`` (or ``llm/`` holding an adapter),
+    ``("full", {"llm": ...})`` for ``llm/``; ``None`` when ``folder`` is not such a folder (a plain
+    checkpoint or adapter folder)."""
     kind = None
     if (folder / "expert.json").is_file():
         try:
             kind = json.loads((folder / "expert.json").read_text()).get("kind")
         except (OSError, ValueError) as e:
             raise CheckpointError(f"unreadable expert.json: {e}", file=folder / "expert.json") from e
+    if (folder / "llm_text").is_dir() and (folder / "llm_modality").is_dir():
+        return "damc-full", {"text": folder / "llm_text", "modality": folder / "llm_modality"}
     has_llm = any((folder / d).is_dir() for d in ("llm", "adapter", "adapter_text")) or is_lora_adapter(folder)
     if kind == "projector" or (kind is not None and not has_llm):
         return "frozen", {}
@@ -245,6 +249,9 @@ def open_expert(path: str | Path | None, *, name: str | None = None, mmap: bool 
             kind, parts = layout
             if kind == "frozen":
                 return Expert("frozen", p, name=name)
+            if kind == "damc-full":
+                raise CheckpointError("a DAMC expert with full-weight text and modality LLMs has no task vector "
+                                      "to read here (open llm_text/ or llm_modality/ as full experts)", file=p)
             if kind == "damc":
                 text, mod = LoraAdapter(parts["text"], mmap=mmap), LoraAdapter(parts["modality"], mmap=mmap)
                 main, other = (text, mod) if damc_set == "text" else (mod, text)
