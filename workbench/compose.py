@@ -368,12 +368,6 @@ def _resolve_method(method: str | Callable):
     return spec.fn, dict(getattr(spec, "defaults", {}) or {})
 
 
-def _gen(seed: int, name: str):
-    from .engine import tensor_generator
-
-    return tensor_generator(seed, name)
-
-
 # ================================================================================================ merging
 @torch.no_grad()
 def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
@@ -391,6 +385,8 @@ def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str
     tensor, there) plus one tensor per expert: in bfloat16 on one GPU a 7B LLM is ~14 GB.
     """
     from tqdm.auto import tqdm
+
+    from .engine import call_method
 
     llm = _as_llm(base, dtype, device)
     readers = [_open_llm(e) for e in experts]
@@ -420,8 +416,7 @@ def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str
                     out += lam_i * t
         else:
             thetas = [b + t if t is not None else b.clone() for t in taus]
-            out = fn(b, thetas, name=name, generator=_gen(seed, name), **params)
-            out = getattr(out, "merged", out)
+            out = call_method(fn, b, thetas, name, seed, params)[0]
         p.data.copy_(out.to(p.dtype))
     return llm
 
@@ -705,6 +700,8 @@ def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | st
     held in ``dtype`` (default: the base parameter's dtype)."""
     from tqdm.auto import tqdm
 
+    from .engine import call_method
+
     llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
     readers = [_open_llm(e) for e in experts]
     if merge_method == "weight_average":
@@ -723,8 +720,7 @@ def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | st
         if fn is None:
             ts = sum(taus) / len(taus)
         else:
-            out = fn(b, [b + t for t in taus], name=name, generator=_gen(seed, name), **params)
-            ts = getattr(out, "merged", out).float() - b
+            ts = call_method(fn, b, [b + t for t in taus], name, seed, params)[0].float() - b
         tau_star[name] = ts.to(dtype or p.dtype)
         masks[name] = [pack_mask(mask_fn(t, ts, lam)) for t in taus]
     return MMERParts(tau_star, masks, len(readers), {"merge_method": str(merge_method), "lam": lam,

@@ -282,11 +282,15 @@ class MergeReport:
     path: str = "torch"  # "compiled": the fused CPU kernels of workbench.merge_kernels ran
 
 
-def _call_method(spec, base: torch.Tensor, experts: list[torch.Tensor], name: str, device: torch.device,
-                 seed: int, params: dict, report: list | None = None):
+def call_method(fn: Callable, base: torch.Tensor, experts: list[torch.Tensor], name: str, seed: int, params: dict,
+                *, device: torch.device | str = "cpu", report: list | None = None) -> tuple[torch.Tensor, dict]:
+    """One tensor through a method's ``fn`` (the engine's and the composition's one call):
+    ``fn(base, experts, name=, generator=, **params)`` with the generator of :func:`tensor_generator`
+    ``(seed, name)`` on ``device``; returns ``(merged, extras)`` (a method's :class:`MergeResult`
+    unwrapped; ``{}`` for a bare tensor). ``report``: the list a reporting method appends its facts to."""
     gen = tensor_generator(seed, name, device)
     extra = {"report": report} if report is not None else {}
-    out = spec.fn(base, experts, name=name, generator=gen, **params, **extra)
+    out = fn(base, experts, name=name, generator=gen, **params, **extra)
     if hasattr(out, "merged") and hasattr(out, "extras"):
         return out.merged, dict(out.extras or {})
     return out, {}
@@ -613,7 +617,7 @@ def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: 
     results = []
     for it, b, ex in zip(items, bases, expert_lists):
         facts = [] if reports else None
-        merged, extras = _call_method(spec, b, ex, it.name, device, seed, params, facts)
+        merged, extras = call_method(spec.fn, b, ex, it.name, seed, params, device=device, report=facts)
         results.append((merged, extras, facts[0] if facts else {}))
     return results
 
