@@ -534,16 +534,16 @@ def compose_naive_mc(base: str | Path | nn.Module, experts: Sequence[ExpertSourc
 # ================================================================================================ DAMC
 def _dense_deltas(base_llm: nn.Module, folder: Path, targets: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """θ − θ0 on the linear weights of ``base_llm`` that differ in the full folder ``folder``."""
-    from .io import CheckpointReader
+    from .io.experts import open_expert
 
-    r = CheckpointReader(folder)
+    e = open_expert(folder)
     out = {}
     for n, m in base_llm.named_modules():
         if isinstance(m, nn.Linear) and n.split(".")[-1] in (targets or DEFAULT_LORA_TARGETS):
             key = n + ".weight"
-            if key not in r:
+            if e.kind != "full" or key not in e.reader:
                 raise CheckpointError("DAMC full-weight folder lacks a weight of the base", file=folder, tensor=key)
-            d = r.get(key).float() - m.weight.detach().float()
+            d = e.tau(key, m.weight.detach())
             if bool((d != 0).any()):
                 out[n] = d
     return out
