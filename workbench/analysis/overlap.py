@@ -23,7 +23,6 @@ Per tensor :class:`MaskOverlap` holds tidy frames with counts, so every group st
 from __future__ import annotations
 
 import itertools
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
