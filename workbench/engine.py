@@ -46,11 +46,10 @@ import torch
 from .config import MergeConfig, typed_params
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, WorkbenchError
-from .families import family_of
 from .io.experts import LoraPiece, open_expert
 from .io.filters import NameFilter
-from .io.mmer_store import ExtrasRecorder
 from .io.lora import is_lora_adapter
+from .io.mmer_store import ExtrasRecorder
 from .io.reader import CheckpointReader, all_finite, check_finite
 from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
@@ -374,8 +373,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         e.validate(base, refuse_foreign=cfg.strict)
     names = base.keys()
     infos = {n: base.info(n) for n in names}
-    keep = family_of(cfg.base, cfg.family).keep_patterns if cfg.keep_defaults else None
-    flt = NameFilter(cfg.include, cfg.exclude, cfg.keep_defaults, keep).with_overrides(
+    flt = NameFilter(cfg.include, cfg.exclude, cfg.keep_defaults, cfg.keep_patterns()).with_overrides(
         tuple(getattr(spec, "include", ()) or ()), tuple(getattr(spec, "exclude", ()) or ()))
     merged_names = [n for n in names if infos[n].dtype.is_floating_point and flt.merged(n)]
     merged_set = set(merged_names)
