@@ -12,11 +12,12 @@ from conftest import standin_methods, state_dict_of
 from safetensors.torch import load_file
 from torch import nn
 
-from workbench.compose import (MMERParts, compose_damc, compose_expert, compose_frozen, compose_mmer,
+from workbench.compose import (compose_damc, compose_expert, compose_frozen, compose_mmer,
                                compose_naive_mc, damc_lambda_search, disk_bytes, hf_expert, lambda_grid, llava_expert,
-                               load_causal_lm, load_mmer_parts, merge_llm, mmer_mask, mmer_parts,
-                               mmer_parts_from_merge, save_mmer_parts, set_damc_coefficients, set_mmer_alpha,
+                               load_causal_lm, merge_llm, mmer_mask, mmer_parts,
+                               mmer_parts_from_merge, set_damc_coefficients, set_mmer_alpha,
                                storage_comparison, ExpertSource)
+from workbench.io.mmer_store import MMERParts, read_parts, write_parts
 from workbench.errors import CheckpointError, ConfigError
 from workbench.llava import LlavaCheckpoint
 from workbench.merging import pack_mask
@@ -236,14 +237,15 @@ def test_mmer_mask_rule_minimises_l1():
 
 
 def test_mmer_parts_from_engine_output(tiny_llama, tiny_llama_experts, tmp_path):
-    from workbench.engine import load_masks, merge
+    from workbench.engine import merge
+    from workbench.io.mmer_store import read_extras
 
     out = merge({"method": "masked", "base": str(tiny_llama), "experts": [str(p) for p in tiny_llama_experts[:2]],
                  "output": str(tmp_path / "m"), "device": "cpu", "params": {"lam": 1.0}},
                 methods=standin_methods(), progress=False)
     parts = mmer_parts_from_merge(out, tiny_llama)
     assert parts.n_experts == 2
-    merged, base, masks = state_dict_of(out), state_dict_of(tiny_llama), load_masks(out)
+    merged, base, masks = state_dict_of(out), state_dict_of(tiny_llama), read_extras(out / "mmer")
     for k, t in parts.tau_star.items():
         torch.testing.assert_close(t, merged[k] - base[k], rtol=0, atol=0)
         for i in range(2):
@@ -255,7 +257,7 @@ def test_mmer_parts_from_engine_output(tiny_llama, tiny_llama_experts, tmp_path)
 
 def test_storage_measures_files(tiny_llama, tiny_llama_experts, tmp_path):
     parts = mmer_parts(tiny_llama, tiny_llama_experts, merge_method="weight_average")
-    folder = save_mmer_parts(parts, tmp_path / "mmer")
+    folder = write_parts(parts, tmp_path / "mmer")
     files = list(folder.iterdir())
     assert disk_bytes(folder) == sum(os.path.getsize(f) for f in files)
     n = sum(t.numel() for t in parts.tau_star.values())
@@ -265,7 +267,7 @@ def test_storage_measures_files(tiny_llama, tiny_llama_experts, tmp_path):
     rep = storage_comparison([folder], tiny_llama_experts)
     assert rep["experts_bytes"] == sum(disk_bytes(p) for p in tiny_llama_experts)
     assert 0.33 < rep["ratio"] < 0.50  # ~ (1 + 3/32) / 3
-    back = load_mmer_parts(folder)
+    back = read_parts(folder)
     for k in parts.tau_star:
         assert torch.equal(back.tau_star[k], parts.tau_star[k])
         assert torch.equal(back.mask(k, 2), parts.mask(k, 2))

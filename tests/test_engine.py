@@ -14,7 +14,8 @@ from conftest import (perturb_checkpoint, run_forward_llama, run_forward_llava, 
 from safetensors.torch import save_file
 
 from workbench import engine
-from workbench.engine import load_masks, merge, merge_with_report, prefetch, tensor_generator
+from workbench.engine import merge, merge_with_report, prefetch, tensor_generator
+from workbench.io.mmer_store import read_extras
 from workbench.merging import pack_mask, unpack_mask
 from workbench.io import CheckpointReader, CheckpointWriter, NameFilter
 
@@ -124,7 +125,7 @@ def test_sharded_and_bin_inputs_give_same_result(tiny_llama, tiny_llama_experts,
 
 def test_mask_extras_saved_packed(tiny_llama, tiny_llama_experts, tmp_path):
     out = merge(_cfg(tiny_llama, tiny_llama_experts, tmp_path / "m", method="masked"), methods=REG, progress=False)
-    masks = load_masks(out)
+    masks = read_extras(out / "mmer")
     meta = json.loads((out / "mmer" / "mmer.json").read_text())
     base = state_dict_of(tiny_llama)
     exps = [state_dict_of(e) for e in tiny_llama_experts]
@@ -374,7 +375,7 @@ def test_real_mmer_masks_saved(tiny_llava, tiny_llava_experts, tmp_path):
     from workbench.merging import mmer_masks, unpack_mask
 
     out = merge(_cfg(tiny_llava, tiny_llava_experts, tmp_path / "m", method="mmer"), progress=False)
-    masks = load_masks(out)
+    masks = read_extras(out / "mmer")
     base = state_dict_of(tiny_llava)
     exps = [state_dict_of(e) for e in tiny_llava_experts]
     merged = [n for n in base if NameFilter().merged(n)]

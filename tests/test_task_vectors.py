@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from workbench.errors import CheckpointError
-from workbench.task_vectors import MODULE_TYPES, lora_delta, parse_tensor_name, task_vector
+from workbench.io.lora import lora_delta
+from workbench.task_vectors import MODULE_TYPES, parse_tensor_name, task_vector
 
 
 @pytest.mark.parametrize("name, want", [

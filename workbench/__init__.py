@@ -1,5 +1,7 @@
 """mllm-workbench: model composition and merging of multimodal LLMs, tensor by tensor."""
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
+
+__version__ = _version("mllm-workbench")  # one source: pyproject.toml
 
 from .console import quiet as _quiet
 

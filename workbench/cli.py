@@ -42,7 +42,7 @@ COMMANDS: dict[str, Command] = {}
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("workbench.world.cli", "build or inspect the miniature world's model zoo"),
     "reproduce": ("workbench.reproduce", "run the notebooks in order (papermill)"),
-    "profile": ("workbench.analysis.cli", "interference profile of experts vs their base"),
+    "profile": ("workbench.profile_cli", "interference profile of experts vs their base"),
     "sweep": ("workbench.studies.sweep", "run a merging-benchmark sweep (local or on Ray) from a YAML file"),
 }
 

@@ -32,14 +32,14 @@ Compositions (methods.md sections 1-3):
   take the text route's value. The parts can also come from the engine's output folder
   (:func:`mmer_parts_from_merge`: merged θ0+τ* and ``mmer/masks.safetensors``).
 
-Storage (:func:`disk_bytes`, :func:`save_mmer_parts`, :func:`storage_comparison`) is here too; the
-studies that use these compositions are in :mod:`workbench.studies.composition`.
+Storage (:func:`disk_bytes`, :func:`storage_comparison`; MMER's parts are saved by
+:func:`workbench.io.mmer_store.write_parts`) is here too; the studies that use these compositions are in
+:mod:`workbench.studies.composition`.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
@@ -50,7 +50,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .merging.masks import pack_mask, unpack_mask
+from .io.mmer_store import MMERParts
+from .merging.masks import pack_mask
 from .mllm import MultimodalLM
 from .routing import (DEFAULT_LORA_TARGETS, Dense, LowRank, Masked, apply_routes, load_route_adapter,
                       route_components, set_route_coefficients)
@@ -256,6 +257,7 @@ def family_expert(folder: str | Path, *, modality: str = "image", key: str | Non
 
 def zoo_expert(zoo, name: str) -> ExpertSource:
     """An expert of the miniature zoo (:class:`workbench.world.Zoo` or its path) by name."""
+    from .io.experts import expert_folder_layout
     from .world import PLACEHOLDERS, Zoo
 
     z = Zoo.coerce(zoo)
@@ -267,22 +269,23 @@ def zoo_expert(zoo, name: str) -> ExpertSource:
     else:
         modality = info["modality"]
     ph = PLACEHOLDERS.get(modality, f"<{modality}>")
+    llm_kind, llm = expert_folder_layout(path) or (None, {})
     if kind == "damc":
         from .world.damc import load_damc_tower
 
         tower = load_damc_tower(z, name)
-        if (path / "adapter_text").exists():
-            return ExpertSource(name, modality, "damc", tower, ph, adapter_text=path / "adapter_text",
-                                adapter_modality=path / "adapter_modality", info=info)
-        return ExpertSource(name, modality, "damc-full", tower, ph, llm_text=path / "llm_text",
-                            llm_modality=path / "llm_modality", info=info)
+        if llm_kind == "damc":
+            return ExpertSource(name, modality, "damc", tower, ph, adapter_text=llm["text"],
+                                adapter_modality=llm["modality"], info=info)
+        return ExpertSource(name, modality, "damc-full", tower, ph, llm_text=llm.get("text"),
+                            llm_modality=llm.get("modality"), info=info)
     tower = z.load_tower(name)
     if kind == "projector":
         return ExpertSource(name, modality, "projector", tower, ph, info=info)
-    if (path / "adapter").exists():
-        return ExpertSource(name, modality, "lora", tower, ph, adapter=path / "adapter", info=info)
-    if (path / "llm").exists():
-        return ExpertSource(name, modality, "full", tower, ph, llm=path / "llm", info=info)
+    if llm_kind == "lora":
+        return ExpertSource(name, modality, "lora", tower, ph, adapter=llm["adapter"], info=info)
+    if llm_kind == "full":
+        return ExpertSource(name, modality, "full", tower, ph, llm=llm["llm"], info=info)
     raise CheckpointError(f"zoo expert {name!r} of kind {kind!r} has neither llm/ nor adapter/", file=path)
 
 
@@ -323,71 +326,30 @@ def _as_llm(base: str | Path | nn.Module, dtype: torch.dtype = torch.float32,
     return load_causal_lm(base, dtype, device)
 
 
-class _TauReader:
-    """Task vectors τ = θi − θ0 of one expert's LLM, one tensor at a time (float32)."""
+def _open_llm(src: ExpertSource | str | Path | None):
+    """The :class:`~workbench.io.experts.Expert` of an expert's LLM (its task vectors ``tau``): a
+    full folder, the language model of a multimodal folder (a known family's or LLaVA-style), a
+    LoRA adapter, or ``None`` / a projector-only expert (``tau = 0``)."""
+    from .families import FamilyCheckpoint, is_mllm_folder
+    from .io.experts import Expert, open_expert
+    from .llava import LlavaCheckpoint, is_llava_folder
 
-    def __init__(self, src: ExpertSource | str | Path | None, kind: str | None = None) -> None:
-        from .families import FamilyCheckpoint, is_mllm_folder
-        from .io import CheckpointReader, LoraAdapter, is_lora_adapter
-        from .llava import LlavaCheckpoint, is_llava_folder
-
-        self.kind, self.reader, self.llava, self.adapter = "zero", None, None, None
-        self._targets: set[str] = set()
-        self._replaced: set[str] = set()
-        path = None
-        if isinstance(src, ExpertSource):
-            if src.kind == "full":
-                path = src.llm
-            elif src.kind == "lora":
-                path = src.adapter
-            elif src.kind == "projector":
-                path = None
-            else:
-                raise ConfigError(f"expert {src.name!r} is a {src.kind} expert: its LLM is decoupled into text and "
-                                  "modality parameters and has no single task vector (use compose_damc)")
-        elif src is not None:
-            path = Path(src)
-        if path is None:
-            return
-        self.path = Path(path)
-        if is_lora_adapter(path):
-            self.kind, self.adapter = "lora", LoraAdapter(path)
-            self._targets, self._replaced = set(self.adapter.targets()), set(self.adapter.replaced())
-        elif is_mllm_folder(path):
-            self.kind, self.llava = "llava", FamilyCheckpoint(path)
-        elif is_llava_folder(path):
-            self.kind, self.llava = "llava", LlavaCheckpoint(path)
-        else:
-            self.kind, self.reader = "full", CheckpointReader(path)
-
-    def tau(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        """τ for tensor ``name`` (``None``: equal to the base)."""
-        if self.kind == "zero":
-            return None
-        if self.kind == "lora":
-            if name in self._targets:
-                d = self.adapter.delta(name).to(base.device)
-            elif name in self._replaced:
-                d = self.adapter.get_replaced(name).to(base.device).float() - base.float()
-            else:
-                return None
-        else:
-            if self.kind == "llava":
-                if not self.llava.has_lm_tensor(name):
-                    raise CheckpointError("expert lacks a tensor of the base LLM", file=self.path, tensor=name)
-                t = self.llava.lm_tensor(name)
-            else:
-                if name not in self.reader:
-                    raise CheckpointError("expert lacks a tensor of the base LLM", file=self.path, tensor=name)
-                t = self.reader.get(name)
-            if tuple(t.shape) != tuple(base.shape):
-                raise CheckpointError(f"shape {list(t.shape)} differs from the base's {list(base.shape)}",
-                                      file=self.path, tensor=name)
-            d = t.to(base.device).float() - base.float()
-        if tuple(d.shape) != tuple(base.shape):
-            raise CheckpointError(f"delta shape {list(d.shape)} differs from the base's {list(base.shape)}",
-                                  file=getattr(self, "path", None), tensor=name)
-        return d
+    path = None
+    if isinstance(src, ExpertSource):
+        if src.kind == "full":
+            path = src.llm
+        elif src.kind == "lora":
+            path = src.adapter
+        elif src.kind != "projector":
+            raise ConfigError(f"expert {src.name!r} is a {src.kind} expert: its LLM is decoupled into text and "
+                              "modality parameters and has no single task vector (use compose_damc)")
+    elif src is not None:
+        path = Path(src)
+    if path is not None and is_mllm_folder(path):
+        return Expert("mllm", Path(path), checkpoint=FamilyCheckpoint(path))
+    if path is not None and is_llava_folder(path):
+        return Expert("mllm", Path(path), checkpoint=LlavaCheckpoint(path))
+    return open_expert(path)
 
 
 def _llm_tensors(llm: nn.Module, keep: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
@@ -404,12 +366,6 @@ def _resolve_method(method: str | Callable):
 
     spec = resolve_method(method)
     return spec.fn, dict(getattr(spec, "defaults", {}) or {})
-
-
-def _gen(seed: int, name: str):
-    from .engine import tensor_generator
-
-    return tensor_generator(seed, name)
 
 
 # ================================================================================================ merging
@@ -430,8 +386,10 @@ def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str
     """
     from tqdm.auto import tqdm
 
+    from .engine import call_method
+
     llm = _as_llm(base, dtype, device)
-    readers = [_TauReader(e) for e in experts]
+    readers = [_open_llm(e) for e in experts]
     n = len(readers)
     if n == 0:
         raise ConfigError("merge_llm needs at least one expert")
@@ -458,8 +416,7 @@ def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str
                     out += lam_i * t
         else:
             thetas = [b + t if t is not None else b.clone() for t in taus]
-            out = fn(b, thetas, name=name, generator=_gen(seed, name), **params)
-            out = getattr(out, "merged", out)
+            out = call_method(fn, b, thetas, name, seed, params)[0]
         p.data.copy_(out.to(p.dtype))
     return llm
 
@@ -577,16 +534,16 @@ def compose_naive_mc(base: str | Path | nn.Module, experts: Sequence[ExpertSourc
 # ================================================================================================ DAMC
 def _dense_deltas(base_llm: nn.Module, folder: Path, targets: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """θ − θ0 on the linear weights of ``base_llm`` that differ in the full folder ``folder``."""
-    from .io import CheckpointReader
+    from .io.experts import open_expert
 
-    r = CheckpointReader(folder)
+    e = open_expert(folder)
     out = {}
     for n, m in base_llm.named_modules():
         if isinstance(m, nn.Linear) and n.split(".")[-1] in (targets or DEFAULT_LORA_TARGETS):
             key = n + ".weight"
-            if key not in r:
+            if e.kind != "full" or key not in e.reader:
                 raise CheckpointError("DAMC full-weight folder lacks a weight of the base", file=folder, tensor=key)
-            d = r.get(key).float() - m.weight.detach().float()
+            d = e.tau(key, m.weight.detach())
             if bool((d != 0).any()):
                 out[n] = d
     return out
@@ -732,31 +689,6 @@ def mmer_mask(tau: torch.Tensor, tau_star: torch.Tensor, lam: float = 1.0) -> to
     return mmer_masks([tau], tau_star, lam)[0]
 
 
-@dataclass
-class MMERParts:
-    """τ* per tensor and one packed mask per expert per tensor (what MMER stores).
-
-    ``tau_star[name]``: τ* (``dtype``); ``masks[name][i]``: packed uint8 mask of expert ``i``
-    (:func:`workbench.merging.pack_mask`, MSB first); ``shapes[name]``.
-    """
-
-    tau_star: dict[str, torch.Tensor]
-    masks: dict[str, list[torch.Tensor]]
-    n_experts: int
-    params: dict = field(default_factory=dict)
-
-    def mask(self, name: str, i: int) -> torch.Tensor:
-        return unpack_mask(self.masks[name][i], self.tau_star[name].shape)
-
-    def density(self) -> list[float]:
-        """Per expert, the fraction of τ*'s non-zero entries its mask keeps (over all masked tensors;
-        entries where τ* = 0 do not count - the mask is irrelevant there)."""
-        nz = {n: self.tau_star[n] != 0 for n in self.masks}
-        tot = sum(int(v.sum()) for v in nz.values())
-        return [sum(int((self.mask(n, i) & nz[n]).sum()) for n in self.masks) / max(tot, 1)
-                for i in range(self.n_experts)]
-
-
 @torch.no_grad()
 def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
                merge_method: str | Callable = "ties", merge_params: Mapping[str, Any] | None = None,
@@ -768,8 +700,10 @@ def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | st
     held in ``dtype`` (default: the base parameter's dtype)."""
     from tqdm.auto import tqdm
 
+    from .engine import call_method
+
     llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
-    readers = [_TauReader(e) for e in experts]
+    readers = [_open_llm(e) for e in experts]
     if merge_method == "weight_average":
         fn, params = None, {}
     else:
@@ -786,8 +720,7 @@ def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | st
         if fn is None:
             ts = sum(taus) / len(taus)
         else:
-            out = fn(b, [b + t for t in taus], name=name, generator=_gen(seed, name), **params)
-            ts = getattr(out, "merged", out).float() - b
+            ts = call_method(fn, b, [b + t for t in taus], name, seed, params)[0].float() - b
         tau_star[name] = ts.to(dtype or p.dtype)
         masks[name] = [pack_mask(mask_fn(t, ts, lam)) for t in taus]
     return MMERParts(tau_star, masks, len(readers), {"merge_method": str(merge_method), "lam": lam,
@@ -797,45 +730,14 @@ def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | st
 @torch.no_grad()
 def mmer_parts_from_merge(output: str | Path, base: str | Path | nn.Module, n_experts: int | None = None,
                           dtype: torch.dtype = torch.float32) -> MMERParts:
-    """MMERParts from the engine's output folder: τ* = merged − θ0 per merged tensor, masks from
-    ``<output>/mmer/masks.safetensors`` (keys ``<tensor>::mask_<i>``, packed)."""
-    from safetensors import safe_open
+    """MMERParts from the engine's output folder: its MMER store ``<output>/mmer/``
+    (:func:`workbench.io.mmer_store.read_parts`), τ* = merged − θ0 per masked tensor."""
+    from .io.mmer_store import MMER_DIR, MMERStore, read_parts
 
-    from .io import CheckpointReader
-
-    out = Path(output)
-    mfile = out / "mmer" / "masks.safetensors"
-    if not mfile.is_file():
-        raise CheckpointError("no MMER masks in the merge output (run the engine with an MMER method)", file=mfile)
+    MMERStore(Path(output) / MMER_DIR)  # the masks are there, before the base LLM is loaded
     llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
-    merged = CheckpointReader(out)
-    params = {n: p for n, p in llm.named_parameters()}
-    raw: dict[str, dict[int, torch.Tensor]] = {}
-    with safe_open(str(mfile), framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            name, _, extra = k.partition("::")
-            m = re.fullmatch(r"mask_(\d+)", extra)
-            if m is None:
-                continue
-            info = json.loads(meta.get(k, "{}"))
-            if name not in params:
-                raise CheckpointError("mask for a tensor the base does not have", file=mfile, tensor=k)
-            t = f.get_tensor(k)
-            if not info.get("packed", t.dtype == torch.uint8):
-                t = pack_mask(t.bool())
-            raw.setdefault(name, {})[int(m.group(1))] = t
-    n = n_experts if n_experts is not None else 1 + max(i for d in raw.values() for i in d)
-    tau_star, masks = {}, {}
-    for name, d in raw.items():
-        if sorted(d) != list(range(n)):
-            raise CheckpointError(f"expected masks 0..{n - 1}, found {sorted(d)}", file=mfile, tensor=name)
-        b = params[name].detach().float()
-        tau_star[name] = (merged.get(name).float() - b).to(dtype)
-        masks[name] = [d[i] for i in range(n)]
-    js = out / "mmer" / "mmer.json"
-    prm = json.loads(js.read_text()).get("params", {}) if js.is_file() else {}
-    return MMERParts(tau_star, masks, n, {"from": str(out), **prm})
+    return read_parts(Path(output) / MMER_DIR, base=dict(llm.named_parameters()), merged=output,
+                      n_experts=n_experts, dtype=dtype)
 
 
 def _is_routable(llm: nn.Module, name: str, target_modules: Sequence[str] | None) -> bool:
@@ -939,7 +841,7 @@ def remask(parts: MMERParts, base: str | Path | nn.Module, experts: Sequence[Exp
            lam: float, mask_fn: Callable | None = None) -> MMERParts:
     """The same τ* with masks recomputed for threshold ``lam`` (streams the experts again)."""
     llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
-    readers = [_TauReader(e) for e in experts]
+    readers = [_open_llm(e) for e in experts]
     params = dict(llm.named_parameters())
     mask_fn = mask_fn or mmer_mask
     masks = {}
@@ -995,45 +897,6 @@ def disk_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def save_mmer_parts(parts: MMERParts, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``tau_star.safetensors`` (τ*, in ``dtype`` or as held), ``masks.safetensors`` (packed
-    uint8, keys ``<tensor>::mask_<i>``, shapes in the metadata) and ``mmer.json``."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    ts = {n: (t.to(dtype) if dtype else t).contiguous() for n, t in parts.tau_star.items()}
-    save_file(ts, str(folder / "tau_star.safetensors"), metadata={"format": "pt"})
-    masks, meta = {}, {}
-    for n, ms in parts.masks.items():
-        for i, m in enumerate(ms):
-            k = f"{n}::mask_{i}"
-            masks[k] = m.contiguous()
-            meta[k] = json.dumps({"shape": list(parts.tau_star[n].shape), "dtype": "bool", "packed": True})
-    save_file(masks, str(folder / "masks.safetensors"), metadata=meta)
-    (folder / "mmer.json").write_text(json.dumps({"n_experts": parts.n_experts, "params": parts.params,
-                                                  "density": parts.density()}, indent=2, default=str))
-    return folder
-
-
-def load_mmer_parts(folder: str | Path) -> MMERParts:
-    """Inverse of :func:`save_mmer_parts`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    ts = load_file(str(folder / "tau_star.safetensors"))
-    info = json.loads((folder / "mmer.json").read_text())
-    masks: dict[str, list] = {}
-    with safe_open(str(folder / "masks.safetensors"), framework="pt") as f:
-        for k in f.keys():
-            n, _, extra = k.partition("::")
-            i = int(extra.split("_")[1])
-            lst = masks.setdefault(n, [None] * info["n_experts"])
-            lst[i] = f.get_tensor(k)
-    return MMERParts(ts, masks, info["n_experts"], info.get("params", {}))
-
-
 def storage_comparison(mmer_paths: Sequence[str | Path], expert_paths: Sequence[str | Path]) -> dict:
     """Bytes on disk: MMER's stored parts (τ* + packed masks: the files/folders in ``mmer_paths``)
     vs. the N experts' LLMs (``expert_paths``). Returns the sizes and their ratio."""
@@ -1044,12 +907,12 @@ def storage_comparison(mmer_paths: Sequence[str | Path], expert_paths: Sequence[
 
 
 __all__ = [
-    "CachedTokenizer", "CachedTower", "ExpertSource", "MMERParts", "TemplatedMultimodalLM", "assign_placeholders",
+    "CachedTokenizer", "CachedTower", "ExpertSource", "TemplatedMultimodalLM", "assign_placeholders",
     "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",
     "compose_naive_mc", "damc_lambda_from_own_tasks", "damc_lambda_search", "damc_llm", "disk_bytes",
-    "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm", "load_mmer_parts",
+    "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm",
     "merge_llm", "mmer_llm", "mmer_mask", "mmer_parts", "mmer_parts_from_merge", "mmer_search", "remask",
-    "save_mmer_parts", "set_damc_coefficients", "set_mmer_alpha", "set_mmer_masks", "storage_comparison",
+    "set_damc_coefficients", "set_mmer_alpha", "set_mmer_masks", "storage_comparison",
     "zoo_expert", "zoo_expert_model",
 ]

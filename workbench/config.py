@@ -114,6 +114,15 @@ class MergeConfig(BaseModel):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {v!r}")
         return v
 
+    def keep_patterns(self) -> tuple[str, ...] | None:
+        """The keep list of the base's model family (``family``, else detected from the base's
+        ``config.json``: :func:`workbench.families.family_of`); ``None`` with ``keep_defaults=False``."""
+        if not self.keep_defaults:
+            return None
+        from .families import family_of
+
+        return family_of(self.base, self.family).keep_patterns
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, root: str | Path | None = None) -> "MergeConfig":

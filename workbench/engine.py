@@ -16,7 +16,8 @@
    current ones are computed in float32 on the device; each result is cast to the stored dtype
    and written at once by a planned :class:`~workbench.io.CheckpointWriter`, so memory holds a
    few tensors, never the model. Tensors the name filter keeps are copied from the base
-   bit-identically. Method extras (MMER masks) are bit-packed and saved under ``<output>/mmer/``.
+   bit-identically. Method extras (MMER masks) are bit-packed and saved under ``<output>/mmer/``
+   (the MMER store: :mod:`workbench.io.mmer_store`).
    What is written is checked finite after the cast to the output dtype, and each expert's
    ``||tau|| / ||theta_0||`` is tallied: above :data:`~workbench.io.validate.FOREIGN_RATIO` a
    warning names it (``strict``: the merge fails and nothing is written).
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import queue
 import threading
@@ -46,15 +46,13 @@ import torch
 from .config import MergeConfig, typed_params
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, WorkbenchError
-from .families import family_of
+from .io.experts import LoraPiece, open_expert
 from .io.filters import NameFilter
-from .io.lora import LoraAdapter, is_lora_adapter
-from .io.reader import CheckpointReader
-from .io.reader import check_finite as _check_finite_io
-from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_full_expert, check_lora_base_name, check_lora_expert,
-                          check_output_path, check_output_target, remove_stale_temporaries)
+from .io.lora import is_lora_adapter
+from .io.mmer_store import ExtrasRecorder
+from .io.reader import CheckpointReader, all_finite, check_finite
+from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
-from .merging.masks import pack_mask, unpack_mask
 
 #: tensors read ahead of the one being computed.
 PREFETCH_DEPTH = 2
@@ -92,100 +90,13 @@ def resolve_method(name: str, registry: Mapping[str, Any] | None = None):
     return registry[name]
 
 
-# ---------------------------------------------------------------------------------------- experts
-class _FullExpert:
-    """An expert stored as a complete checkpoint."""
-
-    kind = "full"
-
-    def __init__(self, reader: CheckpointReader):
-        self.reader = reader
-        self.path = reader.path
-
-    def validate(self, base: CheckpointReader, strict: bool = False) -> None:
-        check_full_expert(self.reader, base)
-
-    def file_of(self, name: str) -> Path:
-        return self.reader.file_of(name)
-
-    def read(self, name: str):
-        return self.reader.get(name)
-
-
-@dataclass
-class _LoraPiece:
-    """LoRA factors of one expert on one tensor, applied on the compute device."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float
-    transpose: bool
-    on: torch.Tensor | None = None  # replacement of the base weight the delta applies to, if any
-
-    def delta(self, device: torch.device) -> torch.Tensor:
-        d = self.scale * (self.b.to(device, torch.float32) @ self.a.to(device, torch.float32))
-        return d.T if self.transpose else d
-
-
-class _LoraExpert:
-    """An expert given as a peft LoRA adapter on the base: θi = θ0 + s·B@A on its targets."""
-
-    kind = "lora"
-
-    def __init__(self, adapter: LoraAdapter):
-        self.adapter = adapter
-        self.path = adapter.path
-
-    def validate(self, base: CheckpointReader, strict: bool = False) -> None:
-        check_lora_expert(self.adapter, base)
-        check_lora_base_name(self.adapter, base, strict=strict)
-
-    def file_of(self, name: str) -> Path:
-        return self.adapter.file
-
-    def read(self, name: str):
-        on = self.adapter.get_replaced(name) if name in self.adapter._replaced else None
-        if name in self.adapter._factors:
-            a, b, s = self.adapter.factors(name)
-            kind = self.adapter._factors[name]["kind"]
-            return _LoraPiece(a, b, s, kind == "embedding" or self.adapter.fan_in_fan_out, on)
-        return on  # a replacement, or None: unchanged, equal to the base
-
-
-def open_expert(path: str | Path, *, mmap: bool = False):
-    """A full checkpoint or a LoRA adapter folder, whichever ``path`` is (read without mmap, or
-    memory-mapped for the compiled CPU path)."""
-    if is_lora_adapter(path):
-        return _LoraExpert(LoraAdapter(path, mmap=False))
-    return _FullExpert(CheckpointReader(path, mmap=mmap))
-
-
 # ---------------------------------------------------------------------------------------- reading
 @dataclass
 class _Item:
     name: str
     merged: bool
     base: torch.Tensor
-    experts: list = field(default_factory=list)  # Tensor | _LoraPiece | None (= base)
-
-
-_EXP_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN / Inf in ``t``; for 16-bit floats by their exponent bits (an entry is NaN/Inf exactly
-    when they are all set: one integer pass instead of ``isfinite``, slow on bfloat16 on the CPU)."""
-    mask = _EXP_BITS.get(t.dtype)
-    if mask is not None:
-        return not (t.numel() and bool(((t.view(torch.int16) & mask) == mask).any()))
-    return not t.is_floating_point() or bool(torch.isfinite(t).all())
-
-
-def check_finite(t: torch.Tensor, *, file, tensor: str) -> None:
-    """:func:`workbench.io.reader.check_finite` with the cheaper test of :func:`all_finite`; the
-    error is the reader's own."""
-    if not all_finite(t):
-        _check_finite_io(t, file=file, tensor=tensor)
+    experts: list = field(default_factory=list)  # Tensor | LoraPiece | None (= base)
 
 
 def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any], check: bool = True) -> _Item:
@@ -201,7 +112,7 @@ def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequenc
             if isinstance(x, torch.Tensor):
                 if check:
                     check_finite(x, file=e.file_of(name), tensor=name)
-            elif isinstance(x, _LoraPiece):
+            elif isinstance(x, LoraPiece):
                 for t in (x.a, x.b) if x.on is None else (x.a, x.b, x.on):
                     check_finite(t, file=e.file_of(name), tensor=name)
             item.experts.append(x)
@@ -262,7 +173,7 @@ def _to_device(x, base_dev: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Expert value -> float32 tensor on ``device`` (``None`` is the base, LoRA adds its delta)."""
     if x is None:
         return base_dev.clone()
-    if isinstance(x, _LoraPiece):
+    if isinstance(x, LoraPiece):
         on = base_dev if x.on is None else x.on.to(device=device, dtype=torch.float32)
         return on + x.delta(device)
     return x.to(device=device, dtype=torch.float32, non_blocking=True)
@@ -369,11 +280,15 @@ class MergeReport:
     path: str = "torch"  # "compiled": the fused CPU kernels of workbench.merging.kernels ran
 
 
-def _call_method(spec, base: torch.Tensor, experts: list[torch.Tensor], name: str, device: torch.device,
-                 seed: int, params: dict, report: list | None = None):
+def call_method(fn: Callable, base: torch.Tensor, experts: list[torch.Tensor], name: str, seed: int, params: dict,
+                *, device: torch.device | str = "cpu", report: list | None = None) -> tuple[torch.Tensor, dict]:
+    """One tensor through a method's ``fn`` (the engine's and the composition's one call):
+    ``fn(base, experts, name=, generator=, **params)`` with the generator of :func:`tensor_generator`
+    ``(seed, name)`` on ``device``; returns ``(merged, extras)`` (a method's :class:`MergeResult`
+    unwrapped; ``{}`` for a bare tensor). ``report``: the list a reporting method appends its facts to."""
     gen = tensor_generator(seed, name, device)
     extra = {"report": report} if report is not None else {}
-    out = spec.fn(base, experts, name=name, generator=gen, **params, **extra)
+    out = fn(base, experts, name=name, generator=gen, **params, **extra)
     if hasattr(out, "merged") and hasattr(out, "extras"):
         return out.merged, dict(out.extras or {})
     return out, {}
@@ -455,11 +370,10 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     base = CheckpointReader(cfg.base, mmap=compiled)
     experts = [open_expert(p, mmap=compiled) for p in cfg.experts]
     for e in experts:
-        e.validate(base, cfg.strict)
+        e.validate(base, refuse_foreign=cfg.strict)
     names = base.keys()
     infos = {n: base.info(n) for n in names}
-    keep = family_of(cfg.base, cfg.family).keep_patterns if cfg.keep_defaults else None
-    flt = NameFilter(cfg.include, cfg.exclude, cfg.keep_defaults, keep).with_overrides(
+    flt = NameFilter(cfg.include, cfg.exclude, cfg.keep_defaults, cfg.keep_patterns()).with_overrides(
         tuple(getattr(spec, "include", ()) or ()), tuple(getattr(spec, "exclude", ()) or ()))
     merged_names = [n for n in names if infos[n].dtype.is_floating_point and flt.merged(n)]
     merged_set = set(merged_names)
@@ -506,10 +420,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         config_updates["torch_dtype"] = cfg.dtype
         if base.config and "dtype" in base.config:
             config_updates["dtype"] = cfg.dtype
-    masks: dict[str, torch.Tensor] = {}
-    mask_meta: dict[str, str] = {}
-    densities: dict[str, dict[str, float]] = {}
-    kept_totals: dict[str, list[int]] = {}
+    extras = ExtrasRecorder()
     objectives: dict[str, dict] = {}
 
     compiled_settings = _compiled_settings(cfg.method, params, len(experts), thresholds) if compiled else None
@@ -539,15 +450,15 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                                 norms)
                 return
             results = _compute(spec, items, device, cfg.seed, params, thresholds, batched, norms)
-            for it, (merged, extras, facts) in zip(items, results):
+            for it, (merged, method_extras, facts) in zip(items, results):
                 if facts:
                     objectives[it.name] = facts
                 if tuple(merged.shape) != tuple(infos[it.name].shape):
                     raise WorkbenchError(f"method {cfg.method!r} returned shape {list(merged.shape)} for tensor "
                                          f"{it.name!r}, expected {list(infos[it.name].shape)}")
                 w.add(it.name, stored(merged, dtype_of(it.name), it.name, f"method {cfg.method!r}"))
-                for key, value in extras.items():
-                    _store_extra(it.name, key, value, masks, mask_meta, densities, kept_totals)
+                for key, value in method_extras.items():
+                    extras.add(it.name, key, value)
 
         with tqdm(total=len(names), desc=f"merge {cfg.method}", unit="tensor", disable=not progress) as bar:
             with contextlib.closing(prefetch(units, read)) as stream:  # stops the reader thread on errors
@@ -556,13 +467,8 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                     bar.update(len(items))
                     del items
         norms.check(strict=cfg.strict, files=[e.path for e in experts])
-        if masks:
-            overall = {k: v[0] / max(v[1], 1) for k, v in sorted(kept_totals.items())}
-            w.save_extra("mmer/masks.safetensors", masks, metadata=mask_meta)
-            w.save_json("mmer/mmer.json", {"method": cfg.method, "params": params_asked, "density": overall,
-                                           "density_per_tensor": densities,
-                                           "format": "keys '<tensor>::<extra>'; bool masks packed with "
-                                                     "workbench.masks.pack_mask (MSB first), shape in metadata"})
+        if extras:
+            extras.save(w, cfg.method, params_asked)
         report = MergeReport(cfg.output, cfg.method, params_asked, merged_names,
                              [n for n in names if n not in merged_set], 0.0, str(device), thresholds, objectives,
                              "compiled" if compiled else "torch")
@@ -574,7 +480,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
     report.seconds = time.perf_counter() - t0
     base.close()
     for e in experts:
-        (e.reader if isinstance(e, _FullExpert) else e.adapter.reader).close()
+        e.close()
     return report
 
 
@@ -657,9 +563,10 @@ def _nonfinite_what(t: torch.Tensor | None, dtype: torch.dtype) -> str:
 
 
 def _version() -> str:
-    from . import __version__
+    """The installed package's version (from its metadata: ``pyproject.toml``)."""
+    from importlib.metadata import version
 
-    return __version__
+    return version("mllm-workbench")
 
 
 def _objective_summary(objectives: Mapping[str, dict]) -> dict:
@@ -707,7 +614,7 @@ def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: 
     results = []
     for it, b, ex in zip(items, bases, expert_lists):
         facts = [] if reports else None
-        merged, extras = _call_method(spec, b, ex, it.name, device, seed, params, facts)
+        merged, extras = call_method(spec.fn, b, ex, it.name, seed, params, device=device, report=facts)
         results.append((merged, extras, facts[0] if facts else {}))
     return results
 
@@ -719,35 +626,3 @@ def _trim_expert(e: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
         # kept entries are non-zero (|d| >= t > 0); dropped ones become +-0, and "+ 0.0" makes them +0
         d.mul_(d.abs() >= t).add_(0.0)
     return d.add_(b)
-
-
-def _store_extra(name: str, key: str, value: torch.Tensor, masks: dict, meta: dict, densities: dict,
-                 totals: dict) -> None:
-    """Pack a boolean extra (mask) or keep a numeric one, recording shapes and densities."""
-    full = f"{name}::{key}"
-    if value.dtype == torch.bool:
-        masks[full] = pack_mask(value).cpu()
-        kept = int(value.sum())
-        densities.setdefault(key, {})[name] = kept / max(value.numel(), 1)
-        t = totals.setdefault(key, [0, 0])
-        t[0] += kept
-        t[1] += value.numel()
-    else:
-        masks[full] = value.detach().cpu().contiguous()
-    meta[full] = json.dumps({"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
-                             "packed": value.dtype == torch.bool})
-
-
-def load_masks(output: str | Path) -> dict[str, torch.Tensor]:
-    """Read ``<output>/mmer/masks.safetensors`` back as unpacked tensors keyed ``<tensor>::<extra>``."""
-    from safetensors import safe_open
-
-    file = Path(output) / "mmer" / "masks.safetensors"
-    out = {}
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            info = json.loads(meta[k])
-            t = f.get_tensor(k)
-            out[k] = unpack_mask(t, info["shape"]) if info["packed"] else t
-    return out

@@ -54,6 +54,7 @@ from .merging.masks import pack_mask, unpack_mask, unpack_mask_bits
 from torch.nn import functional as F
 
 from .errors import CheckpointError, ConfigError
+from .io.lora import lora_delta
 
 
 class RoutedModule(nn.Module):
@@ -113,7 +114,7 @@ class LowRank:
     tag: int | str | None = None
 
     def dense(self) -> torch.Tensor:
-        return self.scale * (self.B.float() @ self.A.float())
+        return lora_delta(self.A, self.B, self.scale)
 
 
 @dataclass
@@ -192,7 +193,7 @@ class _LowRankC(_Component):
         return self.scale * F.linear(F.linear(x, self.A), self.B)
 
     def dense(self, owner: "RoutedLinear") -> torch.Tensor:
-        return self.scale * (self.B.detach().float() @ self.A.detach().float())
+        return lora_delta(self.A.detach(), self.B.detach(), self.scale)
 
 
 class _DenseOwnC(_Component):

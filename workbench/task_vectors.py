@@ -1,7 +1,8 @@
-"""Task vectors, LoRA product deltas and the parsing of tensor names into (layer, module type).
+"""Task vectors and the parsing of tensor names into (layer, module type).
 
 A task vector is ``tau_i = theta_i - theta_0`` (methods.md, notation). A LoRA expert's delta is the
-*product* ``s * B @ A`` (``s = alpha / r``), never the factors averaged separately (methods.md 1).
+*product* ``s * B @ A`` (``s = alpha / r``), never the factors averaged separately (methods.md 1):
+:func:`workbench.io.lora.lora_delta`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["MODULE_TYPES", "task_vector", "lora_delta", "parse_tensor_name"]
+__all__ = ["MODULE_TYPES", "task_vector", "parse_tensor_name"]
 
 #: Every module type :func:`parse_tensor_name` can return.
 MODULE_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down", "embed", "head", "norm", "vision",
@@ -33,27 +34,6 @@ def task_vector(base: torch.Tensor, expert: torch.Tensor, *, name: str | None = 
         raise CheckpointError(f"expert shape {list(expert.shape)} differs from the base's {list(base.shape)}",
                               tensor=name)
     return expert.to(torch.float32) - base.to(device=expert.device, dtype=torch.float32)
-
-
-def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """The weight change of a LoRA adapter: ``scale * B @ A`` in float32.
-
-    Args:
-        A: ``[r, in_features]`` (peft's ``lora_A.weight``).
-        B: ``[out_features, r]`` (peft's ``lora_B.weight``).
-        scale: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
-
-    Returns:
-        ``[out_features, in_features]`` float32.
-
-    Raises:
-        ValueError: the inner dimensions (the rank) disagree or a factor is not 2-D.
-    """
-    if A.dim() != 2 or B.dim() != 2:
-        raise ValueError(f"LoRA factors must be 2-D, got A {list(A.shape)} and B {list(B.shape)}")
-    if B.shape[1] != A.shape[0]:
-        raise ValueError(f"LoRA rank mismatch: B is {list(B.shape)}, A is {list(A.shape)}")
-    return float(scale) * (B.to(torch.float32) @ A.to(device=B.device, dtype=torch.float32))
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")

@@ -1,5 +1,5 @@
 """Analysis of merges: parameter-interference profiles and mask overlap, as tidy DataFrames."""
-from .interference import (METRICS, InterferenceProfile, iter_task_vectors, open_expert, profile_interference,
+from .interference import (METRICS, InterferenceProfile, iter_task_vectors, profile_interference,
                            metric_by_group, tensor_stats, zoo_experts)
 from .overlap import (OVERLAP_METRICS, MaskOverlap, analyze_masks, compute_masks, coverage_counts,
                       expert_count_sweep, lambda_sweep, load_mmer_masks, method_masks, pairwise_iou,
@@ -8,6 +8,6 @@ from .overlap import (OVERLAP_METRICS, MaskOverlap, analyze_masks, compute_masks
 __all__ = [
     "METRICS", "OVERLAP_METRICS", "InterferenceProfile", "MaskOverlap", "analyze_masks", "compute_masks",
     "coverage_counts", "expert_count_sweep", "iter_task_vectors", "lambda_sweep", "load_mmer_masks",
-    "method_masks", "open_expert", "pairwise_iou", "pattern_counts", "profile_interference", "metric_by_group",
+    "method_masks", "pairwise_iou", "pattern_counts", "profile_interference", "metric_by_group",
     "sweep_masks", "sweep_table", "tensor_stats", "zoo_experts",
 ]

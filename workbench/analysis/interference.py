@@ -66,16 +66,16 @@ from ..device import resolve_device
 from ..paths import repo_relative, resolve_repo_path
 from ..merging import masks as M
 from ..errors import CheckpointError, ConfigError
+from ..io.experts import Expert, open_expert
+from ..io.reader import CheckpointReader
 from . import kernels as K
 from .store import atomic_write, save_frames, save_json
 
 __all__ = [
-    "TaskVectorSource",
     "InterferenceProfile",
     "foreign_check",
     "METRICS",
     "MetricSpec",
-    "open_expert",
     "parse_name",
     "profile_interference",
     "tensor_stats",
@@ -93,115 +93,6 @@ def parse_name(name: str) -> tuple[int | None, str]:
 
 
 # ----------------------------------------------------------------------------------- expert sources
-def _io():
-    from ..io import CheckpointReader, LoraAdapter
-
-    return CheckpointReader, LoraAdapter
-
-
-@dataclass
-class TaskVectorSource:
-    """Where one expert's task vectors come from.
-
-    ``kind`` is ``"full"`` (a checkpoint: ``tau = theta_i - theta_0``), ``"lora"`` (a peft
-    adapter: ``tau = s * B @ A``), ``"damc"`` (text and modality adapters; ``tau`` is the set
-    chosen by ``damc_set``; the other set is compared in :attr:`InterferenceProfile.damc`) or
-    ``"frozen"`` (a projector-only expert whose LLM is the base: ``tau = 0``).
-    """
-
-    name: str
-    path: Path
-    kind: str
-    reader: Any = None
-    adapter: Any = None
-    modality: Any = None
-
-    def targets(self) -> set[str] | None:
-        """Names this expert changes (``None``: every tensor of the checkpoint)."""
-        if self.kind == "full":
-            return None
-        if self.kind == "frozen":
-            return set()
-        t = set(self.adapter.targets()) | set(self.adapter.replaced())
-        if self.modality is not None:
-            t |= set(self.modality.targets())
-        return t
-
-    def raw(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
-        """CPU tensors for ``name``: ``(weight or delta, modality delta or None, first_is_weight)``.
-
-        ``first_is_weight`` is ``True`` for a full weight (checkpoint tensor or a peft
-        ``modules_to_save`` replacement): the caller subtracts the base. ``(None, None, False)``
-        when the expert does not touch ``name``.
-        """
-        if self.kind == "full":
-            if name not in self.reader:
-                return None, None, False
-            return self.reader.get(name), None, True
-        if self.kind == "frozen":
-            return None, None, False
-        if not hasattr(self, "_tsets"):
-            self._tsets = (set(self.adapter.targets()),
-                           set(self.modality.targets()) if self.modality is not None else set())
-        mod = None
-        if self.modality is not None and name in self._tsets[1]:
-            mod = self.modality.delta(name)
-        if name in self._tsets[0]:
-            return self.adapter.delta(name), mod, False
-        if name in set(self.adapter.replaced()):
-            return self.adapter.get_replaced(name), mod, True
-        return None, mod, False
-
-
-def _is_adapter_dir(p: Path) -> bool:
-    return (p / "adapter_config.json").is_file()
-
-
-def open_expert(name: str, path: str | Path, *, damc_set: str = "text") -> TaskVectorSource:
-    """Open an expert given as a checkpoint, a LoRA adapter, a DAMC expert or a zoo expert folder.
-
-    Recognised layouts: a weight file or HF folder (full); a folder with ``adapter_config.json``
-    (LoRA); a folder with ``adapter_text/`` and ``adapter_modality/`` (DAMC, also under
-    ``llm/``); a zoo expert folder with ``llm/`` (full) or ``adapter/`` (LoRA).
-    """
-    if damc_set not in ("text", "modality"):
-        raise ConfigError(f"damc_set must be 'text' or 'modality', got {damc_set!r}")
-    CheckpointReader, LoraAdapter = _io()
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"expert {name!r}: path does not exist", file=p)
-
-    def need_lora() -> Any:
-        return LoraAdapter
-
-    if p.is_dir():
-        kind = None
-        if (p / "expert.json").is_file():
-            try:
-                kind = json.loads((p / "expert.json").read_text()).get("kind")
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"expert {name!r}: unreadable expert.json: {e}", file=p / "expert.json") from e
-        has_llm = any((p / d).is_dir() for d in ("llm", "adapter", "adapter_text")) or _is_adapter_dir(p)
-        if kind == "projector" or (kind is not None and not has_llm):
-            # projector-only training: the LLM is the base, tau = 0 everywhere
-            return TaskVectorSource(name, p, "frozen")
-        for root in (p, p / "llm"):
-            if (root / "adapter_text").is_dir() and (root / "adapter_modality").is_dir():
-                La = need_lora()
-                text, mod = La(root / "adapter_text"), La(root / "adapter_modality")
-                main, other = (text, mod) if damc_set == "text" else (mod, text)
-                return TaskVectorSource(name, p, "damc", adapter=main, modality=other)
-        if _is_adapter_dir(p):
-            return TaskVectorSource(name, p, "lora", adapter=need_lora()(p))
-        if (p / "adapter").is_dir() and _is_adapter_dir(p / "adapter"):
-            return TaskVectorSource(name, p, "lora", adapter=need_lora()(p / "adapter"))
-        if (p / "llm").is_dir():
-            if _is_adapter_dir(p / "llm"):
-                return TaskVectorSource(name, p, "lora", adapter=need_lora()(p / "llm"))
-            return TaskVectorSource(name, p, "full", reader=CheckpointReader(p / "llm"))
-    return TaskVectorSource(name, p, "full", reader=CheckpointReader(p))
-
-
 def zoo_experts(zoo_dir: str | Path, *, kinds: Sequence[str] = ("full", "lora", "damc"),
                 seed: int | None = None, modalities: Sequence[str] | None = None) -> dict[str, Path]:
     """``{name: folder}`` of a zoo's experts (``zoo/<preset>/experts/*/expert.json``) of the given kinds.
@@ -231,7 +122,6 @@ def zoo_experts(zoo_dir: str | Path, *, kinds: Sequence[str] = ("full", "lora", 
 
 
 def _open_base(path: str | Path):
-    CheckpointReader, _ = _io()
     p = Path(path)
     if p.is_dir() and (p / "llm").is_dir() and not any(p.glob("*.safetensors")):
         p = p / "llm"
@@ -1006,7 +896,7 @@ def _seed_for(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def _select_names(base_reader: Any, sources: Sequence[TaskVectorSource], names: Any) -> list[str]:
+def _select_names(base_reader: Any, sources: Sequence[Expert], names: Any) -> list[str]:
     keys = base_reader.keys()
     if names is None:
         out = keys
@@ -1115,34 +1005,18 @@ _PAGE = 4096  # bytes per page touched by _materialize
 _READ_AHEAD = 2
 
 
-def _validate_sources(base_reader: Any, sources: Sequence[TaskVectorSource], *, strict: bool,
+def _validate_sources(base_reader: Any, sources: Sequence[Expert], *, strict: bool,
                       refuse_foreign: bool) -> None:
-    """The checks ``workbench merge`` makes (:mod:`workbench.io.validate`): a full expert's names and
-    shapes (``strict``: it holds every base tensor), an adapter's targets and shapes and the base
-    model it names."""
-    from ..io.validate import check_full_expert, check_lora_base_name, check_lora_expert
-
+    """The checks ``workbench merge`` makes (:meth:`workbench.io.experts.Expert.validate`): a full
+    expert's names and shapes (``strict``: it holds every base tensor), an adapter's targets and
+    shapes and the base model it names."""
     for s in sources:
-        if s.kind == "full":
-            check_full_expert(s.reader, base_reader, allow_missing=not strict)
-        for a in (s.adapter, s.modality):
-            if a is not None:
-                check_lora_expert(a, base_reader)
-                check_lora_base_name(a, base_reader, strict=refuse_foreign)
+        s.validate(base_reader, allow_missing=not strict, refuse_foreign=refuse_foreign)
 
 
-def _files_of(name: str, base_reader: Any, sources: Sequence[TaskVectorSource]) -> list[Path]:
-    """``[base file, expert files...]`` holding tensor ``name`` (an adapter's weight file; the
-    expert's folder where it does not touch ``name``)."""
-    out = [base_reader.file_of(name)]
-    for s in sources:
-        if s.kind == "full" and name in s.reader:
-            out.append(s.reader.file_of(name))
-        elif s.adapter is not None:
-            out.append(s.adapter.file)
-        else:
-            out.append(s.path)
-    return out
+def _files_of(name: str, base_reader: Any, sources: Sequence[Expert]) -> list[Path]:
+    """``[base file, expert files...]`` holding tensor ``name`` (:meth:`Expert.file_of`)."""
+    return [base_reader.file_of(name)] + [s.file_of(name) for s in sources]
 
 
 def _raw_stream(base, experts, dev: torch.device, *, names=None, damc_set: str = "text", strict: bool = True,
@@ -1155,7 +1029,7 @@ def _raw_stream(base, experts, dev: torch.device, *, names=None, damc_set: str =
     With ``sample_index`` (see :func:`iter_task_vectors`) every tensor is the 1-D gather of its
     sampled entries (read from the memory map: only the pages holding them are touched)."""
     base_reader = _open_base(base)
-    sources = [open_expert(n, p, damc_set=damc_set) for n, p in experts.items()]
+    sources = [open_expert(p, name=n, damc_set=damc_set) for n, p in experts.items()]
     _validate_sources(base_reader, sources, strict=strict, refuse_foreign=refuse_foreign)
     todo = _select_names(base_reader, sources, names)
     enames = [s.name for s in sources]
@@ -1239,7 +1113,7 @@ def profile_interference(
 
     Args:
         base: the shared base LLM (HF folder, weight file, or a zoo ``base/`` folder).
-        experts: ``{name: path}``, at least two; see :func:`open_expert` for the layouts.
+        experts: ``{name: path}``, at least two; see :func:`workbench.io.experts.open_expert` for the layouts.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``; tensors are moved there in their stored dtype
             and cast to float32 on the device.
         topk: fraction kept by the TIES trim (per expert and tensor).
@@ -1420,7 +1294,6 @@ def foreign_check(prof: "InterferenceProfile", *, strict: bool = False) -> list[
     on a profile's ``tau_sq`` / ``base_sq`` sums per expert and tensor; returns the flagged experts."""
     from ..io.validate import TaskVectorNorms
 
-    CheckpointReader, _ = _io()
     meta = prof.meta
     norms = TaskVectorNorms(prof.experts)
     index = {e: i for i, e in enumerate(prof.experts)}

@@ -23,7 +23,6 @@ Per tensor :class:`MaskOverlap` holds tidy frames with counts, so every group st
 from __future__ import annotations
 
 import itertools
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -515,26 +514,12 @@ def load_mmer_masks(merged_dir: str | Path, experts: Sequence[str] | None = None
 
     Returns ``(experts, source)`` for :func:`analyze_masks`.
     """
-    from safetensors import safe_open
+    from ..io.mmer_store import MMER_DIR, MMERStore
 
     merged = Path(merged_dir)
-    mdir = merged / "mmer"
-    meta_path, mask_path = mdir / "mmer.json", mdir / "masks.safetensors"
-    if not mask_path.is_file():
-        raise CheckpointError("MMER masks missing", file=mask_path)
-    try:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"unreadable mmer.json: {e}", file=meta_path) from e
-    with safe_open(str(mask_path), framework="pt") as f:
-        keys = list(f.keys())
-        file_meta = f.metadata() or {}
-    groups: dict[str, dict[int, str]] = {}
-    for k in keys:
-        if "::mask_" not in k:
-            continue
-        t, i = k.rsplit("::mask_", 1)
-        groups.setdefault(t, {})[int(i)] = k
+    store = MMERStore(merged / MMER_DIR)
+    meta, mask_path, keys = store.info, store.masks_file, store.keys
+    groups = store.mask_groups()
     n = max((len(v) for v in groups.values()), default=0)
     names = list(experts or meta.get("experts") or meta.get("modalities") or [f"expert_{i}" for i in range(n)])
     if n and len(names) != n:
@@ -543,10 +528,11 @@ def load_mmer_masks(merged_dir: str | Path, experts: Sequence[str] | None = None
     reader: list = []
 
     def shape_of(t: str, key: str) -> tuple[int, ...]:
-        if key in file_meta:
+        entry = store.entry(key)
+        if entry is not None:
             try:
-                return tuple(json.loads(file_meta[key])["shape"])
-            except (ValueError, KeyError, TypeError) as e:
+                return tuple(entry["shape"])
+            except (KeyError, TypeError) as e:
                 raise CheckpointError(f"bad mask metadata: {e}", file=mask_path, tensor=key) from e
         if t in shapes:
             return tuple(shapes[t])
@@ -556,7 +542,7 @@ def load_mmer_masks(merged_dir: str | Path, experts: Sequence[str] | None = None
             reader.append(CheckpointReader(merged))
         return tuple(reader[0].info(t).shape)
 
-    tau_path = mdir / "tau_star.safetensors"
+    tau_path = store.tau_star_file
     base_reader: list = []
     merged_reader: list = []
     if base is not None and with_support:
@@ -567,8 +553,10 @@ def load_mmer_masks(merged_dir: str | Path, experts: Sequence[str] | None = None
         merged_reader.append(CheckpointReader(merged))
 
     def source():
-        with safe_open(str(mask_path), framework="pt") as f:
-            tf = safe_open(str(tau_path), framework="pt") if (with_support and tau_path.is_file()) else None
+        from safetensors import safe_open
+
+        with store.open() as f:
+            tf = safe_open(str(tau_path), framework="pt") if (with_support and tau_path is not None) else None
             tkeys = set(tf.keys()) if tf is not None else set()
             for t in sorted(groups):
                 idx = groups[t]

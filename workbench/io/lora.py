@@ -48,6 +48,32 @@ def peft_key_to_base(key: str) -> tuple[str, str] | None:
     return f"{m.group('mod')}.weight", m.group("kind")
 
 
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, *, transpose: bool = False,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """The weight change of a LoRA adapter, ``scale * (B @ A)`` in float32 (the one place it is computed).
+
+    Args:
+        A: ``[r, in_features]`` (peft's ``lora_A.weight``).
+        B: ``[out_features, r]`` (peft's ``lora_B.weight``).
+        scale: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+        transpose: return ``(s * B @ A)^T`` (a view: embedding adapters, ``fan_in_fan_out``).
+        device: where to compute (default: ``B``'s device).
+
+    Returns:
+        ``[out_features, in_features]`` float32 (transposed with ``transpose``).
+
+    Raises:
+        ValueError: the inner dimensions (the rank) disagree or a factor is not 2-D.
+    """
+    if A.dim() != 2 or B.dim() != 2:
+        raise ValueError(f"LoRA factors must be 2-D, got A {list(A.shape)} and B {list(B.shape)}")
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(f"LoRA rank mismatch: B is {list(B.shape)}, A is {list(A.shape)}")
+    device = B.device if device is None else device
+    d = scale * (B.to(device=device, dtype=torch.float32) @ A.to(device=device, dtype=torch.float32))
+    return d.T if transpose else d
+
+
 def _pattern_value(patterns: dict, module: str, default):
     """peft's rank/alpha pattern lookup: a key matches when it matches a suffix of ``module``."""
     for key, value in (patterns or {}).items():
@@ -154,13 +180,14 @@ class LoraAdapter:
         """Raw ``(A, B, s)`` for base weight ``name`` (stored dtypes)."""
         return self.reader.get(self._key(name, "A")), self.reader.get(self._key(name, "B")), self.scale(name)
 
+    def transposed(self, name: str) -> bool:
+        """Whether the delta on ``name`` is ``(B @ A)^T`` (an embedding adapter, or ``fan_in_fan_out``)."""
+        return self._factors[name]["kind"] == "embedding" or self.fan_in_fan_out
+
     def delta(self, name: str, *, device: torch.device | str = "cpu") -> torch.Tensor:
         """``s * B @ A`` in float32 on ``device``, shaped like the base weight ``name``."""
         a, b, s = self.factors(name)
-        d = s * (b.to(device=device, dtype=torch.float32) @ a.to(device=device, dtype=torch.float32))
-        if self._factors[name]["kind"] == "embedding" or self.fan_in_fan_out:
-            d = d.T
-        return d.contiguous()
+        return lora_delta(a, b, s, transpose=self.transposed(name), device=device).contiguous()
 
     def deltas(self, *, device: torch.device | str = "cpu"):
         """Iterate ``(name, delta)`` over :meth:`targets` one at a time."""

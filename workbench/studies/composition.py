@@ -458,6 +458,7 @@ def _per_combo_head(recs: Sequence[dict], n: int) -> list[dict]:
 def _storage_row(z, comp: ZooComposer, mods: Sequence[str], out: Path, seed: int) -> dict | None:
     """Save MMER's parts for ``mods`` and compare their bytes with the experts' LLM folders."""
     from .. import compose as C
+    from ..io.mmer_store import write_parts
 
     names = comp.members("mmer", mods)
     if names is None:
@@ -468,7 +469,7 @@ def _storage_row(z, comp: ZooComposer, mods: Sequence[str], out: Path, seed: int
     if not (folder / "mmer.json").is_file():
         if parts is None:
             parts = C.mmer_parts(z.base_path, srcs, merge_method=comp.mmer_merge)
-        C.save_mmer_parts(parts, folder)
+        write_parts(parts, folder)
     paths = [s.llm if s.kind == "full" else s.adapter for s in srcs]
     rep = C.storage_comparison([folder / "tau_star.safetensors", folder / "masks.safetensors"], paths)
     return {"seed": seed, "combo": combo_tag(mods), "tau_star_bytes": C.disk_bytes(folder / "tau_star.safetensors"),

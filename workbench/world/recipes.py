@@ -478,6 +478,7 @@ MODEL_PATH = TOKENIZER_PATH + SCENES_PATH + path_entries(
     "workbench.routing",
     "RoutedModule token_routes _named_routed RoutedLinear LowRank Dense _Component _LowRankC _DenseOwnC _Route "
     "_route_plan _PLAN_LOCAL") + path_entries(
+    "workbench.io.lora", "lora_delta") + path_entries(
     "workbench.world.zoo", "_load_llm") + path_entries(
     __name__,
     "_tok _save_llm _sampler_mix _modality_model _cap_model _lora_config _trainable_llm _save_tuned_llm")

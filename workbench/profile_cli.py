@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 HELP = "interference profile of experts vs their base (cosine, sign conflicts, TIES/DARE survival)"
 
@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import profile_interference
-    from ..plots import metric_heatmap, save_figure
+    from .analysis import profile_interference
+    from .plots import metric_heatmap, save_figure
 
     experts = dict(args.experts)
     if len(experts) != len(args.experts):
