@@ -20,7 +20,7 @@ from workbench.compose import (compose_damc, compose_expert, compose_frozen, com
 from workbench.io.mmer_store import MMERParts, read_parts, write_parts
 from workbench.errors import CheckpointError, ConfigError
 from workbench.llava import LlavaCheckpoint
-from workbench.merging import pack_mask
+from workbench.io.packing import pack_mask
 from workbench.routing import (add_lora_routes, materialize_route, route_parameters, routed_modules,
                                save_route_adapter, token_routes)
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from workbench import engine
 from workbench.engine import merge, merge_with_report, prefetch, tensor_generator
 from workbench.io.mmer_store import read_extras
-from workbench.merging import pack_mask, unpack_mask
+from workbench.io.packing import pack_mask, unpack_mask
 from workbench.io import CheckpointReader, CheckpointWriter, NameFilter
 
 REG = standin_methods()
@@ -372,7 +372,8 @@ def test_real_ties_global_trim_matches_methods_reference(tiny_llama, tiny_llama_
 
 
 def test_real_mmer_masks_saved(tiny_llava, tiny_llava_experts, tmp_path):
-    from workbench.merging import mmer_masks, unpack_mask
+    from workbench.io.packing import unpack_mask
+    from workbench.merging import mmer_masks
 
     out = merge(_cfg(tiny_llava, tiny_llava_experts, tmp_path / "m", method="mmer"), progress=False)
     masks = read_extras(out / "mmer")

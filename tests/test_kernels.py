@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.analysis import kernels as K
+from workbench import cpu_kernels as K
 from workbench.analysis.interference import _streamed_stats, tensor_stats
 
 

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.merging.masks import (dare_keep_mask, mask_density, mmer_masks, pack_mask, tall_masks, ties_keep_masks,
-                             topk_keep_mask, unpack_mask)
+from workbench.io.packing import pack_mask, unpack_mask
+from workbench.merging.masks import (dare_keep_mask, mask_density, mmer_masks, tall_masks, ties_keep_masks,
+                             topk_keep_mask)
 
 SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=3)
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from workbench.analysis.kernels import dare_keys
+from workbench.cpu_kernels import dare_keys
 from workbench.engine import merge_with_report, tensor_generator, tensor_seed
 from workbench.errors import CheckpointError
 from workbench.merging import dare_keep, get_method, kth_largest

@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workbench.errors import ConfigError
+from workbench.io.packing import unpack_mask
 from workbench.merging import (METHODS, MergeOutput, OPTMERGE_PRESETS, Targets, dare_drop, dare_keep, get_method,
                                global_trim_thresholds,
                                iso_c_merge_tau, iso_cts_merge_tau, optmerge, optmerge_batched, quadratic_merge_loss,
-                               mmer_masks, ties, ties_merge_tau, trim_topk, tsv_merge_tau, unpack_mask, wudi,
+                               mmer_masks, ties, ties_merge_tau, trim_topk, tsv_merge_tau, wudi,
                                wudi_batched)
 
 torch.set_num_threads(1)
@@ -626,7 +627,7 @@ def test_dare_fast_paths_are_the_reference_draws():
     base = torch.randn(30, 40, generator=g)
     experts = [base + torch.randn(30, 40, generator=g) for _ in range(3)]
     taus = torch.stack([e - base for e in experts])
-    from workbench.analysis.kernels import dare_draw, dare_keep_threshold, dare_keys
+    from workbench.cpu_kernels import dare_draw, dare_keep_threshold, dare_keys
 
     keys = dare_keys(torch.Generator().manual_seed(9).initial_seed(), 3)
     for p in (0.0, 0.2, 0.5):

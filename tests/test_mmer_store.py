@@ -8,7 +8,7 @@ import torch
 
 from workbench.io.mmer_store import (MMER_DIR, ExtrasRecorder, MMERParts, MMERStore, mask_key, parse_mask_key,
                                      read_extras, read_parts, write_parts)
-from workbench.merging import pack_mask
+from workbench.io.packing import pack_mask
 
 SHAPES = {"model.layers.0.self_attn.q_proj.weight": (5, 7), "model.layers.1.mlp.down_proj.weight": (3, 9)}
 

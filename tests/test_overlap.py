@@ -245,7 +245,7 @@ def test_load_mmer_masks_from_engine_layout(tmp_path):
     shapes = {"model.layers.0.self_attn.q_proj.weight": (5, 7), "model.layers.1.mlp.down_proj.weight": (3, 9)}
     masks = {n: torch.rand(3, *s, generator=g) < 0.5 for n, s in shapes.items()}
     (tmp_path / "mmer").mkdir()
-    from workbench.merging import pack_mask
+    from workbench.io.packing import pack_mask
 
     # the engine's packing, and numpy's packbits (the documented layout) agree
     assert torch.equal(pack_mask(masks[next(iter(masks))][0]), _pack_msb(masks[next(iter(masks))][0]))
@@ -273,7 +273,7 @@ def test_load_masks_written_by_engine_layout(tmp_path):
     g = torch.Generator().manual_seed(11)
     shapes = {"model.layers.0.mlp.up_proj.weight": (4, 6), "model.layers.2.self_attn.o_proj.weight": (5, 5)}
     masks = {n: torch.rand(2, *s, generator=g) < 0.3 for n, s in shapes.items()}
-    from workbench.merging import pack_mask
+    from workbench.io.packing import pack_mask
 
     (tmp_path / "mmer").mkdir()
     sd, meta = {}, {}

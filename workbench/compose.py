@@ -51,7 +51,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .io.mmer_store import MMERParts
-from .merging.masks import pack_mask
+from .io.packing import pack_mask
 from .mllm import MultimodalLM
 from .routing import (DEFAULT_LORA_TARGETS, Dense, LowRank, Masked, apply_routes, load_route_adapter,
                       route_components, set_route_coefficients)

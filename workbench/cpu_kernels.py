@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["MAX_KERNEL_EXPERTS", "dare_keys", "dare_keep_threshold", "dare_keep_torch",
            "fmix32", "dare_draw", "check_positions", "chunk_kernel", "count_codes", "as_kernel_array", "tau_hist",

@@ -50,7 +50,7 @@ from typing import Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from .merging.masks import pack_mask, unpack_mask, unpack_mask_bits
+from .io.packing import pack_mask, unpack_mask, unpack_mask_bits
 from torch.nn import functional as F
 
 from .errors import CheckpointError, ConfigError
@@ -133,7 +133,7 @@ class Dense:
 class Masked:
     """``Δ = alpha · mask ⊙ shared``: ``shared`` (MMER's τ*) is stored once per module for all the
     routes that pass the same tensor object; ``mask`` is a bool tensor shaped like ``shared`` or a
-    packed uint8 tensor (:func:`workbench.merging.pack_mask` format)."""
+    packed uint8 tensor (:func:`workbench.io.packing.pack_mask` format)."""
 
     shared: torch.Tensor
     mask: torch.Tensor

@@ -4,7 +4,7 @@ The profile streams over tensor names: for one name at a time it reads the base 
 each expert's task vector ``tau_i = theta_i - theta_0`` (or ``s * B @ A`` for a LoRA expert,
 the text adapter's product for a DAMC expert) and accumulates *sums* (dot products, squared
 norms, counts). On a GPU the task vectors are stacked into an ``[N, numel]`` float32 matrix on
-the device; on the CPU compiled kernels (:mod:`workbench.analysis.kernels`) read the stored
+the device; on the CPU compiled kernels (:mod:`workbench.cpu_kernels`) read the stored
 bfloat16 / float32 tensors directly, chunk by chunk, and no float32 copy is made. Nothing else
 stays in memory, so peak memory is bounded by the largest tensor (a few times it on a GPU),
 whatever the model size.
@@ -68,7 +68,7 @@ from ..merging import masks as M
 from ..errors import CheckpointError, ConfigError
 from ..io.experts import Expert, open_expert
 from ..io.reader import CheckpointReader
-from . import kernels as K
+from .. import cpu_kernels as K
 from .store import atomic_write, save_frames, save_json
 
 __all__ = [
@@ -182,7 +182,7 @@ def tensor_stats(
         topk: fraction of entries kept by the TIES trim (per expert, by magnitude).
         dare_p: DARE drop probability, or ``None`` to skip the DARE statistics (they are NaN).
         dare_seed: seed of the DARE draws (counter-based: entry ``j`` of expert ``i`` draws the same
-            value on every device and for every chunking; :mod:`workbench.analysis.kernels`).
+            value on every device and for every chunking; :mod:`workbench.cpu_kernels`).
         chunk_size: entries per column chunk (bounds the temporaries to about ``10 * N * chunk``
             floats); at most ``2**24`` so that float32 partial counts stay exact integers.
 
@@ -194,7 +194,7 @@ def tensor_stats(
         ``multi_nonzero, set_conflicts, elected, elect_disagree_any, ties_merged_sq, ta_sq``.
 
     Every count is an exact integer. On the CPU (up to 8 experts) each chunk goes through the
-    compiled kernel of :mod:`workbench.analysis.kernels` (float sums accumulated in float64); on
+    compiled kernel of :mod:`workbench.cpu_kernels` (float sums accumulated in float64); on
     other devices through torch operations (float32 sums per chunk, added in float64). The two
     give the same counts and float sums equal to ~1e-6 relative (tested).
     """
@@ -222,7 +222,7 @@ def tensor_stats(
 _MAX_CODED_EXPERTS = K.MAX_KERNEL_EXPERTS  # the compiled kernel writes the same codes
 #: up to this many experts, both codes share one histogram (3**(2N+1) bins)
 _MAX_JOINT_EXPERTS = K.MAX_JOINT_EXPERTS
-#: on the CPU, coded chunks go through the compiled kernel (:mod:`workbench.analysis.kernels`);
+#: on the CPU, coded chunks go through the compiled kernel (:mod:`workbench.cpu_kernels`);
 #: ``False`` forces the torch operations (the tests compare the two)
 _USE_KERNEL = True
 
@@ -509,7 +509,7 @@ def _streamed_stats(name: str, base_t: torch.Tensor, raws: list, files: Sequence
 
     Each ``tau_i`` is rebuilt on demand from the stored tensors (``main - base`` in float32, the
     same values as :func:`iter_task_vectors`), by the compiled kernels of
-    :mod:`workbench.analysis.kernels`, which read bfloat16 / float32 tensors as stored:
+    :mod:`workbench.cpu_kernels`, which read bfloat16 / float32 tensors as stored:
 
     1. per expert, the finiteness check and the top-k threshold, an exact radix select: a
        histogram of the high 16 bits of ``|tau_i|``, then one more pass for the low 16 bits of the
@@ -1121,7 +1121,7 @@ def profile_interference(
         dare_p: DARE drop probability for the kept-fraction metrics (``None``: skip them).
         seed: DARE seed; each tensor uses ``seed`` combined with a CRC of its name, so results do
             not depend on the order or subset of tensors. The draws are counter-based (a hash of
-            seed, expert and entry position: :mod:`workbench.analysis.kernels`), the same on
+            seed, expert and entry position: :mod:`workbench.cpu_kernels`), the same on
             every device and for every ``chunk_size``.
         names: restrict to these tensor names (list, predicate or ``NameFilter``); default every
             floating-point base tensor (only the adapters' targets when every expert is an adapter).
@@ -1132,7 +1132,7 @@ def profile_interference(
             the current one is computed.
         progress: show a tqdm bar.
         threads: worker threads for the arithmetic on a CPU device. The compiled kernels
-            (:mod:`workbench.analysis.kernels`: bfloat16 / float32 tensors, up to 8 experts) run
+            (:mod:`workbench.cpu_kernels`: bfloat16 / float32 tensors, up to 8 experts) run
             the experts' thresholds in parallel and split each tensor's columns into ``threads``
             ranges (they release the GIL; the reading runs in the prefetch thread beside them).
             An integer also sets torch's intra-op threads for the call (``torch.set_num_threads``,

@@ -491,7 +491,7 @@ def sweep_table(results: Mapping[tuple, MaskOverlap]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------------- MMER masks on disk
 def _unpack(packed: torch.Tensor, shape: Sequence[int], *, file: Path, tensor: str) -> torch.Tensor:
-    from ..merging import unpack_mask
+    from ..io.packing import unpack_mask
 
     try:
         return unpack_mask(packed, tuple(shape))

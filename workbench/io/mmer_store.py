@@ -3,7 +3,7 @@
 A store folder holds
 
 - ``masks.safetensors``: keys ``<tensor>::<extra>``; MMER's masks are ``<tensor>::mask_<i>`` (expert
-  ``i``), boolean masks bit-packed with :func:`workbench.merging.masks.pack_mask` (uint8, MSB first); the
+  ``i``), boolean masks bit-packed with :func:`workbench.io.packing.pack_mask` (uint8, MSB first); the
   metadata of each key is ``{"shape", "dtype", "packed"}`` (JSON);
 - ``mmer.json``: what produced it (``params``; ``n_experts`` and the densities);
 - ``tau_star.safetensors`` (optional): τ* per tensor. Without it, τ* is the merged weights minus
@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CheckpointError
-from ..merging.masks import pack_mask, unpack_mask
+from .packing import pack_mask, unpack_mask
 from .reader import CheckpointReader
 
 #: the store's folder inside a merge output.
@@ -57,7 +57,7 @@ class MMERParts:
     """τ* per tensor and one packed mask per expert per tensor (what MMER stores).
 
     ``tau_star[name]``: τ* (``dtype``); ``masks[name][i]``: packed uint8 mask of expert ``i``
-    (:func:`workbench.merging.masks.pack_mask`, MSB first); ``shapes[name]``.
+    (:func:`workbench.io.packing.pack_mask`, MSB first); ``shapes[name]``.
     """
 
     tau_star: dict[str, torch.Tensor]
@@ -113,7 +113,7 @@ class ExtrasRecorder:
         writer.save_extra(f"{MMER_DIR}/{MASKS_FILE}", self.tensors, metadata=self.metadata)
         writer.save_json(f"{MMER_DIR}/{INFO_FILE}", {
             "method": method, "params": dict(params), "density": overall, "density_per_tensor": self.densities,
-            "format": "keys '<tensor>::<extra>'; bool masks packed with workbench.merging.masks.pack_mask (MSB first), "
+            "format": "keys '<tensor>::<extra>'; bool masks packed with workbench.io.packing.pack_mask (MSB first), "
                       "shape in metadata"})
 
 

@@ -24,8 +24,8 @@ from .quadratic import (CONVERGED_GRAD_RATIO, LR_SCALES, OPTMERGE_PRESETS, PRECI
                         objective_report, optmerge, optmerge_batched, optmerge_exact, optmerge_settings,
                         quadratic_merge_loss, wudi, wudi_batched, wudi_exact)
 from .mmer import mmer
-from .masks import (dare_keep_mask, kth_largest, kth_largest_nonneg, mask_density, mmer_masks, pack_mask,
-                    tall_masks, threshold_keep_mask, ties_keep_masks, topk_keep_mask, unpack_mask)
+from .masks import (dare_keep_mask, kth_largest, kth_largest_nonneg, mask_density, mmer_masks,
+                    tall_masks, threshold_keep_mask, ties_keep_masks, topk_keep_mask)
 
 __all__ = [
     "METHODS", "MergeOutput", "MethodSpec", "get_method", "merge_method", "global_trim_thresholds",
@@ -38,6 +38,6 @@ __all__ = [
     "weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv", "iso_c", "iso_cts",
     "wudi", "wudi_batched", "optmerge", "optmerge_batched", "mmer",
     # masks
-    "pack_mask", "unpack_mask", "mask_density", "topk_keep_mask", "kth_largest", "kth_largest_nonneg",
+    "mask_density", "topk_keep_mask", "kth_largest", "kth_largest_nonneg",
     "threshold_keep_mask", "ties_keep_masks", "dare_keep_mask", "mmer_masks", "tall_masks",
 ]

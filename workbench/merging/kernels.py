@@ -4,7 +4,7 @@ fused pass per row chunk, reading the stored tensors straight from their memory 
 The torch methods (:mod:`workbench.merging`) are the reference and the GPU path; on a CPU each of
 their steps (bf16 -> fp32 copies of whole stacked tensors, ``|tau|``, the masks, the elected sign,
 the mean) is a separate pass over ``[N, numel]`` float32 temporaries. Here, as in the interference
-profile's kernels (:mod:`workbench.analysis.kernels`, whose machinery this reuses: the generated
+profile's kernels (:mod:`workbench.cpu_kernels`, whose machinery this reuses: the generated
 source per number of experts cached on disk, ``ld`` reading bfloat16 as its uint16 bits, the exact
 top-k threshold from two 16-bit histograms, the counter-based DARE draw, threads over column
 ranges), every output entry is computed in one loop iteration with ``N`` unrolled, and written
@@ -33,7 +33,7 @@ neither bfloat16 nor float32), written to the output file chunk by chunk
 stored in float16 or float64 are the exception for TIES: its threshold passes read a float32 copy of
 the tensor's rows.)
 
-**DARE**: the keep draw is :mod:`workbench.analysis.kernels`' counter-based draw (seed = the
+**DARE**: the keep draw is :mod:`workbench.cpu_kernels`' counter-based draw (seed = the
 tensor's :func:`workbench.engine.tensor_seed`, position = the flat index), identical on every device;
 the torch methods draw the same (:func:`workbench.merging.dare_drop`).
 """
@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..analysis import kernels as K
+from .. import cpu_kernels as K
 from ..errors import ConfigError
 from .common import check_density, check_drop_rate, expert_weights
 from .ties_dare import check_trim

@@ -6,7 +6,8 @@ from typing import Sequence
 import torch
 
 from .common import check_density, finish, stack_task_vectors
-from .masks import mmer_masks, pack_mask
+from ..io.packing import pack_mask
+from .masks import mmer_masks
 from .registry import MergeOutput, merge_method
 from .ties_dare import ties_merge_tau
 
@@ -27,7 +28,7 @@ def mmer(base: Tensor, experts: Sequence[Tensor], *, name: str = "", generator=N
     ``lam`` generalisation and its default are an **unverified** reading). Returns
     ``MergeOutput(merged = theta_0 + scale * tau*, extras = {"mask_<i>": m_i})`` with boolean masks
     (the engine bit-packs boolean extras itself); ``pack_masks=True`` returns them packed with
-    :func:`workbench.merging.masks.pack_mask` (uint8, shape = the tensor's) instead. Modality i's model is
+    :func:`workbench.io.packing.pack_mask` (uint8, shape = the tensor's) instead. Modality i's model is
     then ``theta_0 + alpha * m_i * tau*`` (see :mod:`workbench.compose`).
     """
     taus = stack_task_vectors(base, experts)

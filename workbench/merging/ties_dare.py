@@ -117,7 +117,7 @@ def _ties_merge_tau_(taus: Tensor, density: float = 0.2, *, thresholds: Sequence
 def dare_keep(shape: Sequence[int] | torch.Size, n_experts: int, p: float, generator: torch.Generator | None = None,
               device: torch.device | str | None = None) -> Tensor:
     """``[n_experts, *shape]`` float32 DARE keep masks (1 = kept): the counter-based draw of
-    :mod:`workbench.analysis.kernels` (expert ``i``, flat position ``j``; seed
+    :mod:`workbench.cpu_kernels` (expert ``i``, flat position ``j``; seed
     ``generator.initial_seed()``, which the engine sets to the tensor's seed), identical on every
     device and in the compiled CPU merge (:mod:`workbench.merging.kernels`). Each entry is kept with
     probability ``1 - ceil(p * 2**16) / 2**16`` (``1 - p`` within ``1.6e-5``).
@@ -126,7 +126,7 @@ def dare_keep(shape: Sequence[int] | torch.Size, n_experts: int, p: float, gener
     before: DARE merges changed value (not distribution) with it; the mask is still applied as
     peft applies it (:func:`dare_drop`). Without a generator the seed comes from torch's global RNG.
     """
-    from ..analysis.kernels import dare_keep_threshold, dare_keep_torch, dare_keys
+    from ..cpu_kernels import dare_keep_threshold, dare_keep_torch, dare_keys
 
     p_int = dare_keep_threshold(check_drop_rate(p))
     seed = generator.initial_seed() if generator is not None else int(torch.randint(0, 2 ** 62, ()))
