@@ -121,7 +121,7 @@ class SearchCell:
 
 
 #: Per process: context key -> _Live. The local executor registers the driver's model here; a Ray
-#: worker fills it from the recipe on its first cell of a model.
+#: worker fills it from the recipe on its first cell of a model (one rebuilt model at a time).
 _LIVE: dict[str, _Live] = {}
 
 
@@ -129,6 +129,8 @@ def _live(cell: SearchCell) -> _Live:
     key = cell.context or json.dumps([cell.recipe.zoo, cell.recipe.method, list(cell.recipe.experts),
                                       cell.recipe.mmer_merge])
     if key not in _LIVE:
+        for other in [k for k in _LIVE if not k.startswith("driver-")]:
+            del _LIVE[other]  # the previous search's model: a worker keeps one composed model in memory
         _LIVE[key] = cell.recipe.build()
     return _LIVE[key]
 
