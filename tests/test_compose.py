@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from workbench.compose import (compose_damc, compose_expert, compose_frozen, compose_mmer,
-                               compose_naive_mc, damc_lambda_search, disk_bytes, hf_expert, lambda_grid, llava_expert,
+                               compose_naive_mc, disk_bytes, hf_expert, llava_expert,
                                load_causal_lm, merge_llm, mmer_mask, mmer_parts,
                                mmer_parts_from_merge, set_damc_coefficients, set_mmer_alpha,
                                storage_comparison, ExpertSource)
 from workbench.io.mmer_store import MMERParts, read_parts, write_parts
+from workbench.studies.search import damc_lambda_search, lambda_grid
 from workbench.errors import CheckpointError, ConfigError
 from workbench.llava import LlavaCheckpoint
 from workbench.io.packing import pack_mask
@@ -465,7 +466,7 @@ def _synthetic_records(n, prompt_fn, inputs_fn, gold="A"):
 def test_damc_lambda_from_own_tasks_rule_and_csv(tiny_llama, damc_pair, tmp_path):
     import pandas as pd
 
-    from workbench.compose import damc_lambda_from_own_tasks
+    from workbench.studies.search import damc_lambda_from_own_tasks
 
     model = compose_damc(tiny_llama, damc_pair, tokenizer_of(tiny_llama))
     own = {"image": _synthetic_records(3, lambda i: f"image: w61 w{20 + i}", lambda i: {"image": [raw(30 + i)]}),
@@ -480,7 +481,7 @@ def test_damc_lambda_from_own_tasks_rule_and_csv(tiny_llama, damc_pair, tmp_path
 
 
 def test_mmer_search_grid_leaves_model_at_best(tiny_llama, tiny_llama_experts, tmp_path):
-    from workbench.compose import mmer_search
+    from workbench.studies.search import mmer_search
 
     exps = _mmer_experts(tiny_llama_experts)
     tok = tokenizer_of(tiny_llama)
@@ -596,7 +597,7 @@ def test_cached_tokenizer_same_ids_and_private_copies(tiny_llama):
 
 
 def test_mmer_search_with_preloaded_or_path_base_agree(tiny_llama, tiny_llama_experts):
-    from workbench.compose import mmer_search
+    from workbench.studies.search import mmer_search
 
     exps = _mmer_experts(tiny_llama_experts)
     tok = tokenizer_of(tiny_llama)

@@ -132,9 +132,10 @@ def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_zoo_composer_shares_experts_and_caches_damc_search(tmp_path, monkeypatch):
-    """One ZooComposer loads each expert once (a cached tower); the DAMC λ search is kept under
+    """One ZooComposer loads each expert once (a cached tower); the DAMC λ search's cells are kept under
     ``search_cache`` and a second composer (notebook 06) gets the same λ and CSV without searching."""
     from workbench import compose as C
+    from workbench.studies import search as S
     from workbench.studies.composition import ZooComposer
     from workbench.world import ensure_zoo
 
@@ -147,10 +148,10 @@ def test_tiny_zoo_composer_shares_experts_and_caches_damc_search(tmp_path, monke
     assert comp.source(name) is comp.source(name) and isinstance(comp.source(name).tower, C.CachedTower)
     comp.build("damc", mods)
     files = list((tmp_path / "cache").glob("damc-*.json"))
-    assert len(files) == 1
+    assert len(files) == 2  # one per grid point
     calls = []
-    real = C.damc_lambda_search
-    monkeypatch.setattr(C, "damc_lambda_search", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = S.run_search_cell
+    monkeypatch.setattr(S, "run_search_cell", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = ZooComposer(z, 0, search_dir=tmp_path / "s2", search_cache=tmp_path / "cache", damc_grid=(0.5, 1.0))
     model = again.build("damc", mods)
     assert calls == []

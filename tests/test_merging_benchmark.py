@@ -322,7 +322,7 @@ def test_base_llm_copy_is_fresh_and_equal(tiny_zoo):
 def test_modality_damc_search_shared_with_run_results(tiny_zoo, tmp_path, monkeypatch):
     """modality_merging's DAMC row reuses the λ search run_results stored under out/cache/search
     (the same composition on the same validation split): the same λ, no second search."""
-    from workbench import compose as C
+    from workbench.studies import search as S
     from workbench.studies.composition import ZooComposer, run_results
 
     mods = list(tiny_zoo.modalities)
@@ -334,8 +334,8 @@ def test_modality_damc_search_shared_with_run_results(tiny_zoo, tmp_path, monkey
     stored = list((out / "cache" / "search").glob("damc-*.json"))
     assert stored
     calls = []
-    real = C.damc_lambda_search
-    monkeypatch.setattr(C, "damc_lambda_search", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = S.run_search_cell
+    monkeypatch.setattr(S, "run_search_cell", lambda *a, **k: calls.append(1) or real(*a, **k))
     ev, _ = E._context(tiny_zoo, "cpu", True, out, False, "loglik", False)
     assert ev.search_cache == out / "cache" / "search"
     comp = ZooComposer(tiny_zoo, 0, search_cache=ev.search_cache, damc_grid=(0.5, 1.0))

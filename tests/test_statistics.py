@@ -281,6 +281,7 @@ def test_cache_keys_carry_the_code_digest(tmp_path, monkeypatch):
         folder.mkdir(exist_ok=True)
         for name in evaluate.PREDICTION_CODE:
             if name.endswith(".py"):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)  # studies/search.py
                 (folder / name).write_text(f"# {name}\n")
             else:
                 (folder / name).mkdir()

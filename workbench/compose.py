@@ -22,9 +22,9 @@ Compositions (methods.md sections 1-3):
   experts contribute τ = 0. Streamed tensor by tensor (:func:`merge_llm`): memory holds the base
   model and one tensor of each expert. Any method of :mod:`workbench.merging` can replace the average.
 - :func:`compose_damc`: text tokens use W0 + Σ λi si Bi^t Ai^t, tokens of modality m use
-  W0 + μ_m sm Bm^mod Am^mod (μ = 1); λ is searched with :func:`damc_lambda_search` (grid on a
-  multi-modality validation split, CSV) or :func:`damc_lambda_from_own_tasks` (the fallback; rule
-  stated there - the paper's exact rule is unverified).
+  W0 + μ_m sm Bm^mod Am^mod (μ = 1); λ is searched by :mod:`workbench.studies.search` (a grid on a
+  multi-modality validation split, or the own-task fallback), which re-weights the composed model
+  with :func:`set_damc_coefficients`.
 - :func:`compose_mmer`: τ* from a merge of the τi (default TIES, keep 20% - **unverified**), one
   mask per expert ``m_i = 1[|τi| > λ |τi − τ*|]`` (**unverified** reading, λ a parameter); modality
   i's tokens use θ0 + α m_i ⊙ τ*, text tokens θ0 + τ* (``text_route="merged"``, **unverified**;
@@ -39,7 +39,6 @@ Storage (:func:`disk_bytes`, :func:`storage_comparison`; MMER's parts are saved 
 from __future__ import annotations
 
 import copy
-import itertools
 import re
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
@@ -595,90 +594,6 @@ def set_damc_coefficients(model: MultimodalLM | nn.Module, coefficients: Sequenc
     set_route_coefficients(llm, TEXT_ROUTE, dict(enumerate(coefficients)))
 
 
-def _accuracy(model: MultimodalLM, records: Sequence[Mapping], load_inputs: Callable, scoring: str) -> float:
-    from .evaluate import accuracy, predict
-
-    return accuracy(predict(model, records, load_inputs, scoring=scoring))
-
-
-def lambda_grid(n: int, values: Sequence[float] = (0.25, 0.5, 0.75, 1.0), mode: str = "uniform") -> list[tuple]:
-    """Candidate λ vectors: ``"uniform"`` (the same λ for every expert), ``"product"`` (every
-    combination; len(values)^n candidates) or ``"simplex"`` (combinations summing to 1, from
-    ``values``; falls back to uniform 1/N if none)."""
-    if mode == "uniform":
-        return [tuple([float(v)] * n) for v in values]
-    if mode == "product":
-        return [tuple(float(x) for x in c) for c in itertools.product(values, repeat=n)]
-    if mode == "simplex":
-        out = [tuple(float(x) for x in c) for c in itertools.product(values, repeat=n) if abs(sum(c) - 1) < 1e-9]
-        return out or [tuple([1.0 / n] * n)]
-    raise ConfigError(f"unknown lambda grid mode {mode!r} (uniform, product, simplex)")
-
-
-def damc_lambda_search(model: MultimodalLM, records: Sequence[Mapping], load_inputs: Callable, *,
-                       grid: Sequence[Sequence[float]] | None = None, scoring: str = "loglik",
-                       csv: str | Path | None = None, progress: bool = True):
-    """DAMC's adaptive parameter adjustment: evaluate every λ vector of ``grid`` (default
-    :func:`lambda_grid` uniform 0.25..1) on ``records`` (a validation split of multi-modality
-    questions), keep the best (ties: the first). Writes the grid with accuracies to ``csv``.
-    Returns ``(best λ tuple, DataFrame)``; the model is left at the best λ."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    n = len(model.route_order)
-    grid = list(grid) if grid is not None else lambda_grid(n)
-    rows = []
-    for lam in tqdm(grid, desc="DAMC lambda search", disable=not progress):
-        if len(lam) != n:
-            raise ConfigError(f"lambda {lam} has {len(lam)} values for {n} experts")
-        set_damc_coefficients(model, lam)
-        acc = _accuracy(model, records, load_inputs, scoring)
-        rows.append({**{f"lambda_{i + 1}": float(v) for i, v in enumerate(lam)},
-                     **{f"modality_{i + 1}": m for i, m in enumerate(model.route_order)},
-                     "accuracy": acc, "n_items": len(records), "scoring": scoring})
-    df = pd.DataFrame(rows)
-    best = tuple(grid[int(df["accuracy"].to_numpy().argmax())])
-    set_damc_coefficients(model, best)
-    if csv is not None:
-        Path(csv).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(csv, index=False)
-    return best, df
-
-
-def damc_lambda_from_own_tasks(model: MultimodalLM, own_records: Mapping[str, Sequence[Mapping]],
-                               load_inputs: Callable, *, values: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-                               expert_scores: Mapping[str, float] | None = None, scoring: str = "loglik",
-                               csv: str | Path | None = None, progress: bool = True):
-    """The fallback without a multi-modality validation set (rule chosen here; the paper's exact
-    rule is **unverified**): for every uniform λ in ``values``, score the composed model on each
-    modality's own-task records; the score of λ is the mean over modalities of the accuracy
-    (divided by the expert's own accuracy when ``expert_scores`` is given, i.e. the mean
-    retention); pick the best λ (ties: the smaller λ, listed first). Returns ``(λ tuple, DataFrame)``."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    n = len(model.route_order)
-    rows = []
-    for v in tqdm(sorted(values), desc="DAMC lambda (own tasks)", disable=not progress):
-        set_damc_coefficients(model, [v] * n)
-        row = {"lambda": float(v)}
-        scores = []
-        for m in model.route_order:
-            acc = _accuracy(model, own_records[m], load_inputs, scoring)
-            row[f"acc_{m}"] = acc
-            scores.append(acc / expert_scores[m] * 100 if expert_scores else acc)
-        row["score"] = float(sum(scores) / len(scores))
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    best_v = float(df["lambda"].iloc[int(df["score"].to_numpy().argmax())])
-    best = tuple([best_v] * n)
-    set_damc_coefficients(model, best)
-    if csv is not None:
-        Path(csv).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(csv, index=False)
-    return best, df
-
-
 # ================================================================================================ MMER
 def mmer_mask(tau: torch.Tensor, tau_star: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """MMER's mask for one expert (methods.md section 3, **unverified** reading, λ a parameter):
@@ -852,40 +767,6 @@ def remask(parts: MMERParts, base: str | Path | nn.Module, experts: Sequence[Exp
     return MMERParts(parts.tau_star, masks, parts.n_experts, {**parts.params, "lam": lam})
 
 
-def mmer_search(model: MultimodalLM, base, experts: Sequence[ExpertSource], records: Sequence[Mapping],
-                load_inputs: Callable, *, lams: Sequence[float] = (0.5, 1.0, 2.0),
-                alphas: Sequence[float] = (0.5, 1.0, 1.5), scoring: str = "loglik", csv: str | Path | None = None,
-                progress: bool = True):
-    """Choose MMER's λ (mask threshold) and α on validation ``records`` (a grid; ties: first).
-    Returns ``((λ, α), DataFrame)``; the model is left at the best pair."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    parts0: MMERParts = model.mmer_parts  # type: ignore[attr-defined]
-    rows, cache = [], {}
-    base = base if isinstance(base, nn.Module) else load_causal_lm(base)  # read once for every λ
-    for lam in tqdm(lams, desc="MMER lambda/alpha", disable=not progress):
-        parts = remask(parts0, base, experts, lam)
-        cache[lam] = parts
-        set_mmer_masks(model, parts)
-        dens = parts.density()
-        for a in alphas:
-            set_mmer_alpha(model, a)
-            rows.append({"lam": float(lam), "alpha": float(a), "accuracy": _accuracy(model, records, load_inputs, scoring),
-                         "n_items": len(records), "scoring": scoring,
-                         **{f"density_{m}": d for m, d in zip(model.route_order, dens)}})
-    df = pd.DataFrame(rows)
-    i = int(df["accuracy"].to_numpy().argmax())
-    best = (float(df["lam"].iloc[i]), float(df["alpha"].iloc[i]))
-    set_mmer_masks(model, cache[best[0]])
-    set_mmer_alpha(model, best[1])
-    model.mmer_parts = cache[best[0]]  # type: ignore[attr-defined]
-    if csv is not None:
-        Path(csv).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(csv, index=False)
-    return best, df
-
-
 # ================================================================================================ storage
 def disk_bytes(path: str | Path) -> int:
     """Bytes on disk of a file, or of every file under a folder (apparent sizes, symlinks not followed)."""
@@ -910,9 +791,9 @@ __all__ = [
     "CachedTokenizer", "CachedTower", "ExpertSource", "TemplatedMultimodalLM", "assign_placeholders",
     "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",
-    "compose_naive_mc", "damc_lambda_from_own_tasks", "damc_lambda_search", "damc_llm", "disk_bytes",
-    "hf_expert", "lambda_grid", "llava_expert", "load_causal_lm",
-    "merge_llm", "mmer_llm", "mmer_mask", "mmer_parts", "mmer_parts_from_merge", "mmer_search", "remask",
+    "compose_naive_mc", "damc_llm", "disk_bytes",
+    "hf_expert", "llava_expert", "load_causal_lm",
+    "merge_llm", "mmer_llm", "mmer_mask", "mmer_parts", "mmer_parts_from_merge", "remask",
     "set_damc_coefficients", "set_mmer_alpha", "set_mmer_masks", "storage_comparison",
     "zoo_expert", "zoo_expert_model",
 ]

@@ -129,11 +129,11 @@ def scorer_key() -> dict:
     return {"scorer": "shared-prefix"} if shared_prefix_enabled() else {}
 
 
-#: The modules whose code produces a cached prediction: the compositions, the merge methods (the
+#: The modules whose code produces a cached prediction: the compositions and their λ searches, the merge methods (the
 #: ``merging`` package) and their engine, this scorer and the model's option scorer (``mllm.py``). Their digest is part of every
 #: results-cache key (:mod:`workbench.studies.composition`, :mod:`workbench.studies.merging_benchmark`), so a fixed method never
 #: reuses predictions of the old code.
-PREDICTION_CODE = ("compose.py", "merging", "engine.py", "evaluate.py", "mllm.py")
+PREDICTION_CODE = ("compose.py", "studies/search.py", "merging", "engine.py", "evaluate.py", "mllm.py")
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,7 @@
 - :mod:`~workbench.studies.protocol` - the merging benchmark's protocol: split, λ choice, cached
   evaluation, the merged model at λ, one cell's rows;
 - :mod:`~workbench.studies.sweep` - the merging benchmark's cells, run locally or on Ray;
+- :mod:`~workbench.studies.search` - the composition study's λ searches (DAMC λ, MMER (λ, α)) as sweeps;
 - :mod:`~workbench.studies.tables` - the merging benchmark's tables, paired tests and comparison with the paper;
 - :mod:`~workbench.studies.published` - the papers' published tables and headline claims;
 - :mod:`~workbench.studies.report` - formatting and reshaping of the studies' tables for the notebooks;

@@ -28,7 +28,9 @@ Tables written to ``out`` (default ``data/results/<preset>/``):
 
 Predictions are cached under ``out/cache/`` (:mod:`workbench.studies.cache`) by a hash of their inputs
 (the zoo's model hashes, the composition settings, the records, the scoring) and of the code that
-computes them (:func:`workbench.evaluate.code_digest`), so a re-run only evaluates what changed.
+computes them (:func:`workbench.evaluate.code_digest`), so a re-run only evaluates what changed. The
+λ searches' grid points are sweep cells (:mod:`workbench.studies.search`), run by ``executor``
+(``"local"`` or ``"ray"``) and kept under ``out/cache/search/``.
 """
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ import torch
 from ..evaluate import CachedInputs, predict, scorer_key, shared_prefix_enabled
 from ..paths import repo_relative, results_dir
 from ..statistics import accuracy_intervals, mcnemar_exact
-from .cache import CACHE_VERSION, cached, records_digest, result_key
+from . import search as S
+from .cache import CACHE_VERSION, cached, records_digest
+from .sweep import CellStore
 COMPOSITIONS = ("expert", "damc_expert", "frozen", "naive_mc", "damc", "mmer", "oracle")
 OWN_ONLY = ("expert", "damc_expert")
 BENCHMARKS = ("mcub-2", "mcub-3", "mcub-4")
@@ -138,7 +142,7 @@ class ZooComposer:
                  damc_grid: Sequence[float] = (0.25, 0.5, 0.75, 1.0), mmer_lams: Sequence[float] = (0.5, 1.0, 2.0),
                  mmer_alphas: Sequence[float] = (0.5, 1.0, 1.5), mmer_merge: str = "ties",
                  progress: bool = False, load_inputs: Callable | None = None,
-                 search_cache: Path | None = None) -> None:
+                 search_cache: Path | None = None, executor: str = "local", ray_address: str | None = None) -> None:
         from .. import compose as C
         from ..world import Zoo
 
@@ -146,6 +150,7 @@ class ZooComposer:
         self.seed, self.expert_kind, self.search = seed, expert_kind, search
         self.search_dir = search_dir
         self.search_cache = Path(search_cache) if search_cache is not None else None
+        self.executor, self.ray_address = executor, ray_address
         self.val = list(val_records) if val_records is not None else self._val()
         self.damc_grid, self.mmer_lams, self.mmer_alphas = tuple(damc_grid), tuple(mmer_lams), tuple(mmer_alphas)
         self.mmer_merge = mmer_merge
@@ -257,15 +262,17 @@ class ZooComposer:
         if method == "damc":
             model = C.compose_damc(base, srcs, self.tok)
             if self.search and len(srcs) > 1:
+                sweep = self._search_sweep(method, mods, names, model)
                 if val:
-                    grid = C.lambda_grid(len(srcs), self.damc_grid)
-                    best = self._damc_search(model, mods, val, grid, self._csv(f"damc_lambda_{tag}.csv"))
+                    best, _ = S.damc_lambda_search(model, val, load, grid=S.lambda_grid(len(srcs), self.damc_grid),
+                                                   csv=self._csv(f"damc_lambda_{tag}.csv"), progress=self.progress,
+                                                   sweep=sweep)
                     rule = "val-grid"
                 else:
                     own = {m: self.zoo.own_eval(m) for m in mods}
-                    best, _ = C.damc_lambda_from_own_tasks(model, own, load, values=self.damc_grid,
+                    best, _ = S.damc_lambda_from_own_tasks(model, own, load, values=self.damc_grid,
                                                            csv=self._csv(f"damc_lambda_own_{tag}.csv"),
-                                                           progress=self.progress)
+                                                           progress=self.progress, sweep=sweep)
                     rule = "own-task-fallback"
                 self.notes.setdefault("damc_lambda", {})[tag] = {"lambda": list(best), "rule": rule,
                                                                   "n_val": len(val)}
@@ -274,9 +281,10 @@ class ZooComposer:
             model = C.compose_mmer(base, srcs, self.tok, merge_method=self.mmer_merge)
             self.mmer_parts0[tuple(mods)] = model.mmer_parts
             if self.search and val:
-                (lam, alpha), _ = C.mmer_search(model, base, srcs, val, load, lams=self.mmer_lams,
+                (lam, alpha), _ = S.mmer_search(model, base, srcs, val, load, lams=self.mmer_lams,
                                                 alphas=self.mmer_alphas, csv=self._csv(f"mmer_lambda_alpha_{tag}.csv"),
-                                                progress=self.progress)
+                                                progress=self.progress,
+                                                sweep=self._search_sweep(method, mods, names, model))
                 self.notes.setdefault("mmer", {})[tag] = {"lam": lam, "alpha": alpha, "n_val": len(val),
                                                           "density": model.mmer_parts.density()}
             return model
@@ -285,39 +293,16 @@ class ZooComposer:
     def _csv(self, name: str) -> Path | None:
         return None if self.search_dir is None else self.search_dir / name
 
-    def _damc_search(self, model, mods: Sequence[str], val: Sequence[Mapping], grid: Sequence[tuple],
-                     csv: Path | None) -> tuple:
-        """:func:`workbench.compose.damc_lambda_search`, its outcome (best λ and the grid table) kept
-        under ``search_cache`` by a hash of its inputs (the experts' hashes, the validation records,
-        the grid): notebook 06 composes the same DAMC model on the same split as 02-04 and reuses
-        their search. A hit leaves the model at the same λ and writes the same CSV."""
-        import io
-
-        from .. import compose as C
-
-        f = None
-        if self.search_cache is not None:
-            key = result_key({"kind": "damc_lambda_search", "zoo": self.model_hashes("damc", mods),
-                             "mods": list(mods), "route_order": list(model.route_order), "val": records_digest(val),
-                             "grid": [list(g) for g in grid], "scoring": "loglik", **scorer_key()})
-            f = self.search_cache / f"damc-{key}.json"
-            if f.is_file():
-                hit = json.loads(f.read_text())
-                best = tuple(float(v) for v in hit["best"])
-                C.set_damc_coefficients(model, best)
-                if csv is not None:
-                    csv.parent.mkdir(parents=True, exist_ok=True)
-                    csv.write_text(hit["csv"])
-                return best
-        best, df = C.damc_lambda_search(model, val, self.load, grid=grid, csv=csv, progress=self.progress)
-        if f is not None:
-            buf = io.StringIO()
-            df.to_csv(buf, index=False)
-            f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"best": list(best), "csv": buf.getvalue()}))
-            tmp.replace(f)
-        return best
+    def _search_sweep(self, method: str, mods: Sequence[str], names: Sequence[str], model) -> "S.SearchSweep":
+        """Where the λ search of ``method`` over ``mods`` runs (``executor``; a Ray worker rebuilds the
+        composition from the zoo folder and the expert names) and where its cells are kept
+        (``search_cache``, keyed by the members' hashes and order: notebook 06 composes the same model
+        on the same split as 02-04 and reuses their cells)."""
+        identity = {"composition": method, "zoo": self.model_hashes(method, mods), "mods": list(mods),
+                    "route_order": list(model.route_order), **({"merge": self.mmer_merge} if method == "mmer" else {})}
+        return S.SearchSweep(self.executor, self.ray_address,
+                             S.Recipe(str(self.zoo.path.resolve()), method, tuple(names), self.mmer_merge),
+                             CellStore(self.search_cache) if self.search_cache is not None else None, identity)
 
 
 # ============================================================================================ the run
@@ -325,8 +310,11 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
                 methods: Sequence[str] = COMPOSITIONS, benchmarks: Sequence[str] = BENCHMARKS,
                 own_tasks: bool = True, scorings: Sequence[str] = SCORINGS, seeds: Sequence[int] | None = None,
                 expert_kind: str = "full", search: bool = True, max_items: int | None = None,
-                storage: bool = True, use_cache: bool = True, progress: bool = True, **composer_kw) -> dict:
-    """Evaluate every composition and write the tables (see the module docstring).
+                storage: bool = True, use_cache: bool = True, progress: bool = True, executor: str = "local",
+                ray_address: str | None = None, **composer_kw) -> dict:
+    """Evaluate every composition and write the tables (see the module docstring). ``executor``
+    (``"local"``, ``"ray"``) and ``ray_address``: where the λ searches' cells run
+    (:mod:`workbench.studies.search`).
 
     Returns ``{"predictions", "summary", "retention", "paired", "storage": DataFrame, "run": dict}``.
     """
@@ -386,6 +374,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
             comp = composers[seed] = ZooComposer(z, seed, expert_kind=expert_kind, search=search,
                                                  search_dir=out / "search", progress=False, load_inputs=load,
                                                  search_cache=None if cache_dir is None else cache_dir / "search",
+                                                 executor=executor, ray_address=ray_address,
                                                  **composer_kw)
         if comp.members(method, mods) is None:
             skipped.append({"seed": seed, "method": method, "benchmark": bench, "combo": combo_tag(mods),

@@ -468,7 +468,7 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
     each expert's LLM with every tower (``"Indiv. <modality>"``: the paper's Vision/Audio/Video
     columns) and the jointly trained oracle (``"Mixture Training"``) where the zoo has one.
     ``executor``, ``ray_address``, ``keep_merged``: the merge cells' executor, as in
-    :func:`capability_merging` (the compositions and references run here).
+    :func:`capability_merging`, and the DAMC λ search's (the compositions and references run here).
     """
     from .composition import ZooComposer
 
@@ -485,7 +485,8 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
         # DAMC's λ search is cached beside run_results' (out/cache/search): the same composition on
         # the same validation split as notebooks 02-04, searched once
         comp = ZooComposer(z, seed, expert_kind="full", search=True, val_records=setting.val_sets["mcub-val"],
-                           load_inputs=ev.load, search_cache=ev.search_cache)
+                           load_inputs=ev.load, search_cache=ev.search_cache, executor=executor,
+                           ray_address=ray_address)
         for c in compositions:
             if comp.members(c, mods) is None:
                 skipped.append({"seed": seed, "row": method_label(c), "why": "a member is missing from the zoo"})
