@@ -327,6 +327,23 @@ def test_damc_routes_equal_direct_formulas(tiny_llama, damc_pair):
     assert extra == 0
 
 
+def test_damc_in_bfloat16_builds_one_bf16_llm_and_generates(tiny_llama, damc_pair):
+    tok = tokenizer_of(tiny_llama)
+    prompt, inputs = two_modal_prompt()
+    ref = compose_damc(tiny_llama, damc_pair, tok, coefficients=[0.3, 0.9])
+    # fp32 default: the same logits as a composition on an fp32 base module (the code path of before)
+    same = compose_damc(load_causal_lm(tiny_llama), damc_pair, tok, coefficients=[0.3, 0.9])
+    for route in (0, 1, 2):
+        assert torch.equal(logits_all_route(ref, prompt, inputs, route), logits_all_route(same, prompt, inputs, route))
+    bf = compose_damc(tiny_llama, damc_pair, tok, coefficients=[0.3, 0.9], dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in bf.llm.parameters()} == {torch.bfloat16}
+    assert {t.dtype for m in routed_modules(bf.llm).values() for t in m.parameters()} == {torch.bfloat16}
+    for route in (0, 1, 2):
+        torch.testing.assert_close(logits_all_route(bf, prompt, inputs, route).float(),
+                                   logits_all_route(ref, prompt, inputs, route), rtol=0, atol=0.1)
+    assert isinstance(bf.generate(prompt, inputs, max_new_tokens=4), str)
+
+
 def test_damc_lambda_search_grid_and_csv(tiny_llama, damc_pair, tmp_path):
     model = compose_damc(tiny_llama, damc_pair, tokenizer_of(tiny_llama))
     recs = []

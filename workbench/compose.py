@@ -543,7 +543,7 @@ def _dense_deltas(base_llm: nn.Module, folder: Path, targets: Sequence[str] | No
             key = n + ".weight"
             if e.kind != "full" or key not in e.reader:
                 raise CheckpointError("DAMC full-weight folder lacks a weight of the base", file=folder, tensor=key)
-            d = e.tau(key, m.weight.detach())
+            d = e.tau(key, m.weight.detach().float())
             if bool((d != 0).any()):
                 out[n] = d
     return out
@@ -551,15 +551,18 @@ def _dense_deltas(base_llm: nn.Module, folder: Path, targets: Sequence[str] | No
 
 @torch.no_grad()
 def damc_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource], *,
-             coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0) -> nn.Module:
+             coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0,
+             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
     """The routed LLM of DAMC: route 0 (text) = W0 + Σ λi si Bi^t Ai^t (component tag ``i``),
-    route i+1 = W0 + μi si Bi^m Ai^m (tag ``"mu"``). λ default 1/N."""
+    route i+1 = W0 + μi si Bi^m Ai^m (tag ``"mu"``). λ default 1/N. One base LLM in memory, loaded
+    in ``dtype`` on ``device`` (bfloat16 on a GPU for 7B experts); the routes' factors / deltas are
+    held in the base weight's dtype and device, full-weight deltas computed in float32 first."""
     n = len(experts)
     lam = list(coefficients) if coefficients is not None else [1.0 / n] * n
     mus = [float(mu)] * n if isinstance(mu, (int, float)) else list(mu)
     if len(lam) != n or len(mus) != n:
         raise ConfigError(f"{len(lam)} coefficients / {len(mus)} mu values for {n} experts")
-    llm = _as_llm(base)
+    llm = _as_llm(base, dtype, device)
     routes: dict[int, dict[str, list]] = {TEXT_ROUTE: {}}
     for i, e in enumerate(experts):
         if e.kind == "damc":
@@ -584,9 +587,12 @@ def damc_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource], *,
 
 
 def compose_damc(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer, *,
-                 coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0) -> MultimodalLM:
-    """DAMC: merged text parameters (coefficients λi), each modality's own parameters on its tokens."""
-    return _mllm(damc_llm(base, experts, coefficients=coefficients, mu=mu), tokenizer, experts)
+                 coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MultimodalLM:
+    """DAMC: merged text parameters (coefficients λi), each modality's own parameters on its tokens
+    (:func:`damc_llm`; the base LLM in ``dtype`` on ``device``)."""
+    return _mllm(damc_llm(base, experts, coefficients=coefficients, mu=mu, dtype=dtype, device=device),
+                 tokenizer, experts)
 
 
 def set_damc_coefficients(model: MultimodalLM | nn.Module, coefficients: Sequence[float]) -> None:
