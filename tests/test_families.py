@@ -233,3 +233,54 @@ def test_llava_expert_reads_a_qwen2_vl_folder(tiny):
     img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         torch.testing.assert_close(src.tower(img), compose.family_expert(experts[0]).tower(img))
+
+
+# ------------------------------------------------------------------------------------ Qwen2-VL M-RoPE
+def _qwen_prompt_and_reference(tiny, kind):
+    """A composed one-expert Qwen2-VL (no template) and transformers' own inputs for the same prompt:
+    a 16x32 image (a 2x4 token grid after the merge: h != w), text before and after it."""
+    base, _ = tiny[kind]
+    tok = FamilyCheckpoint(base).tokenizer()
+    model = compose.compose_frozen(base, [compose.family_expert(base, template="{prompt}")], tok)
+    img = torch.rand(3, IMAGE_SIZE, 2 * IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+    prompt = "w20 w21 <|vision_start|> <|image_pad|> <|vision_end|> w22 w23"
+    enc = model.towers["image"].processor(img, return_tensors="pt")
+    n_img = int(enc["image_grid_thw"].prod()) // 4
+    ids = tok(prompt.replace("<|image_pad|>", " ".join(["<|image_pad|>"] * n_img)))["input_ids"]
+    input_ids = torch.tensor([ids])
+    ref_inputs = dict(input_ids=input_ids, pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                      mm_token_type_ids=(input_ids == tok.convert_tokens_to_ids("<|image_pad|>")).int())
+    return model, prompt, {"image": [img]}, hf_model(kind, base), ref_inputs
+
+
+@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen2.5-vl"])
+def test_composed_qwen2_vl_uses_the_family_3d_positions_and_logits(tiny, kind):
+    from workbench.mllm import _stack_positions
+
+    model, prompt, inputs, ref, ref_inputs = _qwen_prompt_and_reference(tiny, kind)
+    assert isinstance(model, compose.MRopeMultimodalLM)
+    pieces = model._pieces([prompt], [inputs])
+    pos = model._prompt_positions([prompt], [inputs], pieces)[0]
+    want, _ = ref.model.get_rope_index(ref_inputs["input_ids"], ref_inputs["mm_token_type_ids"],
+                                       image_grid_thw=ref_inputs["image_grid_thw"])
+    assert torch.equal(pos, want[:, 0]) and not torch.equal(pos[1], pos[2])  # a real 3-D grid (h != w)
+    emb, mask, _ = model.embed(prompt, inputs)
+    with torch.no_grad():
+        ref_logits = ref(**ref_inputs).logits
+        got = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=_stack_positions([pos], emb.shape[1], False)).logits
+        flat = model.llm(inputs_embeds=emb, attention_mask=mask).logits  # 1-D positions: not the family's model
+    torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(flat, ref_logits, rtol=1e-5, atol=1e-5)
+    # scoring (both paths) and generation see the same positions: option log-likelihoods from the family's logits
+    opt_ids = model.tokenizer(" w30 w31", add_special_tokens=False)["input_ids"]
+    full = {**ref_inputs, "input_ids": torch.cat([ref_inputs["input_ids"], torch.tensor([opt_ids])], 1),
+            "mm_token_type_ids": torch.cat([ref_inputs["mm_token_type_ids"], torch.zeros(1, len(opt_ids), dtype=torch.int)], 1)}
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(**full).logits[0, -len(opt_ids) - 1:-1].float(), -1)
+    want_score = lp.gather(1, torch.tensor(opt_ids)[:, None]).sum()
+    for shared in (False, True):
+        got_score = model.score_options_batch([prompt], [inputs], [["w30 w31"]], shared_prefix=shared)[0][0]
+        torch.testing.assert_close(got_score, want_score, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        gen = ref.generate(**ref_inputs, max_new_tokens=4, do_sample=False)[0, ref_inputs["input_ids"].shape[1]:]
+    assert model.generate(prompt, inputs, max_new_tokens=4) == model.tokenizer.decode(gen, skip_special_tokens=True).strip()

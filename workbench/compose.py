@@ -488,15 +488,80 @@ class TemplatedMultimodalLM(MultimodalLM):
         return super()._pieces([self.template.format(prompt=p) for p in prompts], modal_inputs, answers, answer_eos)
 
 
+def _mrope_tower(tower: nn.Module):
+    """The Qwen2-VL tower inside ``tower`` (a :class:`CachedTower` is looked through), or ``None``."""
+    inner = tower.tower if isinstance(tower, CachedTower) else tower
+    return inner if getattr(inner, "uses_mrope", False) else None
+
+
+class MRopeMultimodalLM(TemplatedMultimodalLM):
+    """A composition with Qwen2-VL / Qwen2.5-VL towers: their image tokens get the family's 3-D
+    M-RoPE positions (time, height, width) when scoring and generating, as transformers'
+    ``get_rope_index`` gives them (:meth:`workbench.families.HFVisionTower.mrope_positions`); text
+    and the tokens of other towers take one position each, on all three streams.
+
+    The LLM's rotary embedding is replaced by the family's M-RoPE one (``rope_config``: the
+    family's text config, with its ``mrope_section``); with equal streams (text alone) it is RoPE.
+    The training forward (:meth:`MultimodalLM.forward`) keeps 1-D positions."""
+
+    def __init__(self, llm, tokenizer, towers, placeholders, template: str = "{prompt}", *, rope_config) -> None:
+        super().__init__(llm, tokenizer, towers, placeholders, template)
+        import transformers
+
+        cls = {"qwen2_5_vl": "Qwen2_5_VLRotaryEmbedding"}.get(getattr(rope_config, "model_type", ""),
+                                                               "Qwen2VLRotaryEmbedding")
+        rotary = getattr(transformers.models.qwen2_5_vl.modeling_qwen2_5_vl if "2_5" in cls
+                         else transformers.models.qwen2_vl.modeling_qwen2_vl, cls)(config=rope_config)
+        llm.model.rotary_emb = rotary.to(self.device)
+
+    def _prompt_positions(self, prompts, modal_inputs, pieces) -> list[torch.Tensor]:
+        from .mllm import _norm_inputs
+
+        out = []
+        for b, (p, mi) in enumerate(zip(prompts, modal_inputs)):
+            ids = self.tokenizer(self.template.format(prompt=p))["input_ids"]
+            mi = _norm_inputs(mi)
+            used = {m: 0 for m in mi}
+            parts, cur, text = [], 0, 0
+            for t in ids:
+                m = self._ph_ids.get(int(t))
+                if m is None:
+                    text += 1
+                    continue
+                parts.append(torch.arange(cur, cur + text).expand(3, -1))
+                cur, text = cur + text, 0
+                x = mi[m][used[m]]
+                used[m] += 1
+                tower = _mrope_tower(self.towers[m])
+                if tower is None:  # another family's tower: its tokens are text-like
+                    n = int(self.towers[m](x).shape[0])
+                    parts.append(torch.arange(cur, cur + n).expand(3, -1))
+                    cur += n
+                else:
+                    pos, cur = tower.mrope_positions(x, cur)
+                    parts.append(pos.cpu())
+            parts.append(torch.arange(cur, cur + text).expand(3, -1))
+            pos = torch.cat(parts, 1).to(self.device)
+            if pos.shape[1] != pieces[b][0].shape[0]:
+                raise ValueError(f"prompt {b}: {pos.shape[1]} positions for {pieces[b][0].shape[0]} tokens")
+            out.append(pos)
+        return out
+
+
 def _mllm(llm: nn.Module, tokenizer, experts: Sequence[ExpertSource]) -> MultimodalLM:
     """The composed model: one tower per expert (by :attr:`ExpertSource.tower_key`), distinct
-    placeholders (:func:`assign_placeholders`), the experts' chat template if they have one."""
+    placeholders (:func:`assign_placeholders`), the experts' chat template if they have one; with a
+    Qwen2-VL tower, a :class:`MRopeMultimodalLM` (3-D M-RoPE positions for its image tokens)."""
     towers = _towers(experts)
     llm.eval().requires_grad_(False)
     tokenizer, phs = assign_placeholders(llm, tokenizer, experts)
     templates = {e.template for e in experts if e.template is not None}
     if len(templates) > 1:
         raise ConfigError(f"the experts have different chat templates {sorted(templates)}; compose experts of one family")
+    mrope = [t for t in map(_mrope_tower, towers.values()) if t is not None]
+    if mrope:
+        return MRopeMultimodalLM(llm, tokenizer, towers, phs, templates.pop() if templates else "{prompt}",
+                                 rope_config=mrope[0].core.config.text_config)
     if templates:
         return TemplatedMultimodalLM(llm, tokenizer, towers, phs, templates.pop())
     return MultimodalLM(llm, tokenizer, towers, phs)
@@ -913,7 +978,7 @@ def storage_comparison(mmer_paths: Sequence[str | Path], expert_paths: Sequence[
 
 
 __all__ = [
-    "CachedTokenizer", "CachedTower", "ExpertSource", "TemplatedMultimodalLM", "assign_placeholders",
+    "CachedTokenizer", "CachedTower", "ExpertSource", "MRopeMultimodalLM", "TemplatedMultimodalLM", "assign_placeholders",
     "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",
     "compose_naive_mc", "damc_lambda_from_own_tasks", "damc_lambda_search", "damc_llm", "disk_bytes",

@@ -27,12 +27,13 @@ name                detected from ``config.json``                layout
 ``generic``         a text-only LLM, or no ``config.json``       :data:`workbench.io.filters.DEFAULT_KEEP`
 ==================  ===========================================  ==========================================
 
-Composition limits (stated, not hidden): a composed model (:class:`workbench.mllm.MultimodalLM`)
-gives every token, image tokens included, one 1-D position; Qwen2-VL's own forward gives image
-tokens 3-D M-RoPE positions (time, height, width), so a composed Qwen2-VL sees its images at other
-positions than the family's class does (text alone is identical: M-RoPE with equal position streams
-is RoPE, checked by the tests). Its ``<|vision_start|>``/``<|vision_end|>`` (InternVL: ``<img>``/``</img>``)
-markers around an image are not added: write them around the placeholder in the prompt.
+Composition: a composed model with a Qwen2-VL tower (:class:`workbench.compose.MRopeMultimodalLM`)
+gives its image tokens the family's 3-D M-RoPE positions (time, height, width) when scoring and
+generating (:meth:`HFVisionTower.mrope_positions`; checked against transformers' ``get_rope_index``
+and logits by the tests); its training forward keeps 1-D positions. The language model alone
+(:meth:`FamilyCheckpoint.language_model`) has plain RoPE: M-RoPE with equal position streams (text)
+is RoPE. The ``<|vision_start|>``/``<|vision_end|>`` (InternVL: ``<img>``/``</img>``) markers around
+an image are not added: write them around the placeholder in the prompt.
 
 Nothing here runs a checkpoint's remote code: the original InternVL layout is read by renaming
 its tensors to transformers' ``InternVLForConditionalGeneration`` names (:func:`internvl_original_to_hf`,
@@ -249,6 +250,21 @@ class HFVisionTower(nn.Module):
             return out.pooler_output[0]
         out = self.core.get_image_features(image.unsqueeze(0).to(dt))
         return out.pooler_output[0]
+
+    @property
+    def uses_mrope(self) -> bool:
+        """``True`` for Qwen2-VL / Qwen2.5-VL towers: their tokens take 3-D M-RoPE positions."""
+        return self.family == "qwen2-vl"
+
+    def mrope_positions(self, image: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+        """Qwen2-VL's 3-D (t, h, w) positions ``[3, n_tokens]`` of one image's tokens placed at
+        ``start``, and the position where the text after it continues - as transformers'
+        ``Qwen2VLModel.get_rope_index`` places an image: ``get_vision_position_ids`` on the image's
+        grid (t = 1; h, w after the merger's spatial merge), text resuming at ``start + max(h, w)``."""
+        grid = self.processor(image.float().cpu(), return_tensors="pt")["image_grid_thw"][0]
+        merge = self.core.config.vision_config.spatial_merge_size
+        pos = self.core.get_vision_position_ids(start, grid, 1, merge, device=image.device)
+        return pos, start + int(max(grid[1], grid[2])) // merge
 
 
 # ---------------------------------------------------------------------------------- checkpoints
