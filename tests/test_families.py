@@ -23,7 +23,8 @@ from workbench.io import CheckpointReader, NameFilter
 from workbench.tiny import IMAGE_SIZE, TINY_KINDS, make_tiny_checkpoint, make_tiny_experts, tiny_model
 
 FAMILY_OF = {"llava": "llava", "llava-original": "llava-original", "qwen2-vl": "qwen2-vl", "qwen2.5-vl": "qwen2-vl",
-             "internvl": "internvl", "internvl-original": "internvl-original"}
+             "internvl": "internvl", "internvl-original": "internvl-original",
+             "internvl-original-internlm2": "internvl-original"}
 TEXT = torch.tensor([[1, 20, 21, 22, 23, 24]])
 
 
@@ -47,15 +48,15 @@ def hf_model(kind: str, folder: Path | None = None):
         return model
     r = CheckpointReader(folder)
     sd = {k: r.get(k) for k in r.keys()}
-    if kind == "internvl-original":
-        sd = internvl_original_to_hf(sd)
+    if kind.startswith("internvl-original"):
+        sd = internvl_original_to_hf(sd, FamilyCheckpoint(folder).config_dict["llm_config"])
     elif kind == "llava-original":
         sd = {re.sub(r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1.",
                      re.sub(r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2.",
                             re.sub(r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower.",
                                    re.sub(r"^model\.(?!vision_tower|mm_projector)", "model.language_model.", k)))): v
               for k, v in sd.items()}
-    if kind in ("internvl-original", "llava-original"):
+    if kind.startswith(("internvl-original", "llava-original")):
         missing, unexpected = model.load_state_dict(sd, strict=False)
         assert not unexpected and not [m for m in missing if "lm_head" not in m], (missing, unexpected)
         return model
@@ -102,6 +103,30 @@ def test_language_model_and_tower_match_the_family_class(tiny, kind):
     torch.testing.assert_close(feats, ref_feats, rtol=1e-5, atol=1e-5)
 
 
+def test_internlm2_layout_is_read_as_the_llama_it_was_packed_from(tiny):
+    from workbench.families import split_wqkv
+    from workbench.tiny import pack_wqkv
+
+    base = tiny["internvl-original-internlm2"][0]
+    keys = set(CheckpointReader(base).keys())
+    assert {"language_model.model.tok_embeddings.weight", "language_model.output.weight",
+            "language_model.model.layers.0.attention.wqkv.weight", "language_model.model.layers.1.feed_forward.w2.weight",
+            "language_model.model.layers.0.attention_norm.weight"} <= keys
+    assert not any("q_proj" in k or "embed_tokens" in k for k in keys if k.startswith("language_model."))
+    ref = hf_model("internvl-original-internlm2")  # the seed-0 model: InternVL with a Llama language model
+    ck = FamilyCheckpoint(base)
+    assert type(ck.language_model()).__name__ == "LlamaForCausalLM"
+    want = ref.model.language_model.layers[1].self_attn
+    for part, lin in zip("qkv", (want.q_proj, want.k_proj, want.v_proj)):  # GQA: 4 heads, 2 key-value heads
+        assert torch.equal(ck.lm_tensor(f"model.layers.1.self_attn.{part}_proj.weight"), lin.weight)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(8, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_key_value_heads=2, num_attention_heads=4, hidden_size=8, head_dim=2)
+    assert all(torch.equal(a, b) for a, b in zip(split_wqkv(pack_wqkv(q, k, v, 2), cfg), (q, k, v)))
+
+
 # ------------------------------------------------------------------------------------ merging
 def _merge(tmp_path, base, experts, method, params, family=None, status=0):
     cfg = {"method": method, "base": str(base), "experts": [str(e) for e in experts], "output": str(tmp_path / "out"),
@@ -129,7 +154,7 @@ def test_cli_merge_keeps_the_family_tensors_and_loads_back(tiny, tmp_path, kind,
         same = torch.equal(o.get(name), b.get(name))
         if tower_like.search(name) or not flt.merged(name):
             assert same, f"{name} should be kept from the base"
-        elif name.endswith("proj.weight"):
+        elif name.endswith(("proj.weight", "attention.wqkv.weight", "feed_forward.w1.weight")):
             assert not same, f"{name} should be merged"
     if kind == "internvl-original":  # the projector mlp1.* is kept (the bug)
         assert any(n.startswith("mlp1.") for n in b.keys()) and not any(flt.merged(n) for n in b.keys()
@@ -200,7 +225,7 @@ def test_chat_template_is_applied(tiny):
     torch.testing.assert_close(e1, e0)
 
 
-@pytest.mark.parametrize("kind", ["qwen2-vl", "internvl-original"])
+@pytest.mark.parametrize("kind", ["qwen2-vl", "internvl-original", "internvl-original-internlm2"])
 def test_compose_mmer_and_naive_mc_generate_with_an_image(tiny, kind):
     base, experts = tiny[kind]
     tok = FamilyCheckpoint(base).tokenizer()
