@@ -94,6 +94,32 @@ def test_naive_mc_full_equals_direct_mean(tiny_llama, tiny_llama_experts):
     assert model.route_order == ["image", "audio"]
 
 
+def test_device_map_is_passed_to_from_pretrained_and_composes(tiny_llama, tiny_llama_experts, damc_pair, monkeypatch):
+    """accelerate's device_map on the CPU (multi-GPU placement is the same call, untested here)."""
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    tok = tokenizer_of(tiny_llama)
+    exps = _mmer_experts(tiny_llama_experts)
+    ref = compose_naive_mc(tiny_llama, exps, tok)
+    mapped = compose_naive_mc(tiny_llama, exps, tok, device_map={"": "cpu"})
+    assert seen == [None, {"": "cpu"}]
+    for k, v in ref.llm.state_dict().items():
+        assert torch.equal(mapped.llm.state_dict()[k], v)
+    prompt, inputs = two_modal_prompt()
+    assert mapped.generate(prompt, inputs, max_new_tokens=4) == ref.generate(prompt, inputs, max_new_tokens=4)
+    for build, experts in ((compose_frozen, exps), (compose_mmer, exps), (compose_damc, damc_pair)):
+        build(tiny_llama, experts, tok, device_map={"": "cpu"})
+    assert seen[2:] == [{"": "cpu"}] * 3
+
+
 def test_naive_mc_matches_registry_weight_average(tiny_llama, tiny_llama_experts):
     from workbench import merging
     ours = merge_llm(tiny_llama, tiny_llama_experts)

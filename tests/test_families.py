@@ -238,6 +238,22 @@ def test_compose_mmer_and_naive_mc_generate_with_an_image(tiny, kind):
         assert isinstance(out, str) and next(model.llm.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
+def test_device_map_places_a_family_language_model(tiny, kind):
+    """A family folder's language model is placed by accelerate's dispatch_model (CPU here)."""
+    base, experts = tiny[kind]
+    tok = FamilyCheckpoint(base).tokenizer()
+    srcs = [compose.family_expert(experts[0]), compose.family_expert(experts[1], key="chart")]
+    ref = compose.compose_naive_mc(base, srcs, tok)
+    mapped = compose.compose_naive_mc(base, srcs, tok, device_map={"": "cpu"})
+    assert mapped.llm.hf_device_map == {"": "cpu"}
+    ph = FAMILIES[FAMILY_OF[kind]].placeholder
+    img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    prompt, inputs = f"w20 {ph} w21 <chart>", {"image": [img], "chart": [img]}
+    assert mapped.generate(prompt, inputs, max_new_tokens=3) == ref.generate(prompt, inputs, max_new_tokens=3)
+    assert compose.load_causal_lm(base, dtype=torch.bfloat16, device_map="auto").dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------------ analysis
 def test_interference_profile_on_tiny_qwen2_vl(tiny):
     from workbench.analysis import profile_interference
