@@ -338,7 +338,8 @@ def _dispatch(llm: nn.Module, device_map: str | Mapping[str, Any] | None, dtype:
 
     if isinstance(device_map, str):
         no_split = list(getattr(llm, "_no_split_modules", None) or [])
-        mem = None if device_map == "sequential" else get_balanced_memory(llm, dtype=dtype, no_split_module_classes=no_split)
+        mem = (None if device_map == "sequential"
+               else get_balanced_memory(llm, dtype=dtype, no_split_module_classes=no_split))
         device_map = infer_auto_device_map(llm, max_memory=mem, no_split_module_classes=no_split, dtype=dtype)
     return dispatch_model(llm, device_map=dict(device_map)).eval()
 
@@ -649,8 +650,9 @@ def damc_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource], *,
              device_map: str | Mapping[str, Any] | None = None) -> nn.Module:
     """The routed LLM of DAMC: route 0 (text) = W0 + Σ λi si Bi^t Ai^t (component tag ``i``),
     route i+1 = W0 + μi si Bi^m Ai^m (tag ``"mu"``). λ default 1/N. One base LLM in memory, loaded
-    in ``dtype`` on ``device`` or placed by ``device_map`` (bfloat16 on a GPU for 7B experts); the routes' factors / deltas are
-    held in the base weight's dtype and device, full-weight deltas computed in float32 first."""
+    in ``dtype`` on ``device`` or placed by ``device_map`` (bfloat16 on a GPU for 7B experts); the
+    routes' factors / deltas are held in the base weight's dtype and device, full-weight deltas
+    computed in float32 first."""
     n = len(experts)
     lam = list(coefficients) if coefficients is not None else [1.0 / n] * n
     mus = [float(mu)] * n if isinstance(mu, (int, float)) else list(mu)
@@ -1008,7 +1010,8 @@ def storage_comparison(mmer_paths: Sequence[str | Path], expert_paths: Sequence[
 
 
 __all__ = [
-    "CachedTokenizer", "CachedTower", "ExpertSource", "MRopeMultimodalLM", "TemplatedMultimodalLM", "assign_placeholders",
+    "CachedTokenizer", "CachedTower", "ExpertSource", "MRopeMultimodalLM", "TemplatedMultimodalLM",
+    "assign_placeholders",
     "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",
     "compose_naive_mc", "damc_lambda_from_own_tasks", "damc_lambda_search", "damc_llm", "disk_bytes",

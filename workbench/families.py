@@ -231,7 +231,8 @@ _INTERNLM2_DROP = ("architectures", "model_type", "auto_map", "_name_or_path", "
 
 def is_internlm2(llm_config: Mapping) -> bool:
     """``True`` for an InternLM2 ``llm_config`` (InternVL2.5-8B / 26B's language model)."""
-    return llm_config.get("model_type") == "internlm2" or "InternLM2ForCausalLM" in (llm_config.get("architectures") or [])
+    archs = llm_config.get("architectures") or []
+    return llm_config.get("model_type") == "internlm2" or "InternLM2ForCausalLM" in archs
 
 
 def internlm2_config(llm_config: Mapping):
@@ -469,7 +470,8 @@ class FamilyCheckpoint:
 
             c = self.config_dict
             cfg = InternVLConfig(vision_config=_internvit_vision_config(c["vision_config"]),
-                                 text_config=self.text_config().to_dict(), downsample_ratio=c.get("downsample_ratio", 0.5),
+                                 text_config=self.text_config().to_dict(),
+                                 downsample_ratio=c.get("downsample_ratio", 0.5),
                                  vision_feature_layer=c.get("select_layer", -1))
             cls_name = "InternVLForConditionalGeneration"
         else:

@@ -315,9 +315,9 @@ class MultimodalLM(nn.Module):
                 omask[k, :len(o_ids)] = 1
             past = first.past_key_values
             past.reorder_cache(own)  # one copy of its prompt's keys/values per option
+            opos = _next_position(pos)[own].view(n, 1) + torch.arange(L, device=dev).view(1, L)
             with token_routes(self.llm, torch.zeros(n, L, dtype=torch.long, device=dev)):
-                logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1),
-                                   position_ids=_next_position(pos)[own].view(n, 1) + torch.arange(L, device=dev).view(1, L),
+                logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1), position_ids=opos,
                                    past_key_values=past, use_cache=True).logits
             sc = last[own].gather(1, inp[:, :1]).squeeze(1)
             if L > 1:

@@ -135,7 +135,8 @@ def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv_heads: int
     head, its value head (the inverse of :func:`workbench.families.split_wqkv`)."""
     hidden = q.shape[-1]
     d = k.shape[0] // n_kv_heads
-    parts = [q.reshape(n_kv_heads, -1, d, hidden), k.reshape(n_kv_heads, 1, d, hidden), v.reshape(n_kv_heads, 1, d, hidden)]
+    parts = [q.reshape(n_kv_heads, -1, d, hidden), k.reshape(n_kv_heads, 1, d, hidden),
+             v.reshape(n_kv_heads, 1, d, hidden)]
     return torch.cat(parts, 1).reshape(-1, hidden)
 
 
