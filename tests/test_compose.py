@@ -95,6 +95,32 @@ def test_naive_mc_full_equals_direct_mean(tiny_llama, tiny_llama_experts):
     assert model.route_order == ["image", "audio"]
 
 
+def test_device_map_is_passed_to_from_pretrained_and_composes(tiny_llama, tiny_llama_experts, damc_pair, monkeypatch):
+    """accelerate's device_map on the CPU (multi-GPU placement is the same call, untested here)."""
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    tok = tokenizer_of(tiny_llama)
+    exps = _mmer_experts(tiny_llama_experts)
+    ref = compose_naive_mc(tiny_llama, exps, tok)
+    mapped = compose_naive_mc(tiny_llama, exps, tok, device_map={"": "cpu"})
+    assert seen == [None, {"": "cpu"}]
+    for k, v in ref.llm.state_dict().items():
+        assert torch.equal(mapped.llm.state_dict()[k], v)
+    prompt, inputs = two_modal_prompt()
+    assert mapped.generate(prompt, inputs, max_new_tokens=4) == ref.generate(prompt, inputs, max_new_tokens=4)
+    for build, experts in ((compose_frozen, exps), (compose_mmer, exps), (compose_damc, damc_pair)):
+        build(tiny_llama, experts, tok, device_map={"": "cpu"})
+    assert seen[2:] == [{"": "cpu"}] * 3
+
+
 def test_naive_mc_matches_registry_weight_average(tiny_llama, tiny_llama_experts):
     from workbench import merging
     ours = merge_llm(tiny_llama, tiny_llama_experts)
@@ -326,6 +352,23 @@ def test_damc_routes_equal_direct_formulas(tiny_llama, damc_pair):
     # memory: only factors are added - no dense weight per route
     extra = sum(b.numel() for m in routed_modules(model.llm).values() for b in m.buffers())
     assert extra == 0
+
+
+def test_damc_in_bfloat16_builds_one_bf16_llm_and_generates(tiny_llama, damc_pair):
+    tok = tokenizer_of(tiny_llama)
+    prompt, inputs = two_modal_prompt()
+    ref = compose_damc(tiny_llama, damc_pair, tok, coefficients=[0.3, 0.9])
+    # fp32 default: the same logits as a composition on an fp32 base module (the code path of before)
+    same = compose_damc(load_causal_lm(tiny_llama), damc_pair, tok, coefficients=[0.3, 0.9])
+    for route in (0, 1, 2):
+        assert torch.equal(logits_all_route(ref, prompt, inputs, route), logits_all_route(same, prompt, inputs, route))
+    bf = compose_damc(tiny_llama, damc_pair, tok, coefficients=[0.3, 0.9], dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in bf.llm.parameters()} == {torch.bfloat16}
+    assert {t.dtype for m in routed_modules(bf.llm).values() for t in m.parameters()} == {torch.bfloat16}
+    for route in (0, 1, 2):
+        torch.testing.assert_close(logits_all_route(bf, prompt, inputs, route).float(),
+                                   logits_all_route(ref, prompt, inputs, route), rtol=0, atol=0.1)
+    assert isinstance(bf.generate(prompt, inputs, max_new_tokens=4), str)
 
 
 def test_damc_lambda_search_grid_and_csv(tiny_llama, damc_pair, tmp_path):

@@ -23,7 +23,8 @@ from workbench.io import CheckpointReader, NameFilter
 from workbench.tiny import IMAGE_SIZE, TINY_KINDS, make_tiny_checkpoint, make_tiny_experts, tiny_model
 
 FAMILY_OF = {"llava": "llava", "llava-original": "llava-original", "qwen2-vl": "qwen2-vl", "qwen2.5-vl": "qwen2-vl",
-             "internvl": "internvl", "internvl-original": "internvl-original"}
+             "internvl": "internvl", "internvl-original": "internvl-original",
+             "internvl-original-internlm2": "internvl-original"}
 TEXT = torch.tensor([[1, 20, 21, 22, 23, 24]])
 
 
@@ -47,15 +48,15 @@ def hf_model(kind: str, folder: Path | None = None):
         return model
     r = CheckpointReader(folder)
     sd = {k: r.get(k) for k in r.keys()}
-    if kind == "internvl-original":
-        sd = internvl_original_to_hf(sd)
+    if kind.startswith("internvl-original"):
+        sd = internvl_original_to_hf(sd, FamilyCheckpoint(folder).config_dict["llm_config"])
     elif kind == "llava-original":
         sd = {re.sub(r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1.",
                      re.sub(r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2.",
                             re.sub(r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower.",
                                    re.sub(r"^model\.(?!vision_tower|mm_projector)", "model.language_model.", k)))): v
               for k, v in sd.items()}
-    if kind in ("internvl-original", "llava-original"):
+    if kind.startswith(("internvl-original", "llava-original")):
         missing, unexpected = model.load_state_dict(sd, strict=False)
         assert not unexpected and not [m for m in missing if "lm_head" not in m], (missing, unexpected)
         return model
@@ -102,6 +103,30 @@ def test_language_model_and_tower_match_the_family_class(tiny, kind):
     torch.testing.assert_close(feats, ref_feats, rtol=1e-5, atol=1e-5)
 
 
+def test_internlm2_layout_is_read_as_the_llama_it_was_packed_from(tiny):
+    from workbench.families import split_wqkv
+    from workbench.tiny import pack_wqkv
+
+    base = tiny["internvl-original-internlm2"][0]
+    keys = set(CheckpointReader(base).keys())
+    assert {"language_model.model.tok_embeddings.weight", "language_model.output.weight",
+            "language_model.model.layers.0.attention.wqkv.weight", "language_model.model.layers.1.feed_forward.w2.weight",
+            "language_model.model.layers.0.attention_norm.weight"} <= keys
+    assert not any("q_proj" in k or "embed_tokens" in k for k in keys if k.startswith("language_model."))
+    ref = hf_model("internvl-original-internlm2")  # the seed-0 model: InternVL with a Llama language model
+    ck = FamilyCheckpoint(base)
+    assert type(ck.language_model()).__name__ == "LlamaForCausalLM"
+    want = ref.model.language_model.layers[1].self_attn
+    for part, lin in zip("qkv", (want.q_proj, want.k_proj, want.v_proj)):  # GQA: 4 heads, 2 key-value heads
+        assert torch.equal(ck.lm_tensor(f"model.layers.1.self_attn.{part}_proj.weight"), lin.weight)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(8, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_key_value_heads=2, num_attention_heads=4, hidden_size=8, head_dim=2)
+    assert all(torch.equal(a, b) for a, b in zip(split_wqkv(pack_wqkv(q, k, v, 2), cfg), (q, k, v)))
+
+
 # ------------------------------------------------------------------------------------ merging
 def _merge(tmp_path, base, experts, method, params, family=None, status=0):
     cfg = {"method": method, "base": str(base), "experts": [str(e) for e in experts], "output": str(tmp_path / "out"),
@@ -129,7 +154,7 @@ def test_cli_merge_keeps_the_family_tensors_and_loads_back(tiny, tmp_path, kind,
         same = torch.equal(o.get(name), b.get(name))
         if tower_like.search(name) or not flt.merged(name):
             assert same, f"{name} should be kept from the base"
-        elif name.endswith("proj.weight"):
+        elif name.endswith(("proj.weight", "attention.wqkv.weight", "feed_forward.w1.weight")):
             assert not same, f"{name} should be merged"
     if kind == "internvl-original":  # the projector mlp1.* is kept (the issue's bug)
         assert any(n.startswith("mlp1.") for n in b.keys()) and not any(flt.merged(n) for n in b.keys()
@@ -200,7 +225,7 @@ def test_chat_template_is_applied(tiny):
     torch.testing.assert_close(e1, e0)
 
 
-@pytest.mark.parametrize("kind", ["qwen2-vl", "internvl-original"])
+@pytest.mark.parametrize("kind", ["qwen2-vl", "internvl-original", "internvl-original-internlm2"])
 def test_compose_mmer_and_naive_mc_generate_with_an_image(tiny, kind):
     base, experts = tiny[kind]
     tok = FamilyCheckpoint(base).tokenizer()
@@ -211,6 +236,22 @@ def test_compose_mmer_and_naive_mc_generate_with_an_image(tiny, kind):
                   compose.compose_mmer(base, srcs, tok, dtype=torch.bfloat16)):
         out = model.generate(f"w20 {ph} w21 <chart>", {"image": [img], "chart": [img]}, max_new_tokens=3)
         assert isinstance(out, str) and next(model.llm.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
+def test_device_map_places_a_family_language_model(tiny, kind):
+    """A family folder's language model is placed by accelerate's dispatch_model (CPU here)."""
+    base, experts = tiny[kind]
+    tok = FamilyCheckpoint(base).tokenizer()
+    srcs = [compose.family_expert(experts[0]), compose.family_expert(experts[1], key="chart")]
+    ref = compose.compose_naive_mc(base, srcs, tok)
+    mapped = compose.compose_naive_mc(base, srcs, tok, device_map={"": "cpu"})
+    assert mapped.llm.hf_device_map == {"": "cpu"}
+    ph = FAMILIES[FAMILY_OF[kind]].placeholder
+    img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    prompt, inputs = f"w20 {ph} w21 <chart>", {"image": [img], "chart": [img]}
+    assert mapped.generate(prompt, inputs, max_new_tokens=3) == ref.generate(prompt, inputs, max_new_tokens=3)
+    assert compose.load_causal_lm(base, dtype=torch.bfloat16, device_map="auto").dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -233,3 +274,54 @@ def test_llava_expert_reads_a_qwen2_vl_folder(tiny):
     img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         torch.testing.assert_close(src.tower(img), compose.family_expert(experts[0]).tower(img))
+
+
+# ------------------------------------------------------------------------------------ Qwen2-VL M-RoPE
+def _qwen_prompt_and_reference(tiny, kind):
+    """A composed one-expert Qwen2-VL (no template) and transformers' own inputs for the same prompt:
+    a 16x32 image (a 2x4 token grid after the merge: h != w), text before and after it."""
+    base, _ = tiny[kind]
+    tok = FamilyCheckpoint(base).tokenizer()
+    model = compose.compose_frozen(base, [compose.family_expert(base, template="{prompt}")], tok)
+    img = torch.rand(3, IMAGE_SIZE, 2 * IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+    prompt = "w20 w21 <|vision_start|> <|image_pad|> <|vision_end|> w22 w23"
+    enc = model.towers["image"].processor(img, return_tensors="pt")
+    n_img = int(enc["image_grid_thw"].prod()) // 4
+    ids = tok(prompt.replace("<|image_pad|>", " ".join(["<|image_pad|>"] * n_img)))["input_ids"]
+    input_ids = torch.tensor([ids])
+    ref_inputs = dict(input_ids=input_ids, pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                      mm_token_type_ids=(input_ids == tok.convert_tokens_to_ids("<|image_pad|>")).int())
+    return model, prompt, {"image": [img]}, hf_model(kind, base), ref_inputs
+
+
+@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen2.5-vl"])
+def test_composed_qwen2_vl_uses_the_family_3d_positions_and_logits(tiny, kind):
+    from workbench.mllm import _stack_positions
+
+    model, prompt, inputs, ref, ref_inputs = _qwen_prompt_and_reference(tiny, kind)
+    assert isinstance(model, compose.MRopeMultimodalLM)
+    pieces = model._pieces([prompt], [inputs])
+    pos = model._prompt_positions([prompt], [inputs], pieces)[0]
+    want, _ = ref.model.get_rope_index(ref_inputs["input_ids"], ref_inputs["mm_token_type_ids"],
+                                       image_grid_thw=ref_inputs["image_grid_thw"])
+    assert torch.equal(pos, want[:, 0]) and not torch.equal(pos[1], pos[2])  # a real 3-D grid (h != w)
+    emb, mask, _ = model.embed(prompt, inputs)
+    with torch.no_grad():
+        ref_logits = ref(**ref_inputs).logits
+        got = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=_stack_positions([pos], emb.shape[1], False)).logits
+        flat = model.llm(inputs_embeds=emb, attention_mask=mask).logits  # 1-D positions: not the family's model
+    torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(flat, ref_logits, rtol=1e-5, atol=1e-5)
+    # scoring (both paths) and generation see the same positions: option log-likelihoods from the family's logits
+    opt_ids = model.tokenizer(" w30 w31", add_special_tokens=False)["input_ids"]
+    full = {**ref_inputs, "input_ids": torch.cat([ref_inputs["input_ids"], torch.tensor([opt_ids])], 1),
+            "mm_token_type_ids": torch.cat([ref_inputs["mm_token_type_ids"], torch.zeros(1, len(opt_ids), dtype=torch.int)], 1)}
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(**full).logits[0, -len(opt_ids) - 1:-1].float(), -1)
+    want_score = lp.gather(1, torch.tensor(opt_ids)[:, None]).sum()
+    for shared in (False, True):
+        got_score = model.score_options_batch([prompt], [inputs], [["w30 w31"]], shared_prefix=shared)[0][0]
+        torch.testing.assert_close(got_score, want_score, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        gen = ref.generate(**ref_inputs, max_new_tokens=4, do_sample=False)[0, ref_inputs["input_ids"].shape[1]:]
+    assert model.generate(prompt, inputs, max_new_tokens=4) == model.tokenizer.decode(gen, skip_special_tokens=True).strip()

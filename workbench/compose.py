@@ -298,31 +298,56 @@ def zoo_expert_model(zoo, name: str) -> MultimodalLM:
 
 
 # ================================================================================================ loading
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> nn.Module:
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   device_map: str | Mapping[str, Any] | None = None) -> nn.Module:
     """A causal LM from a Hugging Face folder, in ``dtype`` on ``device``; for a multimodal folder of
     a known family (:mod:`workbench.families`), its language model; for another LLaVA-style folder
-    (``vision_config`` + ``text_config``), its ``text_config`` model."""
+    (``vision_config`` + ``text_config``), its ``text_config`` model.
+
+    ``device_map`` (accelerate's: ``"auto"``, ``{"": 0}``, a module -> device dict) places the model
+    instead of ``device``: a causal-LM folder gets it in ``from_pretrained``; a multimodal folder's
+    language model (built on the CPU from the checkpoint's tensors) is placed by accelerate's
+    ``dispatch_model`` (:func:`_dispatch`)."""
     from .families import FamilyCheckpoint, is_mllm_folder
     from .llava import LlavaCheckpoint, is_llava_folder
 
     p = Path(path)
+    build_on = device if device_map is None else "cpu"
     if is_mllm_folder(p):
-        return FamilyCheckpoint(p).language_model(dtype, device)
+        return _dispatch(FamilyCheckpoint(p).language_model(dtype, build_on), device_map, dtype)
     if is_llava_folder(p):
-        return LlavaCheckpoint(p).language_model(dtype).to(device)
+        return _dispatch(LlavaCheckpoint(p).language_model(dtype).to(build_on), device_map, dtype)
     from transformers import AutoModelForCausalLM
 
     if not (p / "config.json").exists():
         raise CheckpointError("no config.json: not a Hugging Face model folder", file=p)
+    if device_map is not None:
+        return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, device_map=device_map).eval()
     return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).to(device).eval()
 
 
-def _as_llm(base: str | Path | nn.Module, dtype: torch.dtype = torch.float32,
-            device: str | torch.device = "cpu") -> nn.Module:
+def _dispatch(llm: nn.Module, device_map: str | Mapping[str, Any] | None, dtype: torch.dtype) -> nn.Module:
+    """``llm`` placed by accelerate's ``dispatch_model`` (``device_map`` ``None``: as it is). A string
+    map (``"auto"``, ``"balanced"``, ``"sequential"``) is resolved by ``infer_auto_device_map`` over the
+    visible devices (balanced memory unless ``"sequential"``), as ``from_pretrained`` does."""
+    if device_map is None:
+        return llm
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = list(getattr(llm, "_no_split_modules", None) or [])
+        mem = (None if device_map == "sequential"
+               else get_balanced_memory(llm, dtype=dtype, no_split_module_classes=no_split))
+        device_map = infer_auto_device_map(llm, max_memory=mem, no_split_module_classes=no_split, dtype=dtype)
+    return dispatch_model(llm, device_map=dict(device_map)).eval()
+
+
+def _as_llm(base: str | Path | nn.Module, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            device_map: str | Mapping[str, Any] | None = None) -> nn.Module:
     if isinstance(base, nn.Module):
         return copy.deepcopy(base).eval()
-    return load_causal_lm(base, dtype, device)
+    return load_causal_lm(base, dtype, device, device_map)
 
 
 def _open_llm(src: ExpertSource | str | Path | None):
@@ -373,21 +398,22 @@ def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str
               method: str | Callable = "weight_average", params: Mapping[str, Any] | None = None,
               coefficients: Sequence[float] | None = None, keep: Sequence[str] = (), seed: int = 0,
               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              progress: bool = False) -> nn.Module:
+              device_map: str | Mapping[str, Any] | None = None, progress: bool = False) -> nn.Module:
     """Merge the experts' LLMs into a copy of the base, streaming tensor by tensor.
 
     ``method="weight_average"``: θ = θ0 + Σ λi τi, λ = ``coefficients`` (default 1/N: the plain
     average of the θi). Any other name is looked up in :mod:`workbench.merging` (or pass a callable
     ``fn(base, experts, name=, generator=, **params)``) and gets the experts' θi = θ0 + τi of each
     tensor (LoRA experts: θ0 + s·B@A; projector-only experts: θ0). ``keep``: regexes of tensors left
-    at θ0. Memory: the base model (loaded in ``dtype`` on ``device``; the arithmetic is float32 per
-    tensor, there) plus one tensor per expert: in bfloat16 on one GPU a 7B LLM is ~14 GB.
+    at θ0. Memory: the base model (loaded in ``dtype`` on ``device``, or placed by ``device_map``:
+    :func:`load_causal_lm`; the arithmetic is float32 per tensor, where the tensor is) plus one
+    tensor per expert: in bfloat16 on one GPU a 7B LLM is ~14 GB.
     """
     from tqdm.auto import tqdm
 
     from .engine import call_method
 
-    llm = _as_llm(base, dtype, device)
+    llm = _as_llm(base, dtype, device, device_map)
     readers = [_open_llm(e) for e in experts]
     n = len(readers)
     if n == 0:
@@ -487,15 +513,80 @@ class TemplatedMultimodalLM(MultimodalLM):
         return super()._pieces([self.template.format(prompt=p) for p in prompts], modal_inputs, answers, answer_eos)
 
 
+def _mrope_tower(tower: nn.Module):
+    """The Qwen2-VL tower inside ``tower`` (a :class:`CachedTower` is looked through), or ``None``."""
+    inner = tower.tower if isinstance(tower, CachedTower) else tower
+    return inner if getattr(inner, "uses_mrope", False) else None
+
+
+class MRopeMultimodalLM(TemplatedMultimodalLM):
+    """A composition with Qwen2-VL / Qwen2.5-VL towers: their image tokens get the family's 3-D
+    M-RoPE positions (time, height, width) when scoring and generating, as transformers'
+    ``get_rope_index`` gives them (:meth:`workbench.families.HFVisionTower.mrope_positions`); text
+    and the tokens of other towers take one position each, on all three streams.
+
+    The LLM's rotary embedding is replaced by the family's M-RoPE one (``rope_config``: the
+    family's text config, with its ``mrope_section``); with equal streams (text alone) it is RoPE.
+    The training forward (:meth:`MultimodalLM.forward`) keeps 1-D positions."""
+
+    def __init__(self, llm, tokenizer, towers, placeholders, template: str = "{prompt}", *, rope_config) -> None:
+        super().__init__(llm, tokenizer, towers, placeholders, template)
+        import transformers
+
+        cls = {"qwen2_5_vl": "Qwen2_5_VLRotaryEmbedding"}.get(getattr(rope_config, "model_type", ""),
+                                                               "Qwen2VLRotaryEmbedding")
+        rotary = getattr(transformers.models.qwen2_5_vl.modeling_qwen2_5_vl if "2_5" in cls
+                         else transformers.models.qwen2_vl.modeling_qwen2_vl, cls)(config=rope_config)
+        llm.model.rotary_emb = rotary.to(self.device)
+
+    def _prompt_positions(self, prompts, modal_inputs, pieces) -> list[torch.Tensor]:
+        from .mllm import _norm_inputs
+
+        out = []
+        for b, (p, mi) in enumerate(zip(prompts, modal_inputs)):
+            ids = self.tokenizer(self.template.format(prompt=p))["input_ids"]
+            mi = _norm_inputs(mi)
+            used = {m: 0 for m in mi}
+            parts, cur, text = [], 0, 0
+            for t in ids:
+                m = self._ph_ids.get(int(t))
+                if m is None:
+                    text += 1
+                    continue
+                parts.append(torch.arange(cur, cur + text).expand(3, -1))
+                cur, text = cur + text, 0
+                x = mi[m][used[m]]
+                used[m] += 1
+                tower = _mrope_tower(self.towers[m])
+                if tower is None:  # another family's tower: its tokens are text-like
+                    n = int(self.towers[m](x).shape[0])
+                    parts.append(torch.arange(cur, cur + n).expand(3, -1))
+                    cur += n
+                else:
+                    pos, cur = tower.mrope_positions(x, cur)
+                    parts.append(pos.cpu())
+            parts.append(torch.arange(cur, cur + text).expand(3, -1))
+            pos = torch.cat(parts, 1).to(self.device)
+            if pos.shape[1] != pieces[b][0].shape[0]:
+                raise ValueError(f"prompt {b}: {pos.shape[1]} positions for {pieces[b][0].shape[0]} tokens")
+            out.append(pos)
+        return out
+
+
 def _mllm(llm: nn.Module, tokenizer, experts: Sequence[ExpertSource]) -> MultimodalLM:
     """The composed model: one tower per expert (by :attr:`ExpertSource.tower_key`), distinct
-    placeholders (:func:`assign_placeholders`), the experts' chat template if they have one."""
+    placeholders (:func:`assign_placeholders`), the experts' chat template if they have one; with a
+    Qwen2-VL tower, a :class:`MRopeMultimodalLM` (3-D M-RoPE positions for its image tokens)."""
     towers = _towers(experts)
     llm.eval().requires_grad_(False)
     tokenizer, phs = assign_placeholders(llm, tokenizer, experts)
     templates = {e.template for e in experts if e.template is not None}
     if len(templates) > 1:
         raise ConfigError(f"the experts have different chat templates {sorted(templates)}; compose experts of one family")
+    mrope = [t for t in map(_mrope_tower, towers.values()) if t is not None]
+    if mrope:
+        return MRopeMultimodalLM(llm, tokenizer, towers, phs, templates.pop() if templates else "{prompt}",
+                                 rope_config=mrope[0].core.config.text_config)
     if templates:
         return TemplatedMultimodalLM(llm, tokenizer, towers, phs, templates.pop())
     return MultimodalLM(llm, tokenizer, towers, phs)
@@ -513,20 +604,23 @@ def compose_expert(base: str | Path | nn.Module, expert: ExpertSource, tokenizer
 
 
 def compose_frozen(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer, *,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MultimodalLM:
-    """The frozen-LLM composition: θ0 (in ``dtype`` on ``device``) with every expert's tower."""
-    return _mllm(_as_llm(base, dtype, device), tokenizer, experts)
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   device_map: str | Mapping[str, Any] | None = None) -> MultimodalLM:
+    """The frozen-LLM composition: θ0 (in ``dtype`` on ``device``, or placed by ``device_map``:
+    :func:`load_causal_lm`) with every expert's tower."""
+    return _mllm(_as_llm(base, dtype, device, device_map), tokenizer, experts)
 
 
 def compose_naive_mc(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer, *,
                      coefficients: Sequence[float] | None = None, method: str | Callable = "weight_average",
                      params: Mapping[str, Any] | None = None, keep: Sequence[str] = (),
                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                     progress: bool = False) -> MultimodalLM:
+                     device_map: str | Mapping[str, Any] | None = None, progress: bool = False) -> MultimodalLM:
     """NaiveMC: the (λ-weighted) average of the experts' LLMs + every tower (see :func:`merge_llm`;
-    one LLM in memory, in ``dtype`` on ``device``: bfloat16 on a GPU for 7B experts)."""
+    one LLM in memory, in ``dtype`` on ``device`` or placed by ``device_map``: bfloat16 on a GPU for
+    7B experts)."""
     llm = merge_llm(base, experts, method=method, params=params, coefficients=coefficients, keep=keep,
-                    dtype=dtype, device=device, progress=progress)
+                    dtype=dtype, device=device, device_map=device_map, progress=progress)
     return _mllm(llm, tokenizer, experts)
 
 
@@ -542,7 +636,7 @@ def _dense_deltas(base_llm: nn.Module, folder: Path, targets: Sequence[str] | No
             key = n + ".weight"
             if e.kind != "full" or key not in e.reader:
                 raise CheckpointError("DAMC full-weight folder lacks a weight of the base", file=folder, tensor=key)
-            d = e.tau(key, m.weight.detach())
+            d = e.tau(key, m.weight.detach().float())
             if bool((d != 0).any()):
                 out[n] = d
     return out
@@ -550,15 +644,20 @@ def _dense_deltas(base_llm: nn.Module, folder: Path, targets: Sequence[str] | No
 
 @torch.no_grad()
 def damc_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource], *,
-             coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0) -> nn.Module:
+             coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0,
+             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             device_map: str | Mapping[str, Any] | None = None) -> nn.Module:
     """The routed LLM of DAMC: route 0 (text) = W0 + Σ λi si Bi^t Ai^t (component tag ``i``),
-    route i+1 = W0 + μi si Bi^m Ai^m (tag ``"mu"``). λ default 1/N."""
+    route i+1 = W0 + μi si Bi^m Ai^m (tag ``"mu"``). λ default 1/N. One base LLM in memory, loaded
+    in ``dtype`` on ``device`` or placed by ``device_map`` (bfloat16 on a GPU for 7B experts); the
+    routes' factors / deltas are held in the base weight's dtype and device, full-weight deltas
+    computed in float32 first."""
     n = len(experts)
     lam = list(coefficients) if coefficients is not None else [1.0 / n] * n
     mus = [float(mu)] * n if isinstance(mu, (int, float)) else list(mu)
     if len(lam) != n or len(mus) != n:
         raise ConfigError(f"{len(lam)} coefficients / {len(mus)} mu values for {n} experts")
-    llm = _as_llm(base)
+    llm = _as_llm(base, dtype, device, device_map)
     routes: dict[int, dict[str, list]] = {TEXT_ROUTE: {}}
     for i, e in enumerate(experts):
         if e.kind == "damc":
@@ -583,9 +682,13 @@ def damc_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource], *,
 
 
 def compose_damc(base: str | Path | nn.Module, experts: Sequence[ExpertSource], tokenizer, *,
-                 coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0) -> MultimodalLM:
-    """DAMC: merged text parameters (coefficients λi), each modality's own parameters on its tokens."""
-    return _mllm(damc_llm(base, experts, coefficients=coefficients, mu=mu), tokenizer, experts)
+                 coefficients: Sequence[float] | None = None, mu: Sequence[float] | float = 1.0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 device_map: str | Mapping[str, Any] | None = None) -> MultimodalLM:
+    """DAMC: merged text parameters (coefficients λi), each modality's own parameters on its tokens
+    (:func:`damc_llm`; the base LLM in ``dtype`` on ``device`` or placed by ``device_map``)."""
+    return _mllm(damc_llm(base, experts, coefficients=coefficients, mu=mu, dtype=dtype, device=device,
+                          device_map=device_map), tokenizer, experts)
 
 
 def set_damc_coefficients(model: MultimodalLM | nn.Module, coefficients: Sequence[float]) -> None:
@@ -711,11 +814,11 @@ def compose_mmer(base: str | Path | nn.Module, experts: Sequence[ExpertSource], 
                  merge_method: str | Callable = "ties", merge_params: Mapping[str, Any] | None = None,
                  text_route: str = "merged", target_modules: Sequence[str] | None = DEFAULT_LORA_TARGETS,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 progress: bool = False) -> MultimodalLM:
+                 device_map: str | Mapping[str, Any] | None = None, progress: bool = False) -> MultimodalLM:
     """MMER composition (see :func:`mmer_parts` and :func:`mmer_llm`); ``parts`` may come from
     :func:`mmer_parts_from_merge` (the engine's output). The base LLM is loaded in ``dtype`` on
-    ``device`` (τ* and the masks are computed in float32 per tensor)."""
-    base_llm = _as_llm(base, dtype, device)
+    ``device`` or placed by ``device_map`` (τ* and the masks are computed in float32 per tensor)."""
+    base_llm = _as_llm(base, dtype, device, device_map)
     if parts is None:
         parts = mmer_parts(base_llm, experts, merge_method=merge_method, merge_params=merge_params, lam=lam,
                            progress=progress)
@@ -788,7 +891,8 @@ def storage_comparison(mmer_paths: Sequence[str | Path], expert_paths: Sequence[
 
 
 __all__ = [
-    "CachedTokenizer", "CachedTower", "ExpertSource", "TemplatedMultimodalLM", "assign_placeholders",
+    "CachedTokenizer", "CachedTower", "ExpertSource", "MRopeMultimodalLM", "TemplatedMultimodalLM",
+    "assign_placeholders",
     "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",
     "compose_naive_mc", "damc_llm", "disk_bytes",

@@ -27,16 +27,22 @@ name                detected from ``config.json``                layout
 ``generic``         a text-only LLM, or no ``config.json``       :data:`workbench.io.filters.DEFAULT_KEEP`
 ==================  ===========================================  ==========================================
 
-Composition limits (stated, not hidden): a composed model (:class:`workbench.mllm.MultimodalLM`)
-gives every token, image tokens included, one 1-D position; Qwen2-VL's own forward gives image
-tokens 3-D M-RoPE positions (time, height, width), so a composed Qwen2-VL sees its images at other
-positions than the family's class does (text alone is identical: M-RoPE with equal position streams
-is RoPE, checked by the tests). Its ``<|vision_start|>``/``<|vision_end|>`` (InternVL: ``<img>``/``</img>``)
-markers around an image are not added: write them around the placeholder in the prompt.
+Composition: a composed model with a Qwen2-VL tower (:class:`workbench.compose.MRopeMultimodalLM`)
+gives its image tokens the family's 3-D M-RoPE positions (time, height, width) when scoring and
+generating (:meth:`HFVisionTower.mrope_positions`; checked against transformers' ``get_rope_index``
+and logits by the tests); its training forward keeps 1-D positions. The language model alone
+(:meth:`FamilyCheckpoint.language_model`) has plain RoPE: M-RoPE with equal position streams (text)
+is RoPE. The ``<|vision_start|>``/``<|vision_end|>`` (InternVL: ``<img>``/``</img>``) markers around
+an image are not added: write them around the placeholder in the prompt.
 
 Nothing here runs a checkpoint's remote code: the original InternVL layout is read by renaming
 its tensors to transformers' ``InternVLForConditionalGeneration`` names (:func:`internvl_original_to_hf`,
-following the key mapping of transformers' InternVL conversion script).
+following the key mapping of transformers' InternVL conversion script). An InternLM2 language
+model (InternVL2.5-8B: ``tok_embeddings``, ``attention.wqkv``, ``feed_forward.w1/w2/w3``, ``output``)
+is read as a Llama causal LM, its fused ``wqkv`` split into q, k, v per key-value group
+(:func:`internlm2_llama_names`, :func:`split_wqkv`, :func:`internlm2_config`: the same conversion
+script, ``src/transformers/models/internvl/convert_internvl_weights_to_hf.py``); merges work on the
+checkpoint's own tensors (``wqkv`` merged as one tensor, the keep list unchanged).
 """
 from __future__ import annotations
 
@@ -206,15 +212,78 @@ _INTERNVL_RENAMES: tuple[tuple[str, str], ...] = (
 )
 _QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
 
+#: InternLM2 causal-LM names -> Llama names (the conversion script's ``..._TEXT_LLAMA`` mapping).
+_INTERNLM2_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^model\.tok_embeddings\.", "model.embed_tokens."),
+    (r"\.attention\.wo\.", ".self_attn.o_proj."),
+    (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
+    (r"\.feed_forward\.w2\.", ".mlp.down_proj."),
+    (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
+    (r"\.attention_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."),
+    (r"^output\.", "lm_head."),
+)
+_WQKV = re.compile(r"^(model\.layers\.\d+\.)attention\.wqkv\.weight$")
+#: InternLM2 config keys a Llama config does not take (the conversion script's list, plus remote-code keys).
+_INTERNLM2_DROP = ("architectures", "model_type", "auto_map", "_name_or_path", "attn_implementation",
+                   "_attn_implementation_autoset", "use_bfloat16", "use_flash_attn", "bias", "transformers_version")
 
-def internvl_original_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an original-layout InternVL state dict to transformers' names (``qkv`` split in q, k, v)."""
+
+def is_internlm2(llm_config: Mapping) -> bool:
+    """``True`` for an InternLM2 ``llm_config`` (InternVL2.5-8B / 26B's language model)."""
+    archs = llm_config.get("architectures") or []
+    return llm_config.get("model_type") == "internlm2" or "InternLM2ForCausalLM" in archs
+
+
+def internlm2_config(llm_config: Mapping):
+    """An InternLM2 ``llm_config`` as a ``LlamaConfig`` (InternLM2 is a Llama with fused q, k, v)."""
+    from transformers import LlamaConfig
+
+    if llm_config.get("bias"):
+        raise CheckpointError("InternLM2 with biases (bias: true) is not supported: the Llama mapping has none")
+    return LlamaConfig(**{k: v for k, v in llm_config.items() if k not in _INTERNLM2_DROP})
+
+
+def internlm2_llama_names(name: str) -> list[tuple[str, int | None]]:
+    """The Llama names of one InternLM2 causal-LM tensor (``model.layers.0.attention.wqkv.weight``...):
+    ``[(llama name, part)]`` - ``part`` 0/1/2 of a fused ``wqkv`` (q, k, v: :func:`split_wqkv`), else ``None``."""
+    m = _WQKV.match(name)
+    if m:
+        return [(f"{m[1]}self_attn.{p}_proj.weight", i) for i, p in enumerate("qkv")]
+    for pat, rep in _INTERNLM2_RENAMES:
+        if re.search(pat, name):
+            return [(re.sub(pat, rep, name), None)]
+    return [(name, None)]  # model.norm.weight
+
+
+def split_wqkv(wqkv: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """InternLM2's fused ``wqkv`` ``[(n_kv · (g + 2) · d), hidden]`` -> q, k, v weights: per key-value
+    head, its ``g`` query heads, then its key head, then its value head (``g`` = heads / kv heads)."""
+    n_kv, heads = config.num_key_value_heads, config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    g = heads // n_kv
+    w = wqkv.reshape(n_kv, g + 2, d, wqkv.shape[-1])
+    return (w[:, :g].reshape(-1, w.shape[-1]).contiguous(), w[:, g].reshape(-1, w.shape[-1]).contiguous(),
+            w[:, g + 1].reshape(-1, w.shape[-1]).contiguous())
+
+
+def internvl_original_to_hf(state: Mapping[str, torch.Tensor], llm_config: Mapping | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """Rename an original-layout InternVL state dict to transformers' names (``qkv`` split in q, k, v);
+    an InternLM2 language model (``llm_config``, the checkpoint's) becomes a Llama one."""
     out = {}
+    internlm2 = llm_config is not None and is_internlm2(llm_config)
     for k, v in state.items():
         m = _QKV.match(k)
         if m:
             for part, t in zip("qkv", v.chunk(3, dim=0)):
                 out[f"model.vision_tower.encoder.layer.{m[1]}.attention.{part}_proj.{m[2]}"] = t
+            continue
+        if internlm2 and k.startswith("language_model."):
+            lm_name = k[len("language_model."):]
+            for name, part in internlm2_llama_names(lm_name):
+                t = v if part is None else split_wqkv(v, internlm2_config(llm_config))[part]
+                out[("" if name.startswith("lm_head.") else "model.language_") + name] = t
             continue
         for pat, rep in _INTERNVL_RENAMES:
             if re.search(pat, k):
@@ -250,6 +319,21 @@ class HFVisionTower(nn.Module):
         out = self.core.get_image_features(image.unsqueeze(0).to(dt))
         return out.pooler_output[0]
 
+    @property
+    def uses_mrope(self) -> bool:
+        """``True`` for Qwen2-VL / Qwen2.5-VL towers: their tokens take 3-D M-RoPE positions."""
+        return self.family == "qwen2-vl"
+
+    def mrope_positions(self, image: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+        """Qwen2-VL's 3-D (t, h, w) positions ``[3, n_tokens]`` of one image's tokens placed at
+        ``start``, and the position where the text after it continues - as transformers'
+        ``Qwen2VLModel.get_rope_index`` places an image: ``get_vision_position_ids`` on the image's
+        grid (t = 1; h, w after the merger's spatial merge), text resuming at ``start + max(h, w)``."""
+        grid = self.processor(image.float().cpu(), return_tensors="pt")["image_grid_thw"][0]
+        merge = self.core.config.vision_config.spatial_merge_size
+        pos = self.core.get_vision_position_ids(start, grid, 1, merge, device=image.device)
+        return pos, start + int(max(grid[1], grid[2])) // merge
+
 
 # ---------------------------------------------------------------------------------- checkpoints
 class FamilyCheckpoint:
@@ -267,6 +351,8 @@ class FamilyCheckpoint:
                                   file=self.path / "config.json")
         self.config_dict = json.loads((self.path / "config.json").read_text())
         self.reader = CheckpointReader(self.path)
+        self.internlm2 = self.family.name == "internvl-original" and is_internlm2(self.config_dict["llm_config"])
+        self._parts: dict[str, int] = {}  # causal-LM name -> its part of a fused InternLM2 wqkv
         self._lm_map = self._build_lm_map(self.reader.keys())
 
     def _build_lm_map(self, keys: Sequence[str]) -> dict[str, str]:
@@ -274,6 +360,12 @@ class FamilyCheckpoint:
         out: dict[str, str] = {}
         for k in keys:
             if any(p.search(k) for p in non_lm):
+                continue
+            if self.internlm2 and k.startswith("language_model."):
+                for name, part in internlm2_llama_names(k[len("language_model."):]):
+                    out[name] = k
+                    if part is not None:
+                        self._parts[name] = part
                 continue
             for src, dst in self.family.lm_prefixes:
                 if k.startswith(src):
@@ -294,7 +386,12 @@ class FamilyCheckpoint:
     def lm_tensor(self, name: str) -> torch.Tensor:
         if name not in self._lm_map:
             raise CheckpointError("language-model tensor not in the checkpoint", file=self.path, tensor=name)
-        return self.reader.get(self._lm_map[name])
+        t = self.reader.get(self._lm_map[name])
+        if name in self._parts:
+            if not hasattr(self, "_llama_config"):
+                self._llama_config = self.text_config()
+            t = split_wqkv(t, self._llama_config)[self._parts[name]]
+        return t
 
     def text_config(self):
         """The language model's config as a causal-LM config (Qwen2-VL's text part becomes a
@@ -307,7 +404,8 @@ class FamilyCheckpoint:
                    ("model_type", "architectures", "auto_map")}
             return LlamaConfig(**cfg)
         if name == "internvl-original":
-            return AutoConfig.for_model(**self.config_dict["llm_config"])
+            llm_config = self.config_dict["llm_config"]
+            return internlm2_config(llm_config) if self.internlm2 else AutoConfig.for_model(**llm_config)
         cfg = AutoConfig.from_pretrained(str(self.path))
         tc = cfg.text_config
         if name == "qwen2-vl":
@@ -350,7 +448,7 @@ class FamilyCheckpoint:
         pats = [re.compile(p) for p in self.family.keep]
         sd = {k: self.reader.get(k) for k in self.reader.keys() if any(p.search(k) for p in pats)}
         if self.family.name == "internvl-original":
-            sd = internvl_original_to_hf(sd)
+            sd = internvl_original_to_hf(sd, self.config_dict["llm_config"])
         return sd
 
     def tower(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
@@ -372,7 +470,8 @@ class FamilyCheckpoint:
 
             c = self.config_dict
             cfg = InternVLConfig(vision_config=_internvit_vision_config(c["vision_config"]),
-                                 text_config=c["llm_config"], downsample_ratio=c.get("downsample_ratio", 0.5),
+                                 text_config=self.text_config().to_dict(),
+                                 downsample_ratio=c.get("downsample_ratio", 0.5),
                                  vision_feature_layer=c.get("select_layer", -1))
             cls_name = "InternVLForConditionalGeneration"
         else:
@@ -460,4 +559,5 @@ def _internvit_vision_config(v: Mapping) -> dict:
 
 
 __all__ = ["FAMILIES", "Family", "FamilyCheckpoint", "HFVisionTower", "LLM_KEEP", "detect_family", "family_of",
-           "get_family", "internvl_original_to_hf", "is_mllm_folder"]
+           "get_family", "internlm2_config", "internlm2_llama_names", "internvl_original_to_hf", "is_internlm2",
+           "is_mllm_folder", "split_wqkv"]

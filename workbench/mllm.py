@@ -35,6 +35,25 @@ def _norm_inputs(mi: ModalInputs | None) -> dict[str, list[torch.Tensor]]:
     return out
 
 
+def _stack_positions(per_seq: Sequence[torch.Tensor], T: int, left: bool) -> torch.Tensor:
+    """Per-sequence position ids ``[S, n]`` (S streams) padded to ``[S, B, T]`` (pads at 0)."""
+    S, dev = per_seq[0].shape[0], per_seq[0].device
+    out = torch.zeros(S, len(per_seq), T, dtype=torch.long, device=dev)
+    for b, p in enumerate(per_seq):
+        n = p.shape[1]
+        if left:
+            out[:, b, T - n:] = p
+        else:
+            out[:, b, :n] = p
+    return out
+
+
+def _next_position(pos: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the position after each row's largest one (``pos`` ``[B, T]`` or ``[S, B, T]``) - where
+    text continues (for 1-D left-padded positions, the last one + 1)."""
+    return pos.reshape(-1, *pos.shape[-2:]).amax(dim=(0, 2)) + 1
+
+
 class MultimodalLM(nn.Module):
     """A causal LM with modality towers (LLaVA-style token splicing)."""
 
@@ -160,6 +179,21 @@ class MultimodalLM(nn.Module):
             emb[b, sl], mask[b, sl], routes[b, sl], labels[b, sl] = e, 1, r, l
         return emb, mask, routes, labels
 
+    def _prompt_positions(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
+                          pieces) -> list[torch.Tensor] | None:
+        """Per prompt, the position ids ``[streams, n]`` of its pieces (:meth:`_pieces`) when the LLM
+        takes several position streams (Qwen2-VL's 3-D M-RoPE:
+        :class:`workbench.compose.MRopeMultimodalLM`); ``None`` here: one 1-D position per token."""
+        return None
+
+    def _left_padded_positions(self, prompts, modal_inputs, pieces, mask: torch.Tensor) -> torch.Tensor:
+        """Position ids of left-padded prompt pieces: ``[B, T]`` (pads at 0), or ``[streams, B, T]``
+        when :meth:`_prompt_positions` gives them."""
+        per_prompt = self._prompt_positions(prompts, modal_inputs, pieces)
+        if per_prompt is None:
+            return (mask.cumsum(1) - 1).clamp(min=0)
+        return _stack_positions(per_prompt, mask.shape[1], left=True)
+
     # ------------------------------------------------------------------ public API
     def embed(self, prompts: Sequence[str] | str, modal_inputs: Sequence[ModalInputs | None] | ModalInputs | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,8 +248,9 @@ class MultimodalLM(nn.Module):
         if shared_prefix:
             return self._score_options_shared_prefix(prompts, modal_inputs, options, max(1, batch_size // 4))
         pieces = self._pieces(prompts, modal_inputs)
+        prompt_pos = self._prompt_positions(prompts, modal_inputs, pieces)
         tok, emb_layer, dev = self.tokenizer, self.llm.get_input_embeddings(), self.device
-        seqs, owners = [], []
+        seqs, owners, seq_pos = [], [], []
         for b, (e, r, _) in enumerate(pieces):
             for o in options[b]:
                 o_ids = tok(" " + o, add_special_tokens=False)["input_ids"]
@@ -226,11 +261,17 @@ class MultimodalLM(nn.Module):
                 lab[e.shape[0]:] = o_t
                 seqs.append((torch.cat([e, emb_layer(o_t)]), torch.cat([r, torch.zeros_like(o_t)]), lab))
                 owners.append(b)
+                if prompt_pos is not None:  # the option's text continues after the prompt's largest position
+                    p = prompt_pos[b]
+                    o_pos = p.max() + 1 + torch.arange(len(o_ids), device=p.device)
+                    seq_pos.append(torch.cat([p, o_pos.expand(p.shape[0], -1)], 1))
         scores = torch.empty(len(seqs))
         for s in range(0, len(seqs), batch_size):
             emb, mask, routes, labels = self._pad(seqs[s:s + batch_size])
+            pos = _stack_positions(seq_pos[s:s + batch_size], emb.shape[1], left=False) if seq_pos else None
             with token_routes(self.llm, routes):
-                logits = self.llm(inputs_embeds=emb, attention_mask=mask, use_cache=False).logits.float()
+                logits = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                                  use_cache=False).logits.float()
             logp = torch.log_softmax(logits[:, :-1], -1)
             tgt = labels[:, 1:]
             ok = tgt != -100
@@ -251,8 +292,9 @@ class MultimodalLM(nn.Module):
         out: list[torch.Tensor] = []
         for s in range(0, len(prompts), batch_size):
             P, MI, OP = list(prompts[s:s + batch_size]), list(modal_inputs[s:s + batch_size]), options[s:s + batch_size]
-            emb, mask, routes, _ = self._pad(self._pieces(P, MI), left=True)
-            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            pieces = self._pieces(P, MI)
+            emb, mask, routes, _ = self._pad(pieces, left=True)
+            pos = self._left_padded_positions(P, MI, pieces, mask)
             with token_routes(self.llm, routes):
                 first = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
             last = torch.log_softmax(first.logits[:, -1].float(), -1)
@@ -273,9 +315,9 @@ class MultimodalLM(nn.Module):
                 omask[k, :len(o_ids)] = 1
             past = first.past_key_values
             past.reorder_cache(own)  # one copy of its prompt's keys/values per option
+            opos = _next_position(pos)[own].view(n, 1) + torch.arange(L, device=dev).view(1, L)
             with token_routes(self.llm, torch.zeros(n, L, dtype=torch.long, device=dev)):
-                logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1),
-                                   position_ids=pos[own, -1:] + 1 + torch.arange(L, device=dev).view(1, L),
+                logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1), position_ids=opos,
                                    past_key_values=past, use_cache=True).logits
             sc = last[own].gather(1, inp[:, :1]).squeeze(1)
             if L > 1:
@@ -302,14 +344,14 @@ class MultimodalLM(nn.Module):
             pieces = self._pieces(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
             emb, mask, routes, _ = self._pad(pieces, left=True)
             B = emb.shape[0]
-            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            pos = self._left_padded_positions(prompts[s:s + batch_size], modal_inputs[s:s + batch_size], pieces, mask)
             with token_routes(self.llm, routes):
                 out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
             past = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1)
             gen = [[] for _ in range(B)]
             done = torch.zeros(B, dtype=torch.bool)
-            last_pos = pos[:, -1]
+            last_pos = _next_position(pos) - 1
             for step in range(max_new_tokens):
                 for b in range(B):
                     if not done[b]:

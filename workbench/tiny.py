@@ -3,7 +3,9 @@
 Each is built with transformers' own config and model classes (hidden size 32, one or two LLM
 layers, a 16x16-pixel vision tower), saved with ``save_pretrained``; the original LLaVA and
 InternVL layouts are the transformers-layout model with its tensors renamed to the original
-repositories' names (:func:`to_original_layout`). Seconds on a CPU; the outputs are meaningless,
+repositories' names (:func:`to_original_layout`); ``internvl-original-internlm2`` (InternVL2.5-8B's
+layout) is an InternVL with a Llama language model whose tensors are renamed to InternLM2's, q, k
+and v packed into ``wqkv`` (:func:`pack_wqkv`). Seconds on a CPU; the outputs are meaningless,
 the layouts and code paths are the real ones.
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Mapping
 import torch
 
 #: the buildable layouts (a family name, plus ``qwen2.5-vl`` for the Qwen2.5-VL classes).
-TINY_KINDS = ("llava", "llava-original", "qwen2-vl", "qwen2.5-vl", "internvl", "internvl-original")
+TINY_KINDS = ("llava", "llava-original", "qwen2-vl", "qwen2.5-vl", "internvl", "internvl-original",
+              "internvl-original-internlm2")
 #: tokens of the word-level tokenizer (placeholders, chat-template words, then filler words).
 _SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<IMG_CONTEXT>", "<|vision_start|>",
             "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>")
@@ -80,8 +83,9 @@ def tiny_model(kind: str):
                                   image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
                                   vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"])
         return tf.Qwen2_5_VLForConditionalGeneration(cfg)
-    if kind in ("internvl", "internvl-original"):
-        cfg = tf.InternVLConfig(text_config=tf.Qwen2Config(**_text()),
+    if kind in ("internvl", "internvl-original", "internvl-original-internlm2"):
+        text = tf.LlamaConfig(**_text()) if kind.endswith("internlm2") else tf.Qwen2Config(**_text())
+        cfg = tf.InternVLConfig(text_config=text,
                                 vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                    num_attention_heads=2, image_size=[IMAGE_SIZE] * 2, patch_size=[4, 4],
                                                    attention_bias=True),
@@ -116,10 +120,51 @@ _INTERNVL_TO_ORIGINAL = ((_V + r"embeddings\.cls_token$", "vision_model.embeddin
                          (r"^lm_head\.", "language_model.lm_head."))
 
 
-def to_original_layout(kind: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+_LLAMA_TO_INTERNLM2 = ((r"^model\.language_model\.embed_tokens\.", "language_model.model.tok_embeddings."),
+                       (r"\.self_attn\.o_proj\.", ".attention.wo."),
+                       (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
+                       (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
+                       (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+                       (r"\.input_layernorm\.", ".attention_norm."),
+                       (r"\.post_attention_layernorm\.", ".ffn_norm."),
+                       (r"^lm_head\.", "language_model.output."))
+
+
+def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """q, k, v weights -> InternLM2's fused ``wqkv``: per key-value head, its query heads, its key
+    head, its value head (the inverse of :func:`workbench.families.split_wqkv`)."""
+    hidden = q.shape[-1]
+    d = k.shape[0] // n_kv_heads
+    parts = [q.reshape(n_kv_heads, -1, d, hidden), k.reshape(n_kv_heads, 1, d, hidden),
+             v.reshape(n_kv_heads, 1, d, hidden)]
+    return torch.cat(parts, 1).reshape(-1, hidden)
+
+
+def _llama_to_internlm2(state: Mapping[str, torch.Tensor], n_kv_heads: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in state.items():
+        m = re.match(r"^model\.language_model\.(layers\.\d+)\.self_attn\.(q|k|v)_proj\.weight$", k)
+        if m:
+            qkv.setdefault(m[1], {})[m[2]] = t
+            continue
+        for pat, rep in _LLAMA_TO_INTERNLM2:
+            if re.search(pat, k):
+                k = re.sub(pat, rep, k)
+                break
+        out[re.sub(r"^model\.language_model\.", "language_model.model.", k)] = t
+    for layer, p in qkv.items():
+        out[f"language_model.model.{layer}.attention.wqkv.weight"] = pack_wqkv(p["q"], p["k"], p["v"], n_kv_heads)
+    return out
+
+
+def to_original_layout(kind: str, state: Mapping[str, torch.Tensor], n_kv_heads: int | None = None
+                       ) -> dict[str, torch.Tensor]:
     """A transformers-layout state dict (in-memory names) renamed to the original repository's
     layout: ``llava-original`` (LLaVA repo) or ``internvl-original`` (InternVL remote code; q, k, v
-    fused into ``attn.qkv``). The inverse of :func:`workbench.families.internvl_original_to_hf`."""
+    fused into ``attn.qkv``); ``internvl-original-internlm2`` also renames the Llama language model
+    to InternLM2's names (``n_kv_heads`` for packing ``wqkv``). The inverse of
+    :func:`workbench.families.internvl_original_to_hf`."""
     out: dict[str, torch.Tensor] = {}
     if kind == "llava-original":
         for k, t in state.items():
@@ -130,8 +175,12 @@ def to_original_layout(kind: str, state: Mapping[str, torch.Tensor]) -> dict[str
             else:
                 raise KeyError(k)
         return out
-    if kind != "internvl-original":
+    if kind not in ("internvl-original", "internvl-original-internlm2"):
         raise ValueError(f"{kind!r} has no original layout here")
+    if kind.endswith("internlm2"):
+        lm = {k: t for k, t in state.items() if k.startswith(("model.language_model.", "lm_head."))}
+        out.update(_llama_to_internlm2(lm, n_kv_heads))
+        state = {k: t for k, t in state.items() if k not in lm}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for k, t in state.items():
         m = re.match(r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.(q|k|v)_proj\.(weight|bias)$", k)
@@ -160,6 +209,10 @@ def _original_config(kind: str, model, folder: Path) -> dict:
                 "mm_vision_tower": str(clip), "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 16,
                 "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad"}
     vc = model.config.vision_config
+    llm = {**model.config.text_config.to_dict(), "architectures": ["Qwen2ForCausalLM"]}
+    if kind.endswith("internlm2"):
+        llm = {**llm, "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
+               "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}
     return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
             "auto_map": {"AutoModel": "modeling_internvl_chat.InternVLChatModel"},
             "vision_config": {"model_type": "intern_vit_6b", "hidden_size": vc.hidden_size,
@@ -168,7 +221,7 @@ def _original_config(kind: str, model, folder: Path) -> dict:
                               "patch_size": vc.patch_size[0], "qkv_bias": True, "qk_normalization": False,
                               "norm_type": "layer_norm", "layer_norm_eps": vc.layer_norm_eps,
                               "initializer_factor": vc.layer_scale_init_value, "hidden_act": vc.hidden_act},
-            "llm_config": {**model.config.text_config.to_dict(), "architectures": ["Qwen2ForCausalLM"]},
+            "llm_config": llm,
             "downsample_ratio": 0.5, "select_layer": -1, "template": "internvl2_5", "ps_version": "v2"}
 
 
@@ -179,9 +232,10 @@ def make_tiny_checkpoint(kind: str, folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     torch.manual_seed(seed)
     model = tiny_model(kind)
-    if kind in ("llava-original", "internvl-original"):
+    if kind.startswith(("llava-original", "internvl-original")):
         folder.mkdir(parents=True, exist_ok=True)
-        state = to_original_layout(kind, {k: v.clone().contiguous() for k, v in model.state_dict().items()})
+        state = to_original_layout(kind, {k: v.clone().contiguous() for k, v in model.state_dict().items()},
+                                   n_kv_heads=model.config.text_config.num_key_value_heads)
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(_original_config(kind, model, folder), indent=2))
     else:
@@ -208,5 +262,5 @@ def make_tiny_experts(base: str | Path, out_dir: str | Path, n: int = 2, seed: i
     return out
 
 
-__all__ = ["IMAGE_SIZE", "TINY_KINDS", "make_tiny_checkpoint", "make_tiny_experts", "save_tiny_tokenizer",
+__all__ = ["IMAGE_SIZE", "TINY_KINDS", "make_tiny_checkpoint", "make_tiny_experts", "pack_wqkv", "save_tiny_tokenizer",
            "tiny_model", "tiny_vocab", "to_original_layout"]
