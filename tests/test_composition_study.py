@@ -2,7 +2,6 @@
 the tiny zoo (NaiveMC / DAMC / MMER compose and score MCUB-2)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -96,7 +95,6 @@ def test_record_modalities_and_tags():
 
 
 # -------------------------------------------------------------------------------------------- tiny zoo
-TINY = Path(__file__).resolve().parents[1] / "zoo" / "tiny"
 
 
 @pytest.mark.slow
