@@ -157,6 +157,15 @@ def test_non_finite_input_is_reported():
         assert not ok
 
 
+def test_bfloat16_overflow_after_rounding_is_reported():
+    """A result finite in float32 but past the bfloat16 range (it rounds to Inf when stored) is
+    counted by the kernel as it stores it; in a float32 output it is fine."""
+    base = torch.tensor([3.4e38, 1.0, -2.0])
+    for dtype, want in ((torch.bfloat16, False), (torch.float32, True)):
+        ok, got = _compiled_merge("weight_average", {}, base, [base.clone()], dtype)
+        assert ok is want and bool(torch.isfinite(got).all()) is want
+
+
 # ---------------------------------------------------------------------------------------- engine
 def _as_dtype(folder, out, dtype):
     out.mkdir()

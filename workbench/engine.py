@@ -541,11 +541,12 @@ def _compiled_global_trim(names: list[str], base: CheckpointReader, experts: Seq
 def _compiled_write(w: CheckpointWriter, it: _Item, cfg: MergeConfig, settings, dtype: torch.dtype,
                     base: CheckpointReader, experts: Sequence[Any], pool, norms: TaskVectorNorms | None = None
                     ) -> None:
-    from .merging.kernels import merge_tensor
+    from .merging.kernels import merge_tensor, task_vector_sq
 
     if norms is not None and it.base.dim() >= 2:  # the foreign-expert tally, as _compute's (strided rows)
-        rows = lambda t: t.reshape(t.shape[0], -1)[::ROW_STRIDE].float()  # noqa: E731
-        norms.observe(it.name, rows(it.base), [rows(e) for e in it.experts], every=1)
+        base_sq, tau_sq = task_vector_sq(it.base, it.experts, ROW_STRIDE)
+        for i, t in enumerate(tau_sq):
+            norms.add(it.name, it.base.dim(), i, t, base_sq)
 
     def parts(write) -> None:
         if not merge_tensor(settings, it.base, it.experts, dtype, tensor_seed(cfg.seed, it.name), write,

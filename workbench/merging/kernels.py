@@ -53,7 +53,7 @@ from .common import check_density, check_drop_rate, expert_weights
 from .ties_dare import check_trim
 
 __all__ = ["COMPILED_METHODS", "CHUNK_ENTRIES", "compiled_merge_available", "MergeSettings", "merge_settings",
-           "merge_tensor", "global_trim_thresholds", "kernel_view"]
+           "merge_tensor", "task_vector_sq", "global_trim_thresholds", "kernel_view"]
 
 #: methods with a compiled CPU path
 COMPILED_METHODS = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -133,7 +133,9 @@ from {helpers} import ld, f32_to_bits
 
 
 def st(a, j, v):
-    """Store float32 ``v`` as entry ``j``: bfloat16 (uint16 bits) rounded to nearest even, as torch."""
+    """Store float32 ``v`` as entry ``j``: bfloat16 (uint16 bits) rounded to nearest even, as torch.
+    Returns 1 when the stored value is not finite (a finite float32 past the bfloat16 range
+    rounds to Inf), else 0."""
 
 
 @overload(st, inline="always")
@@ -141,12 +143,37 @@ def _st(a, j, v):
     if a.dtype == types.uint16:
         def impl(a, j, v):
             u = np.uint32(f32_to_bits(v))
-            a[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            a[j] = r
+            return np.int32((r & np.uint16(0x7F80)) == np.uint16(0x7F80))
         return impl
 
     def impl32(a, j, v):
         a[j] = v
+        return np.int32((v - v) != np.float32(0.0))
     return impl32
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def row_sq(m, b, row, every):
+    """``(sum b^2, sum (m - b)^2)`` in float64 over every ``every``-th row (``row`` entries each;
+    ``m - b`` in float32, as torch's) of the flat tensors ``m``, ``b``: the foreign-expert tally's
+    sums (:class:`workbench.io.validate.TaskVectorNorms`)."""
+    bs0 = 0.0; bs1 = 0.0; ts0 = 0.0; ts1 = 0.0
+    n = b.shape[0]
+    half = row // 2
+    for r0 in range(0, n, row * every):
+        for j in range(half):
+            bv = ld(b, r0 + 2 * j); bw = ld(b, r0 + 2 * j + 1)
+            x = np.float64(ld(m, r0 + 2 * j) - bv); y = np.float64(ld(m, r0 + 2 * j + 1) - bw)
+            bs0 += np.float64(bv) * np.float64(bv); bs1 += np.float64(bw) * np.float64(bw)
+            ts0 += x * x; ts1 += y * y
+        if row % 2:
+            bv = ld(b, r0 + row - 1)
+            x = np.float64(ld(m, r0 + row - 1) - bv)
+            bs0 += np.float64(bv) * np.float64(bv)
+            ts0 += x * x
+    return bs0 + bs1, ts0 + ts1
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -255,8 +282,7 @@ def _kernel_source(N: int, helpers: str) -> str:
     A("            if do_scale:")
     A("                acc = acc * scale")
     A("            res = acc + bv")
-    A("        bad += np.int32((res - res) != z)")
-    A("        st(out, col, res)")
+    A("        bad += np.int32((res - res) != z) + st(out, col, res)")
     A("    return bad")
     return "\n".join(L) + "\n"
 
@@ -361,12 +387,27 @@ def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.T
             *[x[a:a + ln] for x in args], out_k[a:a + ln], mode, gtrim, s.dare, lo + a, gthr, thr, keys, s.p_int,
             s.keep, s.coef, s.scale, s.do_scale), ranges)
         bad += sum(counts)
-        if not direct:
+        if not direct:  # the kernel counted the stored bfloat16 / float32 values; other dtypes after the cast
             out[:hi - lo].copy_(stage_out[:hi - lo])
-        if out_dtype != torch.float32 and not bool(torch.isfinite(out[:hi - lo]).all()):
-            bad += 1  # finite in float32 but past the output dtype's range: checked after the cast
+            bad += int(not bool(torch.isfinite(out[:hi - lo]).all()))
         write(out[:hi - lo])
     return bad == 0
+
+
+def task_vector_sq(base: torch.Tensor, experts: Sequence[torch.Tensor], every: int) -> tuple[float, list[float]]:
+    """``(||rows of theta_0||^2, [||rows of theta_i - theta_0||^2])`` over every ``every``-th row of a
+    stored matrix (as ``[shape[0], -1]``; float32 differences, float64 sums): the sums of
+    :meth:`workbench.io.validate.TaskVectorNorms.observe`, read straight from the memory maps."""
+    row = base.numel() // max(1, int(base.shape[0]))
+    b = kernel_view(base)
+    mains = [kernel_view(e) for e in experts]
+    if not isinstance(b, np.ndarray) or any(not isinstance(m, np.ndarray) for m in mains):
+        rows = lambda t: t.reshape(t.shape[0], -1)[::every].float().reshape(-1).numpy()  # noqa: E731
+        b, mains, every = rows(base), [rows(e) for e in experts], 1
+    if row == 0:
+        return 0.0, [0.0] * len(experts)
+    sums = [_helpers().row_sq(m, b, row, every) for m in mains]
+    return (sums[0][0] if sums else 0.0), [t for _, t in sums]
 
 
 def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: float, *, pool=None,
