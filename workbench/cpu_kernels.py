@@ -52,7 +52,7 @@ from .errors import ConfigError
 
 __all__ = ["MAX_KERNEL_EXPERTS", "dare_keys", "dare_keep_threshold", "dare_keep_torch",
            "fmix32", "dare_draw", "check_positions", "chunk_kernel", "count_codes", "as_kernel_array", "tau_hist",
-           "tau_kth_largest", "kth_from_hist", "column_ranges", "run_ranges", "helpers_module"]
+           "tau_kth_largest", "kth_bin", "kth_from_hist", "column_ranges", "run_ranges", "helpers_module"]
 
 #: the generated kernel handles this many experts (the code histograms of the accumulator)
 MAX_KERNEL_EXPERTS = 8
@@ -465,13 +465,21 @@ def tau_kth_largest(main: np.ndarray, base: np.ndarray, is_weight: bool, k: int,
     return kth_from_hist(hist, k, low_hist)
 
 
+def kth_bin(hist: np.ndarray, k: int, above: np.ndarray | None = None) -> int:
+    """The bin of ``hist`` (counts of the values' high 16 bits) holding the ``k``-th largest value
+    (``above``: ``hist``'s counts from the top, when the caller has them)."""
+    if above is None:
+        above = np.cumsum(hist[::-1])[::-1]
+    return int((above >= k).sum()) - 1
+
+
 def kth_from_hist(hist: np.ndarray, k: int, low_hist) -> float:
     """The ``k``-th largest of non-negative float32 values (``1 <= k <=`` their count) from ``hist``
     (``2**15`` int64 bins of their high 16 bits) and ``low_hist(b)`` (``2**16`` bins of the low 16
     bits of the values whose high bits are ``b``: one more pass): the value whose bit pattern is
     ``(b << 16) | low``. Non-negative float32 values order like their bit patterns as integers."""
     above = np.cumsum(hist[::-1])[::-1]  # above[b] = #entries whose high bits are >= b
-    b = int((above >= k).sum()) - 1
+    b = kth_bin(hist, k, above)
     rest = k - (int(above[b + 1]) if b + 1 < hist.shape[0] else 0)  # its rank inside bin b (1 = largest)
     h2 = low_hist(b)
     seen = np.cumsum(h2[::-1])  # seen[j]: entries of bin b with low bits >= 65535 - j

@@ -175,44 +175,78 @@ def row_sq(m, b, row, every):
             ts0 += x * x
     return bs0 + bs1, ts0 + ts1
 
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def drop_hist(m, b, pos0, dare, ka, kb, shift, pu, keep, skip_zeros, low, hbin, hist):
-    """Histogram of ``|x|``, ``x = m - b`` (DARE-dropped: ``x * keep_draw / keep`` when ``dare``):
-    ``hist[bits >> 16] += 1``, or when ``low``, ``hist[bits & 0xFFFF] += 1`` for the entries with
-    ``bits >> 16 == hbin``; exact zeros left out when ``skip_zeros``. Returns whether every ``x``
-    is finite (when not, the histogram is incomplete)."""
-    buf = np.empty(4096, np.int32)
-    n = m.shape[0]
-    top = 0
-    for s in range(0, n, 4096):
-        e = min(n, s + 4096)
-        for j in range(e - s):
-            x = ld(m, s + j) - ld(b, s + j)
-            if dare:
-                h = np.uint32(np.uint32(np.uint32(pos0 + s + j) * ka) + kb)
-                h = np.uint32(h ^ (h >> np.uint32(16)))
-                h = np.uint32(h * np.uint32(0x85EBCA6B))
-                h = np.uint32(h ^ (h >> np.uint32(13)))
-                h = np.uint32(h * np.uint32(0xC2B2AE35))
-                h = np.uint32(h ^ (h >> np.uint32(16)))
-                x = (x * np.float32(((h >> shift) & np.uint32(0xFFFF)) >= pu)) / keep
-            a = f32_to_bits(x) & 0x7FFFFFFF
-            buf[j] = a
-            top = max(top, a)
-        if top >= 0x7F800000:
-            return False
-        for j in range(e - s):
-            a = buf[j]
-            if skip_zeros and a == 0:
-                continue
-            if low:
-                if (a >> 16) == hbin:
-                    hist[a & 0xFFFF] += 1
-            else:
-                hist[a >> 16] += 1
-    return True
 '''
+
+
+def _hist_source(N: int, helpers: str) -> str:
+    """Source of ``hists(m_0 .. m_{N-1}, base, pos0, dare, keys, p_int, keep, skip_zeros, low, hbins, hist)
+    -> bool``: the histograms of every expert's ``|x_i|`` in one pass over the inputs, ``x_i = m_i - base``
+    (DARE-dropped, ``x_i * keep_draw_i / keep``, when ``dare``; ``pos0`` the position of entry 0):
+    ``hist[i, bits >> 16] += 1``, or when ``low``, ``hist[i, bits & 0xFFFF] += 1`` for the entries
+    with ``bits >> 16 == hbins[i]`` (none when ``hbins[i] < 0``); exact zeros left out when
+    ``skip_zeros``. Returns whether every ``x_i`` is finite (when not, the histograms are
+    incomplete). Block by block: the vectorised ``|x_i|`` bits into a small buffer, then the scatter."""
+    r = range(N)
+    L: list[str] = []
+    A = L.append
+    A("import numpy as np")
+    A("from numba import njit")
+    A(f"from {helpers} import ld, f32_to_bits")
+    A("")
+    A("@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')")
+    A("def hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, dare, keys, p_int, keep, skip_zeros, low, "
+      "hbins, hist):")
+    A(f"    buf = np.empty(({N}, 4096), np.int32)")
+    A("    n = base.shape[0]")
+    A("    pu = np.uint32(p_int)")
+    A("    top = np.int32(0)  # int32 throughout: an int64 max would not vectorise")
+    for m in range((N + 1) // 2):
+        A(f"    ka{m} = np.uint32(keys[{m}, 0]); kb{m} = np.uint32(keys[{m}, 1])")
+    A("    for s in range(0, n, 4096):")
+    A("        e = min(n, s + 4096)")
+    # slices indexed from 0, not s + j: numba cannot prove s + j >= 0 and would not vectorise
+    A("        bb = base[s:e]")
+    for i in r:
+        A(f"        y{i} = m{i}[s:e]; r{i} = buf[{i}]")
+    A("        for j in range(e - s):")
+    A("            bv = ld(bb, j)")
+    for i in r:
+        A(f"            x{i} = ld(y{i}, j) - bv")
+    A("            if dare:")
+    A("                pp = np.uint32(pos0 + s + j)")
+    for m in range((N + 1) // 2):
+        L.extend(K.dare_hash_source(m, " " * 16))
+        for i in (2 * m, 2 * m + 1):
+            if i < N:
+                A(f"                x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"
+                  f" >= pu)) / keep")
+    for i in r:
+        A(f"            a{i} = f32_to_bits(x{i}) & 0x7FFFFFFF")
+        A(f"            r{i}[j] = a{i}")
+    top = "a0"
+    for i in range(1, N):
+        top = f"max({top}, a{i})"
+    A(f"            top = max(top, {top})")
+    A("        if top >= 0x7F800000:")
+    A("            return False")
+    A(f"        for i in range({N}):")
+    A("            hb = hbins[i]")
+    A("            ri = buf[i, :e - s]")
+    A("            hi = hist[i]")
+    A("            if low:")
+    A("                for j in range(ri.shape[0]):")
+    A("                    a = ri[j]")
+    A("                    if (a >> 16) == hb and (a != 0 or not skip_zeros):")
+    A("                        hi[a & 0xFFFF] += 1")
+    A("            elif skip_zeros:")
+    A("                for j in range(ri.shape[0]):")
+    A("                    if ri[j] != 0:")
+    A("                        hi[ri[j] >> 16] += 1")
+    A("            else:")
+    A("                for j in range(ri.shape[0]):")
+    A("                    hi[ri[j] >> 16] += 1")
+    A("    return True")
+    return "\n".join(L) + "\n"
 
 
 _MODES = {"mean": 0, "sum": 1, "ties": 2}
@@ -299,6 +333,13 @@ def _kernel(N: int):
     return K._load_module(f"merge_n{N}", _kernel_source(N, _helpers().__name__)).kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _hist_kernel(N: int):
+    if not 1 <= N <= K.MAX_KERNEL_EXPERTS:
+        raise ValueError(f"the compiled merge handles 1..{K.MAX_KERNEL_EXPERTS} experts, got {N}")
+    return K._load_module(f"merge_hist_n{N}", _hist_source(N, _helpers().__name__)).hists
+
+
 # ---------------------------------------------------------------------------------------- tensors
 def kernel_view(t: torch.Tensor) -> np.ndarray | torch.Tensor:
     """A stored CPU tensor as the kernels read it: flat float32 or bfloat16 bits (numpy, no copy);
@@ -315,36 +356,48 @@ def _chunk(src, lo: int, hi: int, stage: np.ndarray | None) -> np.ndarray:
     return out.numpy()
 
 
+def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, skip_zeros: bool,
+               hbins: np.ndarray | None, pool, workers: int) -> np.ndarray | None:
+    """Every expert's histogram of ``|tau_i|`` in one pass over a tensor (the generated ``hists``:
+    high 16 bits, ``[N, 2**15]``, or with ``hbins`` the low 16 bits of bin ``hbins[i]``'s entries,
+    ``[N, 2**16]``), threads over column ranges; ``None`` when a ``tau_i`` is not finite."""
+    N = len(mains)
+    low = hbins is not None
+    bins = np.asarray(hbins, np.int64) if low else np.zeros(N, np.int64)
+    ranges = K.column_ranges(int(b.shape[0]), pool, workers)
+    hs = [np.zeros((N, 1 << (16 if low else 15)), np.int64) for _ in ranges]
+    hist = _hist_kernel(N)
+    ok = K.run_ranges(pool, lambda j, lo, ln: hist(
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, dare, keys, p_int, keep, skip_zeros, low, bins, hs[j]),
+        ranges)
+    if not all(ok):
+        return None
+    for h in hs[1:]:
+        hs[0] += h
+    return hs[0]
+
+
 def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, workers: int) -> np.ndarray:
     """Per-tensor TIES thresholds: expert i's exact ``k``-th largest ``|tau_i|`` (after DARE's drop),
-    ``k = max(1, min(n, round(density * n)))``; 0 (keep all) when ``k = n`` or the value is 0."""
+    ``k = max(1, min(n, round(density * n)))``; 0 (keep all) when ``k = n`` or the value is 0. Two
+    passes over the tensor for all experts together (high, then low 16 bits)."""
     n = int(base.shape[0])
     N = len(mains)
     thr = np.zeros(N, np.float32)
     k = max(1, min(n, int(round(s.density * n)))) if n else n
     if s.combine != "ties" or s.gthr is not None or k == n:
         return thr
-    staged = not isinstance(base, np.ndarray) or any(not isinstance(m, np.ndarray) for m in mains)
+    if not isinstance(base, np.ndarray) or any(not isinstance(m, np.ndarray) for m in mains):
+        # a float32 copy of the rows (only for float16 / float64 checkpoints)
+        base = _chunk(base, 0, n, np.empty(n, np.float32))
+        mains = [_chunk(m, 0, n, np.empty(n, np.float32)) for m in mains]
+    args = (s.dare, keys, s.p_int, s.keep, False)
+    high = _hist_pass(base, mains, *args, None, pool, workers)
+    if high is None:
+        raise FloatingPointError
+    lows = _hist_pass(base, mains, *args, np.array([K.kth_bin(h, k) for h in high]), pool, workers)
     for i in range(N):
-        if staged:  # a float32 copy of the two rows (only for float16 / float64 checkpoints)
-            mi = _chunk(mains[i], 0, n, np.empty(n, np.float32)).copy()
-            bi = _chunk(base, 0, n, np.empty(n, np.float32))
-        else:
-            mi, bi = mains[i], base
-        ka, kb = (np.uint32(x) for x in keys[i // 2])
-        shift = np.uint32(16 * (i % 2))
-        ranges = K.column_ranges(n, pool, workers)
-
-        def hist_pass(low: bool, hbin: int, size: int) -> np.ndarray:
-            hs = [np.zeros(size, np.int64) for _ in ranges]
-            ok = K.run_ranges(pool, lambda j, lo, ln: _helpers().drop_hist(
-                mi[lo:lo + ln], bi[lo:lo + ln], lo, s.dare, ka, kb, shift, np.uint32(s.p_int), s.keep, False, low,
-                hbin, hs[j]), ranges)
-            if not all(ok):
-                raise FloatingPointError
-            return np.sum(hs, axis=0)
-
-        t = K.kth_from_hist(hist_pass(False, 0, 1 << 15), k, lambda b: hist_pass(True, b, 1 << 16))
+        t = K.kth_from_hist(high[i], k, lambda b, i=i: lows[i])
         thr[i] = t if t > 0 else 0.0
     return thr
 
@@ -421,8 +474,6 @@ def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: 
 
     if not 0.0 < density <= 1.0:
         raise ConfigError(f"density must be in (0, 1], got {density}")
-    h = _helpers()
-    u0 = np.uint32(0)
 
     def each(desc: str):
         for base, experts in tqdm(tensors(), desc=desc, disable=not progress, leave=False):
@@ -434,22 +485,17 @@ def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: 
                 ms = [_chunk(m, 0, n, np.empty(n, np.float32)).copy() for m in ms]
             yield n, b, ms
 
-    def pass_(desc: str, low: bool, bins: list[int]) -> tuple[list[np.ndarray], int] | None:
-        hists = [np.zeros(1 << (16 if low else 15), np.int64) for _ in range(n_experts)]
+    no_keys = np.zeros(((n_experts + 1) // 2, 2), np.uint32)
+
+    def pass_(desc: str, low: bool, bins: list[int]) -> tuple[np.ndarray, int] | None:
+        hists = np.zeros((n_experts, 1 << (16 if low else 15)), np.int64)
         total = 0
         for n, b, ms in each(desc):
             total += n
-            ranges = K.column_ranges(n, pool, workers)
-            for i, m in enumerate(ms):
-                if low and bins[i] < 0:
-                    continue
-                hs = [np.zeros_like(hists[i]) for _ in ranges]
-                ok = K.run_ranges(pool, lambda j, lo, ln: h.drop_hist(
-                    m[lo:lo + ln], b[lo:lo + ln], 0, False, u0, u0, u0, u0, np.float32(1.0), True, low,
-                    bins[i] if low else 0, hs[j]), ranges)
-                if not all(ok):
-                    return None
-                hists[i] += np.sum(hs, axis=0)
+            h = _hist_pass(b, ms, False, no_keys, 0, np.float32(1.0), True, bins if low else None, pool, workers)
+            if h is None:
+                return None
+            hists += h
         return hists, total
 
     first = pass_("global trim 1/2", False, [])
@@ -462,8 +508,7 @@ def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: 
         if int(hist.sum()) < k:
             targets.append(None)
             continue
-        above = np.cumsum(hist[::-1])[::-1]
-        targets.append(int((above >= k).sum()) - 1)
+        targets.append(K.kth_bin(hist, k))
     lows: list[np.ndarray] = [np.zeros(0)] * n_experts
     if any(t is not None for t in targets):
         second = pass_("global trim 2/2", True, [-1 if t is None else t for t in targets])
