@@ -191,7 +191,9 @@ def bf16_models(tiny_llama, tiny_llama_experts, tmp_path_factory):
 @pytest.mark.parametrize("dtype", [None, "float16"])
 def test_engine_compiled_folder_equals_torch_folder(bf16_models, tmp_path, monkeypatch, method, params, dtype):
     """The engine's compiled path (memory-mapped, chunked) writes the same tensors, bit for bit, as
-    its torch path (WORKBENCH_COMPILED_MERGE=0); the report says which path ran."""
+    its torch path (WORKBENCH_COMPILED_MERGE=0); the report says which path ran. Small row chunks:
+    several per tensor, written while the next is computed (with more than one thread)."""
+    monkeypatch.setattr(MK, "CHUNK_ENTRIES", 1 << 10)
     base, experts = bf16_models
     cfg = {"method": method, "base": str(base), "experts": [str(e) for e in experts], "params": params,
            "device": "cpu", "seed": 3, "keep_defaults": False, "dtype": dtype}

@@ -499,12 +499,14 @@ def compiled_merge_available(method: str, params: dict, device: torch.device, ex
 
 
 def _compiled_pool():
-    """``(threads, workers)``: a thread pool over column ranges, one worker per torch thread
-    (``(None, 1)`` with one thread); the caller shuts it down (``with``)."""
+    """``(threads, workers)``: a thread pool over column ranges, one worker per torch thread and one
+    more that writes the previous output chunk meanwhile (``(None, 1)`` with one thread); the caller
+    shuts it down (``with``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     workers = torch.get_num_threads()
-    return (ThreadPoolExecutor(workers, thread_name_prefix="workbench-merge"), workers) if workers > 1 else (None, 1)
+    return (ThreadPoolExecutor(workers + 1, thread_name_prefix="workbench-merge"), workers) if workers > 1 \
+        else (None, 1)
 
 
 def _compiled_settings(method: str, params: dict, n: int, thresholds):

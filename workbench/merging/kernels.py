@@ -402,6 +402,11 @@ def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, wor
     return thr
 
 
+def _out_view(t: torch.Tensor) -> np.ndarray:
+    """The kernel's view of an output chunk: float32, or the uint16 bits of bfloat16."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
 def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.Tensor], out_dtype: torch.dtype,
                  seed: int, write: Callable[[Any], None], *, pool=None, workers: int = 1) -> bool:
     """Merge one tensor: ``write(part)`` receives the output's flat parts in order (numpy arrays or
@@ -426,24 +431,36 @@ def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.T
     row = int(base.shape[-1]) if base.dim() > 1 and base.shape[-1] > 0 else 1
     step = max(row, CHUNK_ENTRIES // row * row)
     direct = out_dtype in (torch.bfloat16, torch.float32)
-    out = torch.empty(min(step, n), dtype=out_dtype)
-    stage_out = out if direct else torch.empty(min(step, n), dtype=torch.float32)
-    out_k = stage_out.view(torch.int16).numpy().view(np.uint16) if stage_out.dtype == torch.bfloat16 \
-        else stage_out.numpy()
+    # two output chunks: with a pool, chunk j is written (on a pool thread) while chunk j + 1 is computed
+    outs = [torch.empty(min(step, n), dtype=out_dtype) for _ in range(2 if pool is not None and n > step else 1)]
+    stage_out = None if direct else torch.empty(min(step, n), dtype=torch.float32)
+    out_ks = [_out_view(o) for o in outs] if direct else [_out_view(stage_out)] * len(outs)
     stages = [None if isinstance(x, np.ndarray) else np.empty(min(step, n), np.float32) for x in [b, *mains]]
     bad = 0
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        args = [_chunk(x, lo, hi, st) for x, st in zip([*mains, b], [*stages[1:], stages[0]])]
-        ranges = K.column_ranges(hi - lo, pool, workers)
-        counts = K.run_ranges(pool, lambda j, a, ln: kern(
-            *[x[a:a + ln] for x in args], out_k[a:a + ln], mode, gtrim, s.dare, lo + a, gthr, thr, keys, s.p_int,
-            s.keep, s.coef, s.scale, s.do_scale), ranges)
-        bad += sum(counts)
-        if not direct:  # the kernel counted the stored bfloat16 / float32 values; other dtypes after the cast
-            out[:hi - lo].copy_(stage_out[:hi - lo])
-            bad += int(not bool(torch.isfinite(out[:hi - lo]).all()))
-        write(out[:hi - lo])
+    pending = None
+    try:
+        for c, lo in enumerate(range(0, n, step)):
+            hi = min(n, lo + step)
+            out, out_k = outs[c % len(outs)], out_ks[c % len(outs)]
+            args = [_chunk(x, lo, hi, st) for x, st in zip([*mains, b], [*stages[1:], stages[0]])]
+            ranges = K.column_ranges(hi - lo, pool, workers)
+            counts = K.run_ranges(pool, lambda j, a, ln: kern(
+                *[x[a:a + ln] for x in args], out_k[a:a + ln], mode, gtrim, s.dare, lo + a, gthr, thr, keys, s.p_int,
+                s.keep, s.coef, s.scale, s.do_scale), ranges)
+            bad += sum(counts)
+            if not direct:  # the kernel counted the stored bfloat16 / float32 values; other dtypes after the cast
+                out[:hi - lo].copy_(stage_out[:hi - lo])
+                bad += int(not bool(torch.isfinite(out[:hi - lo]).all()))
+            if pending is not None:
+                pending.result()  # the previous chunk is written: its buffer is free again, the order kept
+                pending = None
+            if len(outs) > 1:
+                pending = pool.submit(write, out[:hi - lo])
+            else:
+                write(out[:hi - lo])
+    finally:
+        if pending is not None:
+            pending.result()
     return bad == 0
 
 
