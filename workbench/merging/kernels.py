@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -356,6 +357,22 @@ def _chunk(src, lo: int, hi: int, stage: np.ndarray | None) -> np.ndarray:
     return out.numpy()
 
 
+_HIST_BUFFERS = threading.local()
+
+
+def _hist_buffers(count: int, N: int, bins: int) -> list[np.ndarray]:
+    """``count`` zeroed ``[N, bins]`` int64 histograms, kept per thread and reused from tensor to
+    tensor (fresh ones cost a page fault per 4 KiB on every tensor); valid until the next call
+    with the same ``(N, bins)``."""
+    cache = _HIST_BUFFERS.__dict__.setdefault("by_shape", {})
+    bufs = cache.setdefault((N, bins), [])
+    while len(bufs) < count:
+        bufs.append(np.zeros((N, bins), np.int64))
+    for h in bufs[:count]:
+        h.fill(0)
+    return bufs[:count]
+
+
 def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, skip_zeros: bool,
                hbins: np.ndarray | None, pool, workers: int) -> np.ndarray | None:
     """Every expert's histogram of ``|tau_i|`` in one pass over a tensor (the generated ``hists``:
@@ -365,7 +382,7 @@ def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, s
     low = hbins is not None
     bins = np.asarray(hbins, np.int64) if low else np.zeros(N, np.int64)
     ranges = K.column_ranges(int(b.shape[0]), pool, workers)
-    hs = [np.zeros((N, 1 << (16 if low else 15)), np.int64) for _ in ranges]
+    hs = _hist_buffers(len(ranges), N, 1 << (16 if low else 15))
     hist = _hist_kernel(N)
     ok = K.run_ranges(pool, lambda j, lo, ln: hist(
         *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, dare, keys, p_int, keep, skip_zeros, low, bins, hs[j]),
