@@ -19,19 +19,24 @@ sum; ``scale * tau_m + theta_0``), compiled without fast-math (no reassociation,
 multiply-add). The per-tensor TIES thresholds are the exact ``k``-th largest ``|tau_i|``
 (``k = round(density * numel)``, as :func:`workbench.merging.ties_dare._trim_`), the global ones the exact
 ``ceil(density * total)``-th largest non-zero ``|tau_i|`` over all merged tensors (as
-:func:`workbench.engine.global_trim_thresholds`), both by :func:`kernels.kth_from_hist`.
+:func:`workbench.engine.global_trim_thresholds`), both by :func:`kernels.kth_from_hist` from two
+histogram passes (the high 16 bits of every ``|tau_i|``, then the low 16 bits of the entries in the
+threshold's bin), each one pass over the tensor for all experts together (the generated ``hists``).
+Non-finite inputs and results are counted as the kernel reads and stores them (a bfloat16 output
+also when a finite float32 result rounds to Inf); no torch operation runs per chunk.
 ``tests/test_merge_kernels.py`` checks all of it against the torch methods. One exception: from
 five experts on, torch sums over the experts in an order of its own (not sequential), so the float32
 sums, and then the outputs, may differ in the last bit (tested: within one unit in the last place of
 the output dtype); up to four experts the two paths are bit-identical.
 
 **Memory**: inputs are read through the memory maps (page cache, not anonymous memory); the work
-goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a tensor needs is one
-output chunk (``CHUNK_ENTRIES`` x 4 bytes = 4 MiB, plus a float32 staging chunk per input that is
-neither bfloat16 nor float32), written to the output file chunk by chunk
-(:meth:`workbench.io.writer.CheckpointWriter.add_parts`), whatever the tensor's size. (Checkpoints
-stored in float16 or float64 are the exception for TIES: its threshold passes read a float32 copy of
-the tensor's rows.)
+goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a tensor needs is two
+output chunks (``CHUNK_ENTRIES`` x 4 bytes = 4 MiB each at most: one is written to the output file,
+:meth:`workbench.io.writer.CheckpointWriter.add_parts`, on a pool thread while the next is
+computed; plus a float32 staging chunk per input that is neither bfloat16 nor float32) and the
+threshold histograms (``[N, 2**16]`` int64 per worker thread, kept from tensor to tensor),
+whatever the tensor's size. (Checkpoints stored in float16 or float64 are the exception for TIES:
+its threshold passes read a float32 copy of the tensor's rows.)
 
 **DARE**: the keep draw is :mod:`workbench.cpu_kernels`' counter-based draw (seed = the
 tensor's :func:`workbench.engine.tensor_seed`, position = the flat index), identical on every device;
