@@ -436,9 +436,15 @@ def column_ranges(n: int, pool, workers: int) -> list[tuple[int, int]]:
 
 
 def run_ranges(pool, fn, ranges: list[tuple[int, int]]) -> list:
-    """``fn(j, lo, length)`` for every range ``j``, on the pool when there are several."""
+    """``fn(j, lo, length)`` for every range ``j``: the first on the calling thread, the others on
+    the pool meanwhile (when there are several)."""
     calls = [(j, lo, ln) for j, (lo, ln) in enumerate(ranges)]
-    return list(pool.map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*calls[0])]
+    futures = [pool.submit(fn, *c) for c in calls[1:]]
+    try:
+        first = fn(*calls[0])
+    finally:
+        rest = [f.result() for f in futures]  # all done before anything is returned or raised
+    return [first, *rest]
 
 
 def tau_hist(main: np.ndarray, base: np.ndarray, is_weight: bool, hist: np.ndarray, do_hist: bool = True,
