@@ -157,6 +157,15 @@ def test_non_finite_input_is_reported():
         assert not ok
 
 
+def test_bfloat16_overflow_after_rounding_is_reported():
+    """A result finite in float32 but past the bfloat16 range (it rounds to Inf when stored) is
+    counted by the kernel as it stores it; in a float32 output it is fine."""
+    base = torch.tensor([3.4e38, 1.0, -2.0])
+    for dtype, want in ((torch.bfloat16, False), (torch.float32, True)):
+        ok, got = _compiled_merge("weight_average", {}, base, [base.clone()], dtype)
+        assert ok is want and bool(torch.isfinite(got).all()) is want
+
+
 # ---------------------------------------------------------------------------------------- engine
 def _as_dtype(folder, out, dtype):
     out.mkdir()
@@ -182,7 +191,9 @@ def bf16_models(tiny_llama, tiny_llama_experts, tmp_path_factory):
 @pytest.mark.parametrize("dtype", [None, "float16"])
 def test_engine_compiled_folder_equals_torch_folder(bf16_models, tmp_path, monkeypatch, method, params, dtype):
     """The engine's compiled path (memory-mapped, chunked) writes the same tensors, bit for bit, as
-    its torch path (WORKBENCH_COMPILED_MERGE=0); the report says which path ran."""
+    its torch path (WORKBENCH_COMPILED_MERGE=0); the report says which path ran. Small row chunks:
+    several per tensor, written while the next is computed (with more than one thread)."""
+    monkeypatch.setattr(MK, "CHUNK_ENTRIES", 1 << 10)
     base, experts = bf16_models
     cfg = {"method": method, "base": str(base), "experts": [str(e) for e in experts], "params": params,
            "device": "cpu", "seed": 3, "keep_defaults": False, "dtype": dtype}

@@ -52,7 +52,7 @@ from .errors import ConfigError
 
 __all__ = ["MAX_KERNEL_EXPERTS", "dare_keys", "dare_keep_threshold", "dare_keep_torch",
            "fmix32", "dare_draw", "check_positions", "chunk_kernel", "count_codes", "as_kernel_array", "tau_hist",
-           "tau_kth_largest", "kth_from_hist", "column_ranges", "run_ranges", "helpers_module"]
+           "tau_kth_largest", "kth_bin", "kth_from_hist", "column_ranges", "run_ranges", "helpers_module"]
 
 #: the generated kernel handles this many experts (the code histograms of the accumulator)
 MAX_KERNEL_EXPERTS = 8
@@ -323,6 +323,19 @@ def tau_low_hist(main, base, w, lo, n, b, h2):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
+def kth_from_top(hist, k):
+    """``(bin, rank)``: the bin of ``hist`` holding the ``k``-th largest entry (read from the top bin
+    down) and that entry's rank inside it (1 = the bin's largest); ``(-1, k)`` when ``hist`` counts
+    fewer than ``k``."""
+    seen = 0
+    for b in range(hist.shape[0] - 1, -1, -1):
+        if seen + hist[b] >= k:
+            return b, k - seen
+        seen += hist[b]
+    return -1, k
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
 def count_codes(codes, hist):
     for j in range(codes.shape[0]):
         hist[codes[j]] += 1
@@ -423,9 +436,15 @@ def column_ranges(n: int, pool, workers: int) -> list[tuple[int, int]]:
 
 
 def run_ranges(pool, fn, ranges: list[tuple[int, int]]) -> list:
-    """``fn(j, lo, length)`` for every range ``j``, on the pool when there are several."""
+    """``fn(j, lo, length)`` for every range ``j``: the first on the calling thread, the others on
+    the pool meanwhile (when there are several)."""
     calls = [(j, lo, ln) for j, (lo, ln) in enumerate(ranges)]
-    return list(pool.map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*calls[0])]
+    futures = [pool.submit(fn, *c) for c in calls[1:]]
+    try:
+        first = fn(*calls[0])
+    finally:
+        rest = [f.result() for f in futures]  # all done before anything is returned or raised
+    return [first, *rest]
 
 
 def tau_hist(main: np.ndarray, base: np.ndarray, is_weight: bool, hist: np.ndarray, do_hist: bool = True,
@@ -465,17 +484,26 @@ def tau_kth_largest(main: np.ndarray, base: np.ndarray, is_weight: bool, k: int,
     return kth_from_hist(hist, k, low_hist)
 
 
+def _kth_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """``(bin, rank)``: the bin of ``hist`` holding the ``k``-th largest entry and that entry's rank
+    inside it (1 = the bin's largest); ``(-1, k)`` when ``hist`` counts fewer than ``k``."""
+    b, rest = _helpers().kth_from_top(np.ascontiguousarray(hist, np.int64), int(k))
+    return int(b), int(rest)
+
+
+def kth_bin(hist: np.ndarray, k: int) -> int:
+    """The bin of ``hist`` (counts of the values' high 16 bits) holding the ``k``-th largest value
+    (-1 when it counts fewer than ``k``)."""
+    return _kth_from_top(hist, k)[0]
+
+
 def kth_from_hist(hist: np.ndarray, k: int, low_hist) -> float:
     """The ``k``-th largest of non-negative float32 values (``1 <= k <=`` their count) from ``hist``
     (``2**15`` int64 bins of their high 16 bits) and ``low_hist(b)`` (``2**16`` bins of the low 16
     bits of the values whose high bits are ``b``: one more pass): the value whose bit pattern is
     ``(b << 16) | low``. Non-negative float32 values order like their bit patterns as integers."""
-    above = np.cumsum(hist[::-1])[::-1]  # above[b] = #entries whose high bits are >= b
-    b = int((above >= k).sum()) - 1
-    rest = k - (int(above[b + 1]) if b + 1 < hist.shape[0] else 0)  # its rank inside bin b (1 = largest)
-    h2 = low_hist(b)
-    seen = np.cumsum(h2[::-1])  # seen[j]: entries of bin b with low bits >= 65535 - j
-    if seen[-1] < rest:
+    b, rest = _kth_from_top(hist, k)  # rest: its rank inside bin b (1 = largest)
+    low = _kth_from_top(low_hist(b), rest)[0] if b >= 0 else -1
+    if low < 0:
         raise ValueError("hist does not describe tau (a stale histogram?)")
-    low = 65535 - int(np.argmax(seen >= rest))
     return float(np.array([(b << 16) | low], np.int32).view(np.float32)[0])

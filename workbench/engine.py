@@ -499,12 +499,14 @@ def compiled_merge_available(method: str, params: dict, device: torch.device, ex
 
 
 def _compiled_pool():
-    """``(threads, workers)``: a thread pool over column ranges, one worker per torch thread
-    (``(None, 1)`` with one thread); the caller shuts it down (``with``)."""
+    """``(threads, workers)``: a thread pool over column ranges, one worker per torch thread and one
+    more that writes the previous output chunk meanwhile (``(None, 1)`` with one thread); the caller
+    shuts it down (``with``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     workers = torch.get_num_threads()
-    return (ThreadPoolExecutor(workers, thread_name_prefix="workbench-merge"), workers) if workers > 1 else (None, 1)
+    return (ThreadPoolExecutor(workers + 1, thread_name_prefix="workbench-merge"), workers) if workers > 1 \
+        else (None, 1)
 
 
 def _compiled_settings(method: str, params: dict, n: int, thresholds):
@@ -541,11 +543,12 @@ def _compiled_global_trim(names: list[str], base: CheckpointReader, experts: Seq
 def _compiled_write(w: CheckpointWriter, it: _Item, cfg: MergeConfig, settings, dtype: torch.dtype,
                     base: CheckpointReader, experts: Sequence[Any], pool, norms: TaskVectorNorms | None = None
                     ) -> None:
-    from .merging.kernels import merge_tensor
+    from .merging.kernels import merge_tensor, task_vector_sq
 
     if norms is not None and it.base.dim() >= 2:  # the foreign-expert tally, as _compute's (strided rows)
-        rows = lambda t: t.reshape(t.shape[0], -1)[::ROW_STRIDE].float()  # noqa: E731
-        norms.observe(it.name, rows(it.base), [rows(e) for e in it.experts], every=1)
+        base_sq, tau_sq = task_vector_sq(it.base, it.experts, ROW_STRIDE)
+        for i, t in enumerate(tau_sq):
+            norms.add(it.name, it.base.dim(), i, t, base_sq)
 
     def parts(write) -> None:
         if not merge_tensor(settings, it.base, it.experts, dtype, tensor_seed(cfg.seed, it.name), write,

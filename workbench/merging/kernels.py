@@ -19,19 +19,24 @@ sum; ``scale * tau_m + theta_0``), compiled without fast-math (no reassociation,
 multiply-add). The per-tensor TIES thresholds are the exact ``k``-th largest ``|tau_i|``
 (``k = round(density * numel)``, as :func:`workbench.merging.ties_dare._trim_`), the global ones the exact
 ``ceil(density * total)``-th largest non-zero ``|tau_i|`` over all merged tensors (as
-:func:`workbench.engine.global_trim_thresholds`), both by :func:`kernels.kth_from_hist`.
+:func:`workbench.engine.global_trim_thresholds`), both by :func:`kernels.kth_from_hist` from two
+histogram passes (the high 16 bits of every ``|tau_i|``, then the low 16 bits of the entries in the
+threshold's bin), each one pass over the tensor for all experts together (the generated ``hists``).
+Non-finite inputs and results are counted as the kernel reads and stores them (a bfloat16 output
+also when a finite float32 result rounds to Inf); no torch operation runs per chunk.
 ``tests/test_merge_kernels.py`` checks all of it against the torch methods. One exception: from
 five experts on, torch sums over the experts in an order of its own (not sequential), so the float32
 sums, and then the outputs, may differ in the last bit (tested: within one unit in the last place of
 the output dtype); up to four experts the two paths are bit-identical.
 
 **Memory**: inputs are read through the memory maps (page cache, not anonymous memory); the work
-goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a tensor needs is one
-output chunk (``CHUNK_ENTRIES`` x 4 bytes = 4 MiB, plus a float32 staging chunk per input that is
-neither bfloat16 nor float32), written to the output file chunk by chunk
-(:meth:`workbench.io.writer.CheckpointWriter.add_parts`), whatever the tensor's size. (Checkpoints
-stored in float16 or float64 are the exception for TIES: its threshold passes read a float32 copy of
-the tensor's rows.)
+goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a tensor needs is two
+output chunks (``CHUNK_ENTRIES`` x 4 bytes = 4 MiB each at most: one is written to the output file,
+:meth:`workbench.io.writer.CheckpointWriter.add_parts`, on a pool thread while the next is
+computed; plus a float32 staging chunk per input that is neither bfloat16 nor float32) and the
+threshold histograms (``[N, 2**16]`` int64 per worker thread, kept from tensor to tensor),
+whatever the tensor's size. (Checkpoints stored in float16 or float64 are the exception for TIES:
+its threshold passes read a float32 copy of the tensor's rows.)
 
 **DARE**: the keep draw is :mod:`workbench.cpu_kernels`' counter-based draw (seed = the
 tensor's :func:`workbench.engine.tensor_seed`, position = the flat index), identical on every device;
@@ -42,6 +47,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -53,7 +59,7 @@ from .common import check_density, check_drop_rate, expert_weights
 from .ties_dare import check_trim
 
 __all__ = ["COMPILED_METHODS", "CHUNK_ENTRIES", "compiled_merge_available", "MergeSettings", "merge_settings",
-           "merge_tensor", "global_trim_thresholds", "kernel_view"]
+           "merge_tensor", "task_vector_sq", "global_trim_thresholds", "kernel_view"]
 
 #: methods with a compiled CPU path
 COMPILED_METHODS = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -133,7 +139,9 @@ from {helpers} import ld, f32_to_bits
 
 
 def st(a, j, v):
-    """Store float32 ``v`` as entry ``j``: bfloat16 (uint16 bits) rounded to nearest even, as torch."""
+    """Store float32 ``v`` as entry ``j``: bfloat16 (uint16 bits) rounded to nearest even, as torch.
+    Returns 1 when the stored value is not finite (a finite float32 past the bfloat16 range
+    rounds to Inf), else 0."""
 
 
 @overload(st, inline="always")
@@ -141,51 +149,110 @@ def _st(a, j, v):
     if a.dtype == types.uint16:
         def impl(a, j, v):
             u = np.uint32(f32_to_bits(v))
-            a[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            a[j] = r
+            return np.int32((r & np.uint16(0x7F80)) == np.uint16(0x7F80))
         return impl
 
     def impl32(a, j, v):
         a[j] = v
+        return np.int32((v - v) != np.float32(0.0))
     return impl32
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def drop_hist(m, b, pos0, dare, ka, kb, shift, pu, keep, skip_zeros, low, hbin, hist):
-    """Histogram of ``|x|``, ``x = m - b`` (DARE-dropped: ``x * keep_draw / keep`` when ``dare``):
-    ``hist[bits >> 16] += 1``, or when ``low``, ``hist[bits & 0xFFFF] += 1`` for the entries with
-    ``bits >> 16 == hbin``; exact zeros left out when ``skip_zeros``. Returns whether every ``x``
-    is finite (when not, the histogram is incomplete)."""
-    buf = np.empty(4096, np.int32)
-    n = m.shape[0]
-    top = 0
-    for s in range(0, n, 4096):
-        e = min(n, s + 4096)
-        for j in range(e - s):
-            x = ld(m, s + j) - ld(b, s + j)
-            if dare:
-                h = np.uint32(np.uint32(np.uint32(pos0 + s + j) * ka) + kb)
-                h = np.uint32(h ^ (h >> np.uint32(16)))
-                h = np.uint32(h * np.uint32(0x85EBCA6B))
-                h = np.uint32(h ^ (h >> np.uint32(13)))
-                h = np.uint32(h * np.uint32(0xC2B2AE35))
-                h = np.uint32(h ^ (h >> np.uint32(16)))
-                x = (x * np.float32(((h >> shift) & np.uint32(0xFFFF)) >= pu)) / keep
-            a = f32_to_bits(x) & 0x7FFFFFFF
-            buf[j] = a
-            top = max(top, a)
-        if top >= 0x7F800000:
-            return False
-        for j in range(e - s):
-            a = buf[j]
-            if skip_zeros and a == 0:
-                continue
-            if low:
-                if (a >> 16) == hbin:
-                    hist[a & 0xFFFF] += 1
-            else:
-                hist[a >> 16] += 1
-    return True
+def row_sq(m, b, row, every):
+    """``(sum b^2, sum (m - b)^2)`` in float64 over every ``every``-th row (``row`` entries each;
+    ``m - b`` in float32, as torch's) of the flat tensors ``m``, ``b``: the foreign-expert tally's
+    sums (:class:`workbench.io.validate.TaskVectorNorms`)."""
+    bs0 = 0.0; bs1 = 0.0; ts0 = 0.0; ts1 = 0.0
+    n = b.shape[0]
+    half = row // 2
+    for r0 in range(0, n, row * every):
+        for j in range(half):
+            bv = ld(b, r0 + 2 * j); bw = ld(b, r0 + 2 * j + 1)
+            x = np.float64(ld(m, r0 + 2 * j) - bv); y = np.float64(ld(m, r0 + 2 * j + 1) - bw)
+            bs0 += np.float64(bv) * np.float64(bv); bs1 += np.float64(bw) * np.float64(bw)
+            ts0 += x * x; ts1 += y * y
+        if row % 2:
+            bv = ld(b, r0 + row - 1)
+            x = np.float64(ld(m, r0 + row - 1) - bv)
+            bs0 += np.float64(bv) * np.float64(bv)
+            ts0 += x * x
+    return bs0 + bs1, ts0 + ts1
+
 '''
+
+
+def _hist_source(N: int, helpers: str) -> str:
+    """Source of ``hists(m_0 .. m_{N-1}, base, pos0, dare, keys, p_int, keep, skip_zeros, low, hbins, hist)
+    -> bool``: the histograms of every expert's ``|x_i|`` in one pass over the inputs, ``x_i = m_i - base``
+    (DARE-dropped, ``x_i * keep_draw_i / keep``, when ``dare``; ``pos0`` the position of entry 0):
+    ``hist[i, bits >> 16] += 1``, or when ``low``, ``hist[i, bits & 0xFFFF] += 1`` for the entries
+    with ``bits >> 16 == hbins[i]`` (none when ``hbins[i] < 0``); exact zeros left out when
+    ``skip_zeros``. Returns whether every ``x_i`` is finite (when not, the histograms are
+    incomplete). Block by block: the vectorised ``|x_i|`` bits into a small buffer, then the scatter."""
+    r = range(N)
+    L: list[str] = []
+    A = L.append
+    A("import numpy as np")
+    A("from numba import njit")
+    A(f"from {helpers} import ld, f32_to_bits")
+    A("")
+    A("@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')")
+    A("def hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, dare, keys, p_int, keep, skip_zeros, low, "
+      "hbins, hist):")
+    A(f"    buf = np.empty(({N}, 4096), np.int32)")
+    A("    n = base.shape[0]")
+    A("    pu = np.uint32(p_int)")
+    A("    top = np.int32(0)  # int32 throughout: an int64 max would not vectorise")
+    for m in range((N + 1) // 2):
+        A(f"    ka{m} = np.uint32(keys[{m}, 0]); kb{m} = np.uint32(keys[{m}, 1])")
+    A("    for s in range(0, n, 4096):")
+    A("        e = min(n, s + 4096)")
+    # slices indexed from 0, not s + j: numba cannot prove s + j >= 0 and would not vectorise
+    A("        bb = base[s:e]")
+    for i in r:
+        A(f"        y{i} = m{i}[s:e]; r{i} = buf[{i}]")
+    A("        for j in range(e - s):")
+    A("            bv = ld(bb, j)")
+    for i in r:
+        A(f"            x{i} = ld(y{i}, j) - bv")
+    A("            if dare:")
+    A("                pp = np.uint32(pos0 + s + j)")
+    for m in range((N + 1) // 2):
+        L.extend(K.dare_hash_source(m, " " * 16))
+        for i in (2 * m, 2 * m + 1):
+            if i < N:
+                A(f"                x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"
+                  f" >= pu)) / keep")
+    for i in r:
+        A(f"            a{i} = f32_to_bits(x{i}) & 0x7FFFFFFF")
+        A(f"            r{i}[j] = a{i}")
+    top = "a0"
+    for i in range(1, N):
+        top = f"max({top}, a{i})"
+    A(f"            top = max(top, {top})")
+    A("        if top >= 0x7F800000:")
+    A("            return False")
+    A(f"        for i in range({N}):")
+    A("            hb = hbins[i]")
+    A("            ri = buf[i, :e - s]")
+    A("            hi = hist[i]")
+    A("            if low:")
+    A("                for j in range(ri.shape[0]):")
+    A("                    a = ri[j]")
+    A("                    if (a >> 16) == hb and (a != 0 or not skip_zeros):")
+    A("                        hi[a & 0xFFFF] += 1")
+    A("            elif skip_zeros:")
+    A("                for j in range(ri.shape[0]):")
+    A("                    if ri[j] != 0:")
+    A("                        hi[ri[j] >> 16] += 1")
+    A("            else:")
+    A("                for j in range(ri.shape[0]):")
+    A("                    hi[ri[j] >> 16] += 1")
+    A("    return True")
+    return "\n".join(L) + "\n"
 
 
 _MODES = {"mean": 0, "sum": 1, "ties": 2}
@@ -255,8 +322,7 @@ def _kernel_source(N: int, helpers: str) -> str:
     A("            if do_scale:")
     A("                acc = acc * scale")
     A("            res = acc + bv")
-    A("        bad += np.int32((res - res) != z)")
-    A("        st(out, col, res)")
+    A("        bad += np.int32((res - res) != z) + st(out, col, res)")
     A("    return bad")
     return "\n".join(L) + "\n"
 
@@ -271,6 +337,13 @@ def _kernel(N: int):
     if not 1 <= N <= K.MAX_KERNEL_EXPERTS:
         raise ValueError(f"the compiled merge handles 1..{K.MAX_KERNEL_EXPERTS} experts, got {N}")
     return K._load_module(f"merge_n{N}", _kernel_source(N, _helpers().__name__)).kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _hist_kernel(N: int):
+    if not 1 <= N <= K.MAX_KERNEL_EXPERTS:
+        raise ValueError(f"the compiled merge handles 1..{K.MAX_KERNEL_EXPERTS} experts, got {N}")
+    return K._load_module(f"merge_hist_n{N}", _hist_source(N, _helpers().__name__)).hists
 
 
 # ---------------------------------------------------------------------------------------- tensors
@@ -289,38 +362,71 @@ def _chunk(src, lo: int, hi: int, stage: np.ndarray | None) -> np.ndarray:
     return out.numpy()
 
 
+_HIST_BUFFERS = threading.local()
+
+
+def _hist_buffers(count: int, N: int, bins: int) -> list[np.ndarray]:
+    """``count`` zeroed ``[N, bins]`` int64 histograms, kept per thread and reused from tensor to
+    tensor (fresh ones cost a page fault per 4 KiB on every tensor); valid until the next call
+    with the same ``(N, bins)``."""
+    cache = _HIST_BUFFERS.__dict__.setdefault("by_shape", {})
+    bufs = cache.setdefault((N, bins), [])
+    while len(bufs) < count:
+        bufs.append(np.zeros((N, bins), np.int64))
+    for h in bufs[:count]:
+        h.fill(0)
+    return bufs[:count]
+
+
+def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, skip_zeros: bool,
+               hbins: np.ndarray | None, pool, workers: int) -> np.ndarray | None:
+    """Every expert's histogram of ``|tau_i|`` in one pass over a tensor (the generated ``hists``:
+    high 16 bits, ``[N, 2**15]``, or with ``hbins`` the low 16 bits of bin ``hbins[i]``'s entries,
+    ``[N, 2**16]``), threads over column ranges; ``None`` when a ``tau_i`` is not finite."""
+    N = len(mains)
+    low = hbins is not None
+    bins = np.asarray(hbins, np.int64) if low else np.zeros(N, np.int64)
+    ranges = K.column_ranges(int(b.shape[0]), pool, workers)
+    hs = _hist_buffers(len(ranges), N, 1 << (16 if low else 15))
+    hist = _hist_kernel(N)
+    ok = K.run_ranges(pool, lambda j, lo, ln: hist(
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, dare, keys, p_int, keep, skip_zeros, low, bins, hs[j]),
+        ranges)
+    if not all(ok):
+        return None
+    for h in hs[1:]:
+        hs[0] += h
+    return hs[0]
+
+
 def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, workers: int) -> np.ndarray:
     """Per-tensor TIES thresholds: expert i's exact ``k``-th largest ``|tau_i|`` (after DARE's drop),
-    ``k = max(1, min(n, round(density * n)))``; 0 (keep all) when ``k = n`` or the value is 0."""
+    ``k = max(1, min(n, round(density * n)))``; 0 (keep all) when ``k = n`` or the value is 0. Two
+    passes over the tensor for all experts together (high, then low 16 bits)."""
     n = int(base.shape[0])
     N = len(mains)
     thr = np.zeros(N, np.float32)
     k = max(1, min(n, int(round(s.density * n)))) if n else n
     if s.combine != "ties" or s.gthr is not None or k == n:
         return thr
-    staged = not isinstance(base, np.ndarray) or any(not isinstance(m, np.ndarray) for m in mains)
+    if not isinstance(base, np.ndarray) or any(not isinstance(m, np.ndarray) for m in mains):
+        # a float32 copy of the rows (only for float16 / float64 checkpoints)
+        base = _chunk(base, 0, n, np.empty(n, np.float32))
+        mains = [_chunk(m, 0, n, np.empty(n, np.float32)) for m in mains]
+    args = (s.dare, keys, s.p_int, s.keep, False)
+    high = _hist_pass(base, mains, *args, None, pool, workers)
+    if high is None:
+        raise FloatingPointError
+    lows = _hist_pass(base, mains, *args, np.array([K.kth_bin(h, k) for h in high]), pool, workers)
     for i in range(N):
-        if staged:  # a float32 copy of the two rows (only for float16 / float64 checkpoints)
-            mi = _chunk(mains[i], 0, n, np.empty(n, np.float32)).copy()
-            bi = _chunk(base, 0, n, np.empty(n, np.float32))
-        else:
-            mi, bi = mains[i], base
-        ka, kb = (np.uint32(x) for x in keys[i // 2])
-        shift = np.uint32(16 * (i % 2))
-        ranges = K.column_ranges(n, pool, workers)
-
-        def hist_pass(low: bool, hbin: int, size: int) -> np.ndarray:
-            hs = [np.zeros(size, np.int64) for _ in ranges]
-            ok = K.run_ranges(pool, lambda j, lo, ln: _helpers().drop_hist(
-                mi[lo:lo + ln], bi[lo:lo + ln], lo, s.dare, ka, kb, shift, np.uint32(s.p_int), s.keep, False, low,
-                hbin, hs[j]), ranges)
-            if not all(ok):
-                raise FloatingPointError
-            return np.sum(hs, axis=0)
-
-        t = K.kth_from_hist(hist_pass(False, 0, 1 << 15), k, lambda b: hist_pass(True, b, 1 << 16))
+        t = K.kth_from_hist(high[i], k, lambda b, i=i: lows[i])
         thr[i] = t if t > 0 else 0.0
     return thr
+
+
+def _out_view(t: torch.Tensor) -> np.ndarray:
+    """The kernel's view of an output chunk: float32, or the uint16 bits of bfloat16."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.Tensor], out_dtype: torch.dtype,
@@ -347,26 +453,53 @@ def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.T
     row = int(base.shape[-1]) if base.dim() > 1 and base.shape[-1] > 0 else 1
     step = max(row, CHUNK_ENTRIES // row * row)
     direct = out_dtype in (torch.bfloat16, torch.float32)
-    out = torch.empty(min(step, n), dtype=out_dtype)
-    stage_out = out if direct else torch.empty(min(step, n), dtype=torch.float32)
-    out_k = stage_out.view(torch.int16).numpy().view(np.uint16) if stage_out.dtype == torch.bfloat16 \
-        else stage_out.numpy()
+    # two output chunks: with a pool, chunk j is written (on a pool thread) while chunk j + 1 is computed
+    outs = [torch.empty(min(step, n), dtype=out_dtype) for _ in range(2 if pool is not None and n > step else 1)]
+    stage_out = None if direct else torch.empty(min(step, n), dtype=torch.float32)
+    out_ks = [_out_view(o) for o in outs] if direct else [_out_view(stage_out)] * len(outs)
     stages = [None if isinstance(x, np.ndarray) else np.empty(min(step, n), np.float32) for x in [b, *mains]]
     bad = 0
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        args = [_chunk(x, lo, hi, st) for x, st in zip([*mains, b], [*stages[1:], stages[0]])]
-        ranges = K.column_ranges(hi - lo, pool, workers)
-        counts = K.run_ranges(pool, lambda j, a, ln: kern(
-            *[x[a:a + ln] for x in args], out_k[a:a + ln], mode, gtrim, s.dare, lo + a, gthr, thr, keys, s.p_int,
-            s.keep, s.coef, s.scale, s.do_scale), ranges)
-        bad += sum(counts)
-        if not direct:
-            out[:hi - lo].copy_(stage_out[:hi - lo])
-        if out_dtype != torch.float32 and not bool(torch.isfinite(out[:hi - lo]).all()):
-            bad += 1  # finite in float32 but past the output dtype's range: checked after the cast
-        write(out[:hi - lo])
+    pending = None
+    try:
+        for c, lo in enumerate(range(0, n, step)):
+            hi = min(n, lo + step)
+            out, out_k = outs[c % len(outs)], out_ks[c % len(outs)]
+            args = [_chunk(x, lo, hi, st) for x, st in zip([*mains, b], [*stages[1:], stages[0]])]
+            ranges = K.column_ranges(hi - lo, pool, workers)
+            counts = K.run_ranges(pool, lambda j, a, ln: kern(
+                *[x[a:a + ln] for x in args], out_k[a:a + ln], mode, gtrim, s.dare, lo + a, gthr, thr, keys, s.p_int,
+                s.keep, s.coef, s.scale, s.do_scale), ranges)
+            bad += sum(counts)
+            if not direct:  # the kernel counted the stored bfloat16 / float32 values; other dtypes after the cast
+                out[:hi - lo].copy_(stage_out[:hi - lo])
+                bad += int(not bool(torch.isfinite(out[:hi - lo]).all()))
+            if pending is not None:
+                pending.result()  # the previous chunk is written: its buffer is free again, the order kept
+                pending = None
+            if len(outs) > 1:
+                pending = pool.submit(write, out[:hi - lo])
+            else:
+                write(out[:hi - lo])
+    finally:
+        if pending is not None:
+            pending.result()
     return bad == 0
+
+
+def task_vector_sq(base: torch.Tensor, experts: Sequence[torch.Tensor], every: int) -> tuple[float, list[float]]:
+    """``(||rows of theta_0||^2, [||rows of theta_i - theta_0||^2])`` over every ``every``-th row of a
+    stored matrix (as ``[shape[0], -1]``; float32 differences, float64 sums): the sums of
+    :meth:`workbench.io.validate.TaskVectorNorms.observe`, read straight from the memory maps."""
+    row = base.numel() // max(1, int(base.shape[0]))
+    b = kernel_view(base)
+    mains = [kernel_view(e) for e in experts]
+    if not isinstance(b, np.ndarray) or any(not isinstance(m, np.ndarray) for m in mains):
+        rows = lambda t: t.reshape(t.shape[0], -1)[::every].float().reshape(-1).numpy()  # noqa: E731
+        b, mains, every = rows(base), [rows(e) for e in experts], 1
+    if row == 0:
+        return 0.0, [0.0] * len(experts)
+    sums = [_helpers().row_sq(m, b, row, every) for m in mains]
+    return (sums[0][0] if sums else 0.0), [t for _, t in sums]
 
 
 def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: float, *, pool=None,
@@ -380,8 +513,6 @@ def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: 
 
     if not 0.0 < density <= 1.0:
         raise ConfigError(f"density must be in (0, 1], got {density}")
-    h = _helpers()
-    u0 = np.uint32(0)
 
     def each(desc: str):
         for base, experts in tqdm(tensors(), desc=desc, disable=not progress, leave=False):
@@ -393,22 +524,17 @@ def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: 
                 ms = [_chunk(m, 0, n, np.empty(n, np.float32)).copy() for m in ms]
             yield n, b, ms
 
-    def pass_(desc: str, low: bool, bins: list[int]) -> tuple[list[np.ndarray], int] | None:
-        hists = [np.zeros(1 << (16 if low else 15), np.int64) for _ in range(n_experts)]
+    no_keys = np.zeros(((n_experts + 1) // 2, 2), np.uint32)
+
+    def pass_(desc: str, low: bool, bins: list[int]) -> tuple[np.ndarray, int] | None:
+        hists = np.zeros((n_experts, 1 << (16 if low else 15)), np.int64)
         total = 0
         for n, b, ms in each(desc):
             total += n
-            ranges = K.column_ranges(n, pool, workers)
-            for i, m in enumerate(ms):
-                if low and bins[i] < 0:
-                    continue
-                hs = [np.zeros_like(hists[i]) for _ in ranges]
-                ok = K.run_ranges(pool, lambda j, lo, ln: h.drop_hist(
-                    m[lo:lo + ln], b[lo:lo + ln], 0, False, u0, u0, u0, u0, np.float32(1.0), True, low,
-                    bins[i] if low else 0, hs[j]), ranges)
-                if not all(ok):
-                    return None
-                hists[i] += np.sum(hs, axis=0)
+            h = _hist_pass(b, ms, False, no_keys, 0, np.float32(1.0), True, bins if low else None, pool, workers)
+            if h is None:
+                return None
+            hists += h
         return hists, total
 
     first = pass_("global trim 1/2", False, [])
@@ -421,8 +547,7 @@ def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: 
         if int(hist.sum()) < k:
             targets.append(None)
             continue
-        above = np.cumsum(hist[::-1])[::-1]
-        targets.append(int((above >= k).sum()) - 1)
+        targets.append(K.kth_bin(hist, k))
     lows: list[np.ndarray] = [np.zeros(0)] * n_experts
     if any(t is not None for t in targets):
         second = pass_("global trim 2/2", True, [-1 if t is None else t for t in targets])
