@@ -138,6 +138,12 @@ def dare_keep_torch(pos0: int, width: int, keys: np.ndarray, p_int: int, device:
 
 # ----------------------------------------------------------------------------------- generated kernel
 
+def dare_keys_source(N: int, indent: str = "    ") -> list[str]:
+    """Generated-kernel source lines that load the DARE keys of ``N`` experts (``keys [ceil(N / 2), 2]``,
+    :func:`dare_keys`) into ``ka<m>``, ``kb<m>``, one pair of experts each (read by :func:`dare_hash_source`)."""
+    return [f"{indent}ka{m} = np.uint32(keys[{m}, 0]); kb{m} = np.uint32(keys[{m}, 1])" for m in range((N + 1) // 2)]
+
+
 def dare_hash_source(m: int, indent: str) -> list[str]:
     """Generated-kernel source lines that set ``h``, the 32-bit hash of the position ``pp`` for the
     expert pair ``m`` (keys ``ka<m>``, ``kb<m>``: :func:`dare_keys`; the MurmurHash3 finaliser): its low and
@@ -185,8 +191,7 @@ def _kernel_source(N: int, helpers: str) -> str:
         A(f"    w{i} = np.float32(w[{i}])")
         A(f"    th{i} = thr[{i}]")
         A(f"    ss{i} = 0.0; sh{i} = 0.0; dn{i} = 0.0; dq{i} = 0.0")
-    for m in range((N + 1) // 2):
-        A(f"    ka{m} = np.uint32(keys[{m}, 0]); kb{m} = np.uint32(keys[{m}, 1])")
+    L.extend(dare_keys_source(N))
     for i, j in pairs:
         A(f"    g{i}_{j} = 0.0")
     A("    ta = 0.0; tm = 0.0")

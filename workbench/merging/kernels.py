@@ -184,6 +184,20 @@ def row_sq(m, b, row, every):
 '''
 
 
+def _dare_drop_source(N: int, indent: str) -> list[str]:
+    """Generated-kernel source lines that apply DARE to every ``x_i`` at the position ``pp``: the keep draw
+    of :func:`workbench.cpu_kernels.dare_hash_source` (its low / high 16 bits for the pair's two experts)
+    against ``pu``, then torch's ``x * keep_mask / keep`` (:func:`workbench.merging.dare_drop`)."""
+    lines: list[str] = []
+    for m in range((N + 1) // 2):
+        lines.extend(K.dare_hash_source(m, indent))
+        for i in (2 * m, 2 * m + 1):
+            if i < N:
+                lines.append(f"{indent}x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"
+                             f" >= pu)) / keep")
+    return lines
+
+
 def _hist_source(N: int, helpers: str) -> str:
     """Source of ``hists(m_0 .. m_{N-1}, base, pos0, dare, keys, p_int, keep, skip_zeros, low, hbins, hist)
     -> bool``: the histograms of every expert's ``|x_i|`` in one pass over the inputs, ``x_i = m_i - base``
@@ -206,8 +220,7 @@ def _hist_source(N: int, helpers: str) -> str:
     A("    n = base.shape[0]")
     A("    pu = np.uint32(p_int)")
     A("    top = np.int32(0)  # int32 throughout: an int64 max would not vectorise")
-    for m in range((N + 1) // 2):
-        A(f"    ka{m} = np.uint32(keys[{m}, 0]); kb{m} = np.uint32(keys[{m}, 1])")
+    L.extend(K.dare_keys_source(N))
     A("    for s in range(0, n, 4096):")
     A("        e = min(n, s + 4096)")
     # slices indexed from 0, not s + j: numba cannot prove s + j >= 0 and would not vectorise
@@ -220,12 +233,7 @@ def _hist_source(N: int, helpers: str) -> str:
         A(f"            x{i} = ld(y{i}, j) - bv")
     A("            if dare:")
     A("                pp = np.uint32(pos0 + s + j)")
-    for m in range((N + 1) // 2):
-        L.extend(K.dare_hash_source(m, " " * 16))
-        for i in (2 * m, 2 * m + 1):
-            if i < N:
-                A(f"                x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"
-                  f" >= pu)) / keep")
+    L.extend(_dare_drop_source(N, " " * 16))
     for i in r:
         A(f"            a{i} = f32_to_bits(x{i}) & 0x7FFFFFFF")
         A(f"            r{i}[j] = a{i}")
@@ -281,8 +289,7 @@ def _kernel_source(N: int, helpers: str) -> str:
     A("    z = np.float32(0.0)")
     for i in r:
         A(f"    gt{i} = gthr[{i}]; th{i} = thr[{i}]; c{i} = coef[{i}]")
-    for m in range((N + 1) // 2):
-        A(f"    ka{m} = np.uint32(keys[{m}, 0]); kb{m} = np.uint32(keys[{m}, 1])")
+    L.extend(K.dare_keys_source(N))
     A("    for col in range(c):")
     A("        bv = ld(base, col)")
     A("        bad += np.int32((bv - bv) != z)")
@@ -301,12 +308,7 @@ def _kernel_source(N: int, helpers: str) -> str:
         A(f"                x{i} = (x{i} + bv) - bv")
     A("            if dare:")
     A("                pp = np.uint32(pos0 + col)")
-    for m in range((N + 1) // 2):
-        L.extend(K.dare_hash_source(m, " " * 16))
-        for i in (2 * m, 2 * m + 1):
-            if i < N:
-                A(f"                x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"
-                  f" >= pu)) / keep")
+    L.extend(_dare_drop_source(N, " " * 16))
     A("            if mode == 1:  # weighted sum")
     A("                acc = " + " + ".join(f"x{i} * c{i}" for i in r))
     A("            else:  # ties: trim, elected sign of the sum, disjoint mean")
