@@ -69,7 +69,8 @@ from ..errors import CheckpointError, ConfigError
 from ..io.experts import Expert, open_expert
 from ..io.reader import CheckpointReader
 from .. import cpu_kernels as K
-from .store import atomic_write, save_frames, save_json
+from ..io.writer import atomic_write
+from .store import save_frames, save_json
 
 __all__ = [
     "InterferenceProfile",

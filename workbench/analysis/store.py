@@ -2,22 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import pandas as pd
 
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary sibling of ``path``, then rename it to ``path`` (a reader never sees a half file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from ..io.writer import atomic_write
 
 
 def save_frames(out_dir: str | Path, frames: Mapping[str, pd.DataFrame]) -> Path:

@@ -3,10 +3,10 @@ from .experts import Expert, open_expert
 from .filters import DEFAULT_KEEP, NameFilter
 from .lora import LoraAdapter, is_lora_adapter, lora_delta, peft_key_to_base
 from .reader import CheckpointReader, TensorInfo, check_finite, checkpoint_files, read_safetensors_header
-from .writer import CheckpointWriter, parse_size
+from .writer import CheckpointWriter, atomic_write, parse_size
 
 __all__ = [
-    "CheckpointReader", "CheckpointWriter", "DEFAULT_KEEP", "Expert", "LoraAdapter", "NameFilter", "TensorInfo",
+    "CheckpointReader", "CheckpointWriter", "DEFAULT_KEEP", "atomic_write", "Expert", "LoraAdapter", "NameFilter", "TensorInfo",
     "check_finite", "checkpoint_files", "is_lora_adapter", "lora_delta", "open_expert", "parse_size", "peft_key_to_base",
     "read_safetensors_header",
 ]

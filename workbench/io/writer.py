@@ -42,6 +42,20 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` a temporary sibling of ``path`` (unique per process and thread), then rename it to
+    ``path``: a reader never sees a half-written file, and a failed ``write`` leaves none behind. Every
+    file the workbench writes goes through here (checkpoint folders: :class:`CheckpointWriter`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from ``2_000_000``, ``"2GB"`` (10^9), ``"500MB"``, ``"1GiB"`` (2^30), ``"64KB"``.
 

@@ -22,6 +22,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from ..evaluate import code_digest
+from ..io.writer import atomic_write
 
 #: Part of every key: bumped when a cached table's meaning changes (retires every cached table).
 CACHE_VERSION = "1"
@@ -54,9 +55,7 @@ def write_frame(df: pd.DataFrame, path: Path) -> None:
     """``df`` to ``path`` (CSV, no index) through a temporary name in the same folder (never a
     half-written table, even with several writers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{id(df)}")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda p: df.to_csv(p, index=False))
 
 
 def cached(cache_dir: Path | None, parts: Mapping, compute: Callable[[], pd.DataFrame]) -> tuple[pd.DataFrame, bool]:

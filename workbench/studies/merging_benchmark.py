@@ -67,6 +67,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from ..paths import repo_relative
+from ..io.writer import atomic_write
 from ..world import Zoo
 from .protocol import Evaluator, quiet_loading, reference_rows, split_records
 
@@ -334,10 +335,9 @@ def _finish(rows: list[dict], attrs: Mapping, out: Path | None, filename: str) -
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (filename + ".tmp")
-        df.to_csv(tmp, index=False)
-        tmp.replace(out / filename)
-        (out / (Path(filename).stem + ".json")).write_text(json.dumps(dict(attrs), indent=2, default=str))
+        atomic_write(out / filename, lambda p: df.to_csv(p, index=False))
+        atomic_write(out / (Path(filename).stem + ".json"),
+                     lambda p: p.write_text(json.dumps(dict(attrs), indent=2, default=str)))
     return df
 
 

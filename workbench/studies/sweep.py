@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..io.writer import atomic_write
 from .cache import digest, records_digest
 
 EXECUTORS = ("local", "ray")
@@ -56,11 +56,7 @@ class CellStore:
     def put(self, key: str, result: Any) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(result)  # no default=: a value JSON cannot hold is an error, not a silent string
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.folder)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, self.path(key))
-        return self.path(key)
+        return atomic_write(self.path(key), lambda p: p.write_text(text))
 
 
 # ============================================================================================ the sweep

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..paths import resolve_repo_path
+from ..io.writer import atomic_write
 from .cache import read_predictions
 from .merging_benchmark import BASE_LABEL, CAP_METHODS, INDIV_MEAN, INDIV_OWN, TASK_LABELS, method_label
 from .protocol import wilson
@@ -201,7 +202,7 @@ def paired_tests(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], split: str 
     tasks (``task = "All"``) and seeds: ``method_a, method_b, task, n, b (a right, b wrong), c,
     acc_a, acc_b, pvalue`` (two-sided). More sensitive than comparing two intervals, because the
     items are shared."""
-    from ..evaluate import mcnemar_exact
+    from ..statistics import mcnemar_exact
 
     rows = []
     for a, b in pairs:
@@ -382,9 +383,7 @@ def compare_published(df: pd.DataFrame, table: str = "optmerge_table2", split: s
 
 def _write_csv(frame: pd.DataFrame, path: Path, index: bool = False) -> None:
     """``frame`` to ``path`` through a temporary name (never a half-written table)."""
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=index)
-    tmp.replace(path)
+    atomic_write(path, lambda p: frame.to_csv(p, index=index))
 
 
 def write_tables(df: pd.DataFrame, name: str, out: str | Path, table: str | None = None,
