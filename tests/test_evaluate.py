@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.evaluate import (accuracy_intervals, first_letter, generated_letter, mcnemar_exact, paired_test, predict,
-                                t_interval, wilson_interval)
+from workbench.evaluate import first_letter, generated_letter, paired_test, predict
+from workbench.statistics import accuracy_intervals, mcnemar_exact, t_interval, wilson_interval
 
 
 def test_wilson_hand_computed():

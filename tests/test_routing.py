@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from workbench.errors import ConfigError
-from workbench.io.packing import pack_mask, unpack_mask
+from workbench.io.packing import pack_mask
 from workbench.routing import (Dense, LowRank, Masked, RoutedLinear, add_dense_routes, add_lora_routes, apply_routes,
                                linear_names, load_route_adapter, materialize_route, remove_routes,
                                route_parameters, routed_modules, save_route_adapter, storage_bytes, token_routes)

@@ -14,8 +14,7 @@ turn the gold answer. Multiple-choice records (gold is a letter A-D) are scored
 Open-answer records (the capability family; ``"options"`` lists the candidate answers) are scored by
 log-likelihood over the candidates, or by exact match of the greedy output.
 
-The statistics (intervals, McNemar, :func:`accuracy_intervals`) live in :mod:`workbench.statistics`; they are
-imported here under their old names.
+The statistics (intervals, McNemar, accuracy intervals) live in :mod:`workbench.statistics` only.
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from .statistics import accuracy_intervals, mcnemar_exact, t_interval, wilson_interval  # noqa: F401  (one statistics module)
+from .statistics import mcnemar_exact
 
 LETTERS = ("A", "B", "C", "D")
 PRED_COLUMNS = ["id", "subset", "gold", "pred", "correct", "method", "seed", "scoring"]

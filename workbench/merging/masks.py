@@ -8,7 +8,6 @@ Masks are stored bit-packed by :mod:`workbench.io.packing` (the one layout of th
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np

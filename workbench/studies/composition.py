@@ -320,7 +320,6 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
     """
     from tqdm.auto import tqdm
 
-    from .. import compose as C
     from ..world import Zoo
 
     t0 = time.time()

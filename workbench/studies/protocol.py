@@ -39,7 +39,7 @@ def _json(obj: Any) -> str:
 
 def wilson(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
     """Wilson interval of ``k / n`` in percent (NaN, NaN for ``n = 0``)."""
-    from ..evaluate import wilson_interval
+    from ..statistics import wilson_interval
 
     if n <= 0:
         return math.nan, math.nan

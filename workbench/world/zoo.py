@@ -172,7 +172,7 @@ class Zoo:
         """Own-task scores per (family, modality/task, kind): mean over seeds with a 95% t-interval,
         for the tuned expert and for its base LLM (projector only), and the gap. A DataFrame."""
         import pandas as pd
-        from ..evaluate import t_interval
+        from ..statistics import t_interval
         rows = []
         by: dict[tuple, list[dict]] = {}
         for name, e in self.manifest["models"].items():
