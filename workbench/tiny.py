@@ -244,8 +244,10 @@ def make_tiny_checkpoint(kind: str, folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def make_tiny_experts(base: str | Path, out_dir: str | Path, n: int = 2, seed: int = 1, std: float = 0.02) -> list[Path]:
-    """``n`` experts of ``base``: copies with seeded N(0, std²) noise on every floating tensor."""
+def make_tiny_experts(base: str | Path, out_dir: str | Path, n: int = 2, seed: int = 1, std: float = 0.002) -> list[Path]:
+    """``n`` experts of ``base``: copies with seeded N(0, std²) noise on every floating tensor. The default
+    is a tenth of the tiny models' initialisation scale (0.02), so ``||tau|| / ||theta_0||`` is ~0.1, as a
+    fine-tune's (the merge and profile checks call an expert at >= 0.5 foreign)."""
     from safetensors.torch import load_file, save_file
 
     base, out_dir = Path(base), Path(out_dir)
