@@ -309,3 +309,23 @@ def test_ensure_zoo_tolerates_absence_and_reports_failure(monkeypatch):
     fake.build_zoo = lambda preset: calls.append(preset) or types.SimpleNamespace(path=Path("/z") / preset)
     ok, msg = reproduce.ensure_zoo("small", log=lambda m: None)
     assert ok and calls == ["small"] and "/z/small" in msg
+
+
+def test_html_views_print_portable_paths(tmp_path):
+    """The published HTML views name repository paths relative to it and temporary ones under $TMPDIR;
+    a longer folder name that merely starts like the repository's is left alone."""
+    import tempfile
+
+    from workbench.paths import REPO_ROOT
+
+    scratch = Path(tempfile.gettempdir()) / "workbench-10-abc" / "merged-ties"
+    printed = f"{REPO_ROOT / 'zoo' / 'default'}\nbase: {scratch}\n{REPO_ROOT}\n{REPO_ROOT}-other/x\n"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(...)", outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text=printed),
+        nbformat.v4.new_output("error", ename="E", evalue="e", traceback=[f"File {REPO_ROOT / 'workbench' / 'x.py'}:1"])])])
+    src = tmp_path / "00_probe.ipynb"
+    nbformat.write(nb, src)
+    html = reproduce.export_html(src, tmp_path / "html").read_text()
+    assert "zoo/default" in html and "$TMPDIR/workbench-10-abc/merged-ties" in html and "File workbench/x.py:1" in html
+    assert f"{REPO_ROOT}-other/x" in html  # not a path inside the repository
+    assert f"{REPO_ROOT}/" not in html and str(scratch) not in html

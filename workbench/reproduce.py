@@ -130,20 +130,43 @@ def ensure_zoo(preset: str, log: Callable[[str], None] = print) -> tuple[bool, s
     return True, msg
 
 
+def portable_text(text: str) -> str:
+    """``text`` with this machine's folders made portable: paths in the repository relative to it
+    (:data:`workbench.paths.REPO_ROOT`), paths in the temporary folder under ``$TMPDIR``."""
+    import tempfile
+
+    from .paths import REPO_ROOT
+
+    for folder, name in ((str(REPO_ROOT), "."), (tempfile.gettempdir(), "$TMPDIR")):
+        text = text.replace(folder + os.sep, "" if name == "." else name + "/")
+        text = re.sub(re.escape(folder) + r"(?![\w.-])", lambda _: name, text)  # the folder itself, not a longer name
+    return text
+
+
 def export_html(notebook: PathLike, html_dir: PathLike) -> Path:
     """Write ``html_dir/<stem>.html``, nbconvert's static HTML view of an executed ``notebook``
-    (figures embedded as PNG, widgets as their last state); temp name, then rename."""
+    (figures embedded as PNG, widgets as their last state); temp name, then rename. The views are
+    published, so the paths the outputs print are made portable (:func:`portable_text`): text
+    outputs, tracebacks and text/plain or text/html results."""
     import nbformat
     from nbconvert import HTMLExporter
 
+    from .io.writer import atomic_write
+
     notebook, html_dir = Path(notebook), Path(html_dir)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    nb = nbformat.read(notebook, as_version=4)
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                output["text"] = portable_text(output["text"])
+            if "traceback" in output:
+                output["traceback"] = [portable_text(line) for line in output["traceback"]]
+            for mime in ("text/plain", "text/html"):
+                if mime in output.get("data", {}):
+                    output["data"][mime] = portable_text(output["data"][mime])
+    body, _ = HTMLExporter().from_notebook_node(nb)
     html_dir.mkdir(parents=True, exist_ok=True)
-    out = html_dir / f"{notebook.stem}.html"
-    tmp = html_dir / f".{out.name}.tmp-{os.getpid()}"
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(html_dir / f"{notebook.stem}.html", lambda p: p.write_text(body, encoding="utf-8"))
 
 
 def _ipc_kernel_manager():
