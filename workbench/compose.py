@@ -39,7 +39,6 @@ Storage (:func:`disk_bytes`, :func:`storage_comparison`; MMER's parts are saved 
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
@@ -376,22 +375,6 @@ def _open_llm(src: ExpertSource | str | Path | None):
     return open_expert(path)
 
 
-def _llm_tensors(llm: nn.Module, keep: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
-    """Floating parameters of ``llm`` (tied ones once), minus the ``keep`` regexes."""
-    pats = [re.compile(k) for k in keep]
-    return [(n, p) for n, p in llm.named_parameters()
-            if p.dtype.is_floating_point and not any(pt.search(n) for pt in pats)]
-
-
-def _resolve_method(method: str | Callable):
-    if callable(method):
-        return method, {}
-    from .engine import resolve_method
-
-    spec = resolve_method(method)
-    return spec.fn, dict(getattr(spec, "defaults", {}) or {})
-
-
 # ================================================================================================ merging
 @torch.no_grad()
 def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
@@ -399,50 +382,32 @@ def merge_llm(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str
               coefficients: Sequence[float] | None = None, keep: Sequence[str] = (), seed: int = 0,
               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
               device_map: str | Mapping[str, Any] | None = None, progress: bool = False) -> nn.Module:
-    """Merge the experts' LLMs into a copy of the base, streaming tensor by tensor.
+    """Merge the experts' LLMs into a copy of the base, streaming tensor by tensor through the
+    engine's one merge loop (:func:`workbench.engine.merge_into`: in memory, in place).
 
-    ``method="weight_average"``: θ = θ0 + Σ λi τi, λ = ``coefficients`` (default 1/N: the plain
-    average of the θi). Any other name is looked up in :mod:`workbench.merging` (or pass a callable
-    ``fn(base, experts, name=, generator=, **params)``) and gets the experts' θi = θ0 + τi of each
-    tensor (LoRA experts: θ0 + s·B@A; projector-only experts: θ0). ``keep``: regexes of tensors left
-    at θ0. Memory: the base model (loaded in ``dtype`` on ``device``, or placed by ``device_map``:
-    :func:`load_causal_lm`; the arithmetic is float32 per tensor, where the tensor is) plus one
-    tensor per expert: in bfloat16 on one GPU a 7B LLM is ~14 GB.
+    ``method`` is a name of :mod:`workbench.merging` (default ``"weight_average"``: NaiveMC, the mean
+    of the θi; ``coefficients`` λ give θ0 + Σ λi τi, its ``weights``) or a callable
+    ``fn(base, experts, name=, generator=, **params)``; it gets each tensor's θi (LoRA experts:
+    θ0 + s·B@A; projector-only experts: θ0). ``keep``: regexes of tensors left at θ0; every other
+    floating parameter is merged. Memory: the base model (loaded in ``dtype`` on ``device``, or placed
+    by ``device_map``: :func:`load_causal_lm`; the arithmetic is float32 per tensor, where the tensor
+    is) plus a few tensors per expert: in bfloat16 on one GPU a 7B LLM is ~14 GB.
     """
-    from tqdm.auto import tqdm
-
-    from .engine import call_method
+    from .engine import merge_into
 
     llm = _as_llm(base, dtype, device, device_map)
     readers = [_open_llm(e) for e in experts]
     n = len(readers)
     if n == 0:
         raise ConfigError("merge_llm needs at least one expert")
-    if method == "weight_average":
-        lam = list(coefficients) if coefficients is not None else [1.0 / n] * n
-        if len(lam) != n:
-            raise ConfigError(f"{len(lam)} coefficients for {n} experts")
-        fn = None
-    else:
-        if coefficients is not None:
+    params = dict(params or {})
+    if coefficients is not None:
+        if method != "weight_average":
             raise ConfigError("coefficients apply to method 'weight_average' only")
-        fn, defaults = _resolve_method(method)
-        params = {**defaults, **dict(params or {})}
-    for name, p in tqdm(_llm_tensors(llm, keep), desc=f"merge {method if isinstance(method, str) else 'fn'}",
-                        disable=not progress):
-        b = p.detach().float()
-        taus = [r.tau(name, b) for r in readers]
-        if all(t is None for t in taus):
-            continue
-        if fn is None:
-            out = b.clone()
-            for lam_i, t in zip(lam, taus):
-                if t is not None:
-                    out += lam_i * t
-        else:
-            thetas = [b + t if t is not None else b.clone() for t in taus]
-            out = call_method(fn, b, thetas, name, seed, params)[0]
-        p.data.copy_(out.to(p.dtype))
+        if len(coefficients) != n:
+            raise ConfigError(f"{len(coefficients)} coefficients for {n} experts")
+        params["weights"] = [float(c) for c in coefficients]
+    merge_into(llm, readers, method, params, keep=keep, seed=seed, progress=progress)
     return llm
 
 
@@ -707,42 +672,42 @@ def mmer_mask(tau: torch.Tensor, tau_star: torch.Tensor, lam: float = 1.0) -> to
     return mmer_masks([tau], tau_star, lam)[0]
 
 
+def _with_masks(spec, mask_fn: Callable, lam: float):
+    """``spec``'s method with MMER's masks as extras: ``mask_<i> = mask_fn(τi, τ*, lam)``, τ* = merged − θ0."""
+    from .merging.registry import MergeOutput, MethodSpec
+
+    def fn(base, experts, *, name="", generator=None, **params):
+        out = spec.fn(base, experts, name=name, generator=generator, **params)
+        merged = getattr(out, "merged", out)
+        tau_star = merged.float() - base
+        return MergeOutput(merged, {f"mask_{i}": mask_fn(e - base, tau_star, lam).bool() for i, e in enumerate(experts)})
+
+    return MethodSpec(name=spec.name, fn=fn, defaults=dict(spec.defaults), doc=spec.doc)
+
+
 @torch.no_grad()
 def mmer_parts(base: str | Path | nn.Module, experts: Sequence[ExpertSource | str | Path | None], *,
                merge_method: str | Callable = "ties", merge_params: Mapping[str, Any] | None = None,
                lam: float = 1.0, mask_fn: Callable | None = None, keep: Sequence[str] = (), seed: int = 0,
                dtype: torch.dtype | None = None, progress: bool = False) -> MMERParts:
-    """Stream over the base's tensors: τ* = merge(θ0, θi) − θ0 (``merge_method``, default TIES with
-    its registry defaults - **unverified** choice), then ``mask_fn(τi, τ*, lam)`` (default
-    :func:`mmer_mask`) per expert. Masks are kept for every tensor (packed, 1 bit per entry); τ* is
-    held in ``dtype`` (default: the base parameter's dtype)."""
-    from tqdm.auto import tqdm
-
-    from .engine import call_method
+    """Stream over the base's tensors (the engine's one merge loop, :func:`workbench.engine.merge_into`):
+    τ* = merge(θ0, θi) − θ0 (``merge_method``, default TIES with its registry defaults - **unverified**
+    choice), then ``mask_fn(τi, τ*, lam)`` (default :func:`mmer_mask`) per expert. Masks are kept for
+    every merged tensor (packed, 1 bit per entry, by the engine's
+    :class:`~workbench.io.mmer_store.ExtrasRecorder`); τ* is held in ``dtype`` (default: the base
+    parameter's dtype). Tensors no expert changes have neither."""
+    from .engine import merge_into, method_params, resolve_method
+    from .io.mmer_store import mask_key
 
     llm = base if isinstance(base, nn.Module) else load_causal_lm(base)
     readers = [_open_llm(e) for e in experts]
-    if merge_method == "weight_average":
-        fn, params = None, {}
-    else:
-        fn, defaults = _resolve_method(merge_method)
-        params = {**defaults, **dict(merge_params or {})}
-    mask_fn = mask_fn or mmer_mask
-    tau_star, masks = {}, {}
-    for name, p in tqdm(_llm_tensors(llm, keep), desc="MMER merge", disable=not progress):
-        b = p.detach().float()
-        taus = [r.tau(name, b) for r in readers]
-        if all(t is None for t in taus):
-            continue
-        taus = [t if t is not None else torch.zeros_like(b) for t in taus]
-        if fn is None:
-            ts = sum(taus) / len(taus)
-        else:
-            ts = call_method(fn, b, [b + t for t in taus], name, seed, params)[0].float() - b
-        tau_star[name] = ts.to(dtype or p.dtype)
-        masks[name] = [pack_mask(mask_fn(t, ts, lam)) for t in taus]
-    return MMERParts(tau_star, masks, len(readers), {"merge_method": str(merge_method), "lam": lam,
-                                                     **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}})
+    spec = resolve_method(merge_method)
+    params = method_params(spec, merge_params)
+    sink = merge_into(llm, readers, _with_masks(spec, mask_fn or mmer_mask, lam), params, keep=keep, seed=seed,
+                      task_vectors=True, dtype=dtype, progress=progress)
+    masks = {n: [sink.extras.tensors[mask_key(n, i)] for i in range(len(readers))] for n in sink.tensors}
+    return MMERParts(sink.tensors, masks, len(readers), {"merge_method": str(merge_method), "lam": lam,
+                                                         **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}})
 
 
 @torch.no_grad()

@@ -75,19 +75,42 @@ def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -
     return g
 
 
-def resolve_method(name: str, registry: Mapping[str, Any] | None = None):
-    """The :class:`MethodSpec` of ``name`` from ``registry`` or :mod:`workbench.merging`.
+#: the name of a method given as a plain callable (:func:`resolve_method`).
+CALLABLE_METHOD = "<callable>"
+
+
+def resolve_method(method: Any, registry: Mapping[str, Any] | None = None):
+    """The one method lookup: the :class:`MethodSpec` of a name from ``registry`` or
+    :mod:`workbench.merging`; a spec is returned as it is, a plain callable
+    ``fn(base, experts, name=, generator=, **params)`` wrapped in one (named :data:`CALLABLE_METHOD`).
 
     Raises:
         ConfigError: for an unknown method (listing the known ones).
     """
+    if not isinstance(method, str):
+        if hasattr(method, "fn"):
+            return method
+        from .merging.registry import MethodSpec
+
+        return MethodSpec(name=CALLABLE_METHOD, fn=method, defaults={}, doc="a callable given directly")
     if registry is None:
         from .merging import get_method
 
-        return get_method(name)
-    if name not in registry:
-        raise ConfigError(f"unknown merge method {name!r}; known: {', '.join(sorted(registry))}")
-    return registry[name]
+        return get_method(method)
+    if method not in registry:
+        raise ConfigError(f"unknown merge method {method!r}; known: {', '.join(sorted(registry))}")
+    return registry[method]
+
+
+def method_params(spec, params: Mapping[str, Any] | None, label: str | None = None) -> dict:
+    """The parameters a method runs with: its defaults updated with ``params``, checked
+    (:meth:`MethodSpec.check_params`) and typed by its signature (:func:`workbench.config.typed_params`);
+    a plain callable (:data:`CALLABLE_METHOD`) takes ``params`` as given."""
+    params = dict(params or {})
+    if spec.name == CALLABLE_METHOD:
+        return params
+    spec.check_params(params)
+    return {**dict(getattr(spec, "defaults", {}) or {}), **typed_params(spec.fn, params, label or spec.name)}
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -99,8 +122,9 @@ class _Item:
     experts: list = field(default_factory=list)  # Tensor | LoraPiece | None (= base)
 
 
-def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequence[Any], check: bool = True) -> _Item:
-    """Read one tensor of the base (and of the experts when it is merged), checking finiteness
+def _read_item(name: str, merged: bool, base: Any, experts: Sequence[Any], check: bool = True) -> _Item:
+    """Read one tensor of the base (``base.get`` / ``base.file_of``: a :class:`CheckpointReader` or a
+    :class:`ModuleSource`) and of the experts when it is merged, checking shapes and finiteness
     (``check=False``: the compiled merge checks every entry as it reads it)."""
     b = base.get(name)
     if check:
@@ -110,6 +134,9 @@ def _read_item(name: str, merged: bool, base: CheckpointReader, experts: Sequenc
         for e in experts:
             x = e.read(name)
             if isinstance(x, torch.Tensor):
+                if tuple(x.shape) != tuple(b.shape):
+                    raise CheckpointError(f"shape {list(x.shape)} differs from the base's {list(b.shape)}",
+                                          file=e.file_of(name), tensor=name)
                 if check:
                     check_finite(x, file=e.file_of(name), tensor=name)
             elif isinstance(x, LoraPiece):
@@ -175,8 +202,104 @@ def _to_device(x, base_dev: torch.Tensor, device: torch.device) -> torch.Tensor:
         return base_dev.clone()
     if isinstance(x, LoraPiece):
         on = base_dev if x.on is None else x.on.to(device=device, dtype=torch.float32)
-        return on + x.delta(device)
+        d = x.delta(device)
+        if tuple(d.shape) != tuple(on.shape):
+            raise CheckpointError(f"LoRA delta shape {list(d.shape)} differs from the base's {list(on.shape)}")
+        return on + d
     return x.to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------- sources and sinks
+class FolderSource:
+    """Checkpoint folders: the base's :class:`CheckpointReader` and the experts
+    (:func:`workbench.io.experts.open_expert`). ``checked=False``: merged tensors are not checked
+    finite on reading (the compiled merge checks every entry as it reads it)."""
+
+    def __init__(self, base: CheckpointReader, experts: Sequence[Any], *, checked: bool = True) -> None:
+        self.base, self.experts, self.checked = base, list(experts), checked
+
+    def read(self, name: str, merged: bool) -> _Item:
+        return _read_item(name, merged, self.base, self.experts, check=self.checked or not merged)
+
+
+class ModuleSource:
+    """A base in memory - a module's floating parameters (tied ones once) or a state dict - and
+    experts read tensor by tensor (:class:`~workbench.io.experts.Expert`: any kind but DAMC)."""
+
+    def __init__(self, base: torch.nn.Module | Mapping[str, torch.Tensor], experts: Sequence[Any]) -> None:
+        tensors = dict(base.named_parameters()) if isinstance(base, torch.nn.Module) else dict(base)
+        self.tensors = {n: t for n, t in tensors.items() if t.dtype.is_floating_point}
+        self.experts = list(experts)
+        for e in self.experts:
+            if e.kind == "damc":
+                raise ConfigError(f"expert {e.path} is a DAMC expert: its LLM is decoupled into text and modality "
+                                  "parameters and has no single task vector (use compose_damc)")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name].detach()
+
+    def file_of(self, name: str) -> None:
+        return None
+
+    def read(self, name: str, merged: bool) -> _Item:
+        return _read_item(name, merged, self, self.experts)
+
+
+def _stored(t: torch.Tensor, dtype: torch.dtype, name: str, what: str, file: Path | None,
+            cpu: bool = True) -> torch.Tensor:
+    """``t`` cast to ``dtype`` (on the CPU with ``cpu``), checked finite *after* the cast (what is stored)."""
+    out = t.to(dtype)
+    out = out.cpu() if cpu else out
+    if not all_finite(out):
+        raise CheckpointError(f"{what} gives {_nonfinite_what(t, dtype)}; nothing written", file=file, tensor=name)
+    return out
+
+
+class FolderSink:
+    """Results into a checkpoint folder through a planned :class:`CheckpointWriter` (atomic: the
+    folder appears when the writer closes), each cast to ``dtype_of(name)``; extras into its
+    :class:`ExtrasRecorder` (saved under ``<output>/mmer/`` by the caller)."""
+
+    def __init__(self, writer: CheckpointWriter, dtype_of: Callable[[str], torch.dtype], output: Path) -> None:
+        self.writer, self.dtype_of, self.output = writer, dtype_of, output
+        self.extras = ExtrasRecorder()
+
+    def keep(self, item: _Item) -> None:
+        b = item.base
+        self.writer.add(item.name, b if self.dtype_of(item.name) == b.dtype else
+                        _stored(b, self.dtype_of(item.name), item.name, "the base tensor (kept)", self.output))
+
+    def put(self, name: str, merged: torch.Tensor, extras: Mapping[str, torch.Tensor], what: str) -> None:
+        self.writer.add(name, _stored(merged, self.dtype_of(name), name, what, self.output))
+        for key, value in extras.items():
+            self.extras.add(name, key, value)
+
+
+class MemorySink:
+    """Results into the tensors of a :class:`ModuleSource`, each cast to its base tensor's dtype
+    (or ``dtype``): copied into it in place (the module becomes the merge), or with
+    ``task_vectors=True`` kept as ``merged - base`` in :attr:`tensors` (the base untouched).
+    Kept tensors stay as they are; extras go to :attr:`extras` (:class:`ExtrasRecorder`)."""
+
+    def __init__(self, source: ModuleSource, *, task_vectors: bool = False, dtype: torch.dtype | None = None) -> None:
+        self.source, self.task_vectors, self.dtype = source, task_vectors, dtype
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.extras = ExtrasRecorder()
+
+    def keep(self, item: _Item) -> None:
+        pass
+
+    def put(self, name: str, merged: torch.Tensor, extras: Mapping[str, torch.Tensor], what: str) -> None:
+        p = self.source.tensors[name]
+        if self.task_vectors:
+            merged = merged - p.detach().float()
+        value = _stored(merged, self.dtype or p.dtype, name, what, None, cpu=False)
+        if self.task_vectors:
+            self.tensors[name] = value
+        else:
+            p.data.copy_(value)
+        for key, v in extras.items():
+            self.extras.add(name, key, v)
 
 
 # ---------------------------------------------------------------------------------------- global trim
@@ -322,6 +445,77 @@ def _batch_units(names: list[str], infos: Mapping[str, Any], device: torch.devic
     return units
 
 
+def stream_merge(source, sink, units: Sequence[Sequence[tuple[str, bool]]], spec, params: dict, *, seed: int = 0,
+                 device: torch.device | None = None, thresholds: list[float] | None = None, batched: bool = False,
+                 norms: TaskVectorNorms | None = None, label: str | None = None,
+                 compiled_write: Callable[[_Item], None] | None = None, progress: bool = False) -> dict[str, dict]:
+    """THE merge loop, for every source and sink: per unit of ``(name, merged)`` pairs (read ahead
+    by :func:`prefetch` from ``source.read``), a kept tensor goes to ``sink.keep``; a merged one whose
+    experts all equal the base (read ``None``, e.g. outside every LoRA target) is the base and kept
+    too; the others run through the method (:func:`call_method`: one seeding,
+    :func:`tensor_generator` ``(seed, name)``) in float32 on ``device`` (``None``: where the base
+    tensor is) and go to ``sink.put`` (which casts and checks them finite), with the method's
+    extras. ``compiled_write``: the compiled CPU path writes merged tensors itself.
+    Returns the per-tensor report facts of a reporting method (WUDI / OptMerge)."""
+    from tqdm.auto import tqdm
+
+    label = label or spec.name
+    objectives: dict[str, dict] = {}
+
+    def merge_unit(items: list[_Item]) -> None:
+        # a function of its own, so that no local outlives the unit (memory stays bounded)
+        todo = []
+        for it in items:
+            if it.merged and any(x is not None for x in it.experts):
+                todo.append(it)
+                continue
+            if it.merged and norms is not None:  # tau = 0 on this tensor, tallied as the method would see it
+                b = it.base.to(device=device or it.base.device, dtype=torch.float32)
+                norms.observe(it.name, b, [b] * len(it.experts))
+            sink.keep(it)
+        if not todo:
+            return
+        if compiled_write is not None:
+            for it in todo:
+                compiled_write(it)
+            return
+        results = _compute(spec, todo, device or todo[0].base.device, seed, params, thresholds, batched, norms)
+        for it, (merged, extras, facts) in zip(todo, results):
+            if facts:
+                objectives[it.name] = facts
+            if tuple(merged.shape) != tuple(it.base.shape):
+                raise WorkbenchError(f"method {label!r} returned shape {list(merged.shape)} for tensor "
+                                     f"{it.name!r}, expected {list(it.base.shape)}")
+            sink.put(it.name, merged, extras, f"method {label!r}")
+
+    with tqdm(total=sum(len(u) for u in units), desc=f"merge {label}", unit="tensor", disable=not progress) as bar:
+        with contextlib.closing(prefetch(units, source.read)) as stream:  # stops the reader thread on errors
+            for items in stream:
+                merge_unit(items)
+                bar.update(len(items))
+                del items
+    return objectives
+
+
+def merge_into(base: torch.nn.Module | Mapping[str, torch.Tensor], experts: Sequence[Any], method: Any = "weight_average",
+               params: Mapping[str, Any] | None = None, *, keep: Sequence[str] = (), seed: int = 0,
+               task_vectors: bool = False, dtype: torch.dtype | None = None, progress: bool = False) -> MemorySink:
+    """The in-memory merge (:class:`ModuleSource` -> :class:`MemorySink`, through :func:`stream_merge`):
+    every floating tensor of ``base`` (a module's parameters, tied ones once, or a state dict) except
+    those matching a ``keep`` regex (:class:`NameFilter` ``(exclude=keep, keep_defaults=False)``) is
+    merged from the ``experts`` (:class:`~workbench.io.experts.Expert`) by ``method`` (a name, a spec or
+    a callable: :func:`resolve_method`; ``params``: :func:`method_params`), where the tensor is.
+    The results replace the base's tensors in place, or (``task_vectors=True``) are kept as
+    ``merged - base`` in the returned sink's ``tensors`` (in ``dtype``, default the base's)."""
+    spec = resolve_method(method)
+    source = ModuleSource(base, experts)
+    flt = NameFilter(exclude=tuple(keep), keep_defaults=False)
+    sink = MemorySink(source, task_vectors=task_vectors, dtype=dtype)
+    stream_merge(source, sink, [[(n, True)] for n in source.tensors if flt.merged(n)], spec,
+                 method_params(spec, params), seed=seed, progress=progress)
+    return sink
+
+
 def merge(config: MergeConfig | dict | str | Path, *, methods: Mapping[str, Any] | None = None,
           progress: bool = True) -> Path:
     """Merge the experts of ``config`` into a new Hugging Face folder and return its path.
@@ -342,13 +536,10 @@ def merge(config: MergeConfig | dict | str | Path, *, methods: Mapping[str, Any]
 def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mapping[str, Any] | None = None,
                       progress: bool = True) -> MergeReport:
     """:func:`merge`, returning a :class:`MergeReport`."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     cfg = MergeConfig.coerce(config)
     spec = resolve_method(cfg.method, methods)
-    spec.check_params(cfg.params)
-    params = {**dict(getattr(spec, "defaults", {}) or {}), **typed_params(spec.fn, cfg.params, cfg.method)}
+    params = method_params(spec, cfg.params, cfg.method)
 
     # ---- paths
     inputs = [cfg.base, *cfg.experts]
@@ -383,8 +574,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         d = infos[n].dtype
         return out_dtype if (out_dtype is not None and d.is_floating_point) else d
 
-    def read(n: str, m: bool) -> _Item:
-        return _read_item(n, m, base, experts, check=not (compiled and m))
+    source = FolderSource(base, experts, checked=not compiled)
 
     pool = _compiled_pool() if compiled else (None, 1)  # (threads or None, workers)
 
@@ -403,7 +593,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                     pool[0].shutdown()
                 raise
         else:
-            thresholds = global_trim_thresholds([[(n, True)] for n in merged_names], read, len(experts), density,
+            thresholds = global_trim_thresholds([[(n, True)] for n in merged_names], source.read, len(experts), density,
                                                 device, progress)
         params = {**params, "trim": "tensor", "density": 1.0}
 
@@ -420,55 +610,24 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
         config_updates["torch_dtype"] = cfg.dtype
         if base.config and "dtype" in base.config:
             config_updates["dtype"] = cfg.dtype
-    extras = ExtrasRecorder()
-    objectives: dict[str, dict] = {}
-
     compiled_settings = _compiled_settings(cfg.method, params, len(experts), thresholds) if compiled else None
     plan = [(n, infos[n].shape, dtype_of(n)) for n in names]
     norms = TaskVectorNorms([str(p) for p in cfg.experts])
 
-    def stored(t: torch.Tensor, dtype: torch.dtype, name: str, source: str) -> torch.Tensor:
-        """``t`` cast to ``dtype`` on the CPU, checked finite *after* the cast (what is written)."""
-        out = t.to(dtype).cpu()
-        if not all_finite(out):
-            raise CheckpointError(f"{source} gives {_nonfinite_what(t, dtype)}; nothing written", file=cfg.output,
-                                  tensor=name)
-        return out
-
     with pool[0] or contextlib.nullcontext(), CheckpointWriter(cfg.output, copy_from=base.folder, max_shard_bytes=cfg.max_shard_bytes, plan=plan,
                           copy_tokenizer=cfg.copy_tokenizer, config_updates=config_updates,
                           overwrite=cfg.overwrite) as w:
-        def write_unit(items: list[_Item]) -> None:
-            # a function of its own, so that no local outlives the unit (memory stays bounded)
-            if not items[0].merged:
-                it = items[0]
-                w.add(it.name, it.base if out_dtype is None else stored(it.base, dtype_of(it.name), it.name,
-                                                                        "the base tensor (kept)"))
-                return
-            if compiled:
-                _compiled_write(w, items[0], cfg, compiled_settings, dtype_of(items[0].name), base, experts, pool,
-                                norms)
-                return
-            results = _compute(spec, items, device, cfg.seed, params, thresholds, batched, norms)
-            for it, (merged, method_extras, facts) in zip(items, results):
-                if facts:
-                    objectives[it.name] = facts
-                if tuple(merged.shape) != tuple(infos[it.name].shape):
-                    raise WorkbenchError(f"method {cfg.method!r} returned shape {list(merged.shape)} for tensor "
-                                         f"{it.name!r}, expected {list(infos[it.name].shape)}")
-                w.add(it.name, stored(merged, dtype_of(it.name), it.name, f"method {cfg.method!r}"))
-                for key, value in method_extras.items():
-                    extras.add(it.name, key, value)
+        sink = FolderSink(w, dtype_of, cfg.output)
 
-        with tqdm(total=len(names), desc=f"merge {cfg.method}", unit="tensor", disable=not progress) as bar:
-            with contextlib.closing(prefetch(units, read)) as stream:  # stops the reader thread on errors
-                for items in stream:
-                    write_unit(items)
-                    bar.update(len(items))
-                    del items
+        def compiled_write(it: _Item) -> None:
+            _compiled_write(w, it, cfg, compiled_settings, dtype_of(it.name), base, experts, pool, norms)
+
+        objectives = stream_merge(source, sink, units, spec, params, seed=cfg.seed, device=device,
+                                  thresholds=thresholds, batched=batched, norms=norms, label=cfg.method,
+                                  compiled_write=compiled_write if compiled else None, progress=progress)
         norms.check(strict=cfg.strict, files=[e.path for e in experts])
-        if extras:
-            extras.save(w, cfg.method, params_asked)
+        if sink.extras:
+            sink.extras.save(w, cfg.method, params_asked)
         report = MergeReport(cfg.output, cfg.method, params_asked, merged_names,
                              [n for n in names if n not in merged_set], 0.0, str(device), thresholds, objectives,
                              "compiled" if compiled else "torch")

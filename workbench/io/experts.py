@@ -17,10 +17,11 @@ Kinds (``Expert.kind``):
 Every read is lazy (one tensor at a time, memory-mapped by default). The three users read an
 expert in their own form, each one method here:
 
-- :meth:`Expert.read` (the merge engine): the stored value - a full tensor, a
-  :class:`LoraPiece` (factors applied on the compute device) or ``None`` (equal to the base);
+- :meth:`Expert.read` (the merge engine, from folders or in memory): the stored value - a full
+  tensor, a :class:`LoraPiece` (factors applied on the compute device) or ``None`` (equal to the base);
 - :meth:`Expert.raw` (interference analysis): ``(weight or delta, other-set delta, is_weight)``;
-- :meth:`Expert.tau` (composition): ``tau`` in float32 next to a given base tensor.
+- :meth:`Expert.tau` (composition's DAMC deltas and MMER re-masking): ``tau`` in float32 next to a
+  given base tensor.
 
 A zoo expert folder (``expert.json`` + ``llm/`` / ``adapter/`` / ``adapter_text/`` +
 ``adapter_modality/``, as :mod:`workbench.world.zoo` writes it) is resolved by
@@ -119,13 +120,19 @@ class Expert:
 
     # ------------------------------------------------------------------ reads
     def read(self, name: str) -> torch.Tensor | LoraPiece | None:
-        """The stored value of ``name`` (the merge engine's form): a full expert's tensor, a LoRA
-        expert's :class:`LoraPiece` (with the replaced weight it applies on, if any) or its
-        replacement weight, ``None`` where the expert equals the base."""
-        if self.kind == "full":
-            return self.reader.get(name)
-        if self.kind in ("frozen", "mllm") or self.adapter is None:
-            raise ConfigError(f"read() needs a full or LoRA expert, not {self.kind!r}")
+        """The stored value of ``name`` (the merge engine's form): a full expert's tensor (a
+        multimodal folder's by its causal-LM name), a LoRA expert's :class:`LoraPiece` (with the
+        replaced weight it applies on, if any) or its replacement weight, ``None`` where the expert
+        equals the base (a frozen expert: everywhere). A full expert must hold ``name``."""
+        if self.kind in ("full", "mllm"):
+            has = self.reader.__contains__ if self.kind == "full" else self.checkpoint.has_lm_tensor
+            if not has(name):
+                raise CheckpointError("expert lacks a tensor of the base LLM", file=self.path, tensor=name)
+            return self.reader.get(name) if self.kind == "full" else self.checkpoint.lm_tensor(name)
+        if self.kind == "frozen":
+            return None
+        if self.adapter is None:
+            raise ConfigError(f"read() needs a full, LoRA or frozen expert, not {self.kind!r}")
         on = self.adapter.get_replaced(name) if name in self._replaced else None
         if name in self._targets:
             a, b, s = self.adapter.factors(name)
