@@ -14,7 +14,8 @@ from conftest import (perturb_checkpoint, run_forward_llama, run_forward_llava, 
 from safetensors.torch import save_file
 
 from workbench import engine
-from workbench.engine import merge, merge_with_report, prefetch, tensor_generator
+from workbench.engine import merge, merge_with_report, tensor_generator
+from workbench.io.stream import PREFETCH_DEPTH, prefetch
 from workbench.io.mmer_store import read_extras
 from workbench.io.packing import pack_mask, unpack_mask
 from workbench.io import CheckpointReader, CheckpointWriter, NameFilter
@@ -245,7 +246,7 @@ def test_memory_bounded_by_a_few_tensors(tmp_path, monkeypatch):
     out = merge(_cfg(base, experts, tmp_path / "out"), methods=REG, progress=False)
     assert live["total"] >= n * 5  # 4 reads + 1 write per tensor: the instrumentation saw them
     # prefetch depth 2 + the unit being computed + the one being read, 4 inputs each, + the output
-    bound = (engine.PREFETCH_DEPTH + 2) * 4 + 2
+    bound = (PREFETCH_DEPTH + 2) * 4 + 2
     assert live["max"] <= bound, live
     assert len(CheckpointReader(out)) == n
 
@@ -436,7 +437,8 @@ def test_global_trim_expert_and_thresholds_are_exact():
     """The engine's in-place global trim is bit-identical to ``b + where(|e - b| >= t, e - b, 0)``, and its
     streaming thresholds (bit-pattern histogram) equal the exact reference, subnormals and ties included."""
     from workbench import merging as M
-    from workbench.engine import _Item, _trim_expert, global_trim_thresholds
+    from workbench.engine import _trim_expert, global_trim_thresholds
+    from workbench.io.stream import StreamItem
 
     g = torch.Generator().manual_seed(0)
     b = torch.randn(1000, generator=g)
@@ -452,7 +454,7 @@ def test_global_trim_expert_and_thresholds_are_exact():
             base = torch.randn(sh, generator=g)
             ex = [base + (torch.randn(sh, generator=g) * 3).round() * scale * (torch.rand(sh, generator=g) < 0.6)
                   for _ in range(3)]
-            items.append(_Item(f"t{j}", True, base, ex))
+            items.append(StreamItem(f"t{j}", True, base, ex))
         by = {it.name: it for it in items}
         for d in (0.01, 0.2, 0.5, 0.9, 1.0):
             got = global_trim_thresholds([[(it.name, True)] for it in items], lambda n, m: by[n], 3, d,

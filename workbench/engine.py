@@ -1,5 +1,16 @@
 """The streaming merge engine: any registered method, tensor by tensor, on a chosen device.
 
+ONE merge loop, :func:`stream_merge`, serves every merge: it reads ``(base, experts)`` per tensor
+name from a source, runs the method (one lookup: :func:`resolve_method`, one parameter rule:
+:func:`method_params`, one seeding: :func:`tensor_generator` ``(seed, name)``, one call:
+:func:`call_method`) and hands the result to a sink, which casts it and checks it finite (sources
+and sinks: :mod:`workbench.io.stream`). Two entry points:
+
+- :func:`merge` / :func:`merge_with_report`: checkpoint folders to a new checkpoint folder
+  (``FolderSource`` -> ``FolderSink``; the engine's name filter :class:`~workbench.io.filters.NameFilter`);
+- :func:`merge_into`: a module or state dict in memory, merged in place or into task vectors
+  (``ModuleSource`` -> ``MemorySink``; what :mod:`workbench.compose` builds NaiveMC and MMER with).
+
 ``merge(config)`` does, in order:
 
 1. **validation, before anything is written**: the method and its parameters (typed by the
@@ -34,8 +45,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,16 +55,14 @@ import torch
 from .config import MergeConfig, typed_params
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, WorkbenchError
-from .io.experts import LoraPiece, open_expert
+from .io.experts import open_expert
 from .io.filters import NameFilter
 from .io.lora import is_lora_adapter
-from .io.mmer_store import ExtrasRecorder
-from .io.reader import CheckpointReader, all_finite, check_finite
+from .io.reader import CheckpointReader
+from .io.stream import FolderSink, FolderSource, MemorySink, ModuleSource, StreamItem, prefetch, read_item, to_device
 from .io.validate import (ROW_STRIDE, TaskVectorNorms, check_output_path, check_output_target, remove_stale_temporaries)
 from .io.writer import CheckpointWriter
 
-#: tensors read ahead of the one being computed.
-PREFETCH_DEPTH = 2
 #: histogram used to locate the global trim threshold (2**15 bins of float32 bit patterns; LO/HI unused).
 _HIST_LO, _HIST_HI, _HIST_BINS = -80.0, 20.0, 1 << 15
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -113,195 +120,6 @@ def method_params(spec, params: Mapping[str, Any] | None, label: str | None = No
     return {**dict(getattr(spec, "defaults", {}) or {}), **typed_params(spec.fn, params, label or spec.name)}
 
 
-# ---------------------------------------------------------------------------------------- reading
-@dataclass
-class _Item:
-    name: str
-    merged: bool
-    base: torch.Tensor
-    experts: list = field(default_factory=list)  # Tensor | LoraPiece | None (= base)
-
-
-def _read_item(name: str, merged: bool, base: Any, experts: Sequence[Any], check: bool = True) -> _Item:
-    """Read one tensor of the base (``base.get`` / ``base.file_of``: a :class:`CheckpointReader` or a
-    :class:`ModuleSource`) and of the experts when it is merged, checking shapes and finiteness
-    (``check=False``: the compiled merge checks every entry as it reads it)."""
-    b = base.get(name)
-    if check:
-        check_finite(b, file=base.file_of(name), tensor=name)
-    item = _Item(name, merged, b)
-    if merged:
-        for e in experts:
-            x = e.read(name)
-            if isinstance(x, torch.Tensor):
-                if tuple(x.shape) != tuple(b.shape):
-                    raise CheckpointError(f"shape {list(x.shape)} differs from the base's {list(b.shape)}",
-                                          file=e.file_of(name), tensor=name)
-                if check:
-                    check_finite(x, file=e.file_of(name), tensor=name)
-            elif isinstance(x, LoraPiece):
-                for t in (x.a, x.b) if x.on is None else (x.a, x.b, x.on):
-                    check_finite(t, file=e.file_of(name), tensor=name)
-            item.experts.append(x)
-    return item
-
-
-def prefetch(units: Sequence[Sequence[tuple[str, bool]]], read: Callable[[str, bool], _Item],
-             depth: int = PREFETCH_DEPTH) -> Iterator[list[_Item]]:
-    """Yield ``[read(name, merged) for ...]`` per unit while a background thread reads up to
-    ``depth`` units ahead. An exception in the reader is re-raised in the caller; stopping the
-    iteration early stops the thread."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-    done = object()
-
-    def put(x) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for unit in units:
-                items = [read(n, m) for n, m in unit]
-                if not put(items):
-                    return
-                del items
-            put(done)
-        except BaseException as e:  # handed to the consumer
-            put(e)
-
-    t = threading.Thread(target=work, name="workbench-prefetch", daemon=True)
-    t.start()
-    try:
-        while True:
-            x = q.get()
-            if x is done:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-            del x
-    finally:
-        stop.set()
-        while True:  # unblock a waiting producer
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                break
-        t.join(timeout=30)
-
-
-def _to_device(x, base_dev: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Expert value -> float32 tensor on ``device`` (``None`` is the base, LoRA adds its delta)."""
-    if x is None:
-        return base_dev.clone()
-    if isinstance(x, LoraPiece):
-        on = base_dev if x.on is None else x.on.to(device=device, dtype=torch.float32)
-        d = x.delta(device)
-        if tuple(d.shape) != tuple(on.shape):
-            raise CheckpointError(f"LoRA delta shape {list(d.shape)} differs from the base's {list(on.shape)}")
-        return on + d
-    return x.to(device=device, dtype=torch.float32, non_blocking=True)
-
-
-# ---------------------------------------------------------------------------------------- sources and sinks
-class FolderSource:
-    """Checkpoint folders: the base's :class:`CheckpointReader` and the experts
-    (:func:`workbench.io.experts.open_expert`). ``checked=False``: merged tensors are not checked
-    finite on reading (the compiled merge checks every entry as it reads it)."""
-
-    def __init__(self, base: CheckpointReader, experts: Sequence[Any], *, checked: bool = True) -> None:
-        self.base, self.experts, self.checked = base, list(experts), checked
-
-    def read(self, name: str, merged: bool) -> _Item:
-        return _read_item(name, merged, self.base, self.experts, check=self.checked or not merged)
-
-
-class ModuleSource:
-    """A base in memory - a module's floating parameters (tied ones once) or a state dict - and
-    experts read tensor by tensor (:class:`~workbench.io.experts.Expert`: any kind but DAMC)."""
-
-    def __init__(self, base: torch.nn.Module | Mapping[str, torch.Tensor], experts: Sequence[Any]) -> None:
-        tensors = dict(base.named_parameters()) if isinstance(base, torch.nn.Module) else dict(base)
-        self.tensors = {n: t for n, t in tensors.items() if t.dtype.is_floating_point}
-        self.experts = list(experts)
-        for e in self.experts:
-            if e.kind == "damc":
-                raise ConfigError(f"expert {e.path} is a DAMC expert: its LLM is decoupled into text and modality "
-                                  "parameters and has no single task vector (use compose_damc)")
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name].detach()
-
-    def file_of(self, name: str) -> None:
-        return None
-
-    def read(self, name: str, merged: bool) -> _Item:
-        return _read_item(name, merged, self, self.experts)
-
-
-def _stored(t: torch.Tensor, dtype: torch.dtype, name: str, what: str, file: Path | None,
-            cpu: bool = True) -> torch.Tensor:
-    """``t`` cast to ``dtype`` (on the CPU with ``cpu``), checked finite *after* the cast (what is stored)."""
-    out = t.to(dtype)
-    out = out.cpu() if cpu else out
-    if not all_finite(out):
-        raise CheckpointError(f"{what} gives {_nonfinite_what(t, dtype)}; nothing written", file=file, tensor=name)
-    return out
-
-
-class FolderSink:
-    """Results into a checkpoint folder through a planned :class:`CheckpointWriter` (atomic: the
-    folder appears when the writer closes), each cast to ``dtype_of(name)``; extras into its
-    :class:`ExtrasRecorder` (saved under ``<output>/mmer/`` by the caller)."""
-
-    def __init__(self, writer: CheckpointWriter, dtype_of: Callable[[str], torch.dtype], output: Path) -> None:
-        self.writer, self.dtype_of, self.output = writer, dtype_of, output
-        self.extras = ExtrasRecorder()
-
-    def keep(self, item: _Item) -> None:
-        b = item.base
-        self.writer.add(item.name, b if self.dtype_of(item.name) == b.dtype else
-                        _stored(b, self.dtype_of(item.name), item.name, "the base tensor (kept)", self.output))
-
-    def put(self, name: str, merged: torch.Tensor, extras: Mapping[str, torch.Tensor], what: str) -> None:
-        self.writer.add(name, _stored(merged, self.dtype_of(name), name, what, self.output))
-        for key, value in extras.items():
-            self.extras.add(name, key, value)
-
-
-class MemorySink:
-    """Results into the tensors of a :class:`ModuleSource`, each cast to its base tensor's dtype
-    (or ``dtype``): copied into it in place (the module becomes the merge), or with
-    ``task_vectors=True`` kept as ``merged - base`` in :attr:`tensors` (the base untouched).
-    Kept tensors stay as they are; extras go to :attr:`extras` (:class:`ExtrasRecorder`)."""
-
-    def __init__(self, source: ModuleSource, *, task_vectors: bool = False, dtype: torch.dtype | None = None) -> None:
-        self.source, self.task_vectors, self.dtype = source, task_vectors, dtype
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.extras = ExtrasRecorder()
-
-    def keep(self, item: _Item) -> None:
-        pass
-
-    def put(self, name: str, merged: torch.Tensor, extras: Mapping[str, torch.Tensor], what: str) -> None:
-        p = self.source.tensors[name]
-        if self.task_vectors:
-            merged = merged - p.detach().float()
-        value = _stored(merged, self.dtype or p.dtype, name, what, None, cpu=False)
-        if self.task_vectors:
-            self.tensors[name] = value
-        else:
-            p.data.copy_(value)
-        for key, v in extras.items():
-            self.extras.add(name, key, v)
-
-
 # ---------------------------------------------------------------------------------------- global trim
 def _hist_index(a: torch.Tensor) -> torch.Tensor:
     """Bin of each magnitude (float32, ``>= 0``) in the fixed histogram: the top 15 bits of its
@@ -317,11 +135,11 @@ def _hist_add(hist: torch.Tensor, a: torch.Tensor) -> None:
     hist[0] -= a.numel() - int(torch.count_nonzero(a))
 
 
-def _taus(items: list[_Item], device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+def _taus(items: list[StreamItem], device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     for item in items:
         b = item.base.to(device=device, dtype=torch.float32)
         for i, x in enumerate(item.experts):
-            yield i, (_to_device(x, b, device) - b).reshape(-1)
+            yield i, (to_device(x, b, device) - b).reshape(-1)
 
 
 def global_trim_thresholds(units, read, n_experts: int, density: float, device: torch.device,
@@ -448,7 +266,7 @@ def _batch_units(names: list[str], infos: Mapping[str, Any], device: torch.devic
 def stream_merge(source, sink, units: Sequence[Sequence[tuple[str, bool]]], spec, params: dict, *, seed: int = 0,
                  device: torch.device | None = None, thresholds: list[float] | None = None, batched: bool = False,
                  norms: TaskVectorNorms | None = None, label: str | None = None,
-                 compiled_write: Callable[[_Item], None] | None = None, progress: bool = False) -> dict[str, dict]:
+                 compiled_write: Callable[[StreamItem], None] | None = None, progress: bool = False) -> dict[str, dict]:
     """THE merge loop, for every source and sink: per unit of ``(name, merged)`` pairs (read ahead
     by :func:`prefetch` from ``source.read``), a kept tensor goes to ``sink.keep``; a merged one whose
     experts all equal the base (read ``None``, e.g. outside every LoRA target) is the base and kept
@@ -462,7 +280,7 @@ def stream_merge(source, sink, units: Sequence[Sequence[tuple[str, bool]]], spec
     label = label or spec.name
     objectives: dict[str, dict] = {}
 
-    def merge_unit(items: list[_Item]) -> None:
+    def merge_unit(items: list[StreamItem]) -> None:
         # a function of its own, so that no local outlives the unit (memory stays bounded)
         todo = []
         for it in items:
@@ -619,7 +437,7 @@ def merge_with_report(config: MergeConfig | dict | str | Path, *, methods: Mappi
                           overwrite=cfg.overwrite) as w:
         sink = FolderSink(w, dtype_of, cfg.output)
 
-        def compiled_write(it: _Item) -> None:
+        def compiled_write(it: StreamItem) -> None:
             _compiled_write(w, it, cfg, compiled_settings, dtype_of(it.name), base, experts, pool, norms)
 
         objectives = stream_merge(source, sink, units, spec, params, seed=cfg.seed, device=device,
@@ -678,7 +496,7 @@ def _raise_nonfinite(name: str, base: CheckpointReader, experts: Sequence[Any], 
                      dtype: torch.dtype):
     """The compiled kernel met a non-finite value: name the input that holds it, else the result
     (non-finite in float32, or past the range of the output ``dtype``)."""
-    _read_item(name, True, base, experts, check=True)
+    read_item(name, True, base, experts, check=True)
     if dtype == torch.float32:
         what = "non-finite values"
     else:  # the float32 result was finite: the kernel counts the cast's overflow (float16 / bfloat16)
@@ -694,12 +512,12 @@ def _compiled_global_trim(names: list[str], base: CheckpointReader, experts: Seq
                               density, pool=pool[0], workers=pool[1], progress=progress)
     if out is None:
         for n in names:
-            _read_item(n, True, base, experts, check=True)
+            read_item(n, True, base, experts, check=True)
         raise CheckpointError("non-finite task vector in the global trim", file=base.path)
     return out
 
 
-def _compiled_write(w: CheckpointWriter, it: _Item, cfg: MergeConfig, settings, dtype: torch.dtype,
+def _compiled_write(w: CheckpointWriter, it: StreamItem, cfg: MergeConfig, settings, dtype: torch.dtype,
                     base: CheckpointReader, experts: Sequence[Any], pool, norms: TaskVectorNorms | None = None
                     ) -> None:
     from .merging.kernels import merge_tensor, task_vector_sq
@@ -715,13 +533,6 @@ def _compiled_write(w: CheckpointWriter, it: _Item, cfg: MergeConfig, settings, 
             _raise_nonfinite(it.name, base, experts, cfg.output, cfg.method, dtype)
 
     w.add_parts(it.name, parts)
-
-
-def _nonfinite_what(t: torch.Tensor | None, dtype: torch.dtype) -> str:
-    """Why a written tensor is not finite: the values themselves, or the cast to ``dtype``."""
-    if t is not None and all_finite(t):
-        return f"values outside the {str(dtype).replace('torch.', '')} range (Inf after the cast)"
-    return "non-finite values"
 
 
 def _version() -> str:
@@ -743,7 +554,7 @@ def _objective_summary(objectives: Mapping[str, dict]) -> dict:
         "objectives": dict(objectives)}
 
 
-def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: dict,
+def _compute(spec, items: list[StreamItem], device: torch.device, seed: int, params: dict,
              thresholds: list[float] | None, batched: bool,
              norms: TaskVectorNorms | None = None) -> list[tuple[torch.Tensor, dict, dict]]:
     """Run the method on a unit of merged tensors; returns ``(merged float32, extras, report facts)``
@@ -754,7 +565,7 @@ def _compute(spec, items: list[_Item], device: torch.device, seed: int, params: 
     bases, expert_lists = [], []
     for it in items:
         b = it.base.to(device=device, dtype=torch.float32, non_blocking=True)
-        ex = [_to_device(x, b, device) for x in it.experts]
+        ex = [to_device(x, b, device) for x in it.experts]
         if norms is not None:
             norms.observe(it.name, b, ex)
         if thresholds is not None:  # global trim: zero the task-vector entries below each expert's threshold

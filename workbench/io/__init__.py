@@ -1,4 +1,5 @@
-"""Checkpoint I/O: lazy readers, LoRA adapters, experts of every kind, the atomic sharded writer, name filters."""
+"""Checkpoint I/O: lazy readers, LoRA adapters, experts of every kind, the atomic sharded writer, name filters,
+the merge stream's sources and sinks (:mod:`workbench.io.stream`)."""
 from .experts import Expert, open_expert
 from .filters import DEFAULT_KEEP, NameFilter
 from .lora import LoraAdapter, is_lora_adapter, lora_delta, peft_key_to_base
