@@ -461,3 +461,50 @@ def test_global_trim_expert_and_thresholds_are_exact():
                                          torch.device("cpu"), progress=False)
             want = M.global_trim_thresholds([[x.float() - it.base for x in it.experts] for it in items], d)
             assert got == want, (scale, d)
+
+
+# ============================================================================================ one loop, two ends
+@pytest.mark.parametrize("method,params", [("weight_average", {}), ("ties", {"density": 0.3}), ("dare_ties", {"drop_rate": 0.5}),
+                                           ("mmer", {"lam": 1.0})])
+def test_folder_and_memory_merges_are_the_same_tensors(tiny_llama, tiny_llama_experts, tiny_lora_adapters, method,
+                                                       params, tmp_path):
+    """stream_merge from checkpoint folders to a folder and from a state dict in memory: bit-equal (float32 in,
+    float32 out; DARE's draws seeded by (seed, name) alike), MMER's extras too; LoRA experts as well."""
+    from workbench.engine import merge_into
+    from workbench.io import DEFAULT_KEEP, open_expert
+
+    for i, experts in enumerate([tiny_llama_experts[:2], tiny_lora_adapters]):
+        out = merge(_cfg(tiny_llama, experts, tmp_path / f"m{i}", method=method, params=params, seed=3),
+                    progress=False)
+        base = state_dict_of(tiny_llama)
+        sink = merge_into(base, [open_expert(p) for p in experts], method, params, keep=DEFAULT_KEEP, seed=3)
+        on_disk = state_dict_of(out)
+        assert set(on_disk) == set(base)
+        for k, v in on_disk.items():
+            assert base[k].dtype == v.dtype and torch.equal(base[k], v), k
+        if method == "mmer":
+            extras = read_extras(out / "mmer")
+            assert set(extras) == set(sink.extras.tensors) and extras
+            for key, m in extras.items():
+                assert torch.equal(pack_mask(m), sink.extras.tensors[key]), key
+
+
+def test_memory_merge_properties(tiny_llama, tiny_llama_experts):
+    """Identical experts give that expert (float rounding of the float32 mean), lambda = 0 the base
+    (bit for bit), and the task-vector sink leaves the base untouched."""
+    from workbench.compose import merge_llm
+    from workbench.engine import merge_into
+    from workbench.io import open_expert
+
+    base, e1 = state_dict_of(tiny_llama), state_dict_of(tiny_llama_experts[0])
+    same = merge_llm(tiny_llama, [tiny_llama_experts[0]] * 3).state_dict()
+    for k, v in e1.items():
+        torch.testing.assert_close(same[k], v, rtol=1e-6, atol=1e-7)
+    zero = merge_llm(tiny_llama, tiny_llama_experts[:2], coefficients=[0.0, 0.0]).state_dict()
+    for k, v in base.items():
+        assert torch.equal(zero[k], v), k
+    held = {k: v.clone() for k, v in base.items()}
+    sink = merge_into(held, [open_expert(tiny_llama_experts[0])], "task_arithmetic", task_vectors=True)
+    for k, v in base.items():
+        assert torch.equal(held[k], v)
+        assert torch.equal(sink.tensors[k], e1[k] - v), k
