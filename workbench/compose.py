@@ -19,8 +19,10 @@ Compositions (methods.md sections 1-3):
 - :func:`compose_frozen`: θ0 and the experts' towers (projector-only MLLMs).
 - :func:`compose_naive_mc`: NaiveMC. θ = θ0 + Σ λi τi with λi = 1/N (the weight average); LoRA experts
   contribute their product delta ``s · Bi Ai`` (never A and B averaged separately); projector-only
-  experts contribute τ = 0. Streamed tensor by tensor (:func:`merge_llm`): memory holds the base
-  model and one tensor of each expert. Any method of :mod:`workbench.merging` can replace the average.
+  experts contribute τ = 0. Streamed tensor by tensor by the engine's one merge loop
+  (:func:`merge_llm` -> :func:`workbench.engine.merge_into`, the registry's ``weight_average``):
+  memory holds the base model and a few tensors of each expert. Any method of
+  :mod:`workbench.merging` can replace the average.
 - :func:`compose_damc`: text tokens use W0 + Σ λi si Bi^t Ai^t, tokens of modality m use
   W0 + μ_m sm Bm^mod Am^mod (μ = 1); λ is searched by :mod:`workbench.studies.search` (a grid on a
   multi-modality validation split, or the own-task fallback), which re-weights the composed model
