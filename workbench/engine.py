@@ -546,7 +546,7 @@ def _compiled_write(w: CheckpointWriter, it: _Item, cfg: MergeConfig, settings, 
     from .merging.kernels import merge_tensor, task_vector_sq
 
     if norms is not None and it.base.dim() >= 2:  # the foreign-expert tally, as _compute's (strided rows)
-        base_sq, tau_sq = task_vector_sq(it.base, it.experts, ROW_STRIDE)
+        base_sq, tau_sq = task_vector_sq(it.base, it.experts, ROW_STRIDE, pool=pool[0])
         for i, t in enumerate(tau_sq):
             norms.add(it.name, it.base.dim(), i, t, base_sq)
 

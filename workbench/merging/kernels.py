@@ -21,7 +21,10 @@ multiply-add). The per-tensor TIES thresholds are the exact ``k``-th largest ``|
 ``ceil(density * total)``-th largest non-zero ``|tau_i|`` over all merged tensors (as
 :func:`workbench.engine.global_trim_thresholds`), both by :func:`kernels.kth_from_hist` from two
 histogram passes (the high 16 bits of every ``|tau_i|``, then the low 16 bits of the entries in the
-threshold's bin), each one pass over the tensor for all experts together (the generated ``hists``).
+threshold's bin), each one pass over the tensor for all experts together (the generated ``hists``);
+on large tensors the per-tensor ones take a single pass where a sample (1/16 of the entries)
+predicts the threshold's bin: that pass also counts the low bits of the few bins around it (the
+same counts as the second pass, so the same thresholds; the second pass runs where it misses).
 Non-finite inputs and results are counted as the kernel reads and stores them (a bfloat16 output
 also when a finite float32 result rounds to Inf); no torch operation runs per chunk.
 ``tests/test_merge_kernels.py`` checks all of it against the torch methods. One exception: from
@@ -34,7 +37,8 @@ goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a t
 output chunks (``CHUNK_ENTRIES`` x 4 bytes = 4 MiB each at most: one is written to the output file,
 :meth:`workbench.io.writer.CheckpointWriter.add_parts`, on a pool thread while the next is
 computed; plus a float32 staging chunk per input that is neither bfloat16 nor float32) and the
-threshold histograms (``[N, 2**16]`` int64 per worker thread, kept from tensor to tensor),
+threshold histograms (``[N, 2**16]`` int64 per worker thread and the one-pass window's
+``[N, WINDOW_BINS * 2**16]`` int32, kept from tensor to tensor: 7.5 MiB per thread for 3 experts),
 whatever the tensor's size. (Checkpoints stored in float16 or float64 are the exception for TIES:
 its threshold passes read a float32 copy of the tensor's rows.)
 
@@ -199,13 +203,17 @@ def _dare_drop_source(N: int, indent: str) -> list[str]:
 
 
 def _hist_source(N: int, helpers: str) -> str:
-    """Source of ``hists(m_0 .. m_{N-1}, base, pos0, dare, keys, p_int, keep, skip_zeros, low, hbins, hist)
-    -> bool``: the histograms of every expert's ``|x_i|`` in one pass over the inputs, ``x_i = m_i - base``
+    """Source of ``hists(m_0 .. m_{N-1}, base, pos0, dare, keys, p_int, keep, skip_zeros, low, hbins, hist,
+    window) -> bool``: the histograms of every expert's ``|x_i|`` in one pass over the inputs, ``x_i = m_i - base``
     (DARE-dropped, ``x_i * keep_draw_i / keep``, when ``dare``; ``pos0`` the position of entry 0):
     ``hist[i, bits >> 16] += 1``, or when ``low``, ``hist[i, bits & 0xFFFF] += 1`` for the entries
     with ``bits >> 16 == hbins[i]`` (none when ``hbins[i] < 0``); exact zeros left out when
-    ``skip_zeros``. Returns whether every ``x_i`` is finite (when not, the histograms are
-    incomplete). Block by block: the vectorised ``|x_i|`` bits into a small buffer, then the scatter."""
+    ``skip_zeros``. With ``window`` (``[N, W << 16]`` int32, not with ``low`` nor ``skip_zeros``) the
+    high pass also counts the low 16 bits of the entries whose high bits ``h`` lie in ``hbins[i] <= h <
+    hbins[i] + W``: ``window[i, (h - hbins[i]) << 16 | bits & 0xFFFF] += 1`` (the second pass's
+    histograms of those ``W`` bins, in the same pass). Returns whether every ``x_i`` is finite (when
+    not, the histograms are incomplete). Block by block: the vectorised ``|x_i|`` bits into a small
+    buffer, then the scatter."""
     r = range(N)
     L: list[str] = []
     A = L.append
@@ -215,7 +223,8 @@ def _hist_source(N: int, helpers: str) -> str:
     A("")
     A("@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')")
     A("def hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, dare, keys, p_int, keep, skip_zeros, low, "
-      "hbins, hist):")
+      "hbins, hist, window):")
+    A("    width = window.shape[1] >> 16")
     A(f"    buf = np.empty(({N}, 4096), np.int32)")
     A("    n = base.shape[0]")
     A("    pu = np.uint32(p_int)")
@@ -252,6 +261,14 @@ def _hist_source(N: int, helpers: str) -> str:
     A("                    a = ri[j]")
     A("                    if (a >> 16) == hb and (a != 0 or not skip_zeros):")
     A("                        hi[a & 0xFFFF] += 1")
+    A("            elif width > 0:")
+    A("                wi = window[i]")
+    A("                for j in range(ri.shape[0]):")
+    A("                    a = ri[j]")
+    A("                    hi[a >> 16] += 1")
+    A("                    d = (a >> 16) - hb")
+    A("                    if d >= 0 and d < width:")
+    A("                        wi[(d << 16) | (a & 0xFFFF)] += 1")
     A("            elif skip_zeros:")
     A("                for j in range(ri.shape[0]):")
     A("                    if ri[j] != 0:")
@@ -365,46 +382,105 @@ def _chunk(src, lo: int, hi: int, stage: np.ndarray | None) -> np.ndarray:
 
 
 _HIST_BUFFERS = threading.local()
+#: tensors of at least this many entries get their per-tensor TIES thresholds in one pass where a
+#: sample predicts the threshold's bin (:func:`_thresholds`); smaller ones take the two passes
+WINDOW_MIN_ENTRIES = 1 << 18
+#: at most this many bins around the sample's prediction have their low 16 bits counted in the
+#: first pass (``[N, WINDOW_BINS << 16]`` int32 per thread)
+WINDOW_BINS = 8
+#: the sample: this many slices of 1/64 of the tensor each (1/16 of its entries)
+SAMPLE_SLICES = 4
 
 
-def _hist_buffers(count: int, N: int, bins: int) -> list[np.ndarray]:
-    """``count`` zeroed ``[N, bins]`` int64 histograms, kept per thread and reused from tensor to
+def _hist_buffers(count: int, N: int, bins: int, dtype=np.int64) -> list[np.ndarray]:
+    """``count`` zeroed ``[N, bins]`` histograms, kept per thread and reused from tensor to
     tensor (fresh ones cost a page fault per 4 KiB on every tensor); valid until the next call
-    with the same ``(N, bins)``."""
+    with the same ``(N, bins, dtype)``."""
     cache = _HIST_BUFFERS.__dict__.setdefault("by_shape", {})
-    bufs = cache.setdefault((N, bins), [])
+    bufs = cache.setdefault((N, bins, np.dtype(dtype).str), [])
     while len(bufs) < count:
-        bufs.append(np.zeros((N, bins), np.int64))
+        bufs.append(np.zeros((N, bins), dtype))
     for h in bufs[:count]:
         h.fill(0)
     return bufs[:count]
 
 
+def _run(pool, fn, ranges: list[tuple[int, int]]) -> list:
+    """:func:`workbench.cpu_kernels.run_ranges`, or one range after the other without a pool."""
+    if pool is None:
+        return [fn(j, lo, ln) for j, (lo, ln) in enumerate(ranges)]
+    return K.run_ranges(pool, fn, ranges)
+
+
 def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, skip_zeros: bool,
-               hbins: np.ndarray | None, pool, workers: int) -> np.ndarray | None:
+               hbins: np.ndarray | None, pool, workers: int, window: int = 0):
     """Every expert's histogram of ``|tau_i|`` in one pass over a tensor (the generated ``hists``:
     high 16 bits, ``[N, 2**15]``, or with ``hbins`` the low 16 bits of bin ``hbins[i]``'s entries,
-    ``[N, 2**16]``), threads over column ranges; ``None`` when a ``tau_i`` is not finite."""
+    ``[N, 2**16]``), threads over column ranges; ``None`` when a ``tau_i`` is not finite. With
+    ``window`` (a width ``W``; ``hbins`` its first bins): ``(high, lows)``, ``lows [N, W << 16]``
+    the low 16 bits of the entries in bins ``hbins[i] .. hbins[i] + W - 1``, int32 (a range of
+    fewer than ``2**31`` entries: every tensor the caller passes)."""
     N = len(mains)
-    low = hbins is not None
-    bins = np.asarray(hbins, np.int64) if low else np.zeros(N, np.int64)
+    low = hbins is not None and not window
+    bins = np.asarray(hbins, np.int64) if hbins is not None else np.zeros(N, np.int64)
     ranges = K.column_ranges(int(b.shape[0]), pool, workers)
     hs = _hist_buffers(len(ranges), N, 1 << (16 if low else 15))
+    ws = _hist_buffers(len(ranges), N, window << 16, np.int32)
     hist = _hist_kernel(N)
-    ok = K.run_ranges(pool, lambda j, lo, ln: hist(
-        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, dare, keys, p_int, keep, skip_zeros, low, bins, hs[j]),
-        ranges)
+    ok = _run(pool, lambda j, lo, ln: hist(
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, dare, keys, p_int, keep, skip_zeros, low, bins, hs[j],
+        ws[j]), ranges)
+    if not all(ok):
+        return None
+    for h, w in zip(hs[1:], ws[1:]):
+        hs[0] += h
+        ws[0] += w
+    return (hs[0], ws[0]) if window else hs[0]
+
+
+def _predicted_window(b, mains: list, args: tuple, k: int, pool) -> tuple[np.ndarray, int] | None:
+    """``(first, width)``: bins ``first[i] .. first[i] + width - 1`` (high 16 bits) that should hold
+    expert i's ``k``-th largest ``|tau_i|``: from a sample of :data:`SAMPLE_SLICES` slices spread
+    over the tensor (1/16 of its entries), the bins of the ranks ``k`` scaled to the sample, plus
+    and minus four standard deviations of a sampled rank; ``width`` a power of two, at most
+    :data:`WINDOW_BINS` (around the scaled rank's bin where more would be needed). ``None``
+    when a sampled ``tau_i`` is not finite."""
+    n = int(b.shape[0])
+    N = len(mains)
+    size = n // (16 * SAMPLE_SLICES)
+    slices = [(j * n // SAMPLE_SLICES, size) for j in range(SAMPLE_SLICES)]
+    hs = _hist_buffers(len(slices), N, 1 << 15)
+    no_window = np.zeros((N, 0), np.int32)
+    hist = _hist_kernel(N)
+    ok = _run(pool, lambda j, lo, ln: hist(
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, *args, False, np.zeros(N, np.int64), hs[j], no_window),
+        slices)
     if not all(ok):
         return None
     for h in hs[1:]:
         hs[0] += h
-    return hs[0]
+    m = size * SAMPLE_SLICES
+    rank = k * m / n
+    spread = 4 * math.sqrt(m * (k / n) * (1 - k / n)) + 1
+    lo_rank, hi_rank = max(1, math.floor(rank - spread)), min(m, math.ceil(rank + spread))
+    top = np.array([K.kth_bin(h, lo_rank) for h in hs[0]], np.int64)  # bins of larger values: higher
+    bottom = np.array([K.kth_bin(h, hi_rank) for h in hs[0]], np.int64)
+    width = 1 << max(0, int(np.max(top - bottom))).bit_length()
+    if width > WINDOW_BINS:
+        width = WINDOW_BINS
+        mid = np.array([K.kth_bin(h, max(1, round(rank))) for h in hs[0]], np.int64)
+        return np.maximum(mid - width // 2, 0), width
+    return bottom, width
 
 
 def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, workers: int) -> np.ndarray:
     """Per-tensor TIES thresholds: expert i's exact ``k``-th largest ``|tau_i|`` (after DARE's drop),
     ``k = max(1, min(n, round(density * n)))``; 0 (keep all) when ``k = n`` or the value is 0. Two
-    passes over the tensor for all experts together (high, then low 16 bits)."""
+    passes over the tensor for all experts together (high, then low 16 bits); on tensors of
+    :data:`WINDOW_MIN_ENTRIES` or more, one pass where it can: a sample (1/16 of the entries)
+    predicts each threshold's bin, and the high pass also counts the low bits of the
+    :data:`WINDOW_BINS` bins around it; the low pass runs only when a threshold's bin falls outside
+    (the same counts either way, so the same thresholds)."""
     n = int(base.shape[0])
     N = len(mains)
     thr = np.zeros(N, np.float32)
@@ -416,10 +492,22 @@ def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, wor
         base = _chunk(base, 0, n, np.empty(n, np.float32))
         mains = [_chunk(m, 0, n, np.empty(n, np.float32)) for m in mains]
     args = (s.dare, keys, s.p_int, s.keep, False)
-    high = _hist_pass(base, mains, *args, None, pool, workers)
+    predicted = _predicted_window(base, mains, args, k, pool) \
+        if max(WINDOW_MIN_ENTRIES, 64 * SAMPLE_SLICES) <= n < 2 ** 31 else None
+    if predicted is None:
+        high = _hist_pass(base, mains, *args, None, pool, workers)
+        first, width = np.zeros(N, np.int64), 0
+    else:
+        first, width = predicted
+        high, window = _hist_pass(base, mains, *args, first, pool, workers, width) or (None, None)
     if high is None:
         raise FloatingPointError
-    lows = _hist_pass(base, mains, *args, np.array([K.kth_bin(h, k) for h in high]), pool, workers)
+    bins = np.array([K.kth_bin(h, k) for h in high])
+    offsets = bins - first
+    if width and ((offsets >= 0) & (offsets < width)).all():
+        lows = [window[i, offsets[i] << 16:(offsets[i] + 1) << 16] for i in range(N)]
+    else:
+        lows = _hist_pass(base, mains, *args, bins, pool, workers)
     for i in range(N):
         t = K.kth_from_hist(high[i], k, lambda b, i=i: lows[i])
         thr[i] = t if t > 0 else 0.0
@@ -488,10 +576,12 @@ def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.T
     return bad == 0
 
 
-def task_vector_sq(base: torch.Tensor, experts: Sequence[torch.Tensor], every: int) -> tuple[float, list[float]]:
+def task_vector_sq(base: torch.Tensor, experts: Sequence[torch.Tensor], every: int, *, pool=None
+                   ) -> tuple[float, list[float]]:
     """``(||rows of theta_0||^2, [||rows of theta_i - theta_0||^2])`` over every ``every``-th row of a
     stored matrix (as ``[shape[0], -1]``; float32 differences, float64 sums): the sums of
-    :meth:`workbench.io.validate.TaskVectorNorms.observe`, read straight from the memory maps."""
+    :meth:`workbench.io.validate.TaskVectorNorms.observe`, read straight from the memory maps; with a
+    thread ``pool``, the experts side by side (each expert's sums as without)."""
     row = base.numel() // max(1, int(base.shape[0]))
     b = kernel_view(base)
     mains = [kernel_view(e) for e in experts]
@@ -500,7 +590,10 @@ def task_vector_sq(base: torch.Tensor, experts: Sequence[torch.Tensor], every: i
         b, mains, every = rows(base), [rows(e) for e in experts], 1
     if row == 0:
         return 0.0, [0.0] * len(experts)
-    sums = [_helpers().row_sq(m, b, row, every) for m in mains]
+    row_sq = _helpers().row_sq
+    one_by_one = pool is None or b.shape[0] < (1 << 16) * every  # small: not worth a thread hand-off
+    sums = _run(None if one_by_one else pool, lambda j, _lo, _ln: row_sq(mains[j], b, row, every),
+                [(0, 0)] * len(mains))
     return (sums[0][0] if sums else 0.0), [t for _, t in sums]
 
 
