@@ -129,29 +129,31 @@ def test_ties_thresholds_are_the_torch_kth_largest(method, params):
 
 @pytest.mark.parametrize("method,params", [c for c in CASES if c[0] in ("ties", "dare_ties") and c[1]["density"] < 1])
 @pytest.mark.parametrize("grid", [False, True])
-@pytest.mark.parametrize("prediction", ["sample", "miss"])
-def test_one_pass_thresholds_equal_two_passes(method, params, grid, prediction, monkeypatch):
-    """The one-pass per-tensor thresholds (a sample predicts each threshold's bin, the high pass
-    counts the low bits of the bins around it) are the two-pass ones, with two threads, on
-    continuous task vectors and on a grid of repeated magnitudes; where the prediction misses, the
-    low pass runs and gives them."""
+@pytest.mark.parametrize("window", ["sampled", "below", "above"])
+def test_one_pass_thresholds_equal_two_passes(method, params, grid, window, monkeypatch):
+    """The one-pass per-tensor thresholds (a sample predicts a window of bins around each threshold;
+    one pass counts the entries above it and the low bits of those inside) are the two-pass ones,
+    with two threads, on continuous task vectors and on a grid of repeated magnitudes; where the
+    window misses (below or above the threshold), the two passes run and give them."""
     base, experts = _inputs(5, (1024, 1040), 3, torch.bfloat16 if grid else torch.float32, 0.2, grid)
     s = MK.merge_settings(method, get_method(method).check_params(params), 3, None)
     keys = dare_keys(tensor_seed(0, "t"), 3)
     views = MK.kernel_view(base), [MK.kernel_view(e) for e in experts]
     with ThreadPoolExecutor(3) as pool:
-        want = MK._thresholds(s, *views, keys, pool, 2)  # below WINDOW_MIN_ENTRIES: two passes
+        monkeypatch.setattr(MK, "WINDOW_MIN_ENTRIES", 2 ** 40)
+        want = MK._thresholds(s, *views, keys, pool, 2)  # the two passes
         monkeypatch.setattr(MK, "WINDOW_MIN_ENTRIES", 0)
-        if prediction == "miss":
-            monkeypatch.setattr(MK, "_predicted_window", lambda *a: (np.zeros(3, np.int64), 2))
-        low_passes = []
+        if window != "sampled":
+            first = np.full(3, 0 if window == "below" else 0x7F00, np.int64)
+            monkeypatch.setattr(MK, "_predicted_window", lambda *a: (first, 2))
+        two_passes = []
         hist_pass = MK._hist_pass
-        monkeypatch.setattr(MK, "_hist_pass", lambda *a, **kw: low_passes.append(a[7] is not None and not (
+        monkeypatch.setattr(MK, "_hist_pass", lambda *a, **kw: two_passes.append(a[7] is not None and not (
             a[10:] or kw)) or hist_pass(*a, **kw))
         got = MK._thresholds(s, *views, keys, pool, 2)
     assert np.array_equal(got, want) and (want > 0).all()
-    if prediction == "miss" or not grid:  # continuous task vectors: the sample's window holds the bin
-        assert any(low_passes) == (prediction == "miss")
+    if window != "sampled" or not grid:  # continuous task vectors: the sampled window holds the threshold
+        assert any(two_passes) == (window != "sampled")
 
 
 def test_threads_and_long_rows_equal_torch(monkeypatch):

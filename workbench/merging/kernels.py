@@ -208,10 +208,10 @@ def _hist_source(N: int, helpers: str) -> str:
     (DARE-dropped, ``x_i * keep_draw_i / keep``, when ``dare``; ``pos0`` the position of entry 0):
     ``hist[i, bits >> 16] += 1``, or when ``low``, ``hist[i, bits & 0xFFFF] += 1`` for the entries
     with ``bits >> 16 == hbins[i]`` (none when ``hbins[i] < 0``); exact zeros left out when
-    ``skip_zeros``. With ``window`` (``[N, W << 16]`` int32, not with ``low`` nor ``skip_zeros``) the
-    high pass also counts the low 16 bits of the entries whose high bits ``h`` lie in ``hbins[i] <= h <
-    hbins[i] + W``: ``window[i, (h - hbins[i]) << 16 | bits & 0xFFFF] += 1`` (the second pass's
-    histograms of those ``W`` bins, in the same pass). Returns whether every ``x_i`` is finite (when
+    ``skip_zeros``. With ``window`` (``[N, W << 16]`` int32, ``W > 0``, not with ``low`` nor
+    ``skip_zeros``) instead: the low 16 bits of the entries whose high bits ``h`` lie in ``hbins[i] <= h
+    < hbins[i] + W``, ``window[i, (h - hbins[i]) << 16 | bits & 0xFFFF] += 1`` (an index monotone in
+    the value), and the number of entries above them in ``hist[i, 0]``. Returns whether every ``x_i`` is finite (when
     not, the histograms are incomplete). Block by block: the vectorised ``|x_i|`` bits into a small
     buffer, then the scatter."""
     r = range(N)
@@ -225,6 +225,7 @@ def _hist_source(N: int, helpers: str) -> str:
     A("def hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, dare, keys, p_int, keep, skip_zeros, low, "
       "hbins, hist, window):")
     A("    width = window.shape[1] >> 16")
+    A("    uwidth = np.uint64(width)")
     A(f"    buf = np.empty(({N}, 4096), np.int32)")
     A("    n = base.shape[0]")
     A("    pu = np.uint32(p_int)")
@@ -261,14 +262,18 @@ def _hist_source(N: int, helpers: str) -> str:
     A("                    a = ri[j]")
     A("                    if (a >> 16) == hb and (a != 0 or not skip_zeros):")
     A("                        hi[a & 0xFFFF] += 1")
-    A("            elif width > 0:")
+    A("            elif width > 0:  # no high histogram: the count above the window, the window's low bits")
+    A("                upper = np.int32(min(hb + width, 0x7F80) << 16)  # the Inf pattern: every finite bits below")
+    A("                above = 0")
+    A("                for j in range(ri.shape[0]):  # vectorised")
+    A("                    above += ri[j] >= upper")
+    A("                hi[0] += above")
     A("                wi = window[i]")
     A("                for j in range(ri.shape[0]):")
     A("                    a = ri[j]")
-    A("                    hi[a >> 16] += 1")
-    A("                    d = (a >> 16) - hb")
-    A("                    if d >= 0 and d < width:")
-    A("                        wi[(d << 16) | (a & 0xFFFF)] += 1")
+    A("                    d = np.uint64((a >> 16) - hb)")
+    A("                    if d < uwidth:  # one compare, rarely true: no mispredicted branch")
+    A("                        wi[(d << 16) | np.uint64(a & 0xFFFF)] += 1")
     A("            elif skip_zeros:")
     A("                for j in range(ri.shape[0]):")
     A("                    if ri[j] != 0:")
@@ -417,14 +422,15 @@ def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, s
     """Every expert's histogram of ``|tau_i|`` in one pass over a tensor (the generated ``hists``:
     high 16 bits, ``[N, 2**15]``, or with ``hbins`` the low 16 bits of bin ``hbins[i]``'s entries,
     ``[N, 2**16]``), threads over column ranges; ``None`` when a ``tau_i`` is not finite. With
-    ``window`` (a width ``W``; ``hbins`` its first bins): ``(high, lows)``, ``lows [N, W << 16]``
-    the low 16 bits of the entries in bins ``hbins[i] .. hbins[i] + W - 1``, int32 (a range of
-    fewer than ``2**31`` entries: every tensor the caller passes)."""
+    ``window`` (a width ``W``; ``hbins`` its first bins): ``(above, lows)``, ``above [N]`` the
+    number of entries above bin ``hbins[i] + W - 1`` and ``lows [N, W << 16]`` the low 16 bits of
+    those in bins ``hbins[i] .. hbins[i] + W - 1``, int32 (a range of fewer than ``2**31``
+    entries: every tensor the caller passes)."""
     N = len(mains)
     low = hbins is not None and not window
     bins = np.asarray(hbins, np.int64) if hbins is not None else np.zeros(N, np.int64)
     ranges = K.column_ranges(int(b.shape[0]), pool, workers)
-    hs = _hist_buffers(len(ranges), N, 1 << (16 if low else 15))
+    hs = _hist_buffers(len(ranges), N, 1 if window else 1 << (16 if low else 15))
     ws = _hist_buffers(len(ranges), N, window << 16, np.int32)
     hist = _hist_kernel(N)
     ok = _run(pool, lambda j, lo, ln: hist(
@@ -435,7 +441,7 @@ def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, s
     for h, w in zip(hs[1:], ws[1:]):
         hs[0] += h
         ws[0] += w
-    return (hs[0], ws[0]) if window else hs[0]
+    return (hs[0][:, 0], ws[0]) if window else hs[0]
 
 
 def _predicted_window(b, mains: list, args: tuple, k: int, pool) -> tuple[np.ndarray, int] | None:
@@ -478,9 +484,10 @@ def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, wor
     ``k = max(1, min(n, round(density * n)))``; 0 (keep all) when ``k = n`` or the value is 0. Two
     passes over the tensor for all experts together (high, then low 16 bits); on tensors of
     :data:`WINDOW_MIN_ENTRIES` or more, one pass where it can: a sample (1/16 of the entries)
-    predicts each threshold's bin, and the high pass also counts the low bits of the
-    :data:`WINDOW_BINS` bins around it; the low pass runs only when a threshold's bin falls outside
-    (the same counts either way, so the same thresholds)."""
+    predicts a window of at most :data:`WINDOW_BINS` bins around each threshold, and one pass
+    counts the entries above the window and the low 16 bits of those inside it, which holds the
+    ``k``-th largest when fewer than ``k`` are above and at least ``k`` are above or inside (the
+    same value, read from the same bit patterns); the two passes run where it does not."""
     n = int(base.shape[0])
     N = len(mains)
     thr = np.zeros(N, np.float32)
@@ -494,20 +501,22 @@ def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, wor
     args = (s.dare, keys, s.p_int, s.keep, False)
     predicted = _predicted_window(base, mains, args, k, pool) \
         if max(WINDOW_MIN_ENTRIES, 64 * SAMPLE_SLICES) <= n < 2 ** 31 else None
-    if predicted is None:
-        high = _hist_pass(base, mains, *args, None, pool, workers)
-        first, width = np.zeros(N, np.int64), 0
-    else:
+    if predicted is not None:
         first, width = predicted
-        high, window = _hist_pass(base, mains, *args, first, pool, workers, width) or (None, None)
+        above, window = _hist_pass(base, mains, *args, first, pool, workers, width) or (None, None)
+        if above is None:
+            raise FloatingPointError
+        rank = k - above  # of the k-th largest among the window's entries, from the top
+        if ((rank >= 1) & (rank <= window.sum(axis=1, dtype=np.int64))).all():
+            for i in range(N):
+                pattern = (int(first[i]) << 16) + K.kth_bin(window[i], int(rank[i]))
+                t = float(np.array([pattern], np.int32).view(np.float32)[0])
+                thr[i] = t if t > 0 else 0.0
+            return thr
+    high = _hist_pass(base, mains, *args, None, pool, workers)
     if high is None:
         raise FloatingPointError
-    bins = np.array([K.kth_bin(h, k) for h in high])
-    offsets = bins - first
-    if width and ((offsets >= 0) & (offsets < width)).all():
-        lows = [window[i, offsets[i] << 16:(offsets[i] + 1) << 16] for i in range(N)]
-    else:
-        lows = _hist_pass(base, mains, *args, bins, pool, workers)
+    lows = _hist_pass(base, mains, *args, np.array([K.kth_bin(h, k) for h in high]), pool, workers)
     for i in range(N):
         t = K.kth_from_hist(high[i], k, lambda b, i=i: lows[i])
         thr[i] = t if t > 0 else 0.0
