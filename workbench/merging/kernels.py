@@ -507,12 +507,12 @@ def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, wor
         if above is None:
             raise FloatingPointError
         rank = k - above  # of the k-th largest among the window's entries, from the top
-        if ((rank >= 1) & (rank <= window.sum(axis=1, dtype=np.int64))).all():
-            for i in range(N):
-                pattern = (int(first[i]) << 16) + K.kth_bin(window[i], int(rank[i]))
-                t = float(np.array([pattern], np.int32).view(np.float32)[0])
-                thr[i] = t if t > 0 else 0.0
-            return thr
+        # the window's index of each: -1 where the window holds fewer than rank entries (it is below)
+        found = [K.kth_bin(window[i], int(rank[i])) if rank[i] >= 1 else -1 for i in range(N)]
+        if min(found) >= 0:
+            patterns = (first << 16) + np.array(found, np.int64)
+            thr[:] = patterns.astype(np.int32).view(np.float32)
+            return np.where(thr > 0, thr, np.float32(0.0))
     high = _hist_pass(base, mains, *args, None, pool, workers)
     if high is None:
         raise FloatingPointError
