@@ -165,24 +165,28 @@ def _st(a, j, v):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def row_sq(m, b, row, every):
+def row_sq(m, b, row, every, with_base):
     """``(sum b^2, sum (m - b)^2)`` in float64 over every ``every``-th row (``row`` entries each;
     ``m - b`` in float32, as torch's) of the flat tensors ``m``, ``b``: the foreign-expert tally's
-    sums (:class:`workbench.io.validate.TaskVectorNorms`)."""
+    sums (:class:`workbench.io.validate.TaskVectorNorms`); ``sum b^2`` is 0.0 unless ``with_base``
+    (one expert's call is enough). Rows as slices indexed from 0 (no negative-index checks)."""
     bs0 = 0.0; bs1 = 0.0; ts0 = 0.0; ts1 = 0.0
     n = b.shape[0]
     half = row // 2
     for r0 in range(0, n, row * every):
+        br = b[r0:r0 + row]; mr = m[r0:r0 + row]
         for j in range(half):
-            bv = ld(b, r0 + 2 * j); bw = ld(b, r0 + 2 * j + 1)
-            x = np.float64(ld(m, r0 + 2 * j) - bv); y = np.float64(ld(m, r0 + 2 * j + 1) - bw)
-            bs0 += np.float64(bv) * np.float64(bv); bs1 += np.float64(bw) * np.float64(bw)
+            bv = ld(br, 2 * j); bw = ld(br, 2 * j + 1)
+            x = np.float64(ld(mr, 2 * j) - bv); y = np.float64(ld(mr, 2 * j + 1) - bw)
             ts0 += x * x; ts1 += y * y
+            if with_base:
+                bs0 += np.float64(bv) * np.float64(bv); bs1 += np.float64(bw) * np.float64(bw)
         if row % 2:
-            bv = ld(b, r0 + row - 1)
-            x = np.float64(ld(m, r0 + row - 1) - bv)
-            bs0 += np.float64(bv) * np.float64(bv)
+            bv = ld(br, row - 1)
+            x = np.float64(ld(mr, row - 1) - bv)
             ts0 += x * x
+            if with_base:
+                bs0 += np.float64(bv) * np.float64(bv)
     return bs0 + bs1, ts0 + ts1
 
 '''
@@ -601,7 +605,7 @@ def task_vector_sq(base: torch.Tensor, experts: Sequence[torch.Tensor], every: i
         return 0.0, [0.0] * len(experts)
     row_sq = _helpers().row_sq
     one_by_one = pool is None or b.shape[0] < (1 << 16) * every  # small: not worth a thread hand-off
-    sums = _run(None if one_by_one else pool, lambda j, _lo, _ln: row_sq(mains[j], b, row, every),
+    sums = _run(None if one_by_one else pool, lambda j, _lo, _ln: row_sq(mains[j], b, row, every, j == 0),
                 [(0, 0)] * len(mains))
     return (sums[0][0] if sums else 0.0), [t for _, t in sums]
 
