@@ -529,7 +529,7 @@ def _raise_nonfinite(name: str, base: CheckpointReader, experts: Sequence[Any], 
 
 def _compiled_global_trim(names: list[str], base: CheckpointReader, experts: Sequence[Any], density: float,
                           pool, progress: bool) -> list[float]:
-    from .merging.kernels import global_trim_thresholds as compiled_thresholds
+    from .merging.thresholds import global_trim_thresholds as compiled_thresholds
 
     out = compiled_thresholds(lambda: ((base.get(n), [e.read(n) for e in experts]) for n in names), len(experts),
                               density, pool=pool[0], workers=pool[1], progress=progress)
