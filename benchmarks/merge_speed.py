@@ -373,21 +373,24 @@ def fmt_row(label: str, r: dict, floor: dict, target: float | None = None) -> st
 
 def measure_size(shape: LlamaShape, folders: list[Path], work: Path, methods: list[str], args, env: dict,
                  log) -> dict:
-    """``--repeats`` rounds of (floor, every method), interleaved so that each round's numbers share
-    the machine's load; then one more floor. The floor is the fastest floor run (a quiet moment
+    """One untimed run of every method (a machine's first merge compiles the numba kernels into their
+    on-disk cache: a one-time cost, out of the timings), then ``--repeats`` rounds of (floor, every
+    method), interleaved so that each round's numbers share the machine's load; then one more floor. The floor is the fastest floor run (a quiet moment
     favours the floor, never us); each method is the median of its rounds."""
     common = {"folders": [str(f) for f in folders], "shard_bytes": args.shard_size, "threads": args.threads}
     floor_spec = {**common, "mode": "floor", "output": str(work / "out_floor")}
     runs: dict[str, list] = {m: [] for m in methods}
+    specs = {m: {**common, "mode": "merge", "method": m, "params": METHOD_PARAMS.get(m, {}), "device": args.device,
+                 "keep_defaults": args.keep_defaults, "output": str(work / f"out_{m}"), "profile": m in args.profile}
+             for m in methods}
+    for m in methods:  # untimed: a machine's first merge compiles the numba kernels into their on-disk cache
+        run_child({**specs[m], "profile": False}, env)
     floors = []
     for rnd in range(args.repeats):
         floors.append(run_child(floor_spec, env))
         log(f"  round {rnd + 1}: io_floor {floors[-1]['seconds']:.2f} s (load {floors[-1]['loadavg_1m']:.2f})")
         for m in methods:
-            spec = {**common, "mode": "merge", "method": m, "params": METHOD_PARAMS.get(m, {}), "device": args.device,
-                    "keep_defaults": args.keep_defaults, "output": str(work / f"out_{m}"),
-                    "profile": m in args.profile}
-            r = run_child(spec, env)
+            r = run_child(specs[m], env)
             runs[m].append(r)
             log(f"  round {rnd + 1}: {m:<15} {r['seconds']:.2f} s (anon {r['peak_anon_mb']:.0f} MB, "
                 f"load {r['loadavg_1m']:.2f})")

@@ -1,4 +1,4 @@
-"""The compiled CPU merges (workbench.merging.kernels) against the torch methods (the reference):
+"""The compiled CPU merges (workbench.merging.kernels, .thresholds) against the torch methods (the reference):
 bit-identical outputs and TIES thresholds on random shapes, dtypes, zeros and ties at the threshold;
 the global trim against merging.global_trim_thresholds (torch.kthvalue); the engine's compiled output
 folder against its torch output folder; non-finite inputs named."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from conftest import state_dict_of
@@ -20,6 +21,7 @@ from workbench.errors import CheckpointError
 from workbench.merging import dare_keep, get_method, kth_largest
 from workbench.merging import global_trim_thresholds as torch_global_thresholds
 from workbench.merging import kernels as MK
+from workbench.merging import thresholds as TH
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CASES = [("weight_average", {}), ("weight_average", {"scale": 0.7, "weights": [0.5, 0.3, 0.9, 0.1, 0.2]}),
@@ -114,7 +116,7 @@ def test_ties_thresholds_are_the_torch_kth_largest(method, params):
     s = MK.merge_settings(method, get_method(method).check_params(params), 4, None)
     seed = tensor_seed(0, "t")
     keys = dare_keys(seed, 4)
-    thr = MK._thresholds(s, MK.kernel_view(base), [MK.kernel_view(e) for e in experts], keys, None, 1)
+    thr = TH.tensor_thresholds(s, MK.kernel_view(base), [MK.kernel_view(e) for e in experts], keys, None, 1)
     taus = torch.stack([e.float() - base.float() for e in experts])
     if s.dare:
         p = params["drop_rate"]
@@ -124,6 +126,35 @@ def test_ties_thresholds_are_the_torch_kth_largest(method, params):
     for i in range(4):
         want = 0.0 if k == n else kth_largest(taus[i].abs().reshape(-1), k)
         assert float(thr[i]) == want
+
+
+@pytest.mark.parametrize("method,params", [c for c in CASES if c[0] in ("ties", "dare_ties") and c[1]["density"] < 1])
+@pytest.mark.parametrize("grid", [False, True])
+@pytest.mark.parametrize("window", ["sampled", "below", "above"])
+def test_one_pass_thresholds_equal_two_passes(method, params, grid, window, monkeypatch):
+    """The one-pass per-tensor thresholds (a sample predicts a window of bins around each threshold;
+    one pass counts the entries above it and the low bits of those inside) are the two-pass ones,
+    with two threads, on continuous task vectors and on a grid of repeated magnitudes; where the
+    window misses (below or above the threshold), the two passes run and give them."""
+    base, experts = _inputs(5, (1024, 1040), 3, torch.bfloat16 if grid else torch.float32, 0.2, grid)
+    s = MK.merge_settings(method, get_method(method).check_params(params), 3, None)
+    keys = dare_keys(tensor_seed(0, "t"), 3)
+    views = MK.kernel_view(base), [MK.kernel_view(e) for e in experts]
+    with ThreadPoolExecutor(3) as pool:
+        monkeypatch.setattr(TH, "WINDOW_MIN_ENTRIES", 2 ** 40)
+        want = TH.tensor_thresholds(s, *views, keys, pool, 2)  # the two passes
+        monkeypatch.setattr(TH, "WINDOW_MIN_ENTRIES", 0)
+        if window != "sampled":
+            first = np.full(3, 0 if window == "below" else 0x7F00, np.int64)
+            monkeypatch.setattr(TH, "_predicted_window", lambda *a: (first, 2))
+        two_passes = []
+        hist_pass = TH._hist_pass
+        monkeypatch.setattr(TH, "_hist_pass", lambda *a, **kw: two_passes.append(a[7] is not None and not (
+            a[10:] or kw)) or hist_pass(*a, **kw))
+        got = TH.tensor_thresholds(s, *views, keys, pool, 2)
+    assert np.array_equal(got, want) and (want > 0).all()
+    if window != "sampled" or not grid:  # continuous task vectors: the sampled window holds the threshold
+        assert any(two_passes) == (window != "sampled")
 
 
 def test_threads_and_long_rows_equal_torch(monkeypatch):
@@ -144,7 +175,7 @@ def test_global_trim_thresholds_equal_torch_kthvalue():
                enumerate([(20, 30), (7,), (64, 9)])]
     tensors = [(b, [e if i != 2 else b for i, e in enumerate(ex)]) for b, ex in tensors]  # expert 2: tau = 0
     for density in (0.05, 0.2, 0.9):
-        got = MK.global_trim_thresholds(lambda: iter(tensors), 3, density, progress=False)
+        got = TH.global_trim_thresholds(lambda: iter(tensors), 3, density, progress=False)
         want = torch_global_thresholds([torch.stack([e.float() - b.float() for e in ex]) for b, ex in tensors], density)
         assert got == want
 

@@ -442,8 +442,10 @@ def column_ranges(n: int, pool, workers: int) -> list[tuple[int, int]]:
 
 def run_ranges(pool, fn, ranges: list[tuple[int, int]]) -> list:
     """``fn(j, lo, length)`` for every range ``j``: the first on the calling thread, the others on
-    the pool meanwhile (when there are several)."""
+    the pool meanwhile (when there are several); one after the other without a pool."""
     calls = [(j, lo, ln) for j, (lo, ln) in enumerate(ranges)]
+    if pool is None:
+        return [fn(*c) for c in calls]
     futures = [pool.submit(fn, *c) for c in calls[1:]]
     try:
         first = fn(*calls[0])

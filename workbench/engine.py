@@ -506,7 +506,7 @@ def _raise_nonfinite(name: str, base: CheckpointReader, experts: Sequence[Any], 
 
 def _compiled_global_trim(names: list[str], base: CheckpointReader, experts: Sequence[Any], density: float,
                           pool, progress: bool) -> list[float]:
-    from .merging.kernels import global_trim_thresholds as compiled_thresholds
+    from .merging.thresholds import global_trim_thresholds as compiled_thresholds
 
     out = compiled_thresholds(lambda: ((base.get(n), [e.read(n) for e in experts]) for n in names), len(experts),
                               density, pool=pool[0], workers=pool[1], progress=progress)
@@ -523,7 +523,7 @@ def _compiled_write(w: CheckpointWriter, it: StreamItem, cfg: MergeConfig, setti
     from .merging.kernels import merge_tensor, task_vector_sq
 
     if norms is not None and it.base.dim() >= 2:  # the foreign-expert tally, as _compute's (strided rows)
-        base_sq, tau_sq = task_vector_sq(it.base, it.experts, ROW_STRIDE)
+        base_sq, tau_sq = task_vector_sq(it.base, it.experts, ROW_STRIDE, pool=pool[0])
         for i, t in enumerate(tau_sq):
             norms.add(it.name, it.base.dim(), i, t, base_sq)
 

@@ -9,8 +9,8 @@
 - :mod:`~workbench.merging.quadratic`: WUDI, OptMerge (objective, presets, solvers, objective report);
 - :mod:`~workbench.merging.mmer`: MMER (TIES merge + per-expert masks);
 - :mod:`~workbench.merging.masks`: MMER / TIES / DARE / TALL masks and the one bit-packing layout;
-- :mod:`~workbench.merging.kernels`: the compiled (numba) CPU merges the engine runs where it can
-  (imported on demand, not here).
+- :mod:`~workbench.merging.kernels`: the compiled (numba) CPU merges the engine runs where it can,
+  and :mod:`~workbench.merging.thresholds`: their TIES thresholds (both imported on demand, not here).
 
 Importing this package imports every family, so :data:`METHODS` is complete (in the order above).
 """

@@ -16,14 +16,10 @@ its order (``tau_i = theta_i - theta_0``; the global trim's ``theta_0 + where(|t
 round trip; DARE's ``tau * keep / (1 - p)``; the trim ``tau * (|tau| >= t)``; the elected sign of
 the sequential sum; the disjoint mean ``(sum_i max(tau_i gamma, 0)) gamma / count``; the weighted
 sum; ``scale * tau_m + theta_0``), compiled without fast-math (no reassociation, no fused
-multiply-add). The per-tensor TIES thresholds are the exact ``k``-th largest ``|tau_i|``
-(``k = round(density * numel)``, as :func:`workbench.merging.ties_dare._trim_`), the global ones the exact
-``ceil(density * total)``-th largest non-zero ``|tau_i|`` over all merged tensors (as
-:func:`workbench.engine.global_trim_thresholds`), both by :func:`kernels.kth_from_hist` from two
-histogram passes (the high 16 bits of every ``|tau_i|``, then the low 16 bits of the entries in the
-threshold's bin), each one pass over the tensor for all experts together (the generated ``hists``).
-Non-finite inputs and results are counted as the kernel reads and stores them (a bfloat16 output
-also when a finite float32 result rounds to Inf); no torch operation runs per chunk.
+multiply-add). The TIES thresholds (per tensor and global) are the exact order statistics of
+:mod:`workbench.merging.thresholds`. Non-finite inputs and results are counted as the kernel reads
+and stores them (a bfloat16 output also when a finite float32 result rounds to Inf); no torch
+operation runs per chunk.
 ``tests/test_merge_kernels.py`` checks all of it against the torch methods. One exception: from
 five experts on, torch sums over the experts in an order of its own (not sequential), so the float32
 sums, and then the outputs, may differ in the last bit (tested: within one unit in the last place of
@@ -34,8 +30,8 @@ goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a t
 output chunks (``CHUNK_ENTRIES`` x 4 bytes = 4 MiB each at most: one is written to the output file,
 :meth:`workbench.io.writer.CheckpointWriter.add_parts`, on a pool thread while the next is
 computed; plus a float32 staging chunk per input that is neither bfloat16 nor float32) and the
-threshold histograms (``[N, 2**16]`` int64 per worker thread, kept from tensor to tensor),
-whatever the tensor's size. (Checkpoints stored in float16 or float64 are the exception for TIES:
+threshold histograms (:mod:`workbench.merging.thresholds`: 7.5 MiB for 3 experts), whatever the
+tensor's size. (Checkpoints stored in float16 or float64 are the exception for TIES:
 its threshold passes read a float32 copy of the tensor's rows.)
 
 **DARE**: the keep draw is :mod:`workbench.cpu_kernels`' counter-based draw (seed = the
@@ -45,9 +41,7 @@ the torch methods draw the same (:func:`workbench.merging.dare_drop`).
 from __future__ import annotations
 
 import functools
-import math
 import os
-import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -59,7 +53,7 @@ from .common import check_density, check_drop_rate, expert_weights
 from .ties_dare import check_trim
 
 __all__ = ["COMPILED_METHODS", "CHUNK_ENTRIES", "compiled_merge_available", "MergeSettings", "merge_settings",
-           "merge_tensor", "task_vector_sq", "global_trim_thresholds", "kernel_view"]
+           "merge_tensor", "task_vector_sq", "kernel_view"]
 
 #: methods with a compiled CPU path
 COMPILED_METHODS = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -161,24 +155,28 @@ def _st(a, j, v):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def row_sq(m, b, row, every):
+def row_sq(m, b, row, every, with_base):
     """``(sum b^2, sum (m - b)^2)`` in float64 over every ``every``-th row (``row`` entries each;
     ``m - b`` in float32, as torch's) of the flat tensors ``m``, ``b``: the foreign-expert tally's
-    sums (:class:`workbench.io.validate.TaskVectorNorms`)."""
+    sums (:class:`workbench.io.validate.TaskVectorNorms`); ``sum b^2`` is 0.0 unless ``with_base``
+    (one expert's call is enough). Rows as slices indexed from 0 (no negative-index checks)."""
     bs0 = 0.0; bs1 = 0.0; ts0 = 0.0; ts1 = 0.0
     n = b.shape[0]
     half = row // 2
     for r0 in range(0, n, row * every):
+        br = b[r0:r0 + row]; mr = m[r0:r0 + row]
         for j in range(half):
-            bv = ld(b, r0 + 2 * j); bw = ld(b, r0 + 2 * j + 1)
-            x = np.float64(ld(m, r0 + 2 * j) - bv); y = np.float64(ld(m, r0 + 2 * j + 1) - bw)
-            bs0 += np.float64(bv) * np.float64(bv); bs1 += np.float64(bw) * np.float64(bw)
+            bv = ld(br, 2 * j); bw = ld(br, 2 * j + 1)
+            x = np.float64(ld(mr, 2 * j) - bv); y = np.float64(ld(mr, 2 * j + 1) - bw)
             ts0 += x * x; ts1 += y * y
+            if with_base:
+                bs0 += np.float64(bv) * np.float64(bv); bs1 += np.float64(bw) * np.float64(bw)
         if row % 2:
-            bv = ld(b, r0 + row - 1)
-            x = np.float64(ld(m, r0 + row - 1) - bv)
-            bs0 += np.float64(bv) * np.float64(bv)
+            bv = ld(br, row - 1)
+            x = np.float64(ld(mr, row - 1) - bv)
             ts0 += x * x
+            if with_base:
+                bs0 += np.float64(bv) * np.float64(bv)
     return bs0 + bs1, ts0 + ts1
 
 '''
@@ -196,71 +194,6 @@ def _dare_drop_source(N: int, indent: str) -> list[str]:
                 lines.append(f"{indent}x{i} = (x{i} * np.float32(((h >> np.uint32({16 * (i % 2)})) & np.uint32(0xFFFF))"
                              f" >= pu)) / keep")
     return lines
-
-
-def _hist_source(N: int, helpers: str) -> str:
-    """Source of ``hists(m_0 .. m_{N-1}, base, pos0, dare, keys, p_int, keep, skip_zeros, low, hbins, hist)
-    -> bool``: the histograms of every expert's ``|x_i|`` in one pass over the inputs, ``x_i = m_i - base``
-    (DARE-dropped, ``x_i * keep_draw_i / keep``, when ``dare``; ``pos0`` the position of entry 0):
-    ``hist[i, bits >> 16] += 1``, or when ``low``, ``hist[i, bits & 0xFFFF] += 1`` for the entries
-    with ``bits >> 16 == hbins[i]`` (none when ``hbins[i] < 0``); exact zeros left out when
-    ``skip_zeros``. Returns whether every ``x_i`` is finite (when not, the histograms are
-    incomplete). Block by block: the vectorised ``|x_i|`` bits into a small buffer, then the scatter."""
-    r = range(N)
-    L: list[str] = []
-    A = L.append
-    A("import numpy as np")
-    A("from numba import njit")
-    A(f"from {helpers} import ld, f32_to_bits")
-    A("")
-    A("@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')")
-    A("def hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, dare, keys, p_int, keep, skip_zeros, low, "
-      "hbins, hist):")
-    A(f"    buf = np.empty(({N}, 4096), np.int32)")
-    A("    n = base.shape[0]")
-    A("    pu = np.uint32(p_int)")
-    A("    top = np.int32(0)  # int32 throughout: an int64 max would not vectorise")
-    L.extend(K.dare_keys_source(N))
-    A("    for s in range(0, n, 4096):")
-    A("        e = min(n, s + 4096)")
-    # slices indexed from 0, not s + j: numba cannot prove s + j >= 0 and would not vectorise
-    A("        bb = base[s:e]")
-    for i in r:
-        A(f"        y{i} = m{i}[s:e]; r{i} = buf[{i}]")
-    A("        for j in range(e - s):")
-    A("            bv = ld(bb, j)")
-    for i in r:
-        A(f"            x{i} = ld(y{i}, j) - bv")
-    A("            if dare:")
-    A("                pp = np.uint32(pos0 + s + j)")
-    L.extend(_dare_drop_source(N, " " * 16))
-    for i in r:
-        A(f"            a{i} = f32_to_bits(x{i}) & 0x7FFFFFFF")
-        A(f"            r{i}[j] = a{i}")
-    top = "a0"
-    for i in range(1, N):
-        top = f"max({top}, a{i})"
-    A(f"            top = max(top, {top})")
-    A("        if top >= 0x7F800000:")
-    A("            return False")
-    A(f"        for i in range({N}):")
-    A("            hb = hbins[i]")
-    A("            ri = buf[i, :e - s]")
-    A("            hi = hist[i]")
-    A("            if low:")
-    A("                for j in range(ri.shape[0]):")
-    A("                    a = ri[j]")
-    A("                    if (a >> 16) == hb and (a != 0 or not skip_zeros):")
-    A("                        hi[a & 0xFFFF] += 1")
-    A("            elif skip_zeros:")
-    A("                for j in range(ri.shape[0]):")
-    A("                    if ri[j] != 0:")
-    A("                        hi[ri[j] >> 16] += 1")
-    A("            else:")
-    A("                for j in range(ri.shape[0]):")
-    A("                    hi[ri[j] >> 16] += 1")
-    A("    return True")
-    return "\n".join(L) + "\n"
 
 
 _MODES = {"mean": 0, "sum": 1, "ties": 2}
@@ -341,13 +274,6 @@ def _kernel(N: int):
     return K._load_module(f"merge_n{N}", _kernel_source(N, _helpers().__name__)).kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _hist_kernel(N: int):
-    if not 1 <= N <= K.MAX_KERNEL_EXPERTS:
-        raise ValueError(f"the compiled merge handles 1..{K.MAX_KERNEL_EXPERTS} experts, got {N}")
-    return K._load_module(f"merge_hist_n{N}", _hist_source(N, _helpers().__name__)).hists
-
-
 # ---------------------------------------------------------------------------------------- tensors
 def kernel_view(t: torch.Tensor) -> np.ndarray | torch.Tensor:
     """A stored CPU tensor as the kernels read it: flat float32 or bfloat16 bits (numpy, no copy);
@@ -364,68 +290,6 @@ def _chunk(src, lo: int, hi: int, stage: np.ndarray | None) -> np.ndarray:
     return out.numpy()
 
 
-_HIST_BUFFERS = threading.local()
-
-
-def _hist_buffers(count: int, N: int, bins: int) -> list[np.ndarray]:
-    """``count`` zeroed ``[N, bins]`` int64 histograms, kept per thread and reused from tensor to
-    tensor (fresh ones cost a page fault per 4 KiB on every tensor); valid until the next call
-    with the same ``(N, bins)``."""
-    cache = _HIST_BUFFERS.__dict__.setdefault("by_shape", {})
-    bufs = cache.setdefault((N, bins), [])
-    while len(bufs) < count:
-        bufs.append(np.zeros((N, bins), np.int64))
-    for h in bufs[:count]:
-        h.fill(0)
-    return bufs[:count]
-
-
-def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, skip_zeros: bool,
-               hbins: np.ndarray | None, pool, workers: int) -> np.ndarray | None:
-    """Every expert's histogram of ``|tau_i|`` in one pass over a tensor (the generated ``hists``:
-    high 16 bits, ``[N, 2**15]``, or with ``hbins`` the low 16 bits of bin ``hbins[i]``'s entries,
-    ``[N, 2**16]``), threads over column ranges; ``None`` when a ``tau_i`` is not finite."""
-    N = len(mains)
-    low = hbins is not None
-    bins = np.asarray(hbins, np.int64) if low else np.zeros(N, np.int64)
-    ranges = K.column_ranges(int(b.shape[0]), pool, workers)
-    hs = _hist_buffers(len(ranges), N, 1 << (16 if low else 15))
-    hist = _hist_kernel(N)
-    ok = K.run_ranges(pool, lambda j, lo, ln: hist(
-        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, dare, keys, p_int, keep, skip_zeros, low, bins, hs[j]),
-        ranges)
-    if not all(ok):
-        return None
-    for h in hs[1:]:
-        hs[0] += h
-    return hs[0]
-
-
-def _thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, workers: int) -> np.ndarray:
-    """Per-tensor TIES thresholds: expert i's exact ``k``-th largest ``|tau_i|`` (after DARE's drop),
-    ``k = max(1, min(n, round(density * n)))``; 0 (keep all) when ``k = n`` or the value is 0. Two
-    passes over the tensor for all experts together (high, then low 16 bits)."""
-    n = int(base.shape[0])
-    N = len(mains)
-    thr = np.zeros(N, np.float32)
-    k = max(1, min(n, int(round(s.density * n)))) if n else n
-    if s.combine != "ties" or s.gthr is not None or k == n:
-        return thr
-    if not isinstance(base, np.ndarray) or any(not isinstance(m, np.ndarray) for m in mains):
-        # a float32 copy of the rows (only for float16 / float64 checkpoints)
-        base = _chunk(base, 0, n, np.empty(n, np.float32))
-        mains = [_chunk(m, 0, n, np.empty(n, np.float32)) for m in mains]
-    args = (s.dare, keys, s.p_int, s.keep, False)
-    high = _hist_pass(base, mains, *args, None, pool, workers)
-    if high is None:
-        raise FloatingPointError
-    lows = _hist_pass(base, mains, *args, np.array([K.kth_bin(h, k) for h in high]), pool, workers)
-    for i in range(N):
-        t = K.kth_from_hist(high[i], k, lambda b, i=i: lows[i])
-        thr[i] = t if t > 0 else 0.0
-    return thr
-
-
 def _out_view(t: torch.Tensor) -> np.ndarray:
     """The kernel's view of an output chunk: float32, or the uint16 bits of bfloat16."""
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
@@ -438,6 +302,8 @@ def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.T
     tensor's DARE seed (:func:`workbench.engine.tensor_seed`). Returns ``False`` (after writing
     garbage) when an input or the result is not finite (the result as written, after the cast to
     ``out_dtype``): the caller then finds the culprit and raises."""
+    from .thresholds import tensor_thresholds  # (it imports this module)
+
     n = base.numel()
     N = len(experts)
     if s.dare:
@@ -446,7 +312,7 @@ def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.T
     mains = [kernel_view(e) for e in experts]
     keys = K.dare_keys(seed, N) if s.dare else np.zeros(((N + 1) // 2, 2), np.uint32)
     try:
-        thr = _thresholds(s, b, mains, keys, pool, workers)
+        thr = tensor_thresholds(s, b, mains, keys, pool, workers)
     except FloatingPointError:
         return False
     gthr = s.gthr if s.gthr is not None else np.zeros(N, np.float32)
@@ -488,10 +354,12 @@ def merge_tensor(s: MergeSettings, base: torch.Tensor, experts: Sequence[torch.T
     return bad == 0
 
 
-def task_vector_sq(base: torch.Tensor, experts: Sequence[torch.Tensor], every: int) -> tuple[float, list[float]]:
+def task_vector_sq(base: torch.Tensor, experts: Sequence[torch.Tensor], every: int, *, pool=None
+                   ) -> tuple[float, list[float]]:
     """``(||rows of theta_0||^2, [||rows of theta_i - theta_0||^2])`` over every ``every``-th row of a
     stored matrix (as ``[shape[0], -1]``; float32 differences, float64 sums): the sums of
-    :meth:`workbench.io.validate.TaskVectorNorms.observe`, read straight from the memory maps."""
+    :meth:`workbench.io.validate.TaskVectorNorms.observe`, read straight from the memory maps; with a
+    thread ``pool``, the experts side by side (each expert's sums as without)."""
     row = base.numel() // max(1, int(base.shape[0]))
     b = kernel_view(base)
     mains = [kernel_view(e) for e in experts]
@@ -500,61 +368,8 @@ def task_vector_sq(base: torch.Tensor, experts: Sequence[torch.Tensor], every: i
         b, mains, every = rows(base), [rows(e) for e in experts], 1
     if row == 0:
         return 0.0, [0.0] * len(experts)
-    sums = [_helpers().row_sq(m, b, row, every) for m in mains]
+    row_sq = _helpers().row_sq
+    one_by_one = pool is None or b.shape[0] < (1 << 16) * every  # small: not worth a thread hand-off
+    sums = K.run_ranges(None if one_by_one else pool, lambda j, _lo, _ln: row_sq(mains[j], b, row, every, j == 0),
+                [(0, 0)] * len(mains))
     return (sums[0][0] if sums else 0.0), [t for _, t in sums]
-
-
-def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: float, *, pool=None,
-                           workers: int = 1, progress: bool = True) -> list[float] | None:
-    """TIES' global trim thresholds (:func:`workbench.engine.global_trim_thresholds`' definition:
-    per expert the exact ``ceil(density * total)``-th largest non-zero ``|tau_i|`` over all merged
-    tensors, 0.0 when fewer are non-zero), by two histogram passes. ``tensors()`` yields
-    ``(base, [experts])`` torch tensors (memory-mapped) once per call. Returns ``None`` when a
-    task vector is not finite (the caller finds it and raises)."""
-    from tqdm.auto import tqdm
-
-    if not 0.0 < density <= 1.0:
-        raise ConfigError(f"density must be in (0, 1], got {density}")
-
-    def each(desc: str):
-        for base, experts in tqdm(tensors(), desc=desc, disable=not progress, leave=False):
-            b = kernel_view(base)
-            ms = [kernel_view(e) for e in experts]
-            n = base.numel()
-            if not isinstance(b, np.ndarray) or any(not isinstance(m, np.ndarray) for m in ms):
-                b = _chunk(b, 0, n, np.empty(n, np.float32)).copy()
-                ms = [_chunk(m, 0, n, np.empty(n, np.float32)).copy() for m in ms]
-            yield n, b, ms
-
-    no_keys = np.zeros(((n_experts + 1) // 2, 2), np.uint32)
-
-    def pass_(desc: str, low: bool, bins: list[int]) -> tuple[np.ndarray, int] | None:
-        hists = np.zeros((n_experts, 1 << (16 if low else 15)), np.int64)
-        total = 0
-        for n, b, ms in each(desc):
-            total += n
-            h = _hist_pass(b, ms, False, no_keys, 0, np.float32(1.0), True, bins if low else None, pool, workers)
-            if h is None:
-                return None
-            hists += h
-        return hists, total
-
-    first = pass_("global trim 1/2", False, [])
-    if first is None:
-        return None
-    hists, total = first
-    k = max(1, math.ceil(density * total))
-    targets = []
-    for hist in hists:
-        if int(hist.sum()) < k:
-            targets.append(None)
-            continue
-        targets.append(K.kth_bin(hist, k))
-    lows: list[np.ndarray] = [np.zeros(0)] * n_experts
-    if any(t is not None for t in targets):
-        second = pass_("global trim 2/2", True, [-1 if t is None else t for t in targets])
-        if second is None:
-            return None
-        lows = second[0]
-    return [0.0 if t is None else K.kth_from_hist(hists[i], k, lambda b, i=i: lows[i])
-            for i, t in enumerate(targets)]
