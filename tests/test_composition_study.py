@@ -10,7 +10,7 @@ from scipy import stats
 
 from workbench.studies.cache import cached
 from workbench.studies.composition import (combo_tag, paired_table, record_modalities, retention_table, run_results,
-                                           summary_table)
+                                           search_records, summary_table)
 
 SEEDS = (0, 1, 2)
 P = {"expert": 0.8, "naive_mc": 0.5, "mmer": 0.75, "damc_expert": 0.7, "damc": 0.6}
@@ -95,6 +95,23 @@ def test_record_modalities_and_tags():
 
 
 # -------------------------------------------------------------------------------------------- tiny zoo
+
+
+def test_search_records_cover_the_compositions_combinations_alike():
+    """A composition's λ search takes the validation records of its own modalities only, at most ``limit``,
+    the same number from each modality combination it covers (records in file order, as the world writes them:
+    cycling through the combinations)."""
+    keys = {"I": "vision", "A": "audio", "V": "video"}
+    combos = ["I+A", "I+V", "A+V", "I+A+V"]
+    val = [{"id": f"{c}-{i}", "subset": f"val:{c}", "modal_inputs": {keys[k]: "x" for k in c.split("+")}}
+           for i in range(30) for c in combos]
+    pair = search_records(val, ["image", "audio"], limit=20)
+    assert len(pair) == 20 and {r["subset"] for r in pair} == {"val:I+A"}
+    triple = search_records(val, ["image", "audio", "video"], limit=40)
+    counts = {c: sum(r["subset"] == f"val:{c}" for r in triple) for c in combos}
+    assert counts == {c: 10 for c in combos}
+    assert search_records(val, ["image", "audio", "video"], limit=1000) == val  # all of them, in file order
+    assert search_records(val, ["point"]) == []
 
 
 @pytest.mark.slow

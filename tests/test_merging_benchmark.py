@@ -177,7 +177,8 @@ def test_lambda0_weights_equal_base_exactly(tiny_zoo, tmp_path):
     seed = next(iter(setting.experts))
     mm = P.MergedLLM(setting, E.MergeEntry("TA", "task_arithmetic", {}), seed, torch.device("cpu"), tmp_path,
                       "interpolate", True, False)
-    base = tiny_zoo.load_base_llm().state_dict()
+    base = setting.load_base_llm().state_dict()  # theta_0 of the capability family: the instruct base VLM's LLM
+    assert setting.base_llm_path == tiny_zoo.path / "capability" / "base" / "llm"
     m0 = mm.llm(0.0).state_dict()
     assert all(torch.equal(m0[k], base[k]) for k in base)
     m1 = mm.llm(1.0).state_dict()

@@ -109,10 +109,27 @@ def test_tokenizer_placeholders_are_single_tokens():
         assert tok.convert_tokens_to_ids(w) != tok.unk_token_id
 
 
+def test_ocr_glyphs_sit_in_one_encoder_patch_each():
+    """OCR images: each digit's ink lies inside the 8x8 patch ``glyph_patches`` names (so one patch token
+    carries one glyph), left to right in the string's order."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        img, truth = render_capability("ocr", rng)
+        patches = img.reshape(3, 4, 8, 4, 8).transpose(1, 3, 0, 2, 4).max(axis=2)  # [4, 4, 8, 8] brightest channel
+        ink = (patches > 0.6).sum(axis=(2, 3))
+        named = [p for p, _ in truth["glyph_patches"]]
+        assert [d for _, d in truth["glyph_patches"]] == [int(c) for c in truth["text"]]
+        assert named == sorted(named) and len(set(p // 4 for p in named)) == 1
+        assert all(ink.reshape(-1)[p] >= 5 for p in named)
+        assert all(ink.reshape(-1)[p] <= 2 for p in range(16) if p not in named)
+
+
 def test_mcub_records_validate(tmp_path):
-    counts = build_datasets(tmp_path, n_per_subset=3, n_own=6, n_val=4, n_capability=2, seed=1)
-    assert counts["mcub/mcub-2.json"] == 6 * 3 and counts["mcub/mcub-3.json"] == 4 * 3
-    assert counts["mcub/mcub-4.json"] == 6
+    counts = build_datasets(tmp_path, n_mcub=12, n_own=6, n_val=4, n_capability=2, seed=1)
+    assert counts["mcub/mcub-2.json"] == 12 and counts["mcub/mcub-3.json"] == 12  # 6 pairs x 2, 4 triples x 3
+    assert counts["mcub/mcub-4.json"] == 12 and counts["mcub/val.json"] == 11 * 4  # 4 per combination
+    val = read_records(tmp_path / "mcub" / "val.json")
+    assert all(sum(r["subset"] == f"val:{t}" for r in val) == 4 for t in {r["subset"][4:] for r in val})
     for name in ("mcub-2", "mcub-3", "mcub-4", "val"):
         for rec in read_records(tmp_path / "mcub" / f"{name}.json"):
             validate_record(rec)
@@ -130,7 +147,7 @@ def test_mcub_records_validate(tmp_path):
                     assert 0 < sum(o in s for s in sets) < len(sets)
     # determinism: same seed -> same records
     other = tmp_path / "again"
-    build_datasets(other, n_per_subset=3, n_own=6, n_val=4, n_capability=2, seed=1)
+    build_datasets(other, n_mcub=12, n_own=6, n_val=4, n_capability=2, seed=1)
     a = read_records(tmp_path / "mcub" / "mcub-3.json")
     b = read_records(other / "mcub" / "mcub-3.json")
     assert [r["conversations"] for r in a] == [r["conversations"] for r in b]

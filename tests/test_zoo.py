@@ -69,6 +69,14 @@ def test_tiny_zoo_builds_and_loads(tiny_zoo):
         # capability experts beat the base VLM by greedy generation (they answer in the task's format;
         # the base VLM captions); at the tiny preset's budget they need not beat it by log-likelihood
         assert e["own_task"]["generate"] > e["own_task_base_llm"]["generate"], (name, e)
+    # the capability family: an instruct base VLM with its own LLM (the experts' theta_0), mixture training
+    base_vlm = m["models"]["capability-base"]
+    assert base_vlm["kind"] == "base-vlm" and (z.path / base_vlm["llm"] / "model.safetensors").exists()
+    assert all(z.base_llm_path(n) == z.path / base_vlm["llm"] for n in caps)
+    mix = [n for n, e in m["models"].items() if e.get("kind") == "mixture"]
+    assert mix and set(m["models"][mix[0]]["task_scores"]) == set(m["config"]["capability"]["tasks"])
+    assert not set(mix) & set(z.experts(family="capability"))  # a reference row, not an expert to merge
+    assert isinstance(z.load_expert(mix[0]).llm, torch.nn.Module)
     # loading: an expert answers its own eval set's first record
     name = full[0]
     model = z.load_expert(name)

@@ -134,6 +134,28 @@ def paired_table(pred: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFAULT_
 
 
 # ============================================================================================ compositions
+#: validation records of one composition's λ (and α) search: at most this many, shared evenly by the
+#: modality combinations it covers (the default preset has 200 per combination: a pair's search sees its
+#: 200, a triple's 50 of its own and of each of its three pairs', all four's 18-19 of each of 11)
+SEARCH_ITEMS = 200
+
+
+def search_records(val: Sequence[Mapping], modalities: Sequence[str], limit: int = SEARCH_ITEMS) -> list[Mapping]:
+    """The validation records of a composition over ``modalities``: those whose inputs are all among them,
+    at most ``limit``, the first records of each combination (``record["subset"]``) in turn, so every
+    combination it covers is represented alike (deterministic: the same records for every method and seed)."""
+    groups: dict[str, list[Mapping]] = {}
+    for r in val:
+        if set(record_modalities(r)) <= set(modalities):
+            groups.setdefault(str(r.get("subset", "")), []).append(r)
+    picked = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        picked += [g[i] for g in groups.values() if i < len(g)]
+        if len(picked) >= limit:
+            break
+    return picked[:limit]
+
+
 class ZooComposer:
     """Builds the compositions of one zoo and seed (see the module docstring)."""
 
@@ -257,7 +279,7 @@ class ZooComposer:
         if method == "naive_mc":
             return C.compose_naive_mc(base, srcs, self.tok)
         tag = f"{combo_tag(mods)}-s{self.seed}"
-        val = [r for r in self.val if set(record_modalities(r)) <= set(mods)]
+        val = search_records(self.val, mods)
         load = self.load
         if method == "damc":
             model = C.compose_damc(base, srcs, self.tok)

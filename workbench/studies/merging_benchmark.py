@@ -19,11 +19,12 @@ How a merged model is made (the benchmark's protocol, methods.md section 4; the 
 
 * only the LLM's linear weights are merged, by :func:`workbench.engine.merge` with its default
   keep list (embeddings, ``lm_head``, norms, biases, towers and projectors stay the base's);
+* θ0 of the capability family is the zoo's *instruct* base VLM's LLM (``capability/base/llm``, the
+  experts' ``base`` in ``expert.json``), as InternVL2.5-Instruct / Qwen2-VL-Instruct are the papers' bases;
 * the merged VLM is the merged LLM + the **base** VLM's tower (capability encoder + the base's
-  projector). In the zoo's presets the capability experts do not train their projector
-  (``train_projector: False``), so their projectors *are* the base's; where a preset trains them,
-  the merged model still uses the base's (as the benchmark keeps the base's vision side) and
-  ``df.attrs["notes"]`` says so;
+  projector). The zoo's capability experts do not train their projector, so their projectors *are*
+  the base's; an expert that did (``train_projector`` in its ``expert.json``) is named in
+  ``df.attrs["notes"]``: the merged model still uses the base's (the benchmark keeps the base's vision side);
 * every method returns ``θ = θ0 + λ τ_m`` with ``τ_m`` independent of λ. The engine merges once
   with ``scale = 1`` into a temporary folder; the model for λ is ``θ0 + λ (θ_1 − θ0)`` on the
   merged tensors (``rescale="interpolate"``, the default: float32 rounding of order 1e-7 relative
@@ -41,7 +42,7 @@ How a merged model is made (the benchmark's protocol, methods.md section 4; the 
 Selection is honest: for each method and seed the λ with the highest *mean over tasks* of the
 validation accuracies is chosen (ties: the smaller λ), and only that λ is evaluated on the test
 split. The capability tasks have one record file each; :func:`~workbench.studies.protocol.split_records`
-splits it into validation and test halves by a seeded permutation (disjoint, deterministic). A method that fails
+splits it into validation (:data:`CAP_VAL_FRACTION`) and test by a seeded permutation (disjoint, deterministic). A method that fails
 (an exception in the merge or evaluation) gets rows with ``status="failed"``, NaN accuracy and the
 error message - never silently dropped.
 
@@ -78,6 +79,12 @@ CAP_METHODS: tuple[str, ...] = ("weight_average", "task_arithmetic", "ties", "da
 MODALITY_METHODS: tuple[str, ...] = ("weight_average", "task_arithmetic", "ties", "tsv", "iso_c", "wudi",
                                      "optmerge")
 LAMBDAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
+#: share of each capability task's items held out for the λ search (the default preset's 600 items per task:
+#: 100 validation items per task, 500 over the five tasks for a search; 500 test items per task)
+CAP_VAL_FRACTION = 1 / 6
+#: MCUB-mini validation items of the modality family's λ search (an evenly strided subset of ``mcub/val.json``,
+#: whose records cycle through the modality combinations: 40 per combination of the default preset's 11)
+MODALITY_VAL_ITEMS = 440
 #: Methods whose result does not depend on λ (run once).
 NO_LAMBDA: frozenset = frozenset({"weight_average"})
 TASK_LABELS: dict[str, str] = {"vqa": "VQA", "geometry": "Geometry", "chart": "Chart", "ocr": "OCR",
@@ -152,6 +159,15 @@ class _Setting:
     build: Callable[[Any, int], Any]       # (llm module, seed) -> MultimodalLM
     base_hash: dict                        # hashes of everything beside the experts
     notes: dict = field(default_factory=dict)
+    base_path: Path | None = None          # the experts' theta_0 (an HF Llama folder); None: the zoo's base/
+
+    @property
+    def base_llm_path(self) -> Path:
+        return self.base_path if self.base_path is not None else self.z.base_path
+
+    def load_base_llm(self):
+        from ..world.zoo import _load_llm
+        return _load_llm(self.base_llm_path)
 
     def expert_hashes(self, seed: int) -> dict:
         models = self.z.manifest["models"]
@@ -163,7 +179,7 @@ def _base_hash(z) -> str | None:
 
 
 def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None = None,
-                       tasks: Sequence[str] | None = None, val_fraction: float = 0.5, split_seed: int = 0
+                       tasks: Sequence[str] | None = None, val_fraction: float = CAP_VAL_FRACTION, split_seed: int = 0
                        ) -> _Setting:
     """The capability family of ``zoo`` as a merge setting (experts ``capability-<task>-<variant>-s<seed>``)."""
     from ..compose import CachedTokenizer, CachedTower
@@ -179,7 +195,9 @@ def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None =
     unknown = [t for t in tasks if t not in all_tasks]
     if unknown:
         raise ValueError(f"tasks {unknown} are not capability tasks of this zoo ({all_tasks})")
-    seeds = list(seeds) if seeds is not None else list(cap.get("seeds", [0]))
+    if seeds is None:  # every seed of the variant (the preset may train LoRA experts for fewer seeds)
+        seeds = list(cap.get("lora_seeds", cap.get("seeds", [0])) if variant == "lora" else cap.get("seeds", [0]))
+    seeds = list(seeds)
     experts, paths = {}, {}
     for s in seeds:
         names = [f"capability-{t}-{variant}-s{s}" for t in tasks]
@@ -209,7 +227,10 @@ def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None =
 
     bh = {"base": _base_hash(z), "capability-base": z.info("capability-base").get("hash"),
           "split": [val_fraction, split_seed]}
-    setting = _Setting(z, f"capability-{variant}", experts, paths, val, test, build, bh, notes)
+    base_paths = {z.base_llm_path(n) for s in seeds for n in experts[s]}
+    if len(base_paths) != 1:
+        raise ValueError(f"the capability experts {experts} were not fine-tuned from one base LLM: {sorted(base_paths)}")
+    setting = _Setting(z, f"capability-{variant}", experts, paths, val, test, build, bh, notes, base_paths.pop())
     setting.recipe = ("capability_setting", {"zoo": str(z.path), "variant": variant, "seeds": seeds, "tasks": tasks,
                                              "val_fraction": val_fraction, "split_seed": split_seed})
     return setting
@@ -219,7 +240,8 @@ def modality_setting(zoo, seeds: Sequence[int] | None = None, modalities: Sequen
                      kind: str = "full", benchmarks: Sequence[str] = ("mcub-2", "mcub-3", "mcub-4"),
                      own_tasks: bool = True, max_items: int | None = None) -> _Setting:
     """The modality family as a merge setting: experts ``<m>-<kind>-s<seed>``; every merged LLM gets
-    every expert's tower. Validation: ``mcub/val.json``; test: MCUB-mini 2/3/4 and ``own:<m>``."""
+    every expert's tower. Validation: :data:`MODALITY_VAL_ITEMS` records of ``mcub/val.json``; test: MCUB-mini
+    2/3/4 and ``own:<m>``."""
     from .. import compose as C
 
     z = Zoo.coerce(zoo)
@@ -235,7 +257,9 @@ def modality_setting(zoo, seeds: Sequence[int] | None = None, modalities: Sequen
         paths[s] = [z.adapter_path(n) if kind == "lora" else z.llm_path(n) for n in names]
     head = (lambda rs: rs[:max_items]) if max_items else (lambda rs: rs)
     try:
-        val = {"mcub-val": head(z.mcub("val"))}
+        val_all = z.mcub("val")
+        stride = max(1, len(val_all) // MODALITY_VAL_ITEMS)  # every combination alike: records cycle through them
+        val = {"mcub-val": head(val_all[::stride][:MODALITY_VAL_ITEMS])}
     except FileNotFoundError:
         val = {}
     test = {}
@@ -380,7 +404,7 @@ def _merge_grid(setting: _Setting, entries: Sequence[MergeEntry], lambdas: Seque
 def capability_merging(zoo, variant: str = "full", methods: Sequence[str] = CAP_METHODS,
                        lambdas: Sequence[float] = LAMBDAS, seeds: Sequence[int] | None = None, device: str = "auto",
                        *, tasks: Sequence[str] | None = None, method_params: Mapping[str, Mapping] | None = None,
-                       references: bool = True, scoring: str = "loglik", val_fraction: float = 0.5,
+                       references: bool = True, scoring: str = "loglik", val_fraction: float = CAP_VAL_FRACTION,
                        split_seed: int = 0, rescale: str = "interpolate", keep_defaults: bool = True,
                        cache: bool | str | Path = True, out: str | Path | None = None, write: bool = False,
                        progress: bool = True, executor: str = "local", ray_address: str | None = None,
@@ -392,8 +416,8 @@ def capability_merging(zoo, variant: str = "full", methods: Sequence[str] = CAP_
     with the base VLM's tower, accuracy on each task's validation split for every λ in
     ``lambdas``, the λ with the best validation mean over tasks, and that λ on the test split.
     ``references`` adds the base VLM (``"Base"``), every expert on every task (``"Indiv. <Task>"``)
-    and the mixture-training model if the zoo has one (``capability-oracle-s<seed>``; the presets
-    have none - ``attrs["skipped"]`` says so). ``tasks`` restricts both the merged experts and the
+    and the mixture-training model (``capability-oracle-s<seed>``, the zoo's mixture training on every
+    task; where a zoo lacks it ``attrs["skipped"]`` says so). ``tasks`` restricts both the merged experts and the
     tasks. Returns the tidy rows (module docstring); ``write=True`` also writes
     ``<out>/capability_<variant>.csv`` (``out`` default ``data/results/<preset>/``). ``attrs``:
     ``cache_hits``, ``cache_misses``, ``timings`` (merge seconds), ``notes``, ``skipped``, ``cells``
@@ -428,7 +452,7 @@ def _capability_references(ev: Evaluator, setting: _Setting, variant: str, skipp
     for seed in setting.experts:
         rows += reference_rows(ev, setting, BASE_LABEL, "base", "base", seed,
                                {"model": "capability-base", "hash": setting.base_hash},
-                               lambda seed=seed: setting.build(z.load_base_llm(), seed))
+                               lambda seed=seed: setting.build(setting.load_base_llm(), seed))
         for name in setting.experts[seed]:
             task = z.info(name).get("task", name)
             rows += reference_rows(ev, setting, f"Indiv. {TASK_LABELS.get(task, task)}", name, "indiv", seed,
@@ -499,7 +523,7 @@ def modality_merging(zoo, methods: Sequence[str] = MODALITY_METHODS, lambdas: Se
             rows += reference_rows(ev, setting, BASE_LABEL, "frozen", "base", seed,
                                    {"model": "frozen", "hash": setting.base_hash,
                                     "experts": setting.expert_hashes(seed)},
-                                   lambda seed=seed: setting.build(z.load_base_llm(), seed))
+                                   lambda seed=seed: setting.build(setting.load_base_llm(), seed))
             for name, m in zip(setting.experts[seed], mods):
                 rows += reference_rows(ev, setting, f"Indiv. {m}", name, "indiv", seed,
                                        {"model": name, "towers": setting.expert_hashes(seed),
@@ -668,7 +692,7 @@ def solver_comparison(zoo, family: str = "full", methods: Sequence[str] = ("wudi
             for e in entries:
                 solver = e.label[e.label.rindex("(") + 1:-1]
                 outp = Path(tmp) / f"{e.method}-{solver.replace(', ', '-')}-s{seed}"
-                cfg = {"method": e.method, "base": z.base_path, "experts": setting.expert_paths[seed],
+                cfg = {"method": e.method, "base": setting.base_llm_path, "experts": setting.expert_paths[seed],
                        "output": outp, "params": {**e.params, "scale": 1.0}, "device": device, "seed": seed,
                        "copy_tokenizer": False}
                 try:

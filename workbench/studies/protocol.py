@@ -183,11 +183,11 @@ class MergedLLM:
     def _merge(self, scale: float) -> Path:
         from ..engine import merge_with_report
 
-        z = self.setting.z
         out = self.workdir / f"merge-{digest({'e': self.entry.key, 's': self.seed, 'scale': scale})}"
         shutil.rmtree(out, ignore_errors=True)
         params = {**self.entry.params, "scale": float(scale)}
-        cfg = {"method": self.entry.method, "base": z.base_path, "experts": self.setting.expert_paths[self.seed],
+        cfg = {"method": self.entry.method, "base": self.setting.base_llm_path,
+               "experts": self.setting.expert_paths[self.seed],
                "output": out, "params": params, "device": str(self.device), "seed": int(self.seed),
                "keep_defaults": self.keep_defaults, "copy_tokenizer": False}
         t0 = time.perf_counter()
@@ -237,12 +237,12 @@ class MergedLLM:
 
 def _base_llm_copy(setting: _Setting):
     """A fresh copy of the base LLM (read from disk once per setting, then deep-copied: the same
-    weights as ``z.load_base_llm()``, without re-reading the checkpoint for every λ)."""
+    weights as ``setting.load_base_llm()``, without re-reading the checkpoint for every λ)."""
     import copy
 
     base = setting.__dict__.get("_base_llm")
     if base is None:
-        base = setting.__dict__["_base_llm"] = setting.z.load_base_llm()
+        base = setting.__dict__["_base_llm"] = setting.load_base_llm()
     return copy.deepcopy(base)
 
 

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..evaluate import LETTERS
 from ..statistics import small_preset_note
 
 #: Paper names of the workbench's composition labels (``results.COMPOSITIONS``).
@@ -37,8 +38,8 @@ PAPER_NAMES: dict[str, str] = {"naive_mc": "NaiveMC", "damc": "DAMC", "mmer": "M
 __all__ = [
     "PAPER_NAMES", "fmt_interval", "pick_interval", "ours_table", "interval_table",
     "paired_difference", "verdict_counts", "verdict_sentence", "paired_view",
-    "zoo_models_table", "expert_gap_table", "build_times_table", "accuracy_figure", "modality_examples_figure",
-    "density_table", "naivemc_claims", "damc_claims", "mmer_claims", "readme_claims", "readme_verdict_counts",
+    "zoo_models_table", "expert_gap_table", "capability_regime_table", "build_times_table", "accuracy_figure", "modality_examples_figure",
+    "density_table", "non_option_outputs", "naivemc_claims", "damc_claims", "mmer_claims", "readme_claims", "readme_verdict_counts",
 ]
 
 
@@ -131,6 +132,24 @@ def _items(pred: pd.DataFrame, method: str, benchmark: str, scoring: str) -> pd.
 
 def _bench(pred: pd.DataFrame, prefix: str) -> list[str]:
     return sorted(b for b in set(pred["benchmark"]) if str(b).startswith(prefix))
+
+
+def non_option_outputs(pred: pd.DataFrame, methods: Sequence[str] | None = None,
+                       benchmarks: Sequence[str] | None = None) -> pd.DataFrame:
+    """Share (%) of greedy generations that name no option (the prediction is not one of the four
+    letters: the model answered outside the format), by method and benchmark, pooled over seeds,
+    with the counts. Read beside a generation-scored verdict: a method that often answers off-format
+    loses points that the log-likelihood scoring (which ranks the four options) does not take."""
+    d = pred[pred["scoring"] == "generate"]
+    if methods is not None:
+        d = d[d["method"].isin(list(methods))]
+    if benchmarks is not None:
+        d = d[d["benchmark"].isin(list(benchmarks))]
+    d = d.assign(off=~d["pred"].fillna("").astype(str).isin(list(LETTERS[:4])))
+    out = d.groupby(["method", "benchmark"])["off"].agg(["sum", "size"]).reset_index()
+    out["non_option_%"] = (100.0 * out["sum"] / out["size"]).round(1)
+    out["method"] = out["method"].map(lambda m: PAPER_NAMES.get(m, m))
+    return out.rename(columns={"sum": "non_option", "size": "n"})
 
 
 def naivemc_claims(pred: pd.DataFrame, scoring: str = "generate") -> list[dict]:
@@ -292,6 +311,40 @@ def expert_gap_table(manifest: Mapping[str, Any], tuned: str = "full", reference
     out["gap"] = out[f"{tuned} expert"] - out["base LLM + projector"]
     out["n_seeds"] = n.get(tuned)
     return out.reset_index()
+
+
+def capability_regime_table(manifest: Mapping[str, Any], scoring: str = "loglik") -> pd.DataFrame:
+    """The capability family's regime from ``zoo.json`` (no evaluation), one row per task: the instruct
+    base VLM's accuracy, each expert kind's own-task accuracy and its gain over the base VLM (mean over
+    seeds with a 95% t-interval), and mixture training's accuracy on the task (mean over seeds). The
+    papers' regime: a base that is decent everywhere, experts a moderate gain above it on their own task."""
+    from ..statistics import t_interval
+
+    models = manifest.get("models", {})
+    base = next((m for m in models.values() if m.get("kind") == "base-vlm"), None)
+    if base is None:
+        return pd.DataFrame()
+    rows = []
+    for task, scores in base.get("task_scores", {}).items():
+        row: dict[str, Any] = {"task": task, "base VLM": scores[scoring]}
+        for kind in ("full", "lora"):
+            es = [m for m in models.values() if m.get("family") == "capability" and m.get("task") == task
+                  and m.get("kind") == kind]
+            if not es:
+                continue
+            own = [m["own_task"][scoring] for m in es]
+            gain = [m["own_task"][scoring] - m["own_task_base_llm"][scoring] for m in es]
+            for label, v in ((f"{kind} expert", own), (f"{kind} gain", gain)):
+                mean, lo, hi = t_interval(v)
+                row[label] = mean
+                row[f"{label} interval"] = fmt_interval(mean, lo, hi)
+            row[f"{kind} seeds"] = len(es)
+        mix = [m["task_scores"][task][scoring] for m in models.values()
+               if m.get("family") == "capability" and m.get("kind") == "mixture" and task in m.get("task_scores", {})]
+        if mix:
+            row["mixture training"] = float(np.mean(mix))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def build_times_table(manifest: Mapping[str, Any]) -> pd.DataFrame:

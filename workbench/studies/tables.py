@@ -2,6 +2,7 @@
 
 - :func:`summary_long` - one row per method x benchmark (each task and ``Avg``) with its interval;
   :func:`merge_table` - the Table-2-shaped wide table (methods x tasks + Avg, with intervals);
+  :func:`gain_retention` - the share of the experts' gains over the base VLM each merge keeps;
 - :func:`item_predictions`, :func:`paired_tests` - the cached per-item predictions of a method and
   exact McNemar tests between two methods on the same items;
 - :func:`compare_published` - our table beside the paper's, with verdicts for its claims
@@ -141,6 +142,48 @@ def _indiv_rows(d: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
             continue
         rows = [r for r in rows if r["method"] != label]  # own-task row incomplete: drop it
     return pd.DataFrame(rows)
+
+
+def gain_retention(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """How much of the experts' gains each model keeps (capability rows), per model on ``split`` at the
+    selected λ: ``kept_gain`` = mean over tasks of (model − base VLM) / (own expert − base VLM) in %
+    (the share of each expert's own-task gain over the base that the one model keeps; tasks whose
+    expert gains nothing are left out), ``normalized`` = mean over tasks of model / own expert in %
+    (the benchmark's normalised accuracy), and ``avg_minus_base`` = the model's Avg − the base VLM's
+    (points). Per seed, then the mean over seeds with a 95% t-interval (``*_low``/``*_high``; NaN for
+    one seed). Rows: every merge, the mixture-training model and the base VLM."""
+    from ..statistics import t_interval
+
+    d = df[(df["split"] == split) & (df["selected"].astype(bool)) & (df["status"] == "ok")]
+    tasks = list(dict.fromkeys(d["task"]))
+    own_label = {f"Indiv. {TASK_LABELS.get(t, t)}": t for t in tasks}
+    per_seed: dict[tuple[str, str], list[dict]] = {}
+    for seed, g in d.groupby("seed"):
+        base = g[g["kind"] == "base"].set_index("task")["accuracy"]
+        ind = g[g["kind"] == "indiv"]
+        own = {own_label[m]: a for m, t, a in zip(ind["method"], ind["task"], ind["accuracy"]) if own_label.get(m) == t}
+        if base.empty or set(own) != set(tasks):
+            continue
+        gain_tasks = [t for t in tasks if own[t] - base[t] > 0]
+        for (method, kind), gm in g[g["kind"].isin(["merge", "oracle", "base"])].groupby(["method", "kind"], sort=False):
+            acc = gm.set_index("task")["accuracy"]
+            if set(acc.index) != set(tasks):
+                continue
+            per_seed.setdefault((method, kind), []).append({
+                "kept_gain": 100 * float(np.mean([(acc[t] - base[t]) / (own[t] - base[t]) for t in gain_tasks]))
+                if gain_tasks else math.nan,
+                "normalized": 100 * float(np.mean([acc[t] / own[t] for t in tasks if own[t] > 0])),
+                "avg_minus_base": float(np.mean([acc[t] - base[t] for t in tasks]))})
+    rows = []
+    for (method, kind), vals in per_seed.items():
+        row = {"method": method, "kind": kind, "n_seeds": len(vals)}
+        for key in ("kept_gain", "normalized", "avg_minus_base"):
+            m, lo, hi = t_interval([v[key] for v in vals])
+            row.update({key: m, f"{key}_low": lo, f"{key}_high": hi})
+        rows.append(row)
+    cols = ["method", "kind", "n_seeds"] + [f"{k}{s}" for k in ("kept_gain", "normalized", "avg_minus_base")
+                                            for s in ("", "_low", "_high")]
+    return pd.DataFrame(rows, columns=cols).sort_values("kept_gain", ascending=False, ignore_index=True)
 
 
 def merge_table(df: pd.DataFrame, split: str = "test", fmt: bool = False, digits: int = 1,

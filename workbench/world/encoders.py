@@ -138,7 +138,11 @@ class PointEncoder(_Encoder):
 
 
 class CapabilityEncoder(_Encoder):
-    """Capability-family vision encoder: [3, 32, 32] -> 16 patch tokens (a 4x4 grid)."""
+    """Capability-family vision encoder: [3, 32, 32] -> 16 patch tokens (a 4x4 grid of 8x8 patches).
+
+    Each token sums a convolutional feature of its neighbourhood (shapes, objects across patch
+    borders) and a ViT-style embedding of its own patch's pixels (fine detail such as a glyph,
+    which three max-pools blur away)."""
 
     modality, n_tokens, raw_ndim = "image", 16, 3
 
@@ -148,11 +152,13 @@ class CapabilityEncoder(_Encoder):
             nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 48, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
             nn.Conv2d(48, d_enc, 3, padding=1), nn.GELU(), nn.MaxPool2d(2))
+        self.patch = nn.Sequential(nn.Linear(3 * 8 * 8, 2 * d_enc), nn.GELU(), nn.Linear(2 * d_enc, d_enc))
         self.pos = nn.Parameter(torch.zeros(16, d_enc))
         self.out = nn.Linear(d_enc, d_enc)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.net(x).flatten(2).transpose(1, 2) + self.pos)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, 32, 32] -> [B, 16, d]
+        pixels = x.reshape(x.shape[0], 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], 16, 192)
+        return self.out(self.net(x).flatten(2).transpose(1, 2) + self.patch(pixels) + self.pos)
 
 
 ENCODER_CLASSES: dict[str, type[_Encoder]] = {

@@ -143,10 +143,17 @@ def read_records(path: str | Path) -> list[dict]:
     return json.loads(p.read_text())
 
 
-def build_datasets(root: str | Path, n_per_subset: int, n_own: int, n_val: int, n_capability: int,
+def build_datasets(root: str | Path, n_mcub: int, n_own: int, n_val: int, n_capability: int,
                    seed: int, modalities: Iterable[str] = MODALITIES, capability_tasks: Iterable[str] = CAP_TASKS
                    ) -> dict:
     """Generate every evaluation set under ``root``; returns ``{file: n_records}``.
+
+    Sizes: ``n_mcub`` test items in each of ``mcub-2`` / ``mcub-3`` / ``mcub-4`` (split evenly over
+    that file's modality combinations: 6 pairs, 4 triples, 1 quadruple of the four modalities);
+    ``n_val`` validation items *per combination* in ``mcub/val.json`` (a composition's search uses
+    the items of its own modalities, so each pair's search sees ``n_val`` items, a triple's
+    ``4 x n_val``); ``n_own`` own-task items per modality; ``n_capability`` items per capability task
+    (split into validation and test by the merging benchmark).
 
     Seeds: everything derives from ``seed`` via ``numpy.random.default_rng([seed, k])`` with a fixed
     k per set, so training streams (other seeds) never share noise with the evaluation sets.
@@ -170,17 +177,17 @@ def build_datasets(root: str | Path, n_per_subset: int, n_own: int, n_val: int, 
     pairs = [p for p in MCUB2 if set(p) <= set(mods)]
     triples = [t for t in MCUB3 if set(t) <= set(mods)]
     if pairs:
-        common_set("mcub-2", pairs, n_per_subset, 2)
+        common_set("mcub-2", pairs, -(-n_mcub // len(pairs)), 2)
     if triples:
-        common_set("mcub-3", triples, n_per_subset, 3)
+        common_set("mcub-3", triples, -(-n_mcub // len(triples)), 3)
     if len(mods) == 4:
-        common_set("mcub-4", [tuple(mods)], n_per_subset * 2, 4)
+        common_set("mcub-4", [tuple(mods)], n_mcub, 4)
     # validation split: a mixture over all the combinations above, other seeds
     combos = pairs + triples + ([tuple(mods)] if len(mods) == 4 else [])
     if combos:
         rng = np.random.default_rng([seed, 9])
         recs = []
-        for i in range(n_val):
+        for i in range(n_val * len(combos)):
             combo = combos[i % len(combos)]
             order = [m for m in MODALITIES if m in combo]
             tag = "+".join(SHORT[m] for m in combo)

@@ -14,8 +14,9 @@ Importing this module registers those job kinds. Zoo layout the jobs write (``zo
     experts/<name>/projector/         model.safetensors + config.json
     oracle-s<seed>/                   llm/ + projectors/<modality>/ (joint training on all modalities)
     capability/encoder/               the capability family's vision encoder
-    capability/base/                  base VLM: projector/ (its LLM is base/)
-    capability/experts/<task>-<full|lora>-s<seed>/
+    capability/base/                  instruct base VLM: llm/ (the family's theta_0) + projector/
+    capability/experts/<task>-<full|lora>-s<seed>/   narrow experts fine-tuned from it
+    capability/experts/mixture-s<seed>/              mixture training on every task (zoo name capability-oracle-s<seed>)
 
 Generated inputs and evaluation records live under ``data/generated/<preset>/``.
 """
@@ -32,7 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .concepts import CAP_TASKS, PLACEHOLDERS
+from .concepts import CAP_SHAPES, CAP_TASKS, PLACEHOLDERS
 from .mcub import build_datasets, read_records, record_inputs
 from .presets import get_preset
 from .scheduler import PLANNERS, Job, register_job_kind
@@ -110,7 +111,7 @@ def _job_data(job: Job, ctx: dict) -> dict:
     c = job.config
     root = Path(ctx["data"])
     shutil.rmtree(root, ignore_errors=True)
-    counts = build_datasets(root, c["n_per_subset"], c["n_own"], c["n_val"], c["n_capability"], c["seed"],
+    counts = build_datasets(root, c["n_mcub"], c["n_own"], c["n_val"], c["n_capability"], c["seed"],
                             c["modalities"], c["capability_tasks"])
     return {"files": counts}
 
@@ -146,8 +147,10 @@ def _cap_patch_labels(x: torch.Tensor) -> torch.Tensor:
 
 def _job_cap_encoder(job: Job, ctx: dict) -> dict:
     """Capability vision encoder, generic pretraining (as CLIP's is generic): each patch token
-    reconstructs its 8x8 patch and classifies its ink colour; the mean token classifies the kind
-    of image (objects, polygon, chart, text). No task's question or answer is used."""
+    reconstructs its 8x8 patch and classifies its ink colour, the glyph it holds (a digit or none) and
+    the shape centred in it (or none) - dense generic labels, as a pretrained vision encoder reads text
+    and recognises shapes, which is what makes OCR and VQA learnable by the LLM; the mean token
+    classifies the kind of image (objects, polygon, chart, text). No task's question or answer is used."""
     from torch import nn
     from .encoders import CapabilityEncoder, save_module
     from .generators import render_capability
@@ -157,46 +160,61 @@ def _job_cap_encoder(job: Job, ctx: dict) -> dict:
     enc = CapabilityEncoder(64)
     dec = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 192))
     col = nn.Linear(64, 6)
+    glyph = nn.Linear(64, 11)  # digit 0-9, 10 = no glyph
+    shape = nn.Linear(64, len(CAP_SHAPES) + 1)  # the shape centred in the patch, last = none
     kind_head = nn.Linear(64, 4)
     kinds = {"vqa": 0, "grounding": 0, "geometry": 1, "chart": 2, "ocr": 3}
-    params = [p for m in (enc, dec, col, kind_head) for p in m.parameters()]
+    params = [p for m in (enc, dec, col, glyph, shape, kind_head) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=c["lr"])
     rng = np.random.default_rng(c["seed"])
     t0 = time.time()
 
     def draw(r, n):
-        xs, ks = [], []
-        for _ in range(n):
+        xs, ks, gs, ss = [], [], torch.full((n, 16), 10), torch.full((n, 16), len(CAP_SHAPES))
+        for i in range(n):
             img, truth = render_capability(CAP_TASKS[int(r.integers(5))], r)
             xs.append(torch.from_numpy(img))
             ks.append(kinds[truth["task"]])
-        return torch.stack(xs), torch.tensor(ks)
+            for patch, digit in truth.get("glyph_patches", []):
+                gs[i, patch] = digit
+            for patch, sid in truth.get("shape_patches", []):
+                ss[i, patch] = sid
+        return torch.stack(xs), torch.tensor(ks), gs, ss
 
-    def losses(x, k):
+    def dense(logits, lab, none):  # every patch (a label or none) + the labelled patches alone
+        has = lab != none
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1))
+        if has.any():
+            loss = loss + nn.functional.cross_entropy(logits[has], lab[has])
+        return loss, (logits.argmax(-1) == lab)[has].float().mean()
+
+    def losses(x, k, gl, sh):
         tok = enc(x)
         patches = x.reshape(x.shape[0], 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], 16, 192)
         lab = _cap_patch_labels(x)
         l_rec = nn.functional.mse_loss(dec(tok), patches)
         l_col = nn.functional.cross_entropy(col(tok).reshape(-1, 6), lab.reshape(-1))
+        l_glyph, acc_glyph = dense(glyph(tok), gl, 10)
+        l_shape, acc_shape = dense(shape(tok), sh, len(CAP_SHAPES))
         l_kind = nn.functional.cross_entropy(kind_head(tok.mean(1)), k)
-        return l_rec, l_col, l_kind, (col(tok).argmax(-1) == lab).float().mean(), (kind_head(tok.mean(1)).argmax(-1) == k).float().mean()
+        accs = {"patch_colour_acc": (col(tok).argmax(-1) == lab).float().mean(),
+                "glyph_acc": acc_glyph, "shape_acc": acc_shape,
+                "kind_acc": (kind_head(tok.mean(1)).argmax(-1) == k).float().mean()}
+        return 4 * l_rec + l_col + l_glyph + l_shape + l_kind, l_rec, accs
 
     for step in range(c["steps"]):
         for g in opt.param_groups:
             g["lr"] = c["lr"] * _lr_at(step, c["steps"], max(1, c["steps"] // 20))
-        x, k = draw(rng, c["batch"])
-        l_rec, l_col, l_kind, _, _ = losses(x, k)
-        loss = 4 * l_rec + l_col + l_kind
+        loss, _, _ = losses(*draw(rng, c["batch"]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     enc.eval()
     with torch.no_grad():
-        x, k = draw(np.random.default_rng(c["seed"] + 10_000), 128)
-        l_rec, _, _, acc_col, acc_kind = losses(x, k)
+        _, l_rec, accs = losses(*draw(np.random.default_rng(c["seed"] + 10_000), 256))
     enc.requires_grad_(False)
     save_module(enc, enc.config(), Path(ctx["root"]) / job.out)
-    return {"recon_mse": float(l_rec), "patch_colour_acc": float(acc_col), "kind_acc": float(acc_kind),
+    return {"recon_mse": float(l_rec), **{k: float(v) for k, v in accs.items()},
             "seconds": time.time() - t0, "params": _n_params(enc)}
 
 
@@ -271,10 +289,11 @@ def _lora_config(c: dict):
 
 
 def _trainable_llm(root: Path, c: dict):
-    """The base LLM ready for an expert's fine-tuning: ``(llm, trainable LLM parameters, their lr)``.
+    """The expert's base LLM (``c["base"]``, a folder of the zoo; default ``base/``) ready for its
+    fine-tuning: ``(llm, trainable LLM parameters, their lr)``.
     ``c["kind"] == "lora"`` wraps it in a peft LoRA model of ``c["lora"]`` (lr ``c["lora"]["lr"]``),
     otherwise every parameter trains at ``c["lr_llm"]``."""
-    llm = _load_llm(root / "base")
+    llm = _load_llm(root / c.get("base", "base"))
     if c["kind"] == "lora":
         from peft import get_peft_model
         llm = get_peft_model(llm, _lora_config(c["lora"]))
@@ -375,8 +394,23 @@ def _cap_records(ctx: dict, task: str) -> list[dict]:
     return read_records(Path(ctx["data"]) / "capability" / f"{task}.json")
 
 
+def _cap_task_sampler(tasks: Sequence[str], task_weight: float, caption: float = 0.0, text: float = 0.0):
+    """Equal parts of every task in ``tasks`` (``task_weight`` in all), generic captions and text replay."""
+    from .tasks import capability_question, mixture, text_question
+    parts = [(task_weight / len(tasks), (lambda t: lambda r: capability_question(t, r))(t)) for t in tasks]
+    if caption:
+        parts.append((caption, lambda r: capability_question("caption", r)))
+    if text:
+        parts.append((text, text_question))
+    return mixture(parts)
+
+
 def _job_cap_base(job: Job, ctx: dict) -> dict:
-    """Base VLM: base LLM (frozen) + capability encoder + projector trained on generic captions."""
+    """The instruct base VLM, in two stages as InternVL2.5 / Qwen2-VL are built: (1) the projector
+    alone on generic captions (base LLM frozen), (2) instruction tuning of LLM + projector on a broad
+    mixture of every capability task (+ captions and text replay) for a moderate number of steps, so
+    the base VLM already knows each task's format and is decent everywhere before the narrow experts
+    are fine-tuned from it. Saves ``llm/`` (the capability family's theta_0) and ``projector/``."""
     from .encoders import Projector, save_module
     from .tasks import batches, capability_question
     from .training import seed_everything, train_mllm
@@ -390,18 +424,30 @@ def _job_cap_base(job: Job, ctx: dict) -> dict:
     model = _cap_model(llm, tok, ctx, proj)
     log = train_mllm(model, batches(lambda r: capability_question("caption", r), c["batch"], 4000),
                      [{"params": proj.parameters(), "lr": c["lr_proj"]}], c["caption_steps"],
-                     desc="capability base VLM", progress=ctx["progress"])
+                     desc="capability base VLM (captions)", progress=ctx["progress"])
     folder = root / job.out
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    captioned = {t: _evaluate(model, _cap_records(ctx, t), ctx, job.name + "@captions", 0, folder / "predictions.csv")
+                 for t in c["tasks"]}
+    llm.requires_grad_(True)
+    log2 = train_mllm(model, batches(_cap_task_sampler(c["tasks"], 0.8, caption=0.1, text=0.1), c["batch"], 4100),
+                      [{"params": llm.parameters(), "lr": c["lr_llm"]}, {"params": proj.parameters(), "lr": c["lr_proj"]}],
+                      c["instruct_steps"], desc="capability base VLM (instruct)", progress=ctx["progress"])
+    _save_llm(llm, tok, folder / "llm")
     save_module(proj, proj.config(), folder / "projector")
     scores = {t: _evaluate(model, _cap_records(ctx, t), ctx, job.name, 0, folder / "predictions.csv")
               for t in c["tasks"]}
-    info = {"name": job.name, "kind": "base-vlm", "llm": "base", "encoder": "capability/encoder",
-            "task_scores": scores, "seconds": round(log["seconds"], 1)}
+    info = {"name": job.name, "kind": "base-vlm", "llm": f"{job.out}/llm", "encoder": "capability/encoder",
+            "task_scores": scores, "task_scores_captions_only": captioned,
+            "seconds": round(log["seconds"] + log2["seconds"], 1)}
     _write_expert_json(folder, info)
     return {"manifest": info}
 
 
 def _job_cap_expert(job: Job, ctx: dict) -> dict:
+    """A narrow capability expert: the instruct base VLM's LLM fine-tuned (full or LoRA) on one task
+    (+ text replay), its projector frozen (shared with the base VLM)."""
     from .encoders import load_projector, save_module
     from .tasks import batches, capability_question, mixture, text_question
     from .training import seed_everything, train_mllm
@@ -412,28 +458,59 @@ def _job_cap_expert(job: Job, ctx: dict) -> dict:
     root = Path(ctx["root"])
     llm, llm_params, lr_llm = _trainable_llm(root, c)
     proj = load_projector(root / "capability" / "base" / "projector")
-    proj.requires_grad_(bool(c["train_projector"]))
+    proj.requires_grad_(False)
     model = _cap_model(llm, tok, ctx, proj)
-    sampler = mixture([(0.85, lambda r: capability_question(task, r)), (0.15, text_question)])
-    groups = [{"params": llm_params, "lr": lr_llm}]
-    if c["train_projector"]:
-        groups.append({"params": proj.parameters(), "lr": c["lr_proj"]})
-    log = train_mllm(model, batches(sampler, c["batch"], 5000 + 31 * seed + CAP_TASKS.index(task)), groups,
-                     c["steps"], desc=f"capability {job.name}", progress=ctx["progress"])
+    replay = c.get("replay", 0.0)  # share of the instruct mixture (every task) replayed beside the own task
+    parts = [(0.85 - replay, lambda r: capability_question(task, r)), (0.15, text_question)]
+    if replay:
+        parts.append((replay, _cap_task_sampler(c["tasks"], 1.0)))
+    log = train_mllm(model, batches(mixture(parts), c["batch"], 5000 + 31 * seed + CAP_TASKS.index(task)),
+                     [{"params": llm_params, "lr": lr_llm}], c["steps"], desc=f"capability {job.name}",
+                     progress=ctx["progress"])
     folder = root / job.out
     shutil.rmtree(folder, ignore_errors=True)
     save_module(proj, proj.config(), folder / "projector")
     model = _cap_model(_save_tuned_llm(llm, tok, folder, kind), tok, ctx, proj)
     recs = _cap_records(ctx, task)
     tuned = _evaluate(model, recs, ctx, job.name, seed, folder / "predictions.csv")
-    base = _evaluate(_cap_model(_load_llm(root / "base"), tok, ctx, load_projector(root / "capability" / "base" / "projector")),
+    base = _evaluate(_cap_model(_load_llm(root / c["base"]), tok, ctx, proj),
                      recs, ctx, job.name + "@base-vlm", seed, folder / "predictions.csv")
-    info = {"name": job.name, "family": "capability", "task": task, "kind": kind, "seed": seed, "base": "base",
+    info = {"name": job.name, "family": "capability", "task": task, "kind": kind, "seed": seed, "base": c["base"],
             "encoder": "capability/encoder", "own_task": tuned, "own_task_base_llm": base,
             "gap": {k: round(tuned[k] - base[k], 2) for k in tuned}, "seconds": round(log["seconds"], 1),
-            "train_projector": c["train_projector"]}
+            "train_projector": False}
     if kind == "lora":
         info["lora"] = c["lora"]
+    _write_expert_json(folder, info)
+    return {"manifest": info}
+
+
+def _job_cap_mixture(job: Job, ctx: dict) -> dict:
+    """Mixture training, the capability family's upper-bound row: the instruct base VLM's LLM
+    fine-tuned on all tasks' data together (equal parts + text replay, projector frozen)."""
+    from .encoders import load_projector, save_module
+    from .tasks import batches
+    from .training import seed_everything, train_mllm
+    c = job.config
+    seed = c["seed"]
+    seed_everything(6000 + seed)
+    tok = _tok(ctx)
+    root = Path(ctx["root"])
+    llm = _load_llm(root / c["base"])
+    proj = load_projector(root / "capability" / "base" / "projector")
+    proj.requires_grad_(False)
+    model = _cap_model(llm, tok, ctx, proj)
+    log = train_mllm(model, batches(_cap_task_sampler(c["tasks"], 0.85, text=0.15), c["batch"], 6000 + 31 * seed),
+                     [{"params": llm.parameters(), "lr": c["lr_llm"]}], c["steps"], desc=f"capability {job.name}",
+                     progress=ctx["progress"])
+    folder = root / job.out
+    shutil.rmtree(folder, ignore_errors=True)
+    save_module(proj, proj.config(), folder / "projector")
+    _save_llm(llm, tok, folder / "llm")
+    scores = {t: _evaluate(model, _cap_records(ctx, t), ctx, job.name, seed, folder / "predictions.csv")
+              for t in c["tasks"]}
+    info = {"name": job.name, "family": "capability", "kind": "mixture", "seed": seed, "base": c["base"],
+            "encoder": "capability/encoder", "task_scores": scores, "seconds": round(log["seconds"], 1)}
     _write_expert_json(folder, info)
     return {"manifest": info}
 
@@ -481,7 +558,8 @@ MODEL_PATH = TOKENIZER_PATH + SCENES_PATH + path_entries(
     "workbench.io.lora", "lora_delta") + path_entries(
     "workbench.world.zoo", "_load_llm") + path_entries(
     __name__,
-    "_tok _save_llm _sampler_mix _modality_model _cap_model _lora_config _trainable_llm _save_tuned_llm")
+    "_tok _save_llm _sampler_mix _modality_model _cap_model _cap_task_sampler _lora_config _trainable_llm "
+    "_save_tuned_llm")
 
 #: What training functions name but what shapes no weights (checked by the tests: every other
 #: workbench function, class or constant a training-path entry names is on the path itself):
@@ -496,14 +574,18 @@ _KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 
           "encoder": (_job_encoder, 1, MODEL_PATH), "base": (_job_base, 1, MODEL_PATH),
           "projector": (_job_projector, 1, MODEL_PATH), "full": (_job_expert, 1, MODEL_PATH),
           "lora": (_job_expert, 1, MODEL_PATH), "oracle": (_job_oracle, 1, MODEL_PATH),
-          "cap_encoder": (_job_cap_encoder, 1, MODEL_PATH + path_entries(__name__, "_CAP_INK _cap_patch_labels")),
-          "cap_base": (_job_cap_base, 1, MODEL_PATH), "cap_full": (_job_cap_expert, 1, MODEL_PATH),
-          "cap_lora": (_job_cap_expert, 1, MODEL_PATH)}
+          "cap_encoder": (_job_cap_encoder, 2, MODEL_PATH + path_entries(__name__, "_CAP_INK _cap_patch_labels")),
+          "cap_base": (_job_cap_base, 2, MODEL_PATH), "cap_full": (_job_cap_expert, 2, MODEL_PATH),
+          "cap_lora": (_job_cap_expert, 2, MODEL_PATH), "cap_mixture": (_job_cap_mixture, 1, MODEL_PATH)}
 for _kind, (_build, _version, _path) in _KINDS.items():
     register_job_kind(_kind, _build, version=_version, training_path=_path)
 
 
 # ----------------------------------------------------------------------------- planning
+#: the capability family's theta_0: the instruct base VLM's LLM (written by the ``cap_base`` job)
+CAP_BASE_LLM = "capability/base/llm"
+
+
 def _lora_settings(cfg: dict) -> dict:
     """A LoRA job's settings: the preset's ``lora`` block without its planning keys."""
     return {k: v for k, v in cfg["lora"].items() if k not in ("enabled", "seeds")}
@@ -551,19 +633,25 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
         jobs.append(Job("encoder-capability", "cap_encoder", {"modality": "capability", "steps": cap["enc_steps"],
                                                           "batch": cfg["encoder"]["batch"], "lr": cfg["encoder"]["lr"],
                                                           "seed": cfg["encoder"]["seed"]}, [], "capability/encoder"))
-        jobs.append(Job("capability-base", "cap_base", {"caption_steps": cap["caption_steps"], "batch": cap["batch"],
-                                                        "lr_proj": cap["lr_proj"], "tasks": cap["tasks"]},
-                        common + ["encoder-capability"], "capability/base"))
+        jobs.append(Job("capability-base", "cap_base", {
+            "caption_steps": cap["caption_steps"], "instruct_steps": cap["instruct_steps"], "batch": cap["batch"],
+            "lr_proj": cap["lr_proj"], "lr_llm": cap["lr_instruct"], "tasks": cap["tasks"]},
+            common + ["encoder-capability"], "capability/base"))
+        cap_deps = common + ["encoder-capability", "capability-base"]
         for seed in cap["seeds"]:
             for task in cap["tasks"]:
-                for kind in ["full"] + (["lora"] if cap["lora"] else []):
+                lora = cap["lora"] and seed in cap.get("lora_seeds", cap["seeds"])
+                for kind in ["full"] + (["lora"] if lora else []):
                     name = f"{task}-{kind}-s{seed}"
                     conf = {"task": task, "seed": seed, "kind": kind, "steps": cap["steps"], "batch": cap["batch"],
-                            "lr_llm": cap["lr_llm"], "lr_proj": cap["lr_proj"], "train_projector": cap["train_projector"]}
+                            "lr_llm": cap["lr_llm"], "base": CAP_BASE_LLM}
                     if kind == "lora":
-                        conf["lora"] = _lora_settings(cfg)
-                    jobs.append(Job(f"capability-{name}", f"cap_{kind}", conf,
-                                    common + ["encoder-capability", "capability-base"], f"capability/experts/{name}"))
+                        conf["lora"] = dict(_lora_settings(cfg), lr=cap["lr_lora"])
+                    jobs.append(Job(f"capability-{name}", f"cap_{kind}", conf, cap_deps, f"capability/experts/{name}"))
+            if cap["mixture_steps"]:
+                jobs.append(Job(f"capability-oracle-s{seed}", "cap_mixture", {
+                    "seed": seed, "tasks": cap["tasks"], "steps": cap["mixture_steps"], "batch": cap["batch"],
+                    "lr_llm": cap["lr_llm"], "base": CAP_BASE_LLM}, cap_deps, f"capability/experts/mixture-s{seed}"))
     jobs.extend(lora_jobs)  # priority order: full experts, oracle, capability family, then LoRA experts
     for kind, planner in PLANNERS.items():
         jobs.extend(planner(preset, cfg))

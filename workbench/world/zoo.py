@@ -74,13 +74,18 @@ class Zoo:
     def load_base_llm(self):
         return _load_llm(self.base_path)
 
+    def base_llm_path(self, name: str) -> Path:
+        """The LLM folder model ``name`` was fine-tuned from (its theta_0): ``base/`` for the modality
+        family, the instruct base VLM's ``capability/base/llm`` for the capability family."""
+        return self.path / self.info(name).get("base", "base")
+
     def experts(self, modality: str | None = None, kind: str | None = None, seed: int | None = None,
                 family: str = "modality", task: str | None = None) -> list[str]:
         """Names of experts (``family="modality"``: projector/full/lora/damc; ``"capability"``)."""
         out = []
         for name, e in self.manifest["models"].items():
             fam = e.get("family", "modality")
-            if e.get("kind") in ("oracle", "base-vlm") or fam != family:
+            if e.get("kind") in ("oracle", "base-vlm", "mixture") or fam != family:
                 continue
             if modality is not None and e.get("modality") != modality:
                 continue
@@ -106,7 +111,7 @@ class Zoo:
         p = self.expert_path(name)
         if (p / "llm").exists():
             return p / "llm"
-        if self.info(name).get("kind") in ("projector", "base-vlm"):
+        if self.info(name).get("kind") == "projector":
             return self.base_path
         raise FileNotFoundError(f"{p} has no llm/ folder (LoRA experts: adapter_path)")
 
@@ -137,8 +142,9 @@ class Zoo:
             return _load_llm(p / "llm")
         if (p / "adapter").exists():
             from peft import PeftModel
-            return PeftModel.from_pretrained(self.load_base_llm(), str(p / "adapter")).merge_and_unload().eval()
-        if e.get("kind") in ("projector", "base-vlm"):
+            base = _load_llm(self.base_llm_path(name))
+            return PeftModel.from_pretrained(base, str(p / "adapter")).merge_and_unload().eval()
+        if e.get("kind") == "projector":
             return self.load_base_llm()
         raise FileNotFoundError(f"{p}: neither llm/ nor adapter/")
 
@@ -176,7 +182,7 @@ class Zoo:
         rows = []
         by: dict[tuple, list[dict]] = {}
         for name, e in self.manifest["models"].items():
-            if e.get("kind") in ("full", "lora", "damc", "projector") or e.get("family") == "capability":
+            if e.get("kind") in ("full", "lora", "damc", "projector"):
                 key = (e.get("family", "modality"), e.get("modality") or e.get("task"), e["kind"])
                 by.setdefault(key, []).append(e)
         for (fam, what, kind), es in sorted(by.items()):
