@@ -146,9 +146,10 @@ def _indiv_rows(d: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
 
 def gain_retention(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """How much of the experts' gains each model keeps (capability rows), per model on ``split`` at the
-    selected λ: ``kept_gain`` = mean over tasks of (model − base VLM) / (own expert − base VLM) in %
-    (the share of each expert's own-task gain over the base that the one model keeps; tasks whose
-    expert gains nothing are left out), ``normalized`` = mean over tasks of model / own expert in %
+    selected λ: ``kept_gain`` = the model's mean gain over the base VLM across tasks / the own experts'
+    mean own-task gain over it, in % (the share of the experts' mean own-task gain the one model keeps; a
+    ratio of means, so a task whose expert gains next to nothing does not blow it up), ``normalized`` =
+    mean over tasks of model / own expert in %
     (the benchmark's normalised accuracy), and ``avg_minus_base`` = the model's Avg − the base VLM's
     (points). Per seed, then the mean over seeds with a 95% t-interval (``*_low``/``*_high``; NaN for
     one seed). Rows: every merge, the mixture-training model and the base VLM."""
@@ -164,14 +165,14 @@ def gain_retention(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
         own = {own_label[m]: a for m, t, a in zip(ind["method"], ind["task"], ind["accuracy"]) if own_label.get(m) == t}
         if base.empty or set(own) != set(tasks):
             continue
-        gain_tasks = [t for t in tasks if own[t] - base[t] > 0]
+        expert_gain = float(np.mean([own[t] - base[t] for t in tasks]))
         for (method, kind), gm in g[g["kind"].isin(["merge", "oracle", "base"])].groupby(["method", "kind"], sort=False):
             acc = gm.set_index("task")["accuracy"]
             if set(acc.index) != set(tasks):
                 continue
             per_seed.setdefault((method, kind), []).append({
-                "kept_gain": 100 * float(np.mean([(acc[t] - base[t]) / (own[t] - base[t]) for t in gain_tasks]))
-                if gain_tasks else math.nan,
+                "kept_gain": 100 * float(np.mean([acc[t] - base[t] for t in tasks])) / expert_gain
+                if expert_gain > 0 else math.nan,
                 "normalized": 100 * float(np.mean([acc[t] / own[t] for t in tasks if own[t] > 0])),
                 "avg_minus_base": float(np.mean([acc[t] - base[t] for t in tasks]))})
     rows = []
