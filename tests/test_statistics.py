@@ -302,3 +302,26 @@ def test_cache_keys_carry_the_code_digest(tmp_path, monkeypatch):
     assert cache.result_key({"a": 1}) != key
     with pytest.raises(FileNotFoundError, match="missing"):
         evaluate.code_digest(str(tmp_path / "nowhere"))
+
+
+def test_gain_retention_is_the_share_of_the_experts_mean_gain():
+    """Two tasks, two seeds: base 50/60, own experts 80/70 (gains 30, 10: mean 20); a merge at 60/62 keeps
+    (10 + 2) / 2 / 20 = 30%; mixture training at 70/68 keeps 70%; seed-wise values, then the mean over seeds."""
+    from workbench.studies.tables import gain_retention
+
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        acc = {("Base", "base"): (50, 60), ("Indiv. VQA", "indiv"): (80, 40), ("Indiv. Chart", "indiv"): (30, 70),
+               ("TIES", "merge"): (60 + shift, 62 + shift), ("Mixture Training", "oracle"): (70, 68)}
+        for (method, kind), (a_vqa, a_chart) in acc.items():
+            for task, a in (("vqa", a_vqa), ("chart", a_chart)):
+                rows.append({"method": method, "kind": kind, "task": task, "split": "test", "selected": True,
+                             "status": "ok", "seed": seed, "accuracy": float(a)})
+    out = gain_retention(pd.DataFrame(rows)).set_index("method")
+    assert out.loc["TIES", "kept_gain"] == pytest.approx((30.0 + 40.0) / 2)  # seed 0: 12/20, seed 1: 16/20
+    assert out.loc["Mixture Training", "kept_gain"] == pytest.approx(70.0)
+    assert out.loc["Base", "kept_gain"] == 0.0 and out.loc["TIES", "n_seeds"] == 2
+    assert out.loc["TIES", "avg_minus_base"] == pytest.approx(7.0)
+    assert out.loc["TIES", "normalized"] == pytest.approx(100 * np.mean([(60 / 80 + 62 / 70) / 2, (62 / 80 + 64 / 70) / 2]))
+    assert out.loc["TIES", "kept_gain_low"] < 35.0 < out.loc["TIES", "kept_gain_high"]
+    assert list(out.index[:2]) == ["Mixture Training", "TIES"]  # sorted by kept share
