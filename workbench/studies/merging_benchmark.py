@@ -136,6 +136,12 @@ def default_out(z) -> Path:
     return results_dir(_preset(z))
 
 
+def indiv_label(task: str) -> str:
+    """The row label of the individual expert of capability ``task`` (``"Indiv. VQA"``): what the tables
+    match to find each task's own expert."""
+    return f"Indiv. {TASK_LABELS.get(task, task)}"
+
+
 def method_label(method_id: str) -> str:
     """The row label of ``method_id``: a merge method's registry ``pretty_name``, a composition's
     paper name (:data:`workbench.studies.report.PAPER_NAMES`: NaiveMC, DAMC), else the id itself."""
@@ -455,7 +461,7 @@ def _capability_references(ev: Evaluator, setting: _Setting, variant: str, skipp
                                lambda seed=seed: setting.build(setting.load_base_llm(), seed))
         for name in setting.experts[seed]:
             task = z.info(name).get("task", name)
-            rows += reference_rows(ev, setting, f"Indiv. {TASK_LABELS.get(task, task)}", name, "indiv", seed,
+            rows += reference_rows(ev, setting, indiv_label(task), name, "indiv", seed,
                                    {"model": name, "hash": z.info(name).get("hash"), "base": setting.base_hash},
                                    lambda name=name: z.load_expert(name))
         oracle = f"capability-oracle-s{seed}"

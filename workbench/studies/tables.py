@@ -24,7 +24,7 @@ import pandas as pd
 from ..paths import resolve_repo_path
 from ..io.writer import atomic_write
 from .cache import read_predictions
-from .merging_benchmark import BASE_LABEL, CAP_METHODS, INDIV_MEAN, INDIV_OWN, TASK_LABELS, method_label
+from .merging_benchmark import BASE_LABEL, CAP_METHODS, INDIV_MEAN, INDIV_OWN, TASK_LABELS, indiv_label, method_label
 from .protocol import wilson
 
 
@@ -114,7 +114,7 @@ def _indiv_rows(d: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     if ind.empty:
         return pd.DataFrame()
     rows = []
-    own_label = {f"Indiv. {TASK_LABELS.get(t, t)}": t for t in tasks}
+    own_label = {indiv_label(t): t for t in tasks}
     for label, pick in ((INDIV_MEAN, None), (INDIV_OWN, "own")):
         accs, ns = [], []
         for t in tasks:
@@ -157,7 +157,7 @@ def gain_retention(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
 
     d = df[(df["split"] == split) & (df["selected"].astype(bool)) & (df["status"] == "ok")]
     tasks = list(dict.fromkeys(d["task"]))
-    own_label = {f"Indiv. {TASK_LABELS.get(t, t)}": t for t in tasks}
+    own_label = {indiv_label(t): t for t in tasks}
     per_seed: dict[tuple[str, str], list[dict]] = {}
     for seed, g in d.groupby("seed"):
         base = g[g["kind"] == "base"].set_index("task")["accuracy"]
@@ -166,7 +166,8 @@ def gain_retention(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
         if base.empty or set(own) != set(tasks):
             continue
         expert_gain = float(np.mean([own[t] - base[t] for t in tasks]))
-        for (method, kind), gm in g[g["kind"].isin(["merge", "oracle", "base"])].groupby(["method", "kind"], sort=False):
+        models = g[g["kind"].isin(["merge", "oracle", "base"])]
+        for (method, kind), gm in models.groupby(["method", "kind"], sort=False):
             acc = gm.set_index("task")["accuracy"]
             if set(acc.index) != set(tasks):
                 continue
