@@ -261,6 +261,35 @@ def test_run_notebooks_runs_all_in_order_and_reports(toy_project, capsys):
     assert "figures/first.txt" in text and "data/results/last.csv" in text and "figures/old.png" in text
 
 
+def test_plan_lanes_keeps_dependent_notebooks_in_order():
+    names = ["00_a", "01_b", "02_c", "03_d", "04_e", "05_f", "06_g", "07_h", "08_i"]
+    lanes = reproduce.plan_lanes([Path(f"{n}.ipynb") for n in reversed(names)])
+    assert [[p.stem for p in lane] for lane in lanes] == [
+        ["00_a"], ["01_b"], ["02_c", "03_d", "04_e"], ["05_f", "06_g", "07_h"], ["08_i"]]
+    # a selection keeps what is left of a lane, in order
+    lanes = reproduce.plan_lanes([Path("04_e.ipynb"), Path("02_c.ipynb"), Path("09_j.ipynb")])
+    assert [[p.stem for p in lane] for lane in lanes] == [["02_c", "04_e"], ["09_j"]]
+    assert reproduce.default_jobs(1) == 1 and 1 <= reproduce.default_jobs(50) <= (os.cpu_count() or 1)
+
+
+def test_run_notebooks_side_by_side(toy_project, monkeypatch):
+    """Two lanes at once: every notebook runs once, the rows come back in notebook order, the kernels get
+    OMP_NUM_THREADS = cores / jobs, and no kernel socket is left in notebooks/."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    _write_nb(toy_project / "notebooks" / "04_threads.ipynb",
+              "import os, pathlib\npathlib.Path('../figures/threads.txt').write_text(os.environ['OMP_NUM_THREADS'])")
+    lines: list[str] = []
+    df = run_notebooks(preset="tiny", notebooks_dir="notebooks", out_dir="figures/executed", html_dir=False,
+                       parameters={"label": "x2"}, build_zoo=False, timeout=120, jobs=2, log=lines.append)
+    assert df.notebook.tolist() == ["01_first.ipynb", "02_broken.ipynb", "03_last.ipynb", "04_threads.ipynb"]
+    assert df.status.tolist() == ["ok", "failed", "ok", "ok"]
+    assert (toy_project / "figures" / "threads.txt").read_text() == "2"
+    assert sum(l.startswith("-> ") for l in lines) == 4 and "2 side by side" in lines[0]
+    assert not [p.name for p in (toy_project / "notebooks").iterdir() if "ipc" in p.name]
+    assert "OMP_NUM_THREADS" not in os.environ
+
+
 def test_cli_run_exit_status(toy_project, capsys):
     parser = argparse.ArgumentParser()
     reproduce.add_arguments(parser)

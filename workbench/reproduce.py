@@ -13,6 +13,10 @@ prints one line per notebook and a summary (what ran, how long, which files unde
 does not stop the others; the exit status is 1 if any notebook (or the zoo build) failed. The
 repository's ``notebooks/`` are found from any working directory.
 
+Notebooks that read what an earlier one computed share a lane (:data:`LANES`: 02-04, 05-07); the
+command runs the lanes side by side, one per CPU core (``--jobs``; ``--jobs 1``: one notebook after
+the other), each kernel with ``OMP_NUM_THREADS`` = cores / jobs.
+
 From Python::
 
     from workbench.reproduce import run_notebooks
@@ -26,8 +30,10 @@ import argparse
 import os
 import re
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -171,12 +177,25 @@ def export_html(notebook: PathLike, html_dir: PathLike) -> Path:
 
 def _ipc_kernel_manager():
     """nbclient's kernel manager on local IPC sockets instead of TCP: nothing listens on a port,
-    and the kernel has no reason to warn "running over TCP without encryption"."""
+    and the kernel has no reason to warn "running over TCP without encryption". Each kernel's
+    sockets get a prefix of their own in the temporary folder (jupyter_client's default,
+    ``kernel-ipc-<n>`` in the working directory, numbered by the first free ``n``, lets two kernels
+    started in the same moment - two lanes of ``--jobs``, two runs - take the same sockets; and a
+    killed kernel left them in ``notebooks/``)."""
+    import tempfile
+    import uuid
+
     from jupyter_client.manager import AsyncKernelManager
-    from traitlets import CaselessStrEnum
+    from traitlets import CaselessStrEnum, default
 
     class IPCKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+        @default("ip")
+        def _private_ip(self) -> str:
+            if self.transport != "ipc":
+                return super()._ip_default()
+            return os.path.join(tempfile.gettempdir(), f"workbench-kernel-{uuid.uuid4().hex[:12]}")
 
     return IPCKernelManager
 
@@ -210,13 +229,39 @@ def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapp
             "output": str(output), "error": error}
 
 
+#: Notebooks that read what an earlier one computed run after it, in one lane: 03 and 04 read the composition study
+#: that 02 computes (its cache), 07's ablations share merge cells with 05 and 06. Any other notebook is a lane of its
+#: own. With ``jobs`` > 1 the lanes run side by side; a lane's notebooks always run in their order.
+LANES: tuple[tuple[str, ...], ...] = (("02", "03", "04"), ("05", "06", "07"))
+
+
+def plan_lanes(notebooks: Sequence[Path], lanes: Sequence[Sequence[str]] = LANES) -> list[list[Path]]:
+    """The selected ``notebooks`` grouped into lanes (:data:`LANES`; a notebook in none is a lane of its own),
+    each lane in notebook order, the lanes ordered by their first notebook."""
+    groups: dict[str, list[Path]] = {}
+    for nb in sorted(notebooks, key=lambda p: p.name):
+        number = nb.name[:2]
+        lane = next((tuple(l) for l in lanes if number in l), (number,))
+        groups.setdefault(lane[0], []).append(nb)
+    return [groups[k] for k in sorted(groups, key=lambda k: groups[k][0].name)]
+
+
+def default_jobs(n_lanes: int) -> int:
+    """Lanes run side by side by default: one per CPU core, at most one per lane."""
+    return max(1, min(n_lanes, os.cpu_count() or 1))
+
+
 def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = None,
                   out_dir: Optional[PathLike] = None, only: Union[None, str, Iterable[str]] = None,
                   parameters: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = CELL_TIMEOUT_S,
                   build_zoo: bool = True, kernel_name: str = "python3",
                   watch: Optional[Sequence[PathLike]] = None, html_dir: Union[None, bool, PathLike] = None,
-                  log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Execute ``notebooks_dir/NN_*.ipynb`` in order; one row per notebook.
+                  jobs: Optional[int] = 1, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Execute ``notebooks_dir/NN_*.ipynb`` in order; one row per notebook (in notebook order).
+
+    ``jobs``: how many lanes (:func:`plan_lanes`) run side by side (1: one notebook after the other;
+    None: :func:`default_jobs`). With more than one, each kernel gets ``OMP_NUM_THREADS`` = cores / jobs
+    (unless the variable is set already), so the lanes share the cores instead of fighting for them.
 
     Columns: ``notebook, status ("ok" | "failed"), seconds, output, error``. ``parameters`` are
     injected after ``preset`` (so they may override it). ``timeout`` is papermill's per-cell limit
@@ -249,18 +294,37 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
 
     zoo_ok, zoo_msg = (ensure_zoo(preset, log) if build_zoo else (True, "zoo: not built (build_zoo=False)"))
 
-    rows = []
+    lanes = plan_lanes(notebooks)
+    jobs = default_jobs(len(lanes)) if jobs is None else max(1, min(int(jobs), len(lanes)))
     width = max(len(p.name) for p in notebooks)
-    log(f"running {len(notebooks)} notebook(s) from {nb_dir} with preset={preset!r} -> {out}")
-    with _env(WORKBENCH_PRESET=str(params["preset"])):
-        for i, nb in enumerate(notebooks, 1):
-            log(f"-> {nb.name} ...")
+    done: dict[str, dict] = {}  # notebook name -> its row, as the lanes finish them
+    lock = threading.Lock()
+    how = f", {len(lanes)} lanes, {jobs} side by side" if jobs > 1 else ""
+    log(f"running {len(notebooks)} notebook(s) from {nb_dir} with preset={preset!r}{how} -> {out}")
+
+    def run_lane(lane: Sequence[Path]) -> None:
+        for nb in lane:
+            with lock:
+                log(f"-> {nb.name} ...")
             row = execute_notebook(nb, out / nb.name, params, cwd=nb_dir, timeout=timeout, kernel_name=kernel_name)
-            rows.append(row)
-            line = f"[{i}/{len(notebooks)}] {nb.name:<{width}}  {row['seconds']:8.1f} s  {row['status']}"
+            line = f"{nb.name:<{width}}  {row['seconds']:8.1f} s  {row['status']}"
             if row["error"]:
                 line += f"  ({row['error'][:300]})"
-            log(line)
+            with lock:
+                done[nb.name] = row
+                log(f"[{len(done)}/{len(notebooks)}] {line}")
+
+    threads = {} if jobs == 1 or "OMP_NUM_THREADS" in os.environ else {
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    with _env(WORKBENCH_PRESET=str(params["preset"]), **threads):
+        if jobs == 1:
+            for lane in lanes:
+                run_lane(lane)
+        else:
+            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="workbench-lane") as pool:
+                for f in [pool.submit(run_lane, lane) for lane in lanes]:
+                    f.result()
+    rows = [done[nb.name] for nb in notebooks]
 
     html = []
     if html_dir is not False:
@@ -336,6 +400,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE", help="extra notebook parameter (YAML value); repeatable")
     parser.add_argument("--timeout", type=float, default=CELL_TIMEOUT_S, help="per-cell timeout in seconds")
     parser.add_argument("--no-zoo", action="store_true", help="do not build the zoo first")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="lanes of notebooks run side by side (default: one per CPU core, at most one per lane; "
+                             "1: one notebook after the other)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -343,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         df = run_notebooks(preset=args.preset, notebooks_dir=args.notebooks_dir, out_dir=args.out_dir,
                            only=args.only, parameters=dict(args.parameter), timeout=args.timeout,
-                           build_zoo=not args.no_zoo, html_dir=False if args.no_html else None)
+                           build_zoo=not args.no_zoo, html_dir=False if args.no_html else None, jobs=args.jobs)
     except (FileNotFoundError, ValueError) as e:
         print(f"workbench reproduce: {e}", file=sys.stderr)
         return 2
