@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -261,19 +263,38 @@ def test_run_notebooks_runs_all_in_order_and_reports(toy_project, capsys):
     assert "figures/first.txt" in text and "data/results/last.csv" in text and "figures/old.png" in text
 
 
-def test_plan_lanes_keeps_dependent_notebooks_in_order():
-    names = ["00_a", "01_b", "02_c", "03_d", "04_e", "05_f", "06_g", "07_h", "08_i"]
-    lanes = reproduce.plan_lanes([Path(f"{n}.ipynb") for n in reversed(names)])
-    assert [[p.stem for p in lane] for lane in lanes] == [
-        ["00_a"], ["01_b"], ["02_c", "03_d", "04_e"], ["05_f", "06_g", "07_h"], ["08_i"]]
-    # a selection keeps what is left of a lane, in order
-    lanes = reproduce.plan_lanes([Path("04_e.ipynb"), Path("02_c.ipynb"), Path("09_j.ipynb")])
-    assert [[p.stem for p in lane] for lane in lanes] == [["02_c", "04_e"], ["09_j"]]
+def test_critical_path_and_side_by_side_order():
+    """Of the notebooks ready to start, the one heading the longest chain of work left goes first; a notebook
+    never starts before the ones it needs have finished."""
+    nbs = [Path(f"{n}.ipynb") for n in ("00_a", "02_c", "03_d", "05_f", "06_g", "07_h")]
+    secs = {"00_a.ipynb": 10, "02_c.ipynb": 600, "03_d.ipynb": 20, "05_f.ipynb": 500, "06_g.ipynb": 400,
+            "07_h.ipynb": 550}
+    prio = reproduce.critical_path(nbs, secs)
+    assert prio == {"00_a.ipynb": 10, "02_c.ipynb": 620, "03_d.ipynb": 20, "05_f.ipynb": 1050, "06_g.ipynb": 950,
+                    "07_h.ipynb": 550}
+    assert reproduce.critical_path(nbs[:1], {})["00_a.ipynb"] == reproduce.UNKNOWN_SECONDS
+    started, lock = [], threading.Lock()
+    finished: set[str] = set()
+
+    def run_one(nb):
+        with lock:
+            need = reproduce.NEEDS.get(nb.name[:2], ())
+            assert all(n in finished for n in need if n in {p.name[:2] for p in nbs}), nb.name
+            started.append(nb.name[:2])
+        time.sleep(0.05)
+        with lock:
+            finished.add(nb.name[:2])
+
+    reproduce._run_side_by_side(nbs, 1, prio, run_one)  # one worker: the priority order, needs respected
+    assert started == ["05", "06", "02", "07", "03", "00"]
+    started.clear(), finished.clear()
+    reproduce._run_side_by_side(nbs, 2, prio, run_one)
+    assert sorted(started) == ["00", "02", "03", "05", "06", "07"] and started[:2] == ["05", "06"]
     assert reproduce.default_jobs(1) == 1 and 1 <= reproduce.default_jobs(50) <= (os.cpu_count() or 1)
 
 
 def test_run_notebooks_side_by_side(toy_project, monkeypatch):
-    """Two lanes at once: every notebook runs once, the rows come back in notebook order, the kernels get
+    """Two notebooks at once: every notebook runs once, the rows come back in notebook order, the kernels get
     OMP_NUM_THREADS = cores / jobs, and no kernel socket is left in notebooks/."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
@@ -288,6 +309,9 @@ def test_run_notebooks_side_by_side(toy_project, monkeypatch):
     assert sum(l.startswith("-> ") for l in lines) == 4 and "2 side by side" in lines[0]
     assert not [p.name for p in (toy_project / "notebooks").iterdir() if "ipc" in p.name]
     assert "OMP_NUM_THREADS" not in os.environ
+    # the seconds of this run, for the next run's order
+    recorded = reproduce.recorded_seconds(toy_project / "figures" / reproduce.SECONDS_FILE)
+    assert sorted(recorded) == df.notebook.tolist() and all(recorded[n] > 0 for n in recorded)
 
 
 def test_cli_run_exit_status(toy_project, capsys):

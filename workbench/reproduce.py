@@ -13,9 +13,11 @@ prints one line per notebook and a summary (what ran, how long, which files unde
 does not stop the others; the exit status is 1 if any notebook (or the zoo build) failed. The
 repository's ``notebooks/`` are found from any working directory.
 
-Notebooks that read what an earlier one computed share a lane (:data:`LANES`: 02-04, 05-07); the
-command runs the lanes side by side, one per CPU core (``--jobs``; ``--jobs 1``: one notebook after
-the other), each kernel with ``OMP_NUM_THREADS`` = cores / jobs.
+Notebooks run side by side, one per CPU core (``--jobs``; ``--jobs 1``: one after the other, in
+order), each kernel with ``OMP_NUM_THREADS`` = cores / jobs. A notebook that reads what another
+computed starts after it (:data:`NEEDS`); among the notebooks ready to start, the one heading the
+longest chain of work left goes first, timed by the last run's seconds
+(``figures/<preset>/notebook_seconds.csv``, rewritten by every run).
 
 From Python::
 
@@ -180,7 +182,7 @@ def _ipc_kernel_manager():
     and the kernel has no reason to warn "running over TCP without encryption". Each kernel's
     sockets get a prefix of their own in the temporary folder (jupyter_client's default,
     ``kernel-ipc-<n>`` in the working directory, numbered by the first free ``n``, lets two kernels
-    started in the same moment - two lanes of ``--jobs``, two runs - take the same sockets; and a
+    started in the same moment - two notebooks of ``--jobs``, two runs - take the same sockets; and a
     killed kernel left them in ``notebooks/``)."""
     import tempfile
     import uuid
@@ -229,26 +231,90 @@ def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapp
             "output": str(output), "error": error}
 
 
-#: Notebooks that read what an earlier one computed run after it, in one lane: 03 and 04 read the composition study
-#: that 02 computes (its cache), 07's ablations share merge cells with 05 and 06. Any other notebook is a lane of its
-#: own. With ``jobs`` > 1 the lanes run side by side; a lane's notebooks always run in their order.
-LANES: tuple[tuple[str, ...], ...] = (("02", "03", "04"), ("05", "06", "07"))
+#: A notebook starts after the notebooks it reads from (their study caches): 03 and 04 read the composition study
+#: that 02 computes, 07's ablations reuse merge cells of 05 and 06. Every requirement has a lower number, so the
+#: notebook order is always a valid order. A failed notebook does not stop the ones that wait for it.
+NEEDS: dict[str, tuple[str, ...]] = {"03": ("02",), "04": ("02",), "07": ("05", "06")}
+#: Where each run records its notebooks' seconds (beside the executed copies' folder), read by the next run.
+SECONDS_FILE = "notebook_seconds.csv"
+#: Expected seconds of a notebook without a recorded time.
+UNKNOWN_SECONDS = 60.0
 
 
-def plan_lanes(notebooks: Sequence[Path], lanes: Sequence[Sequence[str]] = LANES) -> list[list[Path]]:
-    """The selected ``notebooks`` grouped into lanes (:data:`LANES`; a notebook in none is a lane of its own),
-    each lane in notebook order, the lanes ordered by their first notebook."""
-    groups: dict[str, list[Path]] = {}
-    for nb in sorted(notebooks, key=lambda p: p.name):
-        number = nb.name[:2]
-        lane = next((tuple(l) for l in lanes if number in l), (number,))
-        groups.setdefault(lane[0], []).append(nb)
-    return [groups[k] for k in sorted(groups, key=lambda k: groups[k][0].name)]
+def critical_path(notebooks: Sequence[Path], seconds: Mapping[str, float],
+                  needs: Mapping[str, Sequence[str]] = NEEDS) -> dict[str, float]:
+    """``{notebook name: expected seconds of it and of the longest chain of selected notebooks waiting for it}``
+    (``seconds`` by notebook name; :data:`UNKNOWN_SECONDS` where missing)."""
+    by_number = {nb.name[:2]: nb.name for nb in notebooks}
+    waiting = {n: [m for m, req in needs.items() if n in req and m in by_number] for n in by_number}
+    memo: dict[str, float] = {}
+
+    def chain(n: str) -> float:
+        if n not in memo:
+            memo[n] = float(seconds.get(by_number[n], UNKNOWN_SECONDS)) + max((chain(m) for m in waiting[n]),
+                                                                               default=0.0)
+        return memo[n]
+
+    return {name: chain(n) for n, name in by_number.items()}
 
 
-def default_jobs(n_lanes: int) -> int:
-    """Lanes run side by side by default: one per CPU core, at most one per lane."""
-    return max(1, min(n_lanes, os.cpu_count() or 1))
+def recorded_seconds(path: Path) -> dict[str, float]:
+    """The notebook seconds a previous run recorded in ``path`` (empty if none)."""
+    try:
+        df = pd.read_csv(path)
+        return {str(n): float(x) for n, x in zip(df["notebook"], df["seconds"])}
+    except (OSError, ValueError, KeyError, pd.errors.EmptyDataError):
+        return {}
+
+
+def _record_seconds(path: Path, rows: Sequence[Mapping], jobs: int) -> None:
+    """Update ``path`` with this run's notebooks (the others keep their recorded rows)."""
+    from .io.writer import atomic_write
+
+    old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["notebook", "seconds", "status", "jobs"])
+    new = pd.DataFrame([{"notebook": r["notebook"], "seconds": r["seconds"], "status": r["status"], "jobs": jobs}
+                        for r in rows])
+    df = pd.concat([old[~old["notebook"].isin(new["notebook"])], new], ignore_index=True).sort_values("notebook")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: df.to_csv(p, index=False))
+
+
+def default_jobs(n_notebooks: int) -> int:
+    """Notebooks run side by side by default: one per CPU core, at most one per notebook."""
+    return max(1, min(n_notebooks, os.cpu_count() or 1))
+
+
+def _run_side_by_side(notebooks: Sequence[Path], jobs: int, priority: Mapping[str, float],
+                      run_one: Callable[[Path], None], needs: Mapping[str, Sequence[str]] = NEEDS) -> None:
+    """``run_one`` on every notebook with ``jobs`` threads: a notebook starts when the selected notebooks it needs
+    have finished; of those ready, the highest ``priority`` first (then the lower number)."""
+    selected = {nb.name[:2] for nb in notebooks}
+    pending = list(notebooks)
+    finished: set[str] = set()
+    cond = threading.Condition()
+
+    def ready(nb: Path) -> bool:
+        return all(r not in selected or r in finished for r in needs.get(nb.name[:2], ()))
+
+    def worker() -> None:
+        while True:
+            with cond:
+                while pending and not any(ready(nb) for nb in pending):
+                    cond.wait()
+                if not pending:
+                    return
+                nb = max((nb for nb in pending if ready(nb)), key=lambda p: (priority[p.name], -int(p.name[:2])))
+                pending.remove(nb)
+            try:
+                run_one(nb)
+            finally:
+                with cond:
+                    finished.add(nb.name[:2])
+                    cond.notify_all()
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="workbench-notebook") as pool:
+        for f in [pool.submit(worker) for _ in range(jobs)]:
+            f.result()
 
 
 def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = None,
@@ -259,9 +325,11 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
                   jobs: Optional[int] = 1, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Execute ``notebooks_dir/NN_*.ipynb`` in order; one row per notebook (in notebook order).
 
-    ``jobs``: how many lanes (:func:`plan_lanes`) run side by side (1: one notebook after the other;
-    None: :func:`default_jobs`). With more than one, each kernel gets ``OMP_NUM_THREADS`` = cores / jobs
-    (unless the variable is set already), so the lanes share the cores instead of fighting for them.
+    ``jobs``: how many notebooks run side by side (1: one after the other, in order; None: :func:`default_jobs`).
+    With more than one, a notebook waits for those it needs (:data:`NEEDS`), the ready one heading the longest
+    chain of work (:func:`critical_path`, from the seconds the last run recorded) starts first, and each kernel
+    gets ``OMP_NUM_THREADS`` = cores / jobs (unless the variable is set already), so the notebooks share the
+    cores instead of fighting for them. Every run records its seconds in ``<out_dir>/../notebook_seconds.csv``.
 
     Columns: ``notebook, status ("ok" | "failed"), seconds, output, error``. ``parameters`` are
     injected after ``preset`` (so they may override it). ``timeout`` is papermill's per-cell limit
@@ -294,36 +362,33 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
 
     zoo_ok, zoo_msg = (ensure_zoo(preset, log) if build_zoo else (True, "zoo: not built (build_zoo=False)"))
 
-    lanes = plan_lanes(notebooks)
-    jobs = default_jobs(len(lanes)) if jobs is None else max(1, min(int(jobs), len(lanes)))
+    jobs = default_jobs(len(notebooks)) if jobs is None else max(1, min(int(jobs), len(notebooks)))
+    seconds_file = out.parent / SECONDS_FILE
     width = max(len(p.name) for p in notebooks)
-    done: dict[str, dict] = {}  # notebook name -> its row, as the lanes finish them
+    done: dict[str, dict] = {}  # notebook name -> its row, as they finish
     lock = threading.Lock()
-    how = f", {len(lanes)} lanes, {jobs} side by side" if jobs > 1 else ""
+    how = f", {jobs} side by side" if jobs > 1 else ""
     log(f"running {len(notebooks)} notebook(s) from {nb_dir} with preset={preset!r}{how} -> {out}")
 
-    def run_lane(lane: Sequence[Path]) -> None:
-        for nb in lane:
-            with lock:
-                log(f"-> {nb.name} ...")
-            row = execute_notebook(nb, out / nb.name, params, cwd=nb_dir, timeout=timeout, kernel_name=kernel_name)
-            line = f"{nb.name:<{width}}  {row['seconds']:8.1f} s  {row['status']}"
-            if row["error"]:
-                line += f"  ({row['error'][:300]})"
-            with lock:
-                done[nb.name] = row
-                log(f"[{len(done)}/{len(notebooks)}] {line}")
+    def run_one(nb: Path) -> None:
+        with lock:
+            log(f"-> {nb.name} ...")
+        row = execute_notebook(nb, out / nb.name, params, cwd=nb_dir, timeout=timeout, kernel_name=kernel_name)
+        line = f"{nb.name:<{width}}  {row['seconds']:8.1f} s  {row['status']}"
+        if row["error"]:
+            line += f"  ({row['error'][:300]})"
+        with lock:
+            done[nb.name] = row
+            log(f"[{len(done)}/{len(notebooks)}] {line}")
 
     threads = {} if jobs == 1 or "OMP_NUM_THREADS" in os.environ else {
         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
     with _env(WORKBENCH_PRESET=str(params["preset"]), **threads):
         if jobs == 1:
-            for lane in lanes:
-                run_lane(lane)
+            for nb in notebooks:
+                run_one(nb)
         else:
-            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="workbench-lane") as pool:
-                for f in [pool.submit(run_lane, lane) for lane in lanes]:
-                    f.result()
+            _run_side_by_side(notebooks, jobs, critical_path(notebooks, recorded_seconds(seconds_file)), run_one)
     rows = [done[nb.name] for nb in notebooks]
 
     html = []
@@ -337,6 +402,7 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
     new = sorted(p for p in after if p not in before)
     updated = sorted(p for p in after if p in before and after[p] != before[p])
     df = pd.DataFrame(rows, columns=["notebook", "status", "seconds", "output", "error"])
+    _record_seconds(seconds_file, rows, jobs)
     total = time.perf_counter() - t_start
     failed = df.loc[df.status != "ok", "notebook"].tolist()
     df.attrs.update(preset=preset, seconds=round(total, 2), zoo=zoo_msg, zoo_ok=zoo_ok,
@@ -401,8 +467,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=CELL_TIMEOUT_S, help="per-cell timeout in seconds")
     parser.add_argument("--no-zoo", action="store_true", help="do not build the zoo first")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="lanes of notebooks run side by side (default: one per CPU core, at most one per lane; "
-                             "1: one notebook after the other)")
+                        help="notebooks run side by side (default: one per CPU core; 1: one after the other)")
 
 
 def run(args: argparse.Namespace) -> int:
