@@ -258,20 +258,30 @@ def critical_path(notebooks: Sequence[Path], seconds: Mapping[str, float],
     return {name: chain(n) for n, name in by_number.items()}
 
 
-def recorded_seconds(path: Path) -> dict[str, float]:
-    """The notebook seconds a previous run recorded in ``path`` (empty if none)."""
+_SECONDS_COLUMNS = ["notebook", "seconds", "status", "jobs"]
+
+
+def _seconds_table(path: Path) -> pd.DataFrame:
+    """The table a previous run recorded in ``path`` (empty if there is none or it cannot be read)."""
     try:
         df = pd.read_csv(path)
-        return {str(n): float(x) for n, x in zip(df["notebook"], df["seconds"])}
+        df["seconds"] = df["seconds"].astype(float)
+        return df[_SECONDS_COLUMNS]
     except (OSError, ValueError, KeyError, pd.errors.EmptyDataError):
-        return {}
+        return pd.DataFrame(columns=_SECONDS_COLUMNS)
+
+
+def recorded_seconds(path: Path) -> dict[str, float]:
+    """The notebook seconds a previous run recorded in ``path`` (empty if none)."""
+    df = _seconds_table(path)
+    return {str(n): float(x) for n, x in zip(df["notebook"], df["seconds"])}
 
 
 def _record_seconds(path: Path, rows: Sequence[Mapping], jobs: int) -> None:
     """Update ``path`` with this run's notebooks (the others keep their recorded rows)."""
     from .io.writer import atomic_write
 
-    old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["notebook", "seconds", "status", "jobs"])
+    old = _seconds_table(path)
     new = pd.DataFrame([{"notebook": r["notebook"], "seconds": r["seconds"], "status": r["status"], "jobs": jobs}
                         for r in rows])
     df = pd.concat([old[~old["notebook"].isin(new["notebook"])], new], ignore_index=True).sort_values("notebook")
