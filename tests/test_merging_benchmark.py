@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -369,3 +370,19 @@ def test_naive_mc_one_definition_for_notebooks_02_and_06(tiny_zoo):
             torch.testing.assert_close(got[k].float(), want, rtol=1e-5, atol=1e-6, msg=f"{subset}: {k}")
         assert set(model.towers) == set(subset)
     assert any(not torch.equal(got[k], base[k]) for k in base)  # the experts moved the LLM: the check bites
+
+
+def test_each_task_is_scored_as_cap_task_scoring_says(tiny_zoo, tmp_path, monkeypatch):
+    """A task named in CAP_TASK_SCORING (OCR in the default world) is scored by that scoring, every
+    other task by the study's; the predictions of each are cached apart."""
+    from workbench.paths import repo_root
+
+    tasks = _tasks(tiny_zoo)
+    monkeypatch.setattr(E, "CAP_TASK_SCORING", {tasks[1]: "generate"})
+    df = E.capability_merging(tiny_zoo, "full", ["weight_average"], (1.0,), device="cpu", cache=tmp_path / "c",
+                              progress=False)
+    assert df.attrs["task_scoring"] == {tasks[1]: "generate"} and df.attrs["scoring"] == "loglik"
+    for row in df[df["n"] > 0].itertuples():
+        f = Path(row.pred_file)
+        pred = pd.read_csv(f if f.is_absolute() else repo_root() / f)
+        assert set(pred["scoring"]) == {"generate" if row.task == tasks[1] else "loglik"}, (row.method, row.task)

@@ -162,3 +162,19 @@ def test_routes_visible_to_routed_modules(model):
     assert spy.seen[0] is not None and spy.seen[0].shape[1] > 5 and int(spy.seen[0].max()) == 1
     assert all(s is not None and s.shape[1] == 1 and int(s.sum()) == 0 for s in spy.seen[1:])
     assert spy.route_ids is None  # restored after the call
+
+
+def test_answer_logits_are_the_forward_loss_positions(model):
+    """The rows of answer_logits are the positions forward's loss is taken on: their cross-entropy with
+    the answer tokens (+ </s>) is forward's loss, for a batch of uneven lengths."""
+    prompts = ["image: <image>\nwhat is in the input?\nanswer:", "w3 w4", "audio: <audio> w5 w6\nanswer:"]
+    inputs = [{"image": [torch.ones(3)]}, {}, {"audio": [torch.ones(2)]}]
+    answers = ["cat", "w12 w13 w14", "dog"]
+    tok = model.tokenizer
+    targets = torch.tensor([t for a in answers for t in tok(" " + a, add_special_tokens=False)["input_ids"]
+                            + [tok.eos_token_id]])
+    with torch.no_grad():
+        logits = model.answer_logits(prompts, inputs, answers)
+        loss = model(prompts, inputs, answers).loss
+    assert logits.shape == (len(targets), model.llm.config.vocab_size)
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, targets), loss, rtol=1e-5, atol=1e-6)

@@ -232,6 +232,17 @@ class MultimodalLM(nn.Module):
             loss = part if loss is None else loss + part
         return _Loss(loss)
 
+    def answer_logits(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
+                      answers: Sequence[str], answer_eos: bool = True) -> torch.Tensor:
+        """The LLM's logits at every position that predicts an answer token - the positions
+        :meth:`forward`'s loss is taken on - stacked over the batch in order: ``[answer tokens, vocab]``.
+        Two models given the same batch return rows that match one for one (a distillation term
+        compares them: :class:`workbench.world.training.PreservingLoss`)."""
+        emb, mask, routes, labels = self._pad(self._pieces(prompts, modal_inputs, answers, answer_eos))
+        with token_routes(self.llm, routes):
+            logits = self.llm(inputs_embeds=emb, attention_mask=mask, use_cache=False).logits
+        return logits[:, :-1][labels[:, 1:] != -100]
+
     @torch.no_grad()
     def score_options_batch(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
                             options: Sequence[Sequence[str]], batch_size: int = 64,

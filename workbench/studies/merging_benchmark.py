@@ -82,6 +82,11 @@ LAMBDAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 #: share of each capability task's items held out for the λ search (the default preset's 600 items per task:
 #: 100 validation items per task, 500 over the five tasks for a search; 500 test items per task)
 CAP_VAL_FRACTION = 1 / 6
+#: capability tasks scored otherwise than the study's ``scoring`` (log-likelihood over the options): OCR by greedy
+#: decoding, exact string - as OCRVQA is in the paper (exact match). Among four strings that differ by one
+#: digit the instruct base already picks the right one 98.7% of the time (no room for an expert); producing
+#: the string itself it gets 82.8% (the default zoo of 2026-12-05).
+CAP_TASK_SCORING: dict[str, str] = {"ocr": "generate"}
 #: MCUB-mini validation items of the modality family's λ search (an evenly strided subset of ``mcub/val.json``,
 #: whose records cycle through the modality combinations: 40 per combination of the default preset's 11)
 MODALITY_VAL_ITEMS = 440
@@ -166,6 +171,7 @@ class _Setting:
     base_hash: dict                        # hashes of everything beside the experts
     notes: dict = field(default_factory=dict)
     base_path: Path | None = None          # the experts' theta_0 (an HF Llama folder); None: the zoo's base/
+    task_scoring: dict = field(default_factory=dict)  # task -> scoring where not the evaluator's (CAP_TASK_SCORING)
 
     @property
     def base_llm_path(self) -> Path:
@@ -236,7 +242,8 @@ def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None =
     base_paths = {z.base_llm_path(n) for s in seeds for n in experts[s]}
     if len(base_paths) != 1:
         raise ValueError(f"the capability experts {experts} were not fine-tuned from one base LLM: {sorted(base_paths)}")
-    setting = _Setting(z, f"capability-{variant}", experts, paths, val, test, build, bh, notes, base_paths.pop())
+    setting = _Setting(z, f"capability-{variant}", experts, paths, val, test, build, bh, notes, base_paths.pop(),
+                       {t: sc for t, sc in CAP_TASK_SCORING.items() if t in tasks})
     setting.recipe = ("capability_setting", {"zoo": str(z.path), "variant": variant, "seeds": seeds, "tasks": tasks,
                                              "val_fraction": val_fraction, "split_seed": split_seed})
     return setting
@@ -445,8 +452,9 @@ def capability_merging(zoo, variant: str = "full", methods: Sequence[str] = CAP_
     if references:
         rows += _capability_references(ev, setting, variant, skipped)
     attrs = {"experiment": "capability_merging", "variant": variant, "preset": _preset(z), "zoo": repo_relative(z.path),
-             "lambdas": list(lambdas), "scoring": scoring, "rescale": rescale, "keep_defaults": keep_defaults,
-             "cache_hits": ev.hits, "cache_misses": ev.misses, "timings": timings, "notes": setting.notes,
+             "lambdas": list(lambdas), "scoring": scoring, "task_scoring": setting.task_scoring, "rescale": rescale,
+             "keep_defaults": keep_defaults, "cache_hits": ev.hits, "cache_misses": ev.misses, "timings": timings,
+             "notes": setting.notes,
              "skipped": skipped, "seconds": round(time.time() - t0, 1), "cells": cells,
              "selection": "lambda = argmax over lambdas of the mean validation accuracy over tasks (ties: smaller)"}
     return _finish(rows, attrs, out_dir, f"capability_{variant}.csv")
@@ -600,8 +608,9 @@ def _run_entries(zoo, family, entries, lambdas, seeds, device, tasks, max_items,
     rows, timings, cells = _merge_grid(setting, entries, lambdas, ev, rescale, True, progress, experiment, executor,
                                        ray_address)
     attrs = {"experiment": experiment, "family": family, "preset": _preset(z), "lambdas": list(lambdas),
-             "scoring": scoring, "cache_hits": ev.hits, "cache_misses": ev.misses, "timings": timings, "cells": cells,
-             "entries": [e.__dict__ for e in entries], "seconds": round(time.time() - t0, 1), **(extra_attrs or {})}
+             "scoring": scoring, "task_scoring": setting.task_scoring, "cache_hits": ev.hits, "cache_misses": ev.misses,
+             "timings": timings, "cells": cells, "entries": [e.__dict__ for e in entries],
+             "seconds": round(time.time() - t0, 1), **(extra_attrs or {})}
     return _finish(rows, attrs, out_dir, filename)
 
 

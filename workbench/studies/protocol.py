@@ -111,39 +111,42 @@ class Evaluator:
             self._inputs[rid] = self.z.load_inputs(rec)
         return self._inputs[rid]
 
-    def _file(self, model_key: str, records: Sequence[Mapping]) -> Path | None:
+    def _file(self, model_key: str, records: Sequence[Mapping], scoring: str) -> Path | None:
         if self.cache_dir is None:
             return None
         from ..evaluate import scorer_key
 
         # the log-likelihood scorer also picks DAMC's λ (loglik search), whatever the scoring here; the
         # code digest (compose, methods, engine, evaluate, the model's scorer) retires predictions of old code
-        key = result_key({"model": model_key, "records": records_digest(records), "scoring": self.scoring,
+        key = result_key({"model": model_key, "records": records_digest(records), "scoring": scoring,
                           **scorer_key()})
         return self.cache_dir / f"{key}.csv"
 
-    def cached(self, model_key: str, records: Sequence[Mapping]) -> pd.DataFrame | None:
-        f = self._file(model_key, records)
+    def cached(self, model_key: str, records: Sequence[Mapping], scoring: str | None = None) -> pd.DataFrame | None:
+        f = self._file(model_key, records, scoring or self.scoring)
         if f is not None and f.is_file():
             df = read_predictions(f)
             df["correct"] = df["correct"].astype(str).str.lower().isin(["true", "1"])
+            df.attrs["file"] = str(f)
             return df
         return None
 
-    def evaluate(self, model_key: str, records: Sequence[Mapping], model_fn: Callable[[], Any]) -> pd.DataFrame:
-        """Per-item predictions of the model ``model_fn()`` (called only on a cache miss)."""
+    def evaluate(self, model_key: str, records: Sequence[Mapping], model_fn: Callable[[], Any],
+                 scoring: str | None = None) -> pd.DataFrame:
+        """Per-item predictions of the model ``model_fn()`` (called only on a cache miss), scored by
+        ``scoring`` (default: the evaluator's)."""
         from ..evaluate import predict
 
-        hit = self.cached(model_key, records)
+        scoring = scoring or self.scoring
+        hit = self.cached(model_key, records, scoring)
         if hit is not None:
             self.hits += 1
-            hit.attrs["file"] = str(self._file(model_key, records))
             return hit
         self.misses += 1
         model = model_fn()
         with torch.no_grad():
-            df = predict(model, list(records), self.load, scoring=self.scoring, batch_size=self.batch_size)
-        f = self._file(model_key, records)
+            df = predict(model, list(records), self.load, scoring=scoring, batch_size=self.batch_size)
+        f = self._file(model_key, records, scoring)
         if f is not None:
             write_frame(df, f)
             df.attrs["file"] = str(f)
@@ -260,7 +263,7 @@ def _eval_sets(ev: Evaluator, setting: _Setting, key: str, sets: Mapping[str, li
             holder["m"] = model_fn().to(ev.device).eval()
         return holder["m"]
 
-    return {t: ev.evaluate(key, recs, get) for t, recs in sets.items()}
+    return {t: ev.evaluate(key, recs, get, setting.task_scoring.get(t)) for t, recs in sets.items()}
 
 
 def run_entry(ev: Evaluator, setting: _Setting, entry: MergeEntry, seed: int, lambdas: Sequence[float],

@@ -313,12 +313,18 @@ def expert_gap_table(manifest: Mapping[str, Any], tuned: str = "full", reference
     return out.reset_index()
 
 
-def capability_regime_table(manifest: Mapping[str, Any], scoring: str = "loglik") -> pd.DataFrame:
+def capability_regime_table(manifest: Mapping[str, Any], scoring: str = "loglik",
+                            task_scoring: Mapping[str, str] | None = None) -> pd.DataFrame:
     """The capability family's regime from ``zoo.json`` (no evaluation), one row per task: the instruct
     base VLM's accuracy, each expert kind's own-task accuracy and its gain over the base VLM (mean over
     seeds with a 95% t-interval), and mixture training's accuracy on the task (mean over seeds). The
-    papers' regime: a base that is decent everywhere, experts a moderate gain above it on their own task."""
+    papers' regime: a base that is decent everywhere, experts a moderate gain above it on their own task.
+    Each task is scored as the merging studies score it: ``task_scoring`` (default
+    :data:`workbench.studies.merging_benchmark.CAP_TASK_SCORING`: OCR by generation), else ``scoring``."""
     from ..statistics import t_interval
+    from .merging_benchmark import CAP_TASK_SCORING
+
+    task_scoring = CAP_TASK_SCORING if task_scoring is None else task_scoring
 
     models = manifest.get("models", {})
     base = next((m for m in models.values() if m.get("kind") == "base-vlm"), None)
@@ -326,20 +332,21 @@ def capability_regime_table(manifest: Mapping[str, Any], scoring: str = "loglik"
         return pd.DataFrame()
     rows = []
     for task, scores in base.get("task_scores", {}).items():
-        row: dict[str, Any] = {"task": task, "base VLM": scores[scoring]}
+        sc = task_scoring.get(task, scoring)
+        row: dict[str, Any] = {"task": task, "scoring": sc, "base VLM": scores[sc]}
         for kind in ("full", "lora"):
             es = [m for m in models.values() if m.get("family") == "capability" and m.get("task") == task
                   and m.get("kind") == kind]
             if not es:
                 continue
-            own = [m["own_task"][scoring] for m in es]
-            gain = [m["own_task"][scoring] - m["own_task_base_llm"][scoring] for m in es]
+            own = [m["own_task"][sc] for m in es]
+            gain = [m["own_task"][sc] - m["own_task_base_llm"][sc] for m in es]
             for label, v in ((f"{kind} expert", own), (f"{kind} gain", gain)):
                 mean, lo, hi = t_interval(v)
                 row[label] = mean
                 row[f"{label} interval"] = fmt_interval(mean, lo, hi)
             row[f"{kind} seeds"] = len(es)
-        mix = [m["task_scores"][task][scoring] for m in models.values()
+        mix = [m["task_scores"][task][sc] for m in models.values()
                if m.get("family") == "capability" and m.get("kind") == "mixture" and task in m.get("task_scores", {})]
         if mix:
             row["mixture training"] = float(np.mean(mix))

