@@ -314,9 +314,9 @@ def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, 
     return Zoo(root)
 
 
-#: rough relative training cost of a job kind (scheduling only: longer jobs start first)
+#: rough relative training cost of a job kind (scheduling only: longer jobs start first; capability mixture
+#: training runs twice an expert's steps - last in the queue, it ran alone at the end of the build)
 _RELATIVE_COST = {"cap_mixture": 6, "damc": 3, "oracle": 3, "cap_full": 3, "cap_lora": 3, "full": 2, "lora": 2}
-# (capability mixture training is twice an expert's steps: last in the queue it ran alone at the end of the build)
 
 
 def _n_dependents(plan: Sequence[Job]) -> dict[str, int]:
