@@ -9,7 +9,8 @@ from workbench.world.concepts import CONCEPTS, LETTERS, MODALITIES, PLACEHOLDERS
 from workbench.world.generators import RAW_SHAPES, render, render_capability
 from workbench.world.mcub import MCUBRecord, build_datasets, read_records, record_inputs, validate_record
 from workbench.world.tasks import (OWN_TASKS, capability_question, common_scenes, modality_question,
-                                   multimodal_common, sample_scene, scene_concepts, text_question)
+                                   multimodal_common, sample_scene, scene_concepts, text_own_question,
+                                   text_question)
 from workbench.world.tokenizer import build_tokenizer
 
 
@@ -80,6 +81,27 @@ def _options(prompt: str) -> list[str]:
     tail = prompt[prompt.rindex("A. "):].split("\n")[0]
     parts = tail.replace("A. ", "|").replace(" B. ", "|").replace(" C. ", "|").replace(" D. ", "|").split("|")[1:]
     return [p.strip() for p in parts]
+
+
+def test_text_own_questions_are_the_own_tasks_in_words():
+    """The instruct stage's questions: every modality's own-task formats, the scene written as its
+    concept words (in slot order) where the modality input would be, the gold among the options."""
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(400):
+        ex = text_own_question(rng)
+        m, words = ex.prompt.split("\n")[0].split(": ", 1)
+        seen.add((m, ex.task))
+        assert not ex.inputs and not any(p in ex.prompt for p in PLACEHOLDERS.values())
+        assert words.split() == [CONCEPTS[k] for k in scene_concepts(ex.scenes[0])]
+        assert ex.answer in ex.choices and ex.choices == _options(ex.prompt)
+    assert seen == {(m, f"text_{t}") for m in MODALITIES for t in OWN_TASKS[m]}
+    # one task: asked of the modalities that have it only
+    firsts = [text_own_question(rng, "first") for _ in range(40)]
+    assert {e.task for e in firsts} == {"text_first"}
+    assert {e.prompt.split(":")[0] for e in firsts} == {m for m in MODALITIES if "first" in OWN_TASKS[m]}
+    with pytest.raises(ValueError, match="own task 'colour'"):
+        text_own_question(rng, "colour")
 
 
 def test_text_questions_valid():

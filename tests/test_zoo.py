@@ -36,6 +36,21 @@ def test_plan_default_has_everything():
     assert "oracle-s0" in names
 
 
+def test_modality_family_starts_from_the_instruct_llm():
+    """The modality jobs depend on the instruct LLM (their theta_0, built from the text-pretrained
+    LM); the capability family on the text-pretrained LM itself."""
+    from workbench.world.zoo import MODALITY_BASE
+    plan = {j.name: j for j in plan_jobs("default")}
+    assert plan[MODALITY_BASE].deps == ["tokenizer", "base"]
+    for name, j in plan.items():
+        if j.kind in ("projector", "full", "lora", "damc", "oracle"):
+            assert MODALITY_BASE in j.deps and "base" not in j.deps, name
+        if j.kind in ("full", "lora"):
+            assert j.config["base"] == MODALITY_BASE, name
+        if j.kind.startswith("cap_") and j.kind != "cap_encoder":
+            assert "base" in j.deps and MODALITY_BASE not in j.deps, name
+
+
 def test_scheduler_starts_the_critical_path_first():
     """Jobs with more (transitive) dependents start first: the base LLM, on which every expert waits,
     before the encoders; counts match a direct closure over the dependency lists."""
@@ -84,6 +99,9 @@ def test_tiny_zoo_builds_and_loads(tiny_zoo):
     scores = model.score_options(rec["conversations"][0]["value"], z.load_inputs(rec), ["A", "B", "C", "D"])
     assert scores.shape == (4,) and torch.isfinite(scores).all()
     assert (z.base_path / "config.json").exists() and (z.expert_path(name) / "llm" / "model.safetensors").exists()
+    # the modality experts' theta_0 is the instruct LLM, instruction-tuned from the text-pretrained LM
+    assert all(z.base_llm_path(n) == z.base_path for n in full) and z.base_path.name == "instruct"
+    assert z.base_hash == m["jobs"]["instruct"]["hash"] and m["jobs"]["instruct"]["result"]["text_own_task_acc"] > 25
     for sub in ("mcub-2", "val"):
         assert len(z.mcub(sub)) > 0
 

@@ -98,7 +98,7 @@ def zoo_experts(zoo_dir: str | Path, *, kinds: Sequence[str] = ("full", "lora", 
                 seed: int | None = None, modalities: Sequence[str] | None = None) -> dict[str, Path]:
     """``{name: folder}`` of a zoo's experts (``zoo/<preset>/experts/*/expert.json``) of the given kinds.
 
-    Pass the result to :func:`profile_interference` with ``base=<zoo>/base``.
+    Pass the result to :func:`profile_interference` with ``base=Zoo(<zoo>).base_path`` (the experts' theta_0).
     """
     root = Path(zoo_dir) / "experts"
     if not root.is_dir():

@@ -223,8 +223,7 @@ class ZooComposer:
     def model_hashes(self, method: str, mods: Sequence[str]) -> dict:
         names = self.members(method, mods) or []
         models = self.zoo.manifest["models"]
-        base_hash = self.zoo.manifest.get("jobs", {}).get("base", {}).get("hash")
-        return {"base": base_hash, **{n: models[n].get("hash") for n in names}}
+        return {"base": self.zoo.base_hash, **{n: models[n].get("hash") for n in names}}
 
     def members(self, method: str, mods: Sequence[str]) -> list[str] | None:
         """The zoo models a composition uses (``None`` if one is missing)."""

@@ -187,6 +187,8 @@ class _Setting:
 
 
 def _base_hash(z) -> str | None:
+    """The key of the text-pretrained LM the capability family's base VLM is built from (kept in the
+    capability studies' cache keys beside the base VLM's own)."""
     return z.manifest.get("jobs", {}).get("base", {}).get("hash")
 
 
@@ -304,7 +306,7 @@ def modality_setting(zoo, seeds: Sequence[int] | None = None, modalities: Sequen
         return C._mllm(llm, tok, sources(seed))
 
     setting = _Setting(z, "modality", experts, paths, val, test, build,
-                       {"base": _base_hash(z), "mods": mods, "max_items": max_items},
+                       {"base": z.base_hash, "mods": mods, "max_items": max_items},
                        {"towers": "every modality expert's own tower (encoder + its projector)"})
     setting.sources = sources  # type: ignore[attr-defined]
     setting.recipe = ("modality_setting", {"zoo": str(z.path), "seeds": seeds, "modalities": mods, "kind": kind,

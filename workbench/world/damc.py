@@ -156,14 +156,14 @@ def _job_damc(job, ctx: dict) -> dict:
     from .tasks import batches
     from .training import seed_everything, train_mllm
     from .recipes import _evaluate, _n_params, _own_records, _sampler_mix, _tok, _write_expert_json
-    from .zoo import _load_llm
+    from .zoo import MODALITY_BASE, _load_llm
 
     c = job.config
     m, seed = c["modality"], c["seed"]
     seed_everything(6000 + seed)
     tok = _tok(ctx)
     root = Path(ctx["root"])
-    llm = _load_llm(root / "base")
+    llm = _load_llm(root / MODALITY_BASE)
     proj = load_projector(root / c["projector_from"] / "projector")
     enc = load_encoder(root / "encoders" / m)
     model, dproj, groups = build_damc_model(llm, tok, enc, proj, m, c, seed=6000 + seed)
@@ -176,7 +176,7 @@ def _job_damc(job, ctx: dict) -> dict:
     save_module(dproj, dproj.config(), folder / "projector")
     save_damc_llm(llm, tok, folder, c["decouple"])
     scores = _evaluate(model, _own_records(ctx, m), ctx, job.name, seed, folder / "predictions.csv")
-    info = {"name": job.name, "modality": m, "kind": "damc", "seed": seed, "base": "base",
+    info = {"name": job.name, "modality": m, "kind": "damc", "seed": seed, "base": MODALITY_BASE,
             "encoder": f"encoders/{m}", "decouple": c["decouple"], "own_task": scores,
             "seconds": round(log["seconds"], 1),
             "trainable_params": int(sum(p.numel() for g in groups for p in g["params"])),
@@ -192,6 +192,7 @@ def _job_damc(job, ctx: dict) -> dict:
 def plan_damc(preset: str, cfg: dict) -> list:
     """One DAMC job per modality and seed of the preset (none if ``cfg["damc"]["enabled"]`` is false)."""
     from .scheduler import Job
+    from .zoo import MODALITY_BASE
 
     d = damc_settings(cfg)
     if not d.get("enabled", True):
@@ -201,16 +202,16 @@ def plan_damc(preset: str, cfg: dict) -> list:
         for m in cfg["modalities"]:
             name = f"{m}-damc-s{seed}"
             conf = dict(d, modality=m, seed=seed, projector_from=f"experts/{m}-projector-s{seed}")
-            jobs.append(Job(name, "damc", conf, ["tokenizer", "base", "data", f"encoder-{m}", f"{m}-projector-s{seed}"],
-                            f"experts/{name}"))
+            deps = ["tokenizer", MODALITY_BASE, "data", f"encoder-{m}", f"{m}-projector-s{seed}"]
+            jobs.append(Job(name, "damc", conf, deps, f"experts/{name}"))
     return jobs
 
 
 def _register() -> None:
-    from .recipes import MODEL_PATH, path_entries
+    from .recipes import MODALITY_PATH, path_entries
     from .scheduler import register_job_kind
 
-    path = (MODEL_PATH
+    path = (MODALITY_PATH
             + path_entries("workbench.routing", "_module_name _matches _get_parent routed_linear routed_modules "
                        "linear_names DEFAULT_LORA_TARGETS _new_route_targets add_lora_routes add_dense_routes "
                        "route_parameters remove_routes materialize_route save_route_adapter")

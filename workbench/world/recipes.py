@@ -8,6 +8,7 @@ Importing this module registers those job kinds. Zoo layout the jobs write (``zo
     zoo.json                          manifest: every model, its scores, params, seconds, hash
     tokenizer/                        HF PreTrainedTokenizerFast
     base/                             HF LlamaForCausalLM (text-only pretrained) + tokenizer
+    instruct/                         the modality family's base LLM: base/ instruction-tuned on text questions
     encoders/<modality>/              frozen encoder (model.safetensors + config.json)
     experts/<name>/expert.json        {"modality", "kind": "projector"|"full"|"lora"|"damc", "seed", ...}
     experts/<name>/llm/ | adapter/    HF Llama folder (full FT) | peft LoRA folder
@@ -37,7 +38,7 @@ from .concepts import CAP_SHAPES, CAP_TASKS, PLACEHOLDERS
 from .mcub import build_datasets, read_records, record_inputs
 from .presets import get_preset
 from .scheduler import PLANNERS, Job, register_job_kind
-from .zoo import _load_llm
+from .zoo import MODALITY_BASE, _load_llm
 
 
 def _tok(ctx: dict):
@@ -240,6 +241,43 @@ def _job_base(job: Job, ctx: dict) -> dict:
             "copy_acc": round(100 * acc_copy, 2), "params": _n_params(llm), "final_loss": log["losses"][-1][1]}
 
 
+def _job_instruct(job: Job, ctx: dict) -> dict:
+    """The modality family's base LLM (theta_0 of every modality expert), as Vicuna-7B-v1.5 is the
+    papers' experts': the text-pretrained LM (``base/``) instruction-tuned on text versions of every
+    question the experts will be asked (each own task with its scene written as words,
+    :func:`workbench.world.tasks.text_own_question`; ``own`` of each batch) beside its pretraining
+    mix; ``absent`` of those are "which of these is not in the input?", the format this LM learns
+    slowest (at its plain share, about a fifth, it stayed at chance after 300 steps; at 0.4 it is
+    learned). It knows every answer format before an encoder is attached, so what the experts learn is
+    reading their modality. Issue #19: experts fine-tuned from the text-pretrained LM alone carried
+    the formats in their task vectors, and the frozen LLM + their projectors emitted non-option text
+    in 6-22% of own-task answers (24-37% on MCUB-mini), which made NaiveMC > frozen largely a format
+    effect."""
+    from .tasks import batches, mixture, text_own_question, text_question
+    from .training import seed_everything, train_mllm
+    from ..mllm import MultimodalLM
+    c = job.config
+    seed_everything(c["seed"])
+    tok = _tok(ctx)
+    llm = _load_llm(Path(ctx["root"]) / "base")
+    model = MultimodalLM(llm, tok, {}, {})
+    absent = lambda r: text_own_question(r, "absent")  # noqa: E731
+    sampler = mixture([(1.0 - c["own"], text_question), (c["own"] * (1.0 - c["absent"]), text_own_question),
+                       (c["own"] * c["absent"], absent)])
+    log = train_mllm(model, batches(sampler, c["batch"], 100 + c["seed"]),
+                     [{"params": llm.parameters(), "lr": c["lr"]}], c["steps"], desc="instruct LLM (text)",
+                     progress=ctx["progress"], weight_decay=0.01)
+    rng = np.random.default_rng(778)  # fresh text questions: each own-task format, scored by option log-likelihood
+    exs = [text_own_question(rng) for _ in range(400)]
+    scores = model.score_options_batch([e.prompt for e in exs], [None] * len(exs), [e.choices for e in exs])
+    right = [e.choices[int(s.argmax())] == e.answer for s, e in zip(scores, exs)]
+    by_task = {t: round(100 * float(np.mean([r for r, e in zip(right, exs) if e.task == t])), 1)
+               for t in sorted({e.task for e in exs})}
+    _save_llm(llm, tok, Path(ctx["root"]) / job.out)
+    return {"seconds": log["seconds"], "text_own_task_acc": round(100 * float(np.mean(right)), 2),
+            "text_own_task_acc_by_task": by_task, "params": _n_params(llm), "final_loss": log["losses"][-1][1]}
+
+
 def _modality_model(llm, tok, ctx: dict, projectors: Mapping[str, torch.nn.Module]):
     from .encoders import Tower, load_encoder
     from ..mllm import MultimodalLM
@@ -257,7 +295,7 @@ def _own_records(ctx: dict, modality: str) -> list[dict]:
 
 
 def _job_projector(job: Job, ctx: dict) -> dict:
-    """Projector stage: base LLM frozen, linear projector trained on captions."""
+    """Projector stage: the modality base LLM frozen, linear projector trained on captions."""
     from .encoders import Projector, save_module
     from .tasks import batches, modality_question
     from .training import seed_everything, train_mllm
@@ -265,7 +303,7 @@ def _job_projector(job: Job, ctx: dict) -> dict:
     m, seed = c["modality"], c["seed"]
     seed_everything(1000 + seed)
     tok = _tok(ctx)
-    llm = _load_llm(Path(ctx["root"]) / "base")
+    llm = _load_llm(Path(ctx["root"]) / MODALITY_BASE)
     llm.requires_grad_(False)
     proj = Projector(64, llm.config.hidden_size, m)
     model = _modality_model(llm, tok, ctx, {m: proj})
@@ -275,7 +313,7 @@ def _job_projector(job: Job, ctx: dict) -> dict:
     folder = Path(ctx["root"]) / job.out
     save_module(proj, proj.config(), folder / "projector")
     scores = _evaluate(model, _own_records(ctx, m), ctx, job.name, seed, folder / "predictions.csv")
-    info = {"name": job.name, "modality": m, "kind": "projector", "seed": seed, "llm": "base",
+    info = {"name": job.name, "modality": m, "kind": "projector", "seed": seed, "llm": MODALITY_BASE,
             "encoder": f"encoders/{m}", "own_task": scores, "seconds": round(log["seconds"], 1),
             "trainable_params": _n_params(proj), "final_loss": log["losses"][-1][1]}
     _write_expert_json(folder, info)
@@ -336,9 +374,9 @@ def _job_expert(job: Job, ctx: dict) -> dict:
     model = _modality_model(llm, tok, ctx, {m: proj})
     recs = _own_records(ctx, m)
     tuned = _evaluate(model, recs, ctx, job.name, seed, folder / "predictions.csv")
-    base_model = _modality_model(_load_llm(root / "base"), tok, ctx, {m: proj})
+    base_model = _modality_model(_load_llm(root / c["base"]), tok, ctx, {m: proj})
     base = _evaluate(base_model, recs, ctx, job.name + "@base-llm", seed, folder / "predictions.csv")
-    info = {"name": job.name, "modality": m, "kind": kind, "seed": seed, "base": "base",
+    info = {"name": job.name, "modality": m, "kind": kind, "seed": seed, "base": c["base"],
             "encoder": f"encoders/{m}", "own_task": tuned, "own_task_base_llm": base,
             "gap": {k: round(tuned[k] - base[k], 2) for k in tuned},
             "seconds": round(log["seconds"], 1), "trainable_params": int(trainable),
@@ -360,7 +398,7 @@ def _job_oracle(job: Job, ctx: dict) -> dict:
     seed_everything(3000 + seed)
     tok = _tok(ctx)
     root = Path(ctx["root"])
-    llm = _load_llm(root / "base")
+    llm = _load_llm(root / MODALITY_BASE)
     projs = {m: load_projector(root / c["projectors_from"][m] / "projector") for m in c["modalities"]}
     model = _modality_model(llm, tok, ctx, projs)
     sampler = _sampler_mix(c["modalities"], c, seed, multimodal=c["multimodal"])
@@ -377,8 +415,9 @@ def _job_oracle(job: Job, ctx: dict) -> dict:
               for m in c["modalities"]}
     val = _evaluate(model, read_records(Path(ctx["data"]) / "mcub" / "val.json"), ctx, job.name, seed,
                     folder / "predictions.csv")
-    info = {"name": job.name, "kind": "oracle", "seed": seed, "modalities": c["modalities"], "own_task": scores,
-            "mcub_val": val, "seconds": round(log["seconds"], 1), "trainable_params": _n_params(llm)}
+    info = {"name": job.name, "kind": "oracle", "seed": seed, "base": MODALITY_BASE, "modalities": c["modalities"],
+            "own_task": scores, "mcub_val": val, "seconds": round(log["seconds"], 1),
+            "trainable_params": _n_params(llm)}
     _write_expert_json(folder, info)
     return {"manifest": info}
 
@@ -578,11 +617,15 @@ OFF_PATH = (path_entries(__name__, "_evaluate _own_records _cap_records _write_e
 CAP_EXPERT_PATH = MODEL_PATH + path_entries("workbench.world.training", "PreservingLoss") + path_entries(
     "workbench.mllm", "MultimodalLM.answer_logits")
 
+#: the modality family's jobs: the models' path and the folder of their theta_0 (the instruct LLM)
+MODALITY_PATH = MODEL_PATH + path_entries("workbench.world.zoo", "MODALITY_BASE")
+
 #: job kind -> (build function, recipe version, training path)
 _KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 1, DATA_PATH),
           "encoder": (_job_encoder, 1, MODEL_PATH), "base": (_job_base, 1, MODEL_PATH),
-          "projector": (_job_projector, 1, MODEL_PATH), "full": (_job_expert, 1, MODEL_PATH),
-          "lora": (_job_expert, 1, MODEL_PATH), "oracle": (_job_oracle, 1, MODEL_PATH),
+          "instruct": (_job_instruct, 1, MODEL_PATH + path_entries("workbench.world.tasks", "text_own_question")),
+          "projector": (_job_projector, 1, MODALITY_PATH), "full": (_job_expert, 1, MODALITY_PATH),
+          "lora": (_job_expert, 1, MODALITY_PATH), "oracle": (_job_oracle, 1, MODALITY_PATH),
           "cap_encoder": (_job_cap_encoder, 2, MODEL_PATH + path_entries(__name__, "_CAP_INK _cap_patch_labels")),
           "cap_base": (_job_cap_base, 2, MODEL_PATH), "cap_full": (_job_cap_expert, 3, CAP_EXPERT_PATH),
           "cap_lora": (_job_cap_expert, 3, CAP_EXPERT_PATH), "cap_mixture": (_job_cap_mixture, 1, MODEL_PATH)}
@@ -612,7 +655,8 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
         jobs.append(Job(f"encoder-{m}", "encoder", {"modality": m, "steps": e["steps"][m], "batch": e["batch"],
                                                      "lr": e["lr"], "seed": e["seed"]}, [], f"encoders/{m}"))
     jobs.append(Job("base", "base", dict(cfg["base"], arch=cfg["arch"]), ["tokenizer"], "base"))
-    common = ["tokenizer", "base", "data"]
+    jobs.append(Job(MODALITY_BASE, "instruct", dict(cfg["instruct"]), ["tokenizer", "base"], MODALITY_BASE))
+    common = ["tokenizer", MODALITY_BASE, "data"]  # the modality family's jobs
     lora_jobs = []
     for seed in cfg["seeds"]:
         for m in mods:
@@ -623,7 +667,8 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
             kinds = ["full"] + (["lora"] if cfg["lora"]["enabled"] and seed in lora_seeds else [])
             for kind in kinds:
                 name = f"{m}-{kind}-s{seed}"
-                conf = dict(cfg["expert"], modality=m, seed=seed, kind=kind, projector_from=f"experts/{pname}")
+                conf = dict(cfg["expert"], modality=m, seed=seed, kind=kind, projector_from=f"experts/{pname}",
+                            base=MODALITY_BASE)
                 if kind == "lora":
                     conf["lora"] = _lora_settings(cfg)
                 job = Job(name, kind, conf, common + [f"encoder-{m}", pname], f"experts/{name}")
@@ -642,11 +687,12 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
         jobs.append(Job("encoder-capability", "cap_encoder", {"modality": "capability", "steps": cap["enc_steps"],
                                                           "batch": cfg["encoder"]["batch"], "lr": cfg["encoder"]["lr"],
                                                           "seed": cfg["encoder"]["seed"]}, [], "capability/encoder"))
+        pretrained = ["tokenizer", "base", "data"]  # the capability family starts from the text-pretrained LM
         jobs.append(Job("capability-base", "cap_base", {
             "caption_steps": cap["caption_steps"], "instruct_steps": cap["instruct_steps"], "batch": cap["batch"],
             "lr_proj": cap["lr_proj"], "lr_llm": cap["lr_instruct"], "tasks": cap["tasks"]},
-            common + ["encoder-capability"], "capability/base"))
-        cap_deps = common + ["encoder-capability", "capability-base"]
+            pretrained + ["encoder-capability"], "capability/base"))
+        cap_deps = pretrained + ["encoder-capability", "capability-base"]
         for seed in cap["seeds"]:
             for task in cap["tasks"]:
                 lora = cap["lora"] and seed in cap.get("lora_seeds", cap["seeds"])

@@ -351,7 +351,7 @@ def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[
         res = r["result"]
         if "manifest" in res:
             models[j.name] = dict(res["manifest"], path=j.out, hash=r["hash"], job_seconds=r["seconds"])
-        elif j.kind in ("encoder", "base", "tokenizer", "data"):
+        elif j.kind in ("encoder", "base", "instruct", "tokenizer", "data"):
             jobs[j.name]["result"] = res
     built, wall = time.strftime("%Y-%m-%dT%H:%M:%S"), round(wall, 1)
     prev = root / "zoo.json"

@@ -5,6 +5,7 @@ placeholder order. Question families:
 
 - text only (the base LLM's pretraining and the 'replay' mix): ``copy`` (what is in the input,
   over word lists) and ``common`` (which word all lists share, four options, hard distractors);
+  and the instruct stage's text versions of the experts' own tasks (:func:`text_own_question`);
 - per modality (the experts' own tasks): ``caption`` (projector stage), ``present``, ``absent``
   ("which of these is not in the input"), ``count``, ``first``/``last`` (audio, video only) and
   ``common_text`` (the modality input plus a word list: which thing do they share);
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from .concepts import (CAP_COLORS, CAP_COLS, CAP_ROWS, CAP_SIDES, CAP_TASKS, CAP_VALUES, CONCEPTS,
-                       CONTENT_WORDS, COUNT_WORDS, LETTERS, MODALITIES, N_CONCEPTS, N_SLOTS)
+                       CONTENT_WORDS, COUNT_WORDS, LETTERS, MODALITIES, N_CONCEPTS, N_SLOTS, PLACEHOLDERS)
 from .generators import render, render_capability
 
 COMMON_Q = "which thing do all inputs have in common?"
@@ -260,6 +261,22 @@ def text_question(rng: np.random.Generator, mix: dict[str, float] | None = None)
     head = "".join(f"{m}: {' '.join(s_)}\n" for m, s_ in zip(mods, lists))
     return Example(head + f"{COMMON_Q} {options_text(opts)}\nanswer:", opts[LETTERS.index(answer)], [],
                    "text_common" if kind == "common" else "text_common_easy", choices=list(opts), letter=answer)
+
+
+def text_own_question(rng: np.random.Generator, task: str | None = None) -> Example:
+    """An own-task question (``task``, or any of a random modality's :data:`OWN_TASKS`) with the scene
+    written as words in place of the modality input: ``image: cat drum\nwhich of these is not in the
+    input? ...``. The instruct stage of the modality family's base LLM learns every answer format from
+    these, as a text instruct LLM knows its question formats before any encoder is attached."""
+    mods = [m for m in MODALITIES if task is None or task in OWN_TASKS[m]]
+    if not mods:
+        raise ValueError(f"no modality has the own task {task!r}")
+    m = mods[int(rng.integers(len(mods)))]
+    task = task or OWN_TASKS[m][int(rng.integers(len(OWN_TASKS[m])))]
+    ex = modality_question(m, task, rng, render_inputs=False)
+    ex.prompt = ex.prompt.replace(PLACEHOLDERS[m], _words(ex.scenes[0]))
+    ex.task = f"text_{task}"
+    return ex
 
 
 # ----------------------------------------------------------------------------- capability family

@@ -26,6 +26,12 @@ def _load_llm(path: Path):
     return llm
 
 
+#: the modality family's base LLM (its theta_0): the text-pretrained LM ``base/`` instruction-tuned on
+#: text versions of the experts' questions (the ``instruct`` job, folder ``instruct/``; see
+#: :func:`workbench.world.recipes._job_instruct`). ``base/`` itself is the pretrained LM both families
+#: start from (the capability family's instruct base VLM is built from it).
+MODALITY_BASE = "instruct"
+
 #: the sub-folders of an expert that can hold its LLM weights (see :meth:`Zoo.llm_folders`)
 LLM_FOLDERS = ("llm", "adapter", "adapter_text", "adapter_modality", "llm_text", "llm_modality")
 
@@ -61,7 +67,13 @@ class Zoo:
 
     @property
     def base_path(self) -> Path:
-        return self.path / "base"
+        """The modality family's base LLM (theta_0 of NaiveMC, DAMC, MMER and the modality merges)."""
+        return self.path / MODALITY_BASE
+
+    @property
+    def base_hash(self) -> str | None:
+        """The cache key of the job that wrote :attr:`base_path` (studies key their caches on it)."""
+        return self.manifest.get("jobs", {}).get(MODALITY_BASE, {}).get("hash")
 
     @property
     def modalities(self) -> list[str]:
@@ -75,9 +87,9 @@ class Zoo:
         return _load_llm(self.base_path)
 
     def base_llm_path(self, name: str) -> Path:
-        """The LLM folder model ``name`` was fine-tuned from (its theta_0): ``base/`` for the modality
-        family, the instruct base VLM's ``capability/base/llm`` for the capability family."""
-        return self.path / self.info(name).get("base", "base")
+        """The LLM folder model ``name`` was fine-tuned from (its theta_0): :attr:`base_path` for the
+        modality family, the instruct base VLM's ``capability/base/llm`` for the capability family."""
+        return self.path / self.info(name).get("base", MODALITY_BASE)
 
     def experts(self, modality: str | None = None, kind: str | None = None, seed: int | None = None,
                 family: str = "modality", task: str | None = None) -> list[str]:
@@ -107,7 +119,7 @@ class Zoo:
         return self.path / self.info(name)["path"]
 
     def llm_path(self, name: str) -> Path:
-        """The HF Llama folder of a full-FT expert/oracle (``base/`` for projector-only experts)."""
+        """The HF Llama folder of a full-FT expert/oracle (:attr:`base_path` for projector-only experts)."""
         p = self.expert_path(name)
         if (p / "llm").exists():
             return p / "llm"
@@ -120,7 +132,7 @@ class Zoo:
         :class:`workbench.compose.ExpertSource`): ``llm`` (full fine-tuning, an HF Llama folder),
         ``adapter`` (a peft LoRA folder), ``adapter_text`` + ``adapter_modality`` (DAMC's two LoRA
         routes) or ``llm_text`` + ``llm_modality`` (DAMC's full-weight option); none for a
-        projector-only expert (its LLM is ``base/``)."""
+        projector-only expert (its LLM is :attr:`base_path`)."""
         p = self.expert_path(name)
         return {role: p / role for role in LLM_FOLDERS if (p / role).is_dir()}
 
