@@ -47,7 +47,7 @@ lab: venv
 	if [ "$(origin PRESET)" = "file" ] && [ ! -f "$${WORKBENCH_ZOO:-zoo}/default/zoo.json" ]; then \
 	  preset=tiny; \
 	  echo "notice: no default zoo yet ($${WORKBENCH_ZOO:-zoo}/default/zoo.json): the notebooks use the TINY preset"; \
-	  echo "        (~20 items per benchmark: a smoke test). Real numbers: make zoo (~37 min), then make lab."; \
+	  echo "        (~20 items per benchmark: a smoke test). Real numbers: make zoo (~33 min), then make lab."; \
 	fi; \
 	WORKBENCH_PRESET=$$preset $(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 notebooks/
 
