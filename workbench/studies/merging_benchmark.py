@@ -186,12 +186,6 @@ class _Setting:
         return {n: models[n].get("hash") for n in self.experts[seed]}
 
 
-def _base_hash(z) -> str | None:
-    """The key of the text-pretrained LM the capability family's base VLM is built from (kept in the
-    capability studies' cache keys beside the base VLM's own)."""
-    return z.manifest.get("jobs", {}).get("base", {}).get("hash")
-
-
 def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None = None,
                        tasks: Sequence[str] | None = None, val_fraction: float = CAP_VAL_FRACTION, split_seed: int = 0
                        ) -> _Setting:
@@ -239,7 +233,8 @@ def capability_setting(zoo, variant: str = "full", seeds: Sequence[int] | None =
             towers["image"] = CachedTower(z.load_tower("capability-base").eval().requires_grad_(False))
         return MultimodalLM(llm, tok, {"image": towers["image"]}, {"image": PLACEHOLDERS["image"]})
 
-    bh = {"base": _base_hash(z), "capability-base": z.info("capability-base").get("hash"),
+    # the text-pretrained LM the base VLM is built from, beside the base VLM's own key
+    bh = {"base": z.job_hash("base"), "capability-base": z.info("capability-base").get("hash"),
           "split": [val_fraction, split_seed]}
     base_paths = {z.base_llm_path(n) for s in seeds for n in experts[s]}
     if len(base_paths) != 1:

@@ -70,10 +70,14 @@ class Zoo:
         """The modality family's base LLM (theta_0 of NaiveMC, DAMC, MMER and the modality merges)."""
         return self.path / MODALITY_BASE
 
+    def job_hash(self, job: str) -> str | None:
+        """The cache key of zoo job ``job`` as built (``None`` if the manifest has no such job)."""
+        return self.manifest.get("jobs", {}).get(job, {}).get("hash")
+
     @property
     def base_hash(self) -> str | None:
         """The cache key of the job that wrote :attr:`base_path` (studies key their caches on it)."""
-        return self.manifest.get("jobs", {}).get(MODALITY_BASE, {}).get("hash")
+        return self.job_hash(MODALITY_BASE)
 
     @property
     def modalities(self) -> list[str]:
