@@ -19,6 +19,13 @@ it touched) and peak anonymous RSS (its own allocations, sampled from ``/proc/<p
 printed with the ratio to the floor: ``--repeats`` rounds (3) of the floor and every method,
 interleaved; a method's time is the median of its rounds, its ratio the median over the fastest floor
 and, printed as ``paired``, the median of its rounds' ratios to the floor of the same round.
+Each child does its work ``--passes`` times (2; the output removed between passes, outside the
+clock): the first pass is the cold process a one-off CLI merge is (imports, numba's load of its
+cached kernels, the first touch of the memory the output takes), the last the steady state of a
+sweep, which merges many times in one process; both are printed with their ratios to the floor's
+same pass. On a virtual machine that hands freed memory back to its host (free page reporting:
+the project's 2-core box), the first touch of memory after that costs about a second per GB and
+falls unevenly on the floor and the merges: read the steady state beside the cold one there.
 ``--rss-params`` repeats the floor and every method on a larger model of the same tensor shapes
 (more layers) to show that peak memory does not grow with the model. Results go to ``data/benchmarks/merge_speed_<params>_<device>.{json,csv}``.
 
@@ -72,14 +79,30 @@ MERGEKIT = {"task_arithmetic": ("task_arithmetic", {"weight": 1.0}, {"normalize"
 
 # ---------------------------------------------------------------------------------------- children
 def _child_main(spec: dict) -> dict:
-    """Runs in the child process: the floor or one merge; returns what it measured."""
+    """Runs in the child process: the floor or one merge, ``spec["passes"]`` times (the output removed
+    between passes, outside the clock); returns what it measured: ``seconds`` of the first pass (a
+    fresh process: imports of the merge code, numba's load of its cached kernels, and the first touch
+    of the memory the output's page cache takes) and ``warm_seconds`` of the last (the same work in a
+    process that has done it once: what each merge of a sweep costs)."""
     import torch
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     out = Path(spec["output"])
+    passes_s: list[float] = []
+    res: dict = {}
+    for p in range(max(1, int(spec.get("passes", 1)))):
+        shutil.rmtree(out, ignore_errors=True)
+        res = _child_pass(spec, out, profile=bool(spec.get("profile")) and p == 0)
+        passes_s.append(res.pop("seconds"))
+    res.update(seconds=passes_s[0], warm_seconds=passes_s[-1], passes_s=passes_s, threads=torch.get_num_threads())
+    return res
+
+
+def _child_pass(spec: dict, out: Path, profile: bool) -> dict:
+    """One pass of the floor or the merge (imports inside the clock on the first pass, as a CLI pays them)."""
     prof = None
-    if spec.get("profile"):
+    if profile:
         import cProfile
 
         prof = cProfile.Profile()
@@ -89,6 +112,7 @@ def _child_main(spec: dict) -> dict:
     if spec["mode"] == "floor":
         extra = io_floor([Path(f) for f in spec["folders"]], out, int(spec["shard_bytes"]))
     else:
+        import torch
         from workbench.config import MergeConfig
         from workbench.engine import merge_with_report
 
@@ -110,7 +134,6 @@ def _child_main(spec: dict) -> dict:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(int(spec.get("profile_top", 20)))
         res["profile"] = s.getvalue()
-    res["threads"] = torch.get_num_threads()
     return res
 
 
@@ -214,6 +237,7 @@ def run_process(cmd: list[str], env: dict | None = None, timeout: float | None =
         fo.seek(0)
         fe.seek(0)
         return {"rc": p.returncode, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_mb": ru.ru_maxrss / 1024, "peak_anon_mb": peak["anon_kb"] / 1024,
+                "minflt": ru.ru_minflt, "majflt": ru.ru_majflt, "nivcsw": ru.ru_nivcsw,
                 "stdout": fo.read().decode(errors="replace"), "stderr": fe.read().decode(errors="replace")}
 
 
@@ -225,7 +249,7 @@ def run_child(spec: dict, env: dict | None = None) -> dict:
     if r["rc"] != 0:
         raise RuntimeError(f"{spec.get('method', spec['mode'])} child failed (rc {r['rc']}):\n{r['stderr'][-4000:]}")
     res = json.loads(r["stdout"].strip().splitlines()[-1])
-    res.update({k: r[k] for k in ("wall_s", "cpu_s", "maxrss_mb", "peak_anon_mb")})
+    res.update({k: r[k] for k in ("wall_s", "cpu_s", "maxrss_mb", "peak_anon_mb", "minflt", "majflt", "nivcsw")})
     res["loadavg_1m"] = os.getloadavg()[0]
     return res
 
@@ -237,6 +261,8 @@ def median_run(runs: list[dict]) -> dict:
     med["runs_s"] = [r["seconds"] for r in runs]
     med["runs_loadavg_1m"] = [r.get("loadavg_1m") for r in runs]
     med["peak_anon_mb_max"] = max(r["peak_anon_mb"] for r in runs)
+    if all("warm_seconds" in r for r in runs):
+        med["warm_seconds_median"] = statistics.median(r["warm_seconds"] for r in runs)
     return med
 
 
@@ -284,18 +310,23 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 import_s = time.perf_counter() - t
-cfg_file, out, shard_params = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import shutil
+cfg_file, out, shard_params, passes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 opts = MergeOptions(copy_tokenizer=False, out_shard_size=shard_params, quiet=True)
 opts.apply_global_options()
 src = open(cfg_file, encoding="utf-8").read()
-t = time.perf_counter()
-run_merge(MergeConfiguration.model_validate(yaml.safe_load(src)), out, options=opts, config_source=src)
-print(json.dumps({"seconds": time.perf_counter() - t, "import_s": import_s}))
+secs = []
+for p in range(passes):
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(src)), out, options=opts, config_source=src)
+    secs.append(time.perf_counter() - t)
+print(json.dumps({"seconds": secs[0], "warm_seconds": secs[-1], "passes_s": secs, "import_s": import_s}))
 """
 
 
 def run_mergekit(exe: Path, method: str, folders: list[Path], work: Path, dtype: str, shard_bytes: int,
-                 env: dict, timeout: float | None) -> dict:
+                 env: dict, timeout: float | None, passes: int = 1) -> dict:
     """mergekit's TA or TIES on the same checkpoints, in mergekit's own venv (a child process):
     the time of ``run_merge`` (as ``mergekit-yaml`` calls it), the process's wall time and memory."""
     cfg = work / f"mergekit_{method}.yml"
@@ -306,7 +337,7 @@ def run_mergekit(exe: Path, method: str, folders: list[Path], work: Path, dtype:
     itemsize = 2 if dtype in ("bfloat16", "float16") else 4
     shard_params = max(1, shard_bytes // itemsize)
     py = exe.parent / "python"
-    cmd = [str(py), "-c", MERGEKIT_DRIVER, str(cfg), str(out), str(shard_params)]
+    cmd = [str(py), "-c", MERGEKIT_DRIVER, str(cfg), str(out), str(shard_params), str(max(1, passes))]
     menv = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     r = run_process(cmd, env={**menv, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, timeout=timeout)
     ok = r["rc"] == 0 and any(out.glob("*.safetensors"))
@@ -375,13 +406,18 @@ def fmt_row(label: str, r: dict, floor: dict, target: float | None = None) -> st
             f"(anon {r['peak_anon_mb']:6.0f} MB)  process {r['wall_s']:6.2f} s{cpu}{t}")
 
 
+def _passes(r: dict) -> str:
+    return " / ".join(f"{x:.2f}" for x in r.get("passes_s", [r["seconds"]])) + " s"
+
+
 def measure_size(shape: LlamaShape, folders: list[Path], work: Path, methods: list[str], args, env: dict,
                  log) -> dict:
     """One untimed run of every method (a machine's first merge compiles the numba kernels into their
     on-disk cache: a one-time cost, out of the timings), then ``--repeats`` rounds of (floor, every
     method), interleaved so that each round's numbers share the machine's load; then one more floor. The floor is the fastest floor run (a quiet moment
     favours the floor, never us); each method is the median of its rounds."""
-    common = {"folders": [str(f) for f in folders], "shard_bytes": args.shard_size, "threads": args.threads}
+    common = {"folders": [str(f) for f in folders], "shard_bytes": args.shard_size, "threads": args.threads,
+              "passes": args.passes}
     floor_spec = {**common, "mode": "floor", "output": str(work / "out_floor")}
     runs: dict[str, list] = {m: [] for m in methods}
     specs = {m: {**common, "mode": "merge", "method": m, "params": METHOD_PARAMS.get(m, {}), "device": args.device,
@@ -392,21 +428,27 @@ def measure_size(shape: LlamaShape, folders: list[Path], work: Path, methods: li
     floors = []
     for rnd in range(args.repeats):
         floors.append(run_child(floor_spec, env))
-        log(f"  round {rnd + 1}: io_floor {floors[-1]['seconds']:.2f} s (load {floors[-1]['loadavg_1m']:.2f})")
+        log(f"  round {rnd + 1}: io_floor {_passes(floors[-1])} (minor faults {floors[-1]['minflt']}, "
+            f"load {floors[-1]['loadavg_1m']:.2f})")
         for m in methods:
             r = run_child(specs[m], env)
             runs[m].append(r)
-            log(f"  round {rnd + 1}: {m:<15} {r['seconds']:.2f} s (anon {r['peak_anon_mb']:.0f} MB, "
-                f"load {r['loadavg_1m']:.2f})")
+            log(f"  round {rnd + 1}: {m:<15} {_passes(r)} (anon {r['peak_anon_mb']:.0f} MB, "
+                f"minor faults {r['minflt']}, load {r['loadavg_1m']:.2f})")
             if r.get("profile"):
                 log(f"---- cProfile of {m} (main thread, by own time) ----\n{r['profile']}")
     floors.append(run_child(floor_spec, env))
-    log(f"  io_floor (last) {floors[-1]['seconds']:.2f} s")
+    log(f"  io_floor (last) {_passes(floors[-1])}")
     floor = min(floors, key=lambda r: r["seconds"])
+    floor_warm = min(f["warm_seconds"] for f in floors)
     out = {m: median_run(rs) for m, rs in runs.items()}
     for m, rs in runs.items():  # each run over the floor of its own round (the same load)
         out[m]["paired_ratio_median"] = statistics.median(r["seconds"] / f["seconds"] for r, f in zip(rs, floors))
-    return {"floor": floor, "floor_runs_s": [f["seconds"] for f in floors], "methods": out}
+        out[m]["warm_ratio_to_floor"] = out[m]["warm_seconds_median"] / floor_warm
+        out[m]["warm_paired_ratio_median"] = statistics.median(r["warm_seconds"] / f["warm_seconds"]
+                                                               for r, f in zip(rs, floors))
+    return {"floor": floor, "floor_runs_s": [f["seconds"] for f in floors], "floor_warm_s": floor_warm,
+            "floor_warm_runs_s": [f["warm_seconds"] for f in floors], "methods": out}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -423,6 +465,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "(default), a count like 544M, or 'none'")
     ap.add_argument("--rss-methods", type=parse_methods, default=list(DEFAULT_METHODS))
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (floor, methods); medians are reported (3)")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="passes of the same work in each child process: the first is the cold process, the last "
+                         "the steady state a sweep sees (2; 1 = cold only)")
     ap.add_argument("--mergekit-repeats", type=int, default=3, help="runs of each mergekit merge (median; 3)")
     ap.add_argument("--device", default="cpu", help="device of our merges (cpu, cuda, auto)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every child (0: torch's default)")
@@ -516,6 +561,20 @@ def main(argv: list[str] | None = None) -> dict:
                 r["target"] = TARGETS.get(m)
                 entry["methods"][m] = r
                 log(fmt_row(m, r, floor, TARGETS.get(m)))
+            entry["floor_warm_s"] = meas["floor_warm_s"]
+            entry["floor_warm_runs_s"] = meas["floor_warm_runs_s"]
+            if args.passes > 1:
+                fw = meas["floor_warm_s"]
+                log(f"\nsteady state: pass {args.passes} of each child (the same work again in the same process, as "
+                    f"each merge of a sweep runs)")
+                log(f"{'io_floor':<24} {fw:8.2f} s    1.00x floor  (runs: "
+                    f"{', '.join(f'{x:.2f}' for x in meas['floor_warm_runs_s'])} s)")
+                for m, r in entry["methods"].items():
+                    t = TARGETS.get(m)
+                    verdict = "" if t is None else (f"  target <= {t:.1f}x: "
+                                                    f"{'met' if r['warm_ratio_to_floor'] <= t else 'MISSED'}")
+                    log(f"{m:<24} {r['warm_seconds_median']:8.2f} s  {r['warm_ratio_to_floor']:6.2f}x floor  "
+                        f"paired {r['warm_paired_ratio_median']:5.2f}x{verdict}")
             if si == 0 and mk_exe is not None and mk_methods:
                 ver = mergekit_version(mk_exe)
                 entry["mergekit_version"] = ver
@@ -525,9 +584,9 @@ def main(argv: list[str] | None = None) -> dict:
                         mk_runs = []
                         for _ in range(max(1, args.mergekit_repeats)):
                             mk_runs.append(run_mergekit(mk_exe, m, folders, work, dtype_name, args.shard_size, env,
-                                                        args.mergekit_timeout))
+                                                        args.mergekit_timeout, args.passes))
                             mk_runs[-1]["loadavg_1m"] = os.getloadavg()[0]
-                            log(f"  mergekit {m}: {mk_runs[-1]['seconds']:.2f} s (load {mk_runs[-1]['loadavg_1m']:.2f})")
+                            log(f"  mergekit {m}: {_passes(mk_runs[-1])} (load {mk_runs[-1]['loadavg_1m']:.2f})")
                         r = median_run(mk_runs)
                     except RuntimeError as e:
                         log(f"  mergekit {m}: FAILED: {str(e)[-800:]}")
@@ -539,6 +598,9 @@ def main(argv: list[str] | None = None) -> dict:
                     line = fmt_row(f"mergekit {m}", r, floor)
                     if ours:
                         r["ours_over_mergekit"] = ours["seconds"] / r["seconds"]
+                        if "warm_seconds_median" in r and "warm_seconds_median" in ours:
+                            r["ours_over_mergekit_warm"] = ours["warm_seconds_median"] / r["warm_seconds_median"]
+                            r["warm_ratio_to_floor"] = r["warm_seconds_median"] / entry["floor_warm_s"]
                         r["ours_over_mergekit_process"] = ours["wall_s"] / r["wall_s"]
                         line += (f"\n{'':<24} ours/mergekit {r['ours_over_mergekit']:.3f} (ours "
                                  f"{1 / r['ours_over_mergekit']:.1f}x faster); whole processes, imports included: "
@@ -552,6 +614,11 @@ def main(argv: list[str] | None = None) -> dict:
                                      f"process {verdict(r['ours_over_mergekit_process'])}; mergekit's own time is "
                                      f"{r['ratio_to_floor']:.2f}x the floor, so no tool can be more than "
                                      f"{r['ratio_to_floor']:.1f}x faster than it in work time")
+                            if "ours_over_mergekit_warm" in r:
+                                x = r["ours_over_mergekit_warm"]
+                                line += (f"\n{'':<24} steady state (pass {args.passes}): mergekit "
+                                         f"{r['warm_seconds_median']:.2f} s = {r['warm_ratio_to_floor']:.2f}x the "
+                                         f"floor, ours {1 / x:.1f}x faster: {verdict(x)}")
                     entry["mergekit"][m] = r
                     log(line)
             elif si == 0:
@@ -582,23 +649,33 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _round(x: float | None) -> float | str:
+    return "" if not x else round(x, 3)
+
+
 def save(result: dict, out_dir: Path, stem: str, log) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    cols = ["date_utc", "params", "layers", "what", "method", "seconds", "process_s", "cpu_s", "ratio_to_floor", "target",
+    cols = ["date_utc", "params", "layers", "what", "method", "seconds", "process_s", "cpu_s", "ratio_to_floor",
+            "warm_s", "warm_ratio_to_floor", "target",
             "maxrss_mb", "peak_anon_mb", "device", "threads", "loadavg_start", "cpu"]
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for e in result["sizes"]:
             fs = e["floor"]["seconds"]
+            fw = e.get("floor_warm_s")
             rows = [("io_floor", "io_floor", e["floor"])] + [("workbench", m, r) for m, r in e["methods"].items()]
             rows += [("mergekit", m, r) for m, r in e["mergekit"].items() if "error" not in r]
             for what, m, r in rows:
                 w.writerow({"date_utc": result["date_utc"], "params": e["params"], "layers": e["shape"]["layers"],
                             "what": what, "method": m, "seconds": round(r["seconds"], 3), "process_s": round(r["wall_s"], 3),
                             "cpu_s": round(r.get("cpu_s", 0.0), 3),
-                            "ratio_to_floor": round(r["seconds"] / fs, 3), "target": TARGETS.get(m) if what == "workbench" else "",
+                            "ratio_to_floor": round(r["seconds"] / fs, 3),
+                            "warm_s": _round(fw if what == "io_floor" else r.get("warm_seconds_median")),
+                            "warm_ratio_to_floor": _round(1.0 if what == "io_floor" else
+                                                          (r.get("warm_seconds_median") or 0) / fw if fw else None),
+                            "target": TARGETS.get(m) if what == "workbench" else "",
                             "maxrss_mb": round(r["maxrss_mb"], 1), "peak_anon_mb": round(r["peak_anon_mb"], 1),
                             "device": result["device"], "threads": r.get("threads", ""),
                             "loadavg_start": round(result["machine"]["loadavg_start"][0], 2),

@@ -139,6 +139,11 @@ def test_merge_speed_smoke(tmp_path):
         assert re.search(rf"^{m}\s+[\d.]+ s\s+[\d.]+x floor\s+peak RSS\s+\d+ MB .*target <= {target}x: "
                          rf"work (met|MISSED), process [\d.]+x (met|MISSED)$", out, re.M), out
     assert "peak RSS by model size" in out and "load average" in out
+    # the steady state: pass 2 of each child, against the floor's pass 2
+    assert "steady state: pass 2 of each child" in out, out
+    for m, target in (("task_arithmetic", "1.3"), ("ties", "3.0")):
+        assert re.search(rf"^{m}\s+[\d.]+ s\s+[\d.]+x floor\s+paired\s+[\d.]+x\s+target <= {target}x: (met|MISSED)$",
+                         out, re.M), out
     jsons = list((tmp_path / "res").glob("merge_speed_*M_cpu.json"))
     assert len(jsons) == 1
     data = json.loads(jsons[0].read_text())
@@ -149,6 +154,8 @@ def test_merge_speed_smoke(tmp_path):
         assert r["seconds"] > 0 and r["maxrss_mb"] > 0 and r["ratio_to_floor"] > 0
         assert r["process_ratio_to_floor"] == pytest.approx(r["wall_s"] / first["floor"]["wall_s"])
         assert r["n_merged"] > 0 and r["n_kept"] == 0  # every tensor merged: the floor's work
+        assert len(r["passes_s"]) == 2 and r["seconds"] == r["passes_s"][0] and r["warm_seconds"] == r["passes_s"][1]
+        assert r["warm_ratio_to_floor"] == pytest.approx(r["warm_seconds_median"] / first["floor_warm_s"])
     rows = list(csv.DictReader(open(jsons[0].with_suffix(".csv"))))
     assert {r["what"] for r in rows} == {"io_floor", "workbench"}
     assert not list((tmp_path / "w").glob("*"))  # temporary checkpoints removed
@@ -164,8 +171,11 @@ def test_merge_speed_against_mergekit(tmp_path):
     assert "ours/mergekit" in res.stdout
     assert re.search(r"target >= 3x faster: work (met|MISSED), process (met|MISSED); mergekit's own time is [\d.]+x "
                      r"the floor", res.stdout), res.stdout
+    assert re.search(r"steady state \(pass 2\): mergekit [\d.]+ s = [\d.]+x the floor, ours [\d.]+x faster: "
+                     r"(met|MISSED)", res.stdout), res.stdout
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert set(data["sizes"][0]["mergekit"]) == {"task_arithmetic", "ties"}
+    assert all(len(r["passes_s"]) == 2 for r in data["sizes"][0]["mergekit"].values())
 
 
 # ------------------------------------------------------------------------------------ gpu_merge_7b

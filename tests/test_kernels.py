@@ -86,6 +86,30 @@ def test_tau_kth_largest_equals_numpy_partition(dtype, is_weight):
         assert K.tau_kth_largest(main, base, is_weight, k, hist) == want, k
 
 
+@pytest.mark.parametrize("n_bins", [1 << 15, 1 << 16, 8 << 16])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_kth_bin_two_level_scan_equals_a_plain_scan(n_bins, dtype):
+    """The bin (and rank inside it) of the k-th largest entry, read from the top: the two-level scan
+    of large histograms (block sums, then one block) against a plain Python scan, on sparse and
+    dense random histograms, k from 1 to past the total."""
+    def plain(h, k):
+        seen = 0
+        for b in range(len(h) - 1, -1, -1):
+            if seen + h[b] >= k:
+                return b, k - seen
+            seen += int(h[b])
+        return -1, k
+
+    rng = np.random.default_rng(n_bins + np.dtype(dtype).itemsize)
+    for fill in (3, 200, n_bins // 4):
+        h = np.zeros(n_bins, dtype)
+        np.add.at(h, rng.integers(0, n_bins, fill), 1)
+        total = int(h.sum())
+        for k in sorted({1, 2, total // 3 + 1, total - 1, total, total + 1} - {0}):
+            assert K._kth_from_top(h, k) == plain(h, k), (fill, k)
+    assert K.kth_bin(np.zeros(n_bins, dtype), 1) == -1
+
+
 def test_tau_hist_reports_non_finite_values():
     base = np.zeros(10_000, np.float32)
     for bad in (np.nan, np.inf, -np.inf):

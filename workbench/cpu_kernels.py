@@ -494,8 +494,22 @@ def tau_kth_largest(main: np.ndarray, base: np.ndarray, is_weight: bool, k: int,
 def _kth_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
     """``(bin, rank)``: the bin of ``hist`` holding the ``k``-th largest entry and that entry's rank
     inside it (1 = the bin's largest); ``(-1, k)`` when ``hist`` counts fewer than ``k``."""
-    b, rest = _helpers().kth_from_top(np.ascontiguousarray(hist, np.int64), int(k))
+    if hist.dtype not in (np.int32, np.int64) or not hist.flags.c_contiguous:
+        hist = np.ascontiguousarray(hist, np.int64)  # int32 windows as they are: a copy per call cost more than the scan
+    from_top = _helpers().kth_from_top
+    n = hist.shape[0]
+    if n >= 1 << 16 and n % _KTH_BLOCK == 0:  # two levels: the block that holds it (vectorised sums), then its bin
+        blk, rest = from_top(hist.reshape(-1, _KTH_BLOCK).sum(axis=1, dtype=np.int64), int(k))
+        if blk < 0:
+            return -1, int(k)
+        b, rest = from_top(hist[blk * _KTH_BLOCK:(blk + 1) * _KTH_BLOCK], int(rest))
+        return int(blk * _KTH_BLOCK + b), int(rest)
+    b, rest = from_top(hist, int(k))
     return int(b), int(rest)
+
+
+#: bins per block of :func:`_kth_from_top`'s first level (histograms of ``2**16`` bins or more)
+_KTH_BLOCK = 1024
 
 
 def kth_bin(hist: np.ndarray, k: int) -> int:
