@@ -261,8 +261,7 @@ def median_run(runs: list[dict]) -> dict:
     med["runs_s"] = [r["seconds"] for r in runs]
     med["runs_loadavg_1m"] = [r.get("loadavg_1m") for r in runs]
     med["peak_anon_mb_max"] = max(r["peak_anon_mb"] for r in runs)
-    if all("warm_seconds" in r for r in runs):
-        med["warm_seconds_median"] = statistics.median(r["warm_seconds"] for r in runs)
+    med["warm_seconds_median"] = statistics.median(r["warm_seconds"] for r in runs)
     return med
 
 
@@ -444,7 +443,6 @@ def measure_size(shape: LlamaShape, folders: list[Path], work: Path, methods: li
     out = {m: median_run(rs) for m, rs in runs.items()}
     for m, rs in runs.items():  # each run over the floor of its own round (the same load)
         out[m]["paired_ratio_median"] = statistics.median(r["seconds"] / f["seconds"] for r, f in zip(rs, floors))
-        out[m]["warm_ratio_to_floor"] = out[m]["warm_seconds_median"] / floor_warm
         out[m]["warm_paired_ratio_median"] = statistics.median(r["warm_seconds"] / f["warm_seconds"]
                                                                for r, f in zip(rs, floors))
     return {"floor": floor, "floor_runs_s": [f["seconds"] for f in floors], "floor_warm_s": floor_warm,
@@ -544,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
             methods = args.methods if si == 0 else [m for m in args.rss_methods]
             meas = measure_size(shp, folders, work, methods, args, env, log)
             floor = meas["floor"]
-            fs = floor["seconds"]
+            fs, fw = floor["seconds"], meas["floor_warm_s"]
             entry = {"params": shp.n_params, "shape": {"hidden": shp.hidden, "intermediate": shp.intermediate,
                                                         "layers": shp.layers, "vocab": shp.vocab},
                      "bytes_on_disk": nbytes, "largest_tensor_fp32_mb": shp.largest_tensor * 4 / 2**20,
@@ -556,15 +554,15 @@ def main(argv: list[str] | None = None) -> dict:
                 r = dict(r)
                 r.pop("profile", None)
                 r["ratio_to_floor"] = r["seconds"] / fs
+                r["warm_ratio_to_floor"] = r["warm_seconds_median"] / fw
                 r["cpu_ratio_to_floor"] = r["cpu_s"] / floor["cpu_s"]
                 r["process_ratio_to_floor"] = r["wall_s"] / floor["wall_s"]
                 r["target"] = TARGETS.get(m)
                 entry["methods"][m] = r
                 log(fmt_row(m, r, floor, TARGETS.get(m)))
-            entry["floor_warm_s"] = meas["floor_warm_s"]
+            entry["floor_warm_s"] = fw
             entry["floor_warm_runs_s"] = meas["floor_warm_runs_s"]
             if args.passes > 1:
-                fw = meas["floor_warm_s"]
                 log(f"\nsteady state: pass {args.passes} of each child (the same work again in the same process, as "
                     f"each merge of a sweep runs)")
                 log(f"{'io_floor':<24} {fw:8.2f} s    1.00x floor  (runs: "
@@ -593,14 +591,13 @@ def main(argv: list[str] | None = None) -> dict:
                         entry["mergekit"][m] = {"error": str(e)[-2000:]}
                         continue
                     r["ratio_to_floor"] = r["seconds"] / fs
+                    r["warm_ratio_to_floor"] = r["warm_seconds_median"] / fw
                     r["cpu_ratio_to_floor"] = r["cpu_s"] / floor["cpu_s"]
                     ours = entry["methods"].get(m)
                     line = fmt_row(f"mergekit {m}", r, floor)
                     if ours:
                         r["ours_over_mergekit"] = ours["seconds"] / r["seconds"]
-                        if "warm_seconds_median" in r and "warm_seconds_median" in ours:
-                            r["ours_over_mergekit_warm"] = ours["warm_seconds_median"] / r["warm_seconds_median"]
-                            r["warm_ratio_to_floor"] = r["warm_seconds_median"] / entry["floor_warm_s"]
+                        r["ours_over_mergekit_warm"] = ours["warm_seconds_median"] / r["warm_seconds_median"]
                         r["ours_over_mergekit_process"] = ours["wall_s"] / r["wall_s"]
                         line += (f"\n{'':<24} ours/mergekit {r['ours_over_mergekit']:.3f} (ours "
                                  f"{1 / r['ours_over_mergekit']:.1f}x faster); whole processes, imports included: "
@@ -614,7 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      f"process {verdict(r['ours_over_mergekit_process'])}; mergekit's own time is "
                                      f"{r['ratio_to_floor']:.2f}x the floor, so no tool can be more than "
                                      f"{r['ratio_to_floor']:.1f}x faster than it in work time")
-                            if "ours_over_mergekit_warm" in r:
+                            if args.passes > 1:
                                 x = r["ours_over_mergekit_warm"]
                                 line += (f"\n{'':<24} steady state (pass {args.passes}): mergekit "
                                          f"{r['warm_seconds_median']:.2f} s = {r['warm_ratio_to_floor']:.2f}x the "
@@ -664,7 +661,6 @@ def save(result: dict, out_dir: Path, stem: str, log) -> None:
         w.writeheader()
         for e in result["sizes"]:
             fs = e["floor"]["seconds"]
-            fw = e.get("floor_warm_s")
             rows = [("io_floor", "io_floor", e["floor"])] + [("workbench", m, r) for m, r in e["methods"].items()]
             rows += [("mergekit", m, r) for m, r in e["mergekit"].items() if "error" not in r]
             for what, m, r in rows:
@@ -672,9 +668,8 @@ def save(result: dict, out_dir: Path, stem: str, log) -> None:
                             "what": what, "method": m, "seconds": round(r["seconds"], 3), "process_s": round(r["wall_s"], 3),
                             "cpu_s": round(r.get("cpu_s", 0.0), 3),
                             "ratio_to_floor": round(r["seconds"] / fs, 3),
-                            "warm_s": _round(fw if what == "io_floor" else r.get("warm_seconds_median")),
-                            "warm_ratio_to_floor": _round(1.0 if what == "io_floor" else
-                                                          (r.get("warm_seconds_median") or 0) / fw if fw else None),
+                            "warm_s": _round(e["floor_warm_s"] if what == "io_floor" else r["warm_seconds_median"]),
+                            "warm_ratio_to_floor": _round(1.0 if what == "io_floor" else r["warm_ratio_to_floor"]),
                             "target": TARGETS.get(m) if what == "workbench" else "",
                             "maxrss_mb": round(r["maxrss_mb"], 1), "peak_anon_mb": round(r["peak_anon_mb"], 1),
                             "device": result["device"], "threads": r.get("threads", ""),
