@@ -413,10 +413,8 @@ def _job_oracle(job: Job, ctx: dict) -> dict:
         save_module(p, p.config(), folder / "projectors" / m)
     scores = {m: _evaluate(model, _own_records(ctx, m), ctx, job.name, seed, folder / "predictions.csv")
               for m in c["modalities"]}
-    val = _evaluate(model, read_records(Path(ctx["data"]) / "mcub" / "val.json"), ctx, job.name, seed,
-                    folder / "predictions.csv")
     info = {"name": job.name, "kind": "oracle", "seed": seed, "base": MODALITY_BASE, "modalities": c["modalities"],
-            "own_task": scores, "mcub_val": val, "seconds": round(log["seconds"], 1),
+            "own_task": scores, "seconds": round(log["seconds"], 1),
             "trainable_params": _n_params(llm)}
     _write_expert_json(folder, info)
     return {"manifest": info}
@@ -467,8 +465,6 @@ def _job_cap_base(job: Job, ctx: dict) -> dict:
     folder = root / job.out
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    captioned = {t: _evaluate(model, _cap_records(ctx, t), ctx, job.name + "@captions", 0, folder / "predictions.csv")
-                 for t in c["tasks"]}
     llm.requires_grad_(True)
     log2 = train_mllm(model, batches(_cap_task_sampler(c["tasks"], 0.8, caption=0.1, text=0.1), c["batch"], 4100),
                       [{"params": llm.parameters(), "lr": c["lr_llm"]}, {"params": proj.parameters(), "lr": c["lr_proj"]}],
@@ -478,7 +474,7 @@ def _job_cap_base(job: Job, ctx: dict) -> dict:
     scores = {t: _evaluate(model, _cap_records(ctx, t), ctx, job.name, 0, folder / "predictions.csv")
               for t in c["tasks"]}
     info = {"name": job.name, "kind": "base-vlm", "llm": f"{job.out}/llm", "encoder": "capability/encoder",
-            "task_scores": scores, "task_scores_captions_only": captioned,
+            "task_scores": scores,
             "seconds": round(log["seconds"] + log2["seconds"], 1)}
     _write_expert_json(folder, info)
     return {"manifest": info}
