@@ -180,12 +180,24 @@ def test_global_trim_thresholds_equal_torch_kthvalue():
         assert got == want
 
 
-def test_non_finite_input_is_reported():
-    base, experts = _inputs(1, (9, 9), 2, torch.bfloat16, 0.0, False)
-    experts[1][2, 3] = float("inf")
-    for method in ("task_arithmetic", "ties"):
-        ok, _ = _compiled_merge(method, {}, base, experts, torch.bfloat16)
-        assert not ok
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_input_is_reported(bad, dtype):
+    """Every compiled method, any non-finite input: in an expert at an entry TIES trims away (a
+    tiny task vector there, so the result alone could stay finite) and in the base."""
+    for where in ("expert", "base"):
+        base, experts = _inputs(1, (9, 9), 2, dtype, 0.0, False)
+        if where == "expert":
+            experts[1][2, 3] = bad
+            experts[0][2, 3] = base[2, 3]
+        else:
+            base[4, 5] = bad
+        for method in MK.COMPILED_METHODS:
+            ok, _ = _compiled_merge(method, {"density": 0.1} if "ties" in method else {}, base, experts, dtype)
+            assert not ok, (method, where, bad)
+    base, experts = _inputs(1, (9, 9), 2, dtype, 0.0, False)
+    for method in MK.COMPILED_METHODS:  # and finite inputs are not reported
+        assert _compiled_merge(method, {"density": 0.1} if "ties" in method else {}, base, experts, dtype)[0], method
 
 
 def test_bfloat16_overflow_after_rounding_is_reported():
