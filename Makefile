@@ -8,11 +8,11 @@ TORCH_CPU ?= torch==2.13.0
 
 .PHONY: venv test test-all reproduce zoo lab bench clean browser-deps
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install "$(TORCH_CPU)"
-	$(PIP) install -e ".[test,notebooks]"
+	$(PIP) install -c constraints.txt -e ".[test,notebooks]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (workbench)"
 	touch $@
 
@@ -47,7 +47,7 @@ lab: venv
 	if [ "$(origin PRESET)" = "file" ] && [ ! -f "$${WORKBENCH_ZOO:-zoo}/default/zoo.json" ]; then \
 	  preset=tiny; \
 	  echo "notice: no default zoo yet ($${WORKBENCH_ZOO:-zoo}/default/zoo.json): the notebooks use the TINY preset"; \
-	  echo "        (~20 items per benchmark: a smoke test). Real numbers: make zoo (~33 min), then make lab."; \
+	  echo "        (~20 items per benchmark: a smoke test). Real numbers: make zoo (~40 min), then make lab."; \
 	fi; \
 	WORKBENCH_PRESET=$$preset $(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 notebooks/
 

@@ -231,9 +231,10 @@ def _kernel_source(N: int, mode: str, gtrim: bool, dare: bool, helpers: str) -> 
     chunk's first entry (DARE). Returns 1 when an input or a stored output is not finite, else 0.
 
     One kernel per combination, the flags written into the source rather than passed: the loop then
-    has no branch and no reduction, which is what lets LLVM vectorise it (measured on one core,
-    bfloat16, 3 experts: mean 1.8 -> 0.5, sum 2.0 -> 0.9, TIES 3.7 -> 1.7 ns per entry against the
-    kernel with runtime flags and a per-entry finite count). The finite check: every output entry is
+    has no branch and no reduction, which is what lets LLVM vectorise it (one core, bfloat16, 3
+    experts, on a box busy with other work, so roughly: mean 1.8 -> 0.5, sum 2.0 -> 0.9, TIES 3.7 -> 1.7
+    ns per entry against the kernel with runtime flags and a per-entry finite count; whole merges:
+    ``benchmarks/README.md``). The finite check: every output entry is
     stored as ``res - ((theta_0 - theta_0) + (theta_1 - theta_1) + ...)``: exactly ``res`` when every
     input is finite (``x - x`` is +0.0 and ``res - 0.0`` is ``res``, signed zeros included), NaN
     when one is not (a NaN input can be trimmed away in TIES, so the result alone would not show it);
