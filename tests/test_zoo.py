@@ -117,6 +117,26 @@ def test_rebuild_is_cached(tiny_zoo):
     assert z.manifest["build_wall_seconds"] == tiny_zoo.manifest["build_wall_seconds"]
     assert z.manifest["built"] == tiny_zoo.manifest["built"]
     assert z.manifest["jobs_trained"] == tiny_zoo.manifest["jobs_trained"] >= 0
+    # and the library versions of that build (the models are not bit-stable across them)
+    assert z.manifest["versions"] == tiny_zoo.manifest["versions"]
+
+
+def test_manifest_records_the_versions_of_the_build_that_trained(tmp_path):
+    """zoo.json's ``versions``: the libraries of a build that trained a job, kept by a cache check."""
+    import json
+
+    from workbench.world.scheduler import Job, _write_manifest, library_versions
+
+    plan = [Job("tokenizer", "tokenizer", {}, [], "tokenizer")]
+    results = {"tokenizer": {"hash": "h", "seconds": 0.1, "result": {}}}
+    _write_manifest(tmp_path, tmp_path, "tiny", {}, plan, results, 1.0, n_trained=1)
+    first = json.loads((tmp_path / "zoo.json").read_text())["versions"]
+    assert first == library_versions() and first["transformers"] and first["torch"]
+    recorded = dict(first, transformers="0.0-older")
+    m = json.loads((tmp_path / "zoo.json").read_text())
+    (tmp_path / "zoo.json").write_text(json.dumps(dict(m, versions=recorded)))
+    _write_manifest(tmp_path, tmp_path, "tiny", {}, plan, results, 1.0, n_trained=0)  # a cache check
+    assert json.loads((tmp_path / "zoo.json").read_text())["versions"] == recorded
 
 
 def test_second_build_waits_for_the_first(tiny_zoo):

@@ -337,11 +337,31 @@ def _n_dependents(plan: Sequence[Job]) -> dict[str, int]:
     return {j.name: len(below(j.name)) for j in plan}
 
 
+#: the libraries whose versions change what the world's training computes (recorded in ``zoo.json``)
+TRAINING_LIBRARIES = ("torch", "transformers", "numpy", "peft", "safetensors", "tokenizers", "accelerate", "numba")
+
+
+def library_versions() -> dict[str, str]:
+    """Python, the platform and the installed versions of :data:`TRAINING_LIBRARIES`: the zoo's models
+    are not bit-stable across them (the same code and data built a different zoo with newer libraries,
+    2026-12-06), so ``zoo.json`` says what built it (``constraints.txt`` pins what ``make venv`` installs)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine()}
+    for name in TRAINING_LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[Job], results: dict,
                     wall: float, complete: bool = True, n_trained: int = 1) -> None:
     """Write ``zoo.json``. ``n_trained``: jobs this build ran; with none, the manifest keeps the
-    ``built`` time, ``build_wall_seconds`` and ``jobs_trained`` of the build that made the models (a
-    cache check is not a build). ``build_wall_seconds`` is the wall time of that last build, which
+    ``built`` time, ``build_wall_seconds``, ``jobs_trained`` and ``versions`` (:func:`library_versions`) of
+    the build that made the models (a cache check is not a build). ``build_wall_seconds`` is the wall time of that last build, which
     trained ``jobs_trained`` of the ``len(jobs)`` jobs (all of them: a build from nothing)."""
     models, jobs = {}, {}
     for j in plan:
@@ -353,17 +373,18 @@ def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[
             models[j.name] = dict(res["manifest"], path=j.out, hash=r["hash"], job_seconds=r["seconds"])
         elif j.kind in ("encoder", "base", "instruct", "tokenizer", "data"):
             jobs[j.name]["result"] = res
-    built, wall = time.strftime("%Y-%m-%dT%H:%M:%S"), round(wall, 1)
+    built, wall, versions = time.strftime("%Y-%m-%dT%H:%M:%S"), round(wall, 1), library_versions()
     prev = root / "zoo.json"
     if not n_trained and prev.exists():  # nothing was trained: keep the record of the build that made these models
         try:
             old = json.loads(prev.read_text())
             built, wall = old.get("built", built), old.get("build_wall_seconds", wall)
             n_trained = old.get("jobs_trained", n_trained)
+            versions = old.get("versions", "not recorded (built before zoo.json recorded them)")
         except (OSError, ValueError):
             pass
     manifest = {"preset": preset, "world_version": WORLD_VERSION, "data_dir": str(droot), "complete": complete,
-                "built": built, "build_wall_seconds": wall, "jobs_trained": n_trained,
+                "built": built, "build_wall_seconds": wall, "jobs_trained": n_trained, "versions": versions,
                 "total_job_seconds": round(sum(results[j.name]["seconds"] for j in plan), 1),
                 "config": cfg, "jobs": jobs, "models": models}
     tmp = root / "zoo.json.tmp"
