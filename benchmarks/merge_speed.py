@@ -56,6 +56,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+
+
+def _shown(path) -> str:
+    """A path as the printed output (kept as a results log) shows it: relative to the repository, or
+    ``<outside the repository>/<name>`` - no machine's absolute paths in a committed log."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(ROOT.resolve()))
+    except ValueError:
+        return f"<outside the repository>/{p.name}"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
@@ -576,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
             if si == 0 and mk_exe is not None and mk_methods:
                 ver = mergekit_version(mk_exe)
                 entry["mergekit_version"] = ver
-                log(f"\nmergekit {ver} ({mk_exe}), same checkpoints, every tensor merged, time of its run_merge:")
+                log(f"\nmergekit {ver} ({_shown(mk_exe)}), same checkpoints, every tensor merged, time of its run_merge:")
                 for m in mk_methods:
                     try:
                         mk_runs = []
@@ -675,7 +685,7 @@ def save(result: dict, out_dir: Path, stem: str, log) -> None:
                             "device": result["device"], "threads": r.get("threads", ""),
                             "loadavg_start": round(result["machine"]["loadavg_start"][0], 2),
                             "cpu": result["machine"]["host_cpu"]})
-    log(f"results: {out_dir / (stem + '.json')}, {out_dir / (stem + '.csv')}")
+    log(f"results: {_shown(out_dir / (stem + '.json'))}, {_shown(out_dir / (stem + '.csv'))}")
 
 
 if __name__ == "__main__":
