@@ -80,8 +80,9 @@ def mean_direction_split(base: Mapping[str, torch.Tensor], experts: Sequence[Map
                 raise KeyError(f"expert {i} has no tensor {t!r}")
             if e[t].shape != b.shape:
                 raise ValueError(f"tensor {t!r}: expert {i} has shape {tuple(e[t].shape)}, the base {tuple(b.shape)}")
-            taus[i][t] = (e[t].double() - b.double()).float()
         T = torch.stack([e[t].double().flatten() - b.double().flatten() for e in experts])
+        for i in range(len(experts)):
+            taus[i][t] = T[i].view_as(b).float()
         norms = T.norm(dim=1)
         mean = T.mean(0)
         sq = float((norms ** 2).sum())

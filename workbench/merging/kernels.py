@@ -134,9 +134,9 @@ from {helpers} import ld, f32_to_bits
 
 
 def st(a, j, v):
-    """Store float32 ``v`` as entry ``j``: bfloat16 (uint16 bits) rounded to nearest even, as torch.
-    Returns 1 when the stored value is not finite (a finite float32 past the bfloat16 range
-    rounds to Inf), else 0."""
+    """Store float32 ``v`` as entry ``j``: bfloat16 (uint16 bits) rounded to nearest even, as torch;
+    float32 as is. (A stored non-finite value - also a finite float32 past the bfloat16 range, which
+    rounds to Inf - is found after the chunk by :func:`stored_non_finite`.)"""
 
 
 @overload(st, inline="always")
@@ -144,14 +144,11 @@ def _st(a, j, v):
     if a.dtype == types.uint16:
         def impl(a, j, v):
             u = np.uint32(f32_to_bits(v))
-            r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-            a[j] = r
-            return np.int32((r & np.uint16(0x7F80)) == np.uint16(0x7F80))
+            a[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
         return impl
 
     def impl32(a, j, v):
         a[j] = v
-        return np.int32((v - v) != np.float32(0.0))
     return impl32
 
 
@@ -251,12 +248,15 @@ def _kernel_source(N: int, mode: str, gtrim: bool, dare: bool, helpers: str) -> 
     A("@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')")
     A("def kernel(" + ", ".join(f"m{i}" for i in r) + ", base, out, pos0, gthr, thr, keys, p_int, keep, coef, scale):")
     A("    c = base.shape[0]")
-    A("    pu = np.uint32(p_int)")
     A("    z = np.float32(0.0)")
-    for i in r:  # a global threshold <= 0 trims nothing: -1.0 keeps every |x| (x * 1 + 0 differs from x only
-        # on -0.0, which the theta_0 round trip below turns into +0.0 either way)
-        A(f"    gt{i} = gthr[{i}] if gthr[{i}] > z else np.float32(-1.0); th{i} = thr[{i}]; c{i} = coef[{i}]")
+    for i in r:
+        if gtrim:  # a global threshold <= 0 trims nothing: -1.0 keeps every |x| (x * 1 + 0 differs from x only
+            # on -0.0, which the theta_0 round trip below turns into +0.0 either way)
+            A(f"    gt{i} = gthr[{i}] if gthr[{i}] > z else np.float32(-1.0)")
+        if mode != "mean":
+            A(f"    th{i} = thr[{i}]" if mode == "ties" else f"    c{i} = coef[{i}]")
     if dare:
+        A("    pu = np.uint32(p_int)")
         L.extend(K.dare_keys_source(N))
     A("    for col in range(c):")
     A("        bv = ld(base, col)")
