@@ -2,6 +2,7 @@
 the tiny zoo (NaiveMC / DAMC / MMER compose and score MCUB-2)."""
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pandas as pd
@@ -133,6 +134,8 @@ def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
     assert set(pred[pred["benchmark"] == "mcub-2"]["scoring"]) == {"loglik", "generate"}
     for f in ("predictions.csv", "summary.csv", "retention.csv", "paired.csv", "storage.csv", "run.json"):
         assert (tmp_path / "res" / f).is_file()
+    versions = json.loads((tmp_path / "res" / "run.json").read_text())["versions"]
+    assert versions["numpy"] == np.__version__ and "torch" in versions
     st = res["storage"]
     assert len(st) == 1 and st["ratio"].iloc[0] < 1.0
     ret = res["retention"]

@@ -130,12 +130,14 @@ def test_ties_thresholds_are_the_torch_kth_largest(method, params):
 
 @pytest.mark.parametrize("method,params", [c for c in CASES if c[0] in ("ties", "dare_ties") and c[1]["density"] < 1])
 @pytest.mark.parametrize("grid", [False, True])
-@pytest.mark.parametrize("window", ["sampled", "below", "above"])
+@pytest.mark.parametrize("window", ["sampled", "below", "above", "overflow"])
 def test_one_pass_thresholds_equal_two_passes(method, params, grid, window, monkeypatch):
     """The one-pass per-tensor thresholds (a sample predicts a window of bins around each threshold;
-    one pass counts the entries above it and the low bits of those inside) are the two-pass ones,
-    with two threads, on continuous task vectors and on a grid of repeated magnitudes; where the
-    window misses (below or above the threshold), the two passes run and give them."""
+    one pass counts the entries above it and collects the bit patterns of those inside) are the
+    two-pass ones, with two threads, on continuous task vectors and on a grid of repeated
+    magnitudes; where the window misses (below or above the threshold) or holds more entries than
+    the room the sample's expectation gave the candidates (the sampled window, an expectation of 0),
+    the two passes run and give them."""
     base, experts = _inputs(5, (1024, 1040), 3, torch.bfloat16 if grid else torch.float32, 0.2, grid)
     s = MK.merge_settings(method, get_method(method).check_params(params), 3, None)
     keys = dare_keys(tensor_seed(0, "t"), 3)
@@ -144,17 +146,69 @@ def test_one_pass_thresholds_equal_two_passes(method, params, grid, window, monk
         monkeypatch.setattr(TH, "WINDOW_MIN_ENTRIES", 2 ** 40)
         want = TH.tensor_thresholds(s, *views, keys, pool, 2)  # the two passes
         monkeypatch.setattr(TH, "WINDOW_MIN_ENTRIES", 0)
-        if window != "sampled":
+        if window in ("below", "above"):
             first = np.full(3, 0 if window == "below" else 0x7F00, np.int64)
-            monkeypatch.setattr(TH, "_predicted_window", lambda *a: (first, 2))
+            monkeypatch.setattr(TH, "_predicted_window", lambda *a: (first, 2, 0))
+        elif window == "overflow":
+            sampled = TH._predicted_window
+            monkeypatch.setattr(TH, "_predicted_window", lambda *a: (*sampled(*a)[:2], 0))
         two_passes = []
         hist_pass = TH._hist_pass
-        monkeypatch.setattr(TH, "_hist_pass", lambda *a, **kw: two_passes.append(a[7] is not None and not (
-            a[10:] or kw)) or hist_pass(*a, **kw))
+        monkeypatch.setattr(TH, "_hist_pass", lambda *a: two_passes.append(a[7] is not None) or hist_pass(*a))
         got = TH.tensor_thresholds(s, *views, keys, pool, 2)
     assert np.array_equal(got, want) and (want > 0).all()
     if window != "sampled" or not grid:  # continuous task vectors: the sampled window holds the threshold
         assert any(two_passes) == (window != "sampled")
+
+
+@given(st.integers(1, 8), st.integers(1, 3000), st.integers(0, 2 ** 31 - 1), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_kth_candidate_equals_sorting(width, n, seed, few):
+    """The one-pass thresholds' selection among the window's candidates is the rank-th largest by sorting,
+    at every rank, with and without many equal patterns."""
+    rng = np.random.default_rng(seed)
+    lo = int(rng.integers(0, 0x7F00 - width)) << 16
+    span = width << 16
+    values = rng.integers(0, 5, n) * (span // 5) if few else rng.integers(0, span, n)
+    c = (lo + values).astype(np.int32)
+    ordered = np.sort(c)[::-1]
+    low = np.zeros(1 << 16, np.int32)
+    for rank in sorted({1, n, *rng.integers(1, n + 1, 5).tolist()}):
+        assert MK._helpers().kth_candidate(c, lo, width, rank, low) == ordered[rank - 1]
+        assert not low.any()  # left zero for the next call
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_one_pass_thresholds_report_non_finite(method, bad, monkeypatch):
+    """A non-finite task vector entry outside the sample's slices is found by the one-pass window count."""
+    monkeypatch.setattr(TH, "WINDOW_MIN_ENTRIES", 0)
+    base, experts = _inputs(5, (1024, 1040), 3, torch.float32, 0.2, False)
+    experts[1].view(-1)[base.numel() // 8 + 5] = bad  # slice 0 of the sample ends at n / 64
+    s = MK.merge_settings(method, get_method(method).check_params({"density": 0.2}), 3, None)
+    views = MK.kernel_view(base), [MK.kernel_view(e) for e in experts]
+    calls = []
+    window_pass = TH._window_pass
+    monkeypatch.setattr(TH, "_window_pass", lambda *a: calls.append(a) or window_pass(*a))
+    with ThreadPoolExecutor(2) as pool, pytest.raises(FloatingPointError):
+        TH.tensor_thresholds(s, *views, dare_keys(tensor_seed(0, "t"), 3), pool, 2)
+    assert calls  # the sample missed it; the window pass reported it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(37, 129), (64, 8, 3), (5, 1)])
+def test_task_vector_sq_equals_torch(dtype, shape):
+    """The compiled foreign-expert tally (squared norms of theta_0 and of each tau_i over every 8th row,
+    float32 differences, float64 sums in any order) is torch's within 1e-9, with and without a pool."""
+    base, experts = _inputs(3, shape, 3, dtype, 0.1, False)
+    rows = lambda t: t.reshape(t.shape[0], -1)[::8].float()  # noqa: E731
+    want_base = float((rows(base).double() ** 2).sum())
+    want = [float(((rows(e) - rows(base)).double() ** 2).sum()) for e in experts]
+    with ThreadPoolExecutor(2) as pool:
+        for p in (None, pool):
+            got_base, got = MK.task_vector_sq(base, experts, 8, pool=p)
+            assert got_base == pytest.approx(want_base, rel=1e-9)
+            assert got == pytest.approx(want, rel=1e-9)
 
 
 def test_threads_and_long_rows_equal_torch(monkeypatch):

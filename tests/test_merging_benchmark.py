@@ -206,6 +206,7 @@ def test_cache_hit_on_second_call(cap_run, tiny_zoo, cache_dir):
     again = E.capability_merging(tiny_zoo, "full", METHODS, LAMBDAS, device="cpu", cache=cache_dir, progress=False)
     assert again.attrs["cache_misses"] == 0
     assert again.attrs["cache_hits"] > 0
+    assert again.attrs["versions"]["numpy"] == np.__version__  # the evaluating libraries, also in the .json
     cols = ["method", "task", "split", "lambda", "n_correct", "selected"]
     pd.testing.assert_frame_equal(again[cols].reset_index(drop=True), cap_run[cols].reset_index(drop=True))
 

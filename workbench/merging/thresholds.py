@@ -1,11 +1,11 @@
 """TIES thresholds of the compiled CPU merge (:mod:`workbench.merging.kernels`): the generated
-histogram pass over every expert's ``|tau_i|`` and the exact order statistics read from it.
+passes over every expert's ``|tau_i|`` and the exact order statistics read from them.
 
 - per tensor (:func:`tensor_thresholds`): expert i's exact ``k``-th largest ``|tau_i|`` (after DARE's
   drop), ``k = round(density * numel)``, as :func:`workbench.merging.ties_dare._trim_`. On a tensor of
   :data:`WINDOW_MIN_ENTRIES` or more, one pass where a sample (1/16 of the entries) predicts a window of
   at most :data:`WINDOW_BINS` bins (high 16 bits) around each threshold: that pass counts the entries
-  above the window (vectorised) and the low 16 bits of those inside it (a rarely taken branch), which
+  above the window and collects the bit patterns of those inside it (about one in a hundred), which
   gives the ``k``-th largest's bit pattern whenever the window holds it; elsewhere (and on smaller
   tensors) two passes: the high 16 bits of every ``|tau_i|``, then the low 16 bits of the entries in
   the threshold's bin (:func:`workbench.cpu_kernels.kth_from_hist`). Either way the same value: the
@@ -14,9 +14,12 @@ histogram pass over every expert's ``|tau_i|`` and the exact order statistics re
   non-zero ``|tau_i|`` over all merged tensors (as :func:`workbench.engine.global_trim_thresholds`),
   by the two passes over every tensor.
 
-Each pass reads all experts together, threads over column ranges. Memory: the histograms
-(``[N, 2**16]`` int64 and the window's ``[N, WINDOW_BINS * 2**16]`` int32, 7.5 MiB for 3 experts)
-are kept per calling thread and reused from tensor to tensor.
+Each pass reads all experts together, threads over column ranges; DARE's drop is compiled in or out
+(one kernel each). Memory, kept per calling thread and reused from tensor to tensor: the histograms
+(``[N, 2**16]`` int64, 1.5 MiB for 3 experts) and the window pass's candidates (per column range
+and expert a power of two of int32, from the sample's expectation, at most :data:`MAX_CANDIDATES`:
+2 MiB; with every smaller size kept too, at most 4 MiB per range and expert, 24 MiB for 3 experts
+and 2 threads).
 """
 from __future__ import annotations
 
@@ -31,58 +34,72 @@ from .. import cpu_kernels as K
 from ..errors import ConfigError
 from .kernels import MergeSettings, _chunk, _dare_drop_source, _helpers, kernel_view
 
-__all__ = ["WINDOW_MIN_ENTRIES", "WINDOW_BINS", "SAMPLE_SLICES", "tensor_thresholds", "global_trim_thresholds"]
+__all__ = ["WINDOW_MIN_ENTRIES", "WINDOW_BINS", "SAMPLE_SLICES", "MAX_CANDIDATES", "tensor_thresholds", "global_trim_thresholds"]
 
 
-def _hist_source(N: int, helpers: str) -> str:
-    """Source of ``hists(m_0 .. m_{N-1}, base, pos0, dare, keys, p_int, keep, skip_zeros, low, hbins, hist,
-    window) -> bool``: the histograms of every expert's ``|x_i|`` in one pass over the inputs, ``x_i = m_i - base``
-    (DARE-dropped, ``x_i * keep_draw_i / keep``, when ``dare``; ``pos0`` the position of entry 0):
-    ``hist[i, bits >> 16] += 1``, or when ``low``, ``hist[i, bits & 0xFFFF] += 1`` for the entries
-    with ``bits >> 16 == hbins[i]`` (none when ``hbins[i] < 0``); exact zeros left out when
-    ``skip_zeros``. With ``window`` (``[N, W << 16]`` int32, ``W > 0``, not with ``low`` nor
-    ``skip_zeros``) instead: the low 16 bits of the entries whose high bits ``h`` lie in ``hbins[i] <= h
-    < hbins[i] + W``, ``window[i, (h - hbins[i]) << 16 | bits & 0xFFFF] += 1`` (an index monotone in
-    the value), and the number of entries above them in ``hist[i, 0]``. Returns whether every ``x_i`` is finite (when
-    not, the histograms are incomplete). Block by block: the vectorised ``|x_i|`` bits into a small
-    buffer, then the scatter."""
-    r = range(N)
-    L: list[str] = []
-    A = L.append
-    A("import numpy as np")
-    A("from numba import njit")
-    A(f"from {helpers} import ld, f32_to_bits")
-    A("")
-    A("@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')")
-    A("def hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, dare, keys, p_int, keep, skip_zeros, low, "
-      "hbins, hist, window):")
-    A("    width = window.shape[1] >> 16")
-    A("    uwidth = np.uint64(width)")
-    A(f"    buf = np.empty(({N}, 4096), np.int32)")
-    A("    n = base.shape[0]")
-    A("    pu = np.uint32(p_int)")
-    A("    top = np.int32(0)  # int32 throughout: an int64 max would not vectorise")
-    L.extend(K.dare_keys_source(N))
-    A("    for s in range(0, n, 4096):")
-    A("        e = min(n, s + 4096)")
-    # slices indexed from 0, not s + j: numba cannot prove s + j >= 0 and would not vectorise
-    A("        bb = base[s:e]")
-    for i in r:
-        A(f"        y{i} = m{i}[s:e]; r{i} = buf[{i}]")
-    A("        for j in range(e - s):")
-    A("            bv = ld(bb, j)")
-    for i in r:
-        A(f"            x{i} = ld(y{i}, j) - bv")
-    A("            if dare:")
-    A("                pp = np.uint32(pos0 + s + j)")
-    L.extend(_dare_drop_source(N, " " * 16))
-    for i in r:
-        A(f"            a{i} = f32_to_bits(x{i}) & 0x7FFFFFFF")
-        A(f"            r{i}[j] = a{i}")
+def _abs_bits_source(N: int, dare: bool, indent: str, with_top: bool = True) -> list[str]:
+    """Generated-kernel source lines that set ``a<i>``, the int32 bits of ``|x_i|`` at entry ``j`` of the
+    block (``bb``, ``y<i>``: the block's slices; ``pb``: the block's first position, for DARE), and
+    with ``with_top`` ``top`` to the largest of them (the block's finite check)."""
+    L = [f"{indent}bv = ld(bb, j)"]
+    L += [f"{indent}x{i} = ld(y{i}, j) - bv" for i in range(N)]
+    if dare:
+        L.append(f"{indent}pp = pb + np.uint32(j)")
+        L.extend(_dare_drop_source(N, indent, rescale=False))
+    L += [f"{indent}a{i} = f32_to_bits(x{i}) & np.int32(0x7FFFFFFF)" for i in range(N)]
+    if not with_top:
+        return L
     top = "a0"
     for i in range(1, N):
         top = f"max({top}, a{i})"
-    A(f"            top = max(top, {top})")
+    L.append(f"{indent}top = max(top, {top})")
+    return L
+
+
+def _block_head_source(N: int, dare: bool, with_top: bool = True) -> list[str]:
+    """The lines both generated passes start with: the DARE keys, the block loop and its slices."""
+    L = ["    n = base.shape[0]",
+         "    pu = np.int32(p_int)"]
+    if with_top:
+        L.append("    top = np.int32(0)")
+    if dare:
+        L.extend(K.dare_keys_source(N))
+    L += ["    for s in range(0, n, 4096):",
+          "        e = min(n, s + 4096)",
+          "        pb = np.uint32(pos0 + s)",
+          # slices indexed from 0, not s + j: numba cannot prove s + j >= 0 and would not vectorise
+          "        bb = base[s:e]"]
+    L += [f"        y{i} = m{i}[s:e]" for i in range(N)]
+    return L
+
+
+def _hist_source(N: int, dare: bool, helpers: str) -> str:
+    """Source of ``hists(m_0 .. m_{N-1}, base, pos0, keys, p_int, keep, skip_zeros, low, hbins, hist) -> bool``:
+    the histograms of every expert's ``|x_i|`` in one pass over the inputs, ``x_i = m_i - base``
+    (DARE-dropped, ``x_i * keep_draw_i`` without the rescale, when ``dare``: :func:`_rescaled`; ``pos0``
+    the position of entry 0):
+    ``hist[i, bits >> 16] += 1``, or when ``low``, ``hist[i, bits & 0xFFFF] += 1`` for the entries
+    with ``bits >> 16 == hbins[i]`` (none when ``hbins[i] < 0``); exact zeros left out when
+    ``skip_zeros``. Returns whether every ``x_i`` is finite (when not, the histograms are
+    incomplete). Block by block: the vectorised ``|x_i|`` bits into a small buffer, then the scatter."""
+    r = range(N)
+    L: list[str] = ["import numpy as np", "from numba import njit", f"from {helpers} import ld, f32_to_bits", "",
+                    "@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')",
+                    "def hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, keys, p_int, keep, skip_zeros, low, "
+                    "hbins, hist):",
+                    f"    buf = np.empty(({N}, 4096), np.int32)"]
+    A = L.append
+    L.extend(_block_head_source(N, dare))
+    for i in r:
+        A(f"        r{i} = buf[{i}]")
+    A("        for j in range(e - s):  # vectorised")
+    L.extend(_abs_bits_source(N, dare, " " * 12, with_top=False))
+    for i in r:
+        A(f"            r{i}[j] = a{i}")
+    A(f"        for i in range({N}):  # the finite check: a max reduction of its own (vectorised)")
+    A("            ri = buf[i, :e - s]")
+    A("            for j in range(ri.shape[0]):")
+    A("                top = max(top, ri[j])")
     A("        if top >= 0x7F800000:")
     A("            return False")
     A(f"        for i in range({N}):")
@@ -94,18 +111,6 @@ def _hist_source(N: int, helpers: str) -> str:
     A("                    a = ri[j]")
     A("                    if (a >> 16) == hb and (a != 0 or not skip_zeros):")
     A("                        hi[a & 0xFFFF] += 1")
-    A("            elif width > 0:  # no high histogram: the count above the window, the window's low bits")
-    A("                upper = np.int32(min(hb + width, 0x7F80) << 16)  # the Inf pattern: every finite bits below")
-    A("                above = 0")
-    A("                for j in range(ri.shape[0]):  # vectorised")
-    A("                    above += ri[j] >= upper")
-    A("                hi[0] += above")
-    A("                wi = window[i]")
-    A("                for j in range(ri.shape[0]):")
-    A("                    a = ri[j]")
-    A("                    d = np.uint64((a >> 16) - hb)")
-    A("                    if d < uwidth:  # one compare, rarely true: no mispredicted branch")
-    A("                        wi[(d << 16) | np.uint64(a & 0xFFFF)] += 1")
     A("            elif skip_zeros:")
     A("                for j in range(ri.shape[0]):")
     A("                    if ri[j] != 0:")
@@ -117,97 +122,194 @@ def _hist_source(N: int, helpers: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def _window_source(N: int, dare: bool, helpers: str) -> str:
+    """Source of ``window_hists(m_0 .. m_{N-1}, base, pos0, keys, p_int, keep, first, width, above, found,
+    cands) -> bool``: the one-pass threshold count of :func:`tensor_thresholds`. For each expert, of the
+    bits ``a`` of ``|x_i|`` (as :func:`_hist_source`), ``above[i] +=`` the number with ``a >= up_i``,
+    and those with ``lo_i <= a < up_i`` are counted in ``found[i]`` and appended to ``cands[i]`` while
+    it has room (``found[i] > cands.shape[1]`` afterwards: it overflowed), where ``lo_i = first[i] << 16``
+    and ``up_i = min(first[i] + width, 0x7F80) << 16`` (bins ``first[i] .. first[i] + width - 1`` of
+    the high 16 bits). Returns whether every ``x_i`` is finite.
+
+    Block by block, three loops that LLVM vectorises (one that also kept the counts or the finite
+    check as running reductions would not be): the bits of every ``|x_i|`` into a buffer and a
+    flag byte per entry, set where some expert's entry is in its window or not finite; then each
+    expert's count above (an int32 reduction over its buffer row); then the candidates, read eight
+    flag bytes at a time (one uint64): only the entries of the few non-zero words are looked at (the
+    windows hold about one entry in a hundred)."""
+    r = range(N)
+    L: list[str] = ["import numpy as np", "from numba import njit", f"from {helpers} import ld, f32_to_bits", "",
+                    "@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')",
+                    "def window_hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, keys, p_int, keep, first, "
+                    "width, above, found, cands):",
+                    f"    buf = np.empty(({N}, 4096), np.int32)",
+                    "    flags = np.zeros(4096, np.uint8)",
+                    "    words = flags.view(np.uint64)",
+                    "    inf = np.int32(0x7F800000)",
+                    "    last = cands.shape[1] - 1  # past it, a candidate is counted, not kept"]
+    A = L.append
+    for i in r:
+        A(f"    lo{i} = np.int32(first[{i}] << 16)")
+        A(f"    up{i} = np.int32(min(first[{i}] + width, 0x7F80) << 16)  # at most the Inf pattern")
+        A(f"    c{i} = cands[{i}]")
+        A(f"    f{i} = found[{i}]")
+    L.extend(_block_head_source(N, dare, with_top=False))
+    for i in r:
+        A(f"        r{i} = buf[{i}]")
+    A("        for j in range(e - s):")
+    L.extend(_abs_bits_source(N, dare, " " * 12, with_top=False))
+    for i in r:
+        A(f"            r{i}[j] = a{i}")
+    A("            flags[j] = np.uint8(" + " | ".join(f"((a{i} >= lo{i}) & (a{i} < up{i}))" for i in r) + " | ("
+      + " | ".join(f"(a{i} >= inf)" for i in r) + "))")
+    for i in r:
+        A("        ab = np.int32(0)")
+        A("        for j in range(e - s):")
+        A(f"            ab = np.int32(ab + np.int32(r{i}[j] >= up{i}))")
+        A(f"        above[{i}] += ab")
+    A("        for j in range(e - s, 4096):  # the last block's tail")
+    A("            flags[j] = 0")
+    A("        bad = False")
+    A("        for w in range((e - s + 7) >> 3):")
+    A("            if words[w] != 0:  # branch-free inside: append every entry, advance past those in the window")
+    A("                for j in range(8 * w, 8 * w + 8):")
+    for i in r:
+        A(f"                    a = r{i}[j]")
+        A("                    bad = bad | (a >= inf)")
+        A(f"                    c{i}[min(f{i}, last)] = a")
+        A(f"                    f{i} += (a >= lo{i}) & (a < up{i})")
+    A("        if bad:")
+    A("            return False")
+    for i in r:
+        A(f"    found[{i}] = f{i}")
+    A("    return True")
+    return "\n".join(L) + "\n"
+
+
 @functools.lru_cache(maxsize=None)
-def _hist_kernel(N: int):
+def _hist_kernel(N: int, dare: bool):
     if not 1 <= N <= K.MAX_KERNEL_EXPERTS:
         raise ValueError(f"the compiled merge handles 1..{K.MAX_KERNEL_EXPERTS} experts, got {N}")
-    return K._load_module(f"merge_hist_n{N}", _hist_source(N, _helpers().__name__)).hists
+    stem = f"merge_hist_n{N}" + ("_dare" if dare else "")
+    return K._load_module(stem, _hist_source(N, dare, _helpers().__name__)).hists
+
+
+@functools.lru_cache(maxsize=None)
+def _window_kernel(N: int, dare: bool):
+    if not 1 <= N <= K.MAX_KERNEL_EXPERTS:
+        raise ValueError(f"the compiled merge handles 1..{K.MAX_KERNEL_EXPERTS} experts, got {N}")
+    stem = f"merge_window_n{N}" + ("_dare" if dare else "")
+    return K._load_module(stem, _window_source(N, dare, _helpers().__name__)).window_hists
 
 
 _HIST_BUFFERS = threading.local()
 #: tensors of at least this many entries get their per-tensor TIES thresholds in one pass where a
 #: sample predicts the threshold's bin (:func:`tensor_thresholds`); smaller ones take the two passes
 WINDOW_MIN_ENTRIES = 1 << 18
-#: at most this many bins around the sample's prediction have their low 16 bits counted in the
-#: first pass (``[N, WINDOW_BINS << 16]`` int32 per thread)
+#: the window around the sample's prediction spans at most this many bins (of the high 16 bits)
 WINDOW_BINS = 8
 #: the sample: this many slices of 1/64 of the tensor each (1/16 of its entries)
 SAMPLE_SLICES = 4
+#: at most this many candidates (bit patterns of the entries in the window) per expert and thread,
+#: int32: 2 MiB each; a tensor whose sample expects more (1.5 times a thread's share) takes the two passes
+MAX_CANDIDATES = 1 << 19
 
 
-def _hist_buffers(count: int, N: int, bins: int, dtype=np.int64) -> list[np.ndarray]:
-    """``count`` zeroed ``[N, bins]`` histograms, kept per thread and reused from tensor to
-    tensor (fresh ones cost a page fault per 4 KiB on every tensor); valid until the next call
-    with the same ``(N, bins, dtype)``."""
+def _hist_buffers(count: int, N: int, bins: int, dtype=np.int64, zero: bool = True) -> list[np.ndarray]:
+    """``count`` zeroed (with ``zero``) ``[N, bins]`` histograms, kept per thread and reused from
+    tensor to tensor (fresh ones cost a page fault per 4 KiB on every tensor); valid until the next
+    call with the same ``(N, bins, dtype)``."""
     cache = _HIST_BUFFERS.__dict__.setdefault("by_shape", {})
     bufs = cache.setdefault((N, bins, np.dtype(dtype).str), [])
     while len(bufs) < count:
         bufs.append(np.zeros((N, bins), dtype))
-    for h in bufs[:count]:
-        h.fill(0)
+    if zero:
+        for h in bufs[:count]:
+            h.fill(0)
     return bufs[:count]
 
 
 def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, skip_zeros: bool,
-               hbins: np.ndarray | None, pool, workers: int, window: int = 0):
+               hbins: np.ndarray | None, pool, workers: int):
     """Every expert's histogram of ``|tau_i|`` in one pass over a tensor (the generated ``hists``:
     high 16 bits, ``[N, 2**15]``, or with ``hbins`` the low 16 bits of bin ``hbins[i]``'s entries,
-    ``[N, 2**16]``), threads over column ranges; ``None`` when a ``tau_i`` is not finite. With
-    ``window`` (a width ``W``; ``hbins`` its first bins): ``(above, lows)``, ``above [N]`` the
-    number of entries above bin ``hbins[i] + W - 1`` and ``lows [N, W << 16]`` the low 16 bits of
-    those in bins ``hbins[i] .. hbins[i] + W - 1``, int32 (a range of fewer than ``2**31``
-    entries: every tensor the caller passes)."""
+    ``[N, 2**16]``), threads over column ranges; ``None`` when a ``tau_i`` is not finite."""
     N = len(mains)
-    low = hbins is not None and not window
-    bins = np.asarray(hbins, np.int64) if hbins is not None else np.zeros(N, np.int64)
+    low = hbins is not None
+    bins = np.asarray(hbins, np.int64) if low else np.zeros(N, np.int64)
     ranges = K.column_ranges(int(b.shape[0]), pool, workers)
-    hs = _hist_buffers(len(ranges), N, 1 if window else 1 << (16 if low else 15))
-    ws = _hist_buffers(len(ranges), N, window << 16, np.int32)
-    hist = _hist_kernel(N)
+    hs = _hist_buffers(len(ranges), N, 1 << (16 if low else 15))
+    hist = _hist_kernel(N, bool(dare))
     ok = K.run_ranges(pool, lambda j, lo, ln: hist(
-        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, dare, keys, p_int, keep, skip_zeros, low, bins, hs[j],
-        ws[j]), ranges)
-    if not all(ok):
-        return None
-    for h, w in zip(hs[1:], ws[1:]):
-        hs[0] += h
-        ws[0] += w
-    return (hs[0][:, 0], ws[0]) if window else hs[0]
-
-
-def _predicted_window(b, mains: list, args: tuple, k: int, pool) -> tuple[np.ndarray, int] | None:
-    """``(first, width)``: bins ``first[i] .. first[i] + width - 1`` (high 16 bits) that should hold
-    expert i's ``k``-th largest ``|tau_i|``: from a sample of :data:`SAMPLE_SLICES` slices spread
-    over the tensor (1/16 of its entries), the bins of the ranks ``k`` scaled to the sample, plus
-    and minus four standard deviations of a sampled rank; ``width`` a power of two, at most
-    :data:`WINDOW_BINS` (around the scaled rank's bin where more would be needed). ``None``
-    when a sampled ``tau_i`` is not finite."""
-    n = int(b.shape[0])
-    N = len(mains)
-    size = n // (16 * SAMPLE_SLICES)
-    slices = [(j * n // SAMPLE_SLICES, size) for j in range(SAMPLE_SLICES)]
-    hs = _hist_buffers(len(slices), N, 1 << 15)
-    no_window = np.zeros((N, 0), np.int32)
-    hist = _hist_kernel(N)
-    ok = K.run_ranges(pool, lambda j, lo, ln: hist(
-        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, *args, False, np.zeros(N, np.int64), hs[j], no_window),
-        slices)
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, keys, p_int, keep, skip_zeros, low, bins, hs[j]), ranges)
     if not all(ok):
         return None
     for h in hs[1:]:
         hs[0] += h
+    return hs[0]
+
+
+def _window_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, first: np.ndarray, width: int,
+                 room: int, pool, workers: int) -> tuple[np.ndarray, list[np.ndarray] | None] | None:
+    """``(above, candidates)`` in one pass over a tensor (the generated ``window_hists``, threads over
+    column ranges): ``above [N]`` the number of entries above bin ``first[i] + width - 1`` and
+    ``candidates[i]`` the bit patterns (int32) of expert i's entries in bins ``first[i] .. first[i] +
+    width - 1``, or ``None`` for all when a thread found more than ``room`` for an expert; ``None``
+    when a ``tau_i`` is not finite."""
+    N = len(mains)
+    ranges = K.column_ranges(int(b.shape[0]), pool, workers)
+    counts = _hist_buffers(len(ranges), 2, N)  # [above, found] per thread
+    cands = _hist_buffers(len(ranges), N, room, np.int32, zero=False)
+    firsts = np.asarray(first, np.int64)
+    count = _window_kernel(N, bool(dare))
+    ok = K.run_ranges(pool, lambda j, lo, ln: count(
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, keys, p_int, keep, firsts, width, counts[j][0],
+        counts[j][1], cands[j]), ranges)
+    if not all(ok):
+        return None
+    above = sum(c[0] for c in counts)
+    if any((c[1] > room).any() for c in counts):
+        return above, None
+    return above, [np.concatenate([c[i, :n[1][i]] for c, n in zip(cands, counts)]) for i in range(N)]
+
+
+def _predicted_window(b, mains: list, args: tuple, k: int, pool) -> tuple[np.ndarray, int, int] | None:
+    """``(first, width, expected)``: bins ``first[i] .. first[i] + width - 1`` (high 16 bits) that
+    should hold expert i's ``k``-th largest ``|tau_i|``, and the largest number of an expert's entries
+    the sample puts in them, scaled to the tensor: from a sample of :data:`SAMPLE_SLICES` slices
+    spread over the tensor (1/16 of its entries), the bins of the ranks ``k`` scaled to the sample,
+    plus and minus four standard deviations of a sampled rank; ``width`` the bins between them (the
+    same for every expert), at most :data:`WINDOW_BINS` (around the scaled rank's bin where more would
+    be needed). ``None`` when a
+    sampled ``tau_i`` is not finite."""
+    n = int(b.shape[0])
+    N = len(mains)
+    size = n // (16 * SAMPLE_SLICES)
+    slices = [(j * n // SAMPLE_SLICES, size) for j in range(SAMPLE_SLICES)]
+    hs = _hist_buffers(len(slices), N, 1 << 15, np.int32)
+    dare, keys, p_int, keep = args
+    hist = _hist_kernel(N, bool(dare))
+    ok = K.run_ranges(pool, lambda j, lo, ln: hist(
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, keys, p_int, keep, False, False, np.zeros(N, np.int64),
+        hs[j]), slices)
+    if not all(ok):
+        return None
+    sample = hs[0]  # int32: a sample of fewer than 2**31 entries
+    for h in hs[1:]:
+        sample += h
     m = size * SAMPLE_SLICES
     rank = k * m / n
     spread = 4 * math.sqrt(m * (k / n) * (1 - k / n)) + 1
     lo_rank, hi_rank = max(1, math.floor(rank - spread)), min(m, math.ceil(rank + spread))
-    top = np.array([K.kth_bin(h, lo_rank) for h in hs[0]], np.int64)  # bins of larger values: higher
-    bottom = np.array([K.kth_bin(h, hi_rank) for h in hs[0]], np.int64)
-    width = 1 << max(0, int(np.max(top - bottom))).bit_length()
+    top = np.array([K.kth_bin(h, lo_rank) for h in sample], np.int64)  # bins of larger values: higher
+    first = np.array([K.kth_bin(h, hi_rank) for h in sample], np.int64)
+    width = int(np.max(top - first)) + 1
     if width > WINDOW_BINS:
         width = WINDOW_BINS
-        mid = np.array([K.kth_bin(h, max(1, round(rank))) for h in hs[0]], np.int64)
-        return np.maximum(mid - width // 2, 0), width
-    return bottom, width
+        mid = np.array([K.kth_bin(h, max(1, round(rank))) for h in sample], np.int64)
+        first = np.maximum(mid - width // 2, 0)
+    inside = max(int(h[f:f + width].sum()) for h, f in zip(sample, first))
+    return first, width, math.ceil(inside * n / m)
 
 
 def tensor_thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, pool, workers: int) -> np.ndarray:
@@ -216,9 +318,10 @@ def tensor_thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, poo
     passes over the tensor for all experts together (high, then low 16 bits); on tensors of
     :data:`WINDOW_MIN_ENTRIES` or more, one pass where it can: a sample (1/16 of the entries)
     predicts a window of at most :data:`WINDOW_BINS` bins around each threshold, and one pass
-    counts the entries above the window and the low 16 bits of those inside it, which holds the
-    ``k``-th largest when fewer than ``k`` are above and at least ``k`` are above or inside (the
-    same value, read from the same bit patterns); the two passes run where it does not."""
+    counts the entries above the window and collects the bit patterns of those inside it (at most
+    :data:`MAX_CANDIDATES` per expert and thread), which hold the ``k``-th largest when fewer than
+    ``k`` are above and at least ``k`` are above or inside: the same bit pattern, selected from the
+    candidates (:func:`kth_candidate` of the kernels' helpers); the two passes run where it does not."""
     n = int(base.shape[0])
     N = len(mains)
     thr = np.zeros(N, np.float32)
@@ -229,29 +332,43 @@ def tensor_thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, poo
         # a float32 copy of the rows (only for float16 / float64 checkpoints)
         base = _chunk(base, 0, n, np.empty(n, np.float32))
         mains = [_chunk(m, 0, n, np.empty(n, np.float32)) for m in mains]
-    args = (s.dare, keys, s.p_int, s.keep, False)
+    args = (s.dare, keys, s.p_int, s.keep)
     predicted = _predicted_window(base, mains, args, k, pool) \
         if max(WINDOW_MIN_ENTRIES, 64 * SAMPLE_SLICES) <= n < 2 ** 31 else None
-    if predicted is not None:
-        first, width = predicted
-        above, window = _hist_pass(base, mains, *args, first, pool, workers, width) or (None, None)
+    # room for the candidates: per thread 1.5 times its share of the expected number, a power of two
+    share = 1.5 * predicted[2] / len(K.column_ranges(n, pool, workers)) + 4096 if predicted is not None else 0
+    if predicted is not None and share <= MAX_CANDIDATES:
+        first, width, _ = predicted
+        room = 1 << (math.ceil(share) - 1).bit_length()
+        above, cands = _window_pass(base, mains, *args, first, width, min(room, MAX_CANDIDATES), pool, workers) \
+            or (None, None)
         if above is None:
             raise FloatingPointError
         rank = k - above  # of the k-th largest among the window's entries, from the top
-        # the window's index of each: -1 where the window holds fewer than rank entries (it is below)
-        found = [K.kth_bin(window[i], int(rank[i])) if rank[i] >= 1 else -1 for i in range(N)]
-        if min(found) >= 0:
-            patterns = (first << 16) + np.array(found, np.int64)
-            thr[:] = patterns.astype(np.int32).view(np.float32)
-            return np.where(thr > 0, thr, np.float32(0.0))
-    high = _hist_pass(base, mains, *args, None, pool, workers)
+        if cands is not None and all(1 <= rank[i] <= len(cands[i]) for i in range(N)):
+            low = _hist_buffers(1, 1, 1 << 16, np.int32, zero=False)[0][0]  # zero: kth_candidate leaves it so
+            patterns = [_helpers().kth_candidate(cands[i], int(first[i]) << 16, width, int(rank[i]), low)
+                        for i in range(N)]
+            thr[:] = np.array(patterns, np.int32).view(np.float32)
+            return _rescaled(s, np.where(thr > 0, thr, np.float32(0.0)))
+    high = _hist_pass(base, mains, *args, False, None, pool, workers)
     if high is None:
         raise FloatingPointError
-    lows = _hist_pass(base, mains, *args, np.array([K.kth_bin(h, k) for h in high]), pool, workers)
+    lows = _hist_pass(base, mains, *args, False, np.array([K.kth_bin(h, k) for h in high]), pool, workers)
     for i in range(N):
         t = K.kth_from_hist(high[i], k, lambda b, i=i: lows[i])
         thr[i] = t if t > 0 else 0.0
-    return thr
+    return _rescaled(s, thr)
+
+
+def _rescaled(s: MergeSettings, thr: np.ndarray) -> np.ndarray:
+    """DARE-TIES: the passes count ``|x_i * keep_mask|`` without the rescale (three divisions per entry
+    saved); ``v -> v / keep`` rounded (float32, as the fused pass and torch divide) never decreases, so
+    the ``k``-th largest of the rescaled magnitudes is the ``k``-th largest of these, divided."""
+    if not s.dare:
+        return thr
+    with np.errstate(over="ignore"):  # an Inf threshold: the fused pass then reports the Inf entries
+        return (thr / s.keep).astype(np.float32)
 
 
 def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: float, *, pool=None,

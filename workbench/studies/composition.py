@@ -24,7 +24,7 @@ Tables written to ``out`` (default ``data/results/<preset>/``):
 - ``paired.csv`` - exact McNemar tests between compositions on the same items (pooled over seeds);
 - ``storage.csv`` - MMER's τ* + packed masks on disk vs the N experts' LLMs;
 - ``search/*.csv`` - the DAMC λ grid and the MMER (λ, α) grid of every composition;
-- ``run.json`` - settings, what was skipped, seconds.
+- ``run.json`` - settings, what was skipped, seconds, the libraries' versions.
 
 Predictions are cached under ``out/cache/`` (:mod:`workbench.studies.cache`) by a hash of their inputs
 (the zoo's model hashes, the composition settings, the records, the scoring) and of the code that
@@ -45,6 +45,7 @@ import torch
 from ..evaluate import CachedInputs, predict, scorer_key, shared_prefix_enabled
 from ..paths import repo_relative, results_dir
 from ..statistics import accuracy_intervals, mcnemar_exact
+from ..world.scheduler import library_versions
 from . import search as S
 from .cache import CACHE_VERSION, cached, records_digest
 from .sweep import CellStore
@@ -448,7 +449,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
            "expert_kind": expert_kind, "search": search, "max_items": max_items, "evaluated": n_eval,
            "cached": n_cached, "skipped": skipped, "notes": notes, "seconds": round(time.time() - t0, 1),
            "shared_prefix": shared_prefix_enabled(),
-           "results_version": CACHE_VERSION}
+           "results_version": CACHE_VERSION, "versions": library_versions()}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
     return {"predictions": pred, "summary": summary, "retention": retention, "paired": paired,
             "storage": storage_df, "run": run}

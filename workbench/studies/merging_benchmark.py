@@ -70,6 +70,7 @@ import pandas as pd
 from ..paths import repo_relative
 from ..io.writer import atomic_write
 from ..world import Zoo
+from ..world.scheduler import library_versions
 from .protocol import Evaluator, quiet_loading, reference_rows, split_records
 
 #: The merge methods of the benchmark tables, in the paper's row order (Iso-CTS is extra).
@@ -364,6 +365,10 @@ def _quiet(fn):
 
 
 def _finish(rows: list[dict], attrs: Mapping, out: Path | None, filename: str) -> pd.DataFrame:
+    """The rows as a frame whose ``attrs`` are ``attrs`` plus the evaluating libraries' ``versions``
+    (:func:`workbench.world.scheduler.library_versions`; the zoo's own are in its ``zoo.json``),
+    written to ``out / filename`` and its ``.json`` beside it."""
+    attrs = {**attrs, "versions": library_versions()}
     df = pd.DataFrame(rows, columns=ROW_COLUMNS)
     df.attrs.update(attrs)
     if out is not None:
