@@ -90,3 +90,19 @@ def test_with_delta_and_gradient_and_cosine():
     assert not lin.weight.requires_grad  # restored
     assert dict_cosine(g, g) == pytest.approx(1.0)
     assert dict_cosine(g, {k: -v for k, v in g.items()}) == pytest.approx(-1.0)
+
+
+def test_pair_cosines_closed_form():
+    """g(m, t) = v_t + w_m with orthonormal v's and w's: cosine 1/2 for the same task in two modalities or two
+    tasks in one modality, 0 for different both; one row per unordered pair."""
+    from workbench.analysis.shared import pair_cosines
+
+    basis = torch.eye(7, dtype=torch.float64)
+    v = {"present": basis[0], "count": basis[1], "first": basis[2]}
+    w = {"image": basis[3], "audio": basis[4], "video": basis[5]}
+    vectors = {(m, t): {"x": (v[t] + w[m]).reshape(1, 7), "y": torch.zeros(2)} for m in w for t in v}
+    df = pair_cosines(vectors)
+    assert len(df) == 9 * 8 // 2
+    by = df.groupby(["same_modality", "same_task"])["cosine"]
+    assert by.min().to_dict() == pytest.approx(by.max().to_dict())  # every pair of a kind alike
+    assert by.mean().to_dict() == pytest.approx({(False, False): 0.0, (False, True): 0.5, (True, False): 0.5})

@@ -8,8 +8,9 @@ the mean of the shared parts alone). :func:`mean_direction_split` returns the pe
 share of the task vectors' squared norm along ``u_t``, the mean pairwise cosine) and the parts, to
 be applied to ``theta_0`` (:func:`with_delta`) and evaluated; :func:`loss_gradient` and
 :func:`dict_cosine` compare the directions with the first steps of training (the negative loss
-gradient at ``theta_0`` on a task's batches). Used by notebook 08 (issue #19: why the modality
-experts' task vectors have cosine ~0.25 in every layer).
+gradient at ``theta_0`` on a task's batches), :func:`pair_cosines` does so for every pair of
+(modality, task type) gradients. Used by notebook 08 (issue #19: why the modality experts' task
+vectors have cosine ~0.25 in every layer).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from .interference import parse_name
 #: task vectors that cancel)
 MEAN_TOL = 1e-6
 
-__all__ = ["MEAN_TOL", "SharedSplit", "mean_direction_split", "with_delta", "loss_gradient", "dict_cosine"]
+__all__ = ["MEAN_TOL", "SharedSplit", "mean_direction_split", "with_delta", "loss_gradient", "dict_cosine",
+           "pair_cosines"]
 
 
 @dataclass
@@ -139,3 +141,17 @@ def dict_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) ->
     na = sum(float((a[t].double() ** 2).sum()) for t in names)
     nb = sum(float((b[t].double() ** 2).sum()) for t in names)
     return dot / float(np.sqrt(na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def pair_cosines(vectors: Mapping[tuple[str, str], Mapping[str, torch.Tensor]]) -> pd.DataFrame:
+    """:func:`dict_cosine` of every pair of ``vectors`` keyed ``(modality, task)`` (e.g. the first-step
+    gradients of each modality's own-task types): one row per pair, ``modality_a, task_a, modality_b,
+    task_b, same_modality, same_task, cosine``. Grouped by ``(same_modality, same_task)`` it says
+    whether the directions follow the task type across modalities or the modality across task types."""
+    keys = list(vectors)
+    rows = [{"modality_a": a[0], "task_a": a[1], "modality_b": b[0], "task_b": b[1],
+             "same_modality": a[0] == b[0], "same_task": a[1] == b[1],
+             "cosine": dict_cosine(vectors[a], vectors[b])}
+            for i, a in enumerate(keys) for b in keys[i + 1:]]
+    return pd.DataFrame(rows, columns=["modality_a", "task_a", "modality_b", "task_b", "same_modality", "same_task",
+                                       "cosine"])
