@@ -178,6 +178,27 @@ def test_kth_candidate_equals_sorting(width, n, seed, few):
         assert not low.any()  # left zero for the next call
 
 
+@pytest.mark.parametrize("n_experts", [1, 3])
+def test_one_pass_thresholds_ignore_stale_buffers(n_experts, monkeypatch):
+    """The window's selection starts from zero counts whatever the other passes left in their per-thread
+    buffers (one expert's candidate buffer of 2**16 entries has the shape of those counts): every cached
+    buffer filled with garbage first, the thresholds are still torch's k-th largest."""
+    monkeypatch.setattr(TH, "WINDOW_MIN_ENTRIES", 0)
+    base, experts = _inputs(7, (1024, 1040), n_experts, torch.float32, 0.2, False)
+    s = MK.merge_settings("ties", get_method("ties").check_params({"density": 0.2}), n_experts, None)
+    views = MK.kernel_view(base), [MK.kernel_view(e) for e in experts]
+    keys = dare_keys(tensor_seed(0, "t"), n_experts)
+    TH.tensor_thresholds(s, *views, keys, None, 1)  # creates the buffers of this size
+    for bufs in TH._HIST_BUFFERS.__dict__.get("by_shape", {}).values():
+        for b in bufs:
+            b.fill(3)
+    TH._hist_buffers(1, 1, 1 << 16, np.int32, zero=False)[0].fill(3)
+    got = TH.tensor_thresholds(s, *views, keys, None, 1)
+    n = base.numel()
+    want = [kth_largest((e.float() - base.float()).abs().reshape(-1), round(0.2 * n)) for e in experts]
+    assert got.tolist() == want
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_one_pass_thresholds_report_non_finite(method, bad, monkeypatch):

@@ -229,6 +229,16 @@ def _hist_buffers(count: int, N: int, bins: int, dtype=np.int64, zero: bool = Tr
     return bufs[:count]
 
 
+def _low_counts() -> np.ndarray:
+    """:func:`kth_candidate`'s ``2**16`` int32 counts, one array per thread of its own (never a
+    :func:`_hist_buffers` array, which another pass may have filled): zero when made, and
+    ``kth_candidate`` leaves them zero."""
+    low = getattr(_HIST_BUFFERS, "low_counts", None)
+    if low is None:
+        low = _HIST_BUFFERS.low_counts = np.zeros(1 << 16, np.int32)
+    return low
+
+
 def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, skip_zeros: bool,
                hbins: np.ndarray | None, pool, workers: int):
     """Every expert's histogram of ``|tau_i|`` in one pass over a tensor (the generated ``hists``:
@@ -346,7 +356,7 @@ def tensor_thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, poo
             raise FloatingPointError
         rank = k - above  # of the k-th largest among the window's entries, from the top
         if cands is not None and all(1 <= rank[i] <= len(cands[i]) for i in range(N)):
-            low = _hist_buffers(1, 1, 1 << 16, np.int32, zero=False)[0][0]  # zero: kth_candidate leaves it so
+            low = _low_counts()
             patterns = [_helpers().kth_candidate(cands[i], int(first[i]) << 16, width, int(rank[i]), low)
                         for i in range(N)]
             thr[:] = np.array(patterns, np.int32).view(np.float32)
