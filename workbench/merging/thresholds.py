@@ -37,22 +37,26 @@ from .kernels import MergeSettings, _chunk, _dare_drop_source, _helpers, kernel_
 __all__ = ["WINDOW_MIN_ENTRIES", "WINDOW_BINS", "SAMPLE_SLICES", "MAX_CANDIDATES", "tensor_thresholds", "global_trim_thresholds"]
 
 
-def _abs_bits_source(N: int, dare: bool, indent: str, with_top: bool = True) -> list[str]:
+def _abs_bits_source(N: int, dare: bool, indent: str) -> list[str]:
     """Generated-kernel source lines that set ``a<i>``, the int32 bits of ``|x_i|`` at entry ``j`` of the
-    block (``bb``, ``y<i>``: the block's slices; ``pb``: the block's first position, for DARE), and
-    with ``with_top`` ``top`` to the largest of them (the block's finite check)."""
+    block (``bb``, ``y<i>``: the block's slices; ``pb``: the block's first position, for DARE)."""
     L = [f"{indent}bv = ld(bb, j)"]
     L += [f"{indent}x{i} = ld(y{i}, j) - bv" for i in range(N)]
     if dare:
         L.append(f"{indent}pp = pb + np.uint32(j)")
         L.extend(_dare_drop_source(N, indent, rescale=False))
     L += [f"{indent}a{i} = f32_to_bits(x{i}) & np.int32(0x7FFFFFFF)" for i in range(N)]
-    if not with_top:
-        return L
-    top = "a0"
-    for i in range(1, N):
-        top = f"max({top}, a{i})"
-    L.append(f"{indent}top = max(top, {top})")
+    return L
+
+
+def _bits_loop_source(N: int, dare: bool) -> list[str]:
+    """The block's first loop, vectorised (no reduction in it: one would keep LLVM off the loop): the
+    bits of every ``|x_i|`` (:func:`_abs_bits_source`) into the buffer row ``r<i>``; the loop body's
+    last line, so a caller may append more of it."""
+    L = [f"        r{i} = buf[{i}]" for i in range(N)]
+    L.append("        for j in range(e - s):")
+    L += _abs_bits_source(N, dare, " " * 12)
+    L += [f"            r{i}[j] = a{i}" for i in range(N)]
     return L
 
 
@@ -90,12 +94,7 @@ def _hist_source(N: int, dare: bool, helpers: str) -> str:
                     f"    buf = np.empty(({N}, 4096), np.int32)"]
     A = L.append
     L.extend(_block_head_source(N, dare))
-    for i in r:
-        A(f"        r{i} = buf[{i}]")
-    A("        for j in range(e - s):  # vectorised")
-    L.extend(_abs_bits_source(N, dare, " " * 12, with_top=False))
-    for i in r:
-        A(f"            r{i}[j] = a{i}")
+    L.extend(_bits_loop_source(N, dare))
     A(f"        for i in range({N}):  # the finite check: a max reduction of its own (vectorised)")
     A("            ri = buf[i, :e - s]")
     A("            for j in range(ri.shape[0]):")
@@ -154,12 +153,7 @@ def _window_source(N: int, dare: bool, helpers: str) -> str:
         A(f"    c{i} = cands[{i}]")
         A(f"    f{i} = found[{i}]")
     L.extend(_block_head_source(N, dare, with_top=False))
-    for i in r:
-        A(f"        r{i} = buf[{i}]")
-    A("        for j in range(e - s):")
-    L.extend(_abs_bits_source(N, dare, " " * 12, with_top=False))
-    for i in r:
-        A(f"            r{i}[j] = a{i}")
+    L.extend(_bits_loop_source(N, dare))
     A("            flags[j] = np.uint8(" + " | ".join(f"((a{i} >= lo{i}) & (a{i} < up{i}))" for i in r) + " | ("
       + " | ".join(f"(a{i} >= inf)" for i in r) + "))")
     for i in r:
