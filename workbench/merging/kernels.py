@@ -32,9 +32,9 @@ goes in row chunks of :data:`CHUNK_ENTRIES` entries, so the anonymous memory a t
 output chunks (``CHUNK_ENTRIES`` x 4 bytes = 4 MiB each at most: one is written to the output file,
 :meth:`workbench.io.writer.CheckpointWriter.add_parts`, on a pool thread while the next is
 computed; plus a float32 staging chunk per input that is neither bfloat16 nor float32) and the
-threshold passes' histograms and candidates (:mod:`workbench.merging.thresholds`: at most 24 MiB for 3
-experts and 2 threads), whatever the tensor's size. (Checkpoints stored in float16 or float64 are the exception for TIES:
-its threshold passes read a float32 copy of the tensor's rows.)
+threshold passes' histograms and candidates (:mod:`workbench.merging.thresholds`: about 30 MiB for 3
+experts and 2 threads), whatever the tensor's size. (Checkpoints stored in float16 or float64 are the
+exception for TIES: its threshold passes read a float32 copy of the tensor's rows.)
 
 **DARE**: the keep draw is :mod:`workbench.cpu_kernels`' counter-based draw (seed = the
 tensor's :func:`workbench.engine.tensor_seed`, position = the flat index), identical on every device;

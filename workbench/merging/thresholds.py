@@ -16,10 +16,11 @@ passes over every expert's ``|tau_i|`` and the exact order statistics read from 
 
 Each pass reads all experts together, threads over column ranges; DARE's drop is compiled in or out
 (one kernel each). Memory, kept per calling thread and reused from tensor to tensor: the histograms
-(``[N, 2**16]`` int64, 1.5 MiB for 3 experts) and the window pass's candidates (per column range
-and expert a power of two of int32, from the sample's expectation, at most :data:`MAX_CANDIDATES`:
-2 MiB; with every smaller size kept too, at most 4 MiB per range and expert, 24 MiB for 3 experts
-and 2 threads).
+(``[N, 2**16]`` int64 per column range, 1.5 MiB for 3 experts; the sample's ``[N, 2**15]`` int32 per
+slice, 1.5 MiB in all), the window pass's candidates (per column range and expert a power of two of
+int32, from the sample's expectation, at most :data:`MAX_CANDIDATES`: 2 MiB; with every smaller size
+kept too, at most 4 MiB per range and expert, 24 MiB for 3 experts and 2 threads) and the selection's
+``2**16`` int32 counts: about 30 MiB.
 """
 from __future__ import annotations
 
