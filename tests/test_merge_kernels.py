@@ -154,7 +154,7 @@ def test_one_pass_thresholds_equal_two_passes(method, params, grid, window, monk
             monkeypatch.setattr(TH, "_predicted_window", lambda *a: (*sampled(*a)[:2], 0))
         two_passes = []
         hist_pass = TH._hist_pass
-        monkeypatch.setattr(TH, "_hist_pass", lambda *a: two_passes.append(a[7] is not None) or hist_pass(*a))
+        monkeypatch.setattr(TH, "_hist_pass", lambda *a: two_passes.append(a[6] is not None) or hist_pass(*a))
         got = TH.tensor_thresholds(s, *views, keys, pool, 2)
     assert np.array_equal(got, want) and (want > 0).all()
     if window != "sampled" or not grid:  # continuous task vectors: the sampled window holds the threshold
@@ -180,7 +180,7 @@ def test_kth_candidate_equals_sorting(width, n, seed, few):
 
 @pytest.mark.parametrize("n_experts", [1, 3])
 def test_one_pass_thresholds_ignore_stale_buffers(n_experts, monkeypatch):
-    """The window's selection starts from zero counts whatever the other passes left in their per-thread
+    """The window's selection starts from zero counts whatever the passes left in their per-thread
     buffers (one expert's candidate buffer of 2**16 entries has the shape of those counts): every cached
     buffer filled with garbage first, the thresholds are still torch's k-th largest."""
     monkeypatch.setattr(TH, "WINDOW_MIN_ENTRIES", 0)
@@ -189,10 +189,10 @@ def test_one_pass_thresholds_ignore_stale_buffers(n_experts, monkeypatch):
     views = MK.kernel_view(base), [MK.kernel_view(e) for e in experts]
     keys = dare_keys(tensor_seed(0, "t"), n_experts)
     TH.tensor_thresholds(s, *views, keys, None, 1)  # creates the buffers of this size
-    for bufs in TH._HIST_BUFFERS.__dict__.get("by_shape", {}).values():
+    TH._hist_buffers("candidates", 1, 1, 1 << 16, np.int32, zero=False)[0].fill(3)
+    for bufs in TH._HIST_BUFFERS.__dict__.get("by_purpose", {}).values():
         for b in bufs:
             b.fill(3)
-    TH._hist_buffers(1, 1, 1 << 16, np.int32, zero=False)[0].fill(3)
     got = TH.tensor_thresholds(s, *views, keys, None, 1)
     n = base.numel()
     want = [kth_largest((e.float() - base.float()).abs().reshape(-1), round(0.2 * n)) for e in experts]

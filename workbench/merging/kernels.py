@@ -203,9 +203,9 @@ def row_sq(m, b, row, every, with_base):
 def kth_candidate(c, lo, width, rank, low):
     """The ``rank``-th largest (1 = the largest) of the int32 bit patterns ``c``, all in ``[lo, lo +
     (width << 16))``: counted by the high part ``(a - lo) >> 16`` (``width`` bins), then the low 16
-    bits of the bin that holds it in ``low`` (``2**16`` int32 counts, all zero on entry and on return:
-    only the counts it raised are reset, not the 256 KiB). Exact, linear in ``len(c)`` whatever the
-    ties (a quickselect slows down on many equal patterns)."""
+    bits of the bin that holds it in ``low`` (``2**16`` int32 counts, all zero on entry; left zero on
+    return - only the counts it raised are reset - so one zeroing serves every expert of a tensor).
+    Exact, linear in ``len(c)`` whatever the ties (a quickselect slows down on many equal patterns)."""
     high = np.zeros(width, np.int64)
     for j in range(c.shape[0]):
         high[(c[j] - lo) >> 16] += 1

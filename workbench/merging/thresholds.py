@@ -35,7 +35,8 @@ from .. import cpu_kernels as K
 from ..errors import ConfigError
 from .kernels import MergeSettings, _chunk, _dare_drop_source, _helpers, kernel_view
 
-__all__ = ["WINDOW_MIN_ENTRIES", "WINDOW_BINS", "SAMPLE_SLICES", "MAX_CANDIDATES", "tensor_thresholds", "global_trim_thresholds"]
+__all__ = ["WINDOW_MIN_ENTRIES", "WINDOW_BINS", "SAMPLE_SLICES", "MAX_CANDIDATES", "tensor_thresholds",
+           "global_trim_thresholds"]
 
 
 def _abs_bits_source(N: int, dare: bool, indent: str) -> list[str]:
@@ -79,7 +80,7 @@ def _block_head_source(N: int, dare: bool, with_top: bool = True) -> list[str]:
 
 
 def _hist_source(N: int, dare: bool, helpers: str) -> str:
-    """Source of ``hists(m_0 .. m_{N-1}, base, pos0, keys, p_int, keep, skip_zeros, low, hbins, hist) -> bool``:
+    """Source of ``hists(m_0 .. m_{N-1}, base, pos0, keys, p_int, skip_zeros, low, hbins, hist) -> bool``:
     the histograms of every expert's ``|x_i|`` in one pass over the inputs, ``x_i = m_i - base``
     (DARE-dropped, ``x_i * keep_draw_i`` without the rescale, when ``dare``: :func:`_rescaled`; ``pos0``
     the position of entry 0):
@@ -90,7 +91,7 @@ def _hist_source(N: int, dare: bool, helpers: str) -> str:
     r = range(N)
     L: list[str] = ["import numpy as np", "from numba import njit", f"from {helpers} import ld, f32_to_bits", "",
                     "@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')",
-                    "def hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, keys, p_int, keep, skip_zeros, low, "
+                    "def hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, keys, p_int, skip_zeros, low, "
                     "hbins, hist):",
                     f"    buf = np.empty(({N}, 4096), np.int32)"]
     A = L.append
@@ -123,7 +124,7 @@ def _hist_source(N: int, dare: bool, helpers: str) -> str:
 
 
 def _window_source(N: int, dare: bool, helpers: str) -> str:
-    """Source of ``window_hists(m_0 .. m_{N-1}, base, pos0, keys, p_int, keep, first, width, above, found,
+    """Source of ``window_hists(m_0 .. m_{N-1}, base, pos0, keys, p_int, first, width, above, found,
     cands) -> bool``: the one-pass threshold count of :func:`tensor_thresholds`. For each expert, of the
     bits ``a`` of ``|x_i|`` (as :func:`_hist_source`), ``above[i] +=`` the number with ``a >= up_i``,
     and those with ``lo_i <= a < up_i`` are counted in ``found[i]`` and appended to ``cands[i]`` while
@@ -140,7 +141,7 @@ def _window_source(N: int, dare: bool, helpers: str) -> str:
     r = range(N)
     L: list[str] = ["import numpy as np", "from numba import njit", f"from {helpers} import ld, f32_to_bits", "",
                     "@njit(cache=True, nogil=True, boundscheck=False, error_model='numpy')",
-                    "def window_hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, keys, p_int, keep, first, "
+                    "def window_hists(" + ", ".join(f"m{i}" for i in r) + ", base, pos0, keys, p_int, first, "
                     "width, above, found, cands):",
                     f"    buf = np.empty(({N}, 4096), np.int32)",
                     "    flags = np.zeros(4096, np.uint8)",
@@ -210,12 +211,15 @@ SAMPLE_SLICES = 4
 MAX_CANDIDATES = 1 << 19
 
 
-def _hist_buffers(count: int, N: int, bins: int, dtype=np.int64, zero: bool = True) -> list[np.ndarray]:
-    """``count`` zeroed (with ``zero``) ``[N, bins]`` histograms, kept per thread and reused from
-    tensor to tensor (fresh ones cost a page fault per 4 KiB on every tensor); valid until the next
-    call with the same ``(N, bins, dtype)``."""
-    cache = _HIST_BUFFERS.__dict__.setdefault("by_shape", {})
-    bufs = cache.setdefault((N, bins, np.dtype(dtype).str), [])
+def _hist_buffers(purpose: str, count: int, N: int, bins: int, dtype=np.int64, zero: bool = True
+                  ) -> list[np.ndarray]:
+    """``count`` zeroed (with ``zero``) ``[N, bins]`` arrays for one ``purpose`` (``"hist"``, ``"sample"``,
+    ``"counts"``, ``"candidates"``, ``"select"``), kept per thread and reused from tensor to tensor (fresh
+    ones cost a page fault per 4 KiB on every tensor); valid until the next call with the same
+    ``(purpose, N, bins, dtype)``. Keyed by purpose, not shape alone, so one pass never hands another's
+    arrays around (a candidate buffer and the selection's counts can have one shape)."""
+    cache = _HIST_BUFFERS.__dict__.setdefault("by_purpose", {})
+    bufs = cache.setdefault((purpose, N, bins, np.dtype(dtype).str), [])
     while len(bufs) < count:
         bufs.append(np.zeros((N, bins), dtype))
     if zero:
@@ -224,17 +228,7 @@ def _hist_buffers(count: int, N: int, bins: int, dtype=np.int64, zero: bool = Tr
     return bufs[:count]
 
 
-def _low_counts() -> np.ndarray:
-    """:func:`kth_candidate`'s ``2**16`` int32 counts, one array per thread of its own (never a
-    :func:`_hist_buffers` array, which another pass may have filled): zero when made, and
-    ``kth_candidate`` leaves them zero."""
-    low = getattr(_HIST_BUFFERS, "low_counts", None)
-    if low is None:
-        low = _HIST_BUFFERS.low_counts = np.zeros(1 << 16, np.int32)
-    return low
-
-
-def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, skip_zeros: bool,
+def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, skip_zeros: bool,
                hbins: np.ndarray | None, pool, workers: int):
     """Every expert's histogram of ``|tau_i|`` in one pass over a tensor (the generated ``hists``:
     high 16 bits, ``[N, 2**15]``, or with ``hbins`` the low 16 bits of bin ``hbins[i]``'s entries,
@@ -243,10 +237,10 @@ def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, s
     low = hbins is not None
     bins = np.asarray(hbins, np.int64) if low else np.zeros(N, np.int64)
     ranges = K.column_ranges(int(b.shape[0]), pool, workers)
-    hs = _hist_buffers(len(ranges), N, 1 << (16 if low else 15))
+    hs = _hist_buffers("hist", len(ranges), N, 1 << (16 if low else 15))
     hist = _hist_kernel(N, bool(dare))
     ok = K.run_ranges(pool, lambda j, lo, ln: hist(
-        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, keys, p_int, keep, skip_zeros, low, bins, hs[j]), ranges)
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, keys, p_int, skip_zeros, low, bins, hs[j]), ranges)
     if not all(ok):
         return None
     for h in hs[1:]:
@@ -254,7 +248,7 @@ def _hist_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, s
     return hs[0]
 
 
-def _window_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep, first: np.ndarray, width: int,
+def _window_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, first: np.ndarray, width: int,
                  room: int, pool, workers: int) -> tuple[np.ndarray, list[np.ndarray] | None] | None:
     """``(above, candidates)`` in one pass over a tensor (the generated ``window_hists``, threads over
     column ranges): ``above [N]`` the number of entries above bin ``first[i] + width - 1`` and
@@ -263,12 +257,12 @@ def _window_pass(b, mains: list, dare: bool, keys: np.ndarray, p_int: int, keep,
     when a ``tau_i`` is not finite."""
     N = len(mains)
     ranges = K.column_ranges(int(b.shape[0]), pool, workers)
-    counts = _hist_buffers(len(ranges), 2, N)  # [above, found] per thread
-    cands = _hist_buffers(len(ranges), N, room, np.int32, zero=False)
+    counts = _hist_buffers("counts", len(ranges), 2, N)  # [above, found] per thread
+    cands = _hist_buffers("candidates", len(ranges), N, room, np.int32, zero=False)
     firsts = np.asarray(first, np.int64)
     count = _window_kernel(N, bool(dare))
     ok = K.run_ranges(pool, lambda j, lo, ln: count(
-        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, keys, p_int, keep, firsts, width, counts[j][0],
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, keys, p_int, firsts, width, counts[j][0],
         counts[j][1], cands[j]), ranges)
     if not all(ok):
         return None
@@ -285,17 +279,16 @@ def _predicted_window(b, mains: list, args: tuple, k: int, pool) -> tuple[np.nda
     spread over the tensor (1/16 of its entries), the bins of the ranks ``k`` scaled to the sample,
     plus and minus four standard deviations of a sampled rank; ``width`` the bins between them (the
     same for every expert), at most :data:`WINDOW_BINS` (around the scaled rank's bin where more would
-    be needed). ``None`` when a
-    sampled ``tau_i`` is not finite."""
+    be needed). ``None`` when a sampled ``tau_i`` is not finite."""
     n = int(b.shape[0])
     N = len(mains)
     size = n // (16 * SAMPLE_SLICES)
     slices = [(j * n // SAMPLE_SLICES, size) for j in range(SAMPLE_SLICES)]
-    hs = _hist_buffers(len(slices), N, 1 << 15, np.int32)
-    dare, keys, p_int, keep = args
+    hs = _hist_buffers("sample", len(slices), N, 1 << 15, np.int32)
+    dare, keys, p_int = args
     hist = _hist_kernel(N, bool(dare))
     ok = K.run_ranges(pool, lambda j, lo, ln: hist(
-        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, keys, p_int, keep, False, False, np.zeros(N, np.int64),
+        *[m[lo:lo + ln] for m in mains], b[lo:lo + ln], lo, keys, p_int, False, False, np.zeros(N, np.int64),
         hs[j]), slices)
     if not all(ok):
         return None
@@ -337,7 +330,7 @@ def tensor_thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, poo
         # a float32 copy of the rows (only for float16 / float64 checkpoints)
         base = _chunk(base, 0, n, np.empty(n, np.float32))
         mains = [_chunk(m, 0, n, np.empty(n, np.float32)) for m in mains]
-    args = (s.dare, keys, s.p_int, s.keep)
+    args = (s.dare, keys, s.p_int)
     predicted = _predicted_window(base, mains, args, k, pool) \
         if max(WINDOW_MIN_ENTRIES, 64 * SAMPLE_SLICES) <= n < 2 ** 31 else None
     # room for the candidates: per thread 1.5 times its share of the expected number, a power of two
@@ -351,7 +344,7 @@ def tensor_thresholds(s: MergeSettings, base, mains: list, keys: np.ndarray, poo
             raise FloatingPointError
         rank = k - above  # of the k-th largest among the window's entries, from the top
         if cands is not None and all(1 <= rank[i] <= len(cands[i]) for i in range(N)):
-            low = _low_counts()
+            low = _hist_buffers("select", 1, 1, 1 << 16, np.int32)[0][0]  # zeroed: 256 KiB, once per tensor
             patterns = [_helpers().kth_candidate(cands[i], int(first[i]) << 16, width, int(rank[i]), low)
                         for i in range(N)]
             thr[:] = np.array(patterns, np.int32).view(np.float32)
@@ -405,7 +398,7 @@ def global_trim_thresholds(tensors: Callable[[], Any], n_experts: int, density: 
         total = 0
         for n, b, ms in each(desc):
             total += n
-            h = _hist_pass(b, ms, False, no_keys, 0, np.float32(1.0), True, bins if low else None, pool, workers)
+            h = _hist_pass(b, ms, False, no_keys, 0, True, bins if low else None, pool, workers)
             if h is None:
                 return None
             hists += h

@@ -361,8 +361,9 @@ def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[
                     wall: float, complete: bool = True, n_trained: int = 1) -> None:
     """Write ``zoo.json``. ``n_trained``: jobs this build ran; with none, the manifest keeps the
     ``built`` time, ``build_wall_seconds``, ``jobs_trained`` and ``versions`` (:func:`library_versions`) of
-    the build that made the models (a cache check is not a build). ``build_wall_seconds`` is the wall time of that last build, which
-    trained ``jobs_trained`` of the ``len(jobs)`` jobs (all of them: a build from nothing)."""
+    the build that made the models (a cache check is not a build). ``build_wall_seconds`` is the wall time
+    of that last build, which trained ``jobs_trained`` of the ``len(jobs)`` jobs (all of them: a build from
+    nothing)."""
     models, jobs = {}, {}
     for j in plan:
         r = results[j.name]
