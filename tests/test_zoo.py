@@ -121,6 +121,40 @@ def test_rebuild_is_cached(tiny_zoo):
     assert z.manifest["versions"] == tiny_zoo.manifest["versions"]
 
 
+def test_a_missing_data_set_reruns_its_job_only(tiny_zoo, tmp_path):
+    """A data job counts as built only while every file it wrote is there: removing MCUB-mini's test set
+    reruns the MCUB job alone (no model depends on it), which writes the same records again."""
+    import shutil
+
+    from workbench.world.presets import data_root
+
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo.path, root, ignore=shutil.ignore_patterns(".build.lock"))
+    shutil.copytree(data_root("tiny"), root / "data")
+    before = (root / "data" / "mcub" / "mcub-2.json").read_bytes()
+    (root / "data" / "mcub" / "mcub-2.json").unlink()
+    z = build_zoo("tiny", out=root, jobs=1, progress=False)
+    assert z.manifest["jobs_trained"] == 1
+    assert z.manifest["jobs"]["data-mcub"]["finished"] != tiny_zoo.manifest["jobs"]["data-mcub"]["finished"]
+    assert z.manifest["jobs"]["data"]["finished"] == tiny_zoo.manifest["jobs"]["data"]["finished"]
+    assert (root / "data" / "mcub" / "mcub-2.json").read_bytes() == before
+
+
+def test_mcub_size_changes_no_model_key():
+    """MCUB-mini's size is the MCUB job's alone: changing it keeps every other job's key."""
+    from workbench.world.presets import get_preset
+    from workbench.world.scheduler import job_keys
+
+    cfg = get_preset("tiny")
+    cfg["data"]["mcub_per_combination"] += 1
+    before, after = _tiny_keys(), job_keys(plan_jobs("tiny", cfg))
+    assert {n for n in before if before[n] != after[n]} == {"data-mcub"}
+    cfg["data"]["mcub_per_combination"] -= 1
+    cfg["data"]["n_own"] += 1  # the own-task sets are scored by the jobs: their keys follow
+    changed = {n for n, k in job_keys(plan_jobs("tiny", cfg)).items() if k != before[n]}
+    assert {"data", "image-full-s0"} <= changed and not {"data-mcub", "instruct", "base"} & changed
+
+
 def test_manifest_records_the_versions_of_the_build_that_trained(tmp_path):
     """zoo.json's ``versions``: the libraries of a build that trained a job, kept by a cache check."""
     import json
