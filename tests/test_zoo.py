@@ -155,6 +155,23 @@ def test_mcub_size_changes_no_model_key():
     assert {"data", "image-full-s0"} <= changed and not {"data-mcub", "instruct", "base"} & changed
 
 
+def test_mcub_generator_edit_changes_no_model_key(monkeypatch, tmp_path):
+    """An edit of MCUB-mini's generator (its own training-path entry) rekeys the MCUB job alone."""
+    from workbench.world import mcub
+
+    before = _tiny_keys()
+    source = inspect.getsource(mcub.build_mcub)
+    edited = source.replace("# validation split", "# the validation split")
+    assert edited != source
+    (tmp_path / "edited_mcub.py").write_text("from pathlib import Path\n\nimport numpy as np\n\n"
+                                             "from workbench.world.mcub import *  # noqa: F403\n"
+                                             "from workbench.world.mcub import _clear, _write\n\n\n" + edited)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(mcub, "build_mcub", importlib.import_module("edited_mcub").build_mcub)
+    after = _tiny_keys()
+    assert {n for n in before if before[n] != after[n]} == {"data-mcub"}
+
+
 def test_manifest_records_the_versions_of_the_build_that_trained(tmp_path):
     """zoo.json's ``versions``: the libraries of a build that trained a job, kept by a cache check."""
     import json
@@ -211,7 +228,7 @@ def test_every_training_path_entry_exists():
         assert len(set(recipe.training_path)) == len(recipe.training_path), kind
         for entry in recipe.training_path:
             assert path_entry_source(entry).strip(), (kind, entry)
-        if kind not in ("tokenizer", "data"):
+        if kind not in ("tokenizer", "data", "mcub_data"):
             assert "workbench.world.training:train_mllm" in recipe.training_path, kind
     assert "workbench.routing:add_lora_routes" in RECIPES["damc"].training_path
     with pytest.raises(AttributeError):

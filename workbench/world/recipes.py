@@ -583,10 +583,13 @@ SCENES_PATH = path_entries(
     "COMMON_Q QUESTION_TYPES OWN_TASKS Example options_text _mc sample_scene scene_concepts _words _seed modality_question "
     "common_scenes multimodal_common TEXT_MIX text_question CAP_QUESTIONS capability_question mixture "
     "own_task_sampler batches example_modal_inputs")
-DATA_PATH = CONCEPTS_PATH + SCENES_PATH + path_entries(
-    "workbench.world.mcub",
-    "SHORT MCUB3 MCUB2 Turn MCUBRecord validate_record save_input example_to_record _write MODEL_EVAL_FOLDERS "
-    "MCUB_FOLDERS _clear build_model_evals build_mcub")
+_RECORDS = "Turn MCUBRecord validate_record save_input example_to_record _write _clear "
+#: the sets the models' jobs score on (their key is upstream of every model) and MCUB-mini's (no model's):
+#: separate paths, so an edit of MCUB-mini's generator retrains nothing
+EVAL_SETS_PATH = CONCEPTS_PATH + SCENES_PATH + path_entries(
+    "workbench.world.mcub", _RECORDS + "MODEL_EVAL_FOLDERS build_model_evals")
+MCUB_PATH = CONCEPTS_PATH + SCENES_PATH + path_entries(
+    "workbench.world.mcub", _RECORDS + "SHORT MCUB3 MCUB2 MCUB_FOLDERS build_mcub")
 MODEL_PATH = TOKENIZER_PATH + SCENES_PATH + path_entries(
     "workbench.world.encoders",
     "D_ENC _Encoder ImageEncoder AudioEncoder VideoEncoder PointEncoder CapabilityEncoder ENCODER_CLASSES "
@@ -622,8 +625,8 @@ CAP_EXPERT_PATH = MODEL_PATH + path_entries("workbench.world.training", "Preserv
 MODALITY_PATH = MODEL_PATH + path_entries("workbench.world.zoo", "MODALITY_BASE")
 
 #: job kind -> (build function, recipe version, training path)
-_KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 2, DATA_PATH),
-          "mcub_data": (_job_mcub, 1, DATA_PATH),
+_KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 2, EVAL_SETS_PATH),
+          "mcub_data": (_job_mcub, 1, MCUB_PATH),
           "encoder": (_job_encoder, 1, MODEL_PATH), "base": (_job_base, 1, MODEL_PATH),
           "instruct": (_job_instruct, 1, MODEL_PATH + path_entries("workbench.world.tasks", "text_own_question")),
           "projector": (_job_projector, 1, MODALITY_PATH), "full": (_job_expert, 1, MODALITY_PATH),
