@@ -7,8 +7,9 @@ import torch
 
 from workbench.world.concepts import CONCEPTS, LETTERS, MODALITIES, PLACEHOLDERS
 from workbench.world.generators import RAW_SHAPES, render, render_capability
-from workbench.world.mcub import MCUBRecord, build_datasets, read_records, record_inputs, validate_record
-from workbench.world.tasks import (OWN_TASKS, capability_question, common_scenes, modality_question,
+from workbench.world.mcub import (MCUBRecord, build_mcub, build_model_evals, read_records, record_inputs,
+                                  validate_record)
+from workbench.world.tasks import (OWN_TASKS, QUESTION_TYPES, capability_question, common_scenes, modality_question,
                                    multimodal_common, sample_scene, scene_concepts, text_own_question,
                                    text_question)
 from workbench.world.tokenizer import build_tokenizer
@@ -58,7 +59,7 @@ def test_common_scenes_hard_distractors():
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_own_task_answers_are_right(modality):
     rng = np.random.default_rng(1)
-    for task in OWN_TASKS[modality]:
+    for task in QUESTION_TYPES[modality]:
         for _ in range(20):
             ex = modality_question(modality, task, rng, render_inputs=False)
             present = [CONCEPTS[k] for k in scene_concepts(ex.scenes[0])]
@@ -75,6 +76,18 @@ def test_own_task_answers_are_right(modality):
                 assert gold == present[0]
             elif task == "last":
                 assert gold == present[-1]
+
+
+def test_own_tasks_differ_by_modality():
+    """Each expert's own tasks are question types its modality supports; what MCUB composes (``present``,
+    ``common_text``) is in every expert's data; the ordered modalities each have an order question of their
+    own; ``absent``, which no expert learned, is in none."""
+    for m in MODALITIES:
+        assert set(OWN_TASKS[m]) <= set(QUESTION_TYPES[m])
+        assert {"present", "common_text"} <= set(OWN_TASKS[m]) and "absent" not in OWN_TASKS[m]
+    order = {m: {"first", "last"} & set(OWN_TASKS[m]) for m in ("audio", "video")}
+    assert all(len(t) == 1 for t in order.values()) and order["audio"] != order["video"]
+    assert len({OWN_TASKS[m] for m in MODALITIES}) == 3  # image and point clouds (unordered) share theirs
 
 
 def _options(prompt: str) -> list[str]:
@@ -95,12 +108,12 @@ def test_text_own_questions_are_the_own_tasks_in_words():
         assert not ex.inputs and not any(p in ex.prompt for p in PLACEHOLDERS.values())
         assert words.split() == [CONCEPTS[k] for k in scene_concepts(ex.scenes[0])]
         assert ex.answer in ex.choices and ex.choices == _options(ex.prompt)
-    assert seen == {(m, f"text_{t}") for m in MODALITIES for t in OWN_TASKS[m]}
+    assert seen == {(m, f"text_{t}") for m in MODALITIES for t in QUESTION_TYPES[m]}
     # one task: asked of the modalities that have it only
     firsts = [text_own_question(rng, "first") for _ in range(40)]
     assert {e.task for e in firsts} == {"text_first"}
-    assert {e.prompt.split(":")[0] for e in firsts} == {m for m in MODALITIES if "first" in OWN_TASKS[m]}
-    with pytest.raises(ValueError, match="own task 'colour'"):
+    assert {e.prompt.split(":")[0] for e in firsts} == {m for m in MODALITIES if "first" in QUESTION_TYPES[m]}
+    with pytest.raises(ValueError, match="question type 'colour'"):
         text_own_question(rng, "colour")
 
 
@@ -147,14 +160,18 @@ def test_ocr_glyphs_sit_in_one_encoder_patch_each():
 
 
 def test_mcub_records_validate(tmp_path):
-    counts = build_datasets(tmp_path, n_mcub=12, n_own=6, n_val=4, n_capability=2, seed=1)
-    assert counts["mcub/mcub-2.json"] == 12 and counts["mcub/mcub-3.json"] == 12  # 6 pairs x 2, 4 triples x 3
-    assert counts["mcub/mcub-4.json"] == 12 and counts["mcub/val.json"] == 11 * 4  # 4 per combination
+    counts = build_mcub(tmp_path, n_per_combination=3, n_val=4, seed=1)
+    assert counts["mcub/mcub-2.json"] == 6 * 3 and counts["mcub/mcub-3.json"] == 4 * 3  # 3 per combination
+    assert counts["mcub/mcub-4.json"] == 3 and counts["mcub/val.json"] == 11 * 4  # 4 per combination
+    for name in ("mcub-2", "mcub-3"):
+        recs = read_records(tmp_path / "mcub" / f"{name}.json")
+        assert all(sum(r["subset"] == s for r in recs) == 3 for s in {r["subset"] for r in recs})
     val = read_records(tmp_path / "mcub" / "val.json")
     assert all(sum(r["subset"] == f"val:{t}" for r in val) == 4 for t in {r["subset"][4:] for r in val})
     for name in ("mcub-2", "mcub-3", "mcub-4", "val"):
         for rec in read_records(tmp_path / "mcub" / f"{name}.json"):
             validate_record(rec)
+            assert all(p.startswith("mcub/inputs/") for v in rec["modal_inputs"].values() for p in v)
             inputs = record_inputs(rec, tmp_path)
             n_inputs = sum(len(v) for v in inputs.values())
             assert n_inputs == {"mcub-2": 2, "mcub-3": 3, "mcub-4": 4}.get(name, n_inputs)
@@ -167,14 +184,36 @@ def test_mcub_records_validate(tmp_path):
             for o in opts:
                 if o != gold:
                     assert 0 < sum(o in s for s in sets) < len(sets)
-    # determinism: same seed -> same records
+    # determinism: same seed -> same records; more items per combination keep the fewer as their first ones
     other = tmp_path / "again"
-    build_datasets(other, n_mcub=12, n_own=6, n_val=4, n_capability=2, seed=1)
+    build_mcub(other, n_per_combination=5, n_val=4, seed=1)
     a = read_records(tmp_path / "mcub" / "mcub-3.json")
     b = read_records(other / "mcub" / "mcub-3.json")
-    assert [r["conversations"] for r in a] == [r["conversations"] for r in b]
-    ra, rb = record_inputs(a[0], tmp_path), record_inputs(b[0], other)
+    b_first = [r for r in b if int(r["id"].rsplit("-", 1)[1]) < 3]
+    assert [r["conversations"] for r in a] == [r["conversations"] for r in b_first]
+    ra, rb = record_inputs(a[0], tmp_path), record_inputs(b_first[0], other)
     assert all(torch.equal(x, y) for k in ra for x, y in zip(ra[k], rb[k]))
+
+
+def test_data_jobs_keep_to_their_own_folders(tmp_path):
+    """The two data jobs share the data root: each rewrites only its folders, so rebuilding MCUB-mini (e.g. at
+    another size) leaves the sets the zoo's models were scored on - and whatever else is there - in place."""
+    evals = build_model_evals(tmp_path, n_own=4, n_capability=2, seed=1, modalities=["image", "audio"],
+                              capability_tasks=["vqa"])
+    assert set(evals) == {"eval/image.json", "eval/audio.json", "capability/vqa.json"}
+    (tmp_path / "notes.txt").write_text("mine")
+    own_before = (tmp_path / "eval" / "image.json").read_bytes()
+    build_mcub(tmp_path, n_per_combination=2, n_val=1, seed=1, modalities=["image", "audio"])
+    build_mcub(tmp_path, n_per_combination=3, n_val=1, seed=1, modalities=["image", "audio"])
+    assert len(read_records(tmp_path / "mcub" / "mcub-2.json")) == 3
+    assert (tmp_path / "eval" / "image.json").read_bytes() == own_before
+    for rec in read_records(tmp_path / "eval" / "image.json"):
+        assert all(p.startswith("inputs/") for v in rec["modal_inputs"].values() for p in v)
+        record_inputs(rec, tmp_path)  # the own-task inputs are all still there
+    build_model_evals(tmp_path, n_own=4, n_capability=2, seed=1, modalities=["image", "audio"], capability_tasks=["vqa"])
+    for rec in read_records(tmp_path / "mcub" / "mcub-2.json"):
+        record_inputs(rec, tmp_path)  # and the MCUB inputs survive the other job
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_schema_rejects_bad_records():

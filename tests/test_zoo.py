@@ -121,6 +121,57 @@ def test_rebuild_is_cached(tiny_zoo):
     assert z.manifest["versions"] == tiny_zoo.manifest["versions"]
 
 
+def test_a_missing_data_set_reruns_its_job_only(tiny_zoo, tmp_path):
+    """A data job counts as built only while every file it wrote is there: removing MCUB-mini's test set
+    reruns the MCUB job alone (no model depends on it), which writes the same records again."""
+    import shutil
+
+    from workbench.world.presets import data_root
+
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo.path, root, ignore=shutil.ignore_patterns(".build.lock"))
+    shutil.copytree(data_root("tiny"), root / "data")
+    before = (root / "data" / "mcub" / "mcub-2.json").read_bytes()
+    (root / "data" / "mcub" / "mcub-2.json").unlink()
+    z = build_zoo("tiny", out=root, jobs=1, progress=False)
+    assert z.manifest["jobs_trained"] == 1
+    assert z.manifest["jobs"]["data-mcub"]["finished"] != tiny_zoo.manifest["jobs"]["data-mcub"]["finished"]
+    assert z.manifest["jobs"]["data"]["finished"] == tiny_zoo.manifest["jobs"]["data"]["finished"]
+    assert (root / "data" / "mcub" / "mcub-2.json").read_bytes() == before
+
+
+def test_mcub_size_changes_no_model_key():
+    """MCUB-mini's size is the MCUB job's alone: changing it keeps every other job's key."""
+    from workbench.world.presets import get_preset
+    from workbench.world.scheduler import job_keys
+
+    cfg = get_preset("tiny")
+    cfg["data"]["mcub_per_combination"] += 1
+    before, after = _tiny_keys(), job_keys(plan_jobs("tiny", cfg))
+    assert {n for n in before if before[n] != after[n]} == {"data-mcub"}
+    cfg["data"]["mcub_per_combination"] -= 1
+    cfg["data"]["n_own"] += 1  # the own-task sets are scored by the jobs: their keys follow
+    changed = {n for n, k in job_keys(plan_jobs("tiny", cfg)).items() if k != before[n]}
+    assert {"data", "image-full-s0"} <= changed and not {"data-mcub", "instruct", "base"} & changed
+
+
+def test_mcub_generator_edit_changes_no_model_key(monkeypatch, tmp_path):
+    """An edit of MCUB-mini's generator (its own training-path entry) rekeys the MCUB job alone."""
+    from workbench.world import mcub
+
+    before = _tiny_keys()
+    source = inspect.getsource(mcub.build_mcub)
+    edited = source.replace("# validation split", "# the validation split")
+    assert edited != source
+    (tmp_path / "edited_mcub.py").write_text("from pathlib import Path\n\nimport numpy as np\n\n"
+                                             "from workbench.world.mcub import *  # noqa: F403\n"
+                                             "from workbench.world.mcub import _clear, _write\n\n\n" + edited)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(mcub, "build_mcub", importlib.import_module("edited_mcub").build_mcub)
+    after = _tiny_keys()
+    assert {n for n in before if before[n] != after[n]} == {"data-mcub"}
+
+
 def test_manifest_records_the_versions_of_the_build_that_trained(tmp_path):
     """zoo.json's ``versions``: the libraries of a build that trained a job, kept by a cache check."""
     import json
@@ -177,7 +228,7 @@ def test_every_training_path_entry_exists():
         assert len(set(recipe.training_path)) == len(recipe.training_path), kind
         for entry in recipe.training_path:
             assert path_entry_source(entry).strip(), (kind, entry)
-        if kind not in ("tokenizer", "data"):
+        if kind not in ("tokenizer", "data", "mcub_data"):
             assert "workbench.world.training:train_mllm" in recipe.training_path, kind
     assert "workbench.routing:add_lora_routes" in RECIPES["damc"].training_path
     with pytest.raises(AttributeError):

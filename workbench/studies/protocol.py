@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..evaluate import EVAL_BATCH
 from ..paths import repo_relative
 from .cache import digest, read_predictions, records_digest, result_key, write_frame
 
@@ -96,7 +97,7 @@ def choose_lambda(val_rows: pd.DataFrame) -> float:
 class Evaluator:
     """Evaluates models on record sets, with a prediction cache and an in-memory input cache."""
 
-    def __init__(self, z, cache_dir: Path | None, scoring: str, device: torch.device, batch_size: int = 32,
+    def __init__(self, z, cache_dir: Path | None, scoring: str, device: torch.device, batch_size: int = EVAL_BATCH,
                  progress: bool = False) -> None:
         self.z, self.cache_dir, self.scoring, self.device = z, cache_dir, scoring, device
         self.batch_size = batch_size

@@ -1,19 +1,24 @@
 """MCUB-mini: MCUB-format records (methods.md section 5), their schema, and the evaluation sets.
 
-Written under the data root (``data/generated/<preset>/``):
+Written under the data root (``data/generated/<preset>/``) by two zoo jobs, each owning its folders:
 
-- ``mcub/mcub-2.json`` (the 6 pairs), ``mcub/mcub-3.json`` (V+I+A, V+A+P, V+I+P, I+A+P),
-  ``mcub/mcub-4.json``, and ``mcub/val.json`` (a validation split over 2-4 modalities; for DAMC's
-  lambda search and MMER's lambda/alpha);
-- ``eval/<modality>.json`` (each modality expert's own tasks: the retention denominators);
-- ``capability/<task>.json`` (the capability family's per-task evaluation sets);
-- the inputs themselves: ``inputs/<modality>/<id>.npy``, paths in the records relative to the
-  data root.
+- the ``data`` job (:func:`build_model_evals`: the sets the zoo's own jobs score their models on):
+  ``eval/<modality>.json`` (each modality expert's own tasks: the retention denominators) and
+  ``capability/<task>.json`` (the capability family's per-task evaluation sets), their inputs
+  under ``inputs/``;
+- the ``data-mcub`` job (:func:`build_mcub`: read by the notebooks only, so resizing them retrains
+  nothing): ``mcub/mcub-2.json`` (the 6 pairs), ``mcub/mcub-3.json`` (V+I+A, V+A+P, V+I+P, I+A+P),
+  ``mcub/mcub-4.json`` - the same number of items for every combination of modalities - and
+  ``mcub/val.json`` (a validation split over 2-4 modalities; for DAMC's lambda search and MMER's
+  lambda/alpha), their inputs under ``mcub/inputs/``.
+
+Paths in the records are relative to the data root.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
@@ -82,8 +87,9 @@ def record_json_schema() -> dict:
     return MCUBRecord.model_json_schema()
 
 
-def save_input(root: Path, modality: str, rid: str, raw: np.ndarray) -> str:
-    rel = Path("inputs") / modality / f"{rid}.npy"
+def save_input(root: Path, modality: str, rid: str, raw: np.ndarray, folder: str = "inputs") -> str:
+    """Write one input as ``root/folder/<modality>/<rid>.npy``; returns its path relative to ``root``."""
+    rel = Path(folder) / modality / f"{rid}.npy"
     p = root / rel
     p.parent.mkdir(parents=True, exist_ok=True)
     np.save(p, np.asarray(raw, dtype=np.float32))
@@ -110,10 +116,11 @@ def record_inputs(rec: Mapping, root: str | Path | None = None) -> dict[str, lis
             for k, v in rec["modal_inputs"].items()}
 
 
-def example_to_record(ex: Example, rid: str, subset: str, root: Path) -> dict:
+def example_to_record(ex: Example, rid: str, subset: str, root: Path, inputs: str = "inputs") -> dict:
+    """``ex`` as a validated MCUB record; its inputs written under ``root/inputs``."""
     mi: dict[str, list[str]] = {}
     for j, (m, raw) in enumerate(ex.inputs):
-        mi.setdefault(RECORD_KEYS[m], []).append(save_input(root, m, f"{rid}-{j}", raw))
+        mi.setdefault(RECORD_KEYS[m], []).append(save_input(root, m, f"{rid}-{j}", raw, inputs))
     rec = {"id": rid, "subset": subset, "task": ex.task,
            "conversations": [{"from": "human", "value": ex.prompt},
                              {"from": "gpt", "value": ex.letter if ex.choices else ex.answer}],
@@ -143,45 +150,56 @@ def read_records(path: str | Path) -> list[dict]:
     return json.loads(p.read_text())
 
 
-def build_datasets(root: str | Path, n_mcub: int, n_own: int, n_val: int, n_capability: int,
-                   seed: int, modalities: Iterable[str] = MODALITIES, capability_tasks: Iterable[str] = CAP_TASKS
-                   ) -> dict:
-    """Generate every evaluation set under ``root``; returns ``{file: n_records}``.
+#: The data root's folders each data job writes (and removes before writing): nothing else is touched.
+MODEL_EVAL_FOLDERS = ("eval", "capability", "inputs")
+MCUB_FOLDERS = ("mcub",)
 
-    Sizes: ``n_mcub`` test items in each of ``mcub-2`` / ``mcub-3`` / ``mcub-4`` (split evenly over
-    that file's modality combinations: 6 pairs, 4 triples, 1 quadruple of the four modalities);
-    ``n_val`` validation items *per combination* in ``mcub/val.json`` (a composition's search uses
-    the items of its own modalities, so each pair's search sees ``n_val`` items, a triple's
-    ``4 x n_val``); ``n_own`` own-task items per modality; ``n_capability`` items per capability task
-    (split into validation and test by the merging benchmark).
 
-    Seeds: everything derives from ``seed`` via ``numpy.random.default_rng([seed, k])`` with a fixed
-    k per set, so training streams (other seeds) never share noise with the evaluation sets.
+def _clear(root: Path, folders: Iterable[str]) -> None:
+    for f in folders:
+        shutil.rmtree(root / f, ignore_errors=True)
+
+
+def build_mcub(root: str | Path, n_per_combination: int, n_val: int, seed: int,
+               modalities: Iterable[str] = MODALITIES) -> dict:
+    """Write MCUB-mini's test and validation sets under ``root/mcub``; returns ``{file: n_records}``.
+
+    Sizes: ``n_per_combination`` test items for every combination of the modalities (``mcub-2``: the
+    6 pairs, ``mcub-3``: the 4 triples, ``mcub-4``: the quadruple - 3600 / 2400 / 600 items for 600
+    per combination and four modalities); ``n_val`` validation items per combination in
+    ``mcub/val.json`` (a composition's search uses the items of its own modalities, so each pair's
+    search sees ``n_val`` items, a triple's ``4 x n_val``).
+
+    Seeds: everything derives from ``seed`` via ``numpy.random.default_rng([seed, k, ...])`` with a
+    fixed k per set, so training streams (other seeds) never share noise with the evaluation sets;
+    a combination's items are one stream, so a larger ``n_per_combination`` keeps the smaller's items
+    as its first ones.
     """
     root = Path(root)
+    _clear(root, MCUB_FOLDERS)
     mods = [m for m in MODALITIES if m in set(modalities)]
     out: dict[str, int] = {}
 
-    def common_set(name: str, combos: list[tuple[str, ...]], n: int, k: int) -> None:
+    def common_set(name: str, combos: list[tuple[str, ...]], k: int) -> None:
         recs = []
         for ci, combo in enumerate(combos):
             rng = np.random.default_rng([seed, k, ci])
             order = [m for m in MODALITIES if m in combo]  # prompt order: image, audio, video, point
             tag = "+".join(SHORT[m] for m in combo)
-            for i in range(n):
+            for i in range(n_per_combination):
                 ex = multimodal_common(order, rng)
-                recs.append(example_to_record(ex, f"{name}-{tag}-{i:04d}", f"{name}:{tag}", root))
+                recs.append(example_to_record(ex, f"{name}-{tag}-{i:04d}", f"{name}:{tag}", root, "mcub/inputs"))
         _write(root / "mcub" / f"{name}.json", recs)
         out[f"mcub/{name}.json"] = len(recs)
 
     pairs = [p for p in MCUB2 if set(p) <= set(mods)]
     triples = [t for t in MCUB3 if set(t) <= set(mods)]
     if pairs:
-        common_set("mcub-2", pairs, -(-n_mcub // len(pairs)), 2)
+        common_set("mcub-2", pairs, 2)
     if triples:
-        common_set("mcub-3", triples, -(-n_mcub // len(triples)), 3)
+        common_set("mcub-3", triples, 3)
     if len(mods) == 4:
-        common_set("mcub-4", [tuple(mods)], n_mcub, 4)
+        common_set("mcub-4", [tuple(mods)], 4)
     # validation split: a mixture over all the combinations above, other seeds
     combos = pairs + triples + ([tuple(mods)] if len(mods) == 4 else [])
     if combos:
@@ -191,9 +209,24 @@ def build_datasets(root: str | Path, n_mcub: int, n_own: int, n_val: int, n_capa
             combo = combos[i % len(combos)]
             order = [m for m in MODALITIES if m in combo]
             tag = "+".join(SHORT[m] for m in combo)
-            recs.append(example_to_record(multimodal_common(order, rng), f"val-{tag}-{i:04d}", f"val:{tag}", root))
+            recs.append(example_to_record(multimodal_common(order, rng), f"val-{tag}-{i:04d}", f"val:{tag}", root,
+                                          "mcub/inputs"))
         _write(root / "mcub" / "val.json", recs)
         out["mcub/val.json"] = len(recs)
+    return out
+
+
+def build_model_evals(root: str | Path, n_own: int, n_capability: int, seed: int,
+                      modalities: Iterable[str] = MODALITIES, capability_tasks: Iterable[str] = CAP_TASKS) -> dict:
+    """Write the sets the zoo's jobs score their models on; returns ``{file: n_records}``:
+    ``n_own`` own-task items per modality (``eval/<modality>.json``, the tasks of
+    :data:`~workbench.world.tasks.OWN_TASKS` in turn) and ``n_capability`` items per capability task
+    (``capability/<task>.json``, split into validation and test by the merging benchmark).
+    Seeds as :func:`build_mcub`'s."""
+    root = Path(root)
+    _clear(root, MODEL_EVAL_FOLDERS)
+    mods = [m for m in MODALITIES if m in set(modalities)]
+    out: dict[str, int] = {}
     for mi, m in enumerate(mods):
         rng = np.random.default_rng([seed, 20, mi])
         tasks = OWN_TASKS[m]

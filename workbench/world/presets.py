@@ -64,9 +64,10 @@ PRESETS: dict[str, dict] = {
                        "enc_steps": 600, "caption_steps": 220, "instruct_steps": 300, "lr_instruct": 1e-3,
                        "lr_proj": 2e-3, "steps": 200, "batch": 64, "lr_llm": 1e-3, "lr_lora": 2e-3,
                        "mixture_steps": 500, "preserve": 0.5, "preserve_batch": 8},
-        # evaluation sets (issue #19): 600 MCUB-mini test items per file (mcub-2/3/4), 200 validation items per
-        # modality combination (each composition's λ search), 600 items per capability task (100 val + 500 test)
-        "data": {"n_mcub": 600, "n_own": 200, "n_val": 200, "n_capability": 600, "seed": 12345},
+        # evaluation sets (issue #19): 600 MCUB-mini test items per combination of modalities (3600 / 2400 / 600
+        # in mcub-2/3/4; 100 / 150 / 600 before, 600 per file), 200 validation items per combination (each
+        # composition's λ search), 600 items per capability task (100 val + 500 test)
+        "data": {"mcub_per_combination": 600, "n_own": 200, "n_val": 200, "n_capability": 600, "seed": 12345},
         "eval_generate": True,
     },
     "tiny": {
@@ -84,7 +85,7 @@ PRESETS: dict[str, dict] = {
                        "caption_steps": 60, "instruct_steps": 30, "lr_instruct": 1e-3, "lr_proj": 3e-3,
                        "steps": 300, "batch": 32, "lr_llm": 2e-3, "lr_lora": 3e-3, "mixture_steps": 60,
                        "preserve": 0.5, "preserve_batch": 8},
-        "data": {"n_mcub": 40, "n_own": 60, "n_val": 20, "n_capability": 60, "seed": 12345},
+        "data": {"mcub_per_combination": 40, "n_own": 60, "n_val": 20, "n_capability": 60, "seed": 12345},
         "eval_generate": True,
     },
 }

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .concepts import CAP_SHAPES, CAP_TASKS, PLACEHOLDERS
-from .mcub import build_datasets, read_records, record_inputs
+from .mcub import build_mcub, build_model_evals, read_records, record_inputs
 from .presets import get_preset
 from .scheduler import PLANNERS, Job, register_job_kind
 from .zoo import MODALITY_BASE, _load_llm
@@ -109,12 +109,16 @@ def _job_tokenizer(job: Job, ctx: dict) -> dict:
 
 
 def _job_data(job: Job, ctx: dict) -> dict:
+    """The evaluation sets the zoo's jobs score their models on (own tasks, capability tasks)."""
     c = job.config
-    root = Path(ctx["data"])
-    shutil.rmtree(root, ignore_errors=True)
-    counts = build_datasets(root, c["n_mcub"], c["n_own"], c["n_val"], c["n_capability"], c["seed"],
-                            c["modalities"], c["capability_tasks"])
-    return {"files": counts}
+    return {"files": build_model_evals(Path(ctx["data"]), c["n_own"], c["n_capability"], c["seed"],
+                                       c["modalities"], c["capability_tasks"])}
+
+
+def _job_mcub(job: Job, ctx: dict) -> dict:
+    """MCUB-mini's test and validation sets (the notebooks' benchmark; no model depends on them)."""
+    c = job.config
+    return {"files": build_mcub(Path(ctx["data"]), c["n_per_combination"], c["n_val"], c["seed"], c["modalities"])}
 
 
 def _job_encoder(job: Job, ctx: dict) -> dict:
@@ -576,12 +580,16 @@ SCENES_PATH = path_entries(
     "render_image _audio_tones AUDIO_TONES render_audio _VIDEO_DIRS render_video _POINT_CENTERS _POINT_RGB "
     "_sample_shape render_point RENDERERS render _FONT _polygon_mask render_capability") + path_entries(
     "workbench.world.tasks",
-    "COMMON_Q OWN_TASKS Example options_text _mc sample_scene scene_concepts _words _seed modality_question "
+    "COMMON_Q QUESTION_TYPES OWN_TASKS Example options_text _mc sample_scene scene_concepts _words _seed modality_question "
     "common_scenes multimodal_common TEXT_MIX text_question CAP_QUESTIONS capability_question mixture "
     "own_task_sampler batches example_modal_inputs")
-DATA_PATH = CONCEPTS_PATH + SCENES_PATH + path_entries(
-    "workbench.world.mcub",
-    "SHORT MCUB3 MCUB2 Turn MCUBRecord validate_record save_input example_to_record _write build_datasets")
+_RECORDS = "Turn MCUBRecord validate_record save_input example_to_record _write _clear "
+#: the sets the models' jobs score on (their key is upstream of every model) and MCUB-mini's (no model's):
+#: separate paths, so an edit of MCUB-mini's generator retrains nothing
+EVAL_SETS_PATH = CONCEPTS_PATH + SCENES_PATH + path_entries(
+    "workbench.world.mcub", _RECORDS + "MODEL_EVAL_FOLDERS build_model_evals")
+MCUB_PATH = CONCEPTS_PATH + SCENES_PATH + path_entries(
+    "workbench.world.mcub", _RECORDS + "SHORT MCUB3 MCUB2 MCUB_FOLDERS build_mcub")
 MODEL_PATH = TOKENIZER_PATH + SCENES_PATH + path_entries(
     "workbench.world.encoders",
     "D_ENC _Encoder ImageEncoder AudioEncoder VideoEncoder PointEncoder CapabilityEncoder ENCODER_CLASSES "
@@ -617,7 +625,8 @@ CAP_EXPERT_PATH = MODEL_PATH + path_entries("workbench.world.training", "Preserv
 MODALITY_PATH = MODEL_PATH + path_entries("workbench.world.zoo", "MODALITY_BASE")
 
 #: job kind -> (build function, recipe version, training path)
-_KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 1, DATA_PATH),
+_KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 2, EVAL_SETS_PATH),
+          "mcub_data": (_job_mcub, 1, MCUB_PATH),
           "encoder": (_job_encoder, 1, MODEL_PATH), "base": (_job_base, 1, MODEL_PATH),
           "instruct": (_job_instruct, 1, MODEL_PATH + path_entries("workbench.world.tasks", "text_own_question")),
           "projector": (_job_projector, 1, MODALITY_PATH), "full": (_job_expert, 1, MODALITY_PATH),
@@ -644,8 +653,12 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
     _load_plugins()
     cfg = copy.deepcopy(cfg or get_preset(preset))
     mods = cfg["modalities"]
+    d = cfg["data"]
     jobs = [Job("tokenizer", "tokenizer", {}, [], "tokenizer"),
-            Job("data", "data", dict(cfg["data"], modalities=mods, capability_tasks=cfg["capability"]["tasks"]), [], "")]
+            Job("data", "data", {"n_own": d["n_own"], "n_capability": d["n_capability"], "seed": d["seed"],
+                                 "modalities": mods, "capability_tasks": cfg["capability"]["tasks"]}, [], ""),
+            Job("data-mcub", "mcub_data", {"n_per_combination": d["mcub_per_combination"], "n_val": d["n_val"], "seed": d["seed"],
+                                           "modalities": mods}, [], "")]
     for m in mods:
         e = cfg["encoder"]
         jobs.append(Job(f"encoder-{m}", "encoder", {"modality": m, "steps": e["steps"][m], "batch": e["batch"],

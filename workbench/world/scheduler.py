@@ -267,7 +267,8 @@ def _build_locked(preset: str, out, jobs: int, progress: bool, only, cfg: dict, 
         st = state_dir / f"{j.name}.json"
         if st.exists():
             s = json.loads(st.read_text())
-            if s.get("hash") == hashes[j.name] and (j.kind != "data" or droot.exists()):
+            files = s.get("result", {}).get("files", {})  # a data job's sets must still be there
+            if s.get("hash") == hashes[j.name] and all((droot / f).exists() for f in files):
                 results[j.name] = s
                 continue
         todo.append(j)
@@ -372,7 +373,7 @@ def _write_manifest(root: Path, droot: Path, preset: str, cfg: dict, plan: list[
         res = r["result"]
         if "manifest" in res:
             models[j.name] = dict(res["manifest"], path=j.out, hash=r["hash"], job_seconds=r["seconds"])
-        elif j.kind in ("encoder", "base", "instruct", "tokenizer", "data"):
+        elif j.kind in ("encoder", "base", "instruct", "tokenizer", "data", "mcub_data"):
             jobs[j.name]["result"] = res
     built, wall, versions = time.strftime("%Y-%m-%dT%H:%M:%S"), round(wall, 1), library_versions()
     prev = root / "zoo.json"
