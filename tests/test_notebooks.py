@@ -173,6 +173,9 @@ def test_notebook_names_ordered_and_unique():
 def test_notebook_stored_clean_with_parameters(notebook):
     if notebook is None:
         pytest.fail(f"no notebooks NN_*.ipynb in {NOTEBOOKS_DIR}")
+    stored = json.loads(notebook.read_text())
+    no_id = [i for i, c in enumerate(stored["cells"]) if "id" not in c]
+    assert not no_id, f"{notebook.name}: cells {no_id} have no id (nbformat 4.5; papermill warns once per run)"
     nb = nbformat.read(notebook, as_version=4)
     nbformat.validate(nb)
     dirty = [i for i, c in enumerate(nb.cells)
