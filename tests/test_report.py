@@ -129,6 +129,30 @@ def test_manifest_views():
     assert b.iloc[-1]["seconds"] == 30.0
 
 
+def test_llm_tuning_gap_table_pairs_each_expert_with_its_own_projector():
+    """Gap per seed = expert - base LLM with that expert's projector; mean and t-interval over seeds (closed form:
+    two seeds, half-width t(0.975, 1) x sd / sqrt(2)); models without a base-LLM score or of another kind are left out."""
+    models = {"image-full-s0": {"modality": "image", "kind": "full", "own_task": {"loglik": 60.0},
+                                "own_task_base_llm": {"loglik": 45.0}},
+              "image-full-s1": {"modality": "image", "kind": "full", "own_task": {"loglik": 70.0},
+                                "own_task_base_llm": {"loglik": 40.0}},
+              "image-projector-s0": {"modality": "image", "kind": "projector", "own_task": {"loglik": 10.0}},
+              "image-lora-s0": {"modality": "image", "kind": "lora", "own_task": {"loglik": 99.0},
+                                "own_task_base_llm": {"loglik": 1.0}},
+              "audio-full-s0": {"modality": "audio", "kind": "full", "own_task": {"loglik": 80.0}},
+              "capability-vqa-full-s0": {"family": "capability", "kind": "full", "task": "vqa",
+                                         "own_task": {"loglik": 50.0}, "own_task_base_llm": {"loglik": 40.0}}}
+    g = report.llm_tuning_gap_table({"models": models}).set_index("modality")
+    assert list(g.index) == ["image"]
+    half = 12.706204736174698 * (15.0 * 2 ** 0.5 / 2) / 2 ** 0.5  # gaps 15 and 30: sd 10.607
+    row = g.loc["image"]
+    assert row["gap"] == pytest.approx(22.5) and row["n_seeds"] == 2
+    assert row["gap low"] == pytest.approx(22.5 - half) and row["gap high"] == pytest.approx(22.5 + half)
+    assert row["full expert"].startswith("65.0 [") and row["base LLM + its projector"].startswith("42.5 [")
+    lora = report.llm_tuning_gap_table({"models": models}, tuned="lora").set_index("modality")
+    assert lora.loc["image", "gap"] == 98.0 and lora.loc["image", "lora expert"] == "99.0"
+
+
 def test_density_table():
     t = report.density_table({"I+A-s0": [0.5, 0.022]})
     assert t.loc["I+A-s0", "audio"] == pytest.approx(2.2)
