@@ -41,7 +41,7 @@ reproduce: venv
 
 # JupyterLab on localhost; the ipywidgets lab extension comes with jupyterlab_widgets (no build step).
 # The notebooks read WORKBENCH_PRESET. Without a built default zoo and no PRESET given, they use the
-# tiny preset (a zoo of a few minutes) and say so, instead of a silent ~28-minute build in a first cell.
+# tiny preset (a zoo of a few minutes) and say so, instead of a silent ~40-minute build in a first cell.
 lab: venv
 	@preset="$(PRESET)"; \
 	if [ "$(origin PRESET)" = "file" ] && [ ! -f "$${WORKBENCH_ZOO:-zoo}/default/zoo.json" ]; then \
