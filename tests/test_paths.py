@@ -35,6 +35,17 @@ def test_repo_relative_round_trip(tmp_path, monkeypatch):
     assert paths.resolve_repo_path(str(outside)) == outside
 
 
+def test_repo_relative_keeps_a_symlinked_folder_inside_the_repository(tmp_path, monkeypatch):
+    """A zoo folder symlinked to another disk is named by its place in the repository, not the link's target."""
+    root, elsewhere = tmp_path / "repo", tmp_path / "disk" / "default"
+    (root / "zoo").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    (root / "zoo" / "default").symlink_to(elsewhere)
+    monkeypatch.setattr(paths, "REPO_ROOT", root)
+    assert paths.repo_relative(root / "zoo" / "default") == "zoo/default"
+    assert paths.resolve_repo_path("zoo/default") == root / "zoo" / "default"
+
+
 def test_result_rows_name_prediction_files_relative_to_the_repository(tmp_path, monkeypatch):
     """``pred_file`` is written relative to the repository and read back from it."""
     monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)

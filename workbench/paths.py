@@ -66,12 +66,16 @@ def published_dir() -> Path:
 def repo_relative(path: str | Path) -> str:
     """``path`` as a POSIX string relative to the repository when it lies inside it, else unchanged.
 
-    What result files store for the files they name; :func:`resolve_repo_path` reads it back."""
+    Inside means by its absolute path as named (a zoo folder that is a symlink to another disk is still
+    ``zoo/default``) or by its resolved one. What result files store for the files they name;
+    :func:`resolve_repo_path` reads it back."""
     p = Path(path)
-    try:
-        return p.resolve().relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path)
+    for candidate in (Path(os.path.abspath(p)), p.resolve()):
+        try:
+            return candidate.relative_to(REPO_ROOT).as_posix()
+        except ValueError:
+            continue
+    return str(path)
 
 
 def resolve_repo_path(path: str | Path) -> Path:
