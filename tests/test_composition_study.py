@@ -146,6 +146,30 @@ def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
                         progress=False, mmer_lams=(1.0, 2.0), mmer_alphas=(1.0,), damc_grid=(0.5, 1.0))
     assert again["run"]["evaluated"] == 0 and again["run"]["cached"] > 0
     pd.testing.assert_frame_equal(again["summary"], res["summary"])
+    # the searches' choices travel with the cached predictions: the cached rerun records the same λ / α
+    assert res["run"]["notes"] and again["run"]["notes"] == res["run"]["notes"]
+
+
+def test_search_notes_kept_with_cached_predictions(tmp_path):
+    """sync_notes: a computed searched composition's note is written beside its cache entry and read back on a
+    hit (another composer, the same key); a different key or an unsearched method reads nothing."""
+    from types import SimpleNamespace
+
+    from workbench.studies.composition import combo_tag, sync_notes
+
+    mods = ("image", "audio")
+    parts = {"method": "mmer", "mods": list(mods), "records": "r1"}
+    note = {"lam": 2.0, "alpha": 0.5, "n_val": 200}
+    first = SimpleNamespace(seed=1, notes={"mmer": {f"{combo_tag(mods)}-s1": note}})
+    sync_notes(first, tmp_path, parts, "mmer", mods, hit=False)
+    again = SimpleNamespace(seed=1, notes={})
+    sync_notes(again, tmp_path, parts, "mmer", mods, hit=True)
+    assert again.notes == first.notes
+    other = SimpleNamespace(seed=1, notes={})
+    sync_notes(other, tmp_path, dict(parts, records="r2"), "mmer", mods, hit=True)
+    sync_notes(other, tmp_path, parts, "naive_mc", mods, hit=True)
+    assert other.notes == {}
+    sync_notes(first, None, parts, "mmer", mods, hit=False)  # no cache: nothing to keep, no error
 
 
 @pytest.mark.slow

@@ -155,6 +155,26 @@ def test_mcub_size_changes_no_model_key():
     assert {"data", "image-full-s0"} <= changed and not {"data-mcub", "instruct", "base"} & changed
 
 
+def test_capability_task_steps_rekey_that_task_alone():
+    """``capability.task_steps`` gives one task's experts (full and LoRA, every seed) their own step count and
+    changes no other job's key; a task the preset does not train is an error naming the setting."""
+    from workbench.world.presets import get_preset
+    from workbench.world.scheduler import job_keys
+
+    cfg = get_preset("tiny")
+    cfg["capability"].pop("task_steps", None)
+    before = job_keys(plan_jobs("tiny", cfg))
+    cfg["capability"]["task_steps"] = {"vqa": cfg["capability"]["steps"] + 50}
+    plan = {j.name: j for j in plan_jobs("tiny", cfg)}
+    changed = {n for n, k in job_keys(list(plan.values())).items() if k != before[n]}
+    assert changed == {n for n in plan if n.startswith("capability-vqa-")} and changed
+    assert all(plan[n].config["steps"] == cfg["capability"]["steps"] + 50 for n in changed)
+    assert plan["capability-geometry-full-s0"].config["steps"] == cfg["capability"]["steps"]
+    cfg["capability"]["task_steps"] = {"chart": 10}  # not a task of the tiny preset
+    with pytest.raises(ValueError, match="task_steps"):
+        plan_jobs("tiny", cfg)
+
+
 def test_mcub_generator_edit_changes_no_model_key(monkeypatch, tmp_path):
     """An edit of MCUB-mini's generator (its own training-path entry) rekeys the MCUB job alone."""
     from workbench.world import mcub
@@ -208,6 +228,35 @@ def test_second_build_waits_for_the_first(tiny_zoo):
         lock.close()
     t.join(60)
     assert finished.is_set()
+
+
+def test_build_lock_says_it_waits_only_when_the_wait_is_long(tmp_path, monkeypatch, capsys):
+    """A lock held for a moment (another notebook's cache check) is waited for silently; one held past
+    QUIET_LOCK_WAIT_S (a build) is announced. Either way the lock is taken only once the holder lets go."""
+    import fcntl
+    import threading
+
+    from workbench.world import scheduler
+
+    def hold(seconds: float) -> float:
+        lock = open(tmp_path / ".build.lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        released = []
+        timer = threading.Timer(seconds, lambda: (released.append(time.monotonic()),
+                                                  fcntl.flock(lock, fcntl.LOCK_UN), lock.close()))
+        timer.start()
+        with scheduler._build_lock(tmp_path):
+            got = time.monotonic()
+        timer.join()
+        assert got >= released[0]
+        return got
+
+    monkeypatch.setattr(scheduler, "QUIET_LOCK_WAIT_S", 5.0)
+    hold(0.3)
+    assert "another build" not in capsys.readouterr().out
+    monkeypatch.setattr(scheduler, "QUIET_LOCK_WAIT_S", 0.2)
+    hold(1.0)
+    assert "another build is running" in capsys.readouterr().out
 
 
 # ---- the job cache key: recipe version + the source of the training path only

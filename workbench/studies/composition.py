@@ -47,7 +47,8 @@ from ..paths import repo_relative, results_dir
 from ..statistics import accuracy_intervals, mcnemar_exact
 from ..world.scheduler import library_versions
 from . import search as S
-from .cache import CACHE_VERSION, cached, records_digest
+from ..io.writer import atomic_write
+from .cache import CACHE_VERSION, cached, records_digest, result_key
 from .sweep import CellStore
 COMPOSITIONS = ("expert", "damc_expert", "frozen", "naive_mc", "damc", "mmer", "oracle")
 OWN_ONLY = ("expert", "damc_expert")
@@ -328,6 +329,30 @@ class ZooComposer:
 
 
 # ============================================================================================ the run
+#: The :attr:`ZooComposer.notes` section in which a searched composition records its choice.
+NOTE_SECTIONS = {"damc": "damc_lambda", "mmer": "mmer"}
+
+
+def sync_notes(comp: ZooComposer, cache_dir: Path | None, parts: Mapping, method: str, mods: Sequence[str],
+               hit: bool) -> None:
+    """A searched composition's choice (DAMC's λ, MMER's λ and α) kept with its cached predictions: written beside
+    the cached table (``cache/notes/<key>.json``) when computed, read back into ``comp.notes`` when the table is
+    served from the cache - so a rerun from the cache still records which λ each composition used (``run.json``)."""
+    section = NOTE_SECTIONS.get(method)
+    if section is None or cache_dir is None:
+        return
+    f = Path(cache_dir) / "notes" / f"{result_key(parts)}.json"
+    tag = f"{combo_tag(mods)}-s{comp.seed}"
+    if hit:
+        if f.is_file() and tag not in comp.notes.get(section, {}):
+            comp.notes.setdefault(section, {})[tag] = json.loads(f.read_text())
+        return
+    note = comp.notes.get(section, {}).get(tag)
+    if note is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(f, lambda tmp: Path(tmp).write_text(json.dumps(note, default=str)))
+
+
 def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None,
                 methods: Sequence[str] = COMPOSITIONS, benchmarks: Sequence[str] = BENCHMARKS,
                 own_tasks: bool = True, scorings: Sequence[str] = SCORINGS, seeds: Sequence[int] | None = None,
@@ -422,6 +447,7 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
 
             bar.set_postfix_str(f"s{seed} {method} {bench} {combo_tag(mods)} {scoring}")
             df, hit = cached(cache_dir, parts, compute)
+            sync_notes(comp, cache_dir, parts, method, mods, hit)
             n_cached += int(hit)
             n_eval += int(not hit)
             frames.append(df)

@@ -8,7 +8,7 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--preset", default="default", help="default (~33 min on 2 cores) | tiny (~2 min)")
+    parser.add_argument("--preset", default="default", help="default (~40 min on 2 cores) | tiny (~2 min)")
     parser.add_argument("--out", default=None, help="zoo folder (default zoo/<preset>, or $WORKBENCH_ZOO/<preset>)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--only", nargs="*", default=None, help="build only these jobs (and their dependencies)")

@@ -692,6 +692,9 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
     for seed in [s_ for s_ in cfg["oracle"]["seeds"] if s_ not in cfg["seeds"]]:
         raise ValueError(f"oracle seed {seed} is not among the preset's seeds {cfg['seeds']}")
     cap = cfg["capability"]
+    unknown = sorted(set(cap.get("task_steps", {})) - set(cap["tasks"]))
+    if unknown:
+        raise ValueError(f"preset {preset!r}: capability.task_steps names {unknown}, not among its tasks {cap['tasks']}")
     if cap["tasks"]:
         jobs.append(Job("encoder-capability", "cap_encoder", {"modality": "capability", "steps": cap["enc_steps"],
                                                           "batch": cfg["encoder"]["batch"], "lr": cfg["encoder"]["lr"],
@@ -707,7 +710,8 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
                 lora = cap["lora"] and seed in cap.get("lora_seeds", cap["seeds"])
                 for kind in ["full"] + (["lora"] if lora else []):
                     name = f"{task}-{kind}-s{seed}"
-                    conf = {"task": task, "seed": seed, "kind": kind, "steps": cap["steps"], "batch": cap["batch"],
+                    steps = cap.get("task_steps", {}).get(task, cap["steps"])  # a task with more data trains longer
+                    conf = {"task": task, "seed": seed, "kind": kind, "steps": steps, "batch": cap["batch"],
                             "lr_llm": cap["lr_llm"], "base": CAP_BASE_LLM, "tasks": cap["tasks"],
                             "preserve": cap["preserve"], "preserve_batch": cap["preserve_batch"]}
                     if kind == "lora":
