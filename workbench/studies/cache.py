@@ -8,6 +8,7 @@ benchmark in ``cache/experiments/``), one CSV per evaluation, named by a hash of
 - :func:`digest` - a short sha256 of a JSON mapping, with :data:`CACHE_VERSION`;
 - :func:`result_key` - :func:`digest` of the inputs and of the code that computes the numbers
   (:func:`workbench.evaluate.code_digest`), so a fixed method never reuses predictions of old code;
+- :func:`entry_path` - the file of an entry, named by :func:`result_key`;
 - :func:`read_predictions`, :func:`write_frame` - a cached table read back with the columns as
   written (ids, gold answers and predictions as strings), and written through a temporary name;
 - :func:`cached` - ``compute()`` unless its table is cached.
@@ -58,11 +59,16 @@ def write_frame(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda p: df.to_csv(p, index=False))
 
 
+def entry_path(cache_dir: str | Path, parts: Mapping, suffix: str = ".csv") -> Path:
+    """Where the cache keeps what it stores for ``parts``: ``cache_dir/<result_key(parts)><suffix>``."""
+    return Path(cache_dir) / f"{result_key(parts)}{suffix}"
+
+
 def cached(cache_dir: Path | None, parts: Mapping, compute: Callable[[], pd.DataFrame]) -> tuple[pd.DataFrame, bool]:
-    """``compute()`` unless ``cache_dir/<result_key(parts)>.csv`` exists; returns (frame, was_cached)."""
+    """``compute()`` unless :func:`entry_path` of ``parts`` exists; returns (frame, was_cached)."""
     if cache_dir is None:
         return compute(), False
-    f = Path(cache_dir) / f"{result_key(parts)}.csv"
+    f = entry_path(cache_dir, parts)
     if f.is_file():
         return read_predictions(f), True
     df = compute()
@@ -70,4 +76,4 @@ def cached(cache_dir: Path | None, parts: Mapping, compute: Callable[[], pd.Data
     return df, False
 
 
-__all__ = ["CACHE_VERSION", "cached", "digest", "read_predictions", "records_digest", "result_key", "write_frame"]
+__all__ = ["CACHE_VERSION", "cached", "digest", "entry_path", "read_predictions", "records_digest", "result_key", "write_frame"]

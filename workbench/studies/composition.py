@@ -48,7 +48,7 @@ from ..statistics import accuracy_intervals, mcnemar_exact
 from ..world.scheduler import library_versions
 from . import search as S
 from ..io.writer import atomic_write
-from .cache import CACHE_VERSION, cached, records_digest, result_key
+from .cache import CACHE_VERSION, cached, entry_path, records_digest
 from .sweep import CellStore
 COMPOSITIONS = ("expert", "damc_expert", "frozen", "naive_mc", "damc", "mmer", "oracle")
 OWN_ONLY = ("expert", "damc_expert")
@@ -341,7 +341,7 @@ def sync_notes(comp: ZooComposer, cache_dir: Path | None, parts: Mapping, method
     section = NOTE_SECTIONS.get(method)
     if section is None or cache_dir is None:
         return
-    f = Path(cache_dir) / "notes" / f"{result_key(parts)}.json"
+    f = entry_path(Path(cache_dir) / "notes", parts, ".json")
     tag = f"{combo_tag(mods)}-s{comp.seed}"
     if hit:
         if f.is_file() and tag not in comp.notes.get(section, {}):

@@ -28,7 +28,7 @@ import torch
 
 from ..evaluate import EVAL_BATCH
 from ..paths import repo_relative
-from .cache import digest, read_predictions, records_digest, result_key, write_frame
+from .cache import digest, entry_path, read_predictions, records_digest, write_frame
 
 if TYPE_CHECKING:
     from .merging_benchmark import MergeEntry, _Setting
@@ -119,9 +119,8 @@ class Evaluator:
 
         # the log-likelihood scorer also picks DAMC's λ (loglik search), whatever the scoring here; the
         # code digest (compose, methods, engine, evaluate, the model's scorer) retires predictions of old code
-        key = result_key({"model": model_key, "records": records_digest(records), "scoring": scoring,
-                          **scorer_key()})
-        return self.cache_dir / f"{key}.csv"
+        return entry_path(self.cache_dir, {"model": model_key, "records": records_digest(records), "scoring": scoring,
+                                           **scorer_key()})
 
     def cached(self, model_key: str, records: Sequence[Mapping], scoring: str | None = None) -> pd.DataFrame | None:
         f = self._file(model_key, records, scoring or self.scoring)
