@@ -446,12 +446,29 @@ def _cap_task_sampler(tasks: Sequence[str], task_weight: float, caption: float =
     return mixture(parts)
 
 
+#: share of the instruct base VLM's training batch that is capability tasks (the rest: captions 0.1, text replay 0.1)
+INSTRUCT_TASK_WEIGHT = 0.8
+
+
+def _instruct_sampler(tasks: Sequence[str], shares: dict[str, float]):
+    """The instruct base VLM's mixture: each task named in ``shares`` that share of the batch, the other tasks
+    equal parts of the rest of :data:`INSTRUCT_TASK_WEIGHT`, generic captions 0.1, text replay 0.1. With no
+    ``shares``, the same sampler (the same draws) as ``_cap_task_sampler(tasks, 0.8, caption=0.1, text=0.1)``."""
+    from .tasks import capability_question, mixture, text_question
+    rest = [t for t in tasks if t not in shares]
+    other = (INSTRUCT_TASK_WEIGHT - sum(shares.values())) / len(rest) if rest else 0.0
+    parts = [(shares.get(t, other), (lambda t: lambda r: capability_question(t, r))(t)) for t in tasks]
+    parts += [(0.1, lambda r: capability_question("caption", r)), (0.1, text_question)]
+    return mixture(parts)
+
+
 def _job_cap_base(job: Job, ctx: dict) -> dict:
     """The instruct base VLM, in two stages as InternVL2.5 / Qwen2-VL are built: (1) the projector
     alone on generic captions (base LLM frozen), (2) instruction tuning of LLM + projector on a broad
-    mixture of every capability task (+ captions and text replay) for a moderate number of steps, so
-    the base VLM already knows each task's format and is decent everywhere before the narrow experts
-    are fine-tuned from it. Saves ``llm/`` (the capability family's theta_0) and ``projector/``."""
+    mixture of every capability task (+ captions and text replay; ``task_share`` gives a task its own
+    share of the batch: :func:`_instruct_sampler`) for a moderate number of steps, so the base VLM
+    already knows each task's format and is decent everywhere before the narrow experts are fine-tuned
+    from it. Saves ``llm/`` (the capability family's theta_0) and ``projector/``."""
     from .encoders import Projector, save_module
     from .tasks import batches, capability_question
     from .training import seed_everything, train_mllm
@@ -470,7 +487,7 @@ def _job_cap_base(job: Job, ctx: dict) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     llm.requires_grad_(True)
-    log2 = train_mllm(model, batches(_cap_task_sampler(c["tasks"], 0.8, caption=0.1, text=0.1), c["batch"], 4100),
+    log2 = train_mllm(model, batches(_instruct_sampler(c["tasks"], c.get("task_share", {})), c["batch"], 4100),
                       [{"params": llm.parameters(), "lr": c["lr_llm"]}, {"params": proj.parameters(), "lr": c["lr_proj"]}],
                       c["instruct_steps"], desc="capability base VLM (instruct)", progress=ctx["progress"])
     _save_llm(llm, tok, folder / "llm")
@@ -632,7 +649,7 @@ _KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 
           "projector": (_job_projector, 1, MODALITY_PATH), "full": (_job_expert, 1, MODALITY_PATH),
           "lora": (_job_expert, 1, MODALITY_PATH), "oracle": (_job_oracle, 1, MODALITY_PATH),
           "cap_encoder": (_job_cap_encoder, 2, MODEL_PATH + path_entries(__name__, "_CAP_INK _cap_patch_labels")),
-          "cap_base": (_job_cap_base, 2, MODEL_PATH), "cap_full": (_job_cap_expert, 3, CAP_EXPERT_PATH),
+          "cap_base": (_job_cap_base, 2, MODEL_PATH + path_entries(__name__, "INSTRUCT_TASK_WEIGHT _instruct_sampler")), "cap_full": (_job_cap_expert, 3, CAP_EXPERT_PATH),
           "cap_lora": (_job_cap_expert, 3, CAP_EXPERT_PATH), "cap_mixture": (_job_cap_mixture, 1, MODEL_PATH)}
 for _kind, (_build, _version, _path) in _KINDS.items():
     register_job_kind(_kind, _build, version=_version, training_path=_path)
@@ -695,6 +712,14 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
     unknown = sorted(set(cap.get("task_steps", {})) - set(cap["tasks"]))
     if unknown:
         raise ValueError(f"preset {preset!r}: capability.task_steps names {unknown}, not among its tasks {cap['tasks']}")
+    share = dict(cap.get("instruct_task_share", {}))
+    unknown = sorted(set(share) - set(cap["tasks"]))
+    if unknown:
+        raise ValueError(f"preset {preset!r}: capability.instruct_task_share names {unknown}, not among its tasks "
+                         f"{cap['tasks']}")
+    if any(not 0 < v for v in share.values()) or sum(share.values()) > INSTRUCT_TASK_WEIGHT + 1e-9:
+        raise ValueError(f"preset {preset!r}: capability.instruct_task_share {share} must be positive shares summing "
+                         f"to at most {INSTRUCT_TASK_WEIGHT} (the tasks' part of the instruct batch)")
     if cap["tasks"]:
         jobs.append(Job("encoder-capability", "cap_encoder", {"modality": "capability", "steps": cap["enc_steps"],
                                                           "batch": cfg["encoder"]["batch"], "lr": cfg["encoder"]["lr"],
@@ -702,8 +727,8 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
         pretrained = ["tokenizer", "base", "data"]  # the capability family starts from the text-pretrained LM
         jobs.append(Job("capability-base", "cap_base", {
             "caption_steps": cap["caption_steps"], "instruct_steps": cap["instruct_steps"], "batch": cap["batch"],
-            "lr_proj": cap["lr_proj"], "lr_llm": cap["lr_instruct"], "tasks": cap["tasks"]},
-            pretrained + ["encoder-capability"], "capability/base"))
+            "lr_proj": cap["lr_proj"], "lr_llm": cap["lr_instruct"], "tasks": cap["tasks"],
+            **({"task_share": share} if share else {})}, pretrained + ["encoder-capability"], "capability/base"))
         cap_deps = pretrained + ["encoder-capability", "capability-base"]
         for seed in cap["seeds"]:
             for task in cap["tasks"]:
