@@ -649,7 +649,8 @@ _KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 
           "projector": (_job_projector, 1, MODALITY_PATH), "full": (_job_expert, 1, MODALITY_PATH),
           "lora": (_job_expert, 1, MODALITY_PATH), "oracle": (_job_oracle, 1, MODALITY_PATH),
           "cap_encoder": (_job_cap_encoder, 2, MODEL_PATH + path_entries(__name__, "_CAP_INK _cap_patch_labels")),
-          "cap_base": (_job_cap_base, 2, MODEL_PATH + path_entries(__name__, "INSTRUCT_TASK_WEIGHT _instruct_sampler")), "cap_full": (_job_cap_expert, 3, CAP_EXPERT_PATH),
+          "cap_base": (_job_cap_base, 2, MODEL_PATH + path_entries(__name__, "INSTRUCT_TASK_WEIGHT _instruct_sampler")),
+          "cap_full": (_job_cap_expert, 3, CAP_EXPERT_PATH),
           "cap_lora": (_job_cap_expert, 3, CAP_EXPERT_PATH), "cap_mixture": (_job_cap_mixture, 1, MODEL_PATH)}
 for _kind, (_build, _version, _path) in _KINDS.items():
     register_job_kind(_kind, _build, version=_version, training_path=_path)
@@ -663,6 +664,13 @@ CAP_BASE_LLM = "capability/base/llm"
 def _lora_settings(cfg: dict) -> dict:
     """A LoRA job's settings: the preset's ``lora`` block without its planning keys."""
     return {k: v for k, v in cfg["lora"].items() if k not in ("enabled", "seeds")}
+
+
+def _check_task_names(preset: str, setting: str, names, tasks: Sequence[str]) -> None:
+    """A capability setting keyed by task (``task_steps``, ``instruct_task_share``) names only the preset's tasks."""
+    unknown = sorted(set(names) - set(tasks))
+    if unknown:
+        raise ValueError(f"preset {preset!r}: capability.{setting} names {unknown}, not among its tasks {tasks}")
 
 
 def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
@@ -709,14 +717,9 @@ def plan_jobs(preset: str, cfg: dict | None = None) -> list[Job]:
     for seed in [s_ for s_ in cfg["oracle"]["seeds"] if s_ not in cfg["seeds"]]:
         raise ValueError(f"oracle seed {seed} is not among the preset's seeds {cfg['seeds']}")
     cap = cfg["capability"]
-    unknown = sorted(set(cap.get("task_steps", {})) - set(cap["tasks"]))
-    if unknown:
-        raise ValueError(f"preset {preset!r}: capability.task_steps names {unknown}, not among its tasks {cap['tasks']}")
+    _check_task_names(preset, "task_steps", cap.get("task_steps", {}), cap["tasks"])
     share = dict(cap.get("instruct_task_share", {}))
-    unknown = sorted(set(share) - set(cap["tasks"]))
-    if unknown:
-        raise ValueError(f"preset {preset!r}: capability.instruct_task_share names {unknown}, not among its tasks "
-                         f"{cap['tasks']}")
+    _check_task_names(preset, "instruct_task_share", share, cap["tasks"])
     if any(not 0 < v for v in share.values()) or sum(share.values()) > INSTRUCT_TASK_WEIGHT + 1e-9:
         raise ValueError(f"preset {preset!r}: capability.instruct_task_share {share} must be positive shares summing "
                          f"to at most {INSTRUCT_TASK_WEIGHT} (the tasks' part of the instruct batch)")
