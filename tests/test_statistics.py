@@ -89,6 +89,36 @@ def test_planted_effect_is_reproduced_and_the_opposite_is_not():
     assert S.verdict_table([S.compare(b, a, "B < A", relation="<")], "t")["verdict"][0] == S.REPRODUCED
 
 
+def test_a_presupposing_claim_takes_the_weaker_verdict():
+    """"The gain grows" presupposes the gain: reproduced only where the gain is; a significant loss at the larger
+    benchmark makes it not reproduced however the gap moves; an inconclusive gain leaves it inconclusive, with the
+    gain's items_80."""
+    rng = np.random.default_rng(3)
+    win, lose, tie = _pair(rng, 0.4, 0.2, 0.05), _pair(rng, 0.4, 0.05, 0.2), _pair(rng, 0.4, 0.1, 0.1, n=60)
+
+    def table(gain_pair):
+        rows = [dict(S.compare(*gain_pair, "gain on big", published=(50.0, 45.0))),
+                dict(S.compare(*win, "the gain grows"), requires="gain on big")]
+        return S.verdict_table(rows, family="t").set_index("claim")
+
+    alone = S.verdict_table([S.compare(*win, "the gain grows")], "t")
+    assert alone["verdict"][0] == S.REPRODUCED  # the same test, without its presupposition
+    assert table(win).loc["the gain grows", "verdict"] == S.REPRODUCED
+    lost = table(lose)
+    assert lost.loc["gain on big", "verdict"] == S.NOT_REPRODUCED
+    assert lost.loc["the gain grows", "verdict"] == S.NOT_REPRODUCED
+    assert "presupposes 'gain on big': not reproduced" in lost.loc["the gain grows", "reason"]
+    open_ = table(tie)
+    assert open_.loc["gain on big", "verdict"] == S.INCONCLUSIVE
+    assert open_.loc["the gain grows", "verdict"] == S.INCONCLUSIVE
+    assert open_.loc["the gain grows", "items_80"] == open_.loc["gain on big", "items_80"] > 0
+    # the weaker of the two, whichever side it is on
+    assert S.presupposing((S.INCONCLUSIVE, "a"), (S.REPRODUCED, "b"), "x") == (S.INCONCLUSIVE, "a; presupposes 'x': reproduced")
+    assert S.presupposing((S.REPRODUCED, "a"), (S.NOT_TESTABLE, "b"), "x")[0] == S.NOT_TESTABLE
+    with pytest.raises(ValueError, match="requires 'nowhere'"):
+        S.verdict_table([dict(S.compare(*win, "c"), requires="nowhere")], "t")
+
+
 def _null_row(rng, n=80, seeds=2, n_boot=200):
     """The pieces of S.compare on simulated paired outcomes without an effect (numpy only, fast)."""
     ca, cb = rng.random((seeds, n)) < 0.45, rng.random((seeds, n)) < 0.45
@@ -269,6 +299,9 @@ def test_composition_claims_from_predictions():
     d = S.verdict_table(report.damc_claims(pred, "generate", published=(66.79, 66.88)), "03").set_index("claim")
     assert d.loc["DAMC > NaiveMC on mcub-2", "verdict"] == S.NOT_REPRODUCED
     assert d.loc["DAMC > NaiveMC on mcub-2", "published_effect"] == pytest.approx(-0.09)
+    # DAMC loses on mcub-3 too: its "gap grows" claim presupposes a gain there, so it cannot be reproduced
+    assert d.loc["DAMC > NaiveMC on mcub-3", "verdict"] == S.NOT_REPRODUCED
+    assert d.loc["gap grows: mcub-3 > mcub-2", "verdict"] == S.NOT_REPRODUCED
     gap = report.paired_difference(pred[pred["benchmark"] == "mcub-2"], "damc", "naive_mc", scoring="generate")
     assert gap.loc[0, "mean"] == pytest.approx(d.loc["DAMC > NaiveMC on mcub-2", "effect"])
 

@@ -17,6 +17,9 @@ One module, one rule (:data:`VERDICT_RULE`, printed under every verdict table of
 - **Inertness**: identical predictions (no discordant item), an optimiser that did not move its
   objective (:func:`optimiser_inert`), a parameter whose values change nothing
   (:func:`sweep_inert`) - the claim is then *not testable here*, with the reason.
+- **Presupposition** (:func:`presupposing`): a claim that speaks of an effect another claim of its
+  family establishes ("DAMC's gain grows with modalities" speaks of DAMC's gain) names that claim in
+  a ``requires`` entry and takes the weaker of the two verdicts.
 
 The paired bootstrap and McNemar follow the standard analysis of paired classifier comparisons
 (Dietterich 1998; McNemar 1947); resampling seeds first keeps the training-seed variance in the
@@ -65,7 +68,12 @@ VERDICT_RULE = (
     "predictions). REPRODUCED: p_holm < 0.05, effect in the claimed direction and its interval excludes 0. "
     "NOT REPRODUCED: p_holm < 0.05 in the opposite direction (interval excludes 0), or the interval excludes "
     "the published effect ('smaller than published'). INCONCLUSIVE: neither; items_80 = items (pairs, pooled "
-    "over seeds) that would resolve the published effect with 80% power at the family's Bonferroni level.")
+    "over seeds) that would resolve the published effect with 80% power at the family's Bonferroni level. "
+    "A claim that presupposes another of its family (a gain that grows presupposes the gain) takes the weaker "
+    "verdict of the two: not testable, not reproduced, inconclusive, reproduced.")
+
+#: From the weakest to the strongest verdict: a presupposing claim takes the weaker of its own and its requirement's.
+_STRENGTH = (NOT_TESTABLE, NOT_REPRODUCED, INCONCLUSIVE, REPRODUCED)
 
 ITEM_COLUMNS = ("seed", "id", "correct")
 TABLE_COLUMNS = ["family", "claim", "relation", "comparison", "published_lhs", "published_rhs", "published_effect",
@@ -372,13 +380,26 @@ def verdict(effect: float, ci_low: float, ci_high: float, p_holm: float, relatio
     return INCONCLUSIVE, f"p_holm {p_holm:.2g}"
 
 
+def presupposing(own: tuple[str, str], required: tuple[str, str], requires: str) -> tuple[str, str]:
+    """``(verdict, reason)`` of a claim whose own test gave ``own`` and which presupposes the claim
+    ``requires`` (verdict ``required``): the weaker of the two (:data:`_STRENGTH`), the reason naming both.
+    E.g. "DAMC's gain on MCUB-3 exceeds its gain on MCUB-2" is reproduced only where DAMC > NaiveMC on
+    MCUB-3 is: a loss that shrinks is not a gain that grows."""
+    (v_own, why_own), (v_req, why_req) = own, required
+    if _STRENGTH.index(v_req) < _STRENGTH.index(v_own):
+        return v_req, f"{v_own} on its own ({why_own}), but it presupposes '{requires}': {v_req} ({why_req})"
+    return v_own, f"{why_own}; presupposes '{requires}': {v_req}"
+
+
 def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: float = ALPHA, *,
                   preset: str | None = None) -> pd.DataFrame:
     """Holm over the ``family`` of claim rows (:func:`compare` / :func:`compare_level`), then the
     verdict of each; :data:`TABLE_COLUMNS`. Inert claims are not tested and do not count in the family.
-    ``items_80`` is kept for inconclusive claims only (the items at the family's Bonferroni level).
-    For a small ``preset`` (:data:`SMALL_PRESETS`) a ``caution`` column says on every row that its items
-    decide nothing."""
+    A row with a ``requires`` entry (the name of another claim of the family) gets the weaker verdict
+    of the two (:func:`presupposing`); an inconclusive one then takes its requirement's ``items_80``
+    when it has none of its own. ``items_80`` is kept for inconclusive claims only (the items at the
+    family's Bonferroni level). For a small ``preset`` (:data:`SMALL_PRESETS`) a ``caution`` column says
+    on every row that its items decide nothing."""
     df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows).copy()
     if len(df) == 0:
         return _with_caution(pd.DataFrame(columns=TABLE_COLUMNS), preset)
@@ -391,10 +412,24 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
     records = df.to_dict("records")
     out = [verdict(r["effect"], r["ci_low"], r["ci_high"], r["p_holm"], r["relation"], r["published_effect"],
                    r["inert"], alpha) for r in records]
+    items_80 = [_items_80(r, alpha / max(m, 1)) for r in records]
+    if "requires" in df.columns:
+        index = {r["claim"]: i for i, r in enumerate(records)}
+        for i, r in enumerate(records):
+            req = r["requires"]
+            if not isinstance(req, str) or not req:
+                continue
+            if req not in index:
+                raise ValueError(f"claim {r['claim']!r} requires {req!r}, which is not a claim of family {family!r}")
+            j = index[req]
+            if isinstance(records[j]["requires"], str) and records[j]["requires"]:
+                raise ValueError(f"claim {r['claim']!r} requires {req!r}, which itself requires another claim")
+            out[i] = presupposing(out[i], out[j], req)
+            if not np.isfinite(items_80[i]):
+                items_80[i] = items_80[j]
     df["verdict"], df["reason"] = [v for v, _ in out], [why for _, why in out]
     df["family"] = f"{family} ({m} tested claims)"
-    df["items_80"] = [_items_80(r, alpha / max(m, 1)) if v == INCONCLUSIVE else math.nan
-                      for r, (v, _) in zip(records, out)]
+    df["items_80"] = [n if v == INCONCLUSIVE else math.nan for n, (v, _) in zip(items_80, out)]
     return _with_caution(df[TABLE_COLUMNS].reset_index(drop=True), preset)
 
 
@@ -456,5 +491,5 @@ def claims_sentence(table: pd.DataFrame, claims: Sequence[str] | None = None, di
 __all__ = ["ALPHA", "BOOT_SEED", "INCONCLUSIVE", "ITEM_COLUMNS", "NOT_REPRODUCED", "NOT_TESTABLE", "N_BOOT", "POWER",
            "REPRODUCED", "SOLVER_SHARE", "TABLE_COLUMNS", "VERDICTS", "VERDICT_RULE", "accuracy_intervals",
            "claims_sentence", "compare", "compare_level", "hierarchical_bootstrap", "holm", "items_for_power",
-           "mcnemar_exact", "optimiser_inert", "paired_items", "sweep_inert", "t_interval", "verdict", "verdict_counts",
+           "mcnemar_exact", "optimiser_inert", "paired_items", "presupposing", "sweep_inert", "t_interval", "verdict", "verdict_counts",
            "verdict_table", "verdict_view", "wilson_interval"]

@@ -173,7 +173,10 @@ def damc_claims(pred: pd.DataFrame, scoring: str = "generate", published: tuple[
                 ) -> list[dict]:
     """Notebook 03's claims: DAMC > NaiveMC on each MCUB-mini benchmark (paired; ``published`` = the
     paper's (DAMC, NaiveMC) numbers, default Table 5's Avg of the merging benchmark), and "the gap
-    grows with modalities" (the paired gap on MCUB-3/4 > on MCUB-2; unpaired: different items)."""
+    grows with modalities" (the paired gap on MCUB-3/4 > on MCUB-2; unpaired: different items). The
+    paper's words are "significant gains as more modalities are incorporated": a gain that grows, so
+    each "gap grows" claim presupposes DAMC > NaiveMC on its larger benchmark (``requires``; the weaker
+    verdict of the two, :func:`workbench.statistics.presupposing`) - a loss that shrinks is not it."""
     from .published import load_table
     from ..statistics import compare, paired_items
 
@@ -185,7 +188,8 @@ def damc_claims(pred: pd.DataFrame, scoring: str = "generate", published: tuple[
                     published=published, source="optmerge_table5 (Avg)") for b in mcub]
     gap = {b: paired_items(_items(pred, "damc", b, scoring), _items(pred, "naive_mc", b, scoring))
            [["seed", "id", "value"]] for b in mcub}
-    rows += [compare(gap[b], gap["mcub-2"], f"gap grows: {b} > mcub-2", paired=False, source="DAMC paper (prose)")
+    rows += [dict(compare(gap[b], gap["mcub-2"], f"gap grows: {b} > mcub-2", paired=False, source="DAMC paper (prose)"),
+                  requires=f"DAMC > NaiveMC on {b}")
              for b in ("mcub-3", "mcub-4") if b in gap and "mcub-2" in gap]
     return rows
 
