@@ -491,5 +491,5 @@ def claims_sentence(table: pd.DataFrame, claims: Sequence[str] | None = None, di
 __all__ = ["ALPHA", "BOOT_SEED", "INCONCLUSIVE", "ITEM_COLUMNS", "NOT_REPRODUCED", "NOT_TESTABLE", "N_BOOT", "POWER",
            "REPRODUCED", "SOLVER_SHARE", "TABLE_COLUMNS", "VERDICTS", "VERDICT_RULE", "accuracy_intervals",
            "claims_sentence", "compare", "compare_level", "hierarchical_bootstrap", "holm", "items_for_power",
-           "mcnemar_exact", "optimiser_inert", "paired_items", "presupposing", "sweep_inert", "t_interval", "verdict", "verdict_counts",
-           "verdict_table", "verdict_view", "wilson_interval"]
+           "mcnemar_exact", "optimiser_inert", "paired_items", "presupposing", "sweep_inert", "t_interval", "verdict",
+           "verdict_counts", "verdict_table", "verdict_view", "wilson_interval"]

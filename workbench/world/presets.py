@@ -63,7 +63,8 @@ PRESETS: dict[str, dict] = {
         # (own-task gains 19.7 / 17.8 / 15.7 points, cost +82 / +46 / +15% per step); 8 for the build budget.
         # mixture_steps 400 -> 500: at 400 mixture training (67.7) was no better than the merges of such experts;
         # 500 -> 300 (2026-12-07, the 35-minute zoo budget: training steps cut before items): from the instruct base that
-        # binds, mixture training at 500 steps was 86.9 against the best merge's 71.1 (the paper: level, 57.7 vs 57.4)
+        # binds, mixture training at 500 steps was 86.9 against the best merge's 71.1 (the paper: level, 57.7 vs 57.4);
+        # at 300 it is 78.9 [76.2, 81.6], still above every merge, and its three jobs take 377 s instead of 612 s
         # instruct_task_share / instruct_steps / steps (2026-12-06, issue #19): VQA (binding a shape to its colour) is
         # learnt late and suddenly. From an instruct base with equal parts (VQA 0.16 of 300 steps) the base VLM did not
         # bind (VQA 38.3) and the VQA experts learnt it as a new skill (+23 at 300 steps, +4 at 200), which no merge
