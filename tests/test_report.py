@@ -236,3 +236,20 @@ def test_readme_claims_come_from_the_verdict_files():
     assert " ".join(text.split()) in " ".join((root / "README.md").read_text().split())
     tally = report.readme_verdict_counts(root / "data" / "results" / "default")
     assert tally.startswith("Of ") and " ".join(tally.split()) in " ".join((root / "README.md").read_text().split())
+
+
+def test_committed_composition_tables_agree_with_each_other():
+    """Notebooks 02 and 03 both write DAMC vs NaiveMC on MCUB-mini (02's paired table, 03's verdicts) from one
+    predictions.csv: a partial rerun that rewrites one and not the other leaves them disagreeing (02's table once
+    kept the DAMC experts of an older zoo). Both must give the same accuracies and discordant counts."""
+    from pathlib import Path
+
+    out = Path(__file__).resolve().parents[1] / "data" / "results" / "default"
+    paired = pd.read_csv(out / "02_naivemc_paired_generate.csv")
+    verdicts = pd.read_csv(out / "03_damc_verdicts_generate.csv").set_index("claim")
+    rows = paired[(paired["a"] == "DAMC") & (paired["b"] == "NaiveMC") & paired["benchmark"].str.startswith("mcub-")]
+    assert len(rows) == 3
+    for _, r in rows.iterrows():
+        v = verdicts.loc[f"DAMC > NaiveMC on {r['benchmark']}"]
+        assert (r["acc_a"], r["acc_b"]) == pytest.approx((v["ours_lhs"], v["ours_rhs"]), abs=1e-9)
+        assert (r["a_only"], r["b_only"], r["n"]) == (v["b"], v["c"], v["n_items"])
