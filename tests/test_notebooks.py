@@ -303,11 +303,19 @@ def test_run_notebooks_side_by_side(toy_project, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     _write_nb(toy_project / "notebooks" / "04_threads.ipynb",
               "import os, pathlib\npathlib.Path('../figures/threads.txt').write_text(os.environ['OMP_NUM_THREADS'])")
+    # the threads share one process: none may move its working directory (papermill's cwd did, and a notebook that
+    # ended early sent its neighbour's starting kernel out of notebooks/); each kernel is given its folder instead.
+    # (papermill's file reads and writes chdir to the directory that is current already: no move.)
+    moves: list = []
+    real_chdir = os.chdir
+    monkeypatch.setattr(os, "chdir", lambda p: (moves.append(p), real_chdir(p))[1])
     lines: list[str] = []
     df = run_notebooks(preset="tiny", notebooks_dir="notebooks", out_dir="figures/executed", html_dir=False,
                        parameters={"label": "x2"}, build_zoo=False, timeout=120, jobs=2, log=lines.append)
+    assert {str(p) for p in moves} <= {str(toy_project)}
     assert df.notebook.tolist() == ["01_first.ipynb", "02_broken.ipynb", "03_last.ipynb", "04_threads.ipynb"]
-    assert df.status.tolist() == ["ok", "failed", "ok", "ok"]
+    assert df.status.tolist() == ["ok", "failed", "ok", "ok"], df.error.tolist()
+    assert json.loads((toy_project / "figures" / "first.txt").read_text())["cwd"] == str(toy_project / "notebooks")
     assert (toy_project / "figures" / "threads.txt").read_text() == "2"
     assert sum(l.startswith("-> ") for l in lines) == 4 and "2 side by side" in lines[0]
     assert not [p.name for p in (toy_project / "notebooks").iterdir() if "ipc" in p.name]

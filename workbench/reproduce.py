@@ -209,7 +209,11 @@ def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapp
 
     Returns ``{"notebook", "status" ("ok" | "failed"), "seconds", "output", "error"}``; ``error``
     is ``"ExcName: message (cell N)"`` for a cell that raised, or the exception papermill raised
-    (timeout, dead kernel). ``cwd`` defaults to the notebook's folder.
+    (timeout, dead kernel). ``cwd`` defaults to the notebook's folder. It is the kernel's working
+    directory, given to the kernel alone (nbclient's ``resources["metadata"]["path"]``): papermill's
+    own ``cwd`` changes the working directory of the whole process for the run and restores it after,
+    so with notebooks side by side in threads one that ended early moved another's kernel out of
+    ``notebooks/`` while it started (seen once in CI: the toy ``01`` beside a failing ``02``).
     """
     import papermill as pm
 
@@ -219,9 +223,9 @@ def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapp
     error = ""
     try:
         pm.execute_notebook(str(path), str(output), parameters=dict(parameters or {}), kernel_name=kernel_name,
-                            cwd=str(cwd if cwd is not None else path.parent), execution_timeout=timeout,
-                            progress_bar=False, log_output=False, report_mode=False,
-                            kernel_manager_class=_ipc_kernel_manager())
+                            execution_timeout=timeout, progress_bar=False, log_output=False, report_mode=False,
+                            kernel_manager_class=_ipc_kernel_manager(),
+                            resources={"metadata": {"path": str(Path(cwd if cwd is not None else path.parent))}})
     except pm.PapermillExecutionError as e:
         error = f"{e.ename}: {e.evalue} (cell {e.exec_count})"
     except Exception as e:  # noqa: BLE001 - timeouts, dead kernels, bad notebooks: reported per notebook
