@@ -225,7 +225,7 @@ def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapp
         pm.execute_notebook(str(path), str(output), parameters=dict(parameters or {}), kernel_name=kernel_name,
                             execution_timeout=timeout, progress_bar=False, log_output=False, report_mode=False,
                             kernel_manager_class=_ipc_kernel_manager(),
-                            resources={"metadata": {"path": str(Path(cwd if cwd is not None else path.parent))}})
+                            resources={"metadata": {"path": str(cwd if cwd is not None else path.parent)}})
     except pm.PapermillExecutionError as e:
         error = f"{e.ename}: {e.evalue} (cell {e.exec_count})"
     except Exception as e:  # noqa: BLE001 - timeouts, dead kernels, bad notebooks: reported per notebook

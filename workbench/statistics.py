@@ -413,20 +413,20 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
     out = [verdict(r["effect"], r["ci_low"], r["ci_high"], r["p_holm"], r["relation"], r["published_effect"],
                    r["inert"], alpha) for r in records]
     items_80 = [_items_80(r, alpha / max(m, 1)) for r in records]
-    if "requires" in df.columns:
-        index = {r["claim"]: i for i, r in enumerate(records)}
-        for i, r in enumerate(records):
-            req = r["requires"]
-            if not isinstance(req, str) or not req:
-                continue
-            if req not in index:
-                raise ValueError(f"claim {r['claim']!r} requires {req!r}, which is not a claim of family {family!r}")
-            j = index[req]
-            if isinstance(records[j]["requires"], str) and records[j]["requires"]:
-                raise ValueError(f"claim {r['claim']!r} requires {req!r}, which itself requires another claim")
-            out[i] = presupposing(out[i], out[j], req)
-            if not np.isfinite(items_80[i]):
-                items_80[i] = items_80[j]
+    requires = [r.get("requires") if isinstance(r.get("requires"), str) else "" for r in records]
+    index = {r["claim"]: i for i, r in enumerate(records)}
+    for i, req in enumerate(requires):
+        if not req:
+            continue
+        if req not in index:
+            raise ValueError(f"claim {records[i]['claim']!r} requires {req!r}, which is not a claim of family "
+                             f"{family!r}")
+        j = index[req]
+        if requires[j]:
+            raise ValueError(f"claim {records[i]['claim']!r} requires {req!r}, which itself requires another claim")
+        out[i] = presupposing(out[i], out[j], req)
+        if not np.isfinite(items_80[i]):
+            items_80[i] = items_80[j]
     df["verdict"], df["reason"] = [v for v, _ in out], [why for _, why in out]
     df["family"] = f"{family} ({m} tested claims)"
     df["items_80"] = [n if v == INCONCLUSIVE else math.nan for n, (v, _) in zip(items_80, out)]
