@@ -267,8 +267,8 @@ def test_run_notebooks_runs_all_in_order_and_reports(toy_project, capsys):
 
 
 def test_critical_path_and_side_by_side_order():
-    """Of the notebooks ready to start, the one heading the longest chain of work left goes first; a notebook
-    never starts before the ones it needs have finished."""
+    """The longest chain of work left, per notebook; with one worker the notebooks start in that order, with two in
+    the planned order; a notebook never starts before the ones it needs have finished."""
     nbs = [Path(f"{n}.ipynb") for n in ("00_a", "02_c", "03_d", "05_f", "06_g", "07_h")]
     secs = {"00_a.ipynb": 10, "02_c.ipynb": 600, "03_d.ipynb": 20, "05_f.ipynb": 500, "06_g.ipynb": 400,
             "07_h.ipynb": 550}
@@ -288,12 +288,42 @@ def test_critical_path_and_side_by_side_order():
         with lock:
             finished.add(nb.name[:2])
 
-    reproduce._run_side_by_side(nbs, 1, prio, run_one)  # one worker: the priority order, needs respected
+    one = reproduce.planned_order(nbs, secs, 1)
+    assert [n[:2] for n in one] == ["05", "06", "02", "07", "03", "00"]
+    reproduce._run_side_by_side(nbs, 1, one, run_one)  # one worker: the order given, needs respected
     assert started == ["05", "06", "02", "07", "03", "00"]
     started.clear(), finished.clear()
-    reproduce._run_side_by_side(nbs, 2, prio, run_one)
-    assert sorted(started) == ["00", "02", "03", "05", "06", "07"] and started[:2] == ["05", "06"]
+    two = reproduce.planned_order(nbs, secs, 2)
+    reproduce._run_side_by_side(nbs, 2, two, run_one)
+    assert sorted(started) == ["00", "02", "03", "05", "06", "07"] and started[:2] == [n[:2] for n in two[:2]]
     assert reproduce.default_jobs(1) == 1 and 1 <= reproduce.default_jobs(50) <= (os.cpu_count() or 1)
+
+
+def test_planned_order_beats_longest_chain_first_when_a_notebook_needs_two():
+    """07 needs 05 and 06. Longest chain first starts 06 (06 -> 07) beside 02 and leaves 05 until 06 ends: 05 and
+    07 then run alone at the end. The planned order starts 05 and 06 together. Walls by hand (2 workers)."""
+    nbs = [Path(f"{n}.ipynb") for n in ("02_c", "04_e", "05_f", "06_g", "07_h")]
+    secs = {"02_c.ipynb": 1600, "04_e.ipynb": 170, "05_f.ipynb": 780, "06_g.ipynb": 1460, "07_h.ipynb": 910}
+    chain = reproduce.planned_order(nbs, secs, 1)
+    assert [n[:2] for n in chain] == ["06", "02", "05", "07", "04"]
+    # 06 | 02 from 0; 06 ends 1460 -> 05 to 2240; 02 ends 1600 -> 04 to 1770; 07 from 2240 to 3150
+    assert reproduce.simulated_wall(chain, secs, 2) == 3150
+    plan = reproduce.planned_order(nbs, secs, 2)
+    # 05 ends 780 -> 02 to 2380; 06 ends 1460 -> 07 to 2370 -> 04 (02 not done: waits) from 2380 to 2550
+    assert {n[:2] for n in plan[:2]} == {"05", "06"} and reproduce.simulated_wall(plan, secs, 2) == 2550
+    assert reproduce.simulated_wall(plan, secs, 1) == sum(secs.values())
+    # the simulation is the scheduler's: the same starts in the same order with sleeps in place of notebooks
+    started, lock = [], threading.Lock()
+
+    def run_one(nb):
+        with lock:
+            started.append(nb.name[:2])
+        time.sleep(secs[nb.name] / 20000)
+
+    reproduce._run_side_by_side(nbs, 2, plan, run_one)
+    assert started == ["05", "06", "02", "07", "04"] or started == ["06", "05", "02", "07", "04"]
+    with pytest.raises(ValueError, match="wait on each other"):
+        reproduce.simulated_wall(["01_a.ipynb", "02_b.ipynb"], {}, 2, needs={"01": ("02",), "02": ("01",)})
 
 
 def test_run_notebooks_side_by_side(toy_project, monkeypatch):

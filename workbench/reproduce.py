@@ -15,8 +15,8 @@ repository's ``notebooks/`` are found from any working directory.
 
 Notebooks run side by side, one per CPU core (``--jobs``; ``--jobs 1``: one after the other, in
 order), each kernel with ``OMP_NUM_THREADS`` = cores / jobs. A notebook that reads what another
-computed starts after it (:data:`NEEDS`); among the notebooks ready to start, the one heading the
-longest chain of work left goes first, timed by the last run's seconds
+computed starts after it (:data:`NEEDS`); among the notebooks ready to start, the first of the start order
+whose simulated wall time is shortest (:func:`planned_order`), timed by the last run's seconds
 (``figures/<preset>/notebook_seconds.csv``, rewritten by every run).
 
 From Python::
@@ -262,6 +262,63 @@ def critical_path(notebooks: Sequence[Path], seconds: Mapping[str, float],
     return {name: chain(n) for n, name in by_number.items()}
 
 
+def _ready(name: str, selected: set[str], finished: set[str], needs: Mapping[str, Sequence[str]]) -> bool:
+    """Every selected notebook that ``name`` needs has finished (needs by number, names ``NN_*.ipynb``)."""
+    return all(r not in selected or r in finished for r in needs.get(name[:2], ()))
+
+
+def simulated_wall(order: Sequence[str], seconds: Mapping[str, float], jobs: int,
+                   needs: Mapping[str, Sequence[str]] = NEEDS) -> float:
+    """Expected wall seconds of running the notebooks named in ``order`` on ``jobs`` workers the way
+    :func:`_run_side_by_side` does: a free worker takes the first ready notebook of ``order`` (``seconds`` by name,
+    :data:`UNKNOWN_SECONDS` where missing)."""
+    selected = {n[:2] for n in order}
+    pending, running, finished, now = list(order), [], set(), 0.0  # running: (end, name)
+    while pending or running:
+        while len(running) < jobs:
+            nb = next((n for n in pending if _ready(n, selected, finished, needs)), None)
+            if nb is None:
+                break
+            pending.remove(nb)
+            running.append((now + float(seconds.get(nb, UNKNOWN_SECONDS)), nb))
+        if not running:  # only a requirement cycle leaves work that can never start
+            raise ValueError(f"notebooks {pending} wait on each other ({dict(needs)})")
+        running.sort()
+        now, nb = running.pop(0)
+        finished.add(nb[:2])
+    return now
+
+
+#: :func:`planned_order` tries every order of this many of the longest notebooks (7! = 5,040 simulations, ~0.1 s).
+PLAN_SEARCH = 7
+
+
+def planned_order(notebooks: Sequence[Path], seconds: Mapping[str, float], jobs: int,
+                  needs: Mapping[str, Sequence[str]] = NEEDS) -> list[str]:
+    """The start order of the notebooks with the shortest :func:`simulated_wall`, from the seconds the last run
+    recorded: every order of the :data:`PLAN_SEARCH` longest ones, the others after them; the longest-chain-first
+    order (:func:`critical_path`, then the lower number) is tried first and kept on ties.
+
+    Longest chain first alone is not enough when a notebook needs two others (07 reads 05 and 06): it starts the
+    longest chain (06 -> 07) beside 02 and leaves 05, which 07 also waits for, until 06 has ended."""
+    from itertools import permutations
+
+    chain = critical_path(notebooks, seconds, needs)
+    by_chain = sorted(chain, key=lambda n: (-chain[n], n))
+    if jobs <= 1:
+        return by_chain
+    longest = sorted(by_chain, key=lambda n: -float(seconds.get(n, UNKNOWN_SECONDS)))[:PLAN_SEARCH]
+    rest = [n for n in by_chain if n not in longest]
+    head = [n for n in by_chain if n in longest]
+    best, best_wall = by_chain, simulated_wall(by_chain, seconds, jobs, needs)
+    for perm in permutations(head):
+        order = list(perm) + rest
+        wall = simulated_wall(order, seconds, jobs, needs)
+        if wall < best_wall - 1e-9:
+            best, best_wall = order, wall
+    return best
+
+
 _SECONDS_COLUMNS = ["notebook", "seconds", "status", "jobs"]
 
 
@@ -298,26 +355,24 @@ def default_jobs(n_notebooks: int) -> int:
     return max(1, min(n_notebooks, os.cpu_count() or 1))
 
 
-def _run_side_by_side(notebooks: Sequence[Path], jobs: int, priority: Mapping[str, float],
+def _run_side_by_side(notebooks: Sequence[Path], jobs: int, order: Sequence[str],
                       run_one: Callable[[Path], None], needs: Mapping[str, Sequence[str]] = NEEDS) -> None:
     """``run_one`` on every notebook with ``jobs`` threads: a notebook starts when the selected notebooks it needs
-    have finished; of those ready, the highest ``priority`` first (then the lower number)."""
+    have finished; of those ready, the first in ``order`` (notebook names; :func:`planned_order`)."""
     selected = {nb.name[:2] for nb in notebooks}
-    pending = list(notebooks)
+    rank = {name: i for i, name in enumerate(order)}
+    pending = sorted(notebooks, key=lambda p: (rank.get(p.name, len(rank)), p.name))
     finished: set[str] = set()
     cond = threading.Condition()
-
-    def ready(nb: Path) -> bool:
-        return all(r not in selected or r in finished for r in needs.get(nb.name[:2], ()))
 
     def worker() -> None:
         while True:
             with cond:
-                while pending and not any(ready(nb) for nb in pending):
+                while pending and not any(_ready(nb.name, selected, finished, needs) for nb in pending):
                     cond.wait()
                 if not pending:
                     return
-                nb = max((nb for nb in pending if ready(nb)), key=lambda p: (priority[p.name], -int(p.name[:2])))
+                nb = next(nb for nb in pending if _ready(nb.name, selected, finished, needs))
                 pending.remove(nb)
             try:
                 run_one(nb)
@@ -340,8 +395,9 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
     """Execute ``notebooks_dir/NN_*.ipynb`` in order; one row per notebook (in notebook order).
 
     ``jobs``: how many notebooks run side by side (1: one after the other, in order; None: :func:`default_jobs`).
-    With more than one, a notebook waits for those it needs (:data:`NEEDS`), the ready one heading the longest
-    chain of work (:func:`critical_path`, from the seconds the last run recorded) starts first, and each kernel
+    With more than one, a notebook waits for those it needs (:data:`NEEDS`), the ready notebooks start in the order
+    with the shortest simulated wall time (:func:`planned_order`, from the seconds the last run recorded; logged
+    beside the longest-chain-first order's), and each kernel
     gets ``OMP_NUM_THREADS`` = cores / jobs (unless the variable is set already), so the notebooks share the
     cores instead of fighting for them. Every run records its seconds in ``<out_dir>/../notebook_seconds.csv``.
 
@@ -402,7 +458,12 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
             for nb in notebooks:
                 run_one(nb)
         else:
-            _run_side_by_side(notebooks, jobs, critical_path(notebooks, recorded_seconds(seconds_file)), run_one)
+            last = recorded_seconds(seconds_file)
+            order = planned_order(notebooks, last, jobs)
+            by_chain = planned_order(notebooks, last, 1)
+            log(f"start order {', '.join(n[:2] for n in order)}: {simulated_wall(order, last, jobs):.0f} s expected "
+                f"from the last run's seconds (longest chain first: {simulated_wall(by_chain, last, jobs):.0f} s)")
+            _run_side_by_side(notebooks, jobs, order, run_one)
     rows = [done[nb.name] for nb in notebooks]
 
     html = []
