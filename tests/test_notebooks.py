@@ -26,6 +26,7 @@ import types
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 
 from workbench import reproduce
@@ -297,6 +298,23 @@ def test_critical_path_and_side_by_side_order():
     reproduce._run_side_by_side(nbs, 2, two, run_one)
     assert sorted(started) == ["00", "02", "03", "05", "06", "07"] and started[:2] == [n[:2] for n in two[:2]]
     assert reproduce.default_jobs(1) == 1 and 1 <= reproduce.default_jobs(50) <= (os.cpu_count() or 1)
+
+
+def test_recorded_seconds_from_a_warm_cache_never_replace_a_cold_run(tmp_path):
+    """The next fresh run is planned from seconds of runs that computed everything: a rerun that started with a
+    results cache records its (shorter) seconds beside them, used only for a notebook no cold run has timed; a
+    file from before the cache column reads as cold."""
+    path = tmp_path / reproduce.SECONDS_FILE
+    path.write_text("notebook,seconds,status,jobs\n02_c.ipynb,1600.0,ok,2\n05_f.ipynb,780.0,ok,2\n")
+    assert reproduce.recorded_seconds(path) == {"02_c.ipynb": 1600.0, "05_f.ipynb": 780.0}
+    row = lambda n, sec: {"notebook": n, "seconds": sec, "status": "ok"}  # noqa: E731
+    reproduce._record_seconds(path, [row("05_f.ipynb", 20.0), row("07_h.ipynb", 30.0)], 2, "present")
+    assert reproduce.recorded_seconds(path) == {"02_c.ipynb": 1600.0, "05_f.ipynb": 780.0, "07_h.ipynb": 30.0}
+    reproduce._record_seconds(path, [row("05_f.ipynb", 900.0), row("07_h.ipynb", 1100.0)], 2, "empty")
+    assert reproduce.recorded_seconds(path) == {"02_c.ipynb": 1600.0, "05_f.ipynb": 900.0, "07_h.ipynb": 1100.0}
+    df = pd.read_csv(path)
+    assert len(df) == 5 and set(df["cache"]) == {"empty", "present"}
+    assert reproduce.recorded_seconds(tmp_path / "missing.csv") == {}
 
 
 def test_planned_order_beats_longest_chain_first_when_a_notebook_needs_two():

@@ -17,7 +17,8 @@ Notebooks run side by side, one per CPU core (``--jobs``; ``--jobs 1``: one afte
 order), each kernel with ``OMP_NUM_THREADS`` = cores / jobs. A notebook that reads what another
 computed starts after it (:data:`NEEDS`); among the notebooks ready to start, the first of the start order
 whose simulated wall time is shortest (:func:`planned_order`), timed by the last run's seconds
-(``figures/<preset>/notebook_seconds.csv``, rewritten by every run).
+(``figures/<preset>/notebook_seconds.csv``, rewritten by every run; a run from a warm results cache never
+replaces the seconds of one that computed everything, :data:`SECONDS_FILE`).
 
 From Python::
 
@@ -239,7 +240,10 @@ def execute_notebook(path: PathLike, output: PathLike, parameters: Optional[Mapp
 #: that 02 computes, 07's ablations reuse merge cells of 05 and 06. Every requirement has a lower number, so the
 #: notebook order is always a valid order. A failed notebook does not stop the ones that wait for it.
 NEEDS: dict[str, tuple[str, ...]] = {"03": ("02",), "04": ("02",), "07": ("05", "06")}
-#: Where each run records its notebooks' seconds (beside the executed copies' folder), read by the next run.
+#: Where each run records its notebooks' seconds (beside the executed copies' folder), read by the next run: one row
+#: per notebook and results-cache state at the run's start (``cache``: ``"empty"``, the results computed, as on a fresh
+#: clone; ``"present"``, some may have been read from it). A rerun from the cache never replaces the seconds of a run
+#: that computed everything, which plan the next fresh run (:func:`recorded_seconds`).
 SECONDS_FILE = "notebook_seconds.csv"
 #: Expected seconds of a notebook without a recorded time.
 UNKNOWN_SECONDS = 60.0
@@ -319,35 +323,51 @@ def planned_order(notebooks: Sequence[Path], seconds: Mapping[str, float], jobs:
     return best
 
 
-_SECONDS_COLUMNS = ["notebook", "seconds", "status", "jobs"]
+_SECONDS_COLUMNS = ["notebook", "seconds", "status", "jobs", "cache"]
 
 
 def _seconds_table(path: Path) -> pd.DataFrame:
-    """The table a previous run recorded in ``path`` (empty if there is none or it cannot be read)."""
+    """The table previous runs recorded in ``path`` (empty if there is none or it cannot be read; a file written
+    before the ``cache`` column counts as ``"empty"``)."""
     try:
         df = pd.read_csv(path)
         df["seconds"] = df["seconds"].astype(float)
+        if "cache" not in df.columns:
+            df["cache"] = "empty"
         return df[_SECONDS_COLUMNS]
     except (OSError, ValueError, KeyError, pd.errors.EmptyDataError):
         return pd.DataFrame(columns=_SECONDS_COLUMNS)
 
 
 def recorded_seconds(path: Path) -> dict[str, float]:
-    """The notebook seconds a previous run recorded in ``path`` (empty if none)."""
+    """Each notebook's seconds as previous runs recorded them in ``path``: from a run that started with an empty
+    results cache where there is one, else from one that started with a cache (empty dict if none)."""
     df = _seconds_table(path)
+    df = df.assign(_warm=df["cache"] != "empty").sort_values("_warm", kind="stable").drop_duplicates("notebook")
     return {str(n): float(x) for n, x in zip(df["notebook"], df["seconds"])}
 
 
-def _record_seconds(path: Path, rows: Sequence[Mapping], jobs: int) -> None:
-    """Update ``path`` with this run's notebooks (the others keep their recorded rows)."""
+def _record_seconds(path: Path, rows: Sequence[Mapping], jobs: int, cache: str) -> None:
+    """Update ``path`` with this run's notebooks under ``cache`` (``"empty"`` or ``"present"``): their rows for that
+    cache state are replaced, every other row kept."""
     from .io.writer import atomic_write
 
     old = _seconds_table(path)
-    new = pd.DataFrame([{"notebook": r["notebook"], "seconds": r["seconds"], "status": r["status"], "jobs": jobs}
-                        for r in rows])
-    df = pd.concat([old[~old["notebook"].isin(new["notebook"])], new], ignore_index=True).sort_values("notebook")
+    new = pd.DataFrame([{"notebook": r["notebook"], "seconds": r["seconds"], "status": r["status"], "jobs": jobs,
+                         "cache": cache} for r in rows], columns=_SECONDS_COLUMNS)
+    keep = old[~(old["notebook"].isin(new["notebook"]) & (old["cache"] == cache))]
+    df = pd.concat([keep, new], ignore_index=True).sort_values(["notebook", "cache"])
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: df.to_csv(p, index=False))
+
+
+def results_cache_state(preset: str) -> str:
+    """``"present"`` if the preset's results cache (``data/results/<preset>/cache``, every study's) holds anything,
+    else ``"empty"``."""
+    from . import paths
+
+    folder = paths.results_dir(preset) / "cache"
+    return "present" if folder.is_dir() and any(folder.iterdir()) else "empty"
 
 
 def default_jobs(n_notebooks: int) -> int:
@@ -399,7 +419,8 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
     with the shortest simulated wall time (:func:`planned_order`, from the seconds the last run recorded; logged
     beside the longest-chain-first order's), and each kernel
     gets ``OMP_NUM_THREADS`` = cores / jobs (unless the variable is set already), so the notebooks share the
-    cores instead of fighting for them. Every run records its seconds in ``<out_dir>/../notebook_seconds.csv``.
+    cores instead of fighting for them. Every run records its seconds in ``<out_dir>/../notebook_seconds.csv``
+    (under the results cache's state at its start, :data:`SECONDS_FILE`).
 
     Columns: ``notebook, status ("ok" | "failed"), seconds, output, error``. ``parameters`` are
     injected after ``preset`` (so they may override it). ``timeout`` is papermill's per-cell limit
@@ -431,6 +452,7 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
     before = _snapshot(watched, exclude=out)
 
     zoo_ok, zoo_msg = (ensure_zoo(preset, log) if build_zoo else (True, "zoo: not built (build_zoo=False)"))
+    cache = results_cache_state(preset)
 
     jobs = default_jobs(len(notebooks)) if jobs is None else max(1, min(int(jobs), len(notebooks)))
     seconds_file = out.parent / SECONDS_FILE
@@ -477,7 +499,7 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
     new = sorted(p for p in after if p not in before)
     updated = sorted(p for p in after if p in before and after[p] != before[p])
     df = pd.DataFrame(rows, columns=["notebook", "status", "seconds", "output", "error"])
-    _record_seconds(seconds_file, rows, jobs)
+    _record_seconds(seconds_file, rows, jobs, cache)
     total = time.perf_counter() - t_start
     failed = df.loc[df.status != "ok", "notebook"].tolist()
     df.attrs.update(preset=preset, seconds=round(total, 2), zoo=zoo_msg, zoo_ok=zoo_ok,
