@@ -16,7 +16,7 @@ repository's ``notebooks/`` are found from any working directory.
 Notebooks run side by side, one per CPU core (``--jobs``; ``--jobs 1``: one after the other, in
 order), each kernel with ``OMP_NUM_THREADS`` = cores / jobs. A notebook that reads what another
 computed starts after it (:data:`NEEDS`); among the notebooks ready to start, the first of the start order
-whose simulated wall time is shortest (:func:`planned_order`), timed by the last run's seconds
+whose simulated wall time is shortest (:func:`planned_order`), timed by the recorded seconds
 (``figures/<preset>/notebook_seconds.csv``, rewritten by every run; a run from a warm results cache never
 replaces the seconds of one that computed everything, :data:`SECONDS_FILE`).
 
@@ -299,9 +299,9 @@ PLAN_SEARCH = 7
 
 def planned_order(notebooks: Sequence[Path], seconds: Mapping[str, float], jobs: int,
                   needs: Mapping[str, Sequence[str]] = NEEDS) -> list[str]:
-    """The start order of the notebooks with the shortest :func:`simulated_wall`, from the seconds the last run
-    recorded: every order of the :data:`PLAN_SEARCH` longest ones, the others after them; the longest-chain-first
-    order (:func:`critical_path`, then the lower number) is tried first and kept on ties.
+    """The start order of the notebooks with the shortest :func:`simulated_wall`, from ``seconds`` (those
+    :func:`recorded_seconds` reads): every order of the :data:`PLAN_SEARCH` longest ones, the others after them;
+    the longest-chain-first order (:func:`critical_path`, then the lower number) is tried first and kept on ties.
 
     Longest chain first alone is not enough when a notebook needs two others (07 reads 05 and 06): it starts the
     longest chain (06 -> 07) beside 02 and leaves 05, which 07 also waits for, until 06 has ended."""
@@ -416,7 +416,7 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
 
     ``jobs``: how many notebooks run side by side (1: one after the other, in order; None: :func:`default_jobs`).
     With more than one, a notebook waits for those it needs (:data:`NEEDS`), the ready notebooks start in the order
-    with the shortest simulated wall time (:func:`planned_order`, from the seconds the last run recorded; logged
+    with the shortest simulated wall time (:func:`planned_order`, from :func:`recorded_seconds`; logged
     beside the longest-chain-first order's), and each kernel
     gets ``OMP_NUM_THREADS`` = cores / jobs (unless the variable is set already), so the notebooks share the
     cores instead of fighting for them. Every run records its seconds in ``<out_dir>/../notebook_seconds.csv``
@@ -484,7 +484,7 @@ def run_notebooks(preset: str = "default", notebooks_dir: Optional[PathLike] = N
             order = planned_order(notebooks, last, jobs)
             by_chain = planned_order(notebooks, last, 1)
             log(f"start order {', '.join(n[:2] for n in order)}: {simulated_wall(order, last, jobs):.0f} s expected "
-                f"from the last run's seconds (longest chain first: {simulated_wall(by_chain, last, jobs):.0f} s)")
+                f"from the recorded seconds (longest chain first: {simulated_wall(by_chain, last, jobs):.0f} s)")
             _run_side_by_side(notebooks, jobs, order, run_one)
     rows = [done[nb.name] for nb in notebooks]
 
