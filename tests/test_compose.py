@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from workbench.compose import (compose_damc, compose_expert, compose_frozen, compose_mmer,
-                               compose_naive_mc, disk_bytes, hf_expert, llava_expert,
+                               compose_naive_mc, disk_bytes, family_expert, hf_expert,
                                load_causal_lm, merge_llm, mmer_mask, mmer_parts,
                                mmer_parts_from_merge, set_damc_coefficients, set_mmer_alpha,
                                storage_comparison, ExpertSource)
 from workbench.io.mmer_store import MMERParts, read_parts, write_parts
 from workbench.studies.search import damc_lambda_search, lambda_grid
 from workbench.errors import CheckpointError, ConfigError
-from workbench.llava import LlavaCheckpoint
+from workbench.families import FamilyCheckpoint
 from workbench.io.packing import pack_mask
 from workbench.routing import (add_lora_routes, materialize_route, route_parameters, routed_modules,
                                save_route_adapter, token_routes)
@@ -403,7 +403,7 @@ def test_llava_tower_and_language_model_equal_hf_llava(tiny_llava):
 
     from workbench.mllm import MultimodalLM
 
-    ck = LlavaCheckpoint(tiny_llava)
+    ck = FamilyCheckpoint(tiny_llava)
     tower, lm = ck.tower(), ck.language_model()
     hf = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava)).eval()
     cfg = hf.config
@@ -423,7 +423,7 @@ def test_llava_tower_and_language_model_equal_hf_llava(tiny_llava):
 def test_llava_feature_layer_and_default_strategy(tiny_llava):
     from transformers import LlavaForConditionalGeneration
 
-    ck = LlavaCheckpoint(tiny_llava)
+    ck = FamilyCheckpoint(tiny_llava)
     tower = ck.tower()
     tower.feature_layer, tower.select_strategy = -2, "default"
     hf = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava)).eval()
@@ -439,8 +439,8 @@ def test_llava_feature_layer_and_default_strategy(tiny_llava):
 
 def test_llava_experts_naive_mmer_damc_generate_two_modalities(tiny_llava, tiny_llava_experts, tmp_path):
     tok = tokenizer_of(tiny_llava)
-    e_img = llava_expert(tiny_llava_experts[0], modality="image", placeholder="w61")
-    e_aud = llava_expert(tiny_llava_experts[1], modality="audio", placeholder="w62")
+    e_img = family_expert(tiny_llava_experts[0], modality="image", placeholder="w61", template="{prompt}")
+    e_aud = family_expert(tiny_llava_experts[1], modality="audio", placeholder="w62", template="{prompt}")
     prompt = "image: w61 audio: w62 w9 w10"
     inputs = {"image": [torch.randn(3, 16, 16)], "audio": [torch.randn(3, 16, 16)]}
     # NaiveMC over LLaVA language models == mean of the checkpoints' LM tensors (legacy key names)
@@ -460,7 +460,8 @@ def test_llava_experts_naive_mmer_damc_generate_two_modalities(tiny_llava, tiny_
     dm = []
     for i, (p, m) in enumerate(zip(tiny_llava_experts[:2], ["image", "audio"])):
         t, mo = make_damc_adapters(tiny_llava, tmp_path / m, seed=40 + i)
-        dm.append(llava_expert(p, modality=m, placeholder=PH[m], adapter_text=t, adapter_modality=mo))
+        dm.append(family_expert(p, modality=m, placeholder=PH[m], adapter_text=t, adapter_modality=mo,
+                                template="{prompt}"))
     damc = compose_damc(tiny_llava, dm, tok)
     out = damc.generate(prompt, inputs, max_new_tokens=4)
     assert isinstance(out, str)
@@ -569,7 +570,7 @@ def test_llava_checkpoint_reads_both_key_layouts(tiny_llava, tmp_path):
     for f in tiny_llava.iterdir():
         if f.suffix == ".json":
             shutil.copy2(f, folder / f.name)
-    a, b = LlavaCheckpoint(tiny_llava), LlavaCheckpoint(folder)
+    a, b = FamilyCheckpoint(tiny_llava), FamilyCheckpoint(folder)
     assert a.lm_names() == b.lm_names() and "lm_head.weight" in a.lm_names()
     pix = torch.randn(3, 16, 16)
     with torch.no_grad():
@@ -581,7 +582,7 @@ def test_llava_checkpoint_reads_both_key_layouts(tiny_llava, tmp_path):
     bad = {k: v for k, v in new.items() if "multi_modal_projector.linear_2.weight" not in k}
     save_file(bad, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match="linear_2.weight"):
-        LlavaCheckpoint(folder).tower()
+        FamilyCheckpoint(folder).tower()
 
 
 # ============================================================================================ caches

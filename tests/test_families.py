@@ -268,12 +268,51 @@ def test_interference_profile_on_tiny_qwen2_vl(tiny):
     assert cos < 0.5  # independent noise experts: near-orthogonal task vectors (the smallest tensor has 256 entries)
 
 
-def test_llava_expert_reads_a_qwen2_vl_folder(tiny):
+def test_family_expert_kinds_damc_and_frozen(tiny, tmp_path):
+    """One constructor for an expert from a multimodal folder: full (default), DAMC (both adapters) or
+    projector-only (``llm_frozen``) - the same tower in each; half a DAMC pair is an error naming the folder."""
     base, experts = tiny["qwen2-vl"]
-    src = compose.llava_expert(experts[0], placeholder="<|image_pad|>")
+    (tmp_path / "t").mkdir(), (tmp_path / "m").mkdir()  # (ExpertSource checks that the adapter folders exist)
+    full = compose.family_expert(experts[0])
+    frozen = compose.family_expert(experts[0], llm_frozen=True)
+    damc = compose.family_expert(experts[0], adapter_text=tmp_path / "t", adapter_modality=tmp_path / "m")
+    assert (full.kind, frozen.kind, damc.kind) == ("full", "projector", "damc")
+    assert full.llm == Path(experts[0]) and frozen.llm is None and damc.adapter_text == tmp_path / "t"
+    assert full.family == frozen.family == damc.family == "qwen2-vl" and full.placeholder == "<|image_pad|>"
     img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
-        torch.testing.assert_close(src.tower(img), compose.family_expert(experts[0]).tower(img))
+        torch.testing.assert_close(frozen.tower(img), full.tower(img), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="both adapter_text and adapter_modality") as e:
+        compose.family_expert(experts[0], adapter_text=tmp_path / "t")
+    assert str(experts[0]) in str(e.value)
+
+
+def test_unknown_llava_like_folder_needs_its_family_named(tiny, tmp_path):
+    """A multimodal config of no known family (here a LLaVA checkpoint whose config says LLaVA-NeXT) is
+    refused by the composition as by the merge engine - no silent guess at its layout; naming the
+    family reads it: the same tower and language model as the folder it was copied from."""
+    import json
+    import shutil
+
+    base, experts = tiny["llava"]
+    odd = tmp_path / "odd"
+    shutil.copytree(experts[0], odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["LlavaNextForConditionalGeneration"], "llava_next"
+    (odd / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unknown family"):
+        compose.family_expert(odd)
+    with pytest.raises(ConfigError, match="unknown family"):
+        compose.load_causal_lm(odd)
+    src, ref = compose.family_expert(odd, family="llava"), compose.family_expert(experts[0])
+    img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(src.tower(img), ref.tower(img), rtol=0, atol=0)
+        merged = compose.merge_llm(base, [src], method="task_arithmetic", params={"scale": 1.0})
+    want = compose.load_causal_lm(odd, family="llava").state_dict()
+    assert want.keys() == merged.state_dict().keys()
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ Qwen2-VL M-RoPE

@@ -178,16 +178,18 @@ def test_make_tiny_llava_family(tmp_path):
     import torch
 
     from workbench import compose
-    from workbench.llava import LlavaCheckpoint, make_tiny_llava_family
+    from workbench.families import FamilyCheckpoint
+    from workbench.llava import make_tiny_llava_family
 
     fam = make_tiny_llava_family(tmp_path, n_experts=2, seed=0)
     assert fam["placeholders"] == ["<image>", "<video>"] and len(fam["experts"]) == 2
-    tok = LlavaCheckpoint(fam["base"]).tokenizer()
-    assert LlavaCheckpoint(fam["experts"][1]).placeholder(tok) == "<video>"
-    a = LlavaCheckpoint(fam["experts"][0]).lm_tensor("model.layers.0.self_attn.q_proj.weight")
-    b = LlavaCheckpoint(fam["base"]).lm_tensor("model.layers.0.self_attn.q_proj.weight")
+    tok = FamilyCheckpoint(fam["base"]).tokenizer()
+    assert FamilyCheckpoint(fam["experts"][1]).placeholder(tok) == "<video>"
+    assert FamilyCheckpoint(fam["experts"][1]).placeholder() == "<image>"  # without a tokenizer: the family's
+    a = FamilyCheckpoint(fam["experts"][0]).lm_tensor("model.layers.0.self_attn.q_proj.weight")
+    b = FamilyCheckpoint(fam["base"]).lm_tensor("model.layers.0.self_attn.q_proj.weight")
     assert 0 < float((a - b).abs().max()) < 0.2  # perturbed, not identical
-    ex = [compose.llava_expert(p, modality=m, placeholder=ph)
+    ex = [compose.family_expert(p, modality=m, placeholder=ph, template="{prompt}")
           for p, m, ph in zip(fam["experts"], ["image", "video"], fam["placeholders"])]
     model = compose.compose_naive_mc(fam["base"], ex, tok)
     out = model.generate("<image> <video> w20", {"image": [torch.rand(3, 16, 16)], "video": [torch.rand(3, 16, 16)]},

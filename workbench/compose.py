@@ -7,11 +7,10 @@ is the ``k``-th expert given (= ``MultimodalLM.route_order``), route 0 is text.
 Experts are described by :class:`ExpertSource` (what the LLM of the expert is, and its tower):
 
 - :func:`zoo_expert` - an expert of the miniature zoo (kinds ``projector``, ``full``, ``lora``, ``damc``);
-- :func:`llava_expert` - a Hugging Face ``LlavaForConditionalGeneration`` folder (vision tower +
-  projector + language model), optionally with DAMC adapters;
 - :func:`family_expert` - a checkpoint of any family of :mod:`workbench.families` (LLaVA in both
   layouts, Qwen2-VL / Qwen2.5-VL, InternVL in both layouts), with the family's placeholder and chat
-  template; ``key=`` names its tower when two experts share a modality;
+  template; ``key=`` names its tower when two experts share a modality; optionally with DAMC
+  adapters, or its LLM frozen (a projector-only expert);
 - :func:`hf_expert` - any causal LM folder / peft adapter plus a tower you built.
 
 Compositions (methods.md sections 1-3):
@@ -78,6 +77,8 @@ class ExpertSource:
         key: the tower's name in the composed model (``modal_inputs`` key, route); default
             ``modality``. Two experts of one modality (e.g. two image experts) need distinct keys.
         template: the chat template of the expert's family (``"...{prompt}..."``), or ``None``.
+        family: the :mod:`workbench.families` layout of the ``llm`` folder when it is a multimodal
+            checkpoint (``None``: detected from its ``config.json``).
     """
 
     name: str
@@ -94,6 +95,7 @@ class ExpertSource:
     info: dict = field(default_factory=dict)
     key: str | None = None
     template: str | None = None
+    family: str | None = None
 
     @property
     def tower_key(self) -> str:
@@ -213,46 +215,38 @@ def hf_expert(name: str, modality: str, tower: nn.Module, *, llm: str | Path | N
                         llm=Path(llm) if llm else None, adapter=Path(adapter) if adapter else None)
 
 
-def llava_expert(folder: str | Path, *, modality: str = "image", name: str | None = None,
-                 placeholder: str | None = None, adapter_text: str | Path | None = None,
-                 adapter_modality: str | Path | None = None, llm_frozen: bool = False) -> ExpertSource:
-    """A Hugging Face LLaVA-style expert: its tower (vision tower + projector, see
-    :class:`workbench.llava.LlavaTower`; for a folder of another family of :mod:`workbench.families`,
-    that family's tower) and its language model (read tensor by tensor from the checkpoint). With ``adapter_text``/``adapter_modality`` it is a DAMC expert on θ0; with
-    ``llm_frozen`` a projector-only one."""
-    from .families import FamilyCheckpoint, is_mllm_folder
-    from .llava import LlavaCheckpoint
-
-    if is_mllm_folder(folder):  # any family (Qwen2-VL, InternVL, the LLaVA repo's layout...)
-        tower = FamilyCheckpoint(folder).tower()
-    else:  # another LLaVA-style folder (vision_config + text_config)
-        tower = LlavaCheckpoint(folder).tower()
-    ph = placeholder or f"<{modality}>"
-    nm = name or Path(folder).name
-    if adapter_text is not None or adapter_modality is not None:
-        return ExpertSource(nm, modality, "damc", tower, ph, llm=Path(folder), adapter_text=Path(adapter_text),
-                            adapter_modality=Path(adapter_modality), info={"llava": str(folder)})
-    if llm_frozen:
-        return ExpertSource(nm, modality, "projector", tower, ph, info={"llava": str(folder)})
-    return ExpertSource(nm, modality, "full", tower, ph, llm=Path(folder), info={"llava": str(folder)})
-
-
 def family_expert(folder: str | Path, *, modality: str = "image", key: str | None = None, name: str | None = None,
                   placeholder: str | None = None, family: str | None = None, template: str | None = None,
-                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ExpertSource:
+                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  adapter_text: str | Path | None = None, adapter_modality: str | Path | None = None,
+                  llm_frozen: bool = False) -> ExpertSource:
     """An expert checkpoint of any family of :mod:`workbench.families` (LLaVA in both layouts,
     Qwen2-VL / Qwen2.5-VL, InternVL in both layouts; detected from its ``config.json`` unless
-    ``family`` names one): its tower (one image ``[3, H, W]`` -> ``[n_tokens, hidden]``, built in
-    ``dtype`` on ``device``), its language model (read tensor by tensor), the family's placeholder
-    and chat template (``template`` overrides it; ``"{prompt}"`` applies none)."""
+    ``family`` names one - a multimodal config of no known family is an error that says so, as in the
+    merge engine): its tower (one image ``[3, H, W]`` -> ``[n_tokens, hidden]``, built in ``dtype`` on
+    ``device``), its language model (read tensor by tensor), the family's placeholder and chat template
+    (``template`` overrides it; ``"{prompt}"`` applies none).
+
+    With ``adapter_text`` and ``adapter_modality`` (peft folders on θ0) it is a DAMC expert; with
+    ``llm_frozen`` a projector-only one (its LLM is θ0: only the tower is the folder's)."""
     from .families import FamilyCheckpoint
 
+    if (adapter_text is None) != (adapter_modality is None):
+        raise ConfigError(f"{folder}: a DAMC expert needs both adapter_text and adapter_modality")
+    if llm_frozen and adapter_text is not None:
+        raise ConfigError(f"{folder}: llm_frozen and DAMC adapters exclude each other")
     ck = FamilyCheckpoint(folder, family)
     fam = ck.family
-    return ExpertSource(name or Path(folder).name, modality, "full", ck.tower(dtype, device),
-                        placeholder or fam.placeholder, llm=Path(folder), key=key,
-                        template=template if template is not None else fam.template,
-                        info={"family": fam.name, "folder": str(folder)})
+    common = dict(key=key, template=template if template is not None else fam.template, family=fam.name,
+                  info={"family": fam.name, "folder": str(folder)})
+    args = (name or Path(folder).name, modality)
+    tower, ph = ck.tower(dtype, device), placeholder or fam.placeholder
+    if adapter_text is not None:
+        return ExpertSource(*args, "damc", tower, ph, llm=Path(folder), adapter_text=Path(adapter_text),
+                            adapter_modality=Path(adapter_modality), **common)
+    if llm_frozen:
+        return ExpertSource(*args, "projector", tower, ph, **common)
+    return ExpertSource(*args, "full", tower, ph, llm=Path(folder), **common)
 
 
 def zoo_expert(zoo, name: str) -> ExpertSource:
@@ -300,24 +294,23 @@ def zoo_expert_model(zoo, name: str) -> MultimodalLM:
 
 # ================================================================================================ loading
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   device_map: str | Mapping[str, Any] | None = None) -> nn.Module:
-    """A causal LM from a Hugging Face folder, in ``dtype`` on ``device``; for a multimodal folder of
-    a known family (:mod:`workbench.families`), its language model; for another LLaVA-style folder
-    (``vision_config`` + ``text_config``), its ``text_config`` model.
+                   device_map: str | Mapping[str, Any] | None = None, family: str | None = None) -> nn.Module:
+    """A causal LM from a Hugging Face folder, in ``dtype`` on ``device``; for a multimodal folder, its
+    language model, read by :class:`workbench.families.FamilyCheckpoint` (the folder's family detected
+    from its ``config.json``, or ``family``; a multimodal config of no known family raises
+    :class:`ConfigError` naming the families - load its LLM with ``family=`` and pass the module as a
+    composition's base).
 
     ``device_map`` (accelerate's: ``"auto"``, ``{"": 0}``, a module -> device dict) places the model
     instead of ``device``: a causal-LM folder gets it in ``from_pretrained``; a multimodal folder's
     language model (built on the CPU from the checkpoint's tensors) is placed by accelerate's
     ``dispatch_model`` (:func:`_dispatch`)."""
-    from .families import FamilyCheckpoint, is_mllm_folder
-    from .llava import LlavaCheckpoint, is_llava_folder
+    from .families import FamilyCheckpoint, detect_family
 
     p = Path(path)
     build_on = device if device_map is None else "cpu"
-    if is_mllm_folder(p):
-        return _dispatch(FamilyCheckpoint(p).language_model(dtype, build_on), device_map, dtype)
-    if is_llava_folder(p):
-        return _dispatch(LlavaCheckpoint(p).language_model(dtype).to(build_on), device_map, dtype)
+    if (family or detect_family(p).name) != "generic":  # (an unknown multimodal config raises, naming the families)
+        return _dispatch(FamilyCheckpoint(p, family).language_model(dtype, build_on), device_map, dtype)
     from transformers import AutoModelForCausalLM
 
     if not (p / "config.json").exists():
@@ -353,14 +346,15 @@ def _as_llm(base: str | Path | nn.Module, dtype: torch.dtype = torch.float32, de
 
 def _open_llm(src: ExpertSource | str | Path | None):
     """The :class:`~workbench.io.experts.Expert` of an expert's LLM (its task vectors ``tau``): a
-    full folder, the language model of a multimodal folder (a known family's or LLaVA-style), a
-    LoRA adapter, or ``None`` / a projector-only expert (``tau = 0``)."""
-    from .families import FamilyCheckpoint, is_mllm_folder
+    full folder, the language model of a multimodal folder (:class:`workbench.families.FamilyCheckpoint`:
+    the source's ``family``, else detected), a LoRA adapter, or ``None`` / a projector-only expert
+    (``tau = 0``)."""
+    from .families import FamilyCheckpoint, detect_family
     from .io.experts import Expert, open_expert
-    from .llava import LlavaCheckpoint, is_llava_folder
 
-    path = None
+    path, family = None, None
     if isinstance(src, ExpertSource):
+        family = src.family
         if src.kind == "full":
             path = src.llm
         elif src.kind == "lora":
@@ -370,10 +364,8 @@ def _open_llm(src: ExpertSource | str | Path | None):
                               "modality parameters and has no single task vector (use compose_damc)")
     elif src is not None:
         path = Path(src)
-    if path is not None and is_mllm_folder(path):
-        return Expert("mllm", Path(path), checkpoint=FamilyCheckpoint(path))
-    if path is not None and is_llava_folder(path):
-        return Expert("mllm", Path(path), checkpoint=LlavaCheckpoint(path))
+    if path is not None and Path(path).is_dir() and (family or detect_family(path).name) != "generic":
+        return Expert("mllm", Path(path), checkpoint=FamilyCheckpoint(path, family))
     return open_expert(path)
 
 
@@ -863,7 +855,7 @@ __all__ = [
     "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",
     "compose_naive_mc", "damc_llm", "disk_bytes",
-    "hf_expert", "llava_expert", "load_causal_lm",
+    "hf_expert", "load_causal_lm",
     "merge_llm", "mmer_llm", "mmer_mask", "mmer_parts", "mmer_parts_from_merge", "remask",
     "set_damc_coefficients", "set_mmer_alpha", "set_mmer_masks", "storage_comparison",
     "zoo_expert", "zoo_expert_model",

@@ -182,14 +182,6 @@ def family_of(folder: str | Path, name: str | None = None) -> Family:
     return get_family(name) if name else detect_family(folder)
 
 
-def is_mllm_folder(path: str | Path) -> bool:
-    """``True`` when ``path`` is a folder of a known multimodal family (not ``generic``)."""
-    try:
-        return Path(path).is_dir() and detect_family(path).name != "generic"
-    except ConfigError:
-        return False
-
-
 # ---------------------------------------------------------------------------------- original InternVL
 #: original InternVL (remote code) -> transformers ``InternVLForConditionalGeneration`` names, as in
 #: transformers' ``convert_internvl_weights_to_hf.py`` (vision part; ``attn.qkv`` is split in three).
@@ -349,8 +341,13 @@ class FamilyCheckpoint:
         if self.family.name == "generic":
             raise CheckpointError(f"not a multimodal checkpoint of a known family ({', '.join(FAMILIES)})",
                                   file=self.path / "config.json")
-        self.config_dict = json.loads((self.path / "config.json").read_text())
+        cfg_file = self.path / "config.json"
+        try:
+            self.config_dict = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"unreadable config.json: {e}", file=cfg_file) from e
         self.reader = CheckpointReader(self.path)
+        self._keys = set(self.reader.keys())
         self.internlm2 = self.family.name == "internvl-original" and is_internlm2(self.config_dict["llm_config"])
         self._parts: dict[str, int] = {}  # causal-LM name -> its part of a fused InternLM2 wqkv
         self._lm_map = self._build_lm_map(self.reader.keys())
@@ -458,9 +455,7 @@ class FamilyCheckpoint:
         :class:`HFVisionTower` over transformers' own ``get_image_features``."""
         name = self.family.name
         if name == "llava":
-            from .llava import LlavaCheckpoint
-
-            return LlavaCheckpoint(self.path).tower(dtype).to(device)
+            return self._llava_tower().to(device=device, dtype=dtype)
         if name == "llava-original":
             return self._llava_original_tower().to(device=device, dtype=dtype)
         import transformers
@@ -506,6 +501,47 @@ class FamilyCheckpoint:
         tower = HFVisionTower(core, name, proc)
         return tower.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
+    def _llava_tower(self) -> nn.Module:
+        """The vision tower (``AutoModel`` of ``vision_config``) + ``LlavaMultiModalProjector`` of a
+        ``LlavaForConditionalGeneration`` folder, with the config's ``vision_feature_layer`` and
+        ``vision_feature_select_strategy``: ``get_image_features``' features. Both key layouts
+        (``vision_tower.*`` as ``save_pretrained`` writes it, ``model.vision_tower.*`` as transformers 5
+        holds it); a vision key may or may not carry CLIP's ``vision_model.`` level."""
+        from transformers import AutoConfig, AutoModel
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        from .llava import LlavaTower
+
+        cfg = AutoConfig.from_pretrained(str(self.path))
+        vt = AutoModel.from_config(cfg.vision_config)
+        self._load_part(vt, ("vision_tower.", "model.vision_tower."), "vision_model.", "vision tower")
+        proj = LlavaMultiModalProjector(cfg)
+        self._load_part(proj, ("multi_modal_projector.", "model.multi_modal_projector."), "", "projector")
+        tower = LlavaTower(vt, proj, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+        return tower.eval().requires_grad_(False)
+
+    def _load_part(self, module: nn.Module, prefixes: Sequence[str], optional_level: str, what: str) -> None:
+        """Load every tensor of ``module`` from the checkpoint key ``prefix + name`` (the first prefix
+        that has it; with ``optional_level`` also without / with that level), shapes checked."""
+        new = {}
+        for name, t in module.state_dict().items():
+            cands = []
+            for p in prefixes:
+                cands.append(p + name)
+                if optional_level:  # the level may be in the module's names, the checkpoint's, or neither
+                    bare = name[len(optional_level):] if name.startswith(optional_level) else optional_level + name
+                    cands.append(p + bare)
+            key = next((c for c in cands if c in self._keys), None)
+            if key is None:
+                raise CheckpointError(f"{what} tensor missing from the checkpoint (tried prefixes {list(prefixes)})",
+                                      file=self.path, tensor=name)
+            v = self.reader.get(key)
+            if tuple(v.shape) != tuple(t.shape):
+                raise CheckpointError(f"{what} tensor shape {list(v.shape)} differs from the config's {list(t.shape)}",
+                                      file=self.path, tensor=key)
+            new[name] = v.to(t.dtype)
+        module.load_state_dict(new, strict=True)
+
     def _llava_original_tower(self) -> nn.Module:
         """CLIP (from ``model.vision_tower.vision_tower.*``; its config from ``mm_vision_tower``, a
         folder or hub id) + the ``mlp2x_gelu`` projector ``model.mm_projector.{0,2}``."""
@@ -536,6 +572,17 @@ class FamilyCheckpoint:
         select = "default" if c.get("mm_vision_select_feature", "patch") == "patch" else "full"
         return LlavaTower(vt, proj, c.get("mm_vision_select_layer", -2), select).eval().requires_grad_(False)
 
+    def placeholder(self, tokenizer=None) -> str:
+        """The image placeholder token: the one the config's ``image_token_index`` / ``image_token_id``
+        names in ``tokenizer`` (each expert of :func:`workbench.llava.make_tiny_llava_family` has its
+        own), else the family's (:attr:`Family.placeholder`)."""
+        idx = self.config_dict.get("image_token_index", self.config_dict.get("image_token_id"))
+        if tokenizer is not None and idx is not None:
+            tok = tokenizer.convert_ids_to_tokens(int(idx))
+            if tok:
+                return tok
+        return self.family.placeholder
+
     def tokenizer(self):
         """The folder's tokenizer (``AutoTokenizer``; an original layout's ``config.json`` names a
         model type transformers does not know, so it is not read)."""
@@ -560,4 +607,4 @@ def _internvit_vision_config(v: Mapping) -> dict:
 
 __all__ = ["FAMILIES", "Family", "FamilyCheckpoint", "HFVisionTower", "LLM_KEEP", "detect_family", "family_of",
            "get_family", "internlm2_config", "internlm2_llama_names", "internvl_original_to_hf", "is_internlm2",
-           "is_mllm_folder", "split_wqkv"]
+           "split_wqkv"]

@@ -9,9 +9,8 @@ Kinds (``Expert.kind``):
 - ``"damc"``: a DAMC expert (text and modality adapters); ``damc_set`` picks the adapter whose
   product is the task vector, the other one is :attr:`Expert.other`;
 - ``"mllm"``: the language model of a multimodal folder, by its causal-LM names, read through a
-  ``checkpoint`` with ``has_lm_tensor`` / ``lm_tensor`` (:class:`workbench.families.FamilyCheckpoint`,
-  :class:`workbench.llava.LlavaCheckpoint`; the composition, which knows the families, builds it:
-  ``Expert("mllm", path, checkpoint=...)``);
+  ``checkpoint`` with ``has_lm_tensor`` / ``lm_tensor`` (:class:`workbench.families.FamilyCheckpoint`;
+  the composition, which knows the families, builds it: ``Expert("mllm", path, checkpoint=...)``);
 - ``"frozen"``: a projector-only expert (or no expert: ``path=None``): its LLM is the base, ``tau = 0``.
 
 Every read is lazy (one tensor at a time, memory-mapped by default). The three users read an
