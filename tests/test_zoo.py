@@ -177,25 +177,21 @@ def test_capability_task_steps_rekey_that_task_alone():
 
 def test_capability_instruct_task_share():
     """``capability.instruct_task_share`` gives a task its own share of the instruct base VLM's batch (the other
-    tasks split the rest of the tasks' 0.8): without it the sampler draws exactly what the equal-parts mixture drew
-    (the committed base VLM's batches); with it, that task's share of the draws follows the setting; it rekeys the
-    capability family alone; an unknown task or shares past 0.8 are errors naming the setting."""
+    tasks split the rest of the tasks' 0.8): without it the parts are equal; with it, that task's share of the draws
+    follows the setting and the others split the rest; it rekeys the capability family alone; an unknown task or
+    shares past 0.8 are errors naming the setting."""
     import numpy as np
     from workbench.world import recipes
     from workbench.world.presets import get_preset
     from workbench.world.scheduler import job_keys
 
     tasks = list(recipes.CAP_TASKS)
-    equal, own = recipes._cap_task_sampler(tasks, 0.8, caption=0.1, text=0.1), recipes._instruct_sampler(tasks, {})
-    ra, rb = np.random.default_rng(3), np.random.default_rng(3)
-    for _ in range(40):
-        a, b = equal(ra), own(rb)
-        assert (a.prompt, a.answer, a.task) == (b.prompt, b.answer, b.task)
-        assert all(np.array_equal(x[1], y[1]) for x, y in zip(a.inputs, b.inputs))
-    heavy, rng = recipes._instruct_sampler(tasks, {"vqa": 0.4}), np.random.default_rng(0)
-    drawn = [heavy(rng).task for _ in range(4000)]
-    assert abs(drawn.count("vqa") / 4000 - 0.4) < 0.03  # binomial sd 0.008
-    assert abs(drawn.count("geometry") / 4000 - 0.1) < 0.02
+    for shares, vqa, geometry in ((None, 0.16, 0.16), ({"vqa": 0.4}, 0.4, 0.1)):
+        sampler, rng = recipes._cap_task_sampler(tasks, 0.8, caption=0.1, text=0.1, shares=shares), np.random.default_rng(0)
+        drawn = [sampler(rng).task for _ in range(4000)]
+        assert abs(drawn.count("vqa") / 4000 - vqa) < 0.03  # binomial sd <= 0.008
+        assert abs(drawn.count("geometry") / 4000 - geometry) < 0.02
+        assert abs(drawn.count("caption") / 4000 - 0.1) < 0.02
 
     cfg = get_preset("tiny")
     cfg["capability"].pop("instruct_task_share", None)

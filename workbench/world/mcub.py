@@ -117,7 +117,8 @@ def record_inputs(rec: Mapping, root: str | Path | None = None) -> dict[str, lis
 
 
 def example_to_record(ex: Example, rid: str, subset: str, root: Path, inputs: str = "inputs") -> dict:
-    """``ex`` as a validated MCUB record; its inputs written under ``root/inputs``."""
+    """``ex`` as a validated MCUB record with id ``rid``; its inputs written under ``root/<inputs>``
+    (:func:`save_input`), the record's ``modal_inputs`` naming them relative to ``root``."""
     mi: dict[str, list[str]] = {}
     for j, (m, raw) in enumerate(ex.inputs):
         mi.setdefault(RECORD_KEYS[m], []).append(save_input(root, m, f"{rid}-{j}", raw, inputs))

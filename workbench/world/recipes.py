@@ -435,10 +435,15 @@ def _cap_records(ctx: dict, task: str) -> list[dict]:
     return read_records(Path(ctx["data"]) / "capability" / f"{task}.json")
 
 
-def _cap_task_sampler(tasks: Sequence[str], task_weight: float, caption: float = 0.0, text: float = 0.0):
-    """Equal parts of every task in ``tasks`` (``task_weight`` in all), generic captions and text replay."""
+def _cap_task_sampler(tasks: Sequence[str], task_weight: float, caption: float = 0.0, text: float = 0.0,
+                      shares: dict[str, float] | None = None):
+    """A capability batch: the tasks in ``tasks`` take ``task_weight`` of it (a task named in ``shares`` that
+    share, the others equal parts of the rest), generic captions ``caption`` and text replay ``text``."""
     from .tasks import capability_question, mixture, text_question
-    parts = [(task_weight / len(tasks), (lambda t: lambda r: capability_question(t, r))(t)) for t in tasks]
+    shares = shares or {}
+    rest = [t for t in tasks if t not in shares]
+    other = (task_weight - sum(shares.values())) / len(rest) if rest else 0.0
+    parts = [(shares.get(t, other), (lambda t: lambda r: capability_question(t, r))(t)) for t in tasks]
     if caption:
         parts.append((caption, lambda r: capability_question("caption", r)))
     if text:
@@ -450,23 +455,11 @@ def _cap_task_sampler(tasks: Sequence[str], task_weight: float, caption: float =
 INSTRUCT_TASK_WEIGHT = 0.8
 
 
-def _instruct_sampler(tasks: Sequence[str], shares: dict[str, float]):
-    """The instruct base VLM's mixture: each task named in ``shares`` that share of the batch, the other tasks
-    equal parts of the rest of :data:`INSTRUCT_TASK_WEIGHT`, generic captions 0.1, text replay 0.1. With no
-    ``shares``, the same sampler (the same draws) as ``_cap_task_sampler(tasks, 0.8, caption=0.1, text=0.1)``."""
-    from .tasks import capability_question, mixture, text_question
-    rest = [t for t in tasks if t not in shares]
-    other = (INSTRUCT_TASK_WEIGHT - sum(shares.values())) / len(rest) if rest else 0.0
-    parts = [(shares.get(t, other), (lambda t: lambda r: capability_question(t, r))(t)) for t in tasks]
-    parts += [(0.1, lambda r: capability_question("caption", r)), (0.1, text_question)]
-    return mixture(parts)
-
-
 def _job_cap_base(job: Job, ctx: dict) -> dict:
     """The instruct base VLM, in two stages as InternVL2.5 / Qwen2-VL are built: (1) the projector
     alone on generic captions (base LLM frozen), (2) instruction tuning of LLM + projector on a broad
     mixture of every capability task (+ captions and text replay; ``task_share`` gives a task its own
-    share of the batch: :func:`_instruct_sampler`) for a moderate number of steps, so the base VLM
+    share of the batch: :func:`_cap_task_sampler`) for a moderate number of steps, so the base VLM
     already knows each task's format and is decent everywhere before the narrow experts are fine-tuned
     from it. Saves ``llm/`` (the capability family's theta_0) and ``projector/``."""
     from .encoders import Projector, save_module
@@ -487,7 +480,8 @@ def _job_cap_base(job: Job, ctx: dict) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     llm.requires_grad_(True)
-    log2 = train_mllm(model, batches(_instruct_sampler(c["tasks"], c.get("task_share", {})), c["batch"], 4100),
+    instruct = _cap_task_sampler(c["tasks"], INSTRUCT_TASK_WEIGHT, caption=0.1, text=0.1, shares=c.get("task_share"))
+    log2 = train_mllm(model, batches(instruct, c["batch"], 4100),
                       [{"params": llm.parameters(), "lr": c["lr_llm"]}, {"params": proj.parameters(), "lr": c["lr_proj"]}],
                       c["instruct_steps"], desc="capability base VLM (instruct)", progress=ctx["progress"])
     _save_llm(llm, tok, folder / "llm")
@@ -649,7 +643,7 @@ _KINDS = {"tokenizer": (_job_tokenizer, 1, TOKENIZER_PATH), "data": (_job_data, 
           "projector": (_job_projector, 1, MODALITY_PATH), "full": (_job_expert, 1, MODALITY_PATH),
           "lora": (_job_expert, 1, MODALITY_PATH), "oracle": (_job_oracle, 1, MODALITY_PATH),
           "cap_encoder": (_job_cap_encoder, 2, MODEL_PATH + path_entries(__name__, "_CAP_INK _cap_patch_labels")),
-          "cap_base": (_job_cap_base, 2, MODEL_PATH + path_entries(__name__, "INSTRUCT_TASK_WEIGHT _instruct_sampler")),
+          "cap_base": (_job_cap_base, 2, MODEL_PATH + path_entries(__name__, "INSTRUCT_TASK_WEIGHT")),
           "cap_full": (_job_cap_expert, 3, CAP_EXPERT_PATH),
           "cap_lora": (_job_cap_expert, 3, CAP_EXPERT_PATH), "cap_mixture": (_job_cap_mixture, 1, MODEL_PATH)}
 for _kind, (_build, _version, _path) in _KINDS.items():
