@@ -38,7 +38,7 @@ PAPER_NAMES: dict[str, str] = {"naive_mc": "NaiveMC", "damc": "DAMC", "mmer": "M
 __all__ = [
     "PAPER_NAMES", "fmt_interval", "pick_interval", "ours_table", "interval_table",
     "paired_difference", "verdict_counts", "verdict_sentence", "paired_view",
-    "zoo_models_table", "expert_gap_table", "llm_tuning_gap_table", "capability_regime_table", "build_times_table", "accuracy_figure", "modality_examples_figure",
+    "family_models", "zoo_models_table", "expert_gap_table", "llm_tuning_gap_table", "capability_regime_table", "build_times_table", "accuracy_figure", "modality_examples_figure",
     "density_table", "non_option_outputs", "naivemc_claims", "damc_claims", "mmer_claims", "readme_claims", "readme_verdict_counts",
 ]
 
@@ -283,13 +283,18 @@ def paired_view(paired: pd.DataFrame, *, alpha: float = 0.05, scoring: str | Non
 
 
 # ================================================================================ zoo manifest views
+def family_models(manifest: Mapping[str, Any], family: str = "modality", kind: str | None = None) -> dict[str, dict]:
+    """The models of ``zoo.json`` (``manifest``) of one family (a model without ``family`` is of the modality
+    family), of one ``kind`` when given, by name."""
+    return {name: m for name, m in manifest.get("models", {}).items()
+            if m.get("family", "modality") == family and (kind is None or m.get("kind") == kind)}
+
+
 def zoo_models_table(manifest: Mapping[str, Any], family: str = "modality") -> pd.DataFrame:
     """One row per model of ``zoo.json``: name, modality, kind, seed, task, own-task accuracy (both scorings),
     trainable parameters, training seconds."""
     rows = []
-    for name, m in manifest.get("models", {}).items():
-        if m.get("family", "modality") != family:
-            continue
+    for name, m in family_models(manifest, family).items():
         own = m.get("own_task") or {}
         rows.append({"name": name, "modality": m.get("modality", ",".join(m.get("modalities", []) or [])),
                      "kind": m.get("kind"), "seed": m.get("seed"), "task": m.get("task"),
@@ -327,10 +332,9 @@ def llm_tuning_gap_table(manifest: Mapping[str, Any], tuned: str = "full", scori
     from ..statistics import t_interval
 
     rows = {}
-    for m in manifest.get("models", {}).values():
+    for m in family_models(manifest, "modality", tuned).values():
         base = m.get("own_task_base_llm") or {}
-        if (m.get("family", "modality") != "modality" or m.get("kind") != tuned or scoring not in base
-                or scoring not in (m.get("own_task") or {})):
+        if scoring not in base or scoring not in (m.get("own_task") or {}):
             continue
         rows.setdefault(m["modality"], []).append((m["own_task"][scoring], base[scoring]))
     cols = ["modality", f"{tuned} expert", "base LLM + its projector", "gap", "gap low", "gap high", "n_seeds"]
@@ -366,8 +370,7 @@ def capability_regime_table(manifest: Mapping[str, Any], scoring: str = "loglik"
         sc = task_scoring.get(task, scoring)
         row: dict[str, Any] = {"task": task, "scoring": sc, "base VLM": scores[sc]}
         for kind in ("full", "lora"):
-            es = [m for m in models.values() if m.get("family") == "capability" and m.get("task") == task
-                  and m.get("kind") == kind]
+            es = [m for m in family_models(manifest, "capability", kind).values() if m.get("task") == task]
             if not es:
                 continue
             own = [m["own_task"][sc] for m in es]
@@ -377,8 +380,8 @@ def capability_regime_table(manifest: Mapping[str, Any], scoring: str = "loglik"
                 row[label] = mean
                 row[f"{label} interval"] = fmt_interval(mean, lo, hi)
             row[f"{kind} seeds"] = len(es)
-        mix = [m["task_scores"][task][sc] for m in models.values()
-               if m.get("family") == "capability" and m.get("kind") == "mixture" and task in m.get("task_scores", {})]
+        mix = [m["task_scores"][task][sc] for m in family_models(manifest, "capability", "mixture").values()
+               if task in m.get("task_scores", {})]
         if mix:
             row["mixture training"] = float(np.mean(mix))
         rows.append(row)
