@@ -3,6 +3,10 @@ from importlib.metadata import version as _version
 
 __version__ = _version("mllm-workbench")  # one source: pyproject.toml
 
+from .numerics import pin_cpu_numerics as _pin_cpu_numerics
+
+_pin_cpu_numerics()  # before torch computes: the same numbers on every x86-64 CPU (workbench.numerics)
+
 from .console import quiet as _quiet
 
 _quiet()
