@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
 
 #: layer of each top-level module or subpackage of ``workbench`` (docs/ARCHITECTURE.md, "Modules")
 LAYERS: dict[str, int] = {
-    "errors": 1, "device": 1, "paths": 1, "console": 1, "cpu_kernels": 1, "task_vectors": 1,
+    "errors": 1, "device": 1, "paths": 1, "console": 1, "numerics": 1, "cpu_kernels": 1, "task_vectors": 1,
     "io": 2,
     "merging": 3, "llava": 3, "families": 3, "config": 3,
     "engine": 4, "routing": 4, "mllm": 4, "statistics": 4, "evaluate": 4,
