@@ -305,11 +305,11 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device:
     instead of ``device``: a causal-LM folder gets it in ``from_pretrained``; a multimodal folder's
     language model (built on the CPU from the checkpoint's tensors) is placed by accelerate's
     ``dispatch_model`` (:func:`_dispatch`)."""
-    from .families import FamilyCheckpoint, detect_family
+    from .families import FamilyCheckpoint, family_of
 
     p = Path(path)
     build_on = device if device_map is None else "cpu"
-    if (family or detect_family(p).name) != "generic":  # (an unknown multimodal config raises, naming the families)
+    if family_of(p, family).name != "generic":  # (an unknown multimodal config raises, naming the families)
         return _dispatch(FamilyCheckpoint(p, family).language_model(dtype, build_on), device_map, dtype)
     from transformers import AutoModelForCausalLM
 
@@ -349,7 +349,7 @@ def _open_llm(src: ExpertSource | str | Path | None):
     full folder, the language model of a multimodal folder (:class:`workbench.families.FamilyCheckpoint`:
     the source's ``family``, else detected), a LoRA adapter, or ``None`` / a projector-only expert
     (``tau = 0``)."""
-    from .families import FamilyCheckpoint, detect_family
+    from .families import FamilyCheckpoint, family_of
     from .io.experts import Expert, open_expert
 
     path, family = None, None
@@ -364,7 +364,7 @@ def _open_llm(src: ExpertSource | str | Path | None):
                               "modality parameters and has no single task vector (use compose_damc)")
     elif src is not None:
         path = Path(src)
-    if path is not None and Path(path).is_dir() and (family or detect_family(path).name) != "generic":
+    if path is not None and Path(path).is_dir() and family_of(path, family).name != "generic":
         return Expert("mllm", Path(path), checkpoint=FamilyCheckpoint(path, family))
     return open_expert(path)
 

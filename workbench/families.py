@@ -347,10 +347,11 @@ class FamilyCheckpoint:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"unreadable config.json: {e}", file=cfg_file) from e
         self.reader = CheckpointReader(self.path)
-        self._keys = set(self.reader.keys())
+        keys = self.reader.keys()
+        self._keys = set(keys)
         self.internlm2 = self.family.name == "internvl-original" and is_internlm2(self.config_dict["llm_config"])
         self._parts: dict[str, int] = {}  # causal-LM name -> its part of a fused InternLM2 wqkv
-        self._lm_map = self._build_lm_map(self.reader.keys())
+        self._lm_map = self._build_lm_map(keys)
 
     def _build_lm_map(self, keys: Sequence[str]) -> dict[str, str]:
         non_lm = [re.compile(p) for p in self.family.keep]
