@@ -319,7 +319,9 @@ def test_critical_path_and_side_by_side_order():
     started.clear(), finished.clear()
     two = reproduce.planned_order(nbs, secs, 2)
     reproduce._run_side_by_side(nbs, 2, two, run_one)
-    assert sorted(started) == ["00", "02", "03", "05", "06", "07"] and started[:2] == [n[:2] for n in two[:2]]
+    # the first two planned start together (in either order: two threads)
+    assert sorted(started) == ["00", "02", "03", "05", "06", "07"]
+    assert sorted(started[:2]) == sorted(n[:2] for n in two[:2])
     assert reproduce.default_jobs(1) == 1 and 1 <= reproduce.default_jobs(50) <= (os.cpu_count() or 1)
 
 

@@ -358,3 +358,62 @@ def test_gain_retention_is_the_share_of_the_experts_mean_gain():
     assert out.loc["TIES", "normalized"] == pytest.approx(100 * np.mean([(60 / 80 + 62 / 70) / 2, (62 / 80 + 64 / 70) / 2]))
     assert out.loc["TIES", "kept_gain_low"] < 35.0 < out.loc["TIES", "kept_gain_high"]
     assert list(out.index[:2]) == ["Mixture Training", "TIES"]  # sorted by kept share
+
+
+def test_seeds_for_power_is_the_t_tests_exact_power():
+    """Against Cohen's (1988) one-sample table (two-sided, alpha 0.05, power 0.8: d = 0.5 -> 34, 0.8 -> 15,
+    1.0 -> 10 units) and against a simulation of the t-test at the size it returns and one seed fewer."""
+    assert [S.seeds_for_power(d, 1.0) for d in (0.5, 0.8, 1.0)] == [34, 15, 10]
+    assert S.seeds_for_power(-2.0, 4.0) == S.seeds_for_power(2.0, 4.0) == 34  # scale-free, either sign
+    rng = np.random.default_rng(0)
+    effect, sd, alpha = 2.5, 2.0, 0.01    # 11 seeds: power 0.81 there, 0.74 at 10
+    n = int(S.seeds_for_power(effect, sd, alpha=alpha))
+
+    def rejected(k, reps=40_000):
+        x = rng.normal(effect, sd, (reps, k))
+        t = x.mean(1) / (x.std(1, ddof=1) / math.sqrt(k))
+        return float((np.abs(t) > stats.t.ppf(1 - alpha / 2, k - 1)).mean())
+
+    assert n == 11 and rejected(n) > 0.795 and rejected(n - 1) < 0.76
+    # a large standardised effect at a Bonferroni level (scipy's far lower tail is NaN there): 9 seeds, 0.88 / 0.78
+    effect, sd, alpha = 2.26, 1.24, 0.05 / 12
+    n = int(S.seeds_for_power(effect, sd, alpha=alpha))
+    assert n == 9 and rejected(n) > 0.86 and rejected(n - 1) < 0.79
+    assert math.isnan(S.seeds_for_power(1.0, 0.0)) and math.isnan(S.seeds_for_power(0.0, 1.0))
+    assert S.seeds_for_power(1e-3, 10.0) == math.inf
+
+
+def test_every_inconclusive_claim_states_the_sample_that_would_decide_it():
+    """Seeds that disagree (one seed with a large gain, two without: pooled McNemar significant, the seed-level
+    interval not): seeds_80 from the spread of the per-seed effects; a level claim over three seeds and an unpaired
+    claim with no published number get theirs too (from our effect); a decided claim gets none."""
+    rng = np.random.default_rng(5)
+    a1, b1 = _pair(rng, 0.4, 0.25, 0.02, n=400, seeds=1)
+    a2, b2 = _pair(rng, 0.4, 0.08, 0.08, n=400, seeds=2)
+    a = pd.concat([a1, a2.assign(seed=a2["seed"] + 1)], ignore_index=True)
+    b = pd.concat([b1, b2.assign(seed=b2["seed"] + 1)], ignore_index=True)
+    row = S.compare(a, b, "A > B (seeds disagree)", published=(60.0, 57.0))
+    per_seed = [100 * (g_a["correct"].mean() - g_b["correct"].mean()) for (_, g_a), (_, g_b)
+                in zip(a.groupby("seed"), b.groupby("seed"))]
+    assert row["seed_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    level = S.compare_level(pd.DataFrame({"value": [96.0, 91.0, 98.5]}), 99.0, "retains >= 99%")
+    far, near = _items([0.6] * 3, 300, rng), _items([0.57] * 3, 300, rng)
+    unpaired = S.compare(far, near, "mcub-4 > mcub-2", paired=False)
+    decided = S.compare(*_pair(rng, 0.4, 0.2, 0.02), "A > B (clear)")
+    v = S.verdict_table([row, level, unpaired, decided], "t").set_index("claim")
+    assert v.loc["A > B (seeds disagree)", "verdict"] == S.INCONCLUSIVE
+    assert "seeds disagree" in v.loc["A > B (seeds disagree)", "reason"]
+    m = 4  # Bonferroni over the family's tested claims
+    assert v.loc["A > B (seeds disagree)", "seeds_80"] == S.seeds_for_power(3.0, row["seed_sd"], alpha=0.05 / m) > 3
+    assert v.loc["retains >= 99%", "verdict"] == S.INCONCLUSIVE
+    assert v.loc["retains >= 99%", "seeds_80"] == S.seeds_for_power(level["effect"], np.std([96, 91, 98.5], ddof=1),
+                                                                     alpha=0.05 / m)
+    assert math.isnan(v.loc["retains >= 99%", "items_80"])  # the units are seeds: no item model
+    assert v.loc["mcub-4 > mcub-2", "verdict"] == S.INCONCLUSIVE
+    assert v.loc["mcub-4 > mcub-2", "items_80"] == S.items_for_power(
+        unpaired["effect"], p_a=unpaired["ours_lhs"], p_b=unpaired["ours_rhs"], alpha=0.05 / m)
+    assert np.isfinite(v.loc["mcub-4 > mcub-2", "seeds_80"])
+    assert v.loc["A > B (clear)", "verdict"] == S.REPRODUCED
+    assert math.isnan(v.loc["A > B (clear)", "items_80"]) and math.isnan(v.loc["A > B (clear)", "seeds_80"])
+    view = S.verdict_view(v.reset_index())
+    assert (view.loc[view["verdict"] == S.INCONCLUSIVE, "seeds_80"] != "").all()

@@ -13,7 +13,10 @@ One module, one rule (:data:`VERDICT_RULE`, printed under every verdict table of
   stated level ("retains >= 99%"): :func:`compare_level`, a one-sample t-test over the units.
 - **Multiplicity** (:func:`holm`): Holm-Bonferroni over a notebook's family of claims; the verdict
   uses the adjusted p (Holm 1979, "A simple sequentially rejective multiple test procedure").
-- **Power** (:func:`items_for_power`): the items that would resolve the *published* effect at 80%.
+- **Power**: for an inconclusive claim, the sample that would decide it at 80% power, at the family's
+  Bonferroni level, for the *published* effect (ours where the paper gives none): the items
+  (:func:`items_for_power`, at the seeds run) and the training seeds (:func:`seeds_for_power`, at the items
+  per seed run, from the spread of the per-seed effects) - more items cannot settle seeds that disagree.
 - **Inertness**: identical predictions (no discordant item), an optimiser that did not move its
   objective (:func:`optimiser_inert`), a parameter whose values change nothing
   (:func:`sweep_inert`) - the claim is then *not testable here*, with the reason.
@@ -68,7 +71,9 @@ VERDICT_RULE = (
     "predictions). REPRODUCED: p_holm < 0.05, effect in the claimed direction and its interval excludes 0. "
     "NOT REPRODUCED: p_holm < 0.05 in the opposite direction (interval excludes 0), or the interval excludes "
     "the published effect ('smaller than published'). INCONCLUSIVE: neither; items_80 = items (pairs, pooled "
-    "over seeds) that would resolve the published effect with 80% power at the family's Bonferroni level. "
+    "over seeds) and seeds_80 = training seeds (of the items per seed run; one-sample t on the per-seed effects, "
+    "whose spread is measured) that would each resolve the published effect (ours where the paper gives none) "
+    "with 80% power at the family's Bonferroni level. "
     "A claim that presupposes another of its family (a gain that grows presupposes the gain) takes the weaker "
     "verdict of the two: not testable, not reproduced, inconclusive, reproduced.")
 
@@ -78,7 +83,8 @@ _STRENGTH = (NOT_TESTABLE, NOT_REPRODUCED, INCONCLUSIVE, REPRODUCED)
 ITEM_COLUMNS = ("seed", "id", "correct")
 TABLE_COLUMNS = ["family", "claim", "relation", "comparison", "published_lhs", "published_rhs", "published_effect",
                  "ours_lhs", "ours_rhs", "effect", "ci_low", "ci_high", "n_seeds", "n_items", "b", "c", "p_per_seed",
-                 "p", "p_holm", "power_model", "discordance", "items_80", "inert", "verdict", "reason", "source"]
+                 "seed_sd", "p", "p_holm", "power_model", "discordance", "items_80", "seeds_80", "inert", "verdict",
+                 "reason", "source"]
 
 
 # ============================================================================================ intervals
@@ -216,6 +222,37 @@ def items_for_power(effect: float, *, discordance: float | None = None, p_a: flo
     return float(math.ceil((za + zb) ** 2 * max(var, 1e-12) / d ** 2))
 
 
+#: :func:`seeds_for_power` stops here (an effect that needs more seeds than this is reported as inf).
+MAX_SEEDS = 10_000
+
+
+def seeds_for_power(effect: float, sd: float, *, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Training seeds needed to detect ``effect`` (points) with a two-sided one-sample t-test at ``alpha``
+    and ``power`` on per-seed effects whose standard deviation over seeds is ``sd`` (points): the smallest
+    ``n >= 2`` with ``P(|T| > t_{1-α/2, n-1}) >= power``, ``T`` noncentral t with ``n - 1`` degrees of
+    freedom and noncentrality ``effect sqrt(n) / sd`` (the exact power of the t-test). NaN without an
+    effect or a spread; ``inf`` beyond :data:`MAX_SEEDS`."""
+    if not all(np.isfinite([effect, sd])) or effect == 0 or sd <= 0:
+        return math.nan
+    d = abs(effect) / sd
+
+    def reached(n: int) -> bool:
+        t = stats.t.ppf(1 - alpha / 2, n - 1)
+        nc = d * math.sqrt(n)
+        # scipy's nct.cdf of the far tail is NaN for a large noncentrality (where it is ~0): count it as 0
+        return float(np.nansum([stats.nct.sf(t, n - 1, nc), stats.nct.cdf(-t, n - 1, nc)])) >= power
+
+    if not reached(MAX_SEEDS):
+        return math.inf
+    lo, hi = 1, 2                      # reached(hi) once hi is found; power grows with n
+    while not reached(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reached(mid) else (mid, hi)
+    return float(hi)
+
+
 # ============================================================================================ inertness
 def optimiser_inert(start: float, reached: float, exact: float, share: float = SOLVER_SHARE) -> bool:
     """True when an iterative solve reduced its objective from ``start`` by less than ``share`` of the
@@ -273,9 +310,21 @@ def _boot(items, n_boot, seed):
     return hierarchical_bootstrap(_units(items, "value"), n_boot, seed)
 
 
+def _per_seed(items: pd.DataFrame, value: str = "value") -> pd.Series:
+    """Per seed: the mean over strata of the items' ``value`` (indexed by seed, sorted)."""
+    seeds = sorted(items["seed"].unique())
+    return pd.Series([np.mean([x.mean() for x in u]) for u in _units(items, value)], index=seeds, dtype=float)
+
+
 def _estimate(items: pd.DataFrame, value: str = "value") -> float:
     """Mean over seeds of the mean over strata of the items' ``value`` (the bootstrap's statistic)."""
-    return float(np.mean([np.mean([x.mean() for x in u]) for u in _units(items, value)]))
+    return float(_per_seed(items, value).mean())
+
+
+def _spread(per_seed_effects: pd.Series | np.ndarray) -> float:
+    """Standard deviation over seeds (ddof 1) of per-seed effects; NaN with fewer than two."""
+    x = np.asarray(per_seed_effects, dtype=float)
+    return float(x.std(ddof=1)) if x.size >= 2 else math.nan
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, claim: str, *, relation: str = ">", paired: bool = True,
@@ -305,7 +354,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, claim: str, *, relation: str = ">"
             raise ValueError(f"claim {claim!r}: no shared items between the two sides (use paired=False)")
         est, lo, hi, _ = _boot(j, n_boot, seed)
         row.update(ours_lhs=_estimate(j, "value_a"), ours_rhs=_estimate(j, "value_b"), n_items=len(j),
-                   n_seeds=j["seed"].nunique())
+                   n_seeds=j["seed"].nunique(), seed_sd=_spread(_per_seed(j)))
         binary = set(np.unique(j[["value_a", "value_b"]].to_numpy())) <= {0.0, 100.0}
         if binary:
             t = mcnemar_exact(j["value_a"] > 0, j["value_b"] > 0)
@@ -332,7 +381,8 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, claim: str, *, relation: str = ">"
             (1.0 if xa.mean() == xb.mean() else 0.0)
         row.update(ours_lhs=ea, ours_rhs=eb, effect=ea - eb, ci_low=float(lo), ci_high=float(hi), p=p,
                    n_items=len(a) + len(b), n_seeds=min(a["seed"].nunique(), b["seed"].nunique()),
-                   comparison="unpaired (different items)")
+                   comparison="unpaired (different items)",
+                   seed_sd=_spread((_per_seed(a) - _per_seed(b)).dropna()))  # seeds run on both sides
         binary = set(np.unique(np.r_[xa, xb])) <= {0.0, 100.0}
         row["power_model"] = "unpaired" if binary else ""
     return row
@@ -353,7 +403,7 @@ def compare_level(values: pd.DataFrame, level: float, claim: str, *, relation: s
     m, lo, hi = t_interval(x - level)
     p = float(stats.ttest_1samp(x, level).pvalue) if x.size >= 2 and x.std() > 0 else math.nan
     row.update(ours_lhs=float(x.mean()), ours_rhs=float(level), effect=m, ci_low=lo, ci_high=hi, p=p,
-               n_items=int(x.size), n_seeds=int(x.size))
+               n_items=int(x.size), n_seeds=int(x.size), seed_sd=_spread(x))
     return row
 
 
@@ -396,9 +446,10 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
     """Holm over the ``family`` of claim rows (:func:`compare` / :func:`compare_level`), then the
     verdict of each; :data:`TABLE_COLUMNS`. Inert claims are not tested and do not count in the family.
     A row with a ``requires`` entry (the name of another claim of the family) gets the weaker verdict
-    of the two (:func:`presupposing`); an inconclusive one then takes its requirement's ``items_80``
-    when it has none of its own. ``items_80`` is kept for inconclusive claims only (the items at the
-    family's Bonferroni level). For a small ``preset`` (:data:`SMALL_PRESETS`) a ``caution`` column says
+    of the two (:func:`presupposing`); one inconclusive through its requirement takes the requirement's
+    ``items_80`` and ``seeds_80``, one inconclusive on its own too the larger of its and the requirement's. ``items_80`` and ``seeds_80`` are kept for inconclusive claims
+    only (the items, the training seeds, each at the family's Bonferroni level, for the published effect or
+    ours where the paper gives none). For a small ``preset`` (:data:`SMALL_PRESETS`) a ``caution`` column says
     on every row that its items decide nothing."""
     df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows).copy()
     if len(df) == 0:
@@ -413,6 +464,7 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
     out = [verdict(r["effect"], r["ci_low"], r["ci_high"], r["p_holm"], r["relation"], r["published_effect"],
                    r["inert"], alpha) for r in records]
     items_80 = [_items_80(r, alpha / max(m, 1)) for r in records]
+    seeds_80 = [seeds_for_power(_power_effect(r), r["seed_sd"], alpha=alpha / max(m, 1)) for r in records]
     requires = [r.get("requires") if isinstance(r.get("requires"), str) else "" for r in records]
     index = {r["claim"]: i for i, r in enumerate(records)}
     for i, req in enumerate(requires):
@@ -424,12 +476,16 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
         j = index[req]
         if requires[j]:
             raise ValueError(f"claim {records[i]['claim']!r} requires {req!r}, which itself requires another claim")
+        own = out[i][0]
         out[i] = presupposing(out[i], out[j], req)
-        if not np.isfinite(items_80[i]):
-            items_80[i] = items_80[j]
+        if own != INCONCLUSIVE:            # inconclusive through its requirement: deciding that decides it
+            items_80[i], seeds_80[i] = items_80[j], seeds_80[j]
+        elif out[j][0] == INCONCLUSIVE:    # both open: the larger sample decides both
+            items_80[i], seeds_80[i] = (np.fmax(x[i], x[j]) for x in (items_80, seeds_80))
     df["verdict"], df["reason"] = [v for v, _ in out], [why for _, why in out]
     df["family"] = f"{family} ({m} tested claims)"
     df["items_80"] = [n if v == INCONCLUSIVE else math.nan for n, (v, _) in zip(items_80, out)]
+    df["seeds_80"] = [n if v == INCONCLUSIVE else math.nan for n, (v, _) in zip(seeds_80, out)]
     return _with_caution(df[TABLE_COLUMNS].reset_index(drop=True), preset)
 
 
@@ -440,17 +496,27 @@ def _with_caution(table: pd.DataFrame, preset: str | None) -> pd.DataFrame:
     return table
 
 
+def _power_effect(r: Mapping) -> float:
+    """The effect a claim's sample sizes are computed for: the published one, ours where the paper gives none."""
+    pub = r["published_effect"]
+    return float(pub) if pub is not None and np.isfinite(pub) else float(r["effect"])
+
+
 def _items_80(r: Mapping, alpha: float) -> float:
     if r["power_model"] == "paired":
-        return items_for_power(r["published_effect"], discordance=r["discordance"], alpha=alpha)
+        return items_for_power(_power_effect(r), discordance=r["discordance"], alpha=alpha)
     if r["power_model"] == "unpaired":
-        return items_for_power(r["published_effect"], p_a=r["ours_lhs"], p_b=r["ours_rhs"], alpha=alpha)
+        return items_for_power(_power_effect(r), p_a=r["ours_lhs"], p_b=r["ours_rhs"], alpha=alpha)
     return math.nan
+
+
+def _count(x: float) -> str:
+    return "" if np.isnan(x) else f"> {MAX_SEEDS:,}" if np.isinf(x) else f"{x:,.0f}"
 
 
 def verdict_view(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
     """The reading view of :func:`verdict_table`: claim, published effect, ours (effect [interval]),
-    p, p_holm, verdict, reason, items_80."""
+    p, p_holm, verdict, reason, items_80, seeds_80."""
     def f(x, d=digits):
         return "-" if x is None or not np.isfinite(x) else f"{x:+.{d}f}"
 
@@ -462,7 +528,8 @@ def verdict_view(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
                          "p": table["p"].map(lambda x: f"{x:.2g}" if np.isfinite(x) else "-"),
                          "p_holm": table["p_holm"].map(lambda x: f"{x:.2g}" if np.isfinite(x) else "-"),
                          "verdict": table["verdict"], "reason": table["reason"],
-                         "items_80": table["items_80"].map(lambda x: f"{x:.0f}" if np.isfinite(x) else ""),
+                         "items_80": table["items_80"].map(_count),
+                         "seeds_80": table["seeds_80"].map(_count),
                          **({"caution": table["caution"]} if "caution" in table else {})})
 
 
