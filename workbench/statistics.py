@@ -447,9 +447,9 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
     verdict of each; :data:`TABLE_COLUMNS`. Inert claims are not tested and do not count in the family.
     A row with a ``requires`` entry (the name of another claim of the family) gets the weaker verdict
     of the two (:func:`presupposing`); one inconclusive through its requirement takes the requirement's
-    ``items_80`` and ``seeds_80``, one inconclusive on its own too the larger of its and the requirement's. ``items_80`` and ``seeds_80`` are kept for inconclusive claims
-    only (the items, the training seeds, each at the family's Bonferroni level, for the published effect or
-    ours where the paper gives none). For a small ``preset`` (:data:`SMALL_PRESETS`) a ``caution`` column says
+    ``items_80`` and ``seeds_80``, one inconclusive on its own too the larger of its and the requirement's.
+    ``items_80`` and ``seeds_80`` are kept for inconclusive claims only (the items, the training seeds, each
+    at the family's Bonferroni level, for the published effect or ours where the paper gives none). For a small ``preset`` (:data:`SMALL_PRESETS`) a ``caution`` column says
     on every row that its items decide nothing."""
     df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows).copy()
     if len(df) == 0:
