@@ -259,7 +259,8 @@ def test_committed_composition_tables_agree_with_each_other():
 
 def test_every_committed_inconclusive_verdict_states_the_sample_that_would_decide_it():
     """The README says every inconclusive row gives the items or seeds that would decide it: every committed verdict
-    table of notebooks 02-07 has both columns, and each inconclusive row a finite count in at least one of them."""
+    table of notebooks 02-07 has both columns, and each inconclusive row a count in at least one of them (inf in
+    ``seeds_80``: more seeds than ``statistics.MAX_SEEDS``)."""
     from pathlib import Path
 
     out = Path(__file__).resolve().parents[1] / "data" / "results" / "default"
