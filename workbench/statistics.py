@@ -449,8 +449,9 @@ def verdict_table(rows: Sequence[Mapping] | pd.DataFrame, family: str, alpha: fl
     of the two (:func:`presupposing`); one inconclusive through its requirement takes the requirement's
     ``items_80`` and ``seeds_80``, one inconclusive on its own too the larger of its and the requirement's.
     ``items_80`` and ``seeds_80`` are kept for inconclusive claims only (the items, the training seeds, each
-    at the family's Bonferroni level, for the published effect or ours where the paper gives none). For a small ``preset`` (:data:`SMALL_PRESETS`) a ``caution`` column says
-    on every row that its items decide nothing."""
+    at the family's Bonferroni level, for the published effect or ours where the paper gives none). For a
+    small ``preset`` (:data:`SMALL_PRESETS`) a ``caution`` column says on every row that its items decide
+    nothing."""
     df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows).copy()
     if len(df) == 0:
         return _with_caution(pd.DataFrame(columns=TABLE_COLUMNS), preset)
