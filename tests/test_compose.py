@@ -624,6 +624,75 @@ def test_cached_tower_bit_identical_and_shared(tiny_llama):
     assert cached[0].tower.hits > 0
 
 
+def test_towers_on_one_encoder_share_its_outputs():
+    """CachedTowers over Towers with the same frozen encoder weights (and their own projectors)
+    encode a batch once between them and still return exactly ``projector(encoder(x))``; an encoder
+    with other weights does not share; the shared memo stays under its byte bound, oldest out first."""
+    from workbench.compose import ENCODER_OUTPUTS, CachedTower, EncoderOutputs
+    from workbench.world.encoders import ImageEncoder, Projector, Tower
+
+    torch.manual_seed(0)
+    enc = ImageEncoder().eval().requires_grad_(False)
+    twin = ImageEncoder().eval().requires_grad_(False)
+    twin.load_state_dict(enc.state_dict())  # another module, the same weights
+    other = ImageEncoder().eval().requires_grad_(False)
+    towers = [Tower(e, Projector(64, 32)).requires_grad_(False) for e in (enc, twin, other)]
+    cached = [CachedTower(t) for t in towers]
+    x = torch.rand(5, 3, 32, 32)
+    ENCODER_OUTPUTS.clear()
+    h0, m0 = ENCODER_OUTPUTS.hits, ENCODER_OUTPUTS.misses
+    with torch.no_grad():
+        for t, c in zip(towers, cached):
+            assert torch.equal(c(x), t(x))
+            assert torch.equal(c(x[0]), t(x[0]))  # an unbatched input is its own key
+    # enc and twin: one encoding per input between them; other: its own
+    assert (ENCODER_OUTPUTS.misses - m0, ENCODER_OUTPUTS.hits - h0) == (4, 2)
+    memo = EncoderOutputs(max_bytes=3 * 4 * 8)  # room for three [8] float32 tensors
+    for i in range(5):
+        memo.get(("k", i), lambda i=i: torch.full((8,), float(i)))
+    assert memo.bytes <= memo.max_bytes and len(memo._memo) == 3
+    assert memo.get(("k", 4), lambda: torch.zeros(8))[0] == 4  # the newest kept
+    assert memo.get(("k", 0), lambda: torch.zeros(8))[0] == 0  # the oldest dropped and recomputed
+    ENCODER_OUTPUTS.clear()
+
+
+def test_score_and_generate_equal_the_two_calls(tiny_llama, tiny_llama_experts, damc_pair):
+    """One prefill for both scorings gives the option scores of the shared-prefix scorer and the
+    greedy answers of generate_batch: bit for bit on the same batch, to float rounding (other left
+    padding) and with the same answers on other batches (plain, MMER and DAMC compositions; prompts
+    of different lengths); and predict_scorings gives the two predict tables."""
+    import pandas as pd
+
+    from workbench.evaluate import predict, predict_scorings
+
+    tok = tokenizer_of(tiny_llama)
+    mmer = compose_mmer(tiny_llama, _mmer_experts(tiny_llama_experts), tok, merge_method="weight_average", lam=1.0)
+    frozen = compose_frozen(tiny_llama, _mmer_experts(tiny_llama_experts), tok)
+    damc = compose_damc(tiny_llama, damc_pair, tok)
+    prompts = ["image: w61 audio: w62 w12", "w9 w10 w11 w13 w14", "audio: w62 w20", "image: w61"]
+    inputs = [{"image": [raw(1)], "audio": [raw(2)]}, {}, {"audio": [raw(3)]}, {"image": [raw(4)]}]
+    options = [["w30", "w31 w32", "w33", "w34 w35 w36"], ["w40"], ["w41 w42", "w43"], ["w44", "w45", "w46"]]
+    for model in (frozen, mmer, damc):
+        ref_scores = model.score_options_batch(prompts, inputs, options, shared_prefix=True)
+        ref_texts = model.generate_batch(prompts, inputs, max_new_tokens=4)
+        for bs in (1, 3, 16):  # 16: one batch, as both calls run these four prompts
+            scores, texts = model.score_and_generate_batch(prompts, inputs, options, max_new_tokens=4, batch_size=bs)
+            assert texts == ref_texts
+            for a, b in zip(scores, ref_scores):
+                assert torch.equal(a, b) if bs == 16 else int(a.argmax()) == int(b.argmax())
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    recs = _synthetic_records(6, lambda i: f"image: w61 audio: w62 w{12 + i}",
+                              lambda i: {"image": [raw(50 + i)], "audio": [raw(60 + i)]}, "C")
+    for r in recs:
+        r["choices"] = ["w30", "w31 w32", "w33", "w34"]
+    both = predict_scorings(mmer, recs, lambda r: r["_in"], ("loglik", "generate"), method="m", seed=1, batch_size=4)
+    for scoring in ("loglik", "generate"):
+        pd.testing.assert_frame_equal(both[scoring], predict(mmer, recs, lambda r: r["_in"], scoring=scoring,
+                                                             method="m", seed=1, batch_size=4))
+    with pytest.raises(ValueError, match="scoring"):
+        predict_scorings(mmer, recs, lambda r: r["_in"], ("loglik", "greedy"))
+
+
 def test_cached_tokenizer_same_ids_and_private_copies(tiny_llama):
     from workbench.compose import CachedTokenizer
 

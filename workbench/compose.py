@@ -123,20 +123,86 @@ def _tensor_key(x: torch.Tensor) -> tuple:
     return (str(t.dtype), tuple(t.shape), str(t.device), hashlib.blake2b(raw.data, digest_size=16).digest())
 
 
+def _module_key(module: nn.Module) -> tuple:
+    """Exact identity of a module's weights: its class and a digest of every state-dict entry's name,
+    dtype, shape and bytes."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().data)
+    return (type(module).__qualname__, h.digest())
+
+
+class EncoderOutputs:
+    """Outputs of frozen encoders, kept by the exact identity of the encoder's weights and of the
+    input (:func:`_module_key`, :func:`_tensor_key`), least recently used dropped beyond
+    ``max_bytes``.
+
+    In the zoo every tower of a modality - the projector-only, full, LoRA, DAMC and oracle models
+    of every seed - is the same frozen encoder under its own projector, so one encoding of a batch
+    serves every :class:`CachedTower` built on that encoder in the process (each still applies its
+    own projector). A pure memo: the same weights and input give the same tensor as calling the
+    encoder."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes = int(max_bytes)
+        self._memo: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        out = self._memo.get(key)
+        if out is not None:
+            self.hits += 1
+            self._memo.move_to_end(key)
+            return out
+        self.misses += 1
+        out = compute().detach()
+        size = out.numel() * out.element_size()
+        if size <= self.max_bytes:
+            self._memo[key] = out
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._memo.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+        return out
+
+    def clear(self) -> None:
+        self._memo.clear()
+        self.bytes = 0
+
+
+#: The process's shared :class:`EncoderOutputs` (used by every :class:`CachedTower` over a
+#: :class:`workbench.world.encoders.Tower`).
+ENCODER_OUTPUTS = EncoderOutputs()
+
+
 class CachedTower(nn.Module):
     """A frozen tower whose outputs are memoised by the exact value of their input.
 
     Composed models re-encode the same records for every composition and grid point; the towers
     are frozen, so the output for an identical input tensor (the same bytes, shape, dtype and
     device - a stacked batch is one key) is returned from memory instead of recomputed: bit-identical
-    to calling the tower. While gradients are enabled and the tower has trainable parameters it
-    is called directly. ``supports_batch`` is the wrapped tower's. Outputs are held until
-    :meth:`clear` (memory: one ``[n_tokens, hidden]`` tensor per distinct input)."""
+    to calling the tower. A :class:`workbench.world.encoders.Tower` (frozen encoder + projector)
+    takes its encoder's output from :data:`ENCODER_OUTPUTS`, shared with every other tower on the
+    same encoder weights, and applies its own projector - the same operations as calling it. While
+    gradients are enabled and the tower has trainable parameters it is called directly.
+    ``supports_batch`` is the wrapped tower's. Outputs are held until :meth:`clear` (memory: one
+    ``[n_tokens, hidden]`` tensor per distinct input)."""
 
     def __init__(self, tower: nn.Module) -> None:
+        from .world.encoders import Tower
+
         super().__init__()
         self.tower = tower
         self.supports_batch = bool(getattr(tower, "supports_batch", False))
+        self._encoder_key = _module_key(tower.encoder) if type(tower) is Tower else None
         self._memo: dict[tuple, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
@@ -149,7 +215,12 @@ class CachedTower(nn.Module):
         if out is None:
             self.misses += 1
             with torch.no_grad():
-                out = self._memo[k] = self.tower(x).detach()
+                if self._encoder_key is None:
+                    out = self.tower(x)
+                else:
+                    feats = ENCODER_OUTPUTS.get((self._encoder_key, k), lambda: self.tower.encoder(x))
+                    out = self.tower.projector(feats)
+                out = self._memo[k] = out.detach()
         else:
             self.hits += 1
         return out
@@ -850,7 +921,8 @@ def storage_comparison(mmer_paths: Sequence[str | Path], expert_paths: Sequence[
 
 
 __all__ = [
-    "CachedTokenizer", "CachedTower", "ExpertSource", "MRopeMultimodalLM", "TemplatedMultimodalLM",
+    "CachedTokenizer", "CachedTower", "ENCODER_OUTPUTS", "EncoderOutputs", "ExpertSource", "MRopeMultimodalLM",
+    "TemplatedMultimodalLM",
     "assign_placeholders",
     "cached_source", "family_expert", "compose_damc", "compose_expert",
     "compose_frozen", "compose_mmer",

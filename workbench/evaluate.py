@@ -174,31 +174,63 @@ def predict(model, records: Sequence[Mapping], load_inputs: Callable[[Mapping], 
     :data:`SHARED_PREFIX`, on): log-likelihoods by ``model.score_options_batch(shared_prefix=True)``
     (each prompt once, options on its KV cache) instead of the per-option reference.
     """
-    if scoring not in ("loglik", "generate"):
-        raise ValueError(f"scoring must be 'loglik' or 'generate', got {scoring!r}")
+    return predict_scorings(model, records, load_inputs, (scoring,), method=method, seed=seed, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, shared_prefix=shared_prefix)[scoring]
+
+
+def predict_scorings(model, records: Sequence[Mapping], load_inputs: Callable[[Mapping], dict],
+                     scorings: Sequence[str] = ("loglik", "generate"), method: str = "", seed: int | None = None,
+                     batch_size: int = EVAL_BATCH, max_new_tokens: int = 8,
+                     shared_prefix: bool | None = None) -> dict[str, pd.DataFrame]:
+    """:func:`predict` for each of ``scorings``: ``{scoring: table}``. With both scorings and the
+    shared-prefix scorer, each prompt runs through the LLM once for both
+    (``model.score_and_generate_batch``: the options are scored on its KV cache and the greedy answer
+    decoded from it), about half the prompt work of two :func:`predict` calls and their predictions:
+    bit for bit where a batch's prompts share one length (the mini zoo's benchmark files); with
+    prompts of several lengths the answers are decoded in batches of ``batch_size // 4`` prompts
+    (generation alone: ``batch_size``), other left padding, sums equal to float rounding."""
+    bad = [s for s in scorings if s not in ("loglik", "generate")]
+    if bad or not scorings:
+        raise ValueError(f"scoring must be 'loglik' or 'generate', got {bad or list(scorings)!r}")
     # the shared-prefix scorer needs a MultimodalLM (tokenizer, LLM, towers); other models keep their own
     shared = shared_prefix_enabled(shared_prefix) and _is_multimodal_lm(model)
-    rows = []
+    joint = shared and set(scorings) == {"loglik", "generate"}
+    rows: dict[str, list[dict]] = {s: [] for s in scorings}
     for s in range(0, len(records), batch_size):
         chunk = list(records[s:s + batch_size])
         prompts = [record_prompt(r) for r in chunk]
         inputs = [load_inputs(r) for r in chunk]
-        if scoring == "loglik":
-            opts = [record_options(r) for r in chunk]
-            scores = (model.score_options_batch(prompts, inputs, opts, shared_prefix=True) if shared
-                      else model.score_options_batch(prompts, inputs, opts))
-            preds = [(LETTERS[int(torch.argmax(sc))] if r.get("choices") else o[int(torch.argmax(sc))])
-                     for r, o, sc in zip(chunk, opts, scores)]
-        else:
-            outs = model.generate_batch(prompts, inputs, max_new_tokens=max_new_tokens)
-            preds = [generated_letter(o, r.get("choices")) if is_letter_record(r) else o.strip()
-                     for o, r in zip(outs, chunk)]
-        for r, p in zip(chunk, preds):
-            g = record_gold(r)
-            rows.append({"id": r["id"], "subset": r.get("subset", ""), "gold": g, "pred": p,
-                         "correct": bool(p == g), "method": method, "seed": seed, "scoring": scoring,
-                         "task": r.get("task", "")})
-    return pd.DataFrame(rows, columns=PRED_COLUMNS + ["task"])
+        opts = [record_options(r) for r in chunk] if "loglik" in scorings else []
+        preds: dict[str, list[str]] = {}
+        if joint:
+            scores, outs = model.score_and_generate_batch(prompts, inputs, opts, max_new_tokens=max_new_tokens,
+                                                          batch_size=max(1, batch_size // 4))
+            preds["loglik"], preds["generate"] = _option_predictions(chunk, opts, scores), _generated(chunk, outs)
+        for scoring in (() if joint else scorings):
+            if scoring == "loglik":
+                scores = (model.score_options_batch(prompts, inputs, opts, shared_prefix=True) if shared
+                          else model.score_options_batch(prompts, inputs, opts))
+                preds[scoring] = _option_predictions(chunk, opts, scores)
+            else:
+                preds[scoring] = _generated(chunk, model.generate_batch(prompts, inputs, max_new_tokens=max_new_tokens))
+        for scoring, ps in preds.items():
+            for r, p in zip(chunk, ps):
+                g = record_gold(r)
+                rows[scoring].append({"id": r["id"], "subset": r.get("subset", ""), "gold": g, "pred": p,
+                                      "correct": bool(p == g), "method": method, "seed": seed, "scoring": scoring,
+                                      "task": r.get("task", "")})
+    return {s: pd.DataFrame(rows[s], columns=PRED_COLUMNS + ["task"]) for s in scorings}
+
+
+def _option_predictions(chunk: Sequence[Mapping], options: Sequence[Sequence[str]], scores) -> list[str]:
+    """The best-scored option of each record: its letter where the record has lettered choices, else its text."""
+    return [(LETTERS[int(torch.argmax(sc))] if r.get("choices") else o[int(torch.argmax(sc))])
+            for r, o, sc in zip(chunk, options, scores)]
+
+
+def _generated(chunk: Sequence[Mapping], outs: Sequence[str]) -> list[str]:
+    """Each record's generated answer: the letter it names for a lettered record, else the stripped text."""
+    return [generated_letter(o, r.get("choices")) if is_letter_record(r) else o.strip() for o, r in zip(outs, chunk)]
 
 
 def accuracy(df: pd.DataFrame) -> float:

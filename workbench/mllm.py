@@ -15,6 +15,7 @@ accepted for ``"image"``).
 """
 from __future__ import annotations
 
+import copy
 from typing import Mapping, Sequence
 
 import torch
@@ -295,51 +296,114 @@ class MultimodalLM(nn.Module):
             i += n
         return out
 
+    def _prefill(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None]):
+        """The prompts through the LLM once, left-padded with explicit position ids, keeping the KV
+        cache: ``(output, attention mask, position ids)`` - where option scoring and greedy decoding
+        continue from."""
+        pieces = self._pieces(prompts, modal_inputs)
+        emb, mask, routes, _ = self._pad(pieces, left=True)
+        pos = self._left_padded_positions(prompts, modal_inputs, pieces, mask)
+        with token_routes(self.llm, routes):
+            out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+        return out, mask, pos
+
+    def _option_scores(self, logits: torch.Tensor, past, mask: torch.Tensor, pos: torch.Tensor,
+                       options: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """Per prompt of a :meth:`_prefill` (its last-position ``logits``, KV cache ``past``, ``mask``,
+        ``pos``), the summed log-likelihood of each option (``" " + option``, text route) continuing it;
+        ``past`` is consumed (reordered to one copy per option)."""
+        tok, dev = self.tokenizer, self.device
+        last = torch.log_softmax(logits.float(), -1)
+        owners, ids = [], []
+        for b, opts in enumerate(options):
+            for o in opts:
+                o_ids = tok(" " + o, add_special_tokens=False)["input_ids"]
+                if not o_ids:
+                    raise ValueError(f"option {o!r} tokenizes to nothing")
+                ids.append(o_ids)
+                owners.append(b)
+        n, L = len(ids), max(len(i) for i in ids)
+        own = torch.tensor(owners, dtype=torch.long, device=dev)
+        inp = torch.zeros(n, L, dtype=torch.long, device=dev)
+        omask = torch.zeros(n, L, dtype=torch.long, device=dev)
+        for k, o_ids in enumerate(ids):
+            inp[k, :len(o_ids)] = torch.tensor(o_ids, dtype=torch.long, device=dev)
+            omask[k, :len(o_ids)] = 1
+        past.reorder_cache(own)  # one copy of its prompt's keys/values per option
+        opos = _next_position(pos)[own].view(n, 1) + torch.arange(L, device=dev).view(1, L)
+        with token_routes(self.llm, torch.zeros(n, L, dtype=torch.long, device=dev)):
+            logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1), position_ids=opos,
+                              past_key_values=past, use_cache=True).logits
+        sc = last[own].gather(1, inp[:, :1]).squeeze(1)
+        if L > 1:
+            lp = torch.log_softmax(logits[:, :-1].float(), -1)
+            sc = sc + (lp.gather(-1, inp[:, 1:].unsqueeze(-1)).squeeze(-1) * omask[:, 1:]).sum(1)
+        sc = sc.cpu()
+        out, i = [], 0
+        for opts in options:
+            out.append(sc[i:i + len(opts)])
+            i += len(opts)
+        return out
+
+    def _greedy(self, logits: torch.Tensor, past, mask: torch.Tensor, pos: torch.Tensor,
+                max_new_tokens: int) -> list[str]:
+        """Greedy continuations of the prompts of a :meth:`_prefill` (its last-position ``logits``, KV
+        cache ``past``, ``mask``, ``pos``), up to ``max_new_tokens`` tokens or the end-of-sequence token,
+        decoded (special tokens dropped); ``past`` is extended."""
+        eos = self.tokenizer.eos_token_id
+        nxt = logits.argmax(-1)
+        B = nxt.shape[0]
+        gen = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        last_pos = _next_position(pos) - 1
+        for step in range(max_new_tokens):
+            for b in range(B):
+                if not done[b]:
+                    if int(nxt[b]) == eos:
+                        done[b] = True
+                    else:
+                        gen[b].append(int(nxt[b]))
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
+            last_pos = last_pos + 1
+            with token_routes(self.llm, torch.zeros(B, 1, dtype=torch.long, device=mask.device)):
+                out = self.llm(input_ids=nxt.view(B, 1).to(mask.device), attention_mask=mask,
+                               position_ids=last_pos.view(B, 1), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1)
+        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
+
     @torch.no_grad()
     def _score_options_shared_prefix(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
                                      options: Sequence[Sequence[str]], batch_size: int) -> list[torch.Tensor]:
         """:meth:`score_options_batch` with ``shared_prefix=True`` (``batch_size`` prompts at a time)."""
-        tok, dev = self.tokenizer, self.device
         out: list[torch.Tensor] = []
         for s in range(0, len(prompts), batch_size):
-            P, MI, OP = list(prompts[s:s + batch_size]), list(modal_inputs[s:s + batch_size]), options[s:s + batch_size]
-            pieces = self._pieces(P, MI)
-            emb, mask, routes, _ = self._pad(pieces, left=True)
-            pos = self._left_padded_positions(P, MI, pieces, mask)
-            with token_routes(self.llm, routes):
-                first = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
-            last = torch.log_softmax(first.logits[:, -1].float(), -1)
-            owners, ids = [], []
-            for b, opts in enumerate(OP):
-                for o in opts:
-                    o_ids = tok(" " + o, add_special_tokens=False)["input_ids"]
-                    if not o_ids:
-                        raise ValueError(f"option {o!r} tokenizes to nothing")
-                    ids.append(o_ids)
-                    owners.append(b)
-            n, L = len(ids), max(len(i) for i in ids)
-            own = torch.tensor(owners, dtype=torch.long, device=dev)
-            inp = torch.zeros(n, L, dtype=torch.long, device=dev)
-            omask = torch.zeros(n, L, dtype=torch.long, device=dev)
-            for k, o_ids in enumerate(ids):
-                inp[k, :len(o_ids)] = torch.tensor(o_ids, dtype=torch.long, device=dev)
-                omask[k, :len(o_ids)] = 1
-            past = first.past_key_values
-            past.reorder_cache(own)  # one copy of its prompt's keys/values per option
-            opos = _next_position(pos)[own].view(n, 1) + torch.arange(L, device=dev).view(1, L)
-            with token_routes(self.llm, torch.zeros(n, L, dtype=torch.long, device=dev)):
-                logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1), position_ids=opos,
-                                   past_key_values=past, use_cache=True).logits
-            sc = last[own].gather(1, inp[:, :1]).squeeze(1)
-            if L > 1:
-                lp = torch.log_softmax(logits[:, :-1].float(), -1)
-                sc = sc + (lp.gather(-1, inp[:, 1:].unsqueeze(-1)).squeeze(-1) * omask[:, 1:]).sum(1)
-            sc = sc.cpu()
-            i = 0
-            for opts in OP:
-                out.append(sc[i:i + len(opts)])
-                i += len(opts)
+            first, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
+            out.extend(self._option_scores(first.logits[:, -1], first.past_key_values, mask, pos,
+                                           options[s:s + batch_size]))
         return out
+
+    @torch.no_grad()
+    def score_and_generate_batch(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None],
+                                 options: Sequence[Sequence[str]], max_new_tokens: int = 8,
+                                 batch_size: int = 16) -> tuple[list[torch.Tensor], list[str]]:
+        """:meth:`score_options_batch` (``shared_prefix=True``) and :meth:`generate_batch` from one run
+        of each prompt: ``batch_size`` prompts are prefilled once, their options scored on a copy of
+        the KV cache and the greedy continuation decoded from it. Returns ``(scores, texts)``: the two
+        calls' values, bit for bit where a batch holds the same prompts as theirs or prompts of one
+        length (no padding: a row's computation does not depend on the batch it is in - the mini
+        zoo's benchmark files, one length each); other left padding changes the sums in their last
+        bits (~1e-6, as the shared-prefix scorer against the reference)."""
+        scores: list[torch.Tensor] = []
+        texts: list[str] = []
+        for s in range(0, len(prompts), batch_size):
+            first, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
+            logits, past = first.logits[:, -1], first.past_key_values
+            scores.extend(self._option_scores(logits, copy.deepcopy(past), mask, pos, options[s:s + batch_size]))
+            texts.extend(self._greedy(logits, past, mask, pos, max_new_tokens))
+        return scores, texts
 
     def score_options(self, prompt: str, modal_inputs: ModalInputs | None, options: Sequence[str]) -> torch.Tensor:
         """Log-likelihood of each option as the continuation of ``prompt`` ([n_options])."""
@@ -350,36 +414,9 @@ class MultimodalLM(nn.Module):
                        max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
         """Greedy decoding with the HF KV cache (left padding, explicit position ids)."""
         outs: list[str] = []
-        eos = self.tokenizer.eos_token_id
         for s in range(0, len(prompts), batch_size):
-            pieces = self._pieces(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
-            emb, mask, routes, _ = self._pad(pieces, left=True)
-            B = emb.shape[0]
-            pos = self._left_padded_positions(prompts[s:s + batch_size], modal_inputs[s:s + batch_size], pieces, mask)
-            with token_routes(self.llm, routes):
-                out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
-            past = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1)
-            gen = [[] for _ in range(B)]
-            done = torch.zeros(B, dtype=torch.bool)
-            last_pos = _next_position(pos) - 1
-            for step in range(max_new_tokens):
-                for b in range(B):
-                    if not done[b]:
-                        if int(nxt[b]) == eos:
-                            done[b] = True
-                        else:
-                            gen[b].append(int(nxt[b]))
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
-                last_pos = last_pos + 1
-                with token_routes(self.llm, torch.zeros(B, 1, dtype=torch.long, device=mask.device)):
-                    out = self.llm(input_ids=nxt.view(B, 1).to(mask.device), attention_mask=mask,
-                                   position_ids=last_pos.view(B, 1), past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                nxt = out.logits[:, -1].argmax(-1)
-            outs.extend(self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen)
+            first, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
+            outs.extend(self._greedy(first.logits[:, -1], first.past_key_values, mask, pos, max_new_tokens))
         return outs
 
     def generate(self, prompt: str, modal_inputs: ModalInputs | None = None, max_new_tokens: int = 8) -> str:

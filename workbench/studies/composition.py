@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from ..evaluate import CachedInputs, predict, scorer_key, shared_prefix_enabled
+from ..evaluate import CachedInputs, predict, predict_scorings, scorer_key, shared_prefix_enabled
 from ..paths import repo_relative, results_dir
 from ..statistics import accuracy_intervals, mcnemar_exact
 from ..world.scheduler import library_versions
@@ -430,24 +430,27 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
             skipped.append({"seed": seed, "method": method, "benchmark": bench, "combo": combo_tag(mods),
                             "why": "the oracle lacks a modality"})
             continue
+        parts_of = {scoring: {"zoo": comp.model_hashes(method, mods), "settings": comp.settings(method),
+                              "mods": list(mods), "records": records_digest(recs), "scoring": scoring,
+                              "benchmark": bench, **scorer_key()} for scoring in scorings}
+        # the scorings not cached yet are computed together (one run of each prompt for both)
+        todo = [s for s in scorings if cache_dir is None or not entry_path(cache_dir, parts_of[s]).is_file()]
+        fresh: dict[str, pd.DataFrame] = {}
         for scoring in scorings:
-            parts = {"zoo": comp.model_hashes(method, mods), "settings": comp.settings(method),
-                     "mods": list(mods), "records": records_digest(recs), "scoring": scoring, "benchmark": bench,
-                     **scorer_key()}
-
             def compute():
-                key = (seed, method, tuple(mods))
-                if key not in models:
-                    models.clear()  # keep one composed model in memory at a time
-                    models[key] = comp.build(method, mods)
-                m = models[key]
-                df = predict(m, recs, load, scoring=scoring, method=method, seed=seed)
+                if not fresh:
+                    key = (seed, method, tuple(mods))
+                    if key not in models:
+                        models.clear()  # keep one composed model in memory at a time
+                        models[key] = comp.build(method, mods)
+                    fresh.update(predict_scorings(models[key], recs, load, todo, method=method, seed=seed))
+                df = fresh.pop(scoring)
                 df["benchmark"], df["combo"] = bench, combo_tag(mods)
                 return df
 
             bar.set_postfix_str(f"s{seed} {method} {bench} {combo_tag(mods)} {scoring}")
-            df, hit = cached(cache_dir, parts, compute)
-            sync_notes(comp, cache_dir, parts, method, mods, hit)
+            df, hit = cached(cache_dir, parts_of[scoring], compute)
+            sync_notes(comp, cache_dir, parts_of[scoring], method, mods, hit)
             n_cached += int(hit)
             n_eval += int(not hit)
             frames.append(df)
