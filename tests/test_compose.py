@@ -681,6 +681,17 @@ def test_score_and_generate_equal_the_two_calls(tiny_llama, tiny_llama_experts, 
             for a, b in zip(scores, ref_scores):
                 assert torch.equal(a, b) if bs == 16 else int(a.argmax()) == int(b.argmax())
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # one-token options (the mini zoo's): scored on the prefill's last logits, the LLM runs once per batch
+    one = [["w30", "w33"], ["w40"], ["w43", "w41"], ["w44", "w45", "w46"]]
+    calls = []
+    handle = mmer.llm.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        got = mmer.score_options_batch(prompts, inputs, one, batch_size=8, shared_prefix=True)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # two prefills of two prompts, no option pass
+    for a, b in zip(got, mmer.score_options_batch(prompts, inputs, one)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     recs = _synthetic_records(6, lambda i: f"image: w61 audio: w62 w{12 + i}",
                               lambda i: {"image": [raw(50 + i)], "audio": [raw(60 + i)]}, "C")
     for r in recs:

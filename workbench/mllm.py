@@ -308,10 +308,13 @@ class MultimodalLM(nn.Module):
         return out, mask, pos
 
     def _option_scores(self, logits: torch.Tensor, past, mask: torch.Tensor, pos: torch.Tensor,
-                       options: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+                       options: Sequence[Sequence[str]], keep_past: bool = False) -> list[torch.Tensor]:
         """Per prompt of a :meth:`_prefill` (its last-position ``logits``, KV cache ``past``, ``mask``,
-        ``pos``), the summed log-likelihood of each option (``" " + option``, text route) continuing it;
-        ``past`` is consumed (reordered to one copy per option)."""
+        ``pos``), the summed log-likelihood of each option (``" " + option``, text route) continuing it.
+        An option's first token is scored on ``logits``; only options of more than one token run
+        through the LLM, on ``past`` reordered to one copy of its prompt per option (``past`` is
+        consumed unless ``keep_past``: then a copy is). Where every option is one token (the mini
+        zoo's) the LLM is not called."""
         tok, dev = self.tokenizer, self.device
         last = torch.log_softmax(logits.float(), -1)
         owners, ids = [], []
@@ -329,13 +332,14 @@ class MultimodalLM(nn.Module):
         for k, o_ids in enumerate(ids):
             inp[k, :len(o_ids)] = torch.tensor(o_ids, dtype=torch.long, device=dev)
             omask[k, :len(o_ids)] = 1
-        past.reorder_cache(own)  # one copy of its prompt's keys/values per option
-        opos = _next_position(pos)[own].view(n, 1) + torch.arange(L, device=dev).view(1, L)
-        with token_routes(self.llm, torch.zeros(n, L, dtype=torch.long, device=dev)):
-            logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1), position_ids=opos,
-                              past_key_values=past, use_cache=True).logits
         sc = last[own].gather(1, inp[:, :1]).squeeze(1)
         if L > 1:
+            past = copy.deepcopy(past) if keep_past else past
+            past.reorder_cache(own)  # one copy of its prompt's keys/values per option
+            opos = _next_position(pos)[own].view(n, 1) + torch.arange(L, device=dev).view(1, L)
+            with token_routes(self.llm, torch.zeros(n, L, dtype=torch.long, device=dev)):
+                logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1), position_ids=opos,
+                                  past_key_values=past, use_cache=True).logits
             lp = torch.log_softmax(logits[:, :-1].float(), -1)
             sc = sc + (lp.gather(-1, inp[:, 1:].unsqueeze(-1)).squeeze(-1) * omask[:, 1:]).sum(1)
         sc = sc.cpu()
@@ -391,17 +395,18 @@ class MultimodalLM(nn.Module):
                                  batch_size: int = 16) -> tuple[list[torch.Tensor], list[str]]:
         """:meth:`score_options_batch` (``shared_prefix=True``) and :meth:`generate_batch` from one run
         of each prompt: ``batch_size`` prompts are prefilled once, their options scored on a copy of
-        the KV cache and the greedy continuation decoded from it. Returns ``(scores, texts)``: the two
-        calls' values, bit for bit where a batch holds the same prompts as theirs or prompts of one
-        length (no padding: a row's computation does not depend on the batch it is in - the mini
-        zoo's benchmark files, one length each); other left padding changes the sums in their last
-        bits (~1e-6, as the shared-prefix scorer against the reference)."""
+        the KV cache (where an option has more than one token) and the greedy continuation decoded
+        from it. Returns ``(scores, texts)``: the two calls' values, bit for bit where a batch holds
+        the same prompts as theirs or prompts of one length (no padding: a row's computation does not
+        depend on the batch it is in - the mini zoo's benchmark files, one length each); other left
+        padding changes the sums in their last bits (~1e-6, as the shared-prefix scorer against the
+        reference)."""
         scores: list[torch.Tensor] = []
         texts: list[str] = []
         for s in range(0, len(prompts), batch_size):
             first, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
             logits, past = first.logits[:, -1], first.past_key_values
-            scores.extend(self._option_scores(logits, copy.deepcopy(past), mask, pos, options[s:s + batch_size]))
+            scores.extend(self._option_scores(logits, past, mask, pos, options[s:s + batch_size], keep_past=True))
             texts.extend(self._greedy(logits, past, mask, pos, max_new_tokens))
         return scores, texts
 
