@@ -148,6 +148,20 @@ def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
     pd.testing.assert_frame_equal(again["summary"], res["summary"])
     # the searches' choices travel with the cached predictions: the cached rerun records the same λ / α
     assert res["run"]["notes"] and again["run"]["notes"] == res["run"]["notes"]
+    # a generation entry that is gone is computed again alone (its log-likelihood twin stays cached),
+    # the same predictions as when the two scorings were computed together
+    from workbench.studies.cache import read_predictions
+
+    gone = [f for f in sorted((tmp_path / "res" / "cache").glob("*.csv"))
+            if set(read_predictions(f)["scoring"]) == {"generate"}][:3]
+    for f in gone:
+        f.unlink()
+    third = run_results("tiny", out=tmp_path / "res", methods=("expert", "damc_expert", "frozen", "naive_mc", "damc",
+                                                                 "mmer"),
+                        benchmarks=("mcub-2",), max_items=8, scorings=("loglik", "generate"), search=True,
+                        progress=False, mmer_lams=(1.0, 2.0), mmer_alphas=(1.0,), damc_grid=(0.5, 1.0))
+    assert len(gone) == 3 and third["run"]["evaluated"] == 3 and all(f.is_file() for f in gone)
+    pd.testing.assert_frame_equal(third["summary"], res["summary"])
 
 
 def test_search_notes_kept_with_cached_predictions(tmp_path):

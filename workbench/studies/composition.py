@@ -443,7 +443,8 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
                     if key not in models:
                         models.clear()  # keep one composed model in memory at a time
                         models[key] = comp.build(method, mods)
-                    fresh.update(predict_scorings(models[key], recs, load, todo, method=method, seed=seed))
+                    need = todo if scoring in todo else [scoring]  # (an entry removed since todo was made)
+                    fresh.update(predict_scorings(models[key], recs, load, need, method=method, seed=seed))
                 df = fresh.pop(scoring)
                 df["benchmark"], df["combo"] = bench, combo_tag(mods)
                 return df
