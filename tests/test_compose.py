@@ -624,6 +624,22 @@ def test_cached_tower_bit_identical_and_shared(tiny_llama):
     assert cached[0].tower.hits > 0
 
 
+def _three_compositions(tiny_llama, tiny_llama_experts, damc_pair):
+    """A plain (frozen), an MMER (masked routes) and a DAMC (LoRA routes) composition of the tiny experts."""
+    tok = tokenizer_of(tiny_llama)
+    frozen = compose_frozen(tiny_llama, _mmer_experts(tiny_llama_experts), tok)
+    mmer = compose_mmer(tiny_llama, _mmer_experts(tiny_llama_experts), tok, merge_method="weight_average", lam=1.0)
+    return frozen, mmer, compose_damc(tiny_llama, damc_pair, tok)
+
+
+def _prompts_of_four_lengths():
+    """Four prompts of different lengths (two modalities, none, one each) and options of 1-3 tokens."""
+    prompts = ["image: w61 audio: w62 w12", "w9 w10 w11 w13 w14", "audio: w62 w20", "image: w61"]
+    inputs = [{"image": [raw(1)], "audio": [raw(2)]}, {}, {"audio": [raw(3)]}, {"image": [raw(4)]}]
+    options = [["w30", "w31 w32", "w33", "w34 w35 w36"], ["w40"], ["w41 w42", "w43"], ["w44", "w45", "w46"]]
+    return prompts, inputs, options
+
+
 def test_towers_on_one_encoder_share_its_outputs():
     """CachedTowers over Towers with the same frozen encoder weights (and their own projectors)
     encode a batch once between them and still return exactly ``projector(encoder(x))``; an encoder
@@ -665,13 +681,8 @@ def test_score_and_generate_equal_the_two_calls(tiny_llama, tiny_llama_experts, 
 
     from workbench.evaluate import predict, predict_scorings
 
-    tok = tokenizer_of(tiny_llama)
-    mmer = compose_mmer(tiny_llama, _mmer_experts(tiny_llama_experts), tok, merge_method="weight_average", lam=1.0)
-    frozen = compose_frozen(tiny_llama, _mmer_experts(tiny_llama_experts), tok)
-    damc = compose_damc(tiny_llama, damc_pair, tok)
-    prompts = ["image: w61 audio: w62 w12", "w9 w10 w11 w13 w14", "audio: w62 w20", "image: w61"]
-    inputs = [{"image": [raw(1)], "audio": [raw(2)]}, {}, {"audio": [raw(3)]}, {"image": [raw(4)]}]
-    options = [["w30", "w31 w32", "w33", "w34 w35 w36"], ["w40"], ["w41 w42", "w43"], ["w44", "w45", "w46"]]
+    frozen, mmer, damc = _three_compositions(tiny_llama, tiny_llama_experts, damc_pair)
+    prompts, inputs, options = _prompts_of_four_lengths()
     for model in (frozen, mmer, damc):
         ref_scores = model.score_options_batch(prompts, inputs, options, shared_prefix=True)
         ref_texts = model.generate_batch(prompts, inputs, max_new_tokens=4)
@@ -744,13 +755,8 @@ def test_shared_prefix_scores_match_reference(tiny_llama, tiny_llama_experts, da
     prompts of different lengths and options of different token counts."""
     from workbench.evaluate import predict
 
-    tok = tokenizer_of(tiny_llama)
-    mmer = compose_mmer(tiny_llama, _mmer_experts(tiny_llama_experts), tok, merge_method="weight_average", lam=1.0)
-    frozen = compose_frozen(tiny_llama, _mmer_experts(tiny_llama_experts), tok)
-    damc = compose_damc(tiny_llama, damc_pair, tok)
-    prompts = ["image: w61 audio: w62 w12", "w9 w10 w11 w13 w14", "audio: w62 w20", "image: w61"]
-    inputs = [{"image": [raw(1)], "audio": [raw(2)]}, {}, {"audio": [raw(3)]}, {"image": [raw(4)]}]
-    options = [["w30", "w31 w32", "w33", "w34 w35 w36"], ["w40"], ["w41 w42", "w43"], ["w44", "w45", "w46"]]
+    frozen, mmer, damc = _three_compositions(tiny_llama, tiny_llama_experts, damc_pair)
+    prompts, inputs, options = _prompts_of_four_lengths()
     for model in (frozen, mmer, damc):
         ref = model.score_options_batch(prompts, inputs, options)
         for bs in (1, 3, 16):
