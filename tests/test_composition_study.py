@@ -122,10 +122,13 @@ def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
     from workbench.world import ensure_zoo
 
     ensure_zoo("tiny")
-    res = run_results("tiny", out=tmp_path / "res", methods=("expert", "damc_expert", "frozen", "naive_mc", "damc",
-                                                               "mmer"),
-                      benchmarks=("mcub-2",), max_items=8, scorings=("loglik", "generate"), search=True,
-                      progress=False, mmer_lams=(1.0, 2.0), mmer_alphas=(1.0,), damc_grid=(0.5, 1.0))
+    def run():
+        return run_results("tiny", out=tmp_path / "res", methods=("expert", "damc_expert", "frozen", "naive_mc",
+                                                                    "damc", "mmer"),
+                           benchmarks=("mcub-2",), max_items=8, scorings=("loglik", "generate"), search=True,
+                           progress=False, mmer_lams=(1.0, 2.0), mmer_alphas=(1.0,), damc_grid=(0.5, 1.0))
+
+    res = run()
     pred, summ = res["predictions"], res["summary"]
     assert {"naive_mc", "mmer", "frozen"} <= set(pred["method"])
     mc = summ[summ["benchmark"] == "mcub-2"]
@@ -140,10 +143,7 @@ def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
     assert len(st) == 1 and st["ratio"].iloc[0] < 1.0
     ret = res["retention"]
     assert {"naive_mc", "mmer"} <= set(ret["method"])
-    again = run_results("tiny", out=tmp_path / "res", methods=("expert", "damc_expert", "frozen", "naive_mc", "damc",
-                                                                 "mmer"),
-                        benchmarks=("mcub-2",), max_items=8, scorings=("loglik", "generate"), search=True,
-                        progress=False, mmer_lams=(1.0, 2.0), mmer_alphas=(1.0,), damc_grid=(0.5, 1.0))
+    again = run()
     assert again["run"]["evaluated"] == 0 and again["run"]["cached"] > 0
     pd.testing.assert_frame_equal(again["summary"], res["summary"])
     # the searches' choices travel with the cached predictions: the cached rerun records the same λ / α
@@ -156,10 +156,7 @@ def test_tiny_zoo_compose_and_score_mcub2(tmp_path):
             if set(read_predictions(f)["scoring"]) == {"generate"}][:3]
     for f in gone:
         f.unlink()
-    third = run_results("tiny", out=tmp_path / "res", methods=("expert", "damc_expert", "frozen", "naive_mc", "damc",
-                                                                 "mmer"),
-                        benchmarks=("mcub-2",), max_items=8, scorings=("loglik", "generate"), search=True,
-                        progress=False, mmer_lams=(1.0, 2.0), mmer_alphas=(1.0,), damc_grid=(0.5, 1.0))
+    third = run()
     assert len(gone) == 3 and third["run"]["evaluated"] == 3 and all(f.is_file() for f in gone)
     pd.testing.assert_frame_equal(third["summary"], res["summary"])
 

@@ -124,16 +124,9 @@ def _tensor_key(x: torch.Tensor) -> tuple:
 
 
 def _module_key(module: nn.Module) -> tuple:
-    """Exact identity of a module's weights: its class and a digest of every state-dict entry's name,
-    dtype, shape and bytes."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().data)
-    return (type(module).__qualname__, h.digest())
+    """Exact identity of a module's weights: its class and each state-dict entry's name and
+    :func:`_tensor_key`."""
+    return (type(module).__qualname__, tuple((name, _tensor_key(t)) for name, t in sorted(module.state_dict().items())))
 
 
 class EncoderOutputs:
@@ -164,13 +157,11 @@ class EncoderOutputs:
             return out
         self.misses += 1
         out = compute().detach()
-        size = out.numel() * out.element_size()
-        if size <= self.max_bytes:
+        if out.nbytes <= self.max_bytes:
             self._memo[key] = out
-            self.bytes += size
+            self.bytes += out.nbytes
             while self.bytes > self.max_bytes:
-                _, old = self._memo.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
+                self.bytes -= self._memo.popitem(last=False)[1].nbytes
         return out
 
     def clear(self) -> None:

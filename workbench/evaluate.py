@@ -206,13 +206,12 @@ def predict_scorings(model, records: Sequence[Mapping], load_inputs: Callable[[M
             scores, outs = model.score_and_generate_batch(prompts, inputs, opts, max_new_tokens=max_new_tokens,
                                                           batch_size=max(1, batch_size // 4))
             preds["loglik"], preds["generate"] = _option_predictions(chunk, opts, scores), _generated(chunk, outs)
-        for scoring in (() if joint else scorings):
-            if scoring == "loglik":
-                scores = (model.score_options_batch(prompts, inputs, opts, shared_prefix=True) if shared
-                          else model.score_options_batch(prompts, inputs, opts))
-                preds[scoring] = _option_predictions(chunk, opts, scores)
-            else:
-                preds[scoring] = _generated(chunk, model.generate_batch(prompts, inputs, max_new_tokens=max_new_tokens))
+        elif "loglik" in scorings:
+            scores = (model.score_options_batch(prompts, inputs, opts, shared_prefix=True) if shared
+                      else model.score_options_batch(prompts, inputs, opts))
+            preds["loglik"] = _option_predictions(chunk, opts, scores)
+        if "generate" in scorings and not joint:
+            preds["generate"] = _generated(chunk, model.generate_batch(prompts, inputs, max_new_tokens=max_new_tokens))
         for scoring, ps in preds.items():
             for r, p in zip(chunk, ps):
                 g = record_gold(r)

@@ -430,9 +430,9 @@ def run_results(preset: str = "tiny", *, zoo=None, out: str | Path | None = None
             skipped.append({"seed": seed, "method": method, "benchmark": bench, "combo": combo_tag(mods),
                             "why": "the oracle lacks a modality"})
             continue
-        parts_of = {scoring: {"zoo": comp.model_hashes(method, mods), "settings": comp.settings(method),
-                              "mods": list(mods), "records": records_digest(recs), "scoring": scoring,
-                              "benchmark": bench, **scorer_key()} for scoring in scorings}
+        common = {"zoo": comp.model_hashes(method, mods), "settings": comp.settings(method), "mods": list(mods),
+                  "records": records_digest(recs), "benchmark": bench, **scorer_key()}
+        parts_of = {scoring: {**common, "scoring": scoring} for scoring in scorings}
         # the scorings not cached yet are computed together (one run of each prompt for both)
         todo = [s for s in scorings if cache_dir is None or not entry_path(cache_dir, parts_of[s]).is_file()]
         fresh: dict[str, pd.DataFrame] = {}
