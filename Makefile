@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# --no-compile: no .pyc for the ~20,000 installed modules up front (measured 2026-12-07, 2 cores: the
+# torch wheel 22.6 -> 9.5 s, the project's dependencies 50.5 -> 20.7 s); Python compiles the few it
+# imports on first use and keeps them.
 PIP    := $(PY) -m pip
+PIP_INSTALL := $(PIP) install --no-compile
 PRESET ?= default
 TORCH_CPU ?= torch==2.13.0
 
@@ -10,9 +14,9 @@ TORCH_CPU ?= torch==2.13.0
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install "$(TORCH_CPU)"
-	$(PIP) install -c constraints.txt -e ".[test,notebooks]"
+	$(PIP_INSTALL) --upgrade pip setuptools wheel
+	$(PIP_INSTALL) "$(TORCH_CPU)"
+	$(PIP_INSTALL) -c constraints.txt -e ".[test,notebooks]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (workbench)"
 	touch $@
 

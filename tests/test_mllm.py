@@ -1,11 +1,14 @@
 """MultimodalLM: splicing, routes, option scoring, greedy generation with the KV cache."""
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from workbench.mllm import MultimodalLM
+from workbench.mllm import MultimodalLM, kv_cache_argument
 from workbench.routing import RoutedModule
 from workbench.world.tokenizer import build_tokenizer
 from workbench.world.training import new_llm
@@ -135,6 +138,27 @@ def test_generate_batch_equals_single_and_manual_greedy(model):
             toks.append(nxt)
             emb = torch.cat([emb, model.llm.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
     assert singles[1] == model.tokenizer.decode(toks, skip_special_tokens=True).strip()
+
+
+def test_kv_cache_goes_by_the_llms_own_keyword(model):
+    """The KV cache is passed to and read from the LLM under the name its forward takes (``cache`` in
+    transformers 5, ``past_key_values`` in 4.x): no deprecation warning on the decode path (a wrong name
+    would be swallowed by ``**kwargs`` and decode without the prompt - the greedy test above catches that)."""
+    kw = kv_cache_argument(model.llm)
+    assert kw in inspect.signature(type(model.llm).forward).parameters
+
+    class Transformers4Style(nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert kv_cache_argument(Transformers4Style()) == "past_key_values"
+    prompts = ["image: <image>\nwhich comes first? A. cat B. drum\nanswer:"] * 2
+    mis = [{"image": [torch.ones(2)]}, {"image": [torch.ones(3)]}]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+        texts = model.generate_batch(prompts, mis, max_new_tokens=3)
+        model.score_and_generate_batch(prompts, mis, [["cat", "drum horn"]] * 2, max_new_tokens=3)
+    assert len(texts) == 2
 
 
 class Spy(RoutedModule):

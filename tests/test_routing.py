@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from workbench.errors import ConfigError
+from workbench.mllm import kv_cache_argument
 from workbench.io.packing import pack_mask
 from workbench.routing import (Dense, LowRank, Masked, RoutedLinear, add_dense_routes, add_lora_routes, apply_routes,
                                linear_names, load_route_adapter, materialize_route, remove_routes,
@@ -188,14 +189,15 @@ def test_decode_step_uses_text_route():
     nxt = torch.tensor([[11]])
     rid = torch.tensor([[0, 1, 1, 2, 2, 0, 0]])
     holder["rid"] = rid
+    kv = kv_cache_argument(llm)  # `cache` (transformers 5) or `past_key_values` (4.x)
     with torch.no_grad():
         # routed: the prompt's route ids stay set during the decode step (length 1 != 7)
         with token_routes(routed, rid):
             out = routed(input_ids=ids, use_cache=True)
-            step = routed(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True).logits
+            step = routed(input_ids=nxt, use_cache=True, **{kv: out[kv]}).logits
         # reference: the same prompt cache (brute force), then a decode step with route 0 everywhere
         out_ref = ref_bf(input_ids=ids, use_cache=True)
-        step_ref = ref_text(input_ids=nxt, past_key_values=out_ref.past_key_values, use_cache=True).logits
+        step_ref = ref_text(input_ids=nxt, use_cache=True, **{kv: out_ref[kv]}).logits
     torch.testing.assert_close(step, step_ref, rtol=1e-4, atol=1e-5)
     holder["rid"] = torch.cat([rid, torch.zeros(1, 1, dtype=torch.long)], 1)
     with torch.no_grad():

@@ -16,6 +16,8 @@ accepted for ``"image"``).
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from typing import Mapping, Sequence
 
 import torch
@@ -25,6 +27,19 @@ from .routing import token_routes
 
 ModalInputs = Mapping[str, Sequence[torch.Tensor]]
 _ALIASES = {"vision": "image"}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """The keyword a causal LM class's ``forward`` takes the KV cache by, and the name of the cache in its
+    output: ``cache`` (transformers 5, where ``past_key_values`` is deprecated) or ``past_key_values`` (4.x)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def kv_cache_argument(llm: nn.Module) -> str:
+    """:func:`_cache_argument` of ``llm`` (of the model a peft wrapper holds)."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return _cache_argument(type(base))
 
 
 def _norm_inputs(mi: ModalInputs | None) -> dict[str, list[torch.Tensor]]:
@@ -298,14 +313,14 @@ class MultimodalLM(nn.Module):
 
     def _prefill(self, prompts: Sequence[str], modal_inputs: Sequence[ModalInputs | None]):
         """The prompts through the LLM once, left-padded with explicit position ids, keeping the KV
-        cache: ``(output, attention mask, position ids)`` - where option scoring and greedy decoding
-        continue from."""
+        cache: ``(last-position logits, KV cache, attention mask, position ids)`` - where option scoring
+        and greedy decoding continue from."""
         pieces = self._pieces(prompts, modal_inputs)
         emb, mask, routes, _ = self._pad(pieces, left=True)
         pos = self._left_padded_positions(prompts, modal_inputs, pieces, mask)
         with token_routes(self.llm, routes):
             out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
-        return out, mask, pos
+        return out.logits[:, -1], out[kv_cache_argument(self.llm)], mask, pos
 
     def _option_scores(self, logits: torch.Tensor, past, mask: torch.Tensor, pos: torch.Tensor,
                        options: Sequence[Sequence[str]], keep_past: bool = False) -> list[torch.Tensor]:
@@ -339,7 +354,7 @@ class MultimodalLM(nn.Module):
             opos = _next_position(pos)[own].view(n, 1) + torch.arange(L, device=dev).view(1, L)
             with token_routes(self.llm, torch.zeros(n, L, dtype=torch.long, device=dev)):
                 logits = self.llm(input_ids=inp, attention_mask=torch.cat([mask[own], omask], 1), position_ids=opos,
-                                  past_key_values=past, use_cache=True).logits
+                                  use_cache=True, **{kv_cache_argument(self.llm): past}).logits
             lp = torch.log_softmax(logits[:, :-1].float(), -1)
             sc = sc + (lp.gather(-1, inp[:, 1:].unsqueeze(-1)).squeeze(-1) * omask[:, 1:]).sum(1)
         sc = sc.cpu()
@@ -354,7 +369,7 @@ class MultimodalLM(nn.Module):
         """Greedy continuations of the prompts of a :meth:`_prefill` (its last-position ``logits``, KV
         cache ``past``, ``mask``, ``pos``), up to ``max_new_tokens`` tokens or the end-of-sequence token,
         decoded (special tokens dropped); ``past`` is extended."""
-        eos = self.tokenizer.eos_token_id
+        eos, cache_kw = self.tokenizer.eos_token_id, kv_cache_argument(self.llm)
         nxt = logits.argmax(-1)
         B = nxt.shape[0]
         gen = [[] for _ in range(B)]
@@ -373,8 +388,8 @@ class MultimodalLM(nn.Module):
             last_pos = last_pos + 1
             with token_routes(self.llm, torch.zeros(B, 1, dtype=torch.long, device=mask.device)):
                 out = self.llm(input_ids=nxt.view(B, 1).to(mask.device), attention_mask=mask,
-                               position_ids=last_pos.view(B, 1), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+                               position_ids=last_pos.view(B, 1), use_cache=True, **{cache_kw: past})
+            past = out[cache_kw]
             nxt = out.logits[:, -1].argmax(-1)
         return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
 
@@ -384,8 +399,8 @@ class MultimodalLM(nn.Module):
         """:meth:`score_options_batch` with ``shared_prefix=True`` (``batch_size`` prompts at a time)."""
         out: list[torch.Tensor] = []
         for s in range(0, len(prompts), batch_size):
-            first, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
-            out.extend(self._option_scores(first.logits[:, -1], first.past_key_values, mask, pos,
+            logits, past, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
+            out.extend(self._option_scores(logits, past, mask, pos,
                                            options[s:s + batch_size]))
         return out
 
@@ -404,8 +419,7 @@ class MultimodalLM(nn.Module):
         scores: list[torch.Tensor] = []
         texts: list[str] = []
         for s in range(0, len(prompts), batch_size):
-            first, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
-            logits, past = first.logits[:, -1], first.past_key_values
+            logits, past, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
             scores.extend(self._option_scores(logits, past, mask, pos, options[s:s + batch_size], keep_past=True))
             texts.extend(self._greedy(logits, past, mask, pos, max_new_tokens))
         return scores, texts
@@ -420,8 +434,8 @@ class MultimodalLM(nn.Module):
         """Greedy decoding with the HF KV cache (left padding, explicit position ids)."""
         outs: list[str] = []
         for s in range(0, len(prompts), batch_size):
-            first, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
-            outs.extend(self._greedy(first.logits[:, -1], first.past_key_values, mask, pos, max_new_tokens))
+            logits, past, mask, pos = self._prefill(prompts[s:s + batch_size], modal_inputs[s:s + batch_size])
+            outs.extend(self._greedy(logits, past, mask, pos, max_new_tokens))
         return outs
 
     def generate(self, prompt: str, modal_inputs: ModalInputs | None = None, max_new_tokens: int = 8) -> str:
