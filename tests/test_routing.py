@@ -399,6 +399,96 @@ def test_masked_cache_is_bit_identical_and_invalidated():
     assert torch.equal(run(llm), out_s)
 
 
+def test_inference_routes_equal_the_routed_layers_and_follow_every_change():
+    """fuse_routes_for_inference: the same modules and state dict; without autograd each route's tokens go
+    through W0 + delta formed once - the brute-force reference's outputs (mixed routes, an empty route, a
+    decode step), re-formed after every change a composition makes (a coefficient, a mask, a tensor edited in
+    place, a route replaced); with autograd, and for a bfloat16 or oversized weight, exactly RoutedLinear."""
+    import workbench.routing as R
+
+    llm = tiny_llm()
+    routed, specs, dense, ref, holder = routed_and_reference(llm)
+    fused = copy.deepcopy(routed)
+    n_routed = len(routed_modules(routed))
+    assert R.fuse_routes_for_inference(fused) == n_routed > 0
+    assert R.fuse_routes_for_inference(fused) == 0  # already turned
+    assert all(type(m) is R.InferenceRoutedLinear for m in routed_modules(fused).values())
+    sd, sd_fused = routed.state_dict(), fused.state_dict()
+    assert list(sd) == list(sd_fused) and all(torch.equal(sd[k], sd_fused[k]) for k in sd)
+    ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(6))
+
+    def run(m, rid, grad=False):
+        with torch.set_grad_enabled(grad), token_routes(m, rid):
+            return m(input_ids=ids).logits
+
+    rl = routed_modules(fused)["model.layers.0.self_attn.q_proj"]
+    formed = []
+    for rid in (torch.full((3, 10), 1),  # one route holds every token
+                torch.tensor([[0, 2, 2, 0, 0, 2, 0, 0, 2, 2]] * 3),  # route 1 empty
+                torch.randint(0, 3, (3, 10), generator=torch.Generator().manual_seed(7))):  # mixed
+        holder["rid"] = rid
+        with torch.no_grad():
+            want = ref(input_ids=ids).logits
+        torch.testing.assert_close(run(fused, rid), want, rtol=1e-4, atol=1e-5)
+        formed.append(set(rl._fused))
+    assert formed == [{"1"}, {"0", "1", "2"}, {"0", "1", "2"}]  # a route is formed when it first has tokens
+    # a decode step (its length differs from the prompt's route ids): the text route, as RoutedLinear
+    kv = kv_cache_argument(llm)
+    rid = torch.tensor([[0, 1, 1, 2, 2, 0, 0]])
+    steps = []
+    for m in (routed, fused):
+        with torch.no_grad(), token_routes(m, rid):
+            out = m(input_ids=ids[:1, :7], use_cache=True)
+            steps.append(m(input_ids=torch.tensor([[11]]), use_cache=True, **{kv: out[kv]}).logits)
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-5)
+    # every change a composition makes is followed: the fused model stays the routed model
+    rid = torch.randint(0, 3, (3, 10), generator=torch.Generator().manual_seed(7))
+    before = run(fused, rid)
+    g = torch.Generator().manual_seed(9)
+
+    def coefficient(m):
+        R.set_route_coefficients(m, 2, {None: 0.3})
+
+    def new_masks(m, g_state=g.get_state()):
+        g.set_state(g_state)
+        for c in _masked_components(m):
+            c.set_mask(torch.rand(c.shape, generator=g) < 0.6)
+
+    def in_place(m):
+        for mod in routed_modules(m).values():
+            mod.shared_0.mul_(2.0)
+
+    def new_route(m):
+        for name, mod in routed_modules(m).items():
+            mod.set_route(1, Dense(0.01 * torch.ones(mod.out_features, mod.in_features)))
+
+    for change in (coefficient, new_masks, in_place, new_route):
+        change(routed)
+        change(fused)
+        after = run(fused, rid)
+        torch.testing.assert_close(after, run(routed, rid), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(after, before), change.__name__
+        before = after
+    # with autograd (training): RoutedLinear's computation, bit for bit, and its gradients
+    assert torch.equal(run(fused, rid, grad=True), run(routed, rid, grad=True))
+    # not fused: a bfloat16 weight (W0 + delta would round the delta away) or one above the size cap
+    cap = R.FUSED_MAX_NUMEL
+    try:
+        R.FUSED_MAX_NUMEL = 0
+        assert torch.equal(run(fused, rid), run(routed, rid))
+    finally:
+        R.FUSED_MAX_NUMEL = cap
+    half = copy.deepcopy(routed).to(torch.bfloat16)
+    half_fused = copy.deepcopy(half)
+    R.fuse_routes_for_inference(half_fused)
+    with torch.no_grad(), token_routes(half, rid):
+        want = half(input_ids=ids).logits
+    with torch.no_grad(), token_routes(half_fused, rid):
+        got = half_fused(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert all(m._fused is None for m in routed_modules(half_fused).values())
+
+
 def test_route_plan_follows_the_route_ids_and_grad_mode():
     """The token positions per route are computed once per route_ids tensor and shared by the
     modules: a new tensor, or the same one edited in place, gets its own; the in-place (no-grad)

@@ -52,8 +52,8 @@ from .errors import CheckpointError, ConfigError
 from .io.mmer_store import MMERParts
 from .io.packing import pack_mask
 from .mllm import MultimodalLM
-from .routing import (DEFAULT_LORA_TARGETS, Dense, LowRank, Masked, apply_routes, load_route_adapter,
-                      route_components, set_route_coefficients)
+from .routing import (DEFAULT_LORA_TARGETS, Dense, LowRank, Masked, apply_routes, fuse_routes_for_inference,
+                      load_route_adapter, route_components, set_route_coefficients)
 
 TEXT_ROUTE = 0
 KINDS = ("projector", "full", "lora", "damc", "damc-full")
@@ -600,6 +600,7 @@ def _mllm(llm: nn.Module, tokenizer, experts: Sequence[ExpertSource]) -> Multimo
     Qwen2-VL tower, a :class:`MRopeMultimodalLM` (3-D M-RoPE positions for its image tokens)."""
     towers = _towers(experts)
     llm.eval().requires_grad_(False)
+    fuse_routes_for_inference(llm)  # DAMC / MMER: each route's W0 + delta formed once for evaluation
     tokenizer, phs = assign_placeholders(llm, tokenizer, experts)
     templates = {e.template for e in experts if e.template is not None}
     if len(templates) > 1:
