@@ -307,3 +307,17 @@ def test_profile_speed_cold_drops_the_page_cache(tmp_path):
     assert data["cold"] is True and len(data["resident_before"]["floor"]) == 2
     for r in data["resident_before"]["floor"] + [data["resident_before"]["profile"]]:
         assert r is None or 0.0 <= r <= 1.0
+
+
+def test_routed_eval_prints_both_classes_and_their_ratio_on_the_tiny_zoo():
+    """benchmarks/routed_eval.py end to end on the tiny zoo: a line per composition with both timings, their ratio
+    and the same predictions from the two routed-layer classes (NaiveMC has no routed layer: its ratio is noise)."""
+    from workbench.world import ensure_zoo
+
+    ensure_zoo("tiny")
+    res = _run([str(BENCH / "routed_eval.py"), "--preset", "tiny", "--items", "8", "--repeats", "1"])
+    lines = {ln.split(":")[0]: ln for ln in res.stdout.splitlines() if " ratio " in ln}
+    assert {"naive_mc", "mmer"} <= set(lines), res.stdout
+    assert "0 routed layers" in lines["naive_mc"] and "0 routed layers" not in lines["mmer"]
+    for ln in lines.values():
+        assert re.search(r"formed once \d+\.\d+, RoutedLinear \d+\.\d+; ratio \d+\.\d+; same predictions: True$", ln), ln
