@@ -320,4 +320,5 @@ def test_routed_eval_prints_both_classes_and_their_ratio_on_the_tiny_zoo():
     assert {"naive_mc", "mmer"} <= set(lines), res.stdout
     assert "0 routed layers" in lines["naive_mc"] and "0 routed layers" not in lines["mmer"]
     for ln in lines.values():
-        assert re.search(r"formed once \d+\.\d+, RoutedLinear \d+\.\d+; ratio \d+\.\d+; same predictions: True$", ln), ln
+        assert re.search(r"formed once \d+\.\d+, RoutedLinear \d+\.\d+; ratio \d+\.\d+; same predictions: True$",
+                         ln), ln
