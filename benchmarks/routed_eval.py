@@ -41,6 +41,9 @@ def main(argv=None) -> None:
             break
         except FileNotFoundError:
             continue
+    else:
+        raise SystemExit(f"zoo {zoo.path}: no MCUB-mini test file (mcub-3 or mcub-2); "
+                         "build it: python -m workbench zoo")
     mods = record_modalities(recs[0])
     recs = [r for r in recs if record_modalities(r) == mods][: args.items]
     print(f"zoo {zoo.path}, seed {args.seed}: {len(recs)} {bench} items over {'+'.join(mods)}, both scorings, "

@@ -459,7 +459,7 @@ def test_inference_routes_equal_the_routed_layers_and_follow_every_change():
             mod.shared_0.mul_(2.0)
 
     def new_route(m):
-        for name, mod in routed_modules(m).items():
+        for mod in routed_modules(m).values():
             mod.set_route(1, Dense(0.01 * torch.ones(mod.out_features, mod.in_features)))
 
     for change in (coefficient, new_masks, in_place, new_route):
