@@ -322,3 +322,15 @@ def test_routed_eval_prints_both_classes_and_their_ratio_on_the_tiny_zoo():
     for ln in lines.values():
         assert re.search(r"formed once \d+\.\d+, RoutedLinear \d+\.\d+; ratio \d+\.\d+; same predictions: True$",
                          ln), ln
+
+
+def test_encoder_pool_prints_ratios_and_the_same_outputs():
+    """benchmarks/encoder_pool.py end to end (small batch): a line per pooled shape and per encoder with both
+    timings, their ratio and identical outputs."""
+    res = _run([str(BENCH / "encoder_pool.py"), "--batch", "4", "--repeats", "1"])
+    lines = [ln for ln in res.stdout.splitlines() if " ratio " in ln]
+    assert len(lines) == 6, res.stdout
+    assert {ln.split(" forward")[0] for ln in lines if " forward" in ln} == {"ImageEncoder", "VideoEncoder",
+                                                                              "CapabilityEncoder"}
+    for ln in lines:
+        assert re.search(r"MaxPool2x2 \d+\.\d+ ms, max_pool2d \d+\.\d+ ms; ratio \d+\.\d+; same output: True$", ln), ln

@@ -290,13 +290,19 @@ def test_run_notebooks_runs_all_in_order_and_reports(toy_project, capsys):
     assert "figures/first.txt" in text and "data/results/last.csv" in text and "figures/old.png" in text
 
 
+#: The scheduler's tests' requirements: the project's (03 and 04 after 02) and a notebook that needs two (07 after 05
+#: and 06, as reproduce.NEEDS had it until 2026-12-08), the case the planned order exists for.
+NEEDS_TWO = {"03": ("02",), "04": ("02",), "07": ("05", "06")}
+
+
 def test_critical_path_and_side_by_side_order():
     """The longest chain of work left, per notebook; with one worker the notebooks start in that order, with two in
-    the planned order; a notebook never starts before the ones it needs have finished."""
+    the planned order; a notebook never starts before the ones it needs have finished (here 07 needs 05 and 06,
+    :data:`NEEDS_TWO`)."""
     nbs = [Path(f"{n}.ipynb") for n in ("00_a", "02_c", "03_d", "05_f", "06_g", "07_h")]
     secs = {"00_a.ipynb": 10, "02_c.ipynb": 600, "03_d.ipynb": 20, "05_f.ipynb": 500, "06_g.ipynb": 400,
             "07_h.ipynb": 550}
-    prio = reproduce.critical_path(nbs, secs)
+    prio = reproduce.critical_path(nbs, secs, NEEDS_TWO)
     assert prio == {"00_a.ipynb": 10, "02_c.ipynb": 620, "03_d.ipynb": 20, "05_f.ipynb": 1050, "06_g.ipynb": 950,
                     "07_h.ipynb": 550}
     assert reproduce.critical_path(nbs[:1], {})["00_a.ipynb"] == reproduce.UNKNOWN_SECONDS
@@ -305,20 +311,20 @@ def test_critical_path_and_side_by_side_order():
 
     def run_one(nb):
         with lock:
-            need = reproduce.NEEDS.get(nb.name[:2], ())
+            need = NEEDS_TWO.get(nb.name[:2], ())
             assert all(n in finished for n in need if n in {p.name[:2] for p in nbs}), nb.name
             started.append(nb.name[:2])
         time.sleep(0.05)
         with lock:
             finished.add(nb.name[:2])
 
-    one = reproduce.planned_order(nbs, secs, 1)
+    one = reproduce.planned_order(nbs, secs, 1, NEEDS_TWO)
     assert [n[:2] for n in one] == ["05", "06", "02", "07", "03", "00"]
-    reproduce._run_side_by_side(nbs, 1, one, run_one)  # one worker: the order given, needs respected
+    reproduce._run_side_by_side(nbs, 1, one, run_one, NEEDS_TWO)  # one worker: the order given, needs respected
     assert started == ["05", "06", "02", "07", "03", "00"]
     started.clear(), finished.clear()
-    two = reproduce.planned_order(nbs, secs, 2)
-    reproduce._run_side_by_side(nbs, 2, two, run_one)
+    two = reproduce.planned_order(nbs, secs, 2, NEEDS_TWO)
+    reproduce._run_side_by_side(nbs, 2, two, run_one, NEEDS_TWO)
     # the first two planned start together (in either order: two threads)
     assert sorted(started) == ["00", "02", "03", "05", "06", "07"]
     assert sorted(started[:2]) == sorted(n[:2] for n in two[:2])
@@ -347,14 +353,14 @@ def test_planned_order_beats_longest_chain_first_when_a_notebook_needs_two():
     07 then run alone at the end. The planned order starts 05 and 06 together. Walls by hand (2 workers)."""
     nbs = [Path(f"{n}.ipynb") for n in ("02_c", "04_e", "05_f", "06_g", "07_h")]
     secs = {"02_c.ipynb": 1600, "04_e.ipynb": 170, "05_f.ipynb": 780, "06_g.ipynb": 1460, "07_h.ipynb": 910}
-    chain = reproduce.planned_order(nbs, secs, 1)
+    chain = reproduce.planned_order(nbs, secs, 1, NEEDS_TWO)
     assert [n[:2] for n in chain] == ["06", "02", "05", "07", "04"]
     # 06 | 02 from 0; 06 ends 1460 -> 05 to 2240; 02 ends 1600 -> 04 to 1770; 07 from 2240 to 3150
-    assert reproduce.simulated_wall(chain, secs, 2) == 3150
-    plan = reproduce.planned_order(nbs, secs, 2)
+    assert reproduce.simulated_wall(chain, secs, 2, NEEDS_TWO) == 3150
+    plan = reproduce.planned_order(nbs, secs, 2, NEEDS_TWO)
     # 05 ends 780 -> 02 to 2380; 06 ends 1460 -> 07 to 2370 -> 04 (02 not done: waits) from 2380 to 2550
-    assert {n[:2] for n in plan[:2]} == {"05", "06"} and reproduce.simulated_wall(plan, secs, 2) == 2550
-    assert reproduce.simulated_wall(plan, secs, 1) == sum(secs.values())
+    assert {n[:2] for n in plan[:2]} == {"05", "06"} and reproduce.simulated_wall(plan, secs, 2, NEEDS_TWO) == 2550
+    assert reproduce.simulated_wall(plan, secs, 1, NEEDS_TWO) == sum(secs.values())
     # the simulation is the scheduler's: the same starts in the same order with sleeps in place of notebooks
     started, lock = [], threading.Lock()
 
@@ -363,7 +369,7 @@ def test_planned_order_beats_longest_chain_first_when_a_notebook_needs_two():
             started.append(nb.name[:2])
         time.sleep(secs[nb.name] / 20000)
 
-    reproduce._run_side_by_side(nbs, 2, plan, run_one)
+    reproduce._run_side_by_side(nbs, 2, plan, run_one, NEEDS_TWO)
     assert started == ["05", "06", "02", "07", "04"] or started == ["06", "05", "02", "07", "04"]
     with pytest.raises(ValueError, match="wait on each other"):
         reproduce.simulated_wall(["01_a.ipynb", "02_b.ipynb"], {}, 2, needs={"01": ("02",), "02": ("01",)})

@@ -243,3 +243,31 @@ def test_encoders_map_raw_to_tokens(modality):
     assert one.shape == (enc.n_tokens, 32)
     two = t(torch.stack([x, x]))
     assert torch.allclose(two[0], one, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 32, 16, 16), (3, 8, 7, 9)])
+def test_max_pool_2x2_is_max_pool2d(shape):
+    """Without a gradient: ``max_pool2d(x, 2)`` bit for bit (odd edges dropped, a NaN kept, an all-equal window, the
+    output's layout); with one: ``max_pool2d`` itself, the same gradient (a tie's to one element)."""
+    from torch.nn.functional import gelu, max_pool2d
+
+    from workbench.world.encoders import MaxPool2x2
+    torch.manual_seed(0)
+    x = gelu(torch.randn(shape) * 8)  # GELU's -0.0 and ties below about -6
+    x[0, 0, 0, 0] = float("nan")
+    x[-1, -1, :2, :2] = 1.5
+    pool = MaxPool2x2()
+    with torch.no_grad():
+        out = pool(x)
+    ref = max_pool2d(x, 2)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0)) and torch.isnan(out[0, 0, 0, 0])
+    assert torch.equal(torch.signbit(out.nan_to_num(7.0)), torch.signbit(ref.nan_to_num(7.0)))
+    y = x.nan_to_num(0.0).requires_grad_(True)
+    g = torch.autograd.grad(pool(y).sum(), y)[0]
+    y2 = y.detach().clone().requires_grad_(True)
+    assert torch.equal(g, torch.autograd.grad(max_pool2d(y2, 2).sum(), y2)[0])
+    assert pool(y.detach()).grad_fn is None and not pool(y.detach()).requires_grad
+    with pytest.raises(RuntimeError):  # a 1-pixel side: max_pool2d's error, not an empty tensor
+        with torch.no_grad():
+            pool(torch.zeros(2, 4, 1, 6))

@@ -26,13 +26,18 @@ def tiny_zoo() -> Zoo:
 def test_plan_default_has_everything():
     names = [j.name for j in plan_jobs("default")]
     lora_seeds = PRESETS["default"]["lora"]["seeds"]
+    seeds = PRESETS["default"]["seeds"]
+    assert len(seeds) >= 3  # issue #19: as many modality seeds as the budget allows, never fewer than three
     for m in ("image", "audio", "video", "point"):
-        for s in (0, 1, 2):
+        for s in seeds:
             assert f"{m}-full-s{s}" in names and f"{m}-damc-s{s}" in names
             # LoRA modality experts exactly for the preset's LoRA seeds
             assert (f"{m}-lora-s{s}" in names) == (s in lora_seeds)
     for t in ("vqa", "geometry", "chart", "ocr", "grounding"):
         assert f"capability-{t}-full-s0" in names and f"capability-{t}-lora-s0" in names
+    # the joint oracle exactly for the preset's oracle seeds (a headroom row: seed 0 only, for the budget)
+    oracle_seeds = PRESETS["default"]["oracle"]["seeds"]
+    assert {n for n in names if n.startswith("oracle-")} == {f"oracle-s{s}" for s in oracle_seeds}
     assert "oracle-s0" in names
 
 

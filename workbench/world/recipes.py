@@ -42,8 +42,11 @@ from .zoo import MODALITY_BASE, _load_llm
 
 
 def _tok(ctx: dict):
+    """The zoo's tokenizer, its plain one-string calls memoised (:class:`workbench.compose.CachedTokenizer`: the same
+    ids): training draws its prompts and answers from templates, so most steps tokenise strings seen before."""
+    from ..compose import CachedTokenizer
     from .tokenizer import load_tokenizer
-    return load_tokenizer(Path(ctx["root"]) / "tokenizer")
+    return CachedTokenizer(load_tokenizer(Path(ctx["root"]) / "tokenizer"))
 
 
 def _save_llm(llm, tok, folder: Path) -> None:
@@ -603,7 +606,7 @@ MCUB_PATH = CONCEPTS_PATH + SCENES_PATH + path_entries(
     "workbench.world.mcub", _RECORDS + "SHORT MCUB3 MCUB2 MCUB_FOLDERS build_mcub")
 MODEL_PATH = TOKENIZER_PATH + SCENES_PATH + path_entries(
     "workbench.world.encoders",
-    "D_ENC _Encoder ImageEncoder AudioEncoder VideoEncoder PointEncoder CapabilityEncoder ENCODER_CLASSES "
+    "D_ENC MaxPool2x2 _Encoder ImageEncoder AudioEncoder VideoEncoder PointEncoder CapabilityEncoder ENCODER_CLASSES "
     "MODALITY_ENCODERS Projector Tower save_module _read load_encoder load_projector") + path_entries(
     "workbench.world.training",
     "seed_everything new_llm _lr_at train_mllm pretrain_base _scene_targets pretrain_encoder "
@@ -616,6 +619,7 @@ MODEL_PATH = TOKENIZER_PATH + SCENES_PATH + path_entries(
     "_route_plan _PLAN_LOCAL") + path_entries(
     "workbench.io.lora", "lora_delta") + path_entries(
     "workbench.world.zoo", "_load_llm") + path_entries(
+    "workbench.compose", "CachedTokenizer _Encoding") + path_entries(
     __name__,
     "_tok _save_llm _sampler_mix _modality_model _cap_model _cap_task_sampler _lora_config _trainable_llm "
     "_save_tuned_llm")
