@@ -476,3 +476,26 @@ def test_llm_folders_name_the_weights_of_each_kind(tmp_path):
     z = Zoo(tmp_path)
     for name, subs in models.items():
         assert z.llm_folders(name) == {s: tmp_path / "experts" / name / s for s in subs.split()}, name
+
+
+def test_a_zoo_moved_with_its_inputs_reads_this_checkouts_inputs(tmp_path, monkeypatch):
+    """zoo.json records its inputs' folder as an absolute path. Where that folder is gone and the zoo is the preset's
+    zoo of this checkout, the checkout's inputs of the preset are read; a zoo elsewhere keeps the recorded folder
+    (whose first read names it), and a recorded folder that exists is always the one read."""
+    from workbench.world import zoo as zoo_module
+
+    monkeypatch.setenv("WORKBENCH_ZOO", str(tmp_path / "zoos"))
+    here = tmp_path / "checkout" / "data" / "generated" / "tiny"
+    here.mkdir(parents=True)
+    monkeypatch.setattr(zoo_module, "data_root", lambda preset: tmp_path / "checkout" / "data" / "generated" / preset)
+    old = tmp_path / "old-checkout" / "data" / "generated" / "tiny"
+
+    def zoo_at(folder: Path, data_dir: Path) -> Zoo:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "zoo.json").write_text(json.dumps({"preset": "tiny", "data_dir": str(data_dir), "models": {}}))
+        return Zoo(folder)
+
+    assert zoo_at(tmp_path / "zoos" / "tiny", old).data_dir == here  # moved: the old checkout is gone
+    assert zoo_at(tmp_path / "elsewhere", old).data_dir == old  # not this checkout's zoo of the preset
+    old.mkdir(parents=True)
+    assert zoo_at(tmp_path / "zoos" / "tiny", old).data_dir == old  # the recorded folder, where it exists

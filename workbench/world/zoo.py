@@ -14,7 +14,7 @@ import torch
 
 from .concepts import MODALITIES, PLACEHOLDERS
 from .mcub import load_modal_input, read_records, record_inputs
-from .presets import PRESETS, zoo_root
+from .presets import PRESETS, data_root, zoo_root
 
 
 def _load_llm(path: Path):
@@ -36,6 +36,20 @@ MODALITY_BASE = "instruct"
 LLM_FOLDERS = ("llm", "adapter", "adapter_text", "adapter_modality", "llm_text", "llm_modality")
 
 
+def _data_dir(zoo_path: Path, manifest: Mapping) -> Path:
+    """Where a zoo's generated inputs are: the folder its build recorded (``zoo.json``'s absolute ``data_dir``). Where
+    that folder is gone and the zoo is its preset's zoo of this checkout (copied or moved here together with
+    ``data/generated/<preset>/``, or its checkout renamed), this checkout's inputs of the preset; otherwise the
+    recorded folder, which the first record read then names as missing."""
+    recorded = Path(manifest["data_dir"])
+    preset = manifest.get("preset")
+    if not recorded.is_dir() and preset in PRESETS:
+        here = data_root(preset)
+        if here.is_dir() and zoo_path.resolve() == zoo_root(preset).resolve():
+            return here
+    return recorded
+
+
 class Zoo:
     """A built zoo on disk. ``Zoo(path)`` or ``Zoo.for_preset("tiny")``."""
 
@@ -45,7 +59,7 @@ class Zoo:
         if not mpath.exists():
             raise FileNotFoundError(f"no zoo manifest {mpath} (build it with `python -m workbench zoo`)")
         self.manifest: dict = json.loads(mpath.read_text())
-        self.data_dir = Path(self.manifest["data_dir"])
+        self.data_dir = _data_dir(self.path, self.manifest)
 
     @classmethod
     def for_preset(cls, preset: str) -> "Zoo":
