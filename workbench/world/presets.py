@@ -19,7 +19,8 @@ PRESETS: dict[str, dict] = {
         # unchanged; a fresh-clone make reproduce of 8d109d7 with four took 61.6 min (zoo 31.5: +463 s of jobs;
         # notebooks 28.9), over the 60-minute budget. What makes room (2026-12-08): the oracle at seed 0 only
         # (below), notebook 07 no longer waiting for 05 and 06 (reproduce.NEEDS), the encoders' 2x2 max-pool
-        # computed without max_pool2d where no gradient flows (encoders.MaxPool2x2; the same models bit for bit).
+        # computed without max_pool2d where no gradient flows (encoders.MaxPool2x2) and the zoo's training tokenizer
+        # memoised (recipes._tok) - the same models bit for bit.
         # Measured: a fresh-clone make reproduce of 85fa4d0 with four seeds took 54.7 min (zoo 29.1, notebooks 24.6;
         # 2026-12-08, idle), 47 of 66 verdicts decided.
         # Three seeds: "seeds": [0, 1, 2] (54.1 min; the zoo drops seed 3's 12 jobs)
